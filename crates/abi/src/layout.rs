@@ -1,0 +1,53 @@
+//! Guest-physical memory layout of a passthru machine.
+//!
+//! ```text
+//! 0x0000_0000  unused (null page)
+//! 0x0000_0500  GDT                               (VMM)
+//! 0x0000_1000  boot information [`BootInfo`]     (VMM -> guest)
+//! 0x0000_9000  PML4, PDPT, 4 page directories     (VMM, identity map of 0..4 GiB, 2 MiB pages)
+//! 0x0001_0000  stack, grows down from STACK_TOP
+//! 0x0010_0000  guest program image (ELF, linked here)
+//! 0x0100_0000  free RAM for guest buffers (GUEST_FREE_RAM .. end of low RAM)
+//! 0xc000_0000  MMIO hole: device BARs, test devices, IOAPIC, LAPIC
+//! 0x1_0000_0000 RAM above 4 GiB when the machine has more than 3 GiB
+//! ```
+
+/// Where the GDT is placed.
+pub const GDT_ADDR: u64 = 0x500;
+/// Where the boot information block is placed.
+pub const BOOT_INFO_ADDR: u64 = 0x1000;
+/// Level-4 page table; the PDPT and four page directories follow at 4 KiB steps.
+pub const PML4_ADDR: u64 = 0x9000;
+/// Initial stack pointer + 8 (the guest starts as if just called: rsp = STACK_TOP - 8).
+pub const STACK_TOP: u64 = 0x10_0000 - 0x1000;
+/// Lowest address of the guest program image.
+pub const IMAGE_ADDR: u64 = 0x10_0000;
+/// First byte of RAM free for guest buffers.
+pub const GUEST_FREE_RAM: u64 = 0x100_0000;
+/// Start of the MMIO hole below 4 GiB (low RAM ends here at most).
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// End of the MMIO hole (RAM resumes here for machines above 3 GiB).
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Guest-physical address of the local APIC (xAPIC MMIO window).
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// A null MMIO device for the exit benchmark (reads 0, writes ignored).
+pub const BENCH_MMIO_ADDR: u64 = 0xd000_0000;
+/// Bytes the guest identity-maps (its page tables cover 0..4 GiB).
+pub const IDENTITY_MAPPED: u64 = 0x1_0000_0000;
+
+/// Magic number of [`BootInfo`] ("PASSTHRU" in ASCII, little-endian).
+pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"PASSTHRU");
+
+/// What the VMM tells a guest program at start (at [`BOOT_INFO_ADDR`], also in `rdi`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootInfo {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// Bytes of RAM below the MMIO hole.
+    pub low_ram_size: u64,
+    /// Bytes of RAM above 4 GiB (0 if none).
+    pub high_ram_size: u64,
+    /// APIC id of the boot vCPU.
+    pub apic_id: u64,
+}

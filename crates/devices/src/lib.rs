@@ -1,0 +1,12 @@
+//! Devices of a passthru machine and the buses that route guest accesses to them.
+//!
+//! A device implements [`BusDevice`] and is inserted on the PIO or MMIO [`Bus`] of
+//! the machine for an address range. The VMM's vCPU loop and the qtest driver port
+//! dispatch through the same buses.
+#![warn(missing_docs)]
+
+pub mod bus;
+pub mod legacy;
+pub mod serial;
+
+pub use bus::{Bus, BusDevice, BusError};

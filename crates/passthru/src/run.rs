@@ -1,0 +1,101 @@
+//! `passthru run`.
+
+use clap::{Args, ValueEnum};
+use std::io::{BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use vmm::qtest::{self, End, SharedOut};
+use vmm::{AccelKind, Vm, VmConfig};
+
+/// The built-in default guest program of `passthru run`.
+pub const DEFAULT_GUEST: &str = "hello";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Accel {
+    /// KVM with one vCPU running a guest program.
+    Kvm,
+    /// No vCPU: the machine is driven through the qtest port (standard input or --qtest).
+    Qtest,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Guest program: a built-in name (see `passthru guests`) or the path of an ELF file.
+    #[arg(long, default_value = DEFAULT_GUEST)]
+    guest: String,
+    /// Guest RAM: bytes or a size with K, M or G suffix.
+    #[arg(long, default_value = "256M", value_parser = crate::parse_size)]
+    memory: u64,
+    /// What runs the machine.
+    #[arg(long, value_enum, default_value_t = Accel::Kvm)]
+    accel: Accel,
+    /// Serve the qtest protocol on a Unix socket at PATH instead of standard input
+    /// (implies --accel qtest). passthru listens and takes one connection.
+    #[arg(long, value_name = "PATH")]
+    qtest: Option<PathBuf>,
+}
+
+pub fn run(args: RunArgs) -> Result<ExitCode, String> {
+    if args.qtest.is_some() || args.accel == Accel::Qtest {
+        return run_qtest(&args);
+    }
+    let elf = load_guest(&args.guest)?;
+    let mut config = VmConfig::new(AccelKind::Kvm);
+    config.memory = args.memory;
+    let vm = Vm::new(config).map_err(|e| e.to_string())?;
+    let status = vm.run_guest(&elf).map_err(|e| e.to_string())?;
+    let _ = std::io::stdout().flush();
+    Ok(ExitCode::from(status))
+}
+
+/// Finds a guest program: built-in name first, then a file path.
+pub fn load_guest(name: &str) -> Result<Vec<u8>, String> {
+    if let Some(p) = guests::get(name) {
+        return Ok(p.elf.to_vec());
+    }
+    let path = Path::new(name);
+    if path.exists() {
+        return std::fs::read(path)
+            .map_err(|e| format!("cannot read guest program {}: {e}", path.display()));
+    }
+    let names: Vec<&str> = guests::all().map(|p| p.name).collect();
+    Err(format!(
+        "unknown guest '{name}': it is neither a built-in program ({}) nor an existing file",
+        names.join(", ")
+    ))
+}
+
+fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
+    let mut config = VmConfig::new(AccelKind::Qtest);
+    config.memory = args.memory;
+    let end = match &args.qtest {
+        Some(path) => {
+            let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+                format!(
+                    "cannot listen on {}: {e} (remove a stale socket file, or pick another path)",
+                    path.display()
+                )
+            })?;
+            let vm = Vm::new(config).map_err(|e| e.to_string())?;
+            let accepted = listener.accept();
+            let _ = std::fs::remove_file(path);
+            let (stream, _) =
+                accepted.map_err(|e| format!("accepting on {}: {e}", path.display()))?;
+            let writer = stream.try_clone().map_err(|e| e.to_string())?;
+            let out: SharedOut = Arc::new(Mutex::new(Box::new(writer)));
+            qtest::serve(&vm, BufReader::new(stream), out).map_err(|e| e.to_string())?
+        }
+        None => {
+            // Standard output carries the protocol: the guest console goes to stderr.
+            config.serial_out = Box::new(std::io::stderr());
+            let vm = Vm::new(config).map_err(|e| e.to_string())?;
+            let out: SharedOut = Arc::new(Mutex::new(Box::new(std::io::stdout())));
+            qtest::serve(&vm, std::io::stdin().lock(), out).map_err(|e| e.to_string())?
+        }
+    };
+    Ok(match end {
+        End::Eof => ExitCode::SUCCESS,
+        End::Exit(status) => ExitCode::from(status),
+    })
+}

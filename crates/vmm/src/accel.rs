@@ -1,0 +1,457 @@
+//! The accelerator: what runs the machine. [`KvmAccel`] is a KVM VM with an in-kernel
+//! irqchip; [`QtestAccel`] runs the same machine with no vCPU and no KVM, for the
+//! qtest driver port. Both offer the same services to the rest of the VMM: memory
+//! slots, ioeventfds, irqfds, MSI routes and direct interrupt injection.
+
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use vmm_sys_util::eventfd::EventFd;
+
+/// An MSI message: what a device writes to raise a message-signalled interrupt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsiMessage {
+    /// Address (0xfee..... for x86 LAPICs).
+    pub address: u64,
+    /// Data (vector and delivery mode).
+    pub data: u32,
+}
+
+impl MsiMessage {
+    /// A fixed, edge-triggered MSI of `vector` to APIC `dest` (physical mode).
+    pub fn fixed(dest: u8, vector: u8) -> MsiMessage {
+        MsiMessage {
+            address: abi::layout::LAPIC_ADDR | (u64::from(dest) << 12),
+            data: u32::from(vector),
+        }
+    }
+}
+
+/// An I/O address an ioeventfd can watch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum IoAddr {
+    /// A port.
+    Pio(u64),
+    /// A guest-physical MMIO address.
+    Mmio(u64),
+}
+
+/// Which accelerator a machine runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccelKind {
+    /// KVM with one vCPU.
+    Kvm,
+    /// No vCPU: the machine is driven through the qtest port.
+    Qtest,
+}
+
+/// First GSI above the IOAPIC pins: free for MSI routes.
+pub const FIRST_MSI_GSI: u32 = 24;
+/// Pins of the in-kernel IOAPIC.
+const IOAPIC_PINS: u32 = 24;
+/// Pins of the two cascaded in-kernel PICs.
+const PIC_PINS: u32 = 16;
+
+/// Services the machine needs from whatever runs it.
+pub trait Accel: Send + Sync {
+    /// Which accelerator this is.
+    fn kind(&self) -> AccelKind;
+
+    /// Makes `[gpa, gpa + size)` guest RAM backed by host memory at `host`.
+    ///
+    /// # Safety
+    /// `host` must stay mapped and valid for `size` bytes until the slot is removed.
+    unsafe fn add_memslot(&self, slot: u32, gpa: u64, size: u64, host: *mut u8) -> Result<()>;
+
+    /// Removes a memory slot added with [`Accel::add_memslot`].
+    fn remove_memslot(&self, slot: u32, gpa: u64) -> Result<()>;
+
+    /// Signals `fd` on guest writes to `addr` instead of exiting to the VMM.
+    fn register_ioevent(&self, fd: &EventFd, addr: IoAddr) -> Result<()>;
+
+    /// Undoes [`Accel::register_ioevent`].
+    fn unregister_ioevent(&self, fd: &EventFd, addr: IoAddr) -> Result<()>;
+
+    /// For accelerators that emulate ioeventfds in the VMM (qtest): signals and
+    /// returns true if a write to `addr` is caught by a registered ioeventfd.
+    fn emulate_ioevent(&self, _addr: IoAddr) -> bool {
+        false
+    }
+
+    /// Raises `gsi` whenever `fd` is written (KVM irqfd).
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
+
+    /// Undoes [`Accel::register_irqfd`]; after it returns nothing more is delivered
+    /// through `fd`.
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
+
+    /// Routes `gsi` (>= [`FIRST_MSI_GSI`]) to an MSI.
+    fn set_msi_route(&self, gsi: u32, msi: MsiMessage) -> Result<()>;
+
+    /// Removes the MSI route of `gsi`.
+    fn remove_msi_route(&self, gsi: u32) -> Result<()>;
+
+    /// Injects an MSI now.
+    fn signal_msi(&self, msi: MsiMessage) -> Result<()>;
+
+    /// Sets the level of an irqchip line.
+    fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()>;
+}
+
+/// KVM: a VM with an in-kernel irqchip (PIC, IOAPIC, LAPIC).
+pub struct KvmAccel {
+    kvm: kvm_ioctls::Kvm,
+    vm: kvm_ioctls::VmFd,
+    routes: Mutex<BTreeMap<u32, MsiMessage>>,
+}
+
+/// Path of the KVM device.
+pub const KVM_PATH: &str = "/dev/kvm";
+
+impl KvmAccel {
+    /// Opens `/dev/kvm` and creates a VM with an in-kernel irqchip.
+    pub fn new() -> Result<KvmAccel> {
+        let kvm = kvm_ioctls::Kvm::new().map_err(Error::KvmUnavailable)?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        // Intel VMX needs a TSS region below 4 GiB for real-mode emulation; harmless elsewhere.
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        Ok(KvmAccel {
+            kvm,
+            vm,
+            routes: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The KVM system fd (for CPUID queries).
+    pub fn kvm(&self) -> &kvm_ioctls::Kvm {
+        &self.kvm
+    }
+
+    /// The VM fd.
+    pub fn vm(&self) -> &kvm_ioctls::VmFd {
+        &self.vm
+    }
+
+    /// Installs the whole GSI routing table: the default irqchip routes plus `msi`.
+    fn push_routes(&self, msi: &BTreeMap<u32, MsiMessage>) -> Result<()> {
+        use kvm_bindings::{
+            KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_irq_routing_entry,
+        };
+        let mut entries = Vec::new();
+        for gsi in 0..IOAPIC_PINS {
+            if gsi < PIC_PINS {
+                let mut e = kvm_irq_routing_entry {
+                    gsi,
+                    type_: KVM_IRQ_ROUTING_IRQCHIP,
+                    ..Default::default()
+                };
+                e.u.irqchip.irqchip = if gsi < 8 { 0 } else { 1 };
+                e.u.irqchip.pin = gsi % 8;
+                entries.push(e);
+            }
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                ..Default::default()
+            };
+            e.u.irqchip.irqchip = 2;
+            e.u.irqchip.pin = gsi;
+            entries.push(e);
+        }
+        for (&gsi, m) in msi {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi.address_lo = m.address as u32;
+            e.u.msi.address_hi = (m.address >> 32) as u32;
+            e.u.msi.data = m.data;
+            entries.push(e);
+        }
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| Error::TooManyRoutes(entries.len()))?;
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(|e| Error::Kvm("KVM_SET_GSI_ROUTING", e))
+    }
+}
+
+impl Accel for KvmAccel {
+    fn kind(&self) -> AccelKind {
+        AccelKind::Kvm
+    }
+
+    unsafe fn add_memslot(&self, slot: u32, gpa: u64, size: u64, host: *mut u8) -> Result<()> {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the caller guarantees `host` is valid for `size` bytes for the life of
+        // the slot (this function's contract).
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))
+    }
+
+    fn remove_memslot(&self, slot: u32, gpa: u64) -> Result<()> {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: a zero-sized region deletes the slot; no host memory is referenced.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))
+    }
+
+    fn register_ioevent(&self, fd: &EventFd, addr: IoAddr) -> Result<()> {
+        self.vm
+            .register_ioevent(fd, &kvm_addr(addr), kvm_ioctls::NoDatamatch)
+            .map_err(|e| Error::Kvm("KVM_IOEVENTFD", e))
+    }
+
+    fn unregister_ioevent(&self, fd: &EventFd, addr: IoAddr) -> Result<()> {
+        self.vm
+            .unregister_ioevent(fd, &kvm_addr(addr), kvm_ioctls::NoDatamatch)
+            .map_err(|e| Error::Kvm("KVM_IOEVENTFD (deassign)", e))
+    }
+
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.vm
+            .register_irqfd(fd, gsi)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))
+    }
+
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.vm
+            .unregister_irqfd(fd, gsi)
+            .map_err(|e| Error::Kvm("KVM_IRQFD (deassign)", e))
+    }
+
+    fn set_msi_route(&self, gsi: u32, msi: MsiMessage) -> Result<()> {
+        if gsi < FIRST_MSI_GSI {
+            return Err(Error::GsiReserved(gsi));
+        }
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let old = routes.insert(gsi, msi);
+        let pushed = self.push_routes(&routes);
+        if pushed.is_err() {
+            match old {
+                Some(m) => routes.insert(gsi, m),
+                None => routes.remove(&gsi),
+            };
+        }
+        pushed
+    }
+
+    fn remove_msi_route(&self, gsi: u32) -> Result<()> {
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if routes.remove(&gsi).is_some() {
+            self.push_routes(&routes)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn signal_msi(&self, msi: MsiMessage) -> Result<()> {
+        let m = kvm_bindings::kvm_msi {
+            address_lo: msi.address as u32,
+            address_hi: (msi.address >> 32) as u32,
+            data: msi.data,
+            ..Default::default()
+        };
+        self.vm
+            .signal_msi(m)
+            .map(|_| ())
+            .map_err(|e| Error::Kvm("KVM_SIGNAL_MSI", e))
+    }
+
+    fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
+        self.vm
+            .set_irq_line(gsi, level)
+            .map_err(|e| Error::Kvm("KVM_IRQ_LINE", e))
+    }
+}
+
+fn kvm_addr(addr: IoAddr) -> kvm_ioctls::IoEventAddress {
+    match addr {
+        IoAddr::Pio(p) => kvm_ioctls::IoEventAddress::Pio(p),
+        IoAddr::Mmio(a) => kvm_ioctls::IoEventAddress::Mmio(a),
+    }
+}
+
+/// Where the qtest accelerator reports interrupts (the qtest session's output).
+pub trait IrqSink: Send + Sync {
+    /// `gsi` was raised (edge) or its line went high.
+    fn raise(&self, gsi: u32);
+    /// The line of `gsi` went low.
+    fn lower(&self, gsi: u32);
+    /// An MSI was injected directly.
+    fn msi(&self, msi: MsiMessage);
+}
+
+/// No vCPU, no KVM: ioeventfds are emulated by the VMM's dispatch and interrupts are
+/// reported to an [`IrqSink`] (the qtest session) by a watcher thread.
+pub struct QtestAccel {
+    ioevents: Mutex<BTreeMap<IoAddr, Vec<EventFd>>>,
+    watcher: crate::irq_watch::IrqWatcher,
+    sink: Arc<Mutex<Option<Arc<dyn IrqSink>>>>,
+    routes: Mutex<BTreeMap<u32, MsiMessage>>,
+}
+
+impl QtestAccel {
+    /// A qtest accelerator; interrupts are dropped until a sink is set.
+    pub fn new() -> Result<QtestAccel> {
+        let sink: Arc<Mutex<Option<Arc<dyn IrqSink>>>> = Arc::new(Mutex::new(None));
+        let s = Arc::clone(&sink);
+        let watcher = crate::irq_watch::IrqWatcher::new(Box::new(move |gsi, count| {
+            if let Some(sink) = s.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                for _ in 0..count {
+                    sink.raise(gsi);
+                }
+            }
+        }))?;
+        Ok(QtestAccel {
+            ioevents: Mutex::new(BTreeMap::new()),
+            watcher,
+            sink,
+            routes: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Sets (or clears) where interrupts are reported.
+    pub fn set_sink(&self, sink: Option<Arc<dyn IrqSink>>) {
+        *self.sink.lock().unwrap_or_else(|e| e.into_inner()) = sink;
+    }
+
+    /// The MSI route of `gsi`, if any (for tests).
+    pub fn msi_route(&self, gsi: u32) -> Option<MsiMessage> {
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&gsi)
+            .copied()
+    }
+
+    fn with_sink(&self, f: impl FnOnce(&dyn IrqSink)) {
+        if let Some(sink) = self.sink.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            f(sink.as_ref());
+        }
+    }
+}
+
+impl Accel for QtestAccel {
+    fn kind(&self) -> AccelKind {
+        AccelKind::Qtest
+    }
+
+    unsafe fn add_memslot(&self, _slot: u32, _gpa: u64, _size: u64, _host: *mut u8) -> Result<()> {
+        Ok(())
+    }
+
+    fn remove_memslot(&self, _slot: u32, _gpa: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn register_ioevent(&self, fd: &EventFd, addr: IoAddr) -> Result<()> {
+        let clone = fd.try_clone().map_err(Error::EventFd)?;
+        self.ioevents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(addr)
+            .or_default()
+            .push(clone);
+        Ok(())
+    }
+
+    fn unregister_ioevent(&self, fd: &EventFd, addr: IoAddr) -> Result<()> {
+        let mut map = self.ioevents.lock().unwrap_or_else(|e| e.into_inner());
+        let list = map
+            .get_mut(&addr)
+            .ok_or(Error::NotRegistered("ioeventfd"))?;
+        let ino = inode(fd.as_raw_fd());
+        let pos = list
+            .iter()
+            .position(|e| inode(e.as_raw_fd()) == ino)
+            .ok_or(Error::NotRegistered("ioeventfd"))?;
+        list.remove(pos);
+        if list.is_empty() {
+            map.remove(&addr);
+        }
+        Ok(())
+    }
+
+    fn emulate_ioevent(&self, addr: IoAddr) -> bool {
+        let map = self.ioevents.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&addr) {
+            Some(list) => {
+                for e in list {
+                    let _ = e.write(1);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.watcher.add(fd, gsi)
+    }
+
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.watcher.remove(fd, gsi)
+    }
+
+    fn set_msi_route(&self, gsi: u32, msi: MsiMessage) -> Result<()> {
+        if gsi < FIRST_MSI_GSI {
+            return Err(Error::GsiReserved(gsi));
+        }
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(gsi, msi);
+        Ok(())
+    }
+
+    fn remove_msi_route(&self, gsi: u32) -> Result<()> {
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&gsi);
+        Ok(())
+    }
+
+    fn signal_msi(&self, msi: MsiMessage) -> Result<()> {
+        self.with_sink(|s| s.msi(msi));
+        Ok(())
+    }
+
+    fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
+        self.with_sink(|s| if level { s.raise(gsi) } else { s.lower(gsi) });
+        Ok(())
+    }
+}
+
+/// Identity of the file behind an fd (two fds of one eventfd share it).
+pub(crate) fn inode(fd: RawFd) -> (u64, u64) {
+    // SAFETY: fstat writes only into the zeroed struct we pass.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is a descriptor the caller owns; st is valid for writes.
+    let rc = unsafe { libc::fstat(fd, &mut st) };
+    if rc == 0 {
+        (st.st_dev, st.st_ino)
+    } else {
+        (u64::MAX, fd as u64)
+    }
+}

@@ -1,0 +1,31 @@
+//! The passthru machine.
+//!
+//! A [`Vm`] runs on an accelerator ([`accel`]): KVM with one long-mode vCPU, or qtest,
+//! where no vCPU exists and the [`qtest`] driver port reaches every device, memory and
+//! hypercall. Guest RAM is memfd-backed so it can be shared with device processes, and
+//! the [`memory`] map tells listeners about RAM and RAM-device regions.
+#![warn(missing_docs)]
+
+pub mod accel;
+pub mod boot;
+pub mod core_calls;
+pub mod error;
+pub mod hypercall;
+pub mod irq_watch;
+pub mod memory;
+pub mod qtest;
+pub mod vcpu;
+pub mod vm;
+
+pub use accel::AccelKind;
+pub use error::{Error, Result};
+pub use vm::{Vm, VmConfig};
+
+/// True when `/dev/kvm` can be opened (tests that need it skip otherwise).
+pub fn kvm_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(accel::KVM_PATH)
+        .is_ok()
+}

@@ -1,0 +1,315 @@
+//! The qtest driver port: a line protocol that drives a machine with no vCPU.
+//!
+//! One command per line, answered `OK [values]` or `FAIL reason`; interrupts arrive
+//! asynchronously as `IRQ raise N` / `IRQ lower N` lines once `irq_intercept_in` was
+//! sent. The commands follow QEMU's qtest where QEMU has one; `hcall` is passthru's
+//! own and takes exactly the dispatch path of a vCPU's hypercall-port write. The
+//! protocol is documented in `docs/qtest.md`.
+
+use crate::accel::{IrqSink, MsiMessage};
+use crate::vm::Vm;
+use abi::hcall::Args;
+use std::io::{BufRead, Write};
+use std::sync::{Arc, Mutex};
+
+/// The session's output, shared with the interrupt reporter.
+pub type SharedOut = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// Largest `read`/`write`/`memset` one command may move (a driver bug, not a reason to
+/// allocate without bound).
+pub const MAX_BULK: u64 = 16 << 20;
+
+/// How a session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The input closed.
+    Eof,
+    /// The exit port was written: the machine stops with this status.
+    Exit(u8),
+}
+
+struct Sink(SharedOut);
+
+impl Sink {
+    fn line(&self, s: &str) {
+        let mut o = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(o, "{s}");
+        let _ = o.flush();
+    }
+}
+
+impl IrqSink for Sink {
+    fn raise(&self, gsi: u32) {
+        self.line(&format!("IRQ raise {gsi}"));
+    }
+    fn lower(&self, gsi: u32) {
+        self.line(&format!("IRQ lower {gsi}"));
+    }
+    fn msi(&self, msi: MsiMessage) {
+        self.line(&format!("IRQ msi {:#x} {:#x}", msi.address, msi.data));
+    }
+}
+
+/// Serves one session on `vm` until the input closes or the guest-visible exit port
+/// is written.
+pub fn serve(vm: &Vm, input: impl BufRead, out: SharedOut) -> std::io::Result<End> {
+    let mut session = Session {
+        vm,
+        out,
+        intercepting: false,
+    };
+    let result = session.run(input);
+    if let Some(q) = vm.qtest() {
+        q.set_sink(None);
+    }
+    result
+}
+
+struct Session<'a> {
+    vm: &'a Vm,
+    out: SharedOut,
+    intercepting: bool,
+}
+
+impl Session<'_> {
+    fn run(&mut self, input: impl BufRead) -> std::io::Result<End> {
+        for line in input.lines() {
+            let line = line?;
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.is_empty() {
+                continue;
+            }
+            let answer = match self.command(&words) {
+                Ok(a) => a,
+                Err(reason) => format!("FAIL {reason}"),
+            };
+            self.reply(&answer)?;
+            if let Some(status) = self.vm.exit_status() {
+                return Ok(End::Exit(status));
+            }
+        }
+        Ok(End::Eof)
+    }
+
+    fn reply(&self, s: &str) -> std::io::Result<()> {
+        let mut o = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        writeln!(o, "{s}")?;
+        o.flush()
+    }
+
+    fn command(&mut self, w: &[&str]) -> Result<String, String> {
+        match w[0] {
+            "outb" | "outw" | "outl" => {
+                let size = io_size(w[0]);
+                let (port, value) = (port(arg(w, 1)?)?, num(arg(w, 2)?)?);
+                check_fits(value, size)?;
+                if port == abi::ports::HCALL {
+                    return Err(
+                        "the hypercall port needs registers: use `hcall NR A0 A1 A2 A3 A4`".into(),
+                    );
+                }
+                self.vm.pio_write(port, &value.to_le_bytes()[..size]);
+                Ok("OK".into())
+            }
+            "inb" | "inw" | "inl" => {
+                let size = io_size(w[0]);
+                let port = port(arg(w, 1)?)?;
+                let mut buf = [0u8; 8];
+                self.vm.pio_read(port, &mut buf[..size]);
+                Ok(format!(
+                    "OK 0x{:0width$x}",
+                    u64::from_le_bytes(buf),
+                    width = 2 * size
+                ))
+            }
+            "readb" | "readw" | "readl" | "readq" => {
+                let size = mem_size(w[0]);
+                let addr = num(arg(w, 1)?)?;
+                let mut buf = [0u8; 8];
+                self.vm.phys_read(addr, &mut buf[..size]);
+                Ok(format!("OK 0x{:016x}", u64::from_le_bytes(buf)))
+            }
+            "writeb" | "writew" | "writel" | "writeq" => {
+                let size = mem_size(w[0]);
+                let (addr, value) = (num(arg(w, 1)?)?, num(arg(w, 2)?)?);
+                check_fits(value, size)?;
+                self.vm.phys_write(addr, &value.to_le_bytes()[..size]);
+                Ok("OK".into())
+            }
+            "read" => {
+                let (addr, size) = (num(arg(w, 1)?)?, bulk_size(arg(w, 2)?)?);
+                let mut buf = vec![0u8; size];
+                if !self.vm.phys_read(addr, &mut buf) {
+                    return Err(format!(
+                        "nothing at {addr:#x}+{size:#x} (not RAM, no device)"
+                    ));
+                }
+                Ok(format!("OK 0x{}", hex(&buf)))
+            }
+            "write" => {
+                let (addr, size) = (num(arg(w, 1)?)?, bulk_size(arg(w, 2)?)?);
+                let mut data = unhex(arg(w, 3)?)?;
+                if data.len() > size {
+                    return Err(format!(
+                        "{} bytes of data for a {size}-byte write",
+                        data.len()
+                    ));
+                }
+                data.resize(size, 0); // as QEMU: short data is zero-padded
+                if !self.vm.phys_write(addr, &data) {
+                    return Err(format!(
+                        "nothing at {addr:#x}+{size:#x} (not RAM, no device)"
+                    ));
+                }
+                Ok("OK".into())
+            }
+            "memset" => {
+                let (addr, size, value) =
+                    (num(arg(w, 1)?)?, bulk_size(arg(w, 2)?)?, num(arg(w, 3)?)?);
+                check_fits(value, 1)?;
+                if !self.vm.phys_write(addr, &vec![value as u8; size]) {
+                    return Err(format!(
+                        "nothing at {addr:#x}+{size:#x} (not RAM, no device)"
+                    ));
+                }
+                Ok("OK".into())
+            }
+            "irq_intercept_in" | "irq_intercept_out" => {
+                arg(w, 1)?;
+                if self.intercepting {
+                    return Err("Interception already enabled".into());
+                }
+                let q = self
+                    .vm
+                    .qtest()
+                    .ok_or("interrupt interception needs --accel qtest")?;
+                q.set_sink(Some(Arc::new(Sink(Arc::clone(&self.out)))));
+                self.intercepting = true;
+                Ok("OK".into())
+            }
+            "hcall" => {
+                let nr = num(arg(w, 1)?)?;
+                if w.len() > 7 {
+                    return Err("hcall takes a number and at most 5 arguments".into());
+                }
+                let mut a = [0u64; 5];
+                for (i, v) in w.iter().skip(2).enumerate() {
+                    a[i] = num(v)?;
+                }
+                let r = self.vm.hypercall(&Args { nr, a });
+                Ok(format!(
+                    "OK {:#x} {:#x} {:#x} {:#x}",
+                    r.status as u64, r.r[0], r.r[1], r.r[2]
+                ))
+            }
+            "endianness" => Ok("OK little".into()),
+            other => Err(format!("Unknown command '{other}'")),
+        }
+    }
+}
+
+fn arg<'a>(w: &[&'a str], i: usize) -> Result<&'a str, String> {
+    w.get(i)
+        .copied()
+        .ok_or_else(|| format!("{} needs argument {i}", w[0]))
+}
+
+/// Parses a number as QEMU does: `0x` hexadecimal or decimal.
+fn num(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("invalid number '{s}'"))
+}
+
+fn port(s: &str) -> Result<u16, String> {
+    u16::try_from(num(s)?).map_err(|_| format!("port '{s}' is above 0xffff"))
+}
+
+fn bulk_size(s: &str) -> Result<usize, String> {
+    let n = num(s)?;
+    if n == 0 || n > MAX_BULK {
+        return Err(format!("size {n} is outside 1..={MAX_BULK}"));
+    }
+    usize::try_from(n).map_err(|_| format!("size {n} too large"))
+}
+
+fn check_fits(value: u64, size: usize) -> Result<(), String> {
+    if size < 8 && value >> (8 * size) != 0 {
+        return Err(format!("value {value:#x} does not fit in {size} byte(s)"));
+    }
+    Ok(())
+}
+
+fn io_size(cmd: &str) -> usize {
+    match cmd.as_bytes().last() {
+        Some(b'w') => 2,
+        Some(b'l') => 4,
+        _ => 1,
+    }
+}
+
+fn mem_size(cmd: &str) -> usize {
+    match cmd.as_bytes().last() {
+        Some(b'w') => 2,
+        Some(b'l') => 4,
+        Some(b'q') => 8,
+        _ => 1,
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(2 * b.len());
+    for x in b {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>, String> {
+    let h = s
+        .strip_prefix("0x")
+        .ok_or_else(|| format!("data '{s}' must start with 0x"))?;
+    if h.len() % 2 != 0 {
+        return Err("hex data has an odd number of digits".into());
+    }
+    (0..h.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&h[i..i + 2], 16).map_err(|_| format!("invalid hex data '{s}'"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_parse_as_qemu_does() {
+        assert_eq!(num("0x10"), Ok(16));
+        assert_eq!(num("16"), Ok(16));
+        assert!(num("zz").is_err());
+        assert!(num("-1").is_err());
+        assert_eq!(port("0xffff"), Ok(0xffff));
+        assert!(port("0x10000").is_err());
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        assert_eq!(unhex("0x00ff10"), Ok(vec![0, 0xff, 0x10]));
+        assert_eq!(hex(&[0, 0xff, 0x10]), "00ff10");
+        assert!(unhex("00ff").is_err());
+        assert!(unhex("0xabc").is_err());
+        assert!(unhex("0xzz").is_err());
+    }
+
+    #[test]
+    fn values_must_fit_their_width() {
+        assert!(check_fits(0xff, 1).is_ok());
+        assert!(check_fits(0x100, 1).is_err());
+        assert!(check_fits(u64::MAX, 8).is_ok());
+    }
+}

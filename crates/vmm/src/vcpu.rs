@@ -1,0 +1,156 @@
+//! The boot vCPU and its run loop: port and MMIO exits go to the machine's dispatch,
+//! writes to the hypercall port go to the hypercall registry with the registers as
+//! arguments, and the run ends when the guest writes the exit port.
+
+use crate::accel::KvmAccel;
+use crate::boot::{Entry, entry_regs, long_mode_sregs};
+use crate::error::{Error, Result};
+use crate::vm::Vm;
+use abi::hcall::Args;
+use abi::ports;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+/// A vCPU in long mode.
+pub struct Vcpu {
+    fd: VcpuFd,
+    /// KVM ships the general registers in `kvm_run` on every exit (KVM_CAP_SYNC_REGS),
+    /// so a hypercall costs no KVM_GET_REGS/KVM_SET_REGS ioctl.
+    sync_regs: bool,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` with the host's supported CPUID, long-mode registers and SSE.
+    pub fn new(kvm: &KvmAccel, id: u64, entry: Entry) -> Result<Vcpu> {
+        let fd = kvm
+            .vm()
+            .create_vcpu(id)
+            .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+        let cpuid = kvm
+            .kvm()
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+        let sregs = fd.get_sregs().map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
+        fd.set_sregs(&long_mode_sregs(sregs))
+            .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+        let fpu = kvm_bindings::kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        fd.set_fpu(&fpu).map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
+        let mut fd = fd;
+        fd.set_regs(&entry_regs(entry))
+            .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+        let sync_regs = kvm.kvm().check_extension(kvm_ioctls::Cap::SyncRegs);
+        if sync_regs {
+            fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        }
+        Ok(Vcpu { fd, sync_regs })
+    }
+
+    /// Runs until the guest writes the exit port (returns its status) or stops in a
+    /// way the VMM cannot continue from (an error naming the reason).
+    pub fn run(&mut self, vm: &Vm) -> Result<u8> {
+        loop {
+            if let Some(status) = vm.exit_status() {
+                return Ok(status);
+            }
+            let hcall_port = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if port == ports::HCALL {
+                        true
+                    } else {
+                        vm.pio_write(port, data);
+                        false
+                    }
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    vm.pio_read(port, data);
+                    false
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    vm.mmio_write(addr, data);
+                    false
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    vm.mmio_read(addr, data);
+                    false
+                }
+                Ok(VcpuExit::Hlt) => {
+                    return Err(self.crashed("halted with interrupts disabled (hlt exit)"));
+                }
+                Ok(VcpuExit::Shutdown) => {
+                    return Err(self.crashed("triple fault (an exception with no usable handler)"));
+                }
+                Ok(VcpuExit::InternalError) => {
+                    return Err(self.crashed(
+                        "KVM internal error: most often an instruction this hypervisor does not emulate \
+                         (x87, xsave, scalar floating point); build guests for baseline x86-64",
+                    ));
+                }
+                Ok(VcpuExit::FailEntry(reason, _)) => {
+                    return Err(
+                        self.crashed(&format!("VM entry failed (hardware reason {reason:#x})"))
+                    );
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    return Err(
+                        self.crashed(&format!("system event {kind} (reset or shutdown request)"))
+                    );
+                }
+                Ok(other) => {
+                    let what = format!("unexpected exit {other:?}");
+                    return Err(self.crashed(&what));
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => false,
+                Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
+            };
+            if hcall_port {
+                self.hypercall(vm)?;
+            }
+        }
+    }
+
+    fn hypercall(&mut self, vm: &Vm) -> Result<()> {
+        let regs = if self.sync_regs {
+            self.fd.sync_regs().regs
+        } else {
+            self.fd
+                .get_regs()
+                .map_err(|e| Error::Kvm("KVM_GET_REGS", e))?
+        };
+        let args = Args {
+            nr: regs.rax,
+            a: [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8],
+        };
+        let ret = vm.hypercall(&args);
+        let write = |r: &mut kvm_bindings::kvm_regs| {
+            r.rax = ret.status as u64;
+            r.rdi = ret.r[0];
+            r.rsi = ret.r[1];
+            r.rdx = ret.r[2];
+        };
+        if self.sync_regs {
+            write(&mut self.fd.sync_regs_mut().regs);
+            self.fd.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
+            Ok(())
+        } else {
+            let mut regs = regs;
+            write(&mut regs);
+            self.fd
+                .set_regs(&regs)
+                .map_err(|e| Error::Kvm("KVM_SET_REGS", e))
+        }
+    }
+
+    fn crashed(&self, what: &str) -> Error {
+        let rip = self
+            .fd
+            .get_regs()
+            .map(|r| format!(" at rip {:#x}", r.rip))
+            .unwrap_or_default();
+        Error::GuestCrashed(format!("{what}{rip}"))
+    }
+}

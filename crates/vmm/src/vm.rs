@@ -1,0 +1,303 @@
+//! A passthru machine: accelerator, guest RAM and memory map, PIO and MMIO buses with
+//! the fixed devices, and the hypercall registry. The vCPU loop and the qtest driver
+//! port reach devices through the same dispatch methods here.
+
+use crate::accel::{Accel, AccelKind, IoAddr, KvmAccel, QtestAccel};
+use crate::core_calls::{BenchMarks, CoreCalls, TestIrqSource, TestIrqSummary};
+use crate::error::{Error, Result};
+use crate::hypercall::HypercallRegistry;
+use crate::memory::{GuestRam, MemoryListener, MemoryMap, MemslotListener};
+use abi::hcall::{Args, Ret};
+use abi::{layout, ports};
+use devices::legacy::{ErrConsole, ExitLatch, ExitPort, NullDevice};
+use devices::serial::SerialPort;
+use devices::{Bus, BusDevice};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+/// How to build a machine.
+pub struct VmConfig {
+    /// Bytes of guest RAM.
+    pub memory: u64,
+    /// KVM or qtest.
+    pub accel: AccelKind,
+    /// Where the guest console (COM1) goes.
+    pub serial_out: Box<dyn Write + Send>,
+    /// Where the error console (panic messages) goes.
+    pub err_out: Box<dyn Write + Send>,
+    /// Iterations per probe handed to benchmark guests.
+    pub bench_iterations: u64,
+}
+
+impl VmConfig {
+    /// Defaults: 256 MiB, console to stdout, errors to stderr.
+    pub fn new(accel: AccelKind) -> VmConfig {
+        VmConfig {
+            memory: 256 << 20,
+            accel,
+            serial_out: Box::new(std::io::stdout()),
+            err_out: Box::new(std::io::stderr()),
+            bench_iterations: 10_000,
+        }
+    }
+}
+
+/// A machine, ready to run a guest program (KVM) or to be driven (qtest).
+pub struct Vm {
+    accel: Arc<dyn Accel>,
+    kvm: Option<Arc<KvmAccel>>,
+    qtest: Option<Arc<QtestAccel>>,
+    // Dropped before `ram`: devices and sources may reference guest memory.
+    core: Arc<CoreCalls>,
+    hypercalls: Arc<HypercallRegistry>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitLatch>,
+    serial_irq: EventFd,
+    bench_ioevent: EventFd,
+    memory_map: Arc<MemoryMap>,
+    ram: GuestRam,
+}
+
+impl Vm {
+    /// Builds the machine.
+    pub fn new(config: VmConfig) -> Result<Vm> {
+        let (accel, kvm, qtest): (Arc<dyn Accel>, _, _) = match config.accel {
+            AccelKind::Kvm => {
+                let k = Arc::new(KvmAccel::new()?);
+                (k.clone(), Some(k), None)
+            }
+            AccelKind::Qtest => {
+                let q = Arc::new(QtestAccel::new()?);
+                (q.clone(), None, Some(q))
+            }
+        };
+        let ram = GuestRam::new(config.memory)?;
+        let memory_map = Arc::new(MemoryMap::new());
+        let slots: Arc<dyn MemoryListener> = Arc::new(MemslotListener::new(Arc::clone(&accel)));
+        memory_map.add_listener(slots)?;
+        for r in ram.regions() {
+            memory_map.add_region(r)?;
+        }
+
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let exit = ExitLatch::new();
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        accel.register_irqfd(&serial_irq, ports::SERIAL_GSI)?;
+        let serial = SerialPort::new(
+            serial_irq.try_clone().map_err(Error::EventFd)?,
+            config.serial_out,
+        );
+        pio.insert(
+            u64::from(ports::SERIAL_COM1),
+            u64::from(ports::SERIAL_LEN),
+            shared(serial),
+        )?;
+        pio.insert(
+            u64::from(ports::EXIT),
+            1,
+            shared(ExitPort(Arc::clone(&exit))),
+        )?;
+        pio.insert(
+            u64::from(ports::ERR_CONSOLE),
+            1,
+            shared(ErrConsole::new(config.err_out)),
+        )?;
+        mmio.insert(layout::BENCH_MMIO_ADDR, 0x1000, shared(NullDevice))?;
+        let bench_ioevent = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        accel.register_ioevent(
+            &bench_ioevent,
+            IoAddr::Pio(u64::from(ports::BENCH_IOEVENTFD)),
+        )?;
+
+        let hypercalls = Arc::new(HypercallRegistry::new());
+        let core = Arc::new(CoreCalls {
+            bench: Arc::new(BenchMarks::new(config.bench_iterations)),
+            test_irq: Arc::new(TestIrqSource::new(Arc::clone(&accel))),
+        });
+        hypercalls.register(abi::hcall::CORE_BASE, core.clone())?;
+
+        Ok(Vm {
+            accel,
+            kvm,
+            qtest,
+            core,
+            hypercalls,
+            pio,
+            mmio,
+            exit,
+            serial_irq,
+            bench_ioevent,
+            memory_map,
+            ram,
+        })
+    }
+
+    /// The accelerator.
+    pub fn accel(&self) -> &Arc<dyn Accel> {
+        &self.accel
+    }
+
+    /// The KVM accelerator, when running on KVM.
+    pub fn kvm(&self) -> Option<&Arc<KvmAccel>> {
+        self.kvm.as_ref()
+    }
+
+    /// The qtest accelerator, when driven through the qtest port.
+    pub fn qtest(&self) -> Option<&Arc<QtestAccel>> {
+        self.qtest.as_ref()
+    }
+
+    /// Guest RAM as mapped in the VMM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.ram.memory()
+    }
+
+    /// Guest RAM (memfd, size).
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The guest memory map (RAM and RAM-device regions).
+    pub fn memory_map(&self) -> &Arc<MemoryMap> {
+        &self.memory_map
+    }
+
+    /// The port I/O bus.
+    pub fn pio_bus(&self) -> &Arc<Bus> {
+        &self.pio
+    }
+
+    /// The MMIO bus.
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio
+    }
+
+    /// The hypercall registry; front-ends register their blocks here.
+    pub fn hypercalls(&self) -> &Arc<HypercallRegistry> {
+        &self.hypercalls
+    }
+
+    /// Benchmark marks recorded by the guest.
+    pub fn bench(&self) -> &Arc<BenchMarks> {
+        &self.core.bench
+    }
+
+    /// What the test interrupt source did.
+    pub fn test_irq_summary(&self) -> TestIrqSummary {
+        self.core.test_irq.summary()
+    }
+
+    /// The status the guest asked to exit with, if it did.
+    pub fn exit_status(&self) -> Option<u8> {
+        self.exit.status()
+    }
+
+    /// Asks the machine to stop with `status` (as the exit port does).
+    pub fn request_exit(&self, status: u8) {
+        self.exit.request(status);
+    }
+
+    /// A hypercall, exactly as the vCPU's hypercall-port write performs it.
+    pub fn hypercall(&self, args: &Args) -> Ret {
+        self.hypercalls.dispatch(args)
+    }
+
+    /// A port write. Writes nobody decodes are dropped (and return false).
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> bool {
+        self.accel.emulate_ioevent(IoAddr::Pio(u64::from(port)))
+            || self.pio.write(u64::from(port), data)
+    }
+
+    /// A port read. Ports nobody decodes read as all-ones (and return false).
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) -> bool {
+        let hit = self.pio.read(u64::from(port), data);
+        if !hit {
+            data.fill(0xff);
+        }
+        hit
+    }
+
+    /// An MMIO write. Writes nobody decodes are dropped (and return false).
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        self.accel.emulate_ioevent(IoAddr::Mmio(addr)) || self.mmio.write(addr, data)
+    }
+
+    /// An MMIO read. Addresses nobody decodes read as all-ones (and return false).
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        let hit = self.mmio.read(addr, data);
+        if !hit {
+            data.fill(0xff);
+        }
+        hit
+    }
+
+    /// A guest-physical write as the CPU would do it: RAM if the range is RAM,
+    /// otherwise the MMIO bus. False if neither takes it.
+    pub fn phys_write(&self, addr: u64, data: &[u8]) -> bool {
+        if self.is_ram(addr, data.len()) {
+            return self.memory().write_slice(data, GuestAddress(addr)).is_ok();
+        }
+        self.mmio_write(addr, data)
+    }
+
+    /// A guest-physical read (RAM, else MMIO). False if neither takes it.
+    pub fn phys_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        if self.is_ram(addr, data.len()) {
+            return self.memory().read_slice(data, GuestAddress(addr)).is_ok();
+        }
+        self.mmio_read(addr, data)
+    }
+
+    /// True when `[addr, addr + len)` lies inside one RAM region.
+    pub fn is_ram(&self, addr: u64, len: usize) -> bool {
+        let Some(end) = addr.checked_add(len as u64) else {
+            return false;
+        };
+        self.memory()
+            .find_region(GuestAddress(addr))
+            .is_some_and(|r| {
+                use vm_memory::GuestMemoryRegion;
+                end <= r.start_addr().0 + r.len()
+            })
+    }
+
+    /// Loads a guest program, prepares the boot vCPU and runs it until the guest
+    /// exits; returns the guest's exit status. KVM only.
+    pub fn run_guest(&self, elf: &[u8]) -> Result<u8> {
+        let kvm = self
+            .kvm
+            .as_ref()
+            .ok_or_else(|| Error::GuestCrashed("a guest program needs --accel kvm".into()))?;
+        let low = self.ram.size().min(layout::MMIO_HOLE_START);
+        let entry = crate::boot::load_elf(self.memory(), elf, low)?;
+        let info = layout::BootInfo {
+            magic: layout::BOOT_MAGIC,
+            low_ram_size: low,
+            high_ram_size: self.ram.size() - low,
+            apic_id: 0,
+        };
+        crate::boot::write_boot_structures(self.memory(), &info)?;
+        let mut vcpu = crate::vcpu::Vcpu::new(kvm, 0, entry)?;
+        vcpu.run(self)
+    }
+}
+
+fn shared<D: BusDevice + 'static>(d: D) -> Arc<Mutex<dyn BusDevice>> {
+    Arc::new(Mutex::new(d))
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self
+            .accel
+            .unregister_irqfd(&self.serial_irq, ports::SERIAL_GSI);
+        let _ = self.accel.unregister_ioevent(
+            &self.bench_ioevent,
+            IoAddr::Pio(u64::from(ports::BENCH_IOEVENTFD)),
+        );
+    }
+}
