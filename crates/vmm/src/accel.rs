@@ -108,11 +108,26 @@ pub struct KvmAccel {
 
 /// Path of the KVM device.
 pub const KVM_PATH: &str = "/dev/kvm";
+/// Environment variable that overrides [`KVM_PATH`] (tests use it to check the
+/// message a machine without KVM gets).
+pub const KVM_PATH_ENV: &str = "PASSTHRU_KVM_DEVICE";
+
+/// The KVM device to open.
+pub fn kvm_path() -> String {
+    std::env::var(KVM_PATH_ENV).unwrap_or_else(|_| KVM_PATH.to_string())
+}
 
 impl KvmAccel {
-    /// Opens `/dev/kvm` and creates a VM with an in-kernel irqchip.
+    /// Opens the KVM device and creates a VM with an in-kernel irqchip.
     pub fn new() -> Result<KvmAccel> {
-        let kvm = kvm_ioctls::Kvm::new().map_err(Error::KvmUnavailable)?;
+        let path = kvm_path();
+        let unavailable = |e| Error::KvmUnavailable {
+            path: path.clone(),
+            source: e,
+        };
+        let cpath = std::ffi::CString::new(path.clone())
+            .map_err(|_| unavailable(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        let kvm = kvm_ioctls::Kvm::new_with_path(&cpath).map_err(unavailable)?;
         let vm = kvm
             .create_vm()
             .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;

@@ -7,12 +7,17 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// What went wrong, with enough context to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// `/dev/kvm` cannot be opened.
+    /// The KVM device cannot be opened.
     #[error(
-        "KVM is not available ({0}): passthru needs a readable and writable /dev/kvm to run a guest. \
+        "KVM is not available ({path}: {source}): passthru needs a readable and writable {path} to run a guest. \
          To drive the machine without KVM, use the qtest driver port: `passthru run --accel qtest`"
     )]
-    KvmUnavailable(#[source] kvm_ioctls::Error),
+    KvmUnavailable {
+        /// The device path tried.
+        path: String,
+        /// Why it failed.
+        source: kvm_ioctls::Error,
+    },
     /// A KVM ioctl failed.
     #[error("{0} failed: {1}")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),

@@ -29,7 +29,7 @@ impl HypercallRegistry {
 
     /// Gives the block starting at `base` to `handler`.
     pub fn register(&self, base: u64, handler: Arc<dyn HypercallHandler>) -> Result<()> {
-        if base % BLOCK_SIZE != 0 {
+        if !base.is_multiple_of(BLOCK_SIZE) {
             return Err(Error::HypercallBlock {
                 base,
                 reason: "not aligned to the block size",

@@ -21,11 +21,25 @@ pub use accel::AccelKind;
 pub use error::{Error, Result};
 pub use vm::{Vm, VmConfig};
 
-/// True when `/dev/kvm` can be opened (tests that need it skip otherwise).
+/// True when the KVM device can be opened (tests that need it skip otherwise).
 pub fn kvm_available() -> bool {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(accel::KVM_PATH)
+        .open(accel::kvm_path())
         .is_ok()
+}
+
+/// Skips the calling test, with the reason printed, when KVM is not available.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !$crate::kvm_available() {
+            eprintln!(
+                "skipped: {} cannot be opened on this machine (the test needs KVM)",
+                $crate::accel::kvm_path()
+            );
+            return;
+        }
+    };
 }

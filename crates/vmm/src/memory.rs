@@ -48,7 +48,7 @@ impl GuestRam {
                 reason: "above the 64 GiB maximum",
             });
         }
-        if size % 4096 != 0 {
+        if !size.is_multiple_of(4096) {
             return Err(Error::MemorySize {
                 size,
                 reason: "not a multiple of 4 KiB",

@@ -35,16 +35,32 @@ core::arch::global_asm!(
     ".set rt_vec, rt_vec + 1",
     ".endr",
     "__rt_isr_common:",
-    "push rax", "push rcx", "push rdx", "push rsi", "push rdi",
-    "push r8", "push r9", "push r10", "push r11", "push rbp",
+    "push rax",
+    "push rcx",
+    "push rdx",
+    "push rsi",
+    "push rdi",
+    "push r8",
+    "push r9",
+    "push r10",
+    "push r11",
+    "push rbp",
     "mov rbp, rsp",
     "and rsp, -16",
     "mov rdi, [rbp + 80]", // vector, pushed by the stub
     "lea rsi, [rbp + 88]", // CPU frame (error code first for some exceptions)
     "call __rt_isr_dispatch",
     "mov rsp, rbp",
-    "pop rbp", "pop r11", "pop r10", "pop r9", "pop r8",
-    "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rax",
+    "pop rbp",
+    "pop r11",
+    "pop r10",
+    "pop r9",
+    "pop r8",
+    "pop rdi",
+    "pop rsi",
+    "pop rdx",
+    "pop rcx",
+    "pop rax",
     "add rsp, 8",
     "iretq",
     ".popsection",
@@ -55,12 +71,38 @@ unsafe extern "C" {
 }
 
 const EXCEPTION_NAMES: [&str; 32] = [
-    "divide error", "debug", "NMI", "breakpoint", "overflow", "bound range", "invalid opcode",
-    "device not available", "double fault", "coprocessor overrun", "invalid TSS",
-    "segment not present", "stack fault", "general protection", "page fault", "reserved",
-    "x87 floating point", "alignment check", "machine check", "SIMD floating point",
-    "virtualization", "control protection", "reserved", "reserved", "reserved", "reserved",
-    "reserved", "reserved", "hypervisor injection", "VMM communication", "security", "reserved",
+    "divide error",
+    "debug",
+    "NMI",
+    "breakpoint",
+    "overflow",
+    "bound range",
+    "invalid opcode",
+    "device not available",
+    "double fault",
+    "coprocessor overrun",
+    "invalid TSS",
+    "segment not present",
+    "stack fault",
+    "general protection",
+    "page fault",
+    "reserved",
+    "x87 floating point",
+    "alignment check",
+    "machine check",
+    "SIMD floating point",
+    "virtualization",
+    "control protection",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "hypervisor injection",
+    "VMM communication",
+    "security",
+    "reserved",
 ];
 
 /// Does the CPU push an error code for this exception vector?
@@ -84,7 +126,11 @@ extern "C" fn __rt_isr_dispatch(vector: u64, frame: *const u64) {
         unsafe { core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack)) };
         crate::eprintln!(
             "guest exception {} ({}) at rip {:#x}, error code {:#x}, cr2 {:#x}",
-            vector, EXCEPTION_NAMES[vector as usize], rip, error, cr2
+            vector,
+            EXCEPTION_NAMES[vector as usize],
+            rip,
+            error,
+            cr2
         );
         crate::exit(abi::EXIT_EXCEPTION);
     }
@@ -119,9 +165,14 @@ pub fn init() {
         limit: u16,
         base: u64,
     }
-    let ptr = Pointer { limit: (256 * 16 - 1) as u16, base: idt.0.as_ptr() as u64 };
+    let ptr = Pointer {
+        limit: (256 * 16 - 1) as u16,
+        base: idt.0.as_ptr() as u64,
+    };
     // SAFETY: the IDT is static and fully initialised.
-    unsafe { core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags))
+    };
 }
 
 /// Registers `handler` for `vector` (32..=255).
