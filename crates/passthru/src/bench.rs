@@ -25,11 +25,22 @@ enum BenchWhat {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// The DMA remapping core, in process: translate (IOTLB hit and miss), map+unmap,
+    /// copy through a DmaSpace as a ratio of memcpy, translate cost as domains grow.
+    Dma {
+        /// Fewer iterations (a quick look, noisier).
+        #[arg(long)]
+        quick: bool,
+        /// Also write the figures as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
 }
 
 pub fn bench(args: BenchArgs) -> Result<ExitCode, String> {
     match args.what {
         BenchWhat::Exits { iterations, json } => exits(iterations, json),
+        BenchWhat::Dma { quick, json } => dma_bench(quick, json),
     }
 }
 
@@ -114,6 +125,152 @@ fn exits(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
     );
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text + "\n")
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize, Debug)]
+struct CopyFigure {
+    bytes: usize,
+    /// Copies per access section (1 = each copy fences on its own).
+    per_section: u64,
+    dmaspace_ns: f64,
+    memcpy_ns: f64,
+    /// memcpy time / DmaSpace time: the throughput ratio (1.0 = as fast as memcpy).
+    ratio: f64,
+}
+
+#[derive(Serialize, Debug)]
+struct ScaleFigure {
+    mappings: usize,
+    translate_miss_ns: f64,
+    ratio_to_10: f64,
+}
+
+#[derive(Serialize, Debug)]
+struct DmaReport {
+    translate_hit_ns: f64,
+    translate_hit_batched_ns: f64,
+    translate_miss_ns: f64,
+    map_unmap_4k_ns: f64,
+    map_unmap_2m_ns: f64,
+    copy: Vec<CopyFigure>,
+    scaling: Vec<ScaleFigure>,
+}
+
+fn goal(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+fn dma_bench(quick: bool, json: Option<PathBuf>) -> Result<ExitCode, String> {
+    let k = if quick { 10 } else { 1 };
+    let hit = dma::bench::translate_hit(2_000_000 / k);
+    let hit_batched = dma::bench::translate_hit_batched(2_000_000 / k);
+    let miss = dma::bench::translate_miss(1_000_000 / k, 10);
+    let mu4k = dma::bench::map_unmap(500_000 / k, 4096);
+    let mu2m = dma::bench::map_unmap(500_000 / k, 2 << 20);
+    let copy: Vec<CopyFigure> = [
+        (4096usize, 200_000u64, 1u64),
+        (4096, 200_000, 8),
+        (64 << 10, 20_000, 1),
+        (1 << 20, 1_000, 1),
+    ]
+    .into_iter()
+    .map(|(bytes, iters, per_section)| {
+        let (d, m) = dma::bench::copy(iters / k, bytes, per_section);
+        CopyFigure {
+            bytes,
+            per_section,
+            dmaspace_ns: d,
+            memcpy_ns: m,
+            ratio: m / d,
+        }
+    })
+    .collect();
+    let mut scaling = Vec::new();
+    let mut base = 0.0;
+    for n in [10usize, 100, 1_000, 10_000, 100_000] {
+        let ns = dma::bench::translate_miss(1_000_000 / k, n);
+        if n == 10 {
+            base = ns;
+        }
+        scaling.push(ScaleFigure {
+            mappings: n,
+            translate_miss_ns: ns,
+            ratio_to_10: ns / base,
+        });
+    }
+    let r = DmaReport {
+        translate_hit_ns: hit,
+        translate_hit_batched_ns: hit_batched,
+        translate_miss_ns: miss,
+        map_unmap_4k_ns: mu4k,
+        map_unmap_2m_ns: mu2m,
+        copy,
+        scaling,
+    };
+
+    println!("passthru bench dma: in process, one run");
+    println!("{:<44} {:>10}   goal", "operation", "ns");
+    println!(
+        "{:<44} {:>10.1}   <= 10 ns: {}",
+        "translate 64 B, IOTLB hit",
+        r.translate_hit_ns,
+        goal(r.translate_hit_ns <= 10.0)
+    );
+    println!(
+        "{:<44} {:>10.1}",
+        "translate 64 B, IOTLB hit, inside a batch", r.translate_hit_batched_ns
+    );
+    println!(
+        "{:<44} {:>10.1}",
+        "translate 64 B, IOTLB miss (10 mappings)", r.translate_miss_ns
+    );
+    println!(
+        "{:<44} {:>10.1}   <= 200 ns: {}",
+        "map + unmap 4 KiB",
+        r.map_unmap_4k_ns,
+        goal(r.map_unmap_4k_ns <= 200.0)
+    );
+    println!("{:<44} {:>10.1}", "map + unmap 2 MiB", r.map_unmap_2m_ns);
+    println!();
+    println!(
+        "{:<24} {:>12} {:>12} {:>8}   goal",
+        "copy (per section)", "DmaSpace ns", "memcpy ns", "ratio"
+    );
+    for c in &r.copy {
+        let target = match c.bytes {
+            4096 => Some(0.90),
+            b if b == 1 << 20 => Some(0.98),
+            _ => None,
+        };
+        let g = target
+            .map(|t| format!(">= {t:.2}: {}", goal(c.ratio >= t)))
+            .unwrap_or_default();
+        let label = format!("{} KiB (x{})", c.bytes >> 10, c.per_section);
+        println!(
+            "{:<24} {:>12.1} {:>12.1} {:>8.3}   {g}",
+            label, c.dmaspace_ns, c.memcpy_ns, c.ratio
+        );
+    }
+    println!();
+    println!(
+        "{:<14} {:>14} {:>12}   (translate miss as the domain grows; log2 of the growth is {:.1})",
+        "mappings",
+        "ns",
+        "x 10",
+        (100_000f64 / 10.0).log2()
+    );
+    for s in &r.scaling {
+        println!(
+            "{:<14} {:>14.1} {:>12.2}",
+            s.mappings, s.translate_miss_ns, s.ratio_to_10
+        );
+    }
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
         std::fs::write(&path, text + "\n")
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
     }

@@ -1,0 +1,160 @@
+//! Measurement harness shared by the criterion benches and `passthru bench dma`: each
+//! function times one operation in a tight loop and returns nanoseconds per operation
+//! (the median of several batches, so one preempted batch does not skew it).
+
+use crate::{Access, DmaSpace, Domain, DomainConfig, Gpa, Iova, LockedMemory, Perm, VmDma};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+/// Guest memory of the fixtures.
+pub const FIXTURE_RAM: u64 = 512 << 20;
+/// IOVA where the fixtures map their buffer.
+pub const BUF_IOVA: u64 = 0x1_0000_0000;
+/// Guest-physical address of the buffer.
+pub const BUF_GPA: u64 = 0x100_0000;
+
+/// A VM with unlimited locked memory and one domain.
+pub struct Fixture {
+    /// The VM's DMA state.
+    pub vm: Arc<VmDma>,
+    /// The domain.
+    pub domain: Arc<Domain>,
+}
+
+impl Fixture {
+    /// A fixture whose domain holds up to `max_mappings`.
+    pub fn new(max_mappings: usize) -> Fixture {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), FIXTURE_RAM as usize)])
+            .expect("fixture guest memory");
+        let vm = VmDma::new(Arc::new(mem), LockedMemory::new(u64::MAX));
+        let domain = vm.create_domain(
+            "bench",
+            DomainConfig {
+                max_mappings,
+                ..Default::default()
+            },
+        );
+        Fixture { vm, domain }
+    }
+
+    /// Host address of guest-physical `gpa`.
+    pub fn host(&self, gpa: u64) -> *mut u8 {
+        self.vm.host_span(gpa).map(|(h, _, _)| h).unwrap_or(0) as *mut u8
+    }
+}
+
+/// Median of `batches` timings of `iters` calls of `f`, in ns per call.
+pub fn time_ns(batches: usize, iters: u64, mut f: impl FnMut()) -> f64 {
+    let mut samples: Vec<f64> = (0..batches.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            t.elapsed().as_nanos() as f64 / iters as f64
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// `translate` of 64 bytes whose translation is in the accessor's IOTLB.
+pub fn translate_hit(iters: u64) -> f64 {
+    let fx = Fixture::new(16);
+    fx.domain
+        .map(Iova(BUF_IOVA), Gpa(BUF_GPA), 2 << 20, Perm::READ_WRITE)
+        .expect("map");
+    let dev = DmaSpace::new(fx.domain.clone(), "bench");
+    let _ = dev.translate(Iova(BUF_IOVA), 64, Access::Read);
+    time_ns(7, iters, || {
+        let t = dev.translate(black_box(Iova(BUF_IOVA + 128)), 64, Access::Read);
+        black_box(t.is_ok());
+    })
+}
+
+/// `translate` of 64 bytes whose translation is in the IOTLB, inside an open
+/// [`DmaSpace::batch`] (the fence paid once for many accesses).
+pub fn translate_hit_batched(iters: u64) -> f64 {
+    let fx = Fixture::new(16);
+    fx.domain
+        .map(Iova(BUF_IOVA), Gpa(BUF_GPA), 2 << 20, Perm::READ_WRITE)
+        .expect("map");
+    let dev = DmaSpace::new(fx.domain.clone(), "bench");
+    let _batch = dev.batch();
+    time_ns(7, iters, || {
+        let t = dev.translate(black_box(Iova(BUF_IOVA + 128)), 64, Access::Read);
+        black_box(t.is_ok());
+    })
+}
+
+/// `translate` of 64 bytes that misses the IOTLB (the accessor cycles through more
+/// mappings than it caches), in a domain of `mappings` 4 KiB mappings.
+pub fn translate_miss(iters: u64, mappings: usize) -> f64 {
+    let fx = Fixture::new(mappings.max(16));
+    let pages = (FIXTURE_RAM / 4096 - 1) as usize;
+    for i in 0..mappings {
+        let gpa = ((i % pages) as u64 + 1) * 4096;
+        fx.domain
+            .map(Iova(BUF_IOVA + i as u64 * 4096), Gpa(gpa), 4096, Perm::READ)
+            .expect("map");
+    }
+    let dev = DmaSpace::new(fx.domain.clone(), "bench");
+    // A fixed pseudo-random visiting order over all mappings (an LCG permutation).
+    let order: Vec<u64> = (0..mappings as u64)
+        .map(|i| (i * 2_654_435_761) % mappings as u64)
+        .collect();
+    let mut k = 0usize;
+    let step = if mappings > 64 { 1 } else { 9 }; // small domains: stride past the 8-entry IOTLB
+    time_ns(7, iters, || {
+        k = (k + step) % order.len();
+        let t = dev.translate(Iova(BUF_IOVA + order[k] * 4096), 64, Access::Read);
+        black_box(t.is_ok());
+    })
+}
+
+/// One map and one unmap of `size` bytes.
+pub fn map_unmap(iters: u64, size: u64) -> f64 {
+    let fx = Fixture::new(16);
+    time_ns(7, iters, || {
+        fx.domain
+            .map(Iova(BUF_IOVA), Gpa(BUF_GPA), size, Perm::READ_WRITE)
+            .expect("map");
+        black_box(fx.domain.unmap(Iova(BUF_IOVA), size).expect("unmap"));
+    })
+}
+
+/// Copy of `size` bytes from guest memory into a buffer: (through DmaSpace, plain
+/// memcpy of the same bytes), ns per copy, measured alternately in one run. With
+/// `batch` > 1, that many copies share one access section.
+pub fn copy(iters: u64, size: usize, batch: u64) -> (f64, f64) {
+    let fx = Fixture::new(16);
+    fx.domain
+        .map(Iova(BUF_IOVA), Gpa(BUF_GPA), 16 << 20, Perm::READ_WRITE)
+        .expect("map");
+    let dev = DmaSpace::new(fx.domain.clone(), "bench");
+    let src = fx.host(BUF_GPA);
+    let mut buf = vec![0u8; size];
+    let mut dma = Vec::new();
+    let mut raw = Vec::new();
+    for _ in 0..5 {
+        dma.push(
+            time_ns(1, iters / batch.max(1), || {
+                let _b = (batch > 1).then(|| dev.batch());
+                for _ in 0..batch.max(1) {
+                    dev.read(black_box(Iova(BUF_IOVA)), &mut buf).expect("read");
+                    black_box(&buf);
+                }
+            }) / batch.max(1) as f64,
+        );
+        raw.push(time_ns(1, iters, || {
+            // SAFETY: src is the fixture's guest memory, valid for 16 MiB >= size.
+            unsafe { std::ptr::copy_nonoverlapping(black_box(src), buf.as_mut_ptr(), size) };
+            black_box(&buf);
+        }));
+    }
+    dma.sort_by(f64::total_cmp);
+    raw.sort_by(f64::total_cmp);
+    (dma[2], raw[2])
+}
