@@ -1,6 +1,6 @@
 //! Criterion benchmarks of the DMA core: translate hit and miss, map+unmap, copy
 //! through DmaSpace against plain memcpy, and translate cost as the domain grows.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used)]
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use dma::bench::{BUF_GPA, BUF_IOVA, Fixture};
