@@ -39,17 +39,25 @@ impl Extents {
         }
     }
 
-    /// Adds one reference to every byte of `[start, end)`; returns the
-    /// newly-referenced sub-ranges.
-    fn add(&mut self, start: u64, end: u64) -> Vec<(u64, u64)> {
+    /// Adds one reference to every byte of `[start, end)`; calls `fresh` with each
+    /// newly-referenced sub-range.
+    fn add(&mut self, start: u64, end: u64, mut fresh: impl FnMut(u64, u64)) {
+        // Fast path: nothing overlaps (the common case: a buffer pinned once).
+        let before = self.0.range(..end).next_back().map(|(s, (e, _))| (*s, *e));
+        if before.is_none_or(|(_, e)| e <= start) {
+            self.0.insert(start, (end, 1));
+            fresh(start, end);
+            self.merge_around(start, end);
+            return;
+        }
         self.split_at(start);
         self.split_at(end);
-        let mut fresh = Vec::new();
+        let mut gaps = Vec::new();
         let mut cursor = start;
         let inside: Vec<u64> = self.0.range(start..end).map(|(s, _)| *s).collect();
         for s in inside {
             if s > cursor {
-                fresh.push((cursor, s));
+                gaps.push((cursor, s));
             }
             if let Some(v) = self.0.get_mut(&s) {
                 v.1 += 1;
@@ -57,21 +65,26 @@ impl Extents {
             }
         }
         if cursor < end {
-            fresh.push((cursor, end));
+            gaps.push((cursor, end));
         }
-        for &(s, e) in &fresh {
+        for (s, e) in gaps {
             self.0.insert(s, (e, 1));
+            fresh(s, e);
         }
         self.merge_around(start, end);
-        fresh
     }
 
     /// Drops one reference from every byte of `[start, end)` (which must be fully
-    /// referenced); returns the sub-ranges no longer referenced.
-    fn remove(&mut self, start: u64, end: u64) -> Vec<(u64, u64)> {
+    /// referenced); calls `freed` with each sub-range no longer referenced.
+    fn remove(&mut self, start: u64, end: u64, mut freed: impl FnMut(u64, u64)) {
+        // Fast path: exactly one extent, referenced once (the common case).
+        if self.0.get(&start) == Some(&(end, 1)) {
+            self.0.remove(&start);
+            freed(start, end);
+            return;
+        }
         self.split_at(start);
         self.split_at(end);
-        let mut freed = Vec::new();
         let inside: Vec<u64> = self.0.range(start..end).map(|(s, _)| *s).collect();
         for s in inside {
             if let Some(v) = self.0.get_mut(&s) {
@@ -79,15 +92,11 @@ impl Extents {
                 if v.1 == 0 {
                     let e = v.0;
                     self.0.remove(&s);
-                    match freed.last_mut() {
-                        Some((_, pe)) if *pe == s => *pe = e,
-                        _ => freed.push((s, e)),
-                    }
+                    freed(s, e);
                 }
             }
         }
         self.merge_around(start, end);
-        freed
     }
 
     /// Merges adjacent extents of equal count around `[start, end]` so the map stays
@@ -200,12 +209,12 @@ impl LockedMemory {
                 limit: s.limit,
             });
         }
+        let st = &mut *s;
         for &(a, len) in ranges {
-            let fresh = s.pinned.add(a, a + len);
-            for (fs, fe) in fresh {
-                s.pinned_bytes += fe - fs;
+            st.pinned.add(a, a + len, |fs, fe| {
+                st.pinned_bytes += fe - fs;
                 self.mlock(fs, fe, true);
-            }
+            });
         }
         debug_assert_eq!(s.pinned_bytes, s.pinned.covered_bytes());
         Ok(())
@@ -214,11 +223,12 @@ impl LockedMemory {
     /// Drops one reference from each range (each must have been pinned).
     pub fn unpin(&self, ranges: &[(u64, u64)]) {
         let mut s = self.lock();
+        let st = &mut *s;
         for &(a, len) in ranges {
-            for (fs, fe) in s.pinned.remove(a, a + len) {
-                s.pinned_bytes -= fe - fs;
+            st.pinned.remove(a, a + len, |fs, fe| {
+                st.pinned_bytes -= fe - fs;
                 self.mlock(fs, fe, false);
-            }
+            });
         }
     }
 
@@ -354,14 +364,31 @@ mod tests {
     #[test]
     fn extents_stay_merged() {
         let mut e = Extents::default();
-        e.add(0, 10);
-        e.add(10, 20);
+        let mut fresh = Vec::new();
+        e.add(0, 10, |a, b| fresh.push((a, b)));
+        e.add(10, 20, |a, b| fresh.push((a, b)));
         assert_eq!(e.0.len(), 1);
-        e.add(5, 15);
-        assert_eq!(e.0.len(), 3);
-        e.remove(5, 15);
-        assert_eq!(e.0.len(), 1);
-        assert_eq!(e.0.get(&0), Some(&(20, 1)));
+        e.add(5, 25, |a, b| fresh.push((a, b)));
+        assert_eq!(
+            fresh,
+            vec![(0, 10), (10, 20), (20, 25)],
+            "only never-referenced bytes are fresh"
+        );
+        e.remove(20, 25, |_, _| {});
+        assert_eq!(e.0.len(), 2, "[0,5) once, [5,20) twice");
+        let mut freed = Vec::new();
+        e.remove(5, 15, |a, b| freed.push((a, b)));
+        assert!(freed.is_empty(), "still referenced once");
+        assert_eq!(
+            e.0.iter().map(|(s, v)| (*s, *v)).collect::<Vec<_>>(),
+            vec![(0, (15, 1)), (15, (20, 2))]
+        );
+        e.remove(0, 20, |a, b| freed.push((a, b)));
+        assert_eq!(freed, vec![(0, 15)]);
+        assert_eq!(
+            e.0.iter().map(|(s, v)| (*s, *v)).collect::<Vec<_>>(),
+            vec![(15, (20, 1))]
+        );
     }
 
     #[test]

@@ -191,6 +191,14 @@ impl Domain {
         let end = self.check_range(iova.0, size)?;
         let removed = {
             let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
+            // Fast path: the range is exactly one mapping (the common unmap).
+            if let Some(m) = tree.get(&iova.0).copied()
+                && m.end() == end
+            {
+                tree.remove(&iova.0);
+                drop(tree);
+                return Ok(self.retire(&[m]));
+            }
             if let Some((_, m)) = tree.range(..iova.0).next_back()
                 && m.end() > iova.0
             {

@@ -19,7 +19,7 @@ pub struct Fault {
     /// Why it was refused.
     pub reason: FaultReason,
     /// The device (accessor name) that asked.
-    pub device: String,
+    pub device: std::sync::Arc<str>,
 }
 
 impl std::fmt::Display for Fault {

@@ -272,7 +272,7 @@ impl DmaSpace {
             len,
             access,
             reason,
-            device: self.device.to_string(),
+            device: Arc::clone(&self.device),
         };
         self.domain.faults.record(f.clone());
         f
@@ -390,6 +390,7 @@ impl DmaSpace {
     /// Translates `[iova, iova + len)` for `access` into host slices, valid while the
     /// returned [`Translation`] lives (an unmap of the range waits for it). A write
     /// translation marks the pages dirty.
+    #[inline]
     pub fn translate(
         &self,
         iova: Iova,
@@ -405,17 +406,17 @@ impl DmaSpace {
                 len: len as usize,
                 gpa: e.gpa + (iova.0 - e.lo),
             };
-            (piece, Vec::new())
+            (piece, None)
         } else {
             match self.resolve_slow(iova.0, len, access) {
-                Ok(Pieces::One(p)) => (p, Vec::new()),
+                Ok(Pieces::One(p)) => (p, None),
                 Ok(Pieces::Many(mut v)) => {
                     let first = if v.is_empty() {
                         Piece::default()
                     } else {
                         v.remove(0)
                     };
-                    (first, v)
+                    (first, Some(v.into_boxed_slice()))
                 }
                 Err(r) => {
                     drop(section);
@@ -447,14 +448,14 @@ impl Drop for DmaSpace {
 pub struct Translation<'a> {
     _section: Section<'a>,
     first: Piece,
-    rest: Vec<Piece>,
+    rest: Option<Box<[Piece]>>,
 }
 
 impl Translation<'_> {
     fn pieces(&self) -> impl Iterator<Item = &Piece> {
         std::iter::once(&self.first)
             .filter(|p| p.len > 0)
-            .chain(self.rest.iter())
+            .chain(self.rest.iter().flat_map(|r| r.iter()))
     }
 
     /// The host-contiguous slices, in IOVA order.

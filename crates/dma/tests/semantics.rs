@@ -213,7 +213,7 @@ fn accesses_are_checked_whole_and_faults_touch_nothing() {
 
     let log = d.faults().recent();
     assert_eq!(d.faults().total(), 3);
-    assert_eq!(log[0].device, "dev0");
+    assert_eq!(&*log[0].device, "dev0");
     assert_eq!(log[1].reason, FaultReason::NotMapped);
 }
 

@@ -296,3 +296,47 @@ fn bench_exits_prints_the_table_and_writes_json() {
     );
     assert_eq!(figs[0]["ratio_to_null_exit"].as_f64().unwrap(), 1.0);
 }
+
+#[test]
+fn bench_dma_reports_every_figure() {
+    let json = std::env::temp_dir().join(format!("passthru-dma-{}.json", std::process::id()));
+    let out = passthru(&["bench", "dma", "--quick", "--json", json.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    for row in [
+        "translate 64 B, IOTLB hit",
+        "map + unmap 4 KiB",
+        "4 KiB (x1)",
+        "1024 KiB (x1)",
+        "100000",
+    ] {
+        assert!(table.contains(row), "{row} missing: {table}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    for key in [
+        "translate_hit_ns",
+        "translate_hit_batched_ns",
+        "translate_miss_ns",
+        "map_unmap_4k_ns",
+        "map_unmap_2m_ns",
+    ] {
+        let ns = v[key].as_f64().unwrap();
+        assert!(ns.is_finite() && ns > 0.0, "{key} = {ns}");
+    }
+    let copies = v["copy"].as_array().unwrap();
+    assert_eq!(copies.len(), 4);
+    for c in copies {
+        let r = c["ratio"].as_f64().unwrap();
+        assert!(r > 0.0 && r.is_finite(), "{c}");
+    }
+    let scaling = v["scaling"].as_array().unwrap();
+    assert_eq!(
+        scaling
+            .iter()
+            .map(|s| s["mappings"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![10, 100, 1000, 10_000, 100_000]
+    );
+}
