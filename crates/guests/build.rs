@@ -18,6 +18,14 @@ const PROGRAMS: &[(&str, &str)] = &[
         "panics on purpose (exit code 101, message on stderr)",
     ),
     ("exits", "exit-cost probe behind `passthru bench exits`"),
+    (
+        "irqstorm",
+        "N MSIs while the VMM switches forwarding M times; exits 0 when all N arrived (args: N=100000 M=10000)",
+    ),
+    (
+        "intx",
+        "level-triggered INTx with resample: one interrupt per assertion (args: N=1000 M=0 switches)",
+    ),
 ];
 
 fn main() {

@@ -28,11 +28,23 @@ pub const BENCH_MARK: u64 = CORE_BASE + 0x01;
 /// an irqfd. Returns the GSI used in result 0.
 pub const TEST_IRQ_SETUP: u64 = CORE_BASE + 0x10;
 /// Test interrupt source: fire `count` (a0) interrupts, each after the previous one
-/// was acknowledged on [`crate::ports::TEST_IRQ_ACK`]. Returns at once.
+/// was acknowledged on [`crate::ports::TEST_IRQ_ACK`], switching the source between
+/// forwarded and VMM delivery `toggles` (a1) times while it fires. Returns at once.
 pub const TEST_IRQ_FIRE: u64 = CORE_BASE + 0x11;
 /// Test interrupt source: the guest reports the interrupts it counted (a0). Result 0
 /// is the number the VMM fired, result 1 is 1 when the source has finished.
 pub const TEST_IRQ_REPORT: u64 = CORE_BASE + 0x12;
+
+/// Level-triggered test source (INTx), set-up: attach it to irqchip pin `gsi` (a0),
+/// with `abort_vector` (a1) signalled as an MSI if the guest stops acknowledging.
+pub const TEST_INTX_SETUP: u64 = CORE_BASE + 0x18;
+/// Level-triggered test source: assert the line `count` (a0) times, each time after
+/// the guest deasserted it through [`crate::ports::TEST_INTX_STATUS`], switching
+/// delivery `toggles` (a1) times meanwhile. Returns at once.
+pub const TEST_INTX_FIRE: u64 = CORE_BASE + 0x19;
+/// Level-triggered test source: result 0 = assertions made, result 1 = 1 when done,
+/// result 2 = resamples (EOIs) the device saw. a0 = the guest's count (recorded).
+pub const TEST_INTX_REPORT: u64 = CORE_BASE + 0x1a;
 
 /// Result of a hypercall, in `rax`. Values are stable: guests compare against them.
 #[repr(u64)]

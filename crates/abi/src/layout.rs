@@ -28,6 +28,8 @@ pub const GUEST_FREE_RAM: u64 = 0x100_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the MMIO hole (RAM resumes here for machines above 3 GiB).
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Guest-physical address of the IOAPIC.
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Guest-physical address of the local APIC (xAPIC MMIO window).
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 /// A null MMIO device for the exit benchmark (reads 0, writes ignored).
@@ -50,4 +52,22 @@ pub struct BootInfo {
     pub high_ram_size: u64,
     /// APIC id of the boot vCPU.
     pub apic_id: u64,
+    /// Number of program arguments given (`passthru run --guest-arg`).
+    pub arg_count: u64,
+    /// Program arguments.
+    pub args: [u64; MAX_GUEST_ARGS],
+}
+
+/// Most arguments a guest program takes.
+pub const MAX_GUEST_ARGS: usize = 4;
+
+impl BootInfo {
+    /// Argument `i`, or `default` when fewer were given.
+    pub fn arg(&self, i: usize, default: u64) -> u64 {
+        if (i as u64) < self.arg_count && i < MAX_GUEST_ARGS {
+            self.args[i]
+        } else {
+            default
+        }
+    }
 }

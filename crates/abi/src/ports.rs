@@ -23,3 +23,7 @@ pub const BENCH_IOEVENTFD: u16 = 0xf8;
 /// Acknowledge port of the VMM's test interrupt source (an ioeventfd, no exit): the
 /// guest writes it after handling a test interrupt so the source fires the next one.
 pub const TEST_IRQ_ACK: u16 = 0xf9;
+
+/// Status port of the level-triggered test source: reads 1 while its line is
+/// asserted; any write deasserts it (the guest's "interrupt handled").
+pub const TEST_INTX_STATUS: u16 = 0xfa;

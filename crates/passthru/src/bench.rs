@@ -25,6 +25,16 @@ enum BenchWhat {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// Interrupt delivery, forwarded (KVM irqfd) against VMM-delivered: the VMM's CPU
+    /// time per interrupt and the delivery rate, a guest counting every interrupt.
+    Irq {
+        /// Interrupts per mode.
+        #[arg(long, default_value_t = 20_000)]
+        interrupts: u64,
+        /// Also write the figures as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
     /// The DMA remapping core, in process: translate (IOTLB hit and miss), map+unmap,
     /// copy through a DmaSpace as a ratio of memcpy, translate cost as domains grow.
     Dma {
@@ -41,6 +51,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode, String> {
     match args.what {
         BenchWhat::Exits { iterations, json } => exits(iterations, json),
         BenchWhat::Dma { quick, json } => dma_bench(quick, json),
+        BenchWhat::Irq { interrupts, json } => irq_bench(interrupts, json),
     }
 }
 
@@ -271,6 +282,83 @@ fn dma_bench(quick: bool, json: Option<PathBuf>) -> Result<ExitCode, String> {
     }
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text + "\n")
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize, Debug)]
+struct IrqFigure {
+    mode: String,
+    interrupts: u64,
+    wall_ms: f64,
+    /// Interrupts delivered per second (guest-paced: each acknowledged before the next).
+    rate_per_s: f64,
+    /// CPU time of the VMM's delivery thread per interrupt.
+    vmm_cpu_ns_per_irq: f64,
+    /// Interrupts the VMM injected itself.
+    vmm_delivered: u64,
+}
+
+fn irq_bench(interrupts: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
+    if interrupts == 0 {
+        return Err("--interrupts must be at least 1".into());
+    }
+    let elf = crate::run::load_guest("irqstorm")?;
+    let mut figures = Vec::new();
+    for mode in [irq::Mode::Forwarded, irq::Mode::Vmm] {
+        let mut config = VmConfig::new(AccelKind::Kvm);
+        config.irq_mode = mode;
+        config.serial_out = Box::new(std::io::sink());
+        let vm = Vm::new(config).map_err(|e| e.to_string())?;
+        let cpu0 = vm.irqs().delivery_cpu_ns();
+        let t = Instant::now();
+        let status = vm
+            .run_guest_with_args(&elf, &[interrupts, 0])
+            .map_err(|e| e.to_string())?;
+        let wall = t.elapsed();
+        let cpu = vm.irqs().delivery_cpu_ns().saturating_sub(cpu0);
+        let s = vm.test_irq_summary();
+        if status != 0 || s.guest_counted != Some(interrupts) {
+            return Err(format!(
+                "the irqstorm guest failed in {mode} mode (status {status}, {s:?})"
+            ));
+        }
+        let vmm_delivered = vm
+            .irqs()
+            .stats(&vmm::test_irq::MsiTestSource::id())
+            .map(|x| x.vmm_delivered)
+            .unwrap_or(0);
+        figures.push(IrqFigure {
+            mode: mode.to_string(),
+            interrupts,
+            wall_ms: wall.as_secs_f64() * 1e3,
+            rate_per_s: interrupts as f64 / wall.as_secs_f64(),
+            vmm_cpu_ns_per_irq: cpu as f64 / interrupts as f64,
+            vmm_delivered,
+        });
+    }
+    println!("passthru bench irq: {interrupts} MSIs per mode, guest-paced, one run");
+    println!(
+        "{:<12} {:>10} {:>12} {:>16} {:>14}",
+        "mode", "wall ms", "irq/s", "VMM CPU ns/irq", "VMM-injected"
+    );
+    for f in &figures {
+        println!(
+            "{:<12} {:>10.1} {:>12.0} {:>16.0} {:>14}",
+            f.mode, f.wall_ms, f.rate_per_s, f.vmm_cpu_ns_per_irq, f.vmm_delivered
+        );
+    }
+    let (fw, vm) = (&figures[0], &figures[1]);
+    println!(
+        "forwarded / vmm: rate x{:.2}, VMM CPU per interrupt {:.0} ns vs {:.0} ns (goal: forwarded costs the VMM no CPU per interrupt)",
+        fw.rate_per_s / vm.rate_per_s,
+        fw.vmm_cpu_ns_per_irq,
+        vm.vmm_cpu_ns_per_irq
+    );
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&figures).map_err(|e| e.to_string())?;
         std::fs::write(&path, text + "\n")
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
     }

@@ -34,6 +34,27 @@ pub struct RunArgs {
     /// (implies --accel qtest). passthru listens and takes one connection.
     #[arg(long, value_name = "PATH")]
     qtest: Option<PathBuf>,
+    /// How device interrupts are delivered: forwarded (KVM irqfd, no VMM work per
+    /// interrupt) or vmm (the VMM's delivery thread injects each one). Switchable per
+    /// source at run time through the qtest port (irq_mode).
+    #[arg(long, default_value = "forwarded", value_parser = parse_irq_mode)]
+    irq_mode: irq::Mode,
+    /// A number handed to the guest program (repeat for up to 4; see each program's
+    /// description in `passthru guests`).
+    #[arg(long = "guest-arg", value_name = "N", value_parser = parse_u64)]
+    guest_args: Vec<u64>,
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("'{s}' is not a number"))
+}
+
+fn parse_irq_mode(s: &str) -> Result<irq::Mode, String> {
+    s.parse()
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode, String> {
@@ -43,10 +64,36 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     let elf = load_guest(&args.guest)?;
     let mut config = VmConfig::new(AccelKind::Kvm);
     config.memory = args.memory;
+    config.irq_mode = args.irq_mode;
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
-    let status = vm.run_guest(&elf).map_err(|e| e.to_string())?;
+    let status = vm
+        .run_guest_with_args(&elf, &args.guest_args)
+        .map_err(|e| e.to_string())?;
     let _ = std::io::stdout().flush();
+    report_test_sources(&vm);
     Ok(ExitCode::from(status))
+}
+
+/// Tells what the test interrupt sources did, when a guest used them (stderr, so the
+/// guest's own output stays clean).
+fn report_test_sources(vm: &Vm) {
+    for (name, s) in [
+        ("test-irq", vm.test_irq_summary()),
+        ("test-intx", vm.test_intx_summary()),
+    ] {
+        if s.fired > 0 {
+            // A closed stderr must not turn a finished run into a panic.
+            let _ = writeln!(
+                std::io::stderr(),
+                "passthru: {name}: fired {}, guest counted {}, forwarding switches {}, resamples {}, timed out {}",
+                s.fired,
+                s.guest_counted.map_or("-".to_string(), |c| c.to_string()),
+                s.toggles,
+                s.resamples,
+                if s.timed_out { "yes" } else { "no" }
+            );
+        }
+    }
 }
 
 /// Finds a guest program: built-in name first, then a file path.
@@ -69,6 +116,7 @@ pub fn load_guest(name: &str) -> Result<Vec<u8>, String> {
 fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
     let mut config = VmConfig::new(AccelKind::Qtest);
     config.memory = args.memory;
+    config.irq_mode = args.irq_mode;
     let end = match &args.qtest {
         Some(path) => {
             let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {

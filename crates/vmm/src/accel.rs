@@ -9,24 +9,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
-/// An MSI message: what a device writes to raise a message-signalled interrupt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MsiMessage {
-    /// Address (0xfee..... for x86 LAPICs).
-    pub address: u64,
-    /// Data (vector and delivery mode).
-    pub data: u32,
-}
-
-impl MsiMessage {
-    /// A fixed, edge-triggered MSI of `vector` to APIC `dest` (physical mode).
-    pub fn fixed(dest: u8, vector: u8) -> MsiMessage {
-        MsiMessage {
-            address: abi::layout::LAPIC_ADDR | (u64::from(dest) << 12),
-            data: u32::from(vector),
-        }
-    }
-}
+pub use irq::MsiMessage;
 
 /// An I/O address an ioeventfd can watch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -53,8 +36,9 @@ const IOAPIC_PINS: u32 = 24;
 /// Pins of the two cascaded in-kernel PICs.
 const PIC_PINS: u32 = 16;
 
-/// Services the machine needs from whatever runs it.
-pub trait Accel: Send + Sync {
+/// Services the machine needs from whatever runs it (interrupt services come from
+/// the [`irq::IrqChip`] supertrait).
+pub trait Accel: irq::IrqChip {
     /// Which accelerator this is.
     fn kind(&self) -> AccelKind;
 
@@ -78,25 +62,6 @@ pub trait Accel: Send + Sync {
     fn emulate_ioevent(&self, _addr: IoAddr) -> bool {
         false
     }
-
-    /// Raises `gsi` whenever `fd` is written (KVM irqfd).
-    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
-
-    /// Undoes [`Accel::register_irqfd`]; after it returns nothing more is delivered
-    /// through `fd`.
-    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
-
-    /// Routes `gsi` (>= [`FIRST_MSI_GSI`]) to an MSI.
-    fn set_msi_route(&self, gsi: u32, msi: MsiMessage) -> Result<()>;
-
-    /// Removes the MSI route of `gsi`.
-    fn remove_msi_route(&self, gsi: u32) -> Result<()>;
-
-    /// Injects an MSI now.
-    fn signal_msi(&self, msi: MsiMessage) -> Result<()>;
-
-    /// Sets the level of an irqchip line.
-    fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()>;
 }
 
 /// KVM: a VM with an in-kernel irqchip (PIC, IOAPIC, LAPIC).
@@ -241,22 +206,40 @@ impl Accel for KvmAccel {
             .unregister_ioevent(fd, &kvm_addr(addr), kvm_ioctls::NoDatamatch)
             .map_err(|e| Error::Kvm("KVM_IOEVENTFD (deassign)", e))
     }
+}
 
-    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
-        self.vm
-            .register_irqfd(fd, gsi)
-            .map_err(|e| Error::Kvm("KVM_IRQFD", e))
+fn io_err(e: kvm_ioctls::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.errno())
+}
+
+fn reserved(gsi: u32) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        Error::GsiReserved(gsi).to_string(),
+    )
+}
+
+impl irq::IrqChip for KvmAccel {
+    fn assign_irqfd(
+        &self,
+        fd: &EventFd,
+        gsi: u32,
+        resample: Option<&EventFd>,
+    ) -> std::io::Result<()> {
+        match resample {
+            Some(r) => self.vm.register_irqfd_with_resample(fd, r, gsi),
+            None => self.vm.register_irqfd(fd, gsi),
+        }
+        .map_err(io_err)
     }
 
-    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
-        self.vm
-            .unregister_irqfd(fd, gsi)
-            .map_err(|e| Error::Kvm("KVM_IRQFD (deassign)", e))
+    fn deassign_irqfd(&self, fd: &EventFd, gsi: u32) -> std::io::Result<()> {
+        self.vm.unregister_irqfd(fd, gsi).map_err(io_err)
     }
 
-    fn set_msi_route(&self, gsi: u32, msi: MsiMessage) -> Result<()> {
+    fn set_msi_route(&self, gsi: u32, msi: MsiMessage) -> std::io::Result<()> {
         if gsi < FIRST_MSI_GSI {
-            return Err(Error::GsiReserved(gsi));
+            return Err(reserved(gsi));
         }
         let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         let old = routes.insert(gsi, msi);
@@ -267,35 +250,35 @@ impl Accel for KvmAccel {
                 None => routes.remove(&gsi),
             };
         }
-        pushed
+        pushed.map_err(|e| std::io::Error::other(e.to_string()))
     }
 
-    fn remove_msi_route(&self, gsi: u32) -> Result<()> {
+    fn remove_msi_route(&self, gsi: u32) -> std::io::Result<()> {
         let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         if routes.remove(&gsi).is_some() {
             self.push_routes(&routes)
+                .map_err(|e| std::io::Error::other(e.to_string()))
         } else {
             Ok(())
         }
     }
 
-    fn signal_msi(&self, msi: MsiMessage) -> Result<()> {
+    fn signal_msi(&self, msi: MsiMessage) -> std::io::Result<()> {
         let m = kvm_bindings::kvm_msi {
             address_lo: msi.address as u32,
             address_hi: (msi.address >> 32) as u32,
             data: msi.data,
             ..Default::default()
         };
-        self.vm
-            .signal_msi(m)
-            .map(|_| ())
-            .map_err(|e| Error::Kvm("KVM_SIGNAL_MSI", e))
+        self.vm.signal_msi(m).map(|_| ()).map_err(io_err)
     }
 
-    fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
-        self.vm
-            .set_irq_line(gsi, level)
-            .map_err(|e| Error::Kvm("KVM_IRQ_LINE", e))
+    fn set_irq_line(&self, gsi: u32, level: bool) -> std::io::Result<()> {
+        self.vm.set_irq_line(gsi, level).map_err(io_err)
+    }
+
+    fn first_msi_gsi(&self) -> u32 {
+        FIRST_MSI_GSI
     }
 }
 
@@ -419,18 +402,29 @@ impl Accel for QtestAccel {
             None => false,
         }
     }
+}
 
-    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
-        self.watcher.add(fd, gsi)
+impl irq::IrqChip for QtestAccel {
+    fn assign_irqfd(
+        &self,
+        fd: &EventFd,
+        gsi: u32,
+        _resample: Option<&EventFd>,
+    ) -> std::io::Result<()> {
+        self.watcher
+            .add(fd, gsi)
+            .map_err(|e| std::io::Error::other(e.to_string()))
     }
 
-    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
-        self.watcher.remove(fd, gsi)
+    fn deassign_irqfd(&self, fd: &EventFd, gsi: u32) -> std::io::Result<()> {
+        self.watcher
+            .remove(fd, gsi)
+            .map_err(|e| std::io::Error::other(e.to_string()))
     }
 
-    fn set_msi_route(&self, gsi: u32, msi: MsiMessage) -> Result<()> {
+    fn set_msi_route(&self, gsi: u32, msi: MsiMessage) -> std::io::Result<()> {
         if gsi < FIRST_MSI_GSI {
-            return Err(Error::GsiReserved(gsi));
+            return Err(reserved(gsi));
         }
         self.routes
             .lock()
@@ -439,7 +433,7 @@ impl Accel for QtestAccel {
         Ok(())
     }
 
-    fn remove_msi_route(&self, gsi: u32) -> Result<()> {
+    fn remove_msi_route(&self, gsi: u32) -> std::io::Result<()> {
         self.routes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -447,14 +441,18 @@ impl Accel for QtestAccel {
         Ok(())
     }
 
-    fn signal_msi(&self, msi: MsiMessage) -> Result<()> {
+    fn signal_msi(&self, msi: MsiMessage) -> std::io::Result<()> {
         self.with_sink(|s| s.msi(msi));
         Ok(())
     }
 
-    fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
+    fn set_irq_line(&self, gsi: u32, level: bool) -> std::io::Result<()> {
         self.with_sink(|s| if level { s.raise(gsi) } else { s.lower(gsi) });
         Ok(())
+    }
+
+    fn first_msi_gsi(&self) -> u32 {
+        FIRST_MSI_GSI
     }
 }
 

@@ -139,13 +139,15 @@ pub fn write_boot_structures(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<(
             w(pd + 8 * j, ((gib << 30) + (j << 21)) | 0x83)?;
         }
     }
-    let bytes: [u64; 4] = [
+    let mut words = vec![
         info.magic,
         info.low_ram_size,
         info.high_ram_size,
         info.apic_id,
+        info.arg_count,
     ];
-    for (i, v) in bytes.iter().enumerate() {
+    words.extend_from_slice(&info.args);
+    for (i, v) in words.iter().enumerate() {
         w(layout::BOOT_INFO_ADDR + 8 * i as u64, *v)?;
     }
     Ok(())

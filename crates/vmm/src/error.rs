@@ -63,6 +63,12 @@ pub enum Error {
     /// Something unknown was unregistered.
     #[error("{0} not registered")]
     NotRegistered(&'static str),
+    /// Too many guest program arguments.
+    #[error("{0} guest arguments given; a guest program takes at most 4 (--guest-arg)")]
+    GuestArgs(usize),
+    /// An interrupt source could not be attached.
+    #[error("interrupt set-up: {0}")]
+    Irq(String),
     /// A bus range could not be set up.
     #[error(transparent)]
     Bus(#[from] devices::BusError),

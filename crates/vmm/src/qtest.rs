@@ -202,6 +202,32 @@ impl Session<'_> {
                     r.status as u64, r.r[0], r.r[1], r.r[2]
                 ))
             }
+            "irq_forward" | "irq_unforward" | "irq_mode" => {
+                let id = irq::SourceId::new(arg(w, 1)?, num32(arg(w, 2)?)?, num32(arg(w, 3)?)?);
+                let irqs = self.vm.irqs();
+                let r = match w[0] {
+                    "irq_forward" => irqs.forward(&id),
+                    "irq_unforward" => irqs.unforward(&id),
+                    _ => irqs.set_mode(&id, arg(w, 4)?.parse::<irq::Mode>()?),
+                };
+                r.map(|()| "OK".to_string()).map_err(|e| e.to_string())
+            }
+            "irq_list" => {
+                let irqs = self.vm.irqs();
+                let list: Vec<String> = irqs
+                    .sources()
+                    .iter()
+                    .filter_map(|id| irqs.stats(id).map(|s| format!("{id}={}", s.mode)))
+                    .collect();
+                Ok(format!("OK {}", list.join(" ")).trim_end().to_string())
+            }
+            "irq_counts" => {
+                let c = self.vm.irqs().counts();
+                Ok(format!(
+                    "OK sources={} forwarded={} irqfds={} watched={} msi_routes={}",
+                    c.sources, c.forwarded, c.irqfds, c.watched, c.msi_routes
+                ))
+            }
             "endianness" => Ok("OK little".into()),
             other => Err(format!("Unknown command '{other}'")),
         }
@@ -221,6 +247,10 @@ fn num(s: &str) -> Result<u64, String> {
         None => s.parse(),
     };
     r.map_err(|_| format!("invalid number '{s}'"))
+}
+
+fn num32(s: &str) -> Result<u32, String> {
+    u32::try_from(num(s)?).map_err(|_| format!("'{s}' is above 0xffffffff"))
 }
 
 fn port(s: &str) -> Result<u16, String> {

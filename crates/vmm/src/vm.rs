@@ -3,15 +3,17 @@
 //! port reach devices through the same dispatch methods here.
 
 use crate::accel::{Accel, AccelKind, IoAddr, KvmAccel, QtestAccel};
-use crate::core_calls::{BenchMarks, CoreCalls, TestIrqSource, TestIrqSummary};
+use crate::core_calls::{BenchMarks, CoreCalls};
 use crate::error::{Error, Result};
 use crate::hypercall::HypercallRegistry;
 use crate::memory::{GuestRam, MemoryListener, MemoryMap, MemslotListener};
+use crate::test_irq::{IntxTestSource, MsiTestSource, TestIrqSummary};
 use abi::hcall::{Args, Ret};
 use abi::{layout, ports};
 use devices::legacy::{ErrConsole, ExitLatch, ExitPort, NullDevice};
 use devices::serial::SerialPort;
 use devices::{Bus, BusDevice};
+use irq::{GuestIrq, IrqRegistry, IrqSource, Mode, SourceId, Trigger};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -29,6 +31,8 @@ pub struct VmConfig {
     pub err_out: Box<dyn Write + Send>,
     /// Iterations per probe handed to benchmark guests.
     pub bench_iterations: u64,
+    /// How device interrupts are delivered when they attach.
+    pub irq_mode: Mode,
 }
 
 impl VmConfig {
@@ -40,6 +44,7 @@ impl VmConfig {
             serial_out: Box::new(std::io::stdout()),
             err_out: Box::new(std::io::stderr()),
             bench_iterations: 10_000,
+            irq_mode: Mode::Forwarded,
         }
     }
 }
@@ -49,13 +54,13 @@ pub struct Vm {
     accel: Arc<dyn Accel>,
     kvm: Option<Arc<KvmAccel>>,
     qtest: Option<Arc<QtestAccel>>,
-    // Dropped before `ram`: devices and sources may reference guest memory.
+    // Dropped first: sources detach from the registry, devices from guest memory.
     core: Arc<CoreCalls>,
+    irqs: Arc<IrqRegistry>,
     hypercalls: Arc<HypercallRegistry>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<ExitLatch>,
-    serial_irq: EventFd,
     bench_ioevent: EventFd,
     memory_map: Arc<MemoryMap>,
     ram: GuestRam,
@@ -85,12 +90,20 @@ impl Vm {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let exit = ExitLatch::new();
+        let chip: Arc<dyn irq::IrqChip> = accel.clone();
+        let irqs = Arc::new(IrqRegistry::new(chip, config.irq_mode).map_err(Error::EventFd)?);
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        accel.register_irqfd(&serial_irq, ports::SERIAL_GSI)?;
-        let serial = SerialPort::new(
-            serial_irq.try_clone().map_err(Error::EventFd)?,
-            config.serial_out,
-        );
+        let serial_source = IrqSource {
+            id: SourceId::new("serial", 0, 0),
+            trigger: Trigger::Edge(serial_irq.try_clone().map_err(Error::EventFd)?),
+        };
+        irqs.attach(
+            serial_source,
+            GuestIrq::Edge(ports::SERIAL_GSI),
+            Arc::new(()),
+        )
+        .map_err(|e| Error::Irq(e.to_string()))?;
+        let serial = SerialPort::new(serial_irq, config.serial_out);
         pio.insert(
             u64::from(ports::SERIAL_COM1),
             u64::from(ports::SERIAL_LEN),
@@ -116,7 +129,14 @@ impl Vm {
         let hypercalls = Arc::new(HypercallRegistry::new());
         let core = Arc::new(CoreCalls {
             bench: Arc::new(BenchMarks::new(config.bench_iterations)),
-            test_irq: Arc::new(TestIrqSource::new(Arc::clone(&accel))),
+            test_irq: Arc::new(
+                MsiTestSource::new(Arc::clone(&accel), Arc::clone(&irqs))
+                    .map_err(Error::EventFd)?,
+            ),
+            test_intx: Arc::new(
+                IntxTestSource::new(Arc::clone(&accel), Arc::clone(&irqs), &pio)
+                    .map_err(Error::EventFd)?,
+            ),
         });
         hypercalls.register(abi::hcall::CORE_BASE, core.clone())?;
 
@@ -125,11 +145,11 @@ impl Vm {
             kvm,
             qtest,
             core,
+            irqs,
             hypercalls,
             pio,
             mmio,
             exit,
-            serial_irq,
             bench_ioevent,
             memory_map,
             ram,
@@ -186,9 +206,24 @@ impl Vm {
         &self.core.bench
     }
 
-    /// What the test interrupt source did.
+    /// The interrupt forwarding registry.
+    pub fn irqs(&self) -> &Arc<IrqRegistry> {
+        &self.irqs
+    }
+
+    /// The core hypercall block (test sources, benchmark marks).
+    pub fn core(&self) -> &Arc<CoreCalls> {
+        &self.core
+    }
+
+    /// What the MSI test source did.
     pub fn test_irq_summary(&self) -> TestIrqSummary {
         self.core.test_irq.summary()
+    }
+
+    /// What the INTx test source did.
+    pub fn test_intx_summary(&self) -> TestIrqSummary {
+        self.core.test_intx.summary()
     }
 
     /// The status the guest asked to exit with, if it did.
@@ -268,6 +303,14 @@ impl Vm {
     /// Loads a guest program, prepares the boot vCPU and runs it until the guest
     /// exits; returns the guest's exit status. KVM only.
     pub fn run_guest(&self, elf: &[u8]) -> Result<u8> {
+        self.run_guest_with_args(elf, &[])
+    }
+
+    /// As [`Vm::run_guest`], passing up to [`layout::MAX_GUEST_ARGS`] program arguments.
+    pub fn run_guest_with_args(&self, elf: &[u8], args: &[u64]) -> Result<u8> {
+        if args.len() > layout::MAX_GUEST_ARGS {
+            return Err(Error::GuestArgs(args.len()));
+        }
         let kvm = self
             .kvm
             .as_ref()
@@ -279,6 +322,12 @@ impl Vm {
             low_ram_size: low,
             high_ram_size: self.ram.size() - low,
             apic_id: 0,
+            arg_count: args.len() as u64,
+            args: {
+                let mut a = [0; layout::MAX_GUEST_ARGS];
+                a[..args.len()].copy_from_slice(args);
+                a
+            },
         };
         crate::boot::write_boot_structures(self.memory(), &info)?;
         let mut vcpu = crate::vcpu::Vcpu::new(kvm, 0, entry)?;
@@ -292,9 +341,6 @@ fn shared<D: BusDevice + 'static>(d: D) -> Arc<Mutex<dyn BusDevice>> {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        let _ = self
-            .accel
-            .unregister_irqfd(&self.serial_irq, ports::SERIAL_GSI);
         let _ = self.accel.unregister_ioevent(
             &self.bench_ioevent,
             IoAddr::Pio(u64::from(ports::BENCH_IOEVENTFD)),

@@ -15,6 +15,7 @@ pub mod console;
 pub mod fmt;
 pub mod hcall;
 pub mod idt;
+pub mod ioapic;
 pub mod mem;
 pub mod mmio;
 pub mod pio;
@@ -56,6 +57,11 @@ unsafe extern "C" {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn _start(boot: *const BootInfo) -> ! {
     idt::init();
+    // Mask both legacy 8259 PICs: interrupts come through the IOAPIC and MSIs. KVM
+    // resets the boot CPU's LINT0 to ExtINT, so an unmasked, uninitialised PIC would
+    // turn irqchip pins into low vectors that look like exceptions.
+    pio::outb(0x21, 0xff);
+    pio::outb(0xa1, 0xff);
     // SAFETY: the VMM wrote a BootInfo at this address before starting the vCPU and
     // nothing writes it afterwards.
     let boot = unsafe { &*boot };

@@ -1,0 +1,386 @@
+//! The registry against a mock hypervisor that behaves like KVM's irqfd: an assigned
+//! eventfd is consumed as it is written (every write counted, none coalesced), and a
+//! count pending at assignment is delivered then. Checks the API's error rules,
+//! lossless switching under fire, level state carried across switches, and teardown
+//! that leaves no irqfd, watch, route, eventfd, thread or device reference behind.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use irq::{
+    GuestIrq, IrqChip, IrqError, IrqRegistry, IrqSource, Mode, MsiMessage, SourceId, Trigger,
+};
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+/// A fake KVM: a thread polls assigned eventfds and counts what it consumes.
+#[derive(Default)]
+struct MockChip {
+    assigned: Mutex<HashMap<i32, (EventFd, u32)>>,
+    kvm_delivered: AtomicU64,
+    vmm_msis: AtomicU64,
+    line_pulses: AtomicU64,
+    routes: Mutex<HashMap<u32, MsiMessage>>,
+    assigns: AtomicU64,
+    deassigns: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl MockChip {
+    fn start() -> (Arc<MockChip>, std::thread::JoinHandle<()>) {
+        let chip = Arc::new(MockChip::default());
+        let c = Arc::clone(&chip);
+        let t = std::thread::spawn(move || {
+            while !c.stop.load(Ordering::Relaxed) {
+                c.poll_once();
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        });
+        (chip, t)
+    }
+
+    fn poll_once(&self) {
+        let a = self.assigned.lock().unwrap();
+        for (fd, _) in a.values() {
+            if let Ok(n) = fd.read() {
+                self.kvm_delivered.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl IrqChip for MockChip {
+    fn assign_irqfd(&self, fd: &EventFd, gsi: u32, _resample: Option<&EventFd>) -> io::Result<()> {
+        let mut a = self.assigned.lock().unwrap();
+        if a.contains_key(&fd.as_raw_fd()) {
+            return Err(io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        let dup = fd.try_clone()?;
+        // Like KVM: a count already pending is delivered at assignment.
+        if let Ok(n) = dup.read() {
+            self.kvm_delivered.fetch_add(n, Ordering::Relaxed);
+        }
+        a.insert(fd.as_raw_fd(), (dup, gsi));
+        self.assigns.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn deassign_irqfd(&self, fd: &EventFd, _gsi: u32) -> io::Result<()> {
+        let mut a = self.assigned.lock().unwrap();
+        match a.remove(&fd.as_raw_fd()) {
+            Some((dup, _)) => {
+                // KVM consumed every write at signal time; the poller may lag: flush it.
+                if let Ok(n) = dup.read() {
+                    self.kvm_delivered.fetch_add(n, Ordering::Relaxed);
+                }
+                self.deassigns.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            None => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+        }
+    }
+    fn set_msi_route(&self, gsi: u32, msi: MsiMessage) -> io::Result<()> {
+        self.routes.lock().unwrap().insert(gsi, msi);
+        Ok(())
+    }
+    fn remove_msi_route(&self, gsi: u32) -> io::Result<()> {
+        self.routes.lock().unwrap().remove(&gsi);
+        Ok(())
+    }
+    fn signal_msi(&self, _msi: MsiMessage) -> io::Result<()> {
+        self.vmm_msis.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn set_irq_line(&self, _gsi: u32, level: bool) -> io::Result<()> {
+        if level {
+            self.line_pulses.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Device;
+
+/// The teardown test counts the process's threads and eventfds: tests of this file run
+/// one at a time so none of them changes those counts under another.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn msi_source(dev: &str) -> (IrqSource, EventFd) {
+    let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let writer = fd.try_clone().unwrap();
+    (
+        IrqSource {
+            id: SourceId::new(dev, 2, 0),
+            trigger: Trigger::Edge(fd),
+        },
+        writer,
+    )
+}
+
+fn open_eventfds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .filter(|l| l.to_string_lossy().contains("eventfd"))
+        .count()
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+#[test]
+fn forwarding_twice_and_unknown_sources_are_errors_unforward_of_known_is_not() {
+    let _s = serial();
+    let (chip, t) = MockChip::start();
+    let reg = IrqRegistry::new(chip.clone(), Mode::Forwarded).unwrap();
+    let dev = Arc::new(Device);
+    let (src, _w) = msi_source("nic");
+    let id = src.id.clone();
+    reg.attach(src, GuestIrq::Msi(MsiMessage::fixed(0, 0x40)), dev.clone())
+        .unwrap();
+    assert!(matches!(
+        reg.forward(&id),
+        Err(IrqError::AlreadyForwarded(_))
+    ));
+    let ghost = SourceId::new("ghost", 2, 0);
+    assert!(matches!(reg.unforward(&ghost), Err(IrqError::Unknown(_))));
+    assert!(matches!(reg.forward(&ghost), Err(IrqError::Unknown(_))));
+    assert!(matches!(reg.detach(&ghost), Err(IrqError::Unknown(_))));
+    reg.unforward(&id).unwrap();
+    reg.unforward(&id).unwrap(); // a known source: cannot fail
+    assert_eq!(reg.stats(&id).unwrap().mode, Mode::Vmm);
+    reg.forward(&id).unwrap();
+    let (dup, _w2) = msi_source("nic");
+    assert!(matches!(
+        reg.attach(dup, GuestIrq::Msi(MsiMessage::fixed(0, 0x41)), dev.clone()),
+        Err(IrqError::AlreadyAttached(_))
+    ));
+    let (edge, _w3) = msi_source("nic2");
+    assert!(matches!(
+        reg.attach(edge, GuestIrq::Level(10), dev.clone()),
+        Err(IrqError::Mismatch(..))
+    ));
+    chip.stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+}
+
+#[test]
+fn a_device_reference_is_held_exactly_while_attached() {
+    let _s = serial();
+    let (chip, t) = MockChip::start();
+    let reg = IrqRegistry::new(chip.clone(), Mode::Forwarded).unwrap();
+    let dev = Arc::new(Device);
+    let mut ids = Vec::new();
+    for sub in 0..3 {
+        let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let src = IrqSource {
+            id: SourceId::new("nic", 2, sub),
+            trigger: Trigger::Edge(fd),
+        };
+        ids.push(src.id.clone());
+        reg.attach(
+            src,
+            GuestIrq::Msi(MsiMessage::fixed(0, 0x40 + sub as u8)),
+            dev.clone(),
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        Arc::strong_count(&dev),
+        4,
+        "one reference per attached source"
+    );
+    reg.unforward(&ids[0]).unwrap();
+    reg.forward(&ids[0]).unwrap();
+    assert_eq!(Arc::strong_count(&dev), 4, "switching does not count");
+    reg.detach(&ids[1]).unwrap();
+    assert_eq!(Arc::strong_count(&dev), 3);
+    assert_eq!(reg.detach_device("nic"), 2);
+    assert_eq!(Arc::strong_count(&dev), 1);
+    chip.stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+}
+
+#[test]
+fn switching_while_firing_loses_and_duplicates_nothing() {
+    let _s = serial();
+    let (chip, t) = MockChip::start();
+    let reg = Arc::new(IrqRegistry::new(chip.clone(), Mode::Forwarded).unwrap());
+    let (src, writer) = msi_source("storm");
+    let id = src.id.clone();
+    reg.attach(
+        src,
+        GuestIrq::Msi(MsiMessage::fixed(0, 0x40)),
+        Arc::new(Device),
+    )
+    .unwrap();
+    const N: u64 = 200_000;
+    let firing = std::thread::spawn(move || {
+        for _ in 0..N {
+            writer.write(1).unwrap();
+        }
+    });
+    let mut switches = 0;
+    while !firing.is_finished() || switches < 2000 {
+        reg.set_mode(
+            &id,
+            if switches % 2 == 0 {
+                Mode::Vmm
+            } else {
+                Mode::Forwarded
+            },
+        )
+        .unwrap();
+        switches += 1;
+    }
+    firing.join().unwrap();
+    reg.forward(&id).ok();
+    let total =
+        || chip.kvm_delivered.load(Ordering::Relaxed) + chip.vmm_msis.load(Ordering::Relaxed);
+    assert!(wait_until(|| total() >= N), "delivered {} of {N}", total());
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        total(),
+        N,
+        "nothing lost, nothing duplicated across {switches} switches"
+    );
+    assert!(
+        chip.vmm_msis.load(Ordering::Relaxed) > 0 && chip.kvm_delivered.load(Ordering::Relaxed) > 0
+    );
+    assert_eq!(
+        reg.stats(&id).unwrap().vmm_delivered,
+        chip.vmm_msis.load(Ordering::Relaxed)
+    );
+    drop(reg);
+    chip.stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+}
+
+#[test]
+fn a_level_source_is_asked_to_recheck_its_line_at_every_switch() {
+    let _s = serial();
+    let (chip, t) = MockChip::start();
+    let reg = IrqRegistry::new(chip.clone(), Mode::Forwarded).unwrap();
+    let trigger = EventFd::new(EFD_NONBLOCK).unwrap();
+    let resample = EventFd::new(EFD_NONBLOCK).unwrap();
+    let device_resample = resample.try_clone().unwrap();
+    let id = SourceId::new("intx-dev", 0, 0);
+    reg.attach(
+        IrqSource {
+            id: id.clone(),
+            trigger: Trigger::Level { trigger, resample },
+        },
+        GuestIrq::Level(10),
+        Arc::new(Device),
+    )
+    .unwrap();
+    assert!(
+        device_resample.read().is_err(),
+        "no re-check at attach: nothing to carry over"
+    );
+    reg.unforward(&id).unwrap();
+    assert_eq!(
+        device_resample.read().unwrap(),
+        1,
+        "re-check after switching to the VMM"
+    );
+    assert_eq!(
+        reg.counts().irqfds,
+        1,
+        "VMM mode raises the line through a resample relay"
+    );
+    reg.forward(&id).unwrap();
+    assert_eq!(
+        device_resample.read().unwrap(),
+        1,
+        "re-check after switching back"
+    );
+    chip.stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+}
+
+#[test]
+fn teardown_leaves_no_irqfd_watch_route_eventfd_thread_or_reference() {
+    let _s = serial();
+    let (chip, t) = MockChip::start();
+    let threads_before = threads();
+    let fds_before = open_eventfds();
+    let dev = Arc::new(Device);
+    {
+        let reg = IrqRegistry::new(chip.clone(), Mode::Forwarded).unwrap();
+        assert_eq!(threads(), threads_before + 1, "one delivery thread");
+        for sub in 0..4 {
+            let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+            let mode = if sub % 2 == 0 {
+                Mode::Forwarded
+            } else {
+                Mode::Vmm
+            };
+            let src = IrqSource {
+                id: SourceId::new("nic", 2, sub),
+                trigger: Trigger::Edge(fd),
+            };
+            reg.attach_in(
+                src,
+                GuestIrq::Msi(MsiMessage::fixed(0, 0x40 + sub as u8)),
+                dev.clone(),
+                mode,
+            )
+            .unwrap();
+        }
+        let level = IrqSource {
+            id: SourceId::new("nic", 0, 0),
+            trigger: Trigger::Level {
+                trigger: EventFd::new(EFD_NONBLOCK).unwrap(),
+                resample: EventFd::new(EFD_NONBLOCK).unwrap(),
+            },
+        };
+        reg.attach_in(level, GuestIrq::Level(11), dev.clone(), Mode::Vmm)
+            .unwrap();
+        let c = reg.counts();
+        assert_eq!((c.sources, c.forwarded, c.msi_routes), (5, 2, 4));
+        assert_eq!(c.irqfds, 3, "two forwarded + one level relay");
+        assert_eq!(Arc::strong_count(&dev), 6);
+        // The registry is dropped here, sources still attached: Drop tears down.
+    }
+    assert_eq!(Arc::strong_count(&dev), 1, "no device reference left");
+    assert_eq!(
+        chip.assigned.lock().unwrap().len(),
+        0,
+        "every irqfd deassigned"
+    );
+    assert_eq!(
+        chip.assigns.load(Ordering::Relaxed),
+        chip.deassigns.load(Ordering::Relaxed)
+    );
+    assert!(
+        chip.routes.lock().unwrap().is_empty(),
+        "every MSI route removed"
+    );
+    assert_eq!(open_eventfds(), fds_before, "no eventfd left open");
+    assert!(
+        wait_until(|| threads() == threads_before),
+        "delivery thread joined"
+    );
+    chip.stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+}
