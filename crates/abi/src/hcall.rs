@@ -129,10 +129,7 @@ pub struct Ret {
 impl Ret {
     /// A successful result with the given values.
     pub const fn ok(r0: u64, r1: u64, r2: u64) -> Ret {
-        Ret {
-            status: Status::Success,
-            r: [r0, r1, r2],
-        }
+        Ret { status: Status::Success, r: [r0, r1, r2] }
     }
 
     /// A failed result: status only, results zero.

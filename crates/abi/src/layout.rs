@@ -64,10 +64,6 @@ pub const MAX_GUEST_ARGS: usize = 4;
 impl BootInfo {
     /// Argument `i`, or `default` when fewer were given.
     pub fn arg(&self, i: usize, default: u64) -> u64 {
-        if (i as u64) < self.arg_count && i < MAX_GUEST_ARGS {
-            self.args[i]
-        } else {
-            default
-        }
+        if (i as u64) < self.arg_count && i < MAX_GUEST_ARGS { self.args[i] } else { default }
     }
 }

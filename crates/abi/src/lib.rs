@@ -6,6 +6,7 @@
 //! hypercall register convention, call numbers and status codes.
 #![no_std]
 
+pub mod dma_engine;
 pub mod hcall;
 pub mod layout;
 pub mod ports;

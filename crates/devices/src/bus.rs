@@ -56,9 +56,7 @@ pub struct Bus {
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
-        f.debug_list()
-            .entries(ranges.iter().map(|(b, e)| (*b, e.len)))
-            .finish()
+        f.debug_list().entries(ranges.iter().map(|(b, e)| (*b, e.len))).finish()
     }
 }
 
@@ -70,19 +68,12 @@ impl Bus {
 
     /// Puts `device` at `[base, base + len)`.
     pub fn insert(&self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
-        let end = base
-            .checked_add(len)
-            .filter(|_| len > 0)
-            .ok_or(BusError::InvalidRange { base, len })?;
+        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::InvalidRange { base, len })?;
         let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
         if let Some((&b, e)) = ranges.range(..end).next_back()
             && b + e.len > base
         {
-            return Err(BusError::Overlap {
-                base,
-                len,
-                existing: b,
-            });
+            return Err(BusError::Overlap { base, len, existing: b });
         }
         ranges.insert(base, Entry { len, device });
         Ok(())
@@ -107,9 +98,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((dev, offset)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read(offset, data);
+                dev.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data);
                 true
             }
             None => false,
@@ -120,9 +109,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((dev, offset)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(offset, data);
+                dev.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
                 true
             }
             None => false,
@@ -162,14 +149,10 @@ mod tests {
     #[test]
     fn access_outside_or_straddling_a_range_is_unassigned() {
         let bus = Bus::new();
-        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Recorder::default())))
-            .unwrap();
+        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Recorder::default()))).unwrap();
         let mut buf = [0xaau8; 4];
         assert!(!bus.read(0xff, &mut buf[..1]));
-        assert!(
-            !bus.read(0x10e, &mut buf),
-            "a 4-byte read at 0x10e straddles the end"
-        );
+        assert!(!bus.read(0x10e, &mut buf), "a 4-byte read at 0x10e straddles the end");
         assert!(!bus.write(0x110, &[0]));
         assert_eq!(buf, [0xaa; 4], "a failed read leaves the buffer alone");
     }
@@ -179,44 +162,12 @@ mod tests {
         let bus = Bus::new();
         let d = || Arc::new(Mutex::new(Recorder::default()));
         bus.insert(0x100, 0x10, d()).unwrap();
-        assert_eq!(
-            bus.insert(0x10f, 1, d()),
-            Err(BusError::Overlap {
-                base: 0x10f,
-                len: 1,
-                existing: 0x100
-            })
-        );
-        assert_eq!(
-            bus.insert(0xf0, 0x11, d()),
-            Err(BusError::Overlap {
-                base: 0xf0,
-                len: 0x11,
-                existing: 0x100
-            })
-        );
-        assert!(
-            bus.insert(0xf0, 0x10, d()).is_ok(),
-            "adjacent below is fine"
-        );
-        assert!(
-            bus.insert(0x110, 0x10, d()).is_ok(),
-            "adjacent above is fine"
-        );
-        assert_eq!(
-            bus.insert(0x200, 0, d()),
-            Err(BusError::InvalidRange {
-                base: 0x200,
-                len: 0
-            })
-        );
-        assert_eq!(
-            bus.insert(u64::MAX, 2, d()),
-            Err(BusError::InvalidRange {
-                base: u64::MAX,
-                len: 2
-            })
-        );
+        assert_eq!(bus.insert(0x10f, 1, d()), Err(BusError::Overlap { base: 0x10f, len: 1, existing: 0x100 }));
+        assert_eq!(bus.insert(0xf0, 0x11, d()), Err(BusError::Overlap { base: 0xf0, len: 0x11, existing: 0x100 }));
+        assert!(bus.insert(0xf0, 0x10, d()).is_ok(), "adjacent below is fine");
+        assert!(bus.insert(0x110, 0x10, d()).is_ok(), "adjacent above is fine");
+        assert_eq!(bus.insert(0x200, 0, d()), Err(BusError::InvalidRange { base: 0x200, len: 0 }));
+        assert_eq!(bus.insert(u64::MAX, 2, d()), Err(BusError::InvalidRange { base: u64::MAX, len: 2 }));
         assert!(bus.remove(0x100).is_some());
         assert!(!bus.write(0x100, &[0]));
         assert!(bus.insert(0x100, 0x10, d()).is_ok());

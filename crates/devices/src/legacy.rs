@@ -26,12 +26,7 @@ impl ExitLatch {
 
     /// Requests an exit with `status` (the first request wins).
     pub fn request(&self, status: u8) {
-        let _ = self.0.compare_exchange(
-            NO_EXIT,
-            u16::from(status),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        let _ = self.0.compare_exchange(NO_EXIT, u16::from(status), Ordering::AcqRel, Ordering::Acquire);
     }
 }
 
@@ -63,10 +58,7 @@ const MAX_LINE: usize = 4096;
 impl ErrConsole {
     /// An error console writing to `out`.
     pub fn new(out: Box<dyn Write + Send>) -> ErrConsole {
-        ErrConsole {
-            out,
-            line: Vec::new(),
-        }
+        ErrConsole { out, line: Vec::new() }
     }
 }
 

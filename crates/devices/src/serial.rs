@@ -32,9 +32,7 @@ pub struct SerialPort {
 impl SerialPort {
     /// A UART raising `irq` and writing what the guest transmits to `out`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> SerialPort {
-        SerialPort {
-            uart: Serial::new(EventFdTrigger::new(irq), out),
-        }
+        SerialPort { uart: Serial::new(EventFdTrigger::new(irq), out) }
     }
 }
 
@@ -81,10 +79,7 @@ mod tests {
     #[test]
     fn transmitted_bytes_reach_the_writer_and_lsr_reports_ready() {
         let sink = Sink::default();
-        let mut port = SerialPort::new(
-            EventFd::new(libc_nonblock()).unwrap(),
-            Box::new(sink.clone()),
-        );
+        let mut port = SerialPort::new(EventFd::new(libc_nonblock()).unwrap(), Box::new(sink.clone()));
         for b in b"hi\n" {
             port.write(0, &[*b]);
         }

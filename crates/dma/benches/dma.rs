@@ -9,17 +9,10 @@ use std::hint::black_box;
 
 fn translate(c: &mut Criterion) {
     let fx = Fixture::new(200_000);
-    fx.domain
-        .map(Iova(BUF_IOVA), Gpa(BUF_GPA), 2 << 20, Perm::READ_WRITE)
-        .unwrap();
+    fx.domain.map(Iova(BUF_IOVA), Gpa(BUF_GPA), 2 << 20, Perm::READ_WRITE).unwrap();
     let dev = DmaSpace::new(fx.domain.clone(), "bench");
     c.bench_function("translate/hit", |b| {
-        b.iter(|| {
-            black_box(
-                dev.translate(black_box(Iova(BUF_IOVA + 128)), 64, Access::Read)
-                    .is_ok(),
-            )
-        })
+        b.iter(|| black_box(dev.translate(black_box(Iova(BUF_IOVA + 128)), 64, Access::Read).is_ok()))
     });
     let mut g = c.benchmark_group("translate/miss");
     for n in [10usize, 1000, 100_000] {
@@ -39,9 +32,7 @@ fn map_unmap(c: &mut Criterion) {
     for size in [4096u64, 2 << 20] {
         g.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, &size| {
             b.iter(|| {
-                fx.domain
-                    .map(Iova(BUF_IOVA), Gpa(BUF_GPA), size, Perm::READ_WRITE)
-                    .unwrap();
+                fx.domain.map(Iova(BUF_IOVA), Gpa(BUF_GPA), size, Perm::READ_WRITE).unwrap();
                 black_box(fx.domain.unmap(Iova(BUF_IOVA), size).unwrap())
             })
         });
@@ -51,9 +42,7 @@ fn map_unmap(c: &mut Criterion) {
 
 fn copy(c: &mut Criterion) {
     let fx = Fixture::new(16);
-    fx.domain
-        .map(Iova(BUF_IOVA), Gpa(BUF_GPA), 16 << 20, Perm::READ_WRITE)
-        .unwrap();
+    fx.domain.map(Iova(BUF_IOVA), Gpa(BUF_GPA), 16 << 20, Perm::READ_WRITE).unwrap();
     let dev = DmaSpace::new(fx.domain.clone(), "bench");
     let src = fx.host(BUF_GPA);
     let mut g = c.benchmark_group("copy");
@@ -65,9 +54,7 @@ fn copy(c: &mut Criterion) {
         });
         g.bench_with_input(BenchmarkId::new("memcpy", size), &size, |b, &size| {
             // SAFETY: src is the fixture's guest memory, valid for 16 MiB >= size.
-            b.iter(|| unsafe {
-                std::ptr::copy_nonoverlapping(black_box(src), buf.as_mut_ptr(), size)
-            })
+            b.iter(|| unsafe { std::ptr::copy_nonoverlapping(black_box(src), buf.as_mut_ptr(), size) })
         });
     }
     g.finish();

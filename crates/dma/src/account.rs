@@ -16,12 +16,7 @@ impl Extents {
     /// Bytes of `[start, end)` not covered by any extent (what pinning it would add).
     fn uncovered(&self, start: u64, end: u64) -> u64 {
         let mut covered = 0;
-        let first = self
-            .0
-            .range(..start)
-            .next_back()
-            .filter(|(_, (e, _))| *e > start)
-            .map(|(s, _)| *s);
+        let first = self.0.range(..start).next_back().filter(|(_, (e, _))| *e > start).map(|(s, _)| *s);
         let from = first.unwrap_or(start);
         for (&s, &(e, _)) in self.0.range(from..end) {
             covered += e.min(end) - s.max(start);
@@ -102,12 +97,7 @@ impl Extents {
     /// Merges adjacent extents of equal count around `[start, end]` so the map stays
     /// as small as the pinned set allows.
     fn merge_around(&mut self, start: u64, end: u64) {
-        let mut at = self
-            .0
-            .range(..start)
-            .next_back()
-            .map(|(s, _)| *s)
-            .unwrap_or(start);
+        let mut at = self.0.range(..start).next_back().map(|(s, _)| *s).unwrap_or(start);
         while let Some((&a, &(ae, ac))) = self.0.range(at..).next() {
             if a > end {
                 break;
@@ -147,12 +137,7 @@ impl LockedMemory {
     /// An account with `limit` bytes. Pinning only counts.
     pub fn new(limit: u64) -> LockedMemory {
         LockedMemory {
-            state: Mutex::new(State {
-                limit,
-                pinned: Extents::default(),
-                pinned_bytes: 0,
-                charged: 0,
-            }),
+            state: Mutex::new(State { limit, pinned: Extents::default(), pinned_bytes: 0, charged: 0 }),
             mlock_base: None,
         }
     }
@@ -197,17 +182,10 @@ impl LockedMemory {
     /// Pins the guest-physical ranges (one reference each); all or nothing.
     pub fn pin(&self, ranges: &[(u64, u64)]) -> Result<(), MapError> {
         let mut s = self.lock();
-        let wanted: u64 = ranges
-            .iter()
-            .map(|&(a, len)| s.pinned.uncovered(a, a + len))
-            .sum();
+        let wanted: u64 = ranges.iter().map(|&(a, len)| s.pinned.uncovered(a, a + len)).sum();
         let locked = s.pinned_bytes + s.charged;
         if wanted > 0 && locked.saturating_add(wanted) > s.limit {
-            return Err(MapError::NoMemory {
-                locked,
-                wanted,
-                limit: s.limit,
-            });
+            return Err(MapError::NoMemory { locked, wanted, limit: s.limit });
         }
         let st = &mut *s;
         for &(a, len) in ranges {
@@ -237,11 +215,7 @@ impl LockedMemory {
         let mut s = self.lock();
         let locked = s.pinned_bytes + s.charged;
         if locked.saturating_add(bytes) > s.limit {
-            return Err(MapError::NoMemory {
-                locked,
-                wanted: bytes,
-                limit: s.limit,
-            });
+            return Err(MapError::NoMemory { locked, wanted: bytes, limit: s.limit });
         }
         s.charged += bytes;
         Ok(())
@@ -271,36 +245,20 @@ impl LockedMemory {
         // SAFETY: mlock/munlock only change residency of pages of our own mapping of
         // guest RAM; they do not read or write memory. Failures are reported, and the
         // accounting above stays the authority.
-        let rc = unsafe {
-            if lock {
-                libc::mlock(ptr, len)
-            } else {
-                libc::munlock(ptr, len)
-            }
-        };
+        let rc = unsafe { if lock { libc::mlock(ptr, len) } else { libc::munlock(ptr, len) } };
         if rc != 0 {
             let what = if lock { "mlock" } else { "munlock" };
-            eprintln!(
-                "dma: {what} of gpa {start:#x}..{end:#x} failed: {}",
-                std::io::Error::last_os_error()
-            );
+            eprintln!("dma: {what} of gpa {start:#x}..{end:#x} failed: {}", std::io::Error::last_os_error());
         }
     }
 }
 
 /// The soft RLIMIT_MEMLOCK of this process (u64::MAX when unlimited).
 pub fn rlimit_memlock() -> u64 {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into the struct we pass.
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) };
-    if rc != 0 || r.rlim_cur == libc::RLIM_INFINITY {
-        u64::MAX
-    } else {
-        r.rlim_cur
-    }
+    if rc != 0 || r.rlim_cur == libc::RLIM_INFINITY { u64::MAX } else { r.rlim_cur }
 }
 
 #[cfg(test)]
@@ -316,11 +274,7 @@ mod tests {
         a.pin(&[(2 * P, 4 * P)]).unwrap();
         assert_eq!(a.pinned(), 6 * P, "overlap counted once");
         a.unpin(&[(0, 4 * P)]);
-        assert_eq!(
-            a.pinned(),
-            4 * P,
-            "pages 2..6 still referenced by the second pin"
-        );
+        assert_eq!(a.pinned(), 4 * P, "pages 2..6 still referenced by the second pin");
         assert!(a.is_pinned(2 * P, P) && !a.is_pinned(0, 2 * P));
         a.unpin(&[(2 * P, 4 * P)]);
         assert_eq!(a.locked(), 0);
@@ -333,14 +287,7 @@ mod tests {
         assert_eq!(a.locked(), 8 * P, "exactly at the limit");
         a.pin(&[(0, 8 * P)]).unwrap(); // already pinned: costs nothing
         let e = a.pin(&[(8 * P, P)]).unwrap_err();
-        assert_eq!(
-            e,
-            MapError::NoMemory {
-                locked: 8 * P,
-                wanted: P,
-                limit: 8 * P
-            }
-        );
+        assert_eq!(e, MapError::NoMemory { locked: 8 * P, wanted: P, limit: 8 * P });
         assert_eq!(a.pinned(), 8 * P);
         // A multi-range request over the limit pins none of its ranges.
         a.unpin(&[(0, 8 * P)]);
@@ -369,26 +316,16 @@ mod tests {
         e.add(10, 20, |a, b| fresh.push((a, b)));
         assert_eq!(e.0.len(), 1);
         e.add(5, 25, |a, b| fresh.push((a, b)));
-        assert_eq!(
-            fresh,
-            vec![(0, 10), (10, 20), (20, 25)],
-            "only never-referenced bytes are fresh"
-        );
+        assert_eq!(fresh, vec![(0, 10), (10, 20), (20, 25)], "only never-referenced bytes are fresh");
         e.remove(20, 25, |_, _| {});
         assert_eq!(e.0.len(), 2, "[0,5) once, [5,20) twice");
         let mut freed = Vec::new();
         e.remove(5, 15, |a, b| freed.push((a, b)));
         assert!(freed.is_empty(), "still referenced once");
-        assert_eq!(
-            e.0.iter().map(|(s, v)| (*s, *v)).collect::<Vec<_>>(),
-            vec![(0, (15, 1)), (15, (20, 2))]
-        );
+        assert_eq!(e.0.iter().map(|(s, v)| (*s, *v)).collect::<Vec<_>>(), vec![(0, (15, 1)), (15, (20, 2))]);
         e.remove(0, 20, |a, b| freed.push((a, b)));
         assert_eq!(freed, vec![(0, 15)]);
-        assert_eq!(
-            e.0.iter().map(|(s, v)| (*s, *v)).collect::<Vec<_>>(),
-            vec![(15, (20, 1))]
-        );
+        assert_eq!(e.0.iter().map(|(s, v)| (*s, *v)).collect::<Vec<_>>(), vec![(15, (20, 1))]);
     }
 
     #[test]

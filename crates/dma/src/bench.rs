@@ -29,13 +29,7 @@ impl Fixture {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), FIXTURE_RAM as usize)])
             .expect("fixture guest memory");
         let vm = VmDma::new(Arc::new(mem), LockedMemory::new(u64::MAX));
-        let domain = vm.create_domain(
-            "bench",
-            DomainConfig {
-                max_mappings,
-                ..Default::default()
-            },
-        );
+        let domain = vm.create_domain("bench", DomainConfig { max_mappings, ..Default::default() });
         Fixture { vm, domain }
     }
 
@@ -63,9 +57,7 @@ pub fn time_ns(batches: usize, iters: u64, mut f: impl FnMut()) -> f64 {
 /// `translate` of 64 bytes whose translation is in the accessor's IOTLB.
 pub fn translate_hit(iters: u64) -> f64 {
     let fx = Fixture::new(16);
-    fx.domain
-        .map(Iova(BUF_IOVA), Gpa(BUF_GPA), 2 << 20, Perm::READ_WRITE)
-        .expect("map");
+    fx.domain.map(Iova(BUF_IOVA), Gpa(BUF_GPA), 2 << 20, Perm::READ_WRITE).expect("map");
     let dev = DmaSpace::new(fx.domain.clone(), "bench");
     let _ = dev.translate(Iova(BUF_IOVA), 64, Access::Read);
     time_ns(7, iters, || {
@@ -78,9 +70,7 @@ pub fn translate_hit(iters: u64) -> f64 {
 /// [`DmaSpace::batch`] (the fence paid once for many accesses).
 pub fn translate_hit_batched(iters: u64) -> f64 {
     let fx = Fixture::new(16);
-    fx.domain
-        .map(Iova(BUF_IOVA), Gpa(BUF_GPA), 2 << 20, Perm::READ_WRITE)
-        .expect("map");
+    fx.domain.map(Iova(BUF_IOVA), Gpa(BUF_GPA), 2 << 20, Perm::READ_WRITE).expect("map");
     let dev = DmaSpace::new(fx.domain.clone(), "bench");
     let _batch = dev.batch();
     time_ns(7, iters, || {
@@ -96,15 +86,11 @@ pub fn translate_miss(iters: u64, mappings: usize) -> f64 {
     let pages = (FIXTURE_RAM / 4096 - 1) as usize;
     for i in 0..mappings {
         let gpa = ((i % pages) as u64 + 1) * 4096;
-        fx.domain
-            .map(Iova(BUF_IOVA + i as u64 * 4096), Gpa(gpa), 4096, Perm::READ)
-            .expect("map");
+        fx.domain.map(Iova(BUF_IOVA + i as u64 * 4096), Gpa(gpa), 4096, Perm::READ).expect("map");
     }
     let dev = DmaSpace::new(fx.domain.clone(), "bench");
     // A fixed pseudo-random visiting order over all mappings (an LCG permutation).
-    let order: Vec<u64> = (0..mappings as u64)
-        .map(|i| (i * 2_654_435_761) % mappings as u64)
-        .collect();
+    let order: Vec<u64> = (0..mappings as u64).map(|i| (i * 2_654_435_761) % mappings as u64).collect();
     let mut k = 0usize;
     let step = if mappings > 64 { 1 } else { 9 }; // small domains: stride past the 8-entry IOTLB
     time_ns(7, iters, || {
@@ -118,9 +104,7 @@ pub fn translate_miss(iters: u64, mappings: usize) -> f64 {
 pub fn map_unmap(iters: u64, size: u64) -> f64 {
     let fx = Fixture::new(16);
     time_ns(7, iters, || {
-        fx.domain
-            .map(Iova(BUF_IOVA), Gpa(BUF_GPA), size, Perm::READ_WRITE)
-            .expect("map");
+        fx.domain.map(Iova(BUF_IOVA), Gpa(BUF_GPA), size, Perm::READ_WRITE).expect("map");
         black_box(fx.domain.unmap(Iova(BUF_IOVA), size).expect("unmap"));
     })
 }
@@ -130,9 +114,7 @@ pub fn map_unmap(iters: u64, size: u64) -> f64 {
 /// `batch` > 1, that many copies share one access section.
 pub fn copy(iters: u64, size: usize, batch: u64) -> (f64, f64) {
     let fx = Fixture::new(16);
-    fx.domain
-        .map(Iova(BUF_IOVA), Gpa(BUF_GPA), 16 << 20, Perm::READ_WRITE)
-        .expect("map");
+    fx.domain.map(Iova(BUF_IOVA), Gpa(BUF_GPA), 16 << 20, Perm::READ_WRITE).expect("map");
     let dev = DmaSpace::new(fx.domain.clone(), "bench");
     let src = fx.host(BUF_GPA);
     let mut buf = vec![0u8; size];

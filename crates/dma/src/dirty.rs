@@ -26,11 +26,7 @@ impl DirtyLog {
             .map(|&(start, size)| {
                 let pages = size.div_ceil(1 << PAGE_SHIFT);
                 let words = usize::try_from(pages.div_ceil(64)).unwrap_or(0);
-                Region {
-                    start,
-                    end: start + size,
-                    bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
-                }
+                Region { start, end: start + size, bits: (0..words).map(|_| AtomicU64::new(0)).collect() }
             })
             .collect();
         DirtyLog { regions }
@@ -47,20 +43,13 @@ impl DirtyLog {
             return;
         };
         let first = (gpa - r.start) >> PAGE_SHIFT;
-        let last = ((gpa - r.start)
-            .saturating_add(len - 1)
-            .min(r.end - r.start - 1))
-            >> PAGE_SHIFT;
+        let last = ((gpa - r.start).saturating_add(len - 1).min(r.end - r.start - 1)) >> PAGE_SHIFT;
         let mut page = first;
         while page <= last {
             let word = (page / 64) as usize;
             let lo = page % 64;
             let hi = (last - page + lo).min(63);
-            let mask = if hi - lo == 63 {
-                u64::MAX
-            } else {
-                ((1u64 << (hi - lo + 1)) - 1) << lo
-            };
+            let mask = if hi - lo == 63 { u64::MAX } else { ((1u64 << (hi - lo + 1)) - 1) << lo };
             if let Some(w) = r.bits.get(word)
                 && w.load(Ordering::Relaxed) & mask != mask
             {
@@ -72,15 +61,10 @@ impl DirtyLog {
 
     /// True if the page holding `gpa` is dirty.
     pub fn is_dirty(&self, gpa: u64) -> bool {
-        self.regions
-            .iter()
-            .find(|r| gpa >= r.start && gpa < r.end)
-            .is_some_and(|r| {
-                let page = (gpa - r.start) >> PAGE_SHIFT;
-                r.bits
-                    .get((page / 64) as usize)
-                    .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (page % 64)) != 0)
-            })
+        self.regions.iter().find(|r| gpa >= r.start && gpa < r.end).is_some_and(|r| {
+            let page = (gpa - r.start) >> PAGE_SHIFT;
+            r.bits.get((page / 64) as usize).is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (page % 64)) != 0)
+        })
     }
 
     /// Returns the guest-physical addresses of dirty pages and clears them. Each word
@@ -103,11 +87,7 @@ impl DirtyLog {
 
     /// Number of dirty pages (without clearing).
     pub fn count(&self) -> u64 {
-        self.regions
-            .iter()
-            .flat_map(|r| r.bits.iter())
-            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
-            .sum()
+        self.regions.iter().flat_map(|r| r.bits.iter()).map(|w| u64::from(w.load(Ordering::Relaxed).count_ones())).sum()
     }
 }
 

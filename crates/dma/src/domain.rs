@@ -124,13 +124,9 @@ impl Domain {
         }
         let g = self.granule();
         if !start.is_multiple_of(g) || !size.is_multiple_of(g) {
-            return Err(MapError::InvalidArgument(
-                "not aligned to the domain's granule",
-            ));
+            return Err(MapError::InvalidArgument("not aligned to the domain's granule"));
         }
-        start
-            .checked_add(size)
-            .ok_or(MapError::InvalidArgument("range wraps around"))
+        start.checked_add(size).ok_or(MapError::InvalidArgument("range wraps around"))
     }
 
     /// Maps `[iova, iova + size)` to `[gpa, gpa + size)` and pins the guest pages.
@@ -140,19 +136,12 @@ impl Domain {
             return Err(MapError::InvalidArgument("no permission"));
         }
         if !gpa.0.is_multiple_of(self.granule()) {
-            return Err(MapError::InvalidArgument(
-                "guest address not aligned to the domain's granule",
-            ));
+            return Err(MapError::InvalidArgument("guest address not aligned to the domain's granule"));
         }
         if self.config.aperture_bits < 64 && end > 1u64 << self.config.aperture_bits {
             return Err(MapError::InvalidArgument("outside the domain's aperture"));
         }
-        if self
-            .config
-            .reserved
-            .iter()
-            .any(|r| iova.0 < r.end && r.start < end)
-        {
+        if self.config.reserved.iter().any(|r| iova.0 < r.end && r.start < end) {
             return Err(MapError::InvalidArgument("overlaps a reserved IOVA region"));
         }
         if !self.vm.is_guest_memory(gpa.0, size) {
@@ -165,20 +154,10 @@ impl Domain {
             return Err(MapError::Exists { iova });
         }
         if tree.len() >= self.config.max_mappings {
-            return Err(MapError::NoSpace {
-                max: self.config.max_mappings,
-            });
+            return Err(MapError::NoSpace { max: self.config.max_mappings });
         }
         self.vm.account().pin(&[(gpa.0, size)])?;
-        tree.insert(
-            iova.0,
-            Mapping {
-                iova,
-                gpa,
-                size,
-                perm,
-            },
-        );
+        tree.insert(iova.0, Mapping { iova, gpa, size, perm });
         drop(tree);
         self.maps.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -210,9 +189,7 @@ impl Domain {
                 return Err(MapError::InvalidArgument("unmap would split a mapping"));
             }
             let keys: Vec<u64> = tree.range(iova.0..end).map(|(k, _)| *k).collect();
-            keys.iter()
-                .filter_map(|k| tree.remove(k))
-                .collect::<Vec<_>>()
+            keys.iter().filter_map(|k| tree.remove(k)).collect::<Vec<_>>()
         };
         Ok(self.retire(&removed))
     }
@@ -243,20 +220,12 @@ impl Domain {
     /// The mapping covering `iova`, if any.
     pub fn lookup(&self, iova: Iova) -> Option<Mapping> {
         let tree = self.tree.read().unwrap_or_else(|e| e.into_inner());
-        tree.range(..=iova.0)
-            .next_back()
-            .map(|(_, m)| *m)
-            .filter(|m| m.end() > iova.0)
+        tree.range(..=iova.0).next_back().map(|(_, m)| *m).filter(|m| m.end() > iova.0)
     }
 
     /// All mappings, by IOVA.
     pub fn mappings(&self) -> Vec<Mapping> {
-        self.tree
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .copied()
-            .collect()
+        self.tree.read().unwrap_or_else(|e| e.into_inner()).values().copied().collect()
     }
 
     /// Number of mappings.
@@ -278,10 +247,7 @@ impl Domain {
 
     /// Successful map and unmap calls so far.
     pub fn counters(&self) -> (u64, u64) {
-        (
-            self.maps.load(Ordering::Relaxed),
-            self.unmaps.load(Ordering::Relaxed),
-        )
+        (self.maps.load(Ordering::Relaxed), self.unmaps.load(Ordering::Relaxed))
     }
 
     /// Accessors (DMA spaces) attached.

@@ -24,11 +24,7 @@ pub struct Fault {
 
 impl std::fmt::Display for Fault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} {} of {:#x} bytes at {}: {}",
-            self.device, self.access, self.len, self.iova, self.reason
-        )
+        write!(f, "{} {} of {:#x} bytes at {}: {}", self.device, self.access, self.len, self.iova, self.reason)
     }
 }
 
@@ -59,20 +55,11 @@ impl FaultLog {
 
     /// The most recent faults, oldest first.
     pub fn recent(&self) -> Vec<Fault> {
-        self.ring
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        self.ring.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
     }
 
     /// Empties the ring (the total is kept) and returns what it held.
     pub fn drain(&self) -> Vec<Fault> {
-        self.ring
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .collect()
+        self.ring.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect()
     }
 }

@@ -45,17 +45,9 @@ impl PageSizes {
         let align = (iova | gpa).trailing_zeros().min(63);
         let fit = 63 - remaining.leading_zeros().min(63);
         let limit = align.min(fit);
-        let mask = if limit >= 63 {
-            u64::MAX
-        } else {
-            (2u64 << limit) - 1
-        };
+        let mask = if limit >= 63 { u64::MAX } else { (2u64 << limit) - 1 };
         let candidates = self.0 & mask;
-        if candidates == 0 {
-            self.granule()
-        } else {
-            1 << (63 - candidates.leading_zeros())
-        }
+        if candidates == 0 { self.granule() } else { 1 << (63 - candidates.leading_zeros()) }
     }
 
     /// Number of pages `[iova, iova + size) -> gpa` takes (both granule-aligned).
@@ -83,33 +75,17 @@ mod tests {
     fn only_the_five_sizes_are_accepted() {
         assert!(PageSizes::new(0).is_none());
         assert!(PageSizes::new(1 << 13).is_none());
-        assert_eq!(
-            PageSizes::new(PageSizes::SZ_64K | PageSizes::SZ_16M)
-                .unwrap()
-                .granule(),
-            PageSizes::SZ_64K
-        );
+        assert_eq!(PageSizes::new(PageSizes::SZ_64K | PageSizes::SZ_16M).unwrap().granule(), PageSizes::SZ_64K);
     }
 
     #[test]
     fn large_pages_are_used_where_alignment_allows() {
         let p = PageSizes::x86();
-        assert_eq!(
-            p.count_pages(1 << 30, 2 << 30, 1 << 30),
-            1,
-            "1 GiB aligned: one page"
-        );
+        assert_eq!(p.count_pages(1 << 30, 2 << 30, 1 << 30), 1, "1 GiB aligned: one page");
         assert_eq!(p.count_pages(0, 0, 4 << 20), 2, "two 2 MiB pages");
-        assert_eq!(
-            p.count_pages(0x1000, 0x1000, 2 << 20),
-            512,
-            "misaligned by 4 KiB: all small"
-        );
+        assert_eq!(p.count_pages(0x1000, 0x1000, 2 << 20), 512, "misaligned by 4 KiB: all small");
         // 4 KiB head up to 2 MiB, then a 2 MiB page, then a 4 KiB tail.
-        assert_eq!(
-            p.count_pages(0x1ff000, 0x1ff000, 0x1000 + (2 << 20) + 0x1000),
-            3
-        );
+        assert_eq!(p.count_pages(0x1ff000, 0x1ff000, 0x1000 + (2 << 20) + 0x1000), 3);
         // iova and gpa must both be aligned.
         assert_eq!(p.count_pages(0, 0x1000, 2 << 20), 512);
         let small = PageSizes::new(PageSizes::SZ_4K | PageSizes::SZ_64K).unwrap();

@@ -31,13 +31,7 @@ struct Entry {
     perm: u8,
 }
 
-const EMPTY: Entry = Entry {
-    lo: 1,
-    hi: 0,
-    host: 0,
-    gpa: 0,
-    perm: 0,
-};
+const EMPTY: Entry = Entry { lo: 1, hi: 0, host: 0, gpa: 0, perm: 0 };
 
 impl Entry {
     #[inline(always)]
@@ -105,10 +99,7 @@ unsafe impl Send for DmaSpace {}
 
 impl std::fmt::Debug for DmaSpace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DmaSpace")
-            .field("domain", &self.domain.name())
-            .field("device", &self.device)
-            .finish()
+        f.debug_struct("DmaSpace").field("domain", &self.domain.name()).field("device", &self.device).finish()
     }
 }
 
@@ -204,27 +195,14 @@ impl DmaSpace {
                 return Ok(e);
             }
         }
-        let m = self
-            .domain
-            .lookup(Iova(iova))
-            .ok_or(FaultReason::NotMapped)?;
+        let m = self.domain.lookup(Iova(iova)).ok_or(FaultReason::NotMapped)?;
         // Clip the mapping to the host-contiguous guest memory region holding `iova`.
         let gpa_at = m.gpa.0 + (iova - m.iova.0);
-        let (host_at, region_start, region_end) = self
-            .domain
-            .vm
-            .host_span(gpa_at)
-            .ok_or(FaultReason::NotMapped)?;
+        let (host_at, region_start, region_end) = self.domain.vm.host_span(gpa_at).ok_or(FaultReason::NotMapped)?;
         let lo = iova - (iova - m.iova.0).min(gpa_at - region_start);
         let hi = iova + (m.end() - iova).min(region_end - gpa_at);
         let back = iova - lo;
-        let e = Entry {
-            lo,
-            hi,
-            host: host_at - back as usize,
-            gpa: gpa_at - back,
-            perm: m.perm.bits(),
-        };
+        let e = Entry { lo, hi, host: host_at - back as usize, gpa: gpa_at - back, perm: m.perm.bits() };
         let st = self.state();
         let v = st.victim;
         st.entries[v] = e;
@@ -243,11 +221,7 @@ impl DmaSpace {
         let end = iova.checked_add(len).ok_or(FaultReason::Overflow)?;
         let piece = |e: &Entry, at: u64| {
             let off = at - e.lo;
-            Piece {
-                host: e.host + off as usize,
-                len: (end.min(e.hi) - at) as usize,
-                gpa: e.gpa + off,
-            }
+            Piece { host: e.host + off as usize, len: (end.min(e.hi) - at) as usize, gpa: e.gpa + off }
         };
         if len == 0 {
             return Ok(Pieces::Many(Vec::new()));
@@ -267,13 +241,7 @@ impl DmaSpace {
     }
 
     fn fault(&self, iova: u64, len: u64, access: Access, reason: FaultReason) -> Fault {
-        let f = Fault {
-            iova: Iova(iova),
-            len,
-            access,
-            reason,
-            device: Arc::clone(&self.device),
-        };
+        let f = Fault { iova: Iova(iova), len, access, reason, device: Arc::clone(&self.device) };
         self.domain.faults.record(f.clone());
         f
     }
@@ -284,8 +252,7 @@ impl DmaSpace {
     pub fn read(&self, iova: Iova, buf: &mut [u8]) -> Result<(), Fault> {
         let len = buf.len() as u64;
         // The fault is recorded after the read-side section ends: keep sections short.
-        self.read_in_section(iova, buf)
-            .map_err(|r| self.fault(iova.0, len, Access::Read, r))
+        self.read_in_section(iova, buf).map_err(|r| self.fault(iova.0, len, Access::Read, r))
     }
 
     #[inline(always)]
@@ -298,13 +265,7 @@ impl DmaSpace {
             // domain's Arc and the range lies inside it (covers); inside the access
             // section no unmap of it can complete. Guest memory is plain bytes
             // (vm-memory copies it the same way).
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    e.host_at(iova.0) as *const u8,
-                    buf.as_mut_ptr(),
-                    buf.len(),
-                )
-            };
+            unsafe { std::ptr::copy_nonoverlapping(e.host_at(iova.0) as *const u8, buf.as_mut_ptr(), buf.len()) };
             return Ok(());
         }
         self.read_slow(iova, buf)
@@ -313,15 +274,10 @@ impl DmaSpace {
     #[inline(never)]
     fn read_slow(&self, iova: Iova, buf: &mut [u8]) -> Result<(), FaultReason> {
         let mut off = 0;
-        for p in self
-            .resolve_slow(iova.0, buf.len() as u64, Access::Read)?
-            .iter()
-        {
+        for p in self.resolve_slow(iova.0, buf.len() as u64, Access::Read)?.iter() {
             // SAFETY: as in the fast path, for each validated piece; the pieces
             // partition `buf`.
-            unsafe {
-                std::ptr::copy_nonoverlapping(p.host as *const u8, buf.as_mut_ptr().add(off), p.len)
-            };
+            unsafe { std::ptr::copy_nonoverlapping(p.host as *const u8, buf.as_mut_ptr().add(off), p.len) };
             off += p.len;
         }
         Ok(())
@@ -332,8 +288,7 @@ impl DmaSpace {
     #[inline]
     pub fn write(&self, iova: Iova, data: &[u8]) -> Result<(), Fault> {
         let len = data.len() as u64;
-        self.write_in_section(iova, data)
-            .map_err(|r| self.fault(iova.0, len, Access::Write, r))
+        self.write_in_section(iova, data).map_err(|r| self.fault(iova.0, len, Access::Write, r))
     }
 
     #[inline(always)]
@@ -343,17 +298,8 @@ impl DmaSpace {
         let e = st.entries[st.mru % IOTLB_ENTRIES];
         if e.covers(iova.0, data.len() as u64, Access::Write) {
             // SAFETY: as in `read_in_section`, with the entry writable.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    data.as_ptr(),
-                    e.host_at(iova.0) as *mut u8,
-                    data.len(),
-                )
-            };
-            self.domain
-                .vm
-                .dirty()
-                .mark(e.gpa + (iova.0 - e.lo), data.len() as u64);
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), e.host_at(iova.0) as *mut u8, data.len()) };
+            self.domain.vm.dirty().mark(e.gpa + (iova.0 - e.lo), data.len() as u64);
             return Ok(());
         }
         self.write_slow(iova, data)
@@ -362,14 +308,9 @@ impl DmaSpace {
     #[inline(never)]
     fn write_slow(&self, iova: Iova, data: &[u8]) -> Result<(), FaultReason> {
         let mut off = 0;
-        for p in self
-            .resolve_slow(iova.0, data.len() as u64, Access::Write)?
-            .iter()
-        {
+        for p in self.resolve_slow(iova.0, data.len() as u64, Access::Write)?.iter() {
             // SAFETY: as in `read_in_section`, for each validated writable piece.
-            unsafe {
-                std::ptr::copy_nonoverlapping(data.as_ptr().add(off), p.host as *mut u8, p.len)
-            };
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(off), p.host as *mut u8, p.len) };
             self.domain.vm.dirty().mark(p.gpa, p.len as u64);
             off += p.len;
         }
@@ -382,40 +323,25 @@ impl DmaSpace {
     /// inside it (one descriptor's accesses, not a device's lifetime).
     #[inline]
     pub fn batch(&self) -> Batch<'_> {
-        Batch {
-            _section: self.enter(),
-        }
+        Batch { _section: self.enter() }
     }
 
     /// Translates `[iova, iova + len)` for `access` into host slices, valid while the
     /// returned [`Translation`] lives (an unmap of the range waits for it). A write
     /// translation marks the pages dirty.
     #[inline]
-    pub fn translate(
-        &self,
-        iova: Iova,
-        len: u64,
-        access: Access,
-    ) -> Result<Translation<'_>, Fault> {
+    pub fn translate(&self, iova: Iova, len: u64, access: Access) -> Result<Translation<'_>, Fault> {
         let section = self.enter();
         let st = self.state();
         let e = st.entries[st.mru % IOTLB_ENTRIES];
         let (first, rest) = if e.covers(iova.0, len, access) {
-            let piece = Piece {
-                host: e.host_at(iova.0),
-                len: len as usize,
-                gpa: e.gpa + (iova.0 - e.lo),
-            };
+            let piece = Piece { host: e.host_at(iova.0), len: len as usize, gpa: e.gpa + (iova.0 - e.lo) };
             (piece, None)
         } else {
             match self.resolve_slow(iova.0, len, access) {
                 Ok(Pieces::One(p)) => (p, None),
                 Ok(Pieces::Many(mut v)) => {
-                    let first = if v.is_empty() {
-                        Piece::default()
-                    } else {
-                        v.remove(0)
-                    };
+                    let first = if v.is_empty() { Piece::default() } else { v.remove(0) };
                     (first, Some(v.into_boxed_slice()))
                 }
                 Err(r) => {
@@ -424,11 +350,7 @@ impl DmaSpace {
                 }
             }
         };
-        let t = Translation {
-            _section: section,
-            first,
-            rest,
-        };
+        let t = Translation { _section: section, first, rest };
         if access == Access::Write {
             for (gpa, n) in t.gpa_ranges() {
                 self.domain.vm.dirty().mark(gpa, n);
@@ -453,9 +375,7 @@ pub struct Translation<'a> {
 
 impl Translation<'_> {
     fn pieces(&self) -> impl Iterator<Item = &Piece> {
-        std::iter::once(&self.first)
-            .filter(|p| p.len > 0)
-            .chain(self.rest.iter().flat_map(|r| r.iter()))
+        std::iter::once(&self.first).filter(|p| p.len > 0).chain(self.rest.iter().flat_map(|r| r.iter()))
     }
 
     /// The host-contiguous slices, in IOVA order.

@@ -21,11 +21,7 @@ impl VmDma {
     /// DMA state over `memory`, charging `account`.
     pub fn new(memory: Arc<GuestMemoryMmap>, account: LockedMemory) -> Arc<VmDma> {
         let regions: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
-        Arc::new(VmDma {
-            dirty: DirtyLog::new(&regions),
-            memory,
-            account,
-        })
+        Arc::new(VmDma { dirty: DirtyLog::new(&regions), memory, account })
     }
 
     /// Guest memory.
@@ -64,10 +60,7 @@ impl VmDma {
                         if res.end <= s || e <= res.start {
                             vec![(s, e)]
                         } else {
-                            [(s, res.start.max(s)), (res.end.min(e), e)]
-                                .into_iter()
-                                .filter(|(a, b)| a < b)
-                                .collect()
+                            [(s, res.start.max(s)), (res.end.min(e), e)].into_iter().filter(|(a, b)| a < b).collect()
                         }
                     })
                     .collect();
@@ -99,9 +92,7 @@ impl VmDma {
     pub(crate) fn host_span(&self, gpa: u64) -> Option<(usize, u64, u64)> {
         let r = self.memory.find_region(GuestAddress(gpa))?;
         let off = gpa - r.start_addr().0;
-        let host = r
-            .get_host_address(vm_memory::MemoryRegionAddress(off))
-            .ok()?;
+        let host = r.get_host_address(vm_memory::MemoryRegionAddress(off)).ok()?;
         Some((host as usize, r.start_addr().0, r.start_addr().0 + r.len()))
     }
 }

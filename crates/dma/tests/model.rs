@@ -3,9 +3,7 @@
 //! kind, byte, pin count and dirty page must agree.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use dma::{
-    Access, DmaSpace, DomainConfig, FaultReason, Gpa, Iova, LockedMemory, MapError, Perm, VmDma,
-};
+use dma::{Access, DmaSpace, DomainConfig, FaultReason, Gpa, Iova, LockedMemory, MapError, Perm, VmDma};
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -18,34 +16,12 @@ const LIMIT_PAGES: u64 = 40;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Map {
-        iova: u64,
-        gpa: u64,
-        pages: u64,
-        perm: u8,
-    },
-    Unmap {
-        iova: u64,
-        pages: u64,
-    },
+    Map { iova: u64, gpa: u64, pages: u64, perm: u8 },
+    Unmap { iova: u64, pages: u64 },
     UnmapAll,
-    Read {
-        dev: usize,
-        iova: u64,
-        len: u64,
-    },
-    Write {
-        dev: usize,
-        iova: u64,
-        len: u64,
-        seed: u8,
-    },
-    Translate {
-        dev: usize,
-        iova: u64,
-        len: u64,
-        write: bool,
-    },
+    Read { dev: usize, iova: u64, len: u64 },
+    Write { dev: usize, iova: u64, len: u64, seed: u8 },
+    Translate { dev: usize, iova: u64, len: u64, write: bool },
     TakeDirty,
 }
 
@@ -78,9 +54,7 @@ struct Model {
 
 impl Model {
     fn pinned_pages(maps: &[M]) -> BTreeSet<u64> {
-        maps.iter()
-            .flat_map(|m| (m.gpa / P)..((m.gpa + m.size) / P))
-            .collect()
+        maps.iter().flat_map(|m| (m.gpa / P)..((m.gpa + m.size) / P)).collect()
     }
 
     fn map(&mut self, iova: u64, gpa: u64, pages: u64, perm: u8) -> Result<(), MapError> {
@@ -91,11 +65,7 @@ impl Model {
         if gpa + size > RAM_PAGES * P {
             return Err(MapError::BadAddress { gpa, size });
         }
-        if self
-            .maps
-            .iter()
-            .any(|m| iova < m.iova + m.size && m.iova < iova + size)
-        {
+        if self.maps.iter().any(|m| iova < m.iova + m.size && m.iova < iova + size) {
             return Err(MapError::Exists { iova: Iova(iova) });
         }
         if self.maps.len() >= MAX_MAPPINGS {
@@ -103,19 +73,10 @@ impl Model {
         }
         let locked = Self::pinned_pages(&self.maps).len() as u64 * P;
         let mut with = self.maps.clone();
-        with.push(M {
-            iova,
-            gpa,
-            size,
-            perm,
-        });
+        with.push(M { iova, gpa, size, perm });
         let after = Self::pinned_pages(&with).len() as u64 * P;
         if after > LIMIT_PAGES * P {
-            return Err(MapError::NoMemory {
-                locked,
-                wanted: after - locked,
-                limit: LIMIT_PAGES * P,
-            });
+            return Err(MapError::NoMemory { locked, wanted: after - locked, limit: LIMIT_PAGES * P });
         }
         self.maps = with;
         Ok(())
@@ -126,17 +87,14 @@ impl Model {
         if pages == 0 {
             return Err(MapError::InvalidArgument("any"));
         }
-        if self.maps.iter().any(|m| {
-            (m.iova < iova && m.iova + m.size > iova) || (m.iova < end && m.iova + m.size > end)
-        }) {
-            return Err(MapError::InvalidArgument("any"));
-        }
-        let bytes = self
+        if self
             .maps
             .iter()
-            .filter(|m| m.iova >= iova && m.iova < end)
-            .map(|m| m.size)
-            .sum();
+            .any(|m| (m.iova < iova && m.iova + m.size > iova) || (m.iova < end && m.iova + m.size > end))
+        {
+            return Err(MapError::InvalidArgument("any"));
+        }
+        let bytes = self.maps.iter().filter(|m| m.iova >= iova && m.iova < end).map(|m| m.size).sum();
         self.maps.retain(|m| !(m.iova >= iova && m.iova < end));
         Ok(bytes)
     }
@@ -146,11 +104,7 @@ impl Model {
         let need = access as u8;
         let mut out = Vec::with_capacity(len as usize);
         for a in iova..iova + len {
-            let m = self
-                .maps
-                .iter()
-                .find(|m| a >= m.iova && a < m.iova + m.size)
-                .ok_or(FaultReason::NotMapped)?;
+            let m = self.maps.iter().find(|m| a >= m.iova && a < m.iova + m.size).ok_or(FaultReason::NotMapped)?;
             if m.perm & need == 0 {
                 return Err(FaultReason::Permission);
             }
@@ -169,44 +123,19 @@ fn same_kind(a: &MapError, b: &MapError) -> bool {
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let half = (RAM_PAGES / 2 * P) as usize;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(0), half),
-        (GuestAddress(half as u64), half),
-    ])
-    .unwrap();
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), half), (GuestAddress(half as u64), half)]).unwrap();
     let vm = VmDma::new(Arc::new(mem), LockedMemory::new(LIMIT_PAGES * P));
-    let d = vm.create_domain(
-        "model",
-        DomainConfig {
-            max_mappings: MAX_MAPPINGS,
-            ..Default::default()
-        },
-    );
-    let devs = [
-        DmaSpace::new(d.clone(), "dev0"),
-        DmaSpace::new(d.clone(), "dev1"),
-    ];
-    let mut model = Model {
-        mem: vec![0; (RAM_PAGES * P) as usize],
-        ..Default::default()
-    };
+    let d = vm.create_domain("model", DomainConfig { max_mappings: MAX_MAPPINGS, ..Default::default() });
+    let devs = [DmaSpace::new(d.clone(), "dev0"), DmaSpace::new(d.clone(), "dev1")];
+    let mut model = Model { mem: vec![0; (RAM_PAGES * P) as usize], ..Default::default() };
     let mut faults = 0;
 
     for op in ops {
         match op {
-            Op::Map {
-                iova,
-                gpa,
-                pages,
-                perm,
-            } => {
+            Op::Map { iova, gpa, pages, perm } => {
                 let want = model.map(iova, gpa, pages, perm);
-                let got = d.map(
-                    Iova(iova),
-                    Gpa(gpa),
-                    pages * P,
-                    Perm::new(perm & 1 != 0, perm & 2 != 0),
-                );
+                let got = d.map(Iova(iova), Gpa(gpa), pages * P, Perm::new(perm & 1 != 0, perm & 2 != 0));
                 match (&got, &want) {
                     (Ok(()), Ok(())) => {}
                     (Err(g), Err(w)) => {
@@ -243,19 +172,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     Err(reason) => {
                         faults += 1;
                         prop_assert_eq!(got.map_err(|f| f.reason), Err(reason), "{:?}", op);
-                        prop_assert!(
-                            buf.iter().all(|b| *b == 0x5a),
-                            "a failed read wrote the buffer"
-                        );
+                        prop_assert!(buf.iter().all(|b| *b == 0x5a), "a failed read wrote the buffer");
                     }
                 }
             }
-            Op::Write {
-                dev,
-                iova,
-                len,
-                seed,
-            } => {
+            Op::Write { dev, iova, len, seed } => {
                 let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8)).collect();
                 let got = devs[dev].write(Iova(iova), &data);
                 match model.resolve(iova, len, Access::Write) {
@@ -272,12 +193,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                 }
             }
-            Op::Translate {
-                dev,
-                iova,
-                len,
-                write,
-            } => {
+            Op::Translate { dev, iova, len, write } => {
                 let access = if write { Access::Write } else { Access::Read };
                 let got = devs[dev].translate(Iova(iova), len, access);
                 match model.resolve(iova, len, access) {
@@ -302,10 +218,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(got, std::mem::take(&mut model.dirty));
             }
         }
-        prop_assert_eq!(
-            vm.account().pinned(),
-            Model::pinned_pages(&model.maps).len() as u64 * P
-        );
+        prop_assert_eq!(vm.account().pinned(), Model::pinned_pages(&model.maps).len() as u64 * P);
         prop_assert_eq!(d.mapping_count(), model.maps.len());
         prop_assert_eq!(d.faults().total(), faults);
     }

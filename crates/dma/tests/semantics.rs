@@ -12,52 +12,19 @@ fn malformed_maps_are_invalid_and_change_nothing() {
     let vm = vm(u64::MAX);
     let d = vm.create_domain("d", DomainConfig::default());
     let inval = |r: Result<(), MapError>| matches!(r, Err(MapError::InvalidArgument(_)));
-    assert!(
-        inval(d.map(Iova(0x1000), Gpa(0), 0, Perm::READ)),
-        "zero size"
-    );
-    assert!(
-        inval(d.map(Iova(0x1000), Gpa(0), PAGE, Perm::NONE)),
-        "no permission"
-    );
-    assert!(
-        inval(d.map(Iova(0x1800), Gpa(0), PAGE, Perm::READ)),
-        "iova misaligned"
-    );
-    assert!(
-        inval(d.map(Iova(0x1000), Gpa(0x800), PAGE, Perm::READ)),
-        "gpa misaligned"
-    );
-    assert!(
-        inval(d.map(Iova(0x1000), Gpa(0), 0x1800, Perm::READ)),
-        "size misaligned"
-    );
-    assert!(
-        inval(d.map(Iova(1 << 48), Gpa(0), PAGE, Perm::READ)),
-        "outside the 48-bit aperture"
-    );
-    assert!(
-        inval(d.map(Iova((1 << 48) - PAGE), Gpa(0), 2 * PAGE, Perm::READ)),
-        "straddles the aperture"
-    );
-    assert!(
-        inval(d.map(Iova(u64::MAX - PAGE + 1), Gpa(0), 2 * PAGE, Perm::READ)),
-        "wraps"
-    );
-    assert!(
-        inval(d.map(Iova(0xfee0_0000), Gpa(0), PAGE, Perm::WRITE)),
-        "MSI window is reserved"
-    );
-    assert!(
-        inval(d.map(Iova(0xfed0_0000), Gpa(0), 2 * MIB, Perm::WRITE)),
-        "overlaps the MSI window"
-    );
+    assert!(inval(d.map(Iova(0x1000), Gpa(0), 0, Perm::READ)), "zero size");
+    assert!(inval(d.map(Iova(0x1000), Gpa(0), PAGE, Perm::NONE)), "no permission");
+    assert!(inval(d.map(Iova(0x1800), Gpa(0), PAGE, Perm::READ)), "iova misaligned");
+    assert!(inval(d.map(Iova(0x1000), Gpa(0x800), PAGE, Perm::READ)), "gpa misaligned");
+    assert!(inval(d.map(Iova(0x1000), Gpa(0), 0x1800, Perm::READ)), "size misaligned");
+    assert!(inval(d.map(Iova(1 << 48), Gpa(0), PAGE, Perm::READ)), "outside the 48-bit aperture");
+    assert!(inval(d.map(Iova((1 << 48) - PAGE), Gpa(0), 2 * PAGE, Perm::READ)), "straddles the aperture");
+    assert!(inval(d.map(Iova(u64::MAX - PAGE + 1), Gpa(0), 2 * PAGE, Perm::READ)), "wraps");
+    assert!(inval(d.map(Iova(0xfee0_0000), Gpa(0), PAGE, Perm::WRITE)), "MSI window is reserved");
+    assert!(inval(d.map(Iova(0xfed0_0000), Gpa(0), 2 * MIB, Perm::WRITE)), "overlaps the MSI window");
     assert_eq!(
         d.map(Iova(0), Gpa(32 * MIB), PAGE, Perm::READ),
-        Err(MapError::BadAddress {
-            gpa: 32 * MIB,
-            size: PAGE
-        }),
+        Err(MapError::BadAddress { gpa: 32 * MIB, size: PAGE }),
         "past the end of guest memory"
     );
     assert_eq!(d.mapping_count(), 0);
@@ -73,32 +40,18 @@ fn granule_follows_the_page_size_bitmap() {
     };
     let d = vm.create_domain("d", cfg);
     assert_eq!(d.granule(), 64 << 10);
-    assert!(matches!(
-        d.map(Iova(0), Gpa(0), PAGE, Perm::READ),
-        Err(MapError::InvalidArgument(_))
-    ));
+    assert!(matches!(d.map(Iova(0), Gpa(0), PAGE, Perm::READ), Err(MapError::InvalidArgument(_))));
     d.map(Iova(0), Gpa(0), 64 << 10, Perm::READ).unwrap();
 }
 
 #[test]
 fn any_overlap_is_exists_and_max_mappings_is_no_space() {
     let vm = vm(u64::MAX);
-    let d = vm.create_domain(
-        "d",
-        DomainConfig {
-            max_mappings: 2,
-            ..Default::default()
-        },
-    );
-    d.map(Iova(0x10000), Gpa(0), 4 * PAGE, Perm::READ_WRITE)
-        .unwrap();
-    for (iova, size) in [
-        (0x10000, 4 * PAGE),
-        (0xf000, 2 * PAGE),
-        (0x13000, 4 * PAGE),
-        (0x11000, PAGE),
-        (0x8000, 0x20000),
-    ] {
+    let d = vm.create_domain("d", DomainConfig { max_mappings: 2, ..Default::default() });
+    d.map(Iova(0x10000), Gpa(0), 4 * PAGE, Perm::READ_WRITE).unwrap();
+    for (iova, size) in
+        [(0x10000, 4 * PAGE), (0xf000, 2 * PAGE), (0x13000, 4 * PAGE), (0x11000, PAGE), (0x8000, 0x20000)]
+    {
         assert_eq!(
             d.map(Iova(iova), Gpa(0), size, Perm::READ),
             Err(MapError::Exists { iova: Iova(iova) }),
@@ -106,10 +59,7 @@ fn any_overlap_is_exists_and_max_mappings_is_no_space() {
         );
     }
     d.map(Iova(0x14000), Gpa(0), PAGE, Perm::READ).unwrap(); // adjacent above: fine
-    assert_eq!(
-        d.map(Iova(0x20000), Gpa(0), PAGE, Perm::READ),
-        Err(MapError::NoSpace { max: 2 })
-    );
+    assert_eq!(d.map(Iova(0x20000), Gpa(0), PAGE, Perm::READ), Err(MapError::NoSpace { max: 2 }));
     assert_eq!(d.mapping_count(), 2);
 }
 
@@ -118,34 +68,17 @@ fn unmap_removes_whole_mappings_never_splits_and_reports_bytes() {
     let vm = vm(u64::MAX);
     let d = vm.create_domain("d", DomainConfig::default());
     d.map(Iova(0x10000), Gpa(0), 2 * PAGE, Perm::READ).unwrap();
-    d.map(Iova(0x12000), Gpa(0x100000), 2 * PAGE, Perm::READ)
-        .unwrap();
-    d.map(Iova(0x20000), Gpa(0x200000), PAGE, Perm::READ)
-        .unwrap();
+    d.map(Iova(0x12000), Gpa(0x100000), 2 * PAGE, Perm::READ).unwrap();
+    d.map(Iova(0x20000), Gpa(0x200000), PAGE, Perm::READ).unwrap();
     let before = d.mappings();
     let split = Err(MapError::InvalidArgument("unmap would split a mapping"));
-    assert_eq!(
-        d.unmap(Iova(0x11000), 2 * PAGE),
-        split,
-        "starts inside a mapping"
-    );
-    assert_eq!(
-        d.unmap(Iova(0x10000), 3 * PAGE),
-        split,
-        "ends inside a mapping"
-    );
+    assert_eq!(d.unmap(Iova(0x11000), 2 * PAGE), split, "starts inside a mapping");
+    assert_eq!(d.unmap(Iova(0x10000), 3 * PAGE), split, "ends inside a mapping");
     assert_eq!(d.mappings(), before, "a refused unmap changes nothing");
     assert_eq!(d.unmap(Iova(0x30000), PAGE), Ok(0), "nothing mapped there");
-    assert_eq!(
-        d.unmap(Iova(0xf000), 6 * PAGE),
-        Ok(4 * PAGE),
-        "two whole mappings, gaps around them"
-    );
+    assert_eq!(d.unmap(Iova(0xf000), 6 * PAGE), Ok(4 * PAGE), "two whole mappings, gaps around them");
     assert_eq!(d.mapping_count(), 1);
-    assert!(matches!(
-        d.unmap(Iova(0x20000), 0),
-        Err(MapError::InvalidArgument(_))
-    ));
+    assert!(matches!(d.unmap(Iova(0x20000), 0), Err(MapError::InvalidArgument(_))));
     assert_eq!(d.unmap_all(), PAGE);
     assert_eq!(d.unmap_all(), 0);
     assert_eq!(vm.account().locked(), 0);
@@ -156,8 +89,7 @@ fn a_1gib_map_is_one_mapping_and_one_page_table_entry() {
     let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 30)]).unwrap();
     let vm = dma::VmDma::new(std::sync::Arc::new(mem), dma::LockedMemory::new(u64::MAX));
     let d = vm.create_domain("d", DomainConfig::default());
-    d.map(Iova(1 << 30), Gpa(1 << 30), 1 << 30, Perm::READ_WRITE)
-        .unwrap();
+    d.map(Iova(1 << 30), Gpa(1 << 30), 1 << 30, Perm::READ_WRITE).unwrap();
     assert_eq!((d.mapping_count(), d.page_entries()), (1, 1));
     d.map(Iova(0), Gpa(0x1000), 2 << 20, Perm::READ).unwrap(); // gpa misaligned for 2 MiB
     assert_eq!(d.page_entries(), 1 + 512);
@@ -167,13 +99,9 @@ fn a_1gib_map_is_one_mapping_and_one_page_table_entry() {
 fn accesses_are_checked_whole_and_faults_touch_nothing() {
     let vm = vm(u64::MAX);
     let d = vm.create_domain("d", DomainConfig::default());
-    vm.memory()
-        .write_slice(&[0xaa; 0x3000], GuestAddress(0x5000))
-        .unwrap();
-    d.map(Iova(0x100000), Gpa(0x5000), PAGE, Perm::READ_WRITE)
-        .unwrap();
-    d.map(Iova(0x101000), Gpa(0x6000), PAGE, Perm::READ)
-        .unwrap();
+    vm.memory().write_slice(&[0xaa; 0x3000], GuestAddress(0x5000)).unwrap();
+    d.map(Iova(0x100000), Gpa(0x5000), PAGE, Perm::READ_WRITE).unwrap();
+    d.map(Iova(0x101000), Gpa(0x6000), PAGE, Perm::READ).unwrap();
     let dev = DmaSpace::new(d.clone(), "dev0");
 
     dev.write(Iova(0x100ff0), &[1; 16]).unwrap();
@@ -184,32 +112,17 @@ fn accesses_are_checked_whole_and_faults_touch_nothing() {
 
     // A write that spans into the read-only mapping writes nothing at all.
     let e = dev.write(Iova(0x100ff8), &[2; 16]).unwrap_err();
-    assert_eq!(
-        (e.reason, e.access, e.iova, e.len),
-        (FaultReason::Permission, Access::Write, Iova(0x100ff8), 16)
-    );
+    assert_eq!((e.reason, e.access, e.iova, e.len), (FaultReason::Permission, Access::Write, Iova(0x100ff8), 16));
     let mut after = [0u8; 16];
-    vm.memory()
-        .read_slice(&mut after, GuestAddress(0x5ff8))
-        .unwrap();
-    assert_eq!(
-        after,
-        [
-            1, 1, 1, 1, 1, 1, 1, 1, 0xaa, 0xaa, 0xaa, 0xaa, 0xaa, 0xaa, 0xaa, 0xaa
-        ]
-    );
+    vm.memory().read_slice(&mut after, GuestAddress(0x5ff8)).unwrap();
+    assert_eq!(after, [1, 1, 1, 1, 1, 1, 1, 1, 0xaa, 0xaa, 0xaa, 0xaa, 0xaa, 0xaa, 0xaa, 0xaa]);
 
     // A read running past the mappings reads nothing.
     let mut big = [0x55u8; 64];
     let e = dev.read(Iova(0x101fe0), &mut big).unwrap_err();
     assert_eq!(e.reason, FaultReason::NotMapped);
     assert_eq!(big, [0x55; 64]);
-    assert_eq!(
-        dev.read(Iova(u64::MAX - 3), &mut [0; 8])
-            .unwrap_err()
-            .reason,
-        FaultReason::Overflow
-    );
+    assert_eq!(dev.read(Iova(u64::MAX - 3), &mut [0; 8]).unwrap_err().reason, FaultReason::Overflow);
 
     let log = d.faults().recent();
     assert_eq!(d.faults().total(), 3);
@@ -236,25 +149,17 @@ fn translate_yields_host_slices_split_at_host_discontiguity() {
     let vm = vm(u64::MAX);
     let d = vm.create_domain("d", DomainConfig::default());
     // Guest-physical 15 MiB..17 MiB spans the two host mappings of the fixture.
-    d.map(Iova(0x4000_0000), Gpa(15 * MIB), 2 * MIB, Perm::READ_WRITE)
-        .unwrap();
+    d.map(Iova(0x4000_0000), Gpa(15 * MIB), 2 * MIB, Perm::READ_WRITE).unwrap();
     let dev = DmaSpace::new(d.clone(), "dev");
-    let t = dev
-        .translate(Iova(0x4000_0000 + MIB - 8), 16, Access::Write)
-        .unwrap();
+    let t = dev.translate(Iova(0x4000_0000 + MIB - 8), 16, Access::Write).unwrap();
     assert_eq!(t.slice_count(), 2);
-    assert_eq!(
-        t.gpa_ranges().collect::<Vec<_>>(),
-        vec![(16 * MIB - 8, 8), (16 * MIB, 8)]
-    );
+    assert_eq!(t.gpa_ranges().collect::<Vec<_>>(), vec![(16 * MIB - 8, 8), (16 * MIB, 8)]);
     for s in t.slices() {
         s.write_slice(&[7; 8], 0).unwrap();
     }
     drop(t);
     let mut b = [0u8; 16];
-    vm.memory()
-        .read_slice(&mut b, GuestAddress(16 * MIB - 8))
-        .unwrap();
+    vm.memory().read_slice(&mut b, GuestAddress(16 * MIB - 8)).unwrap();
     assert_eq!(b, [7; 16]);
     assert!(vm.dirty().is_dirty(16 * MIB - 8) && vm.dirty().is_dirty(16 * MIB));
 }
@@ -263,21 +168,14 @@ fn translate_yields_host_slices_split_at_host_discontiguity() {
 fn unmap_invalidates_cached_translations() {
     let vm = vm(u64::MAX);
     let d = vm.create_domain("d", DomainConfig::default());
-    d.map(Iova(0x10000), Gpa(0x10000), PAGE, Perm::READ_WRITE)
-        .unwrap();
+    d.map(Iova(0x10000), Gpa(0x10000), PAGE, Perm::READ_WRITE).unwrap();
     let dev = DmaSpace::new(d.clone(), "dev");
     dev.read(Iova(0x10000), &mut [0; 8]).unwrap(); // now cached
     assert_eq!(d.unmap(Iova(0x10000), PAGE), Ok(PAGE));
-    assert_eq!(
-        dev.read(Iova(0x10000), &mut [0; 8]).unwrap_err().reason,
-        FaultReason::NotMapped
-    );
+    assert_eq!(dev.read(Iova(0x10000), &mut [0; 8]).unwrap_err().reason, FaultReason::NotMapped);
     // Remapped elsewhere: the accessor sees the new target, not the cached one.
-    vm.memory()
-        .write_slice(&[9; 8], GuestAddress(0x20000))
-        .unwrap();
-    d.map(Iova(0x10000), Gpa(0x20000), PAGE, Perm::READ)
-        .unwrap();
+    vm.memory().write_slice(&[9; 8], GuestAddress(0x20000)).unwrap();
+    d.map(Iova(0x10000), Gpa(0x20000), PAGE, Perm::READ).unwrap();
     let mut b = [0u8; 8];
     dev.read(Iova(0x10000), &mut b).unwrap();
     assert_eq!(b, [9; 8]);
@@ -287,17 +185,12 @@ fn unmap_invalidates_cached_translations() {
 fn device_writes_mark_guest_pages_dirty_and_reads_do_not() {
     let vm = vm(u64::MAX);
     let d = vm.create_domain("d", DomainConfig::default());
-    d.map(Iova(0), Gpa(0x800000), 4 * PAGE, Perm::READ_WRITE)
-        .unwrap();
+    d.map(Iova(0), Gpa(0x800000), 4 * PAGE, Perm::READ_WRITE).unwrap();
     let dev = DmaSpace::new(d.clone(), "dev");
     dev.read(Iova(0), &mut [0; 4 * 4096]).unwrap();
     assert_eq!(vm.dirty().count(), 0);
     dev.write(Iova(PAGE + 100), &[1; 5000]).unwrap(); // pages 1 and 2
-    assert_eq!(
-        vm.dirty().take(),
-        vec![0x801000, 0x802000],
-        "guest-physical, not IOVA"
-    );
+    assert_eq!(vm.dirty().take(), vec![0x801000, 0x802000], "guest-physical, not IOVA");
     assert_eq!(vm.dirty().count(), 0);
 }
 
@@ -307,19 +200,13 @@ fn a_page_mapped_in_two_domains_and_twice_in_one_is_counted_once() {
     let a = vm.create_domain("a", DomainConfig::default());
     let b = vm.create_domain("b", DomainConfig::default());
     a.map(Iova(0), Gpa(0x100000), 8 * PAGE, Perm::READ).unwrap();
-    a.map(Iova(0x100000), Gpa(0x100000), 8 * PAGE, Perm::READ)
-        .unwrap(); // same pages, second IOVA
-    b.map(Iova(0x5000), Gpa(0x104000), 8 * PAGE, Perm::WRITE)
-        .unwrap(); // half overlaps
+    a.map(Iova(0x100000), Gpa(0x100000), 8 * PAGE, Perm::READ).unwrap(); // same pages, second IOVA
+    b.map(Iova(0x5000), Gpa(0x104000), 8 * PAGE, Perm::WRITE).unwrap(); // half overlaps
     assert_eq!(vm.account().pinned(), 12 * PAGE);
     a.unmap_all();
     assert_eq!(vm.account().pinned(), 8 * PAGE, "b still pins its 8 pages");
     drop(b);
-    assert_eq!(
-        vm.account().pinned(),
-        0,
-        "a dropped domain releases its pins"
-    );
+    assert_eq!(vm.account().pinned(), 0, "a dropped domain releases its pins");
 }
 
 #[test]
@@ -327,28 +214,17 @@ fn the_limit_is_reached_exactly_and_an_over_limit_map_leaves_no_trace() {
     let vm = vm(8 * PAGE);
     let d = vm.create_domain("d", DomainConfig::default());
     d.map(Iova(0), Gpa(0), 6 * PAGE, Perm::READ).unwrap();
-    d.map(Iova(0x10000), Gpa(0x10000), 2 * PAGE, Perm::READ)
-        .unwrap();
+    d.map(Iova(0x10000), Gpa(0x10000), 2 * PAGE, Perm::READ).unwrap();
     assert_eq!(vm.account().locked(), vm.account().limit());
-    let e = d
-        .map(Iova(0x20000), Gpa(0x20000), PAGE, Perm::READ)
-        .unwrap_err();
-    assert_eq!(
-        e,
-        MapError::NoMemory {
-            locked: 8 * PAGE,
-            wanted: PAGE,
-            limit: 8 * PAGE
-        }
-    );
+    let e = d.map(Iova(0x20000), Gpa(0x20000), PAGE, Perm::READ).unwrap_err();
+    assert_eq!(e, MapError::NoMemory { locked: 8 * PAGE, wanted: PAGE, limit: 8 * PAGE });
     assert!(e.to_string().contains("raise it with"), "{e}");
     assert_eq!(d.lookup(Iova(0x20000)), None, "no mapping left behind");
     assert_eq!(d.mapping_count(), 2);
     assert_eq!(vm.account().locked(), 8 * PAGE);
     // Retry after an unmap succeeds: the error was transient.
     d.unmap(Iova(0x10000), 2 * PAGE).unwrap();
-    d.map(Iova(0x20000), Gpa(0x20000), PAGE, Perm::READ)
-        .unwrap();
+    d.map(Iova(0x20000), Gpa(0x20000), PAGE, Perm::READ).unwrap();
     assert_eq!(vm.account().locked(), 7 * PAGE);
 }
 
@@ -357,10 +233,7 @@ fn tce_style_charges_share_the_account_with_pins() {
     let vm = vm(4 * PAGE);
     let d = vm.create_domain("d", DomainConfig::default());
     vm.account().charge(3 * PAGE).unwrap();
-    assert!(matches!(
-        d.map(Iova(0), Gpa(0), 2 * PAGE, Perm::READ),
-        Err(MapError::NoMemory { .. })
-    ));
+    assert!(matches!(d.map(Iova(0), Gpa(0), 2 * PAGE, Perm::READ), Err(MapError::NoMemory { .. })));
     d.map(Iova(0), Gpa(0), PAGE, Perm::READ).unwrap();
 }
 
@@ -369,26 +242,18 @@ fn the_identity_domain_maps_all_ram_at_its_guest_address() {
     let vm = vm(u64::MAX);
     let d = vm.identity_domain("identity").unwrap();
     assert_eq!(vm.account().pinned(), 32 * MIB);
-    vm.memory()
-        .write_slice(b"identity", GuestAddress(0x0123_4000))
-        .unwrap();
+    vm.memory().write_slice(b"identity", GuestAddress(0x0123_4000)).unwrap();
     let dev = DmaSpace::new(d.clone(), "dev");
     let mut b = [0u8; 8];
     dev.read(Iova(0x0123_4000), &mut b).unwrap();
     assert_eq!(&b, b"identity");
-    assert_eq!(
-        dev.read(Iova(32 * MIB), &mut b).unwrap_err().reason,
-        FaultReason::NotMapped
-    );
+    assert_eq!(dev.read(Iova(32 * MIB), &mut b).unwrap_err().reason, FaultReason::NotMapped);
 }
 
 #[test]
 fn the_identity_domain_needs_a_limit_covering_ram() {
     let vm = vm(8 << 20);
-    assert!(matches!(
-        vm.identity_domain("identity"),
-        Err(MapError::NoMemory { .. })
-    ));
+    assert!(matches!(vm.identity_domain("identity"), Err(MapError::NoMemory { .. })));
 }
 
 #[test]

@@ -36,12 +36,7 @@ fn no_access_succeeds_after_its_unmap_returned() {
     let devices: Vec<_> = (0..2u64)
         .map(|t| {
             let space = DmaSpace::new(domain.clone(), &format!("dev{t}"));
-            let (stop, poison_seen, ok, failed) = (
-                stop.clone(),
-                poison_seen.clone(),
-                ok.clone(),
-                failed.clone(),
-            );
+            let (stop, poison_seen, ok, failed) = (stop.clone(), poison_seen.clone(), ok.clone(), failed.clone());
             std::thread::spawn(move || {
                 let data = vec![t as u8 + 1; WRITE_AREA];
                 let mut buf = vec![0u8; READ_AREA.len()];
@@ -53,10 +48,7 @@ fn no_access_succeeds_after_its_unmap_returned() {
                         Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
                         Err(_) => failed.fetch_add(1, Ordering::Relaxed),
                     };
-                    if space
-                        .read(Iova(iova + READ_AREA.start as u64), &mut buf)
-                        .is_ok()
-                    {
+                    if space.read(Iova(iova + READ_AREA.start as u64), &mut buf).is_ok() {
                         if buf.contains(&POISON) {
                             poison_seen.fetch_add(1, Ordering::Relaxed);
                         }
@@ -80,30 +72,21 @@ fn no_access_succeeds_after_its_unmap_returned() {
             if let Some(pos) = pending.iter().position(|(p, _)| *p == page) {
                 let (_, snap) = pending.swap_remove(pos);
                 let mut now = vec![0u8; WRITE_AREA];
-                vm.memory()
-                    .read_slice(&mut now, GuestAddress(page))
-                    .unwrap();
+                vm.memory().read_slice(&mut now, GuestAddress(page)).unwrap();
                 if now != snap {
                     changed_after_unmap += 1;
                 }
             }
-            vm.memory()
-                .write_slice(&[0u8; PAGE as usize], GuestAddress(page))
-                .unwrap();
+            vm.memory().write_slice(&[0u8; PAGE as usize], GuestAddress(page)).unwrap();
             let iova = Iova(IOVA_BASE + slot * PAGE);
             domain.map(iova, Gpa(page), PAGE, Perm::READ_WRITE).unwrap();
             std::thread::yield_now();
             assert_eq!(domain.unmap(iova, PAGE), Ok(PAGE));
             // The unmap returned: from here nothing may touch the page through the domain.
             let mut snap = vec![0u8; WRITE_AREA];
+            vm.memory().read_slice(&mut snap, GuestAddress(page)).unwrap();
             vm.memory()
-                .read_slice(&mut snap, GuestAddress(page))
-                .unwrap();
-            vm.memory()
-                .write_slice(
-                    &[POISON; READ_AREA.end - READ_AREA.start],
-                    GuestAddress(page + READ_AREA.start as u64),
-                )
+                .write_slice(&[POISON; READ_AREA.end - READ_AREA.start], GuestAddress(page + READ_AREA.start as u64))
                 .unwrap();
             pending.push((page, snap));
         }
@@ -115,29 +98,18 @@ fn no_access_succeeds_after_its_unmap_returned() {
     }
     for (page, snap) in pending {
         let mut now = vec![0u8; WRITE_AREA];
-        vm.memory()
-            .read_slice(&mut now, GuestAddress(page))
-            .unwrap();
+        vm.memory().read_slice(&mut now, GuestAddress(page)).unwrap();
         if now != snap {
             changed_after_unmap += 1;
         }
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    eprintln!(
-        "stress: {rounds} rounds of {SLOTS} map/unmap, {ok} accesses succeeded, {failed} faulted"
-    );
+    eprintln!("stress: {rounds} rounds of {SLOTS} map/unmap, {ok} accesses succeeded, {failed} faulted");
     assert!(
         rounds > 20 && ok > 100 && failed > 100,
         "the race was exercised: {rounds} rounds, {ok} ok, {failed} faulted"
     );
-    assert_eq!(
-        changed_after_unmap, 0,
-        "device writes landed after unmap returned"
-    );
-    assert_eq!(
-        poison_seen.load(Ordering::Relaxed),
-        0,
-        "device reads were served after unmap returned"
-    );
+    assert_eq!(changed_after_unmap, 0, "device writes landed after unmap returned");
+    assert_eq!(poison_seen.load(Ordering::Relaxed), 0, "device reads were served after unmap returned");
     assert_eq!(vm.account().pinned(), 0);
 }

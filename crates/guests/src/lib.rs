@@ -17,11 +17,7 @@ pub struct Program {
 
 /// All built-in programs, in a stable order.
 pub fn all() -> impl Iterator<Item = Program> {
-    PROGRAMS.iter().map(|&(name, description, elf)| Program {
-        name,
-        description,
-        elf,
-    })
+    PROGRAMS.iter().map(|&(name, description, elf)| Program { name, description, elf })
 }
 
 /// The built-in program called `name`.
@@ -39,18 +35,9 @@ mod tests {
         for p in all() {
             assert_eq!(&p.elf[..4], b"\x7fELF", "{} is not an ELF", p.name);
             assert_eq!(p.elf[4], 2, "{} is not 64-bit", p.name);
-            assert_eq!(
-                u16::from_le_bytes([p.elf[18], p.elf[19]]),
-                62,
-                "{} is not x86-64",
-                p.name
-            );
+            assert_eq!(u16::from_le_bytes([p.elf[18], p.elf[19]]), 62, "{} is not x86-64", p.name);
             let entry = u64::from_le_bytes(p.elf[24..32].try_into().expect("8 bytes"));
-            assert!(
-                entry >= abi::layout::IMAGE_ADDR,
-                "{} entry {entry:#x} below the image address",
-                p.name
-            );
+            assert!(entry >= abi::layout::IMAGE_ADDR, "{} entry {entry:#x} below the image address", p.name);
         }
         assert!(get("hello").is_some() && get("interrupts").is_some() && get("nope").is_none());
     }

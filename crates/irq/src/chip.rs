@@ -16,10 +16,7 @@ pub struct MsiMessage {
 impl MsiMessage {
     /// A fixed, edge-triggered MSI of `vector` to APIC `dest` (physical mode).
     pub fn fixed(dest: u8, vector: u8) -> MsiMessage {
-        MsiMessage {
-            address: 0xfee0_0000 | (u64::from(dest) << 12),
-            data: u32::from(vector),
-        }
+        MsiMessage { address: 0xfee0_0000 | (u64::from(dest) << 12), data: u32::from(vector) }
     }
 }
 

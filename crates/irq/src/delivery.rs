@@ -46,10 +46,7 @@ impl Shared {
     pub(crate) fn new(chip: Arc<dyn IrqChip>) -> io::Result<Shared> {
         Ok(Shared {
             chip,
-            state: Mutex::new(State {
-                entries: HashMap::new(),
-                gsi_used: BTreeSet::new(),
-            }),
+            state: Mutex::new(State { entries: HashMap::new(), gsi_used: BTreeSet::new() }),
             epoll: Epoll::new()?,
             tokens: Mutex::new(Tokens::default()),
             fallback: Mutex::new(BTreeSet::new()),
@@ -65,8 +62,7 @@ impl Shared {
         let mut t = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         t.last += 1;
         let n = t.last;
-        self.epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, n))?;
+        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, n))?;
         t.by_number.insert(n, token);
         t.by_fd.insert(fd, n);
         Ok(())
@@ -76,36 +72,22 @@ impl Shared {
         let mut t = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = t.by_fd.remove(&fd) {
             t.by_number.remove(&n);
-            if let Err(e) = self
-                .epoll
-                .ctl(ControlOperation::Delete, fd, EpollEvent::default())
-            {
+            if let Err(e) = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default()) {
                 tracing::error!("irq delivery: epoll delete of fd {fd}: {e}");
             }
         }
     }
 
     pub(crate) fn poll_fallback(&self, id: &SourceId) {
-        self.fallback
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone());
+        self.fallback.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone());
     }
 
     pub(crate) fn clear_poll_fallback(&self, id: &SourceId) {
-        self.fallback
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        self.fallback.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 
     fn token(&self, n: u64) -> Option<Token> {
-        self.tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_number
-            .get(&n)
-            .cloned()
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).by_number.get(&n).cloned()
     }
 
     /// CPU time of the delivery thread (ns), from /proc/self/task/TID/schedstat.
@@ -175,16 +157,10 @@ fn handle(shared: &Shared, token: &Token) {
 /// The thread's body.
 pub(crate) fn run(shared: &Shared) {
     // SAFETY: gettid has no arguments and cannot fail.
-    shared
-        .tid
-        .store(unsafe { libc::gettid() }, Ordering::Release);
+    shared.tid.store(unsafe { libc::gettid() }, Ordering::Release);
     let mut events = vec![EpollEvent::default(); 64];
     loop {
-        let polling = !shared
-            .fallback
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty();
+        let polling = !shared.fallback.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
         let n = match shared.epoll.wait(if polling { 1 } else { -1 }, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -201,13 +177,8 @@ pub(crate) fn run(shared: &Shared) {
             }
         }
         if polling {
-            let ids: Vec<SourceId> = shared
-                .fallback
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .cloned()
-                .collect();
+            let ids: Vec<SourceId> =
+                shared.fallback.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
             for id in ids {
                 handle(shared, &Token::Trigger(id));
             }

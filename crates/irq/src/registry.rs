@@ -160,15 +160,8 @@ impl IrqRegistry {
         let shared = Arc::new(Shared::new(chip)?);
         shared.watch(stop.as_raw_fd(), Token::Stop)?;
         let s = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("irq-delivery".into())
-            .spawn(move || delivery::run(&s))?;
-        Ok(IrqRegistry {
-            shared,
-            default_mode,
-            stop,
-            thread: Some(thread),
-        })
+        let thread = std::thread::Builder::new().name("irq-delivery".into()).spawn(move || delivery::run(&s))?;
+        Ok(IrqRegistry { shared, default_mode, stop, thread: Some(thread) })
     }
 
     /// The mode sources attach in by default.
@@ -181,11 +174,7 @@ impl IrqRegistry {
     }
 
     fn chip_err<'a>(id: &'a SourceId, op: &'static str) -> impl FnOnce(io::Error) -> IrqError + 'a {
-        move |source| IrqError::Chip {
-            id: id.clone(),
-            op,
-            source,
-        }
+        move |source| IrqError::Chip { id: id.clone(), op, source }
     }
 
     /// Attaches `source` to `guest` in the default mode, holding `owner` (the device)
@@ -209,19 +198,12 @@ impl IrqRegistry {
     ) -> Result<(), IrqError> {
         let id = source.id.clone();
         match (&source.trigger, guest) {
-            (Trigger::Level { .. }, GuestIrq::Level(_))
-            | (Trigger::Edge(_), GuestIrq::Msi(_) | GuestIrq::Edge(_)) => {}
+            (Trigger::Level { .. }, GuestIrq::Level(_)) | (Trigger::Edge(_), GuestIrq::Msi(_) | GuestIrq::Edge(_)) => {}
             (Trigger::Level { .. }, _) => {
-                return Err(IrqError::Mismatch(
-                    id,
-                    "a level source needs a level guest IRQ",
-                ));
+                return Err(IrqError::Mismatch(id, "a level source needs a level guest IRQ"));
             }
             (Trigger::Edge(_), _) => {
-                return Err(IrqError::Mismatch(
-                    id,
-                    "an edge source cannot drive a level guest IRQ",
-                ));
+                return Err(IrqError::Mismatch(id, "an edge source cannot drive a level guest IRQ"));
             }
         }
         set_nonblocking(source.trigger_fd()).map_err(Self::chip_err(&id, "setting O_NONBLOCK"))?;
@@ -229,24 +211,14 @@ impl IrqRegistry {
         if st.entries.contains_key(&id) {
             return Err(IrqError::AlreadyAttached(id));
         }
-        let mut entry = Entry {
-            source,
-            guest,
-            gsi: None,
-            mode,
-            relay: None,
-            _owner: owner,
-            vmm_delivered: 0,
-            switches: 0,
-        };
+        let mut entry =
+            Entry { source, guest, gsi: None, mode, relay: None, _owner: owner, vmm_delivered: 0, switches: 0 };
         if let GuestIrq::Msi(msi) = guest {
             let chip = &self.shared.chip;
             let first = chip.first_msi_gsi();
-            let gsi = (first..chip.gsi_count())
-                .find(|g| !st.gsi_used.contains(g))
-                .ok_or(IrqError::NoGsi(id.clone()))?;
-            chip.set_msi_route(gsi, msi)
-                .map_err(Self::chip_err(&id, "setting the MSI route"))?;
+            let gsi =
+                (first..chip.gsi_count()).find(|g| !st.gsi_used.contains(g)).ok_or(IrqError::NoGsi(id.clone()))?;
+            chip.set_msi_route(gsi, msi).map_err(Self::chip_err(&id, "setting the MSI route"))?;
             st.gsi_used.insert(gsi);
             entry.gsi = Some(gsi);
         }
@@ -265,10 +237,7 @@ impl IrqRegistry {
     /// Hands `id` to KVM. Forwarding twice, or an unknown source, is an error.
     pub fn forward(&self, id: &SourceId) -> Result<(), IrqError> {
         let mut st = self.lock();
-        let entry = st
-            .entries
-            .get_mut(id)
-            .ok_or_else(|| IrqError::Unknown(id.clone()))?;
+        let entry = st.entries.get_mut(id).ok_or_else(|| IrqError::Unknown(id.clone()))?;
         if entry.mode == Mode::Forwarded {
             return Err(IrqError::AlreadyForwarded(id.clone()));
         }
@@ -290,10 +259,7 @@ impl IrqRegistry {
     /// cannot fail (a source already with the VMM stays there).
     pub fn unforward(&self, id: &SourceId) -> Result<(), IrqError> {
         let mut st = self.lock();
-        let entry = st
-            .entries
-            .get_mut(id)
-            .ok_or_else(|| IrqError::Unknown(id.clone()))?;
+        let entry = st.entries.get_mut(id).ok_or_else(|| IrqError::Unknown(id.clone()))?;
         if entry.mode == Mode::Vmm {
             return Ok(());
         }
@@ -301,9 +267,7 @@ impl IrqRegistry {
         if let Err(e) = self.start_vmm(entry) {
             // Only watching the eventfd can fail here (epoll_ctl: out of memory). The
             // source must not go silent: the delivery thread polls unwatched sources.
-            tracing::error!(
-                "IRQ source {id}: VMM delivery set-up failed ({e}); falling back to polling"
-            );
+            tracing::error!("IRQ source {id}: VMM delivery set-up failed ({e}); falling back to polling");
             self.shared.poll_fallback(id);
         }
         entry.mode = Mode::Vmm;
@@ -326,17 +290,11 @@ impl IrqRegistry {
     /// Changes the MSI message of an attached MSI source (the guest reprogrammed it).
     pub fn set_msi(&self, id: &SourceId, msi: crate::MsiMessage) -> Result<(), IrqError> {
         let mut st = self.lock();
-        let entry = st
-            .entries
-            .get_mut(id)
-            .ok_or_else(|| IrqError::Unknown(id.clone()))?;
+        let entry = st.entries.get_mut(id).ok_or_else(|| IrqError::Unknown(id.clone()))?;
         let (GuestIrq::Msi(_), Some(gsi)) = (entry.guest, entry.gsi) else {
             return Err(IrqError::Mismatch(id.clone(), "not an MSI source"));
         };
-        self.shared
-            .chip
-            .set_msi_route(gsi, msi)
-            .map_err(Self::chip_err(id, "updating the MSI route"))?;
+        self.shared.chip.set_msi_route(gsi, msi).map_err(Self::chip_err(id, "updating the MSI route"))?;
         entry.guest = GuestIrq::Msi(msi);
         Ok(())
     }
@@ -346,10 +304,7 @@ impl IrqRegistry {
     /// one the teardown cannot fail.
     pub fn detach(&self, id: &SourceId) -> Result<(), IrqError> {
         let mut st = self.lock();
-        let mut entry = st
-            .entries
-            .remove(id)
-            .ok_or_else(|| IrqError::Unknown(id.clone()))?;
+        let mut entry = st.entries.remove(id).ok_or_else(|| IrqError::Unknown(id.clone()))?;
         self.teardown(&mut st, &mut entry);
         Ok(())
     }
@@ -357,12 +312,7 @@ impl IrqRegistry {
     /// Detaches every source of `device` (device removal or death); returns how many.
     pub fn detach_device(&self, device: &str) -> usize {
         let mut st = self.lock();
-        let ids: Vec<SourceId> = st
-            .entries
-            .keys()
-            .filter(|k| k.device == device)
-            .cloned()
-            .collect();
+        let ids: Vec<SourceId> = st.entries.keys().filter(|k| k.device == device).cloned().collect();
         for id in &ids {
             if let Some(mut e) = st.entries.remove(id) {
                 self.teardown(&mut st, &mut e);
@@ -379,11 +329,7 @@ impl IrqRegistry {
     /// The mode and counters of `id`.
     pub fn stats(&self, id: &SourceId) -> Option<SourceStats> {
         let st = self.lock();
-        st.entries.get(id).map(|e| SourceStats {
-            mode: e.mode,
-            vmm_delivered: e.vmm_delivered,
-            switches: e.switches,
-        })
+        st.entries.get(id).map(|e| SourceStats { mode: e.mode, vmm_delivered: e.vmm_delivered, switches: e.switches })
     }
 
     /// The attached sources, sorted.
@@ -396,11 +342,7 @@ impl IrqRegistry {
     /// Resources held now.
     pub fn counts(&self) -> IrqCounts {
         let st = self.lock();
-        let mut c = IrqCounts {
-            sources: st.entries.len(),
-            msi_routes: st.gsi_used.len(),
-            ..Default::default()
-        };
+        let mut c = IrqCounts { sources: st.entries.len(), msi_routes: st.gsi_used.len(), ..Default::default() };
         for e in st.entries.values() {
             match e.mode {
                 Mode::Forwarded => {
@@ -443,10 +385,7 @@ impl IrqRegistry {
 
     fn stop_forwarded(&self, entry: &mut Entry) {
         if let Some(gsi) = entry.kvm_gsi()
-            && let Err(e) = self
-                .shared
-                .chip
-                .deassign_irqfd(entry.source.trigger_fd(), gsi)
+            && let Err(e) = self.shared.chip.deassign_irqfd(entry.source.trigger_fd(), gsi)
         {
             tracing::error!("IRQ source {}: deassigning its irqfd: {e}", entry.source.id);
         }
@@ -456,38 +395,22 @@ impl IrqRegistry {
         let id = entry.source.id.clone();
         if let GuestIrq::Level(gsi) = entry.guest {
             let relay = Relay {
-                trigger: EventFd::new(EFD_NONBLOCK)
-                    .map_err(Self::chip_err(&id, "creating relay eventfds"))?,
-                resample: EventFd::new(EFD_NONBLOCK)
-                    .map_err(Self::chip_err(&id, "creating relay eventfds"))?,
+                trigger: EventFd::new(EFD_NONBLOCK).map_err(Self::chip_err(&id, "creating relay eventfds"))?,
+                resample: EventFd::new(EFD_NONBLOCK).map_err(Self::chip_err(&id, "creating relay eventfds"))?,
             };
             self.shared
                 .chip
                 .assign_irqfd(&relay.trigger, gsi, Some(&relay.resample))
                 .map_err(Self::chip_err(&id, "assigning the level relay irqfd"))?;
-            if let Err(e) = self
-                .shared
-                .watch(relay.resample.as_raw_fd(), Token::Resample(id.clone()))
-            {
+            if let Err(e) = self.shared.watch(relay.resample.as_raw_fd(), Token::Resample(id.clone())) {
                 let _ = self.shared.chip.deassign_irqfd(&relay.trigger, gsi);
-                return Err(IrqError::Chip {
-                    id,
-                    op: "watching the relay",
-                    source: e,
-                });
+                return Err(IrqError::Chip { id, op: "watching the relay", source: e });
             }
             entry.relay = Some(relay);
         }
-        if let Err(e) = self.shared.watch(
-            entry.source.trigger_fd().as_raw_fd(),
-            Token::Trigger(id.clone()),
-        ) {
+        if let Err(e) = self.shared.watch(entry.source.trigger_fd().as_raw_fd(), Token::Trigger(id.clone())) {
             self.drop_relay(entry);
-            return Err(IrqError::Chip {
-                id,
-                op: "watching the trigger",
-                source: e,
-            });
+            return Err(IrqError::Chip { id, op: "watching the trigger", source: e });
         }
         Ok(())
     }
@@ -504,10 +427,7 @@ impl IrqRegistry {
             if let GuestIrq::Level(gsi) = entry.guest
                 && let Err(e) = self.shared.chip.deassign_irqfd(&relay.trigger, gsi)
             {
-                tracing::error!(
-                    "IRQ source {}: deassigning the relay irqfd: {e}",
-                    entry.source.id
-                );
+                tracing::error!("IRQ source {}: deassigning the relay irqfd: {e}", entry.source.id);
             }
         }
     }
@@ -515,10 +435,7 @@ impl IrqRegistry {
     fn release_route(&self, st: &mut State, entry: &mut Entry) {
         if let Some(gsi) = entry.gsi.take() {
             if let Err(e) = self.shared.chip.remove_msi_route(gsi) {
-                tracing::error!(
-                    "IRQ source {}: removing MSI route {gsi}: {e}",
-                    entry.source.id
-                );
+                tracing::error!("IRQ source {}: removing MSI route {gsi}: {e}", entry.source.id);
             }
             st.gsi_used.remove(&gsi);
         }

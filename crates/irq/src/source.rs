@@ -19,11 +19,7 @@ pub struct SourceId {
 impl SourceId {
     /// A source name.
     pub fn new(device: &str, index: u32, sub: u32) -> SourceId {
-        SourceId {
-            device: device.to_string(),
-            index,
-            sub,
-        }
+        SourceId { device: device.to_string(), index, sub }
     }
 }
 

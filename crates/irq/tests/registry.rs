@@ -5,9 +5,7 @@
 //! that leaves no irqfd, watch, route, eventfd, thread or device reference behind.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use irq::{
-    GuestIrq, IrqChip, IrqError, IrqRegistry, IrqSource, Mode, MsiMessage, SourceId, Trigger,
-};
+use irq::{GuestIrq, IrqChip, IrqError, IrqRegistry, IrqSource, Mode, MsiMessage, SourceId, Trigger};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -115,13 +113,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn msi_source(dev: &str) -> (IrqSource, EventFd) {
     let fd = EventFd::new(EFD_NONBLOCK).unwrap();
     let writer = fd.try_clone().unwrap();
-    (
-        IrqSource {
-            id: SourceId::new(dev, 2, 0),
-            trigger: Trigger::Edge(fd),
-        },
-        writer,
-    )
+    (IrqSource { id: SourceId::new(dev, 2, 0), trigger: Trigger::Edge(fd) }, writer)
 }
 
 fn open_eventfds() -> usize {
@@ -155,12 +147,8 @@ fn forwarding_twice_and_unknown_sources_are_errors_unforward_of_known_is_not() {
     let dev = Arc::new(Device);
     let (src, _w) = msi_source("nic");
     let id = src.id.clone();
-    reg.attach(src, GuestIrq::Msi(MsiMessage::fixed(0, 0x40)), dev.clone())
-        .unwrap();
-    assert!(matches!(
-        reg.forward(&id),
-        Err(IrqError::AlreadyForwarded(_))
-    ));
+    reg.attach(src, GuestIrq::Msi(MsiMessage::fixed(0, 0x40)), dev.clone()).unwrap();
+    assert!(matches!(reg.forward(&id), Err(IrqError::AlreadyForwarded(_))));
     let ghost = SourceId::new("ghost", 2, 0);
     assert!(matches!(reg.unforward(&ghost), Err(IrqError::Unknown(_))));
     assert!(matches!(reg.forward(&ghost), Err(IrqError::Unknown(_))));
@@ -175,10 +163,7 @@ fn forwarding_twice_and_unknown_sources_are_errors_unforward_of_known_is_not() {
         Err(IrqError::AlreadyAttached(_))
     ));
     let (edge, _w3) = msi_source("nic2");
-    assert!(matches!(
-        reg.attach(edge, GuestIrq::Level(10), dev.clone()),
-        Err(IrqError::Mismatch(..))
-    ));
+    assert!(matches!(reg.attach(edge, GuestIrq::Level(10), dev.clone()), Err(IrqError::Mismatch(..))));
     chip.stop.store(true, Ordering::Relaxed);
     t.join().unwrap();
 }
@@ -192,23 +177,11 @@ fn a_device_reference_is_held_exactly_while_attached() {
     let mut ids = Vec::new();
     for sub in 0..3 {
         let fd = EventFd::new(EFD_NONBLOCK).unwrap();
-        let src = IrqSource {
-            id: SourceId::new("nic", 2, sub),
-            trigger: Trigger::Edge(fd),
-        };
+        let src = IrqSource { id: SourceId::new("nic", 2, sub), trigger: Trigger::Edge(fd) };
         ids.push(src.id.clone());
-        reg.attach(
-            src,
-            GuestIrq::Msi(MsiMessage::fixed(0, 0x40 + sub as u8)),
-            dev.clone(),
-        )
-        .unwrap();
+        reg.attach(src, GuestIrq::Msi(MsiMessage::fixed(0, 0x40 + sub as u8)), dev.clone()).unwrap();
     }
-    assert_eq!(
-        Arc::strong_count(&dev),
-        4,
-        "one reference per attached source"
-    );
+    assert_eq!(Arc::strong_count(&dev), 4, "one reference per attached source");
     reg.unforward(&ids[0]).unwrap();
     reg.forward(&ids[0]).unwrap();
     assert_eq!(Arc::strong_count(&dev), 4, "switching does not count");
@@ -227,12 +200,7 @@ fn switching_while_firing_loses_and_duplicates_nothing() {
     let reg = Arc::new(IrqRegistry::new(chip.clone(), Mode::Forwarded).unwrap());
     let (src, writer) = msi_source("storm");
     let id = src.id.clone();
-    reg.attach(
-        src,
-        GuestIrq::Msi(MsiMessage::fixed(0, 0x40)),
-        Arc::new(Device),
-    )
-    .unwrap();
+    reg.attach(src, GuestIrq::Msi(MsiMessage::fixed(0, 0x40)), Arc::new(Device)).unwrap();
     const N: u64 = 200_000;
     let firing = std::thread::spawn(move || {
         for _ in 0..N {
@@ -241,35 +209,17 @@ fn switching_while_firing_loses_and_duplicates_nothing() {
     });
     let mut switches = 0;
     while !firing.is_finished() || switches < 2000 {
-        reg.set_mode(
-            &id,
-            if switches % 2 == 0 {
-                Mode::Vmm
-            } else {
-                Mode::Forwarded
-            },
-        )
-        .unwrap();
+        reg.set_mode(&id, if switches % 2 == 0 { Mode::Vmm } else { Mode::Forwarded }).unwrap();
         switches += 1;
     }
     firing.join().unwrap();
     reg.forward(&id).ok();
-    let total =
-        || chip.kvm_delivered.load(Ordering::Relaxed) + chip.vmm_msis.load(Ordering::Relaxed);
+    let total = || chip.kvm_delivered.load(Ordering::Relaxed) + chip.vmm_msis.load(Ordering::Relaxed);
     assert!(wait_until(|| total() >= N), "delivered {} of {N}", total());
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(
-        total(),
-        N,
-        "nothing lost, nothing duplicated across {switches} switches"
-    );
-    assert!(
-        chip.vmm_msis.load(Ordering::Relaxed) > 0 && chip.kvm_delivered.load(Ordering::Relaxed) > 0
-    );
-    assert_eq!(
-        reg.stats(&id).unwrap().vmm_delivered,
-        chip.vmm_msis.load(Ordering::Relaxed)
-    );
+    assert_eq!(total(), N, "nothing lost, nothing duplicated across {switches} switches");
+    assert!(chip.vmm_msis.load(Ordering::Relaxed) > 0 && chip.kvm_delivered.load(Ordering::Relaxed) > 0);
+    assert_eq!(reg.stats(&id).unwrap().vmm_delivered, chip.vmm_msis.load(Ordering::Relaxed));
     drop(reg);
     chip.stop.store(true, Ordering::Relaxed);
     t.join().unwrap();
@@ -285,35 +235,17 @@ fn a_level_source_is_asked_to_recheck_its_line_at_every_switch() {
     let device_resample = resample.try_clone().unwrap();
     let id = SourceId::new("intx-dev", 0, 0);
     reg.attach(
-        IrqSource {
-            id: id.clone(),
-            trigger: Trigger::Level { trigger, resample },
-        },
+        IrqSource { id: id.clone(), trigger: Trigger::Level { trigger, resample } },
         GuestIrq::Level(10),
         Arc::new(Device),
     )
     .unwrap();
-    assert!(
-        device_resample.read().is_err(),
-        "no re-check at attach: nothing to carry over"
-    );
+    assert!(device_resample.read().is_err(), "no re-check at attach: nothing to carry over");
     reg.unforward(&id).unwrap();
-    assert_eq!(
-        device_resample.read().unwrap(),
-        1,
-        "re-check after switching to the VMM"
-    );
-    assert_eq!(
-        reg.counts().irqfds,
-        1,
-        "VMM mode raises the line through a resample relay"
-    );
+    assert_eq!(device_resample.read().unwrap(), 1, "re-check after switching to the VMM");
+    assert_eq!(reg.counts().irqfds, 1, "VMM mode raises the line through a resample relay");
     reg.forward(&id).unwrap();
-    assert_eq!(
-        device_resample.read().unwrap(),
-        1,
-        "re-check after switching back"
-    );
+    assert_eq!(device_resample.read().unwrap(), 1, "re-check after switching back");
     chip.stop.store(true, Ordering::Relaxed);
     t.join().unwrap();
 }
@@ -330,22 +262,9 @@ fn teardown_leaves_no_irqfd_watch_route_eventfd_thread_or_reference() {
         assert_eq!(threads(), threads_before + 1, "one delivery thread");
         for sub in 0..4 {
             let fd = EventFd::new(EFD_NONBLOCK).unwrap();
-            let mode = if sub % 2 == 0 {
-                Mode::Forwarded
-            } else {
-                Mode::Vmm
-            };
-            let src = IrqSource {
-                id: SourceId::new("nic", 2, sub),
-                trigger: Trigger::Edge(fd),
-            };
-            reg.attach_in(
-                src,
-                GuestIrq::Msi(MsiMessage::fixed(0, 0x40 + sub as u8)),
-                dev.clone(),
-                mode,
-            )
-            .unwrap();
+            let mode = if sub % 2 == 0 { Mode::Forwarded } else { Mode::Vmm };
+            let src = IrqSource { id: SourceId::new("nic", 2, sub), trigger: Trigger::Edge(fd) };
+            reg.attach_in(src, GuestIrq::Msi(MsiMessage::fixed(0, 0x40 + sub as u8)), dev.clone(), mode).unwrap();
         }
         let level = IrqSource {
             id: SourceId::new("nic", 0, 0),
@@ -354,8 +273,7 @@ fn teardown_leaves_no_irqfd_watch_route_eventfd_thread_or_reference() {
                 resample: EventFd::new(EFD_NONBLOCK).unwrap(),
             },
         };
-        reg.attach_in(level, GuestIrq::Level(11), dev.clone(), Mode::Vmm)
-            .unwrap();
+        reg.attach_in(level, GuestIrq::Level(11), dev.clone(), Mode::Vmm).unwrap();
         let c = reg.counts();
         assert_eq!((c.sources, c.forwarded, c.msi_routes), (5, 2, 4));
         assert_eq!(c.irqfds, 3, "two forwarded + one level relay");
@@ -363,24 +281,11 @@ fn teardown_leaves_no_irqfd_watch_route_eventfd_thread_or_reference() {
         // The registry is dropped here, sources still attached: Drop tears down.
     }
     assert_eq!(Arc::strong_count(&dev), 1, "no device reference left");
-    assert_eq!(
-        chip.assigned.lock().unwrap().len(),
-        0,
-        "every irqfd deassigned"
-    );
-    assert_eq!(
-        chip.assigns.load(Ordering::Relaxed),
-        chip.deassigns.load(Ordering::Relaxed)
-    );
-    assert!(
-        chip.routes.lock().unwrap().is_empty(),
-        "every MSI route removed"
-    );
+    assert_eq!(chip.assigned.lock().unwrap().len(), 0, "every irqfd deassigned");
+    assert_eq!(chip.assigns.load(Ordering::Relaxed), chip.deassigns.load(Ordering::Relaxed));
+    assert!(chip.routes.lock().unwrap().is_empty(), "every MSI route removed");
     assert_eq!(open_eventfds(), fds_before, "no eventfd left open");
-    assert!(
-        wait_until(|| threads() == threads_before),
-        "delivery thread joined"
-    );
+    assert!(wait_until(|| threads() == threads_before), "delivery thread joined");
     chip.stop.store(true, Ordering::Relaxed);
     t.join().unwrap();
 }

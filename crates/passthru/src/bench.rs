@@ -101,11 +101,7 @@ fn exits(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
         name,
         ns_per_op: net(raw),
         raw_ns_per_op: raw,
-        ratio_to_null_exit: if null > 0.0 {
-            net(raw) / null
-        } else {
-            f64::NAN
-        },
+        ratio_to_null_exit: if null > 0.0 { net(raw) / null } else { f64::NAN },
     };
     let report = ExitsReport {
         iterations,
@@ -120,24 +116,14 @@ fn exits(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
         "passthru bench exits: {iterations} iterations per probe, one run ({:.2} s)",
         started.elapsed().as_secs_f64()
     );
-    println!(
-        "{:<28} {:>12} {:>12} {:>10}",
-        "probe", "ns/op", "raw ns/op", "x null"
-    );
+    println!("{:<28} {:>12} {:>12} {:>10}", "probe", "ns/op", "raw ns/op", "x null");
     for f in &report.figures {
-        println!(
-            "{:<28} {:>12.0} {:>12.0} {:>10.3}",
-            f.name, f.ns_per_op, f.raw_ns_per_op, f.ratio_to_null_exit
-        );
+        println!("{:<28} {:>12.0} {:>12.0} {:>10.3}", f.name, f.ns_per_op, f.raw_ns_per_op, f.ratio_to_null_exit);
     }
-    println!(
-        "{:<28} {:>12.0}   (guest loop, subtracted above)",
-        "empty loop iteration", lp
-    );
+    println!("{:<28} {:>12.0}   (guest loop, subtracted above)", "empty loop iteration", lp);
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text + "\n")
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        std::fs::write(&path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -182,24 +168,14 @@ fn dma_bench(quick: bool, json: Option<PathBuf>) -> Result<ExitCode, String> {
     let miss = dma::bench::translate_miss(1_000_000 / k, 10);
     let mu4k = dma::bench::map_unmap(500_000 / k, 4096);
     let mu2m = dma::bench::map_unmap(500_000 / k, 2 << 20);
-    let copy: Vec<CopyFigure> = [
-        (4096usize, 200_000u64, 1u64),
-        (4096, 200_000, 8),
-        (64 << 10, 20_000, 1),
-        (1 << 20, 1_000, 1),
-    ]
-    .into_iter()
-    .map(|(bytes, iters, per_section)| {
-        let (d, m) = dma::bench::copy(iters / k, bytes, per_section);
-        CopyFigure {
-            bytes,
-            per_section,
-            dmaspace_ns: d,
-            memcpy_ns: m,
-            ratio: m / d,
-        }
-    })
-    .collect();
+    let copy: Vec<CopyFigure> =
+        [(4096usize, 200_000u64, 1u64), (4096, 200_000, 8), (64 << 10, 20_000, 1), (1 << 20, 1_000, 1)]
+            .into_iter()
+            .map(|(bytes, iters, per_section)| {
+                let (d, m) = dma::bench::copy(iters / k, bytes, per_section);
+                CopyFigure { bytes, per_section, dmaspace_ns: d, memcpy_ns: m, ratio: m / d }
+            })
+            .collect();
     let mut scaling = Vec::new();
     let mut base = 0.0;
     for n in [10usize, 100, 1_000, 10_000, 100_000] {
@@ -207,11 +183,7 @@ fn dma_bench(quick: bool, json: Option<PathBuf>) -> Result<ExitCode, String> {
         if n == 10 {
             base = ns;
         }
-        scaling.push(ScaleFigure {
-            mappings: n,
-            translate_miss_ns: ns,
-            ratio_to_10: ns / base,
-        });
+        scaling.push(ScaleFigure { mappings: n, translate_miss_ns: ns, ratio_to_10: ns / base });
     }
     let r = DmaReport {
         translate_hit_ns: hit,
@@ -231,14 +203,8 @@ fn dma_bench(quick: bool, json: Option<PathBuf>) -> Result<ExitCode, String> {
         r.translate_hit_ns,
         goal(r.translate_hit_ns <= 10.0)
     );
-    println!(
-        "{:<44} {:>10.1}",
-        "translate 64 B, IOTLB hit, inside a batch", r.translate_hit_batched_ns
-    );
-    println!(
-        "{:<44} {:>10.1}",
-        "translate 64 B, IOTLB miss (10 mappings)", r.translate_miss_ns
-    );
+    println!("{:<44} {:>10.1}", "translate 64 B, IOTLB hit, inside a batch", r.translate_hit_batched_ns);
+    println!("{:<44} {:>10.1}", "translate 64 B, IOTLB miss (10 mappings)", r.translate_miss_ns);
     println!(
         "{:<44} {:>10.1}   <= 200 ns: {}",
         "map + unmap 4 KiB",
@@ -247,24 +213,16 @@ fn dma_bench(quick: bool, json: Option<PathBuf>) -> Result<ExitCode, String> {
     );
     println!("{:<44} {:>10.1}", "map + unmap 2 MiB", r.map_unmap_2m_ns);
     println!();
-    println!(
-        "{:<24} {:>12} {:>12} {:>8}   goal",
-        "copy (per section)", "DmaSpace ns", "memcpy ns", "ratio"
-    );
+    println!("{:<24} {:>12} {:>12} {:>8}   goal", "copy (per section)", "DmaSpace ns", "memcpy ns", "ratio");
     for c in &r.copy {
         let target = match c.bytes {
             4096 => Some(0.90),
             b if b == 1 << 20 => Some(0.98),
             _ => None,
         };
-        let g = target
-            .map(|t| format!(">= {t:.2}: {}", goal(c.ratio >= t)))
-            .unwrap_or_default();
+        let g = target.map(|t| format!(">= {t:.2}: {}", goal(c.ratio >= t))).unwrap_or_default();
         let label = format!("{} KiB (x{})", c.bytes >> 10, c.per_section);
-        println!(
-            "{:<24} {:>12.1} {:>12.1} {:>8.3}   {g}",
-            label, c.dmaspace_ns, c.memcpy_ns, c.ratio
-        );
+        println!("{:<24} {:>12.1} {:>12.1} {:>8.3}   {g}", label, c.dmaspace_ns, c.memcpy_ns, c.ratio);
     }
     println!();
     println!(
@@ -275,15 +233,11 @@ fn dma_bench(quick: bool, json: Option<PathBuf>) -> Result<ExitCode, String> {
         (100_000f64 / 10.0).log2()
     );
     for s in &r.scaling {
-        println!(
-            "{:<14} {:>14.1} {:>12.2}",
-            s.mappings, s.translate_miss_ns, s.ratio_to_10
-        );
+        println!("{:<14} {:>14.1} {:>12.2}", s.mappings, s.translate_miss_ns, s.ratio_to_10);
     }
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text + "\n")
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        std::fs::write(&path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -314,22 +268,14 @@ fn irq_bench(interrupts: u64, json: Option<PathBuf>) -> Result<ExitCode, String>
         let vm = Vm::new(config).map_err(|e| e.to_string())?;
         let cpu0 = vm.irqs().delivery_cpu_ns();
         let t = Instant::now();
-        let status = vm
-            .run_guest_with_args(&elf, &[interrupts, 0])
-            .map_err(|e| e.to_string())?;
+        let status = vm.run_guest_with_args(&elf, &[interrupts, 0]).map_err(|e| e.to_string())?;
         let wall = t.elapsed();
         let cpu = vm.irqs().delivery_cpu_ns().saturating_sub(cpu0);
         let s = vm.test_irq_summary();
         if status != 0 || s.guest_counted != Some(interrupts) {
-            return Err(format!(
-                "the irqstorm guest failed in {mode} mode (status {status}, {s:?})"
-            ));
+            return Err(format!("the irqstorm guest failed in {mode} mode (status {status}, {s:?})"));
         }
-        let vmm_delivered = vm
-            .irqs()
-            .stats(&vmm::test_irq::MsiTestSource::id())
-            .map(|x| x.vmm_delivered)
-            .unwrap_or(0);
+        let vmm_delivered = vm.irqs().stats(&vmm::test_irq::MsiTestSource::id()).map(|x| x.vmm_delivered).unwrap_or(0);
         figures.push(IrqFigure {
             mode: mode.to_string(),
             interrupts,
@@ -340,10 +286,7 @@ fn irq_bench(interrupts: u64, json: Option<PathBuf>) -> Result<ExitCode, String>
         });
     }
     println!("passthru bench irq: {interrupts} MSIs per mode, guest-paced, one run");
-    println!(
-        "{:<12} {:>10} {:>12} {:>16} {:>14}",
-        "mode", "wall ms", "irq/s", "VMM CPU ns/irq", "VMM-injected"
-    );
+    println!("{:<12} {:>10} {:>12} {:>16} {:>14}", "mode", "wall ms", "irq/s", "VMM CPU ns/irq", "VMM-injected");
     for f in &figures {
         println!(
             "{:<12} {:>10.1} {:>12.0} {:>16.0} {:>14}",
@@ -359,8 +302,7 @@ fn irq_bench(interrupts: u64, json: Option<PathBuf>) -> Result<ExitCode, String>
     );
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&figures).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text + "\n")
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        std::fs::write(&path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -63,11 +63,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
         Some((i, 'G' | 'g')) => (&t[..i], 30),
         _ => (t, 0),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size; write e.g. 256M, 1G or 33554432"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))
+    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size; write e.g. 256M, 1G or 33554432"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("'{s}' is too large"))
 }
 
 #[cfg(test)]

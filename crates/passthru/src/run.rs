@@ -66,9 +66,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     config.memory = args.memory;
     config.irq_mode = args.irq_mode;
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
-    let status = vm
-        .run_guest_with_args(&elf, &args.guest_args)
-        .map_err(|e| e.to_string())?;
+    let status = vm.run_guest_with_args(&elf, &args.guest_args).map_err(|e| e.to_string())?;
     let _ = std::io::stdout().flush();
     report_test_sources(&vm);
     Ok(ExitCode::from(status))
@@ -77,10 +75,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
 /// Tells what the test interrupt sources did, when a guest used them (stderr, so the
 /// guest's own output stays clean).
 fn report_test_sources(vm: &Vm) {
-    for (name, s) in [
-        ("test-irq", vm.test_irq_summary()),
-        ("test-intx", vm.test_intx_summary()),
-    ] {
+    for (name, s) in [("test-irq", vm.test_irq_summary()), ("test-intx", vm.test_intx_summary())] {
         if s.fired > 0 {
             // A closed stderr must not turn a finished run into a panic.
             let _ = writeln!(
@@ -103,14 +98,10 @@ pub fn load_guest(name: &str) -> Result<Vec<u8>, String> {
     }
     let path = Path::new(name);
     if path.exists() {
-        return std::fs::read(path)
-            .map_err(|e| format!("cannot read guest program {}: {e}", path.display()));
+        return std::fs::read(path).map_err(|e| format!("cannot read guest program {}: {e}", path.display()));
     }
     let names: Vec<&str> = guests::all().map(|p| p.name).collect();
-    Err(format!(
-        "unknown guest '{name}': it is neither a built-in program ({}) nor an existing file",
-        names.join(", ")
-    ))
+    Err(format!("unknown guest '{name}': it is neither a built-in program ({}) nor an existing file", names.join(", ")))
 }
 
 fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
@@ -120,16 +111,12 @@ fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
     let end = match &args.qtest {
         Some(path) => {
             let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
-                format!(
-                    "cannot listen on {}: {e} (remove a stale socket file, or pick another path)",
-                    path.display()
-                )
+                format!("cannot listen on {}: {e} (remove a stale socket file, or pick another path)", path.display())
             })?;
             let vm = Vm::new(config).map_err(|e| e.to_string())?;
             let accepted = listener.accept();
             let _ = std::fs::remove_file(path);
-            let (stream, _) =
-                accepted.map_err(|e| format!("accepting on {}: {e}", path.display()))?;
+            let (stream, _) = accepted.map_err(|e| format!("accepting on {}: {e}", path.display()))?;
             let writer = stream.try_clone().map_err(|e| e.to_string())?;
             let out: SharedOut = Arc::new(Mutex::new(Box::new(writer)));
             qtest::serve(&vm, BufReader::new(stream), out).map_err(|e| e.to_string())?

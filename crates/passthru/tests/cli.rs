@@ -7,10 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Output, Stdio};
 
 fn passthru(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_passthru"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_passthru")).args(args).output().unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -22,11 +19,7 @@ fn run_with_no_arguments_prints_the_hello_line_and_exits_0() {
     vmm::require_kvm!();
     let out = passthru(&["run"]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("Hello from a passthru guest (256 MiB of RAM"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).contains("Hello from a passthru guest (256 MiB of RAM"), "{}", text(&out.stdout));
 }
 
 #[test]
@@ -34,19 +27,12 @@ fn memory_option_reaches_the_guest() {
     vmm::require_kvm!();
     let out = passthru(&["run", "--guest", "hello", "--memory", "64M"]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(
-        text(&out.stdout).contains("(64 MiB of RAM"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).contains("(64 MiB of RAM"), "{}", text(&out.stdout));
 }
 
 /// Parses "guest counted C of F injected (asked A".
 fn interrupt_counts(stdout: &str) -> (u64, u64, u64) {
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("interrupts: guest counted"))
-        .expect("report line");
+    let line = stdout.lines().find(|l| l.starts_with("interrupts: guest counted")).expect("report line");
     let w: Vec<&str> = line.split_whitespace().collect();
     let n = |i: usize| w[i].trim_end_matches(',').parse::<u64>().unwrap();
     (n(3), n(5), n(8))
@@ -57,22 +43,11 @@ fn every_injected_interrupt_reaches_the_guest() {
     vmm::require_kvm!();
     let out = passthru(&["run", "--guest", "interrupts"]);
     let stdout = text(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout: {stdout} stderr: {}",
-        text(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "stdout: {stdout} stderr: {}", text(&out.stderr));
     let (counted, fired, asked) = interrupt_counts(&stdout);
     assert!(asked >= 1000, "{stdout}");
-    assert_eq!(
-        fired, asked,
-        "the VMM fired every interrupt asked: {stdout}"
-    );
-    assert_eq!(
-        counted, fired,
-        "the guest counted every interrupt fired: {stdout}"
-    );
+    assert_eq!(fired, asked, "the VMM fired every interrupt asked: {stdout}");
+    assert_eq!(counted, fired, "the guest counted every interrupt fired: {stdout}");
 }
 
 #[test]
@@ -81,14 +56,8 @@ fn a_guest_panic_exits_101_with_the_message_on_stderr() {
     let out = passthru(&["run", "--guest", "panic"]);
     assert_eq!(out.status.code(), Some(101));
     let err = text(&out.stderr);
-    assert!(
-        err.contains("guest panicked at") && err.contains("deliberate guest panic (answer 42)"),
-        "{err}"
-    );
-    assert!(
-        !text(&out.stdout).contains("deliberate"),
-        "the message goes to stderr only"
-    );
+    assert!(err.contains("guest panicked at") && err.contains("deliberate guest panic (answer 42)"), "{err}");
+    assert!(!text(&out.stdout).contains("deliberate"), "the message goes to stderr only");
 }
 
 #[test]
@@ -97,10 +66,7 @@ fn guests_lists_the_built_in_programs() {
     assert_eq!(out.status.code(), Some(0));
     let s = text(&out.stdout);
     for name in ["hello", "interrupts", "panic", "exits"] {
-        assert!(
-            s.lines().any(|l| l.starts_with(name)),
-            "{name} missing from {s}"
-        );
+        assert!(s.lines().any(|l| l.starts_with(name)), "{name} missing from {s}");
     }
 }
 
@@ -108,19 +74,12 @@ fn guests_lists_the_built_in_programs() {
 fn bad_arguments_get_a_clear_error_and_a_nonzero_exit() {
     let out = passthru(&["run", "--memory", "lots"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("'lots' is not a size; write e.g. 256M"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("'lots' is not a size; write e.g. 256M"), "{}", text(&out.stderr));
 
     let out = passthru(&["run", "--guest", "no-such-guest"]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(
-        err.contains("unknown guest 'no-such-guest'") && err.contains("hello"),
-        "{err}"
-    );
+    assert!(err.contains("unknown guest 'no-such-guest'") && err.contains("hello"), "{err}");
 
     let out = passthru(&["run", "--frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
@@ -129,11 +88,7 @@ fn bad_arguments_get_a_clear_error_and_a_nonzero_exit() {
 #[test]
 fn a_bad_elf_file_is_refused_without_a_panic() {
     let dir = std::env::temp_dir().join(format!("passthru-badelf-{}", std::process::id()));
-    std::fs::write(
-        &dir,
-        b"\x7fELF this is not really an ELF file at all, only its magic.........",
-    )
-    .unwrap();
+    std::fs::write(&dir, b"\x7fELF this is not really an ELF file at all, only its magic.........").unwrap();
     let out = passthru(&["run", "--guest", dir.to_str().unwrap()]);
     let _ = std::fs::remove_file(&dir);
     let err = text(&out.stderr);
@@ -148,11 +103,7 @@ fn a_bad_elf_file_is_refused_without_a_panic() {
 fn a_too_small_memory_size_names_the_fix() {
     let out = passthru(&["run", "--accel", "qtest", "--memory", "1M"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("pass --memory 32M or more"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("pass --memory 32M or more"), "{}", text(&out.stderr));
 }
 
 #[test]
@@ -164,10 +115,7 @@ fn without_kvm_run_says_so_and_points_to_qtest() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(
-        err.contains("KVM is not available (/nonexistent/kvm"),
-        "{err}"
-    );
+    assert!(err.contains("KVM is not available (/nonexistent/kvm"), "{err}");
     assert!(err.contains("passthru run --accel qtest"), "{err}");
 }
 
@@ -180,27 +128,12 @@ fn qtest_on_standard_input_answers_each_line() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"writel 0x5000 0xcafe\nreadl 0x5000\nhcall 0\nbogus\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"writel 0x5000 0xcafe\nreadl 0x5000\nhcall 0\nbogus\n").unwrap();
     let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "EOF ends the session with 0: {}",
-        text(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "EOF ends the session with 0: {}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout).lines().collect::<Vec<_>>(),
-        vec![
-            "OK",
-            "OK 0x000000000000cafe",
-            "OK 0x0 0x0 0x0 0x0",
-            "FAIL Unknown command 'bogus'"
-        ]
+        vec!["OK", "OK 0x000000000000cafe", "OK 0x0 0x0 0x0 0x0", "FAIL Unknown command 'bogus'"]
     );
 }
 
@@ -212,19 +145,10 @@ fn qtest_exit_port_sets_the_exit_code() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"outb 0xf4 7\nreadb 0\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"outb 0xf4 7\nreadb 0\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(7));
-    assert_eq!(
-        text(&out.stdout),
-        "OK\n",
-        "nothing after the exit is served"
-    );
+    assert_eq!(text(&out.stdout), "OK\n", "nothing after the exit is served");
 }
 
 #[test]
@@ -265,35 +189,20 @@ fn qtest_on_a_unix_socket_serves_one_connection_and_removes_the_socket() {
 fn bench_exits_prints_the_table_and_writes_json() {
     vmm::require_kvm!();
     let json = std::env::temp_dir().join(format!("passthru-exits-{}.json", std::process::id()));
-    let out = passthru(&[
-        "bench",
-        "exits",
-        "--iterations",
-        "500",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let out = passthru(&["bench", "exits", "--iterations", "500", "--json", json.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let table = text(&out.stdout);
-    for probe in [
-        "null hypercall-port exit",
-        "MMIO write exit",
-        "ioeventfd write (no exit)",
-    ] {
+    for probe in ["null hypercall-port exit", "MMIO write exit", "ioeventfd write (no exit)"] {
         assert!(table.contains(probe), "{table}");
     }
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
     assert_eq!(v["iterations"], 500);
     let figs = v["figures"].as_array().unwrap();
     assert_eq!(figs.len(), 3);
     let ns = |i: usize| figs[i]["ns_per_op"].as_f64().unwrap();
     assert!(ns(0) > 0.0 && ns(1) > 0.0, "exits take time: {v}");
-    assert!(
-        ns(2) < ns(0),
-        "an ioeventfd write is cheaper than an exit: {v}"
-    );
+    assert!(ns(2) < ns(0), "an ioeventfd write is cheaper than an exit: {v}");
     assert_eq!(figs[0]["ratio_to_null_exit"].as_f64().unwrap(), 1.0);
 }
 
@@ -303,25 +212,14 @@ fn bench_dma_reports_every_figure() {
     let out = passthru(&["bench", "dma", "--quick", "--json", json.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let table = text(&out.stdout);
-    for row in [
-        "translate 64 B, IOTLB hit",
-        "map + unmap 4 KiB",
-        "4 KiB (x1)",
-        "1024 KiB (x1)",
-        "100000",
-    ] {
+    for row in ["translate 64 B, IOTLB hit", "map + unmap 4 KiB", "4 KiB (x1)", "1024 KiB (x1)", "100000"] {
         assert!(table.contains(row), "{row} missing: {table}");
     }
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
-    for key in [
-        "translate_hit_ns",
-        "translate_hit_batched_ns",
-        "translate_miss_ns",
-        "map_unmap_4k_ns",
-        "map_unmap_2m_ns",
-    ] {
+    for key in
+        ["translate_hit_ns", "translate_hit_batched_ns", "translate_miss_ns", "map_unmap_4k_ns", "map_unmap_2m_ns"]
+    {
         let ns = v[key].as_f64().unwrap();
         assert!(ns.is_finite() && ns > 0.0, "{key} = {ns}");
     }
@@ -333,10 +231,7 @@ fn bench_dma_reports_every_figure() {
     }
     let scaling = v["scaling"].as_array().unwrap();
     assert_eq!(
-        scaling
-            .iter()
-            .map(|s| s["mappings"].as_u64().unwrap())
-            .collect::<Vec<_>>(),
+        scaling.iter().map(|s| s["mappings"].as_u64().unwrap()).collect::<Vec<_>>(),
         vec![10, 100, 1000, 10_000, 100_000]
     );
 }

@@ -7,10 +7,7 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
 fn passthru(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_passthru"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_passthru")).args(args).output().unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -19,14 +16,8 @@ fn text(b: &[u8]) -> String {
 
 /// The numbers of the first line starting with `prefix`, in order.
 fn numbers(s: &str, prefix: &str) -> Vec<u64> {
-    let line = s
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no '{prefix}' line in {s}"));
-    line.split(|c: char| !c.is_ascii_digit())
-        .filter(|w| !w.is_empty())
-        .filter_map(|w| w.parse().ok())
-        .collect()
+    let line = s.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no '{prefix}' line in {s}"));
+    line.split(|c: char| !c.is_ascii_digit()).filter(|w| !w.is_empty()).filter_map(|w| w.parse().ok()).collect()
 }
 
 #[test]
@@ -37,11 +28,7 @@ fn irqstorm_every_msi_arrives_while_forwarding_switches_10000_times() {
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     // "irqstorm: guest counted C of F fired (asked N, M forwarding switches asked)"
     let n = numbers(&stdout, "irqstorm:");
-    assert_eq!(
-        (n[0], n[1], n[2], n[3]),
-        (100_000, 100_000, 100_000, 10_000),
-        "{stdout}"
-    );
+    assert_eq!((n[0], n[1], n[2], n[3]), (100_000, 100_000, 100_000, 10_000), "{stdout}");
     // The VMM's side: switches really made while firing, no time-out.
     let v = numbers(&stderr, "passthru: test-irq:");
     assert_eq!((v[0], v[1], v[2]), (100_000, 100_000, 10_000), "{stderr}");
@@ -82,8 +69,7 @@ fn level_intx_is_seen_once_per_assertion_when_the_vmm_delivers() {
 #[test]
 fn level_intx_line_state_survives_forwarding_switches() {
     vmm::require_kvm!();
-    let (counted, asked, _, all) =
-        intx("forwarded", &["--guest-arg", "1000", "--guest-arg", "200"]);
+    let (counted, asked, _, all) = intx("forwarded", &["--guest-arg", "1000", "--guest-arg", "200"]);
     assert_eq!((counted, asked), (1000, 1000), "{all}");
     assert!(all.contains("forwarding switches 200"), "{all}");
 }
@@ -113,12 +99,7 @@ fn qtest_lists_switches_and_counts_sources() {
                   irq_mode test-irq 1 0 vmm\n\
                   irq_mode test-irq 1 0 sideways\n\
                   irq_list\n";
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         text(&out.stdout).lines().collect::<Vec<_>>(),
@@ -153,19 +134,8 @@ fn qtest_shows_the_delivery_path_change_on_a_live_source() {
         r.read_line(&mut l).unwrap();
         l.trim_end().to_string()
     };
-    writeln!(
-        w,
-        "irq_intercept_in ioapic\nhcall 0x10 0x40 0\nhcall 0x11 2"
-    )
-    .unwrap();
-    assert_eq!(
-        (line(), line(), line()),
-        (
-            "OK".into(),
-            "OK 0x0 0x18 0x0 0x0".into(),
-            "OK 0x0 0x0 0x0 0x0".into()
-        )
-    );
+    writeln!(w, "irq_intercept_in ioapic\nhcall 0x10 0x40 0\nhcall 0x11 2").unwrap();
+    assert_eq!((line(), line(), line()), ("OK".into(), "OK 0x0 0x18 0x0 0x0".into(), "OK 0x0 0x0 0x0 0x0".into()));
     // Forwarded: the (emulated) irqfd raises GSI 24.
     assert_eq!(line(), "IRQ raise 24");
     // Switch to VMM delivery while the source is live, then acknowledge: the next
@@ -184,29 +154,15 @@ fn qtest_shows_the_delivery_path_change_on_a_live_source() {
 fn bench_irq_reports_both_modes_and_who_delivered() {
     vmm::require_kvm!();
     let json = std::env::temp_dir().join(format!("passthru-irq-{}.json", std::process::id()));
-    let out = passthru(&[
-        "bench",
-        "irq",
-        "--interrupts",
-        "300",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let out = passthru(&["bench", "irq", "--interrupts", "300", "--json", json.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
     let figs = v.as_array().unwrap();
     assert_eq!(figs[0]["mode"], "forwarded");
-    assert_eq!(
-        figs[0]["vmm_delivered"], 0,
-        "KVM delivered every forwarded interrupt"
-    );
+    assert_eq!(figs[0]["vmm_delivered"], 0, "KVM delivered every forwarded interrupt");
     assert_eq!(figs[1]["mode"], "vmm");
-    assert_eq!(
-        figs[1]["vmm_delivered"], 300,
-        "the VMM injected every interrupt in vmm mode"
-    );
+    assert_eq!(figs[1]["vmm_delivered"], 300, "the VMM injected every interrupt in vmm mode");
     for f in figs {
         assert!(f["rate_per_s"].as_f64().unwrap() > 0.0);
     }

@@ -86,26 +86,15 @@ impl KvmAccel {
     /// Opens the KVM device and creates a VM with an in-kernel irqchip.
     pub fn new() -> Result<KvmAccel> {
         let path = kvm_path();
-        let unavailable = |e| Error::KvmUnavailable {
-            path: path.clone(),
-            source: e,
-        };
-        let cpath = std::ffi::CString::new(path.clone())
-            .map_err(|_| unavailable(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        let unavailable = |e| Error::KvmUnavailable { path: path.clone(), source: e };
+        let cpath =
+            std::ffi::CString::new(path.clone()).map_err(|_| unavailable(kvm_ioctls::Error::new(libc::EINVAL)))?;
         let kvm = kvm_ioctls::Kvm::new_with_path(&cpath).map_err(unavailable)?;
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let vm = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
         // Intel VMX needs a TSS region below 4 GiB for real-mode emulation; harmless elsewhere.
-        vm.set_tss_address(0xfffb_d000)
-            .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
-        vm.create_irq_chip()
-            .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
-        Ok(KvmAccel {
-            kvm,
-            vm,
-            routes: Mutex::new(BTreeMap::new()),
-        })
+        vm.set_tss_address(0xfffb_d000).map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+        vm.create_irq_chip().map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        Ok(KvmAccel { kvm, vm, routes: Mutex::new(BTreeMap::new()) })
     }
 
     /// The KVM system fd (for CPUID queries).
@@ -120,46 +109,29 @@ impl KvmAccel {
 
     /// Installs the whole GSI routing table: the default irqchip routes plus `msi`.
     fn push_routes(&self, msi: &BTreeMap<u32, MsiMessage>) -> Result<()> {
-        use kvm_bindings::{
-            KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_irq_routing_entry,
-        };
+        use kvm_bindings::{KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_irq_routing_entry};
         let mut entries = Vec::new();
         for gsi in 0..IOAPIC_PINS {
             if gsi < PIC_PINS {
-                let mut e = kvm_irq_routing_entry {
-                    gsi,
-                    type_: KVM_IRQ_ROUTING_IRQCHIP,
-                    ..Default::default()
-                };
+                let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
                 e.u.irqchip.irqchip = if gsi < 8 { 0 } else { 1 };
                 e.u.irqchip.pin = gsi % 8;
                 entries.push(e);
             }
-            let mut e = kvm_irq_routing_entry {
-                gsi,
-                type_: KVM_IRQ_ROUTING_IRQCHIP,
-                ..Default::default()
-            };
+            let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
             e.u.irqchip.irqchip = 2;
             e.u.irqchip.pin = gsi;
             entries.push(e);
         }
         for (&gsi, m) in msi {
-            let mut e = kvm_irq_routing_entry {
-                gsi,
-                type_: KVM_IRQ_ROUTING_MSI,
-                ..Default::default()
-            };
+            let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_MSI, ..Default::default() };
             e.u.msi.address_lo = m.address as u32;
             e.u.msi.address_hi = (m.address >> 32) as u32;
             e.u.msi.data = m.data;
             entries.push(e);
         }
-        let table = KvmIrqRouting::from_entries(&entries)
-            .map_err(|_| Error::TooManyRoutes(entries.len()))?;
-        self.vm
-            .set_gsi_routing(&table)
-            .map_err(|e| Error::Kvm("KVM_SET_GSI_ROUTING", e))
+        let table = KvmIrqRouting::from_entries(&entries).map_err(|_| Error::TooManyRoutes(entries.len()))?;
+        self.vm.set_gsi_routing(&table).map_err(|e| Error::Kvm("KVM_SET_GSI_ROUTING", e))
     }
 }
 
@@ -178,8 +150,7 @@ impl Accel for KvmAccel {
         };
         // SAFETY: the caller guarantees `host` is valid for `size` bytes for the life of
         // the slot (this function's contract).
-        unsafe { self.vm.set_user_memory_region(region) }
-            .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))
     }
 
     fn remove_memslot(&self, slot: u32, gpa: u64) -> Result<()> {
@@ -191,8 +162,7 @@ impl Accel for KvmAccel {
             userspace_addr: 0,
         };
         // SAFETY: a zero-sized region deletes the slot; no host memory is referenced.
-        unsafe { self.vm.set_user_memory_region(region) }
-            .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))
     }
 
     fn register_ioevent(&self, fd: &EventFd, addr: IoAddr) -> Result<()> {
@@ -213,19 +183,11 @@ fn io_err(e: kvm_ioctls::Error) -> std::io::Error {
 }
 
 fn reserved(gsi: u32) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        Error::GsiReserved(gsi).to_string(),
-    )
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, Error::GsiReserved(gsi).to_string())
 }
 
 impl irq::IrqChip for KvmAccel {
-    fn assign_irqfd(
-        &self,
-        fd: &EventFd,
-        gsi: u32,
-        resample: Option<&EventFd>,
-    ) -> std::io::Result<()> {
+    fn assign_irqfd(&self, fd: &EventFd, gsi: u32, resample: Option<&EventFd>) -> std::io::Result<()> {
         match resample {
             Some(r) => self.vm.register_irqfd_with_resample(fd, r, gsi),
             None => self.vm.register_irqfd(fd, gsi),
@@ -256,8 +218,7 @@ impl irq::IrqChip for KvmAccel {
     fn remove_msi_route(&self, gsi: u32) -> std::io::Result<()> {
         let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         if routes.remove(&gsi).is_some() {
-            self.push_routes(&routes)
-                .map_err(|e| std::io::Error::other(e.to_string()))
+            self.push_routes(&routes).map_err(|e| std::io::Error::other(e.to_string()))
         } else {
             Ok(())
         }
@@ -320,12 +281,7 @@ impl QtestAccel {
                 }
             }
         }))?;
-        Ok(QtestAccel {
-            ioevents: Mutex::new(BTreeMap::new()),
-            watcher,
-            sink,
-            routes: Mutex::new(BTreeMap::new()),
-        })
+        Ok(QtestAccel { ioevents: Mutex::new(BTreeMap::new()), watcher, sink, routes: Mutex::new(BTreeMap::new()) })
     }
 
     /// Sets (or clears) where interrupts are reported.
@@ -335,11 +291,7 @@ impl QtestAccel {
 
     /// The MSI route of `gsi`, if any (for tests).
     pub fn msi_route(&self, gsi: u32) -> Option<MsiMessage> {
-        self.routes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&gsi)
-            .copied()
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).get(&gsi).copied()
     }
 
     fn with_sink(&self, f: impl FnOnce(&dyn IrqSink)) {
@@ -364,25 +316,15 @@ impl Accel for QtestAccel {
 
     fn register_ioevent(&self, fd: &EventFd, addr: IoAddr) -> Result<()> {
         let clone = fd.try_clone().map_err(Error::EventFd)?;
-        self.ioevents
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(addr)
-            .or_default()
-            .push(clone);
+        self.ioevents.lock().unwrap_or_else(|e| e.into_inner()).entry(addr).or_default().push(clone);
         Ok(())
     }
 
     fn unregister_ioevent(&self, fd: &EventFd, addr: IoAddr) -> Result<()> {
         let mut map = self.ioevents.lock().unwrap_or_else(|e| e.into_inner());
-        let list = map
-            .get_mut(&addr)
-            .ok_or(Error::NotRegistered("ioeventfd"))?;
+        let list = map.get_mut(&addr).ok_or(Error::NotRegistered("ioeventfd"))?;
         let ino = inode(fd.as_raw_fd());
-        let pos = list
-            .iter()
-            .position(|e| inode(e.as_raw_fd()) == ino)
-            .ok_or(Error::NotRegistered("ioeventfd"))?;
+        let pos = list.iter().position(|e| inode(e.as_raw_fd()) == ino).ok_or(Error::NotRegistered("ioeventfd"))?;
         list.remove(pos);
         if list.is_empty() {
             map.remove(&addr);
@@ -405,39 +347,24 @@ impl Accel for QtestAccel {
 }
 
 impl irq::IrqChip for QtestAccel {
-    fn assign_irqfd(
-        &self,
-        fd: &EventFd,
-        gsi: u32,
-        _resample: Option<&EventFd>,
-    ) -> std::io::Result<()> {
-        self.watcher
-            .add(fd, gsi)
-            .map_err(|e| std::io::Error::other(e.to_string()))
+    fn assign_irqfd(&self, fd: &EventFd, gsi: u32, _resample: Option<&EventFd>) -> std::io::Result<()> {
+        self.watcher.add(fd, gsi).map_err(|e| std::io::Error::other(e.to_string()))
     }
 
     fn deassign_irqfd(&self, fd: &EventFd, gsi: u32) -> std::io::Result<()> {
-        self.watcher
-            .remove(fd, gsi)
-            .map_err(|e| std::io::Error::other(e.to_string()))
+        self.watcher.remove(fd, gsi).map_err(|e| std::io::Error::other(e.to_string()))
     }
 
     fn set_msi_route(&self, gsi: u32, msi: MsiMessage) -> std::io::Result<()> {
         if gsi < FIRST_MSI_GSI {
             return Err(reserved(gsi));
         }
-        self.routes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(gsi, msi);
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(gsi, msi);
         Ok(())
     }
 
     fn remove_msi_route(&self, gsi: u32) -> std::io::Result<()> {
-        self.routes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&gsi);
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&gsi);
         Ok(())
     }
 
@@ -462,9 +389,5 @@ pub(crate) fn inode(fd: RawFd) -> (u64, u64) {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fd is a descriptor the caller owns; st is valid for writes.
     let rc = unsafe { libc::fstat(fd, &mut st) };
-    if rc == 0 {
-        (st.st_dev, st.st_ino)
-    } else {
-        (u64::MAX, fd as u64)
-    }
+    if rc == 0 { (st.st_dev, st.st_ino) } else { (u64::MAX, fd as u64) }
 }

@@ -20,12 +20,7 @@ const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
 /// GDT entries: null, 64-bit code (0x08), data (0x10), TSS (0x18).
-const GDT: [u64; 4] = [
-    0,
-    0x00af_9a00_0000_ffff,
-    0x00cf_9200_0000_ffff,
-    0x008f_8900_0000_ffff,
-];
+const GDT: [u64; 4] = [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff, 0x008f_8900_0000_ffff];
 
 /// Where the guest starts.
 #[derive(Clone, Copy, Debug)]
@@ -42,29 +37,17 @@ pub fn load_elf(mem: &GuestMemoryMmap, elf: &[u8], low_ram_end: u64) -> Result<E
     check_segments(elf, low_ram_end)?;
     let mut cursor = std::io::Cursor::new(elf);
     use linux_loader::loader::KernelLoader;
-    let r = linux_loader::loader::Elf::load(
-        mem,
-        None,
-        &mut cursor,
-        Some(GuestAddress(layout::IMAGE_ADDR)),
-    )
-    .map_err(|e| Error::Elf(e.to_string()))?;
+    let r = linux_loader::loader::Elf::load(mem, None, &mut cursor, Some(GuestAddress(layout::IMAGE_ADDR)))
+        .map_err(|e| Error::Elf(e.to_string()))?;
     let rip = r.kernel_load.0;
     if rip >= r.kernel_end {
-        return Err(Error::Elf(format!(
-            "entry point {rip:#x} lies outside the loaded image"
-        )));
+        return Err(Error::Elf(format!("entry point {rip:#x} lies outside the loaded image")));
     }
-    Ok(Entry {
-        rip,
-        image_end: r.kernel_end,
-    })
+    Ok(Entry { rip, image_end: r.kernel_end })
 }
 
 fn le(elf: &[u8], off: usize, len: usize) -> Result<u64> {
-    let b = elf
-        .get(off..off + len)
-        .ok_or_else(|| Error::Elf(format!("truncated at byte {off}")))?;
+    let b = elf.get(off..off + len).ok_or_else(|| Error::Elf(format!("truncated at byte {off}")))?;
     Ok(b.iter().rev().fold(0, |v, &x| (v << 8) | u64::from(x)))
 }
 
@@ -79,33 +62,18 @@ fn check_segments(elf: &[u8], low_ram_end: u64) -> Result<()> {
     }
     let (phoff, phentsize, phnum) = (le(elf, 32, 8)?, le(elf, 54, 2)?, le(elf, 56, 2)?);
     if phentsize != 56 || phnum == 0 {
-        return Err(Error::Elf(format!(
-            "unexpected program headers (size {phentsize}, count {phnum})"
-        )));
+        return Err(Error::Elf(format!("unexpected program headers (size {phentsize}, count {phnum})")));
     }
     for i in 0..phnum {
-        let at = usize::try_from(phoff + i * 56)
-            .map_err(|_| Error::Elf("program header offset overflows".into()))?;
+        let at = usize::try_from(phoff + i * 56).map_err(|_| Error::Elf("program header offset overflows".into()))?;
         if le(elf, at, 4)? != 1 {
             continue; // not PT_LOAD
         }
-        let (offset, paddr, filesz, memsz) = (
-            le(elf, at + 8, 8)?,
-            le(elf, at + 24, 8)?,
-            le(elf, at + 32, 8)?,
-            le(elf, at + 40, 8)?,
-        );
-        let end = paddr
-            .checked_add(memsz)
-            .ok_or_else(|| Error::Elf("segment end overflows".into()))?;
-        if filesz > memsz
-            || offset
-                .checked_add(filesz)
-                .is_none_or(|e| e > elf.len() as u64)
-        {
-            return Err(Error::Elf(format!(
-                "segment {i} has inconsistent sizes or lies past the file end"
-            )));
+        let (offset, paddr, filesz, memsz) =
+            (le(elf, at + 8, 8)?, le(elf, at + 24, 8)?, le(elf, at + 32, 8)?, le(elf, at + 40, 8)?);
+        let end = paddr.checked_add(memsz).ok_or_else(|| Error::Elf("segment end overflows".into()))?;
+        if filesz > memsz || offset.checked_add(filesz).is_none_or(|e| e > elf.len() as u64) {
+            return Err(Error::Elf(format!("segment {i} has inconsistent sizes or lies past the file end")));
         }
         if paddr < layout::IMAGE_ADDR || end > low_ram_end {
             return Err(Error::Elf(format!(
@@ -121,10 +89,7 @@ fn check_segments(elf: &[u8], low_ram_end: u64) -> Result<()> {
 
 /// Writes the GDT, page tables and boot information into guest memory.
 pub fn write_boot_structures(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<()> {
-    let w = |addr: u64, v: u64| {
-        mem.write_obj(v, GuestAddress(addr))
-            .map_err(|e| Error::Memory(e.to_string()))
-    };
+    let w = |addr: u64, v: u64| mem.write_obj(v, GuestAddress(addr)).map_err(|e| Error::Memory(e.to_string()));
     for (i, e) in GDT.iter().enumerate() {
         w(layout::GDT_ADDR + 8 * i as u64, *e)?;
     }
@@ -139,13 +104,7 @@ pub fn write_boot_structures(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<(
             w(pd + 8 * j, ((gib << 30) + (j << 21)) | 0x83)?;
         }
     }
-    let mut words = vec![
-        info.magic,
-        info.low_ram_size,
-        info.high_ram_size,
-        info.apic_id,
-        info.arg_count,
-    ];
+    let mut words = vec![info.magic, info.low_ram_size, info.high_ram_size, info.apic_id, info.arg_count];
     words.extend_from_slice(&info.args);
     for (i, v) in words.iter().enumerate() {
         w(layout::BOOT_INFO_ADDR + 8 * i as u64, *v)?;
@@ -212,17 +171,11 @@ mod tests {
     fn garbage_and_misplaced_elves_are_refused_with_a_reason() {
         let ram = crate::memory::GuestRam::new(crate::memory::MIN_RAM).unwrap();
         let end = crate::memory::MIN_RAM;
-        let e = load_elf(
-            ram.memory(),
-            b"not an elf at all, just some bytes........................................",
-            end,
-        );
+        let e =
+            load_elf(ram.memory(), b"not an elf at all, just some bytes........................................", end);
         assert!(e.unwrap_err().to_string().contains("bad magic"));
         let hello = guests::get("hello").unwrap().elf;
-        assert!(
-            load_elf(ram.memory(), &hello[..40], end).is_err(),
-            "truncated header"
-        );
+        assert!(load_elf(ram.memory(), &hello[..40], end).is_err(), "truncated header");
         // Move the first PT_LOAD below the image address: it would overwrite page tables.
         let mut moved = hello.to_vec();
         let phoff = le(&moved, 32, 8).unwrap() as usize;
@@ -238,17 +191,10 @@ mod tests {
     #[test]
     fn hello_loads_at_the_image_address() {
         let ram = crate::memory::GuestRam::new(crate::memory::MIN_RAM).unwrap();
-        let e = load_elf(
-            ram.memory(),
-            guests::get("hello").unwrap().elf,
-            crate::memory::MIN_RAM,
-        )
-        .unwrap();
+        let e = load_elf(ram.memory(), guests::get("hello").unwrap().elf, crate::memory::MIN_RAM).unwrap();
         assert!(e.rip >= layout::IMAGE_ADDR && e.rip < e.image_end);
         let mut magic = [0u8; 4];
-        ram.memory()
-            .read_slice(&mut magic, GuestAddress(layout::IMAGE_ADDR))
-            .unwrap();
+        ram.memory().read_slice(&mut magic, GuestAddress(layout::IMAGE_ADDR)).unwrap();
         assert_ne!(magic, [0; 4], "something was copied to the image address");
     }
 }

@@ -21,10 +21,7 @@ const MAX_MARKS: usize = 1024;
 impl BenchMarks {
     /// A recorder telling guests to run `iterations` per probe.
     pub fn new(iterations: u64) -> BenchMarks {
-        BenchMarks {
-            iterations: AtomicU64::new(iterations),
-            marks: Mutex::new(Vec::new()),
-        }
+        BenchMarks { iterations: AtomicU64::new(iterations), marks: Mutex::new(Vec::new()) }
     }
 
     /// Sets the iteration count handed to guests.

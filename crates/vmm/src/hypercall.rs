@@ -30,17 +30,11 @@ impl HypercallRegistry {
     /// Gives the block starting at `base` to `handler`.
     pub fn register(&self, base: u64, handler: Arc<dyn HypercallHandler>) -> Result<()> {
         if !base.is_multiple_of(BLOCK_SIZE) {
-            return Err(Error::HypercallBlock {
-                base,
-                reason: "not aligned to the block size",
-            });
+            return Err(Error::HypercallBlock { base, reason: "not aligned to the block size" });
         }
         let mut blocks = self.blocks.write().unwrap_or_else(|e| e.into_inner());
         if blocks.contains_key(&(base / BLOCK_SIZE)) {
-            return Err(Error::HypercallBlock {
-                base,
-                reason: "already owned by another front-end",
-            });
+            return Err(Error::HypercallBlock { base, reason: "already owned by another front-end" });
         }
         blocks.insert(base / BLOCK_SIZE, handler);
         Ok(())
@@ -48,20 +42,12 @@ impl HypercallRegistry {
 
     /// Takes the block starting at `base` back.
     pub fn unregister(&self, base: u64) -> Option<Arc<dyn HypercallHandler>> {
-        self.blocks
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(base / BLOCK_SIZE))
+        self.blocks.write().unwrap_or_else(|e| e.into_inner()).remove(&(base / BLOCK_SIZE))
     }
 
     /// Dispatches one call to the owner of its block.
     pub fn dispatch(&self, args: &Args) -> Ret {
-        let handler = self
-            .blocks
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&(args.nr / BLOCK_SIZE))
-            .cloned();
+        let handler = self.blocks.read().unwrap_or_else(|e| e.into_inner()).get(&(args.nr / BLOCK_SIZE)).cloned();
         match handler {
             Some(h) => h.call(args),
             None => Ret::err(Status::UnknownCall),
@@ -87,39 +73,12 @@ mod tests {
     fn calls_reach_the_owner_of_their_block_only() {
         let r = HypercallRegistry::new();
         r.register(0x300, Arc::new(Echo)).unwrap();
-        assert_eq!(
-            r.dispatch(&Args {
-                nr: 0x3ff,
-                a: [1, 2, 3, 4, 5]
-            }),
-            Ret::ok(0x3ff, 1, 5)
-        );
-        assert_eq!(
-            r.dispatch(&Args {
-                nr: 0x400,
-                a: [0; 5]
-            })
-            .status,
-            Status::UnknownCall
-        );
-        assert_eq!(
-            r.dispatch(&Args {
-                nr: u64::MAX,
-                a: [0; 5]
-            })
-            .status,
-            Status::UnknownCall
-        );
+        assert_eq!(r.dispatch(&Args { nr: 0x3ff, a: [1, 2, 3, 4, 5] }), Ret::ok(0x3ff, 1, 5));
+        assert_eq!(r.dispatch(&Args { nr: 0x400, a: [0; 5] }).status, Status::UnknownCall);
+        assert_eq!(r.dispatch(&Args { nr: u64::MAX, a: [0; 5] }).status, Status::UnknownCall);
         assert!(r.register(0x300, Arc::new(Echo)).is_err(), "block taken");
         assert!(r.register(0x310, Arc::new(Echo)).is_err(), "misaligned");
         assert!(r.unregister(0x300).is_some());
-        assert_eq!(
-            r.dispatch(&Args {
-                nr: 0x300,
-                a: [0; 5]
-            })
-            .status,
-            Status::UnknownCall
-        );
+        assert_eq!(r.dispatch(&Args { nr: 0x300, a: [0; 5] }).status, Status::UnknownCall);
     }
 }

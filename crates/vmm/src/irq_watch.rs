@@ -41,52 +41,30 @@ impl IrqWatcher {
         let epoll = Epoll::new().map_err(Error::EventFd)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         epoll
-            .ctl(
-                ControlOperation::Add,
-                stop.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, STOP_TOKEN),
-            )
+            .ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))
             .map_err(Error::EventFd)?;
-        let shared = Arc::new(Shared {
-            epoll,
-            watched: Mutex::new((0, HashMap::new())),
-        });
+        let shared = Arc::new(Shared { epoll, watched: Mutex::new((0, HashMap::new())) });
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("irq-watch".into())
             .spawn(move || watch(&s, &callback))
             .map_err(Error::Thread)?;
-        Ok(IrqWatcher {
-            shared,
-            stop,
-            thread: Some(thread),
-        })
+        Ok(IrqWatcher { shared, stop, thread: Some(thread) })
     }
 
     /// Starts reporting signals of `fd` as `gsi`.
     pub fn add(&self, fd: &EventFd, gsi: u32) -> Result<()> {
         let fd = fd.try_clone().map_err(Error::EventFd)?;
-        let mut w = self
-            .shared
-            .watched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut w = self.shared.watched.lock().unwrap_or_else(|e| e.into_inner());
         let ino = inode(fd.as_raw_fd());
-        if w.1
-            .values()
-            .any(|x| x.gsi == gsi && inode(x.fd.as_raw_fd()) == ino)
-        {
+        if w.1.values().any(|x| x.gsi == gsi && inode(x.fd.as_raw_fd()) == ino) {
             return Err(Error::AlreadyRegistered("irqfd"));
         }
         w.0 += 1;
         let token = w.0;
         self.shared
             .epoll
-            .ctl(
-                ControlOperation::Add,
-                fd.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token),
-            )
+            .ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))
             .map_err(Error::EventFd)?;
         w.1.insert(token, Watched { fd, gsi });
         Ok(())
@@ -95,11 +73,7 @@ impl IrqWatcher {
     /// Stops reporting `fd` as `gsi`. Signals pending at that moment are dropped, as
     /// KVM drops them on irqfd deassign.
     pub fn remove(&self, fd: &EventFd, gsi: u32) -> Result<()> {
-        let mut w = self
-            .shared
-            .watched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut w = self.shared.watched.lock().unwrap_or_else(|e| e.into_inner());
         let ino = inode(fd.as_raw_fd());
         let token =
             w.1.iter()
@@ -107,23 +81,14 @@ impl IrqWatcher {
                 .map(|(t, _)| *t)
                 .ok_or(Error::NotRegistered("irqfd"))?;
         if let Some(x) = w.1.remove(&token) {
-            let _ = self.shared.epoll.ctl(
-                ControlOperation::Delete,
-                x.fd.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            let _ = self.shared.epoll.ctl(ControlOperation::Delete, x.fd.as_raw_fd(), EpollEvent::default());
         }
         Ok(())
     }
 
     /// Number of eventfds watched.
     pub fn len(&self) -> usize {
-        self.shared
-            .watched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .1
-            .len()
+        self.shared.watched.lock().unwrap_or_else(|e| e.into_inner()).1.len()
     }
 
     /// True when no eventfd is watched.
@@ -149,8 +114,7 @@ fn watch(shared: &Shared, callback: &IrqCallback) {
             }
             let fired = {
                 let w = shared.watched.lock().unwrap_or_else(|e| e.into_inner());
-                w.1.get(&ev.data())
-                    .and_then(|x| read_count(&x.fd).map(|c| (x.gsi, c)))
+                w.1.get(&ev.data()).and_then(|x| read_count(&x.fd).map(|c| (x.gsi, c)))
             };
             if let Some((gsi, count)) = fired {
                 callback(gsi, count);

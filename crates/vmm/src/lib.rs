@@ -24,11 +24,7 @@ pub use vm::{Vm, VmConfig};
 
 /// True when the KVM device can be opened (tests that need it skip otherwise).
 pub fn kvm_available() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(accel::kvm_path())
-        .is_ok()
+    std::fs::OpenOptions::new().read(true).write(true).open(accel::kvm_path()).is_ok()
 }
 
 /// Skips the calling test, with the reason printed, when KVM is not available.
@@ -36,10 +32,7 @@ pub fn kvm_available() -> bool {
 macro_rules! require_kvm {
     () => {
         if !$crate::kvm_available() {
-            eprintln!(
-                "skipped: {} cannot be opened on this machine (the test needs KVM)",
-                $crate::accel::kvm_path()
-            );
+            eprintln!("skipped: {} cannot be opened on this machine (the test needs KVM)", $crate::accel::kvm_path());
             return;
         }
     };

@@ -37,55 +37,31 @@ impl GuestRam {
     /// Allocates `size` bytes of guest RAM in a memfd.
     pub fn new(size: u64) -> Result<GuestRam> {
         if size < MIN_RAM {
-            return Err(Error::MemorySize {
-                size,
-                reason: "below the 32 MiB minimum; pass --memory 32M or more",
-            });
+            return Err(Error::MemorySize { size, reason: "below the 32 MiB minimum; pass --memory 32M or more" });
         }
         if size > MAX_RAM {
-            return Err(Error::MemorySize {
-                size,
-                reason: "above the 64 GiB maximum",
-            });
+            return Err(Error::MemorySize { size, reason: "above the 64 GiB maximum" });
         }
         if !size.is_multiple_of(4096) {
-            return Err(Error::MemorySize {
-                size,
-                reason: "not a multiple of 4 KiB",
-            });
+            return Err(Error::MemorySize { size, reason: "not a multiple of 4 KiB" });
         }
         // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new
         // fd or -1. We take ownership of the fd right away.
         let fd = unsafe { libc::memfd_create(c"passthru-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
-            return Err(Error::Memory(format!(
-                "memfd_create: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(Error::Memory(format!("memfd_create: {}", std::io::Error::last_os_error())));
         }
         // SAFETY: fd is a fresh descriptor owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size)
-            .map_err(|e| Error::Memory(format!("sizing the guest RAM memfd to {size:#x}: {e}")))?;
+        file.set_len(size).map_err(|e| Error::Memory(format!("sizing the guest RAM memfd to {size:#x}: {e}")))?;
         let memfd = Arc::new(file);
         let mut ranges = Vec::new();
         for (gpa, len, off) in ram_layout(size) {
-            let f = memfd
-                .try_clone()
-                .map_err(|e| Error::Memory(format!("dup of the RAM memfd: {e}")))?;
-            ranges.push((
-                GuestAddress(gpa),
-                len as usize,
-                Some(FileOffset::new(f, off)),
-            ));
+            let f = memfd.try_clone().map_err(|e| Error::Memory(format!("dup of the RAM memfd: {e}")))?;
+            ranges.push((GuestAddress(gpa), len as usize, Some(FileOffset::new(f, off))));
         }
-        let memory = GuestMemoryMmap::from_ranges_with_files(ranges)
-            .map_err(|e| Error::Memory(e.to_string()))?;
-        Ok(GuestRam {
-            memory,
-            memfd,
-            size,
-        })
+        let memory = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| Error::Memory(e.to_string()))?;
+        Ok(GuestRam { memory, memfd, size })
     }
 
     /// The mapped guest memory.
@@ -107,19 +83,13 @@ impl GuestRam {
     pub fn regions(&self) -> Vec<Region> {
         let mut out = Vec::new();
         for (r, (_, _, off)) in self.memory.iter().zip(ram_layout(self.size)) {
-            let host = r
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map(|p| p as usize)
-                .unwrap_or(0);
+            let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).map(|p| p as usize).unwrap_or(0);
             out.push(Region {
                 gpa: r.start_addr().0,
                 size: r.len(),
                 kind: RegionKind::Ram,
                 host,
-                backing: Some(Backing {
-                    fd: Arc::clone(&self.memfd),
-                    offset: off,
-                }),
+                backing: Some(Backing { fd: Arc::clone(&self.memfd), offset: off }),
                 keepalive: None,
             });
         }
@@ -214,39 +184,20 @@ impl MemoryMap {
     /// Adds a region; every listener is told. If one refuses, those already told are
     /// told it was removed and the map is unchanged.
     pub fn add_region(&self, region: Region) -> Result<()> {
-        let end = region
-            .gpa
-            .checked_add(region.size)
-            .filter(|_| region.size > 0);
+        let end = region.gpa.checked_add(region.size).filter(|_| region.size > 0);
         let Some(end) = end else {
-            return Err(Error::Region {
-                gpa: region.gpa,
-                size: region.size,
-                reason: "empty or wraps around",
-            });
+            return Err(Error::Region { gpa: region.gpa, size: region.size, reason: "empty or wraps around" });
         };
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner
-            .regions
-            .iter()
-            .any(|r| region.gpa < r.end() && r.gpa < end)
-        {
-            return Err(Error::Region {
-                gpa: region.gpa,
-                size: region.size,
-                reason: "overlaps an existing region",
-            });
+        if inner.regions.iter().any(|r| region.gpa < r.end() && r.gpa < end) {
+            return Err(Error::Region { gpa: region.gpa, size: region.size, reason: "overlaps an existing region" });
         }
         for (i, l) in inner.listeners.iter().enumerate() {
             if let Err(reason) = l.region_added(&region) {
                 for done in &inner.listeners[..i] {
                     done.region_removed(&region);
                 }
-                tracing::error!(
-                    "listener {} refused region {:?}: {reason}",
-                    l.name(),
-                    region
-                );
+                tracing::error!("listener {} refused region {:?}: {reason}", l.name(), region);
                 return Err(Error::Region {
                     gpa: region.gpa,
                     size: region.size,
@@ -279,16 +230,8 @@ impl MemoryMap {
                 for done in &inner.regions[..i] {
                     listener.region_removed(done);
                 }
-                tracing::error!(
-                    "listener {} refused region {:?}: {reason}",
-                    listener.name(),
-                    r
-                );
-                return Err(Error::Region {
-                    gpa: r.gpa,
-                    size: r.size,
-                    reason: "a new memory listener refused it",
-                });
+                tracing::error!("listener {} refused region {:?}: {reason}", listener.name(), r);
+                return Err(Error::Region { gpa: r.gpa, size: r.size, reason: "a new memory listener refused it" });
             }
         }
         inner.listeners.push(listener);
@@ -298,11 +241,7 @@ impl MemoryMap {
     /// Unregisters a listener; it is told every region is removed.
     pub fn remove_listener(&self, listener: &Arc<dyn MemoryListener>) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pos) = inner
-            .listeners
-            .iter()
-            .position(|l| Arc::ptr_eq(l, listener))
-        {
+        if let Some(pos) = inner.listeners.iter().position(|l| Arc::ptr_eq(l, listener)) {
             let l = inner.listeners.remove(pos);
             for r in inner.regions.iter().rev() {
                 l.region_removed(r);
@@ -312,11 +251,7 @@ impl MemoryMap {
 
     /// A snapshot of the regions, sorted by address.
     pub fn regions(&self) -> Vec<Region> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .regions
-            .clone()
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).regions.clone()
     }
 }
 
@@ -329,10 +264,7 @@ pub struct MemslotListener {
 impl MemslotListener {
     /// A listener that creates memslots through `accel`.
     pub fn new(accel: Arc<dyn crate::accel::Accel>) -> MemslotListener {
-        MemslotListener {
-            accel,
-            slots: Mutex::new((0, Vec::new())),
-        }
+        MemslotListener { accel, slots: Mutex::new((0, Vec::new())) }
     }
 }
 
@@ -343,16 +275,10 @@ impl MemoryListener for MemslotListener {
 
     fn region_added(&self, r: &Region) -> std::result::Result<(), String> {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = (0..=s.0)
-            .find(|n| !s.1.iter().any(|(_, used)| used == n))
-            .unwrap_or(s.0);
+        let slot = (0..=s.0).find(|n| !s.1.iter().any(|(_, used)| used == n)).unwrap_or(s.0);
         // SAFETY: the memory map keeps the region (and its keepalive) until
         // region_removed, which deletes the slot first.
-        unsafe {
-            self.accel
-                .add_memslot(slot, r.gpa, r.size, r.host as *mut u8)
-        }
-        .map_err(|e| e.to_string())?;
+        unsafe { self.accel.add_memslot(slot, r.gpa, r.size, r.host as *mut u8) }.map_err(|e| e.to_string())?;
         s.1.push((r.gpa, slot));
         s.0 = s.0.max(slot + 1);
         Ok(())
@@ -399,9 +325,7 @@ mod tests {
         Region {
             gpa,
             size,
-            kind: RegionKind::RamDevice {
-                device: "bar".into(),
-            },
+            kind: RegionKind::RamDevice { device: "bar".into() },
             host: 0,
             backing: None,
             keepalive: None,
@@ -411,19 +335,14 @@ mod tests {
     #[test]
     fn ram_splits_around_the_mmio_hole() {
         assert_eq!(ram_layout(256 << 20), vec![(0, 256 << 20, 0)]);
-        assert_eq!(
-            ram_layout(4 << 30),
-            vec![(0, 3 << 30, 0), (4 << 30, 1 << 30, 3 << 30)]
-        );
+        assert_eq!(ram_layout(4 << 30), vec![(0, 3 << 30, 0), (4 << 30, 1 << 30, 3 << 30)]);
     }
 
     #[test]
     fn ram_is_memfd_backed_and_readable_through_the_fd() {
         use std::os::unix::fs::FileExt;
         let ram = GuestRam::new(MIN_RAM).unwrap();
-        ram.memory()
-            .write_slice(b"shared", GuestAddress(0x2000))
-            .unwrap();
+        ram.memory().write_slice(b"shared", GuestAddress(0x2000)).unwrap();
         let mut buf = [0u8; 6];
         ram.memfd().read_exact_at(&mut buf, 0x2000).unwrap();
         assert_eq!(&buf, b"shared");
@@ -447,28 +366,19 @@ mod tests {
         let log = Arc::new(Log::default());
         map.add_listener(log.clone()).unwrap();
         map.add_region(dev(0x3000, 0x1000)).unwrap();
-        assert!(
-            map.add_region(dev(0x3800, 0x1000)).is_err(),
-            "overlap refused"
-        );
+        assert!(map.add_region(dev(0x3800, 0x1000)).is_err(), "overlap refused");
         assert!(map.remove_region(0x1000).is_some());
         assert!(map.remove_region(0x1000).is_none());
         let l: Arc<dyn MemoryListener> = log.clone();
         map.remove_listener(&l);
-        assert_eq!(
-            *log.events.lock().unwrap(),
-            vec!["+0x1000", "+0x3000", "-0x1000", "-0x3000"]
-        );
+        assert_eq!(*log.events.lock().unwrap(), vec!["+0x1000", "+0x3000", "-0x1000", "-0x3000"]);
     }
 
     #[test]
     fn a_refusing_listener_rolls_the_add_back_everywhere() {
         let map = MemoryMap::new();
         let ok = Arc::new(Log::default());
-        let picky = Arc::new(Log {
-            refuse_at: Some(0x5000),
-            ..Default::default()
-        });
+        let picky = Arc::new(Log { refuse_at: Some(0x5000), ..Default::default() });
         map.add_listener(ok.clone()).unwrap();
         map.add_listener(picky.clone()).unwrap();
         assert!(map.add_region(dev(0x5000, 0x1000)).is_err());

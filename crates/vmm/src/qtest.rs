@@ -53,11 +53,7 @@ impl IrqSink for Sink {
 /// Serves one session on `vm` until the input closes or the guest-visible exit port
 /// is written.
 pub fn serve(vm: &Vm, input: impl BufRead, out: SharedOut) -> std::io::Result<End> {
-    let mut session = Session {
-        vm,
-        out,
-        intercepting: false,
-    };
+    let mut session = Session { vm, out, intercepting: false };
     let result = session.run(input);
     if let Some(q) = vm.qtest() {
         q.set_sink(None);
@@ -104,9 +100,7 @@ impl Session<'_> {
                 let (port, value) = (port(arg(w, 1)?)?, num(arg(w, 2)?)?);
                 check_fits(value, size)?;
                 if port == abi::ports::HCALL {
-                    return Err(
-                        "the hypercall port needs registers: use `hcall NR A0 A1 A2 A3 A4`".into(),
-                    );
+                    return Err("the hypercall port needs registers: use `hcall NR A0 A1 A2 A3 A4`".into());
                 }
                 self.vm.pio_write(port, &value.to_le_bytes()[..size]);
                 Ok("OK".into())
@@ -116,11 +110,7 @@ impl Session<'_> {
                 let port = port(arg(w, 1)?)?;
                 let mut buf = [0u8; 8];
                 self.vm.pio_read(port, &mut buf[..size]);
-                Ok(format!(
-                    "OK 0x{:0width$x}",
-                    u64::from_le_bytes(buf),
-                    width = 2 * size
-                ))
+                Ok(format!("OK 0x{:0width$x}", u64::from_le_bytes(buf), width = 2 * size))
             }
             "readb" | "readw" | "readl" | "readq" => {
                 let size = mem_size(w[0]);
@@ -140,9 +130,7 @@ impl Session<'_> {
                 let (addr, size) = (num(arg(w, 1)?)?, bulk_size(arg(w, 2)?)?);
                 let mut buf = vec![0u8; size];
                 if !self.vm.phys_read(addr, &mut buf) {
-                    return Err(format!(
-                        "nothing at {addr:#x}+{size:#x} (not RAM, no device)"
-                    ));
+                    return Err(format!("nothing at {addr:#x}+{size:#x} (not RAM, no device)"));
                 }
                 Ok(format!("OK 0x{}", hex(&buf)))
             }
@@ -150,27 +138,19 @@ impl Session<'_> {
                 let (addr, size) = (num(arg(w, 1)?)?, bulk_size(arg(w, 2)?)?);
                 let mut data = unhex(arg(w, 3)?)?;
                 if data.len() > size {
-                    return Err(format!(
-                        "{} bytes of data for a {size}-byte write",
-                        data.len()
-                    ));
+                    return Err(format!("{} bytes of data for a {size}-byte write", data.len()));
                 }
                 data.resize(size, 0); // as QEMU: short data is zero-padded
                 if !self.vm.phys_write(addr, &data) {
-                    return Err(format!(
-                        "nothing at {addr:#x}+{size:#x} (not RAM, no device)"
-                    ));
+                    return Err(format!("nothing at {addr:#x}+{size:#x} (not RAM, no device)"));
                 }
                 Ok("OK".into())
             }
             "memset" => {
-                let (addr, size, value) =
-                    (num(arg(w, 1)?)?, bulk_size(arg(w, 2)?)?, num(arg(w, 3)?)?);
+                let (addr, size, value) = (num(arg(w, 1)?)?, bulk_size(arg(w, 2)?)?, num(arg(w, 3)?)?);
                 check_fits(value, 1)?;
                 if !self.vm.phys_write(addr, &vec![value as u8; size]) {
-                    return Err(format!(
-                        "nothing at {addr:#x}+{size:#x} (not RAM, no device)"
-                    ));
+                    return Err(format!("nothing at {addr:#x}+{size:#x} (not RAM, no device)"));
                 }
                 Ok("OK".into())
             }
@@ -179,10 +159,7 @@ impl Session<'_> {
                 if self.intercepting {
                     return Err("Interception already enabled".into());
                 }
-                let q = self
-                    .vm
-                    .qtest()
-                    .ok_or("interrupt interception needs --accel qtest")?;
+                let q = self.vm.qtest().ok_or("interrupt interception needs --accel qtest")?;
                 q.set_sink(Some(Arc::new(Sink(Arc::clone(&self.out)))));
                 self.intercepting = true;
                 Ok("OK".into())
@@ -197,10 +174,7 @@ impl Session<'_> {
                     a[i] = num(v)?;
                 }
                 let r = self.vm.hypercall(&Args { nr, a });
-                Ok(format!(
-                    "OK {:#x} {:#x} {:#x} {:#x}",
-                    r.status as u64, r.r[0], r.r[1], r.r[2]
-                ))
+                Ok(format!("OK {:#x} {:#x} {:#x} {:#x}", r.status as u64, r.r[0], r.r[1], r.r[2]))
             }
             "irq_forward" | "irq_unforward" | "irq_mode" => {
                 let id = irq::SourceId::new(arg(w, 1)?, num32(arg(w, 2)?)?, num32(arg(w, 3)?)?);
@@ -214,11 +188,8 @@ impl Session<'_> {
             }
             "irq_list" => {
                 let irqs = self.vm.irqs();
-                let list: Vec<String> = irqs
-                    .sources()
-                    .iter()
-                    .filter_map(|id| irqs.stats(id).map(|s| format!("{id}={}", s.mode)))
-                    .collect();
+                let list: Vec<String> =
+                    irqs.sources().iter().filter_map(|id| irqs.stats(id).map(|s| format!("{id}={}", s.mode))).collect();
                 Ok(format!("OK {}", list.join(" ")).trim_end().to_string())
             }
             "irq_counts" => {
@@ -235,9 +206,7 @@ impl Session<'_> {
 }
 
 fn arg<'a>(w: &[&'a str], i: usize) -> Result<&'a str, String> {
-    w.get(i)
-        .copied()
-        .ok_or_else(|| format!("{} needs argument {i}", w[0]))
+    w.get(i).copied().ok_or_else(|| format!("{} needs argument {i}", w[0]))
 }
 
 /// Parses a number as QEMU does: `0x` hexadecimal or decimal.
@@ -299,17 +268,13 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Result<Vec<u8>, String> {
-    let h = s
-        .strip_prefix("0x")
-        .ok_or_else(|| format!("data '{s}' must start with 0x"))?;
+    let h = s.strip_prefix("0x").ok_or_else(|| format!("data '{s}' must start with 0x"))?;
     if h.len() % 2 != 0 {
         return Err("hex data has an odd number of digits".into());
     }
     (0..h.len())
         .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&h[i..i + 2], 16).map_err(|_| format!("invalid hex data '{s}'"))
-        })
+        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).map_err(|_| format!("invalid hex data '{s}'")))
         .collect()
 }
 

@@ -88,21 +88,12 @@ impl Runner {
     }
 
     fn busy(&self) -> bool {
-        !self
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .done
-            .load(Ordering::Acquire)
+        !self.progress.lock().unwrap_or_else(|e| e.into_inner()).done.load(Ordering::Acquire)
     }
 
     /// Stops a run in progress and joins its thread.
     fn stop(&self) {
-        self.progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .stop
-            .store(true, Ordering::Release);
+        self.progress.lock().unwrap_or_else(|e| e.into_inner()).stop.store(true, Ordering::Release);
         let _ = self.wake.write(1);
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
@@ -111,12 +102,7 @@ impl Runner {
     }
 
     /// Starts a run of `count` steps; `step` makes one interrupt and waits for the guest.
-    fn start(
-        &self,
-        count: u64,
-        toggles: u64,
-        step: impl Fn(&Progress) -> bool + Send + 'static,
-    ) -> Ret {
+    fn start(&self, count: u64, toggles: u64, step: impl Fn(&Progress) -> bool + Send + 'static) -> Ret {
         if count == 0 || count > MAX_COUNT || toggles > count {
             return Ret::err(Status::InvalidArgument);
         }
@@ -127,11 +113,7 @@ impl Runner {
         let progress = Arc::new(Progress::default());
         *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&progress);
         *self.guest_counted.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let (irqs, id, accel) = (
-            Arc::clone(&self.irqs),
-            self.id.clone(),
-            Arc::clone(&self.accel),
-        );
+        let (irqs, id, accel) = (Arc::clone(&self.irqs), self.id.clone(), Arc::clone(&self.accel));
         let abort = *self.abort.lock().unwrap_or_else(|e| e.into_inner());
         let interval = count.checked_div(toggles).unwrap_or(0).max(1);
         let body = move || {
@@ -141,10 +123,7 @@ impl Runner {
                 }
                 progress.fired.fetch_add(1, Ordering::AcqRel);
                 // Switch while this interrupt is in flight: the hard case.
-                if toggles > 0
-                    && (i + 1) % interval == 0
-                    && progress.toggles.load(Ordering::Acquire) < toggles
-                {
+                if toggles > 0 && (i + 1) % interval == 0 && progress.toggles.load(Ordering::Acquire) < toggles {
                     let next = match irqs.stats(&id).map(|s| s.mode) {
                         Some(Mode::Forwarded) => Mode::Vmm,
                         _ => Mode::Forwarded,
@@ -168,10 +147,7 @@ impl Runner {
             }
             progress.done.store(true, Ordering::Release);
         };
-        match std::thread::Builder::new()
-            .name(self.id.device.clone())
-            .spawn(body)
-        {
+        match std::thread::Builder::new().name(self.id.device.clone()).spawn(body) {
             Ok(t) => {
                 *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
                 Ret::ok(0, 0, 0)
@@ -207,14 +183,8 @@ impl Runner {
 
 /// Waits until one of `fds` is readable; returns its index, or None on timeout.
 fn wait_any(fds: &[&EventFd], timeout: Duration) -> Option<usize> {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|f| libc::pollfd {
-            fd: f.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+    let mut p: Vec<libc::pollfd> =
+        fds.iter().map(|f| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
     let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     loop {
         // SAFETY: `p` is a valid array of `p.len()` pollfds for the duration of the call.
@@ -263,8 +233,7 @@ impl MsiTestSource {
 
     /// `TEST_IRQ_SETUP(vector, abort_vector)`.
     pub fn setup(&self, vector: u64, abort_vector: u64) -> Ret {
-        let (Some(vector), Some(abort)) = (msi_vector(vector), abort_msi(abort_vector, vector))
-        else {
+        let (Some(vector), Some(abort)) = (msi_vector(vector), abort_msi(abort_vector, vector)) else {
             return Ret::err(Status::InvalidArgument);
         };
         if self.runner.busy() {
@@ -291,35 +260,19 @@ impl MsiTestSource {
         let writer = Arc::new(trigger.try_clone().map_err(|e| e.to_string())?);
         let ack = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?);
         let port = IoAddr::Pio(u64::from(abi::ports::TEST_IRQ_ACK));
-        self.runner
-            .accel
-            .register_ioevent(&ack, port)
-            .map_err(|e| e.to_string())?;
-        let source = IrqSource {
-            id: Self::id(),
-            trigger: Trigger::Edge(trigger),
-        };
-        if let Err(e) = self
-            .runner
-            .irqs
-            .attach(source, GuestIrq::Msi(msi), self.device.clone())
-        {
+        self.runner.accel.register_ioevent(&ack, port).map_err(|e| e.to_string())?;
+        let source = IrqSource { id: Self::id(), trigger: Trigger::Edge(trigger) };
+        if let Err(e) = self.runner.irqs.attach(source, GuestIrq::Msi(msi), self.device.clone()) {
             let _ = self.runner.accel.unregister_ioevent(&ack, port);
             return Err(e.to_string());
         }
-        Ok(MsiWiring {
-            trigger: writer,
-            ack,
-        })
+        Ok(MsiWiring { trigger: writer, ack })
     }
 
     fn unwire(&self) {
         if let Some(w) = self.wiring.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = self.runner.irqs.detach(&Self::id());
-            let _ = self
-                .runner
-                .accel
-                .unregister_ioevent(&w.ack, IoAddr::Pio(u64::from(abi::ports::TEST_IRQ_ACK)));
+            let _ = self.runner.accel.unregister_ioevent(&w.ack, IoAddr::Pio(u64::from(abi::ports::TEST_IRQ_ACK)));
         }
     }
 
@@ -330,11 +283,7 @@ impl MsiTestSource {
             return Ret::err(Status::NotFound);
         };
         while w.ack.read().is_ok() {} // forget acknowledgements of an earlier run
-        let (trigger, ack, wake) = (
-            Arc::clone(&w.trigger),
-            Arc::clone(&w.ack),
-            self.runner.wake.try_clone(),
-        );
+        let (trigger, ack, wake) = (Arc::clone(&w.trigger), Arc::clone(&w.ack), self.runner.wake.try_clone());
         let Ok(wake) = wake else {
             return Ret::err(Status::Internal);
         };
@@ -428,21 +377,10 @@ impl IntxTestSource {
     }
 
     /// A source not yet attached; `pio` gets its status port.
-    pub fn new(
-        accel: Arc<dyn Accel>,
-        irqs: Arc<IrqRegistry>,
-        pio: &devices::Bus,
-    ) -> std::io::Result<IntxTestSource> {
-        let line = Arc::new(Line {
-            asserted: AtomicBool::new(false),
-            acked: EventFd::new(EFD_NONBLOCK)?,
-        });
-        pio.insert(
-            u64::from(abi::ports::TEST_INTX_STATUS),
-            1,
-            Arc::new(Mutex::new(StatusPort(Arc::clone(&line)))),
-        )
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    pub fn new(accel: Arc<dyn Accel>, irqs: Arc<IrqRegistry>, pio: &devices::Bus) -> std::io::Result<IntxTestSource> {
+        let line = Arc::new(Line { asserted: AtomicBool::new(false), acked: EventFd::new(EFD_NONBLOCK)? });
+        pio.insert(u64::from(abi::ports::TEST_INTX_STATUS), 1, Arc::new(Mutex::new(StatusPort(Arc::clone(&line)))))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(IntxTestSource {
             runner: Runner::new(accel, irqs, Self::id())?,
             line,
@@ -461,9 +399,8 @@ impl IntxTestSource {
         let Some(abort) = abort_msi(abort_vector, 0) else {
             return Ret::err(Status::InvalidArgument);
         };
-        let Some(gsi) = u32::try_from(gsi)
-            .ok()
-            .filter(|g| *g < crate::accel::FIRST_MSI_GSI && *g != abi::ports::SERIAL_GSI)
+        let Some(gsi) =
+            u32::try_from(gsi).ok().filter(|g| *g < crate::accel::FIRST_MSI_GSI && *g != abi::ports::SERIAL_GSI)
         else {
             return Ret::err(Status::InvalidArgument);
         };
@@ -493,25 +430,13 @@ impl IntxTestSource {
             trigger: Arc::new(trigger.try_clone().map_err(|e| e.to_string())?),
             resample: Arc::new(resample.try_clone().map_err(|e| e.to_string())?),
         };
-        let source = IrqSource {
-            id: Self::id(),
-            trigger: Trigger::Level { trigger, resample },
-        };
-        self.runner
-            .irqs
-            .attach(source, GuestIrq::Level(gsi), self.device.clone())
-            .map_err(|e| e.to_string())?;
+        let source = IrqSource { id: Self::id(), trigger: Trigger::Level { trigger, resample } };
+        self.runner.irqs.attach(source, GuestIrq::Level(gsi), self.device.clone()).map_err(|e| e.to_string())?;
         Ok(w)
     }
 
     fn unwire(&self) {
-        if self
-            .wiring
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .is_some()
-        {
+        if self.wiring.lock().unwrap_or_else(|e| e.into_inner()).take().is_some() {
             let _ = self.runner.irqs.detach(&Self::id());
         }
     }
@@ -522,11 +447,7 @@ impl IntxTestSource {
         let Some(w) = wiring.as_ref() else {
             return Ret::err(Status::NotFound);
         };
-        let (trigger, resample, line) = (
-            Arc::clone(&w.trigger),
-            Arc::clone(&w.resample),
-            Arc::clone(&self.line),
-        );
+        let (trigger, resample, line) = (Arc::clone(&w.trigger), Arc::clone(&w.resample), Arc::clone(&self.line));
         let Ok(wake) = self.runner.wake.try_clone() else {
             return Ret::err(Status::Internal);
         };
@@ -551,8 +472,7 @@ impl IntxTestSource {
                     Some(1) => {
                         // The count is the number of EOIs (and switch re-checks) since the
                         // last read.
-                        p.resamples
-                            .fetch_add(resample.read().unwrap_or(0), Ordering::AcqRel);
+                        p.resamples.fetch_add(resample.read().unwrap_or(0), Ordering::AcqRel);
                         if line.asserted.load(Ordering::Acquire) && trigger.write(1).is_err() {
                             return false;
                         }

@@ -21,28 +21,18 @@ pub struct Vcpu {
 impl Vcpu {
     /// Creates vCPU `id` with the host's supported CPUID, long-mode registers and SSE.
     pub fn new(kvm: &KvmAccel, id: u64, entry: Entry) -> Result<Vcpu> {
-        let fd = kvm
-            .vm()
-            .create_vcpu(id)
-            .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+        let fd = kvm.vm().create_vcpu(id).map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
         let cpuid = kvm
             .kvm()
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
-        fd.set_cpuid2(&cpuid)
-            .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+        fd.set_cpuid2(&cpuid).map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
         let sregs = fd.get_sregs().map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
-        fd.set_sregs(&long_mode_sregs(sregs))
-            .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
-        let fpu = kvm_bindings::kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
+        fd.set_sregs(&long_mode_sregs(sregs)).map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+        let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
         fd.set_fpu(&fpu).map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
         let mut fd = fd;
-        fd.set_regs(&entry_regs(entry))
-            .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+        fd.set_regs(&entry_regs(entry)).map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
         let sync_regs = kvm.kvm().check_extension(kvm_ioctls::Cap::SyncRegs);
         if sync_regs {
             fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
@@ -91,14 +81,10 @@ impl Vcpu {
                     ));
                 }
                 Ok(VcpuExit::FailEntry(reason, _)) => {
-                    return Err(
-                        self.crashed(&format!("VM entry failed (hardware reason {reason:#x})"))
-                    );
+                    return Err(self.crashed(&format!("VM entry failed (hardware reason {reason:#x})")));
                 }
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
-                    return Err(
-                        self.crashed(&format!("system event {kind} (reset or shutdown request)"))
-                    );
+                    return Err(self.crashed(&format!("system event {kind} (reset or shutdown request)")));
                 }
                 Ok(other) => {
                     let what = format!("unexpected exit {other:?}");
@@ -117,14 +103,9 @@ impl Vcpu {
         let regs = if self.sync_regs {
             self.fd.sync_regs().regs
         } else {
-            self.fd
-                .get_regs()
-                .map_err(|e| Error::Kvm("KVM_GET_REGS", e))?
+            self.fd.get_regs().map_err(|e| Error::Kvm("KVM_GET_REGS", e))?
         };
-        let args = Args {
-            nr: regs.rax,
-            a: [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8],
-        };
+        let args = Args { nr: regs.rax, a: [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8] };
         let ret = vm.hypercall(&args);
         let write = |r: &mut kvm_bindings::kvm_regs| {
             r.rax = ret.status as u64;
@@ -139,18 +120,12 @@ impl Vcpu {
         } else {
             let mut regs = regs;
             write(&mut regs);
-            self.fd
-                .set_regs(&regs)
-                .map_err(|e| Error::Kvm("KVM_SET_REGS", e))
+            self.fd.set_regs(&regs).map_err(|e| Error::Kvm("KVM_SET_REGS", e))
         }
     }
 
     fn crashed(&self, what: &str) -> Error {
-        let rip = self
-            .fd
-            .get_regs()
-            .map(|r| format!(" at rip {:#x}", r.rip))
-            .unwrap_or_default();
+        let rip = self.fd.get_regs().map(|r| format!(" at rip {:#x}", r.rip)).unwrap_or_default();
         Error::GuestCrashed(format!("{what}{rip}"))
     }
 }

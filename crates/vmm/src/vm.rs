@@ -97,63 +97,27 @@ impl Vm {
             id: SourceId::new("serial", 0, 0),
             trigger: Trigger::Edge(serial_irq.try_clone().map_err(Error::EventFd)?),
         };
-        irqs.attach(
-            serial_source,
-            GuestIrq::Edge(ports::SERIAL_GSI),
-            Arc::new(()),
-        )
-        .map_err(|e| Error::Irq(e.to_string()))?;
+        irqs.attach(serial_source, GuestIrq::Edge(ports::SERIAL_GSI), Arc::new(()))
+            .map_err(|e| Error::Irq(e.to_string()))?;
         let serial = SerialPort::new(serial_irq, config.serial_out);
-        pio.insert(
-            u64::from(ports::SERIAL_COM1),
-            u64::from(ports::SERIAL_LEN),
-            shared(serial),
-        )?;
-        pio.insert(
-            u64::from(ports::EXIT),
-            1,
-            shared(ExitPort(Arc::clone(&exit))),
-        )?;
-        pio.insert(
-            u64::from(ports::ERR_CONSOLE),
-            1,
-            shared(ErrConsole::new(config.err_out)),
-        )?;
+        pio.insert(u64::from(ports::SERIAL_COM1), u64::from(ports::SERIAL_LEN), shared(serial))?;
+        pio.insert(u64::from(ports::EXIT), 1, shared(ExitPort(Arc::clone(&exit))))?;
+        pio.insert(u64::from(ports::ERR_CONSOLE), 1, shared(ErrConsole::new(config.err_out)))?;
         mmio.insert(layout::BENCH_MMIO_ADDR, 0x1000, shared(NullDevice))?;
         let bench_ioevent = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        accel.register_ioevent(
-            &bench_ioevent,
-            IoAddr::Pio(u64::from(ports::BENCH_IOEVENTFD)),
-        )?;
+        accel.register_ioevent(&bench_ioevent, IoAddr::Pio(u64::from(ports::BENCH_IOEVENTFD)))?;
 
         let hypercalls = Arc::new(HypercallRegistry::new());
         let core = Arc::new(CoreCalls {
             bench: Arc::new(BenchMarks::new(config.bench_iterations)),
-            test_irq: Arc::new(
-                MsiTestSource::new(Arc::clone(&accel), Arc::clone(&irqs))
-                    .map_err(Error::EventFd)?,
-            ),
+            test_irq: Arc::new(MsiTestSource::new(Arc::clone(&accel), Arc::clone(&irqs)).map_err(Error::EventFd)?),
             test_intx: Arc::new(
-                IntxTestSource::new(Arc::clone(&accel), Arc::clone(&irqs), &pio)
-                    .map_err(Error::EventFd)?,
+                IntxTestSource::new(Arc::clone(&accel), Arc::clone(&irqs), &pio).map_err(Error::EventFd)?,
             ),
         });
         hypercalls.register(abi::hcall::CORE_BASE, core.clone())?;
 
-        Ok(Vm {
-            accel,
-            kvm,
-            qtest,
-            core,
-            irqs,
-            hypercalls,
-            pio,
-            mmio,
-            exit,
-            bench_ioevent,
-            memory_map,
-            ram,
-        })
+        Ok(Vm { accel, kvm, qtest, core, irqs, hypercalls, pio, mmio, exit, bench_ioevent, memory_map, ram })
     }
 
     /// The accelerator.
@@ -243,8 +207,7 @@ impl Vm {
 
     /// A port write. Writes nobody decodes are dropped (and return false).
     pub fn pio_write(&self, port: u16, data: &[u8]) -> bool {
-        self.accel.emulate_ioevent(IoAddr::Pio(u64::from(port)))
-            || self.pio.write(u64::from(port), data)
+        self.accel.emulate_ioevent(IoAddr::Pio(u64::from(port))) || self.pio.write(u64::from(port), data)
     }
 
     /// A port read. Ports nobody decodes read as all-ones (and return false).
@@ -292,12 +255,10 @@ impl Vm {
         let Some(end) = addr.checked_add(len as u64) else {
             return false;
         };
-        self.memory()
-            .find_region(GuestAddress(addr))
-            .is_some_and(|r| {
-                use vm_memory::GuestMemoryRegion;
-                end <= r.start_addr().0 + r.len()
-            })
+        self.memory().find_region(GuestAddress(addr)).is_some_and(|r| {
+            use vm_memory::GuestMemoryRegion;
+            end <= r.start_addr().0 + r.len()
+        })
     }
 
     /// Loads a guest program, prepares the boot vCPU and runs it until the guest
@@ -311,10 +272,7 @@ impl Vm {
         if args.len() > layout::MAX_GUEST_ARGS {
             return Err(Error::GuestArgs(args.len()));
         }
-        let kvm = self
-            .kvm
-            .as_ref()
-            .ok_or_else(|| Error::GuestCrashed("a guest program needs --accel kvm".into()))?;
+        let kvm = self.kvm.as_ref().ok_or_else(|| Error::GuestCrashed("a guest program needs --accel kvm".into()))?;
         let low = self.ram.size().min(layout::MMIO_HOLE_START);
         let entry = crate::boot::load_elf(self.memory(), elf, low)?;
         let info = layout::BootInfo {
@@ -341,9 +299,6 @@ fn shared<D: BusDevice + 'static>(d: D) -> Arc<Mutex<dyn BusDevice>> {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        let _ = self.accel.unregister_ioevent(
-            &self.bench_ioevent,
-            IoAddr::Pio(u64::from(ports::BENCH_IOEVENTFD)),
-        );
+        let _ = self.accel.unregister_ioevent(&self.bench_ioevent, IoAddr::Pio(u64::from(ports::BENCH_IOEVENTFD)));
     }
 }

@@ -56,18 +56,13 @@ fn qtest_vm() -> Vm {
 /// Runs `f` against a live session on `vm`; returns how the session ended.
 fn with_session(vm: &Vm, f: impl FnOnce(&mut Driver)) -> End {
     let (ours, theirs) = UnixStream::pair().unwrap();
-    ours.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     std::thread::scope(|s| {
         let server = s.spawn(|| {
             let out: SharedOut = Arc::new(Mutex::new(Box::new(theirs.try_clone().unwrap())));
             serve(vm, BufReader::new(theirs), out).unwrap()
         });
-        let mut d = Driver {
-            w: ours.try_clone().unwrap(),
-            r: BufReader::new(ours.try_clone().unwrap()),
-            irqs: vec![],
-        };
+        let mut d = Driver { w: ours.try_clone().unwrap(), r: BufReader::new(ours.try_clone().unwrap()), irqs: vec![] };
         f(&mut d);
         ours.shutdown(std::net::Shutdown::Write).unwrap();
         server.join().unwrap()
@@ -89,11 +84,7 @@ fn memory_commands_write_and_read_guest_ram() {
         assert_eq!(d.cmd("read 0x2000 4"), "OK 0xab003412");
         assert_eq!(d.cmd("write 0x3000 3 0x010203"), "OK");
         assert_eq!(d.cmd("read 0x3000 4"), "OK 0x01020300");
-        assert_eq!(
-            d.cmd("write 0x3000 4 0xff"),
-            "OK",
-            "short data is zero-padded"
-        );
+        assert_eq!(d.cmd("write 0x3000 4 0xff"), "OK", "short data is zero-padded");
         assert_eq!(d.cmd("read 0x3000 4"), "OK 0xff000000");
         assert_eq!(d.cmd("memset 0x4000 8 0x5a"), "OK");
         assert_eq!(d.cmd("read 0x3fff 10"), "OK 0x005a5a5a5a5a5a5a5a00");
@@ -102,12 +93,7 @@ fn memory_commands_write_and_read_guest_ram() {
     assert_eq!(end, End::Eof);
     // The session wrote the VMM's own view of guest RAM.
     use vm_memory::Bytes;
-    assert_eq!(
-        vm.memory()
-            .read_obj::<u64>(vm_memory::GuestAddress(0x2008))
-            .unwrap(),
-        0x0123456789abcdef
-    );
+    assert_eq!(vm.memory().read_obj::<u64>(vm_memory::GuestAddress(0x2008)).unwrap(), 0x0123456789abcdef);
 }
 
 #[test]
@@ -117,43 +103,16 @@ fn malformed_commands_get_fail_answers_and_the_session_goes_on() {
         assert_eq!(d.cmd("frobnicate 1 2"), "FAIL Unknown command 'frobnicate'");
         assert_eq!(d.cmd("readb"), "FAIL readb needs argument 1");
         assert_eq!(d.cmd("readb 0xzz"), "FAIL invalid number '0xzz'");
-        assert_eq!(
-            d.cmd("writeb 0x1000 0x100"),
-            "FAIL value 0x100 does not fit in 1 byte(s)"
-        );
-        assert_eq!(
-            d.cmd("outb 0x10000 1"),
-            "FAIL port '0x10000' is above 0xffff"
-        );
-        assert_eq!(
-            d.cmd("outl 0xf6 0"),
-            "FAIL the hypercall port needs registers: use `hcall NR A0 A1 A2 A3 A4`"
-        );
+        assert_eq!(d.cmd("writeb 0x1000 0x100"), "FAIL value 0x100 does not fit in 1 byte(s)");
+        assert_eq!(d.cmd("outb 0x10000 1"), "FAIL port '0x10000' is above 0xffff");
+        assert_eq!(d.cmd("outl 0xf6 0"), "FAIL the hypercall port needs registers: use `hcall NR A0 A1 A2 A3 A4`");
         assert!(d.cmd("read 0x1000 0").starts_with("FAIL size 0 is outside"));
-        assert!(
-            d.cmd("read 0x1000 0x2000000").starts_with("FAIL size"),
-            "bulk size capped"
-        );
-        assert!(
-            d.cmd("write 0x1000 2 0x010203")
-                .starts_with("FAIL 3 bytes of data")
-        );
-        assert_eq!(
-            d.cmd("write 0x1000 2 0102"),
-            "FAIL data '0102' must start with 0x"
-        );
-        assert!(
-            d.cmd("read 0xe0000000 4")
-                .starts_with("FAIL nothing at 0xe0000000")
-        );
-        assert!(
-            d.cmd("memset 0xffffffffffff 4 1")
-                .starts_with("FAIL nothing at")
-        );
-        assert_eq!(
-            d.cmd("hcall 0 1 2 3 4 5 6"),
-            "FAIL hcall takes a number and at most 5 arguments"
-        );
+        assert!(d.cmd("read 0x1000 0x2000000").starts_with("FAIL size"), "bulk size capped");
+        assert!(d.cmd("write 0x1000 2 0x010203").starts_with("FAIL 3 bytes of data"));
+        assert_eq!(d.cmd("write 0x1000 2 0102"), "FAIL data '0102' must start with 0x");
+        assert!(d.cmd("read 0xe0000000 4").starts_with("FAIL nothing at 0xe0000000"));
+        assert!(d.cmd("memset 0xffffffffffff 4 1").starts_with("FAIL nothing at"));
+        assert_eq!(d.cmd("hcall 0 1 2 3 4 5 6"), "FAIL hcall takes a number and at most 5 arguments");
         // Still alive and correct after all of that.
         assert_eq!(d.cmd("writeb 0x1000 7"), "OK");
         assert_eq!(d.cmd("readb 0x1000"), "OK 0x0000000000000007");
@@ -171,16 +130,8 @@ fn port_and_mmio_commands_reach_devices_and_unassigned_reads_are_all_ones() {
         assert_eq!(d.cmd("inb 0x80"), "OK 0xff", "nobody decodes port 0x80");
         assert_eq!(d.cmd("inw 0x80"), "OK 0xffff");
         assert_eq!(d.cmd("inl 0x80"), "OK 0xffffffff");
-        assert_eq!(
-            d.cmd("readl 0xd0000000"),
-            "OK 0x0000000000000000",
-            "the null MMIO device"
-        );
-        assert_eq!(
-            d.cmd("readl 0xe0000000"),
-            "OK 0x00000000ffffffff",
-            "unassigned MMIO"
-        );
+        assert_eq!(d.cmd("readl 0xd0000000"), "OK 0x0000000000000000", "the null MMIO device");
+        assert_eq!(d.cmd("readl 0xe0000000"), "OK 0x00000000ffffffff", "unassigned MMIO");
         assert_eq!(d.cmd("outw 0x80 0xffff"), "OK");
     });
 }
@@ -200,32 +151,13 @@ fn hcall_goes_through_the_hypercall_registry() {
     vm.bench().set_iterations(1234);
     with_session(&vm, |d| {
         assert_eq!(d.cmd("hcall 0"), "OK 0x0 0x0 0x0 0x0", "null call succeeds");
-        assert_eq!(
-            d.cmd("hcall 0x1 7"),
-            "OK 0x0 0x4d2 0x0 0x0",
-            "BENCH_MARK answers the iteration count"
-        );
-        assert_eq!(
-            d.cmd("hcall 0x9999"),
-            "OK 0x1 0x0 0x0 0x0",
-            "unknown call number"
-        );
-        assert_eq!(
-            d.cmd("hcall 0x10 5"),
-            "OK 0x2 0x0 0x0 0x0",
-            "vector below 32 is invalid"
-        );
-        assert_eq!(
-            d.cmd("hcall 0x11 1"),
-            "OK 0x8 0x0 0x0 0x0",
-            "firing before set-up: not found"
-        );
+        assert_eq!(d.cmd("hcall 0x1 7"), "OK 0x0 0x4d2 0x0 0x0", "BENCH_MARK answers the iteration count");
+        assert_eq!(d.cmd("hcall 0x9999"), "OK 0x1 0x0 0x0 0x0", "unknown call number");
+        assert_eq!(d.cmd("hcall 0x10 5"), "OK 0x2 0x0 0x0 0x0", "vector below 32 is invalid");
+        assert_eq!(d.cmd("hcall 0x11 1"), "OK 0x8 0x0 0x0 0x0", "firing before set-up: not found");
     });
     // The mark reached the same BenchMarks a vCPU's hypercall would.
-    assert_eq!(
-        vm.bench().marks().iter().map(|m| m.0).collect::<Vec<_>>(),
-        vec![7]
-    );
+    assert_eq!(vm.bench().marks().iter().map(|m| m.0).collect::<Vec<_>>(), vec![7]);
 }
 
 #[test]
@@ -233,15 +165,8 @@ fn irq_lines_arrive_once_intercepted_one_per_acknowledged_interrupt() {
     let vm = qtest_vm();
     with_session(&vm, |d| {
         assert_eq!(d.cmd("irq_intercept_in ioapic"), "OK");
-        assert_eq!(
-            d.cmd("irq_intercept_in ioapic"),
-            "FAIL Interception already enabled"
-        );
-        assert_eq!(
-            d.cmd("hcall 0x10 0x40 0x41"),
-            "OK 0x0 0x18 0x0 0x0",
-            "set-up answers GSI 24"
-        );
+        assert_eq!(d.cmd("irq_intercept_in ioapic"), "FAIL Interception already enabled");
+        assert_eq!(d.cmd("hcall 0x10 0x40 0x41"), "OK 0x0 0x18 0x0 0x0", "set-up answers GSI 24");
         assert_eq!(d.cmd("hcall 0x11 3"), "OK 0x0 0x0 0x0 0x0");
         for i in 0..3 {
             assert_eq!(d.next_irq(), "IRQ raise 24", "interrupt {i}");
@@ -258,11 +183,7 @@ fn irq_lines_arrive_once_intercepted_one_per_acknowledged_interrupt() {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(done, "OK 0x0 0x3 0x1 0x0");
-        assert_eq!(
-            d.cmd("hcall 0x11 1"),
-            "OK 0x0 0x0 0x0 0x0",
-            "a second run may start"
-        );
+        assert_eq!(d.cmd("hcall 0x11 1"), "OK 0x0 0x0 0x0 0x0", "a second run may start");
         assert_eq!(d.next_irq(), "IRQ raise 24");
         assert_eq!(d.cmd("outb 0xf9 1"), "OK");
     });
@@ -277,11 +198,7 @@ fn an_unacknowledged_interrupt_times_out_and_signals_the_abort_vector() {
         assert_eq!(d.cmd("irq_intercept_in ioapic"), "OK");
         assert_eq!(d.cmd("hcall 0x10 0x40 0x41"), "OK 0x0 0x18 0x0 0x0");
         assert_eq!(d.cmd("hcall 0x11 2"), "OK 0x0 0x0 0x0 0x0");
-        assert_eq!(
-            d.cmd("hcall 0x11 2"),
-            "OK 0x6 0x0 0x0 0x0",
-            "busy while firing"
-        );
+        assert_eq!(d.cmd("hcall 0x11 2"), "OK 0x6 0x0 0x0 0x0", "busy while firing");
         assert_eq!(d.next_irq(), "IRQ raise 24");
         // No acknowledgement: after the timeout the abort MSI (vector 0x41) comes.
         assert_eq!(d.next_irq(), "IRQ msi 0xfee00000 0x41");

@@ -23,10 +23,7 @@ pub fn hcall(nr: u64, a: [u64; 5]) -> Ret {
             options(nostack),
         );
     }
-    Ret {
-        status: Status::from_raw(status).unwrap_or(Status::Internal),
-        r: [r0, r1, r2],
-    }
+    Ret { status: Status::from_raw(status).unwrap_or(Status::Internal), r: [r0, r1, r2] }
 }
 
 /// Hypercall with fewer arguments; the rest are zero.

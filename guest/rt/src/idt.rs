@@ -165,14 +165,9 @@ pub fn init() {
         limit: u16,
         base: u64,
     }
-    let ptr = Pointer {
-        limit: (256 * 16 - 1) as u16,
-        base: idt.0.as_ptr() as u64,
-    };
+    let ptr = Pointer { limit: (256 * 16 - 1) as u16, base: idt.0.as_ptr() as u64 };
     // SAFETY: the IDT is static and fully initialised.
-    unsafe {
-        core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags))
-    };
+    unsafe { core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
 }
 
 /// Registers `handler` for `vector` (32..=255).

@@ -78,13 +78,7 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     use core::fmt::Write;
     let mut err = console::ErrConsole;
     let _ = match info.location() {
-        Some(l) => write!(
-            err,
-            "guest panicked at {}:{}: {}\n",
-            l.file(),
-            l.line(),
-            info.message()
-        ),
+        Some(l) => write!(err, "guest panicked at {}:{}: {}\n", l.file(), l.line(), info.message()),
         None => write!(err, "guest panicked: {}\n", info.message()),
     };
     exit(abi::EXIT_PANIC)

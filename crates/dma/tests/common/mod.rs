@@ -11,10 +11,7 @@ pub const PAGE: u64 = 4096;
 
 /// 32 MiB of guest memory: [0, 16 MiB) and [16 MiB, 32 MiB) in separate host mappings.
 pub fn vm(limit: u64) -> Arc<VmDma> {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(0), 16 << 20),
-        (GuestAddress(16 << 20), 16 << 20),
-    ])
-    .unwrap();
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20), (GuestAddress(16 << 20), 16 << 20)]).unwrap();
     VmDma::new(Arc::new(mem), LockedMemory::new(limit))
 }

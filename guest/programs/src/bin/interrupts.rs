@@ -32,10 +32,7 @@ fn main(_boot: &BootInfo) -> u8 {
     apic::enable_x2apic();
     idt::set_handler(VECTOR, on_test_irq);
     idt::set_handler(ABORT_VECTOR, on_abort);
-    let setup = hcall(
-        hcall::TEST_IRQ_SETUP,
-        [u64::from(VECTOR), u64::from(ABORT_VECTOR), 0, 0, 0],
-    );
+    let setup = hcall(hcall::TEST_IRQ_SETUP, [u64::from(VECTOR), u64::from(ABORT_VECTOR), 0, 0, 0]);
     if setup.status != hcall::Status::Success {
         println!("interrupts: TEST_IRQ_SETUP failed: {:?}", setup.status);
         return 1;
@@ -61,11 +58,7 @@ fn main(_boot: &BootInfo) -> u8 {
         Dec(gsi),
         Dec(idt::unexpected())
     );
-    if counted == fired && fired == COUNT && idt::unexpected() == 0 {
-        0
-    } else {
-        1
-    }
+    if counted == fired && fired == COUNT && idt::unexpected() == 0 { 0 } else { 1 }
 }
 
 rt::entry!(main);

@@ -42,10 +42,7 @@ fn main(boot: &BootInfo) -> u8 {
     idt::set_handler(VECTOR, on_irq);
     idt::set_handler(ABORT_VECTOR, on_abort);
     ioapic::route(PIN, VECTOR, true, apic::id() as u8);
-    let setup = hcall(
-        hcall::TEST_INTX_SETUP,
-        [u64::from(PIN), u64::from(ABORT_VECTOR), 0, 0, 0],
-    );
+    let setup = hcall(hcall::TEST_INTX_SETUP, [u64::from(PIN), u64::from(ABORT_VECTOR), 0, 0, 0]);
     let fire = hcall(hcall::TEST_INTX_FIRE, [n, m, 0, 0, 0]);
     if setup.status != hcall::Status::Success || fire.status != hcall::Status::Success {
         println!("intx: set-up failed: {:?} {:?}", setup.status, fire.status);
@@ -69,11 +66,7 @@ fn main(boot: &BootInfo) -> u8 {
     // deasserted (a device re-check racing an EOI, as with VFIO INTx) is reported,
     // handled like Linux's IRQ_NONE, and not counted as an assertion.
     let _ = m;
-    if counted == r.r[0] && counted == n {
-        0
-    } else {
-        1
-    }
+    if counted == r.r[0] && counted == n { 0 } else { 1 }
 }
 
 rt::entry!(main);

@@ -34,16 +34,10 @@ fn main(boot: &BootInfo) -> u8 {
     apic::enable_x2apic();
     idt::set_handler(VECTOR, on_irq);
     idt::set_handler(ABORT_VECTOR, on_abort);
-    let setup = hcall(
-        hcall::TEST_IRQ_SETUP,
-        [u64::from(VECTOR), u64::from(ABORT_VECTOR), 0, 0, 0],
-    );
+    let setup = hcall(hcall::TEST_IRQ_SETUP, [u64::from(VECTOR), u64::from(ABORT_VECTOR), 0, 0, 0]);
     let fire = hcall(hcall::TEST_IRQ_FIRE, [n, m, 0, 0, 0]);
     if setup.status != hcall::Status::Success || fire.status != hcall::Status::Success {
-        println!(
-            "irqstorm: set-up failed: {:?} {:?}",
-            setup.status, fire.status
-        );
+        println!("irqstorm: set-up failed: {:?} {:?}", setup.status, fire.status);
         return 1;
     }
     while COUNTED.load(Ordering::Relaxed) < n && !ABORTED.load(Ordering::Relaxed) {
@@ -58,11 +52,7 @@ fn main(boot: &BootInfo) -> u8 {
         Dec(n),
         Dec(m)
     );
-    if counted == fired && fired == n && idt::unexpected() == 0 {
-        0
-    } else {
-        1
-    }
+    if counted == fired && fired == n && idt::unexpected() == 0 { 0 } else { 1 }
 }
 
 rt::entry!(main);
