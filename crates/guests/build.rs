@@ -16,6 +16,10 @@ const PROGRAMS: &[(&str, &str)] = &[
         "irqstorm",
         "N MSIs while the VMM switches forwarding M times; exits 0 when all N arrived (args: N=100000 M=10000)",
     ),
+    (
+        "dma",
+        "drives DMA engine 0: FILL, COPY, CRC32C of 4 KiB..1 MiB, all checked; a copy past RAM must fault (args: rounds=1)",
+    ),
     ("intx", "level-triggered INTx with resample: one interrupt per assertion (args: N=1000 M=0 switches)"),
 ];
 

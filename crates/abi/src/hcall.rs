@@ -22,7 +22,8 @@ pub const CORE_BASE: u64 = 0x000;
 
 /// Does nothing and returns [`Status::Success`]: the null exit of the benchmarks.
 pub const NULL: u64 = CORE_BASE;
-/// Benchmark marker: the VMM records a timestamp with tag `a0`. Returns success.
+/// Benchmark marker: the VMM records a timestamp with tag `a0` and value `a1`. Result 0
+/// is the iteration count benchmark guests should run.
 pub const BENCH_MARK: u64 = CORE_BASE + 0x01;
 /// Test interrupt source, set-up: route MSI `vector` (a0) to the boot CPU through
 /// an irqfd. Returns the GSI used in result 0.

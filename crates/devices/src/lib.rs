@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod bus;
+pub mod dma_engine;
 pub mod legacy;
 pub mod serial;
 

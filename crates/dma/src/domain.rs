@@ -63,8 +63,17 @@ impl Mapping {
     }
 }
 
+/// Told about every mapping of a domain: how a device process learns what it may
+/// touch (a vfio-user client turns these into DMA_MAP / DMA_UNMAP).
+pub trait MapObserver: Send + Sync {
+    /// A mapping was made. An error undoes it and fails the map.
+    fn mapped(&self, mapping: &Mapping) -> Result<(), String>;
+    /// A mapping is gone from the domain and no in-process access touches it any
+    /// more; return only when the observer's side has let go of it too.
+    fn unmapped(&self, mapping: &Mapping);
+}
+
 /// A translation domain of one VM.
-#[derive(Debug)]
 pub struct Domain {
     name: String,
     config: DomainConfig,
@@ -76,6 +85,13 @@ pub struct Domain {
     pub(crate) faults: FaultLog,
     maps: AtomicU64,
     unmaps: AtomicU64,
+    observers: RwLock<Vec<Arc<dyn MapObserver>>>,
+}
+
+impl std::fmt::Debug for Domain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Domain").field("name", &self.name).field("mappings", &self.mapping_count()).finish()
+    }
 }
 
 impl Domain {
@@ -90,6 +106,7 @@ impl Domain {
             faults: FaultLog::default(),
             maps: AtomicU64::new(0),
             unmaps: AtomicU64::new(0),
+            observers: RwLock::new(Vec::new()),
         }
     }
 
@@ -157,8 +174,23 @@ impl Domain {
             return Err(MapError::NoSpace { max: self.config.max_mappings });
         }
         self.vm.account().pin(&[(gpa.0, size)])?;
-        tree.insert(iova.0, Mapping { iova, gpa, size, perm });
+        let mapping = Mapping { iova, gpa, size, perm };
+        tree.insert(iova.0, mapping);
         drop(tree);
+        let observers = self.observers.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for (i, o) in observers.iter().enumerate() {
+            if let Err(reason) = o.mapped(&mapping) {
+                for done in &observers[..i] {
+                    done.unmapped(&mapping);
+                }
+                if self.tree.write().unwrap_or_else(|e| e.into_inner()).remove(&iova.0).is_some() {
+                    self.generation.fetch_add(1, Ordering::SeqCst);
+                    self.readers.wait_for_inflight();
+                    self.vm.account().unpin(&[(gpa.0, size)]);
+                }
+                return Err(MapError::Rejected(reason));
+            }
+        }
         self.maps.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -211,10 +243,44 @@ impl Domain {
         }
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.readers.wait_for_inflight();
+        let observers = self.observers.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for m in removed {
+            for o in observers.iter().rev() {
+                o.unmapped(m);
+            }
+        }
         let ranges: Vec<(u64, u64)> = removed.iter().map(|m| (m.gpa.0, m.size)).collect();
         self.vm.account().unpin(&ranges);
         self.unmaps.fetch_add(1, Ordering::Relaxed);
         removed.iter().map(|m| m.size).sum()
+    }
+
+    /// Adds an observer; it is told about every existing mapping first. If it refuses
+    /// one, it is told the accepted ones are gone and is not added.
+    pub fn add_observer(&self, observer: Arc<dyn MapObserver>) -> Result<(), MapError> {
+        let mut observers = self.observers.write().unwrap_or_else(|e| e.into_inner());
+        let existing = self.mappings();
+        for (i, m) in existing.iter().enumerate() {
+            if let Err(reason) = observer.mapped(m) {
+                for done in &existing[..i] {
+                    observer.unmapped(done);
+                }
+                return Err(MapError::Rejected(reason));
+            }
+        }
+        observers.push(observer);
+        Ok(())
+    }
+
+    /// Removes an observer; it is told every mapping is gone.
+    pub fn remove_observer(&self, observer: &Arc<dyn MapObserver>) {
+        let mut observers = self.observers.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(pos) = observers.iter().position(|o| Arc::ptr_eq(o, observer)) {
+            let o = observers.remove(pos);
+            for m in self.mappings() {
+                o.unmapped(&m);
+            }
+        }
     }
 
     /// The mapping covering `iova`, if any.

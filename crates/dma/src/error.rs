@@ -29,6 +29,10 @@ pub enum MapError {
         /// The limit.
         max: usize,
     },
+    /// A device behind the domain refused the mapping (its process failed the
+    /// DMA_MAP, or is gone).
+    #[error("the device refused the mapping: {0}")]
+    Rejected(String),
     /// Pinning would exceed the VM's locked-memory limit (ENOMEM). Transient: unmap
     /// something, or raise the limit.
     #[error(

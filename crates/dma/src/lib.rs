@@ -26,7 +26,7 @@ mod vmdma;
 pub use account::LockedMemory;
 pub use addr::{Access, Gpa, Iova, Perm};
 pub use dirty::DirtyLog;
-pub use domain::{Domain, DomainConfig, MSI_WINDOW, Mapping};
+pub use domain::{Domain, DomainConfig, MSI_WINDOW, MapObserver, Mapping};
 pub use error::{FaultReason, MapError};
 pub use faults::{Fault, FaultLog};
 pub use pagesize::PageSizes;

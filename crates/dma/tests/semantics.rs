@@ -267,3 +267,40 @@ fn dropping_an_accessor_unregisters_it() {
     drop(b);
     assert_eq!(d.accessor_count(), 0);
 }
+
+#[derive(Default)]
+struct Recorder {
+    log: std::sync::Mutex<Vec<String>>,
+    refuse_iova: Option<u64>,
+}
+
+impl dma::MapObserver for Recorder {
+    fn mapped(&self, m: &dma::Mapping) -> Result<(), String> {
+        if Some(m.iova.0) == self.refuse_iova {
+            return Err("device said no".into());
+        }
+        self.log.lock().unwrap().push(format!("+{:#x}", m.iova.0));
+        Ok(())
+    }
+    fn unmapped(&self, m: &dma::Mapping) {
+        self.log.lock().unwrap().push(format!("-{:#x}", m.iova.0));
+    }
+}
+
+#[test]
+fn observers_see_every_map_and_unmap_and_a_refusal_undoes_the_map() {
+    let vm = vm(u64::MAX);
+    let d = vm.create_domain("d", DomainConfig::default());
+    d.map(Iova(0x1000), Gpa(0x1000), PAGE, Perm::READ).unwrap();
+    let rec = std::sync::Arc::new(Recorder { refuse_iova: Some(0x9000), ..Default::default() });
+    d.add_observer(rec.clone()).unwrap();
+    d.map(Iova(0x2000), Gpa(0x2000), PAGE, Perm::READ).unwrap();
+    let refused = d.map(Iova(0x9000), Gpa(0x9000), PAGE, Perm::READ);
+    assert_eq!(refused, Err(MapError::Rejected("device said no".into())));
+    assert_eq!(d.lookup(Iova(0x9000)), None, "the refused mapping is gone");
+    assert_eq!(vm.account().pinned(), 2 * PAGE, "and so is its pin");
+    d.unmap(Iova(0x1000), PAGE).unwrap();
+    let o: std::sync::Arc<dyn dma::MapObserver> = rec.clone();
+    d.remove_observer(&o);
+    assert_eq!(*rec.log.lock().unwrap(), vec!["+0x1000", "+0x2000", "-0x1000", "-0x2000"]);
+}

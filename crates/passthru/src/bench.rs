@@ -89,7 +89,7 @@ fn exits(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
         return Err(format!("the exits probe guest failed with status {status}"));
     }
     let marks = vm.bench().marks();
-    let t = |tag: u64| marks.iter().find(|(m, _)| *m == tag).map(|(_, i)| *i);
+    let t = |tag: u64| marks.iter().find(|(m, _, _)| *m == tag).map(|(_, _, i)| *i);
     let span = |a: u64, b: u64| -> Result<f64, String> {
         let (a, b) = (t(a).ok_or("missing mark")?, t(b).ok_or("missing mark")?);
         Ok(b.duration_since(a).as_nanos() as f64 / iterations as f64)

@@ -3,6 +3,7 @@
 //! programs, `passthru bench` measures.
 
 mod bench;
+mod device;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ enum Command {
     Guests,
     /// Measure the machine (results as a table, optionally JSON).
     Bench(bench::BenchArgs),
+    /// Run a device process (vfio-user server).
+    Device(device::DeviceArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => bench::bench(args),
+        Command::Device(args) => device::device(args),
     };
     match result {
         Ok(code) => code,

@@ -43,6 +43,13 @@ pub struct RunArgs {
     /// description in `passthru guests`).
     #[arg(long = "guest-arg", value_name = "N", value_parser = parse_u64)]
     guest_args: Vec<u64>,
+    /// Assign a device: dma-engine[,iommu-mode=shared|messages][,process=child|inline],
+    /// or vfio-user,socket=PATH[,iommu-mode=...] for a running server. Repeatable.
+    #[arg(long = "device", value_name = "SPEC", value_parser = crate::device::parse_device)]
+    devices: Vec<crate::device::DeviceArg>,
+    /// Locked-memory limit for memory pinned for DMA (default: RLIMIT_MEMLOCK).
+    #[arg(long, value_name = "SIZE", value_parser = crate::parse_size)]
+    locked_memory: Option<u64>,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -65,11 +72,38 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     let mut config = VmConfig::new(AccelKind::Kvm);
     config.memory = args.memory;
     config.irq_mode = args.irq_mode;
+    config.locked_memory = args.locked_memory;
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
+    let children = attach_devices(&vm, &args.devices)?;
     let status = vm.run_guest_with_args(&elf, &args.guest_args).map_err(|e| e.to_string())?;
     let _ = std::io::stdout().flush();
     report_test_sources(&vm);
+    drop(vm);
+    reap(children);
     Ok(ExitCode::from(status))
+}
+
+/// Attaches every `--device`; returns the device processes spawned.
+fn attach_devices(vm: &Vm, devices: &[crate::device::DeviceArg]) -> Result<Vec<std::process::Child>, String> {
+    let mut children = Vec::new();
+    for d in devices {
+        match crate::device::attach(vm, d) {
+            Ok(Some(c)) => children.push(c),
+            Ok(None) => {}
+            Err(e) => {
+                reap(children);
+                return Err(e);
+            }
+        }
+    }
+    Ok(children)
+}
+
+/// Waits for device processes: the VMM closed their connections, so they exit.
+fn reap(children: Vec<std::process::Child>) {
+    for mut c in children {
+        let _ = c.wait();
+    }
 }
 
 /// Tells what the test interrupt sources did, when a guest used them (stderr, so the
@@ -108,25 +142,34 @@ fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
     let mut config = VmConfig::new(AccelKind::Qtest);
     config.memory = args.memory;
     config.irq_mode = args.irq_mode;
+    config.locked_memory = args.locked_memory;
     let end = match &args.qtest {
         Some(path) => {
             let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
                 format!("cannot listen on {}: {e} (remove a stale socket file, or pick another path)", path.display())
             })?;
             let vm = Vm::new(config).map_err(|e| e.to_string())?;
+            let children = attach_devices(&vm, &args.devices)?;
             let accepted = listener.accept();
             let _ = std::fs::remove_file(path);
             let (stream, _) = accepted.map_err(|e| format!("accepting on {}: {e}", path.display()))?;
             let writer = stream.try_clone().map_err(|e| e.to_string())?;
             let out: SharedOut = Arc::new(Mutex::new(Box::new(writer)));
-            qtest::serve(&vm, BufReader::new(stream), out).map_err(|e| e.to_string())?
+            let end = qtest::serve(&vm, BufReader::new(stream), out).map_err(|e| e.to_string())?;
+            drop(vm);
+            reap(children);
+            end
         }
         None => {
             // Standard output carries the protocol: the guest console goes to stderr.
             config.serial_out = Box::new(std::io::stderr());
             let vm = Vm::new(config).map_err(|e| e.to_string())?;
+            let children = attach_devices(&vm, &args.devices)?;
             let out: SharedOut = Arc::new(Mutex::new(Box::new(std::io::stdout())));
-            qtest::serve(&vm, std::io::stdin().lock(), out).map_err(|e| e.to_string())?
+            let end = qtest::serve(&vm, std::io::stdin().lock(), out).map_err(|e| e.to_string())?;
+            drop(vm);
+            reap(children);
+            end
         }
     };
     Ok(match end {

@@ -12,7 +12,7 @@ use std::time::Instant;
 #[derive(Debug)]
 pub struct BenchMarks {
     iterations: AtomicU64,
-    marks: Mutex<Vec<(u64, Instant)>>,
+    marks: Mutex<Vec<(u64, u64, Instant)>>,
 }
 
 /// Most marks kept: a guest cannot grow the list without bound.
@@ -29,17 +29,17 @@ impl BenchMarks {
         self.iterations.store(n, Ordering::Relaxed);
     }
 
-    fn mark(&self, tag: u64) -> u64 {
+    fn mark(&self, tag: u64, value: u64) -> u64 {
         let now = Instant::now();
         let mut m = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() < MAX_MARKS {
-            m.push((tag, now));
+            m.push((tag, value, now));
         }
         self.iterations.load(Ordering::Relaxed)
     }
 
-    /// The marks recorded so far, in order.
-    pub fn marks(&self) -> Vec<(u64, Instant)> {
+    /// The marks recorded so far, in order: (tag, value, time).
+    pub fn marks(&self) -> Vec<(u64, u64, Instant)> {
         self.marks.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -62,7 +62,7 @@ impl HypercallHandler for CoreCalls {
     fn call(&self, a: &Args) -> Ret {
         match a.nr {
             hcall::NULL => Ret::ok(0, 0, 0),
-            hcall::BENCH_MARK => Ret::ok(self.bench.mark(a.a[0]), 0, 0),
+            hcall::BENCH_MARK => Ret::ok(self.bench.mark(a.a[0], a.a[1]), 0, 0),
             hcall::TEST_IRQ_SETUP => self.test_irq.setup(a.a[0], a.a[1]),
             hcall::TEST_IRQ_FIRE => self.test_irq.fire(a.a[0], a.a[1]),
             hcall::TEST_IRQ_REPORT => self.test_irq.report(a.a[0]),

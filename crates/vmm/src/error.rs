@@ -66,6 +66,9 @@ pub enum Error {
     /// Too many guest program arguments.
     #[error("{0} guest arguments given; a guest program takes at most 4 (--guest-arg)")]
     GuestArgs(usize),
+    /// An assigned device could not be attached.
+    #[error("device {0}: {1}")]
+    Device(String, String),
     /// An interrupt source could not be attached.
     #[error("interrupt set-up: {0}")]
     Irq(String),

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod accel;
+pub mod assigned;
 pub mod boot;
 pub mod core_calls;
 pub mod error;
@@ -20,7 +21,7 @@ pub mod vm;
 
 pub use accel::AccelKind;
 pub use error::{Error, Result};
-pub use vm::{Vm, VmConfig};
+pub use vm::{DeviceSpec, Vm, VmConfig};
 
 /// True when the KVM device can be opened (tests that need it skip otherwise).
 pub fn kvm_available() -> bool {

@@ -18,7 +18,7 @@ pub const MAX_RAM: u64 = 64 << 30;
 /// Guest RAM: one memfd, mapped into the VMM and split around the MMIO hole.
 #[derive(Debug)]
 pub struct GuestRam {
-    memory: GuestMemoryMmap,
+    memory: Arc<GuestMemoryMmap>,
     memfd: Arc<File>,
     size: u64,
 }
@@ -31,6 +31,15 @@ pub fn ram_layout(size: u64) -> Vec<(u64, u64, u64)> {
         out.push((MMIO_HOLE_END, size - low, low));
     }
     out
+}
+
+/// For `size` bytes of RAM: the offset in the memfd of guest-physical `gpa` and the
+/// bytes of RAM from there to the end of its region, or None if `gpa` is not RAM.
+pub fn memfd_offset(size: u64, gpa: u64) -> Option<(u64, u64)> {
+    ram_layout(size)
+        .into_iter()
+        .find(|(base, len, _)| gpa >= *base && gpa < base + len)
+        .map(|(base, len, off)| (off + (gpa - base), base + len - gpa))
 }
 
 impl GuestRam {
@@ -60,12 +69,18 @@ impl GuestRam {
             let f = memfd.try_clone().map_err(|e| Error::Memory(format!("dup of the RAM memfd: {e}")))?;
             ranges.push((GuestAddress(gpa), len as usize, Some(FileOffset::new(f, off))));
         }
-        let memory = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| Error::Memory(e.to_string()))?;
+        let memory =
+            Arc::new(GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| Error::Memory(e.to_string()))?);
         Ok(GuestRam { memory, memfd, size })
     }
 
     /// The mapped guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The mapped guest memory, shared (the DMA core holds it too).
+    pub fn memory_arc(&self) -> &Arc<GuestMemoryMmap> {
         &self.memory
     }
 

@@ -3,6 +3,7 @@
 //! port reach devices through the same dispatch methods here.
 
 use crate::accel::{Accel, AccelKind, IoAddr, KvmAccel, QtestAccel};
+use crate::assigned::AssignedDevice;
 use crate::core_calls::{BenchMarks, CoreCalls};
 use crate::error::{Error, Result};
 use crate::hypercall::HypercallRegistry;
@@ -13,6 +14,7 @@ use abi::{layout, ports};
 use devices::legacy::{ErrConsole, ExitLatch, ExitPort, NullDevice};
 use devices::serial::SerialPort;
 use devices::{Bus, BusDevice};
+use dma::{LockedMemory, VmDma};
 use irq::{GuestIrq, IrqRegistry, IrqSource, Mode, SourceId, Trigger};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -33,6 +35,21 @@ pub struct VmConfig {
     pub bench_iterations: u64,
     /// How device interrupts are delivered when they attach.
     pub irq_mode: Mode,
+    /// The VM's locked-memory limit for pinned DMA memory (None: RLIMIT_MEMLOCK).
+    pub locked_memory: Option<u64>,
+}
+
+/// How to run an assigned DMA engine.
+pub enum DeviceSpec {
+    /// In the VMM process.
+    Inline,
+    /// In a device process already connected on `stream`, over vfio-user.
+    Remote {
+        /// The connection.
+        stream: std::os::unix::net::UnixStream,
+        /// Shared fds or messages.
+        mode: crate::assigned::IommuMode,
+    },
 }
 
 impl VmConfig {
@@ -45,6 +62,7 @@ impl VmConfig {
             err_out: Box::new(std::io::stderr()),
             bench_iterations: 10_000,
             irq_mode: Mode::Forwarded,
+            locked_memory: None,
         }
     }
 }
@@ -54,7 +72,8 @@ pub struct Vm {
     accel: Arc<dyn Accel>,
     kvm: Option<Arc<KvmAccel>>,
     qtest: Option<Arc<QtestAccel>>,
-    // Dropped first: sources detach from the registry, devices from guest memory.
+    // Dropped first: devices stop, sources detach, then guest memory goes.
+    devices: Mutex<Vec<Arc<AssignedDevice>>>,
     core: Arc<CoreCalls>,
     irqs: Arc<IrqRegistry>,
     hypercalls: Arc<HypercallRegistry>,
@@ -63,6 +82,7 @@ pub struct Vm {
     exit: Arc<ExitLatch>,
     bench_ioevent: EventFd,
     memory_map: Arc<MemoryMap>,
+    dma: Arc<VmDma>,
     ram: GuestRam,
 }
 
@@ -80,6 +100,11 @@ impl Vm {
             }
         };
         let ram = GuestRam::new(config.memory)?;
+        let account = match config.locked_memory {
+            Some(limit) => LockedMemory::new(limit),
+            None => LockedMemory::from_rlimit(),
+        };
+        let dma = VmDma::new(Arc::clone(ram.memory_arc()), account);
         let memory_map = Arc::new(MemoryMap::new());
         let slots: Arc<dyn MemoryListener> = Arc::new(MemslotListener::new(Arc::clone(&accel)));
         memory_map.add_listener(slots)?;
@@ -117,7 +142,22 @@ impl Vm {
         });
         hypercalls.register(abi::hcall::CORE_BASE, core.clone())?;
 
-        Ok(Vm { accel, kvm, qtest, core, irqs, hypercalls, pio, mmio, exit, bench_ioevent, memory_map, ram })
+        Ok(Vm {
+            accel,
+            kvm,
+            qtest,
+            devices: Mutex::new(Vec::new()),
+            core,
+            irqs,
+            hypercalls,
+            pio,
+            mmio,
+            exit,
+            bench_ioevent,
+            memory_map,
+            dma,
+            ram,
+        })
     }
 
     /// The accelerator.
@@ -168,6 +208,47 @@ impl Vm {
     /// Benchmark marks recorded by the guest.
     pub fn bench(&self) -> &Arc<BenchMarks> {
         &self.core.bench
+    }
+
+    /// The VM's DMA state (guest memory, locked-memory account, dirty log).
+    pub fn dma(&self) -> &Arc<VmDma> {
+        &self.dma
+    }
+
+    /// Attaches a DMA engine in the next device slot, behind an identity DMA domain
+    /// (all guest RAM at IOVA = guest-physical, pinned). Its BARs appear on the MMIO bus.
+    pub fn attach_device(&self, spec: DeviceSpec) -> Result<Arc<AssignedDevice>> {
+        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = devices.len() as u64;
+        let name = format!("dma{slot}");
+        let domain = self.dma.identity_domain(&name).map_err(|e| match e {
+            dma::MapError::NoMemory { limit, .. } => Error::Device(
+                name.clone(),
+                format!(
+                    "its identity DMA domain pins all {} MiB of guest RAM, over the locked-memory limit of {} MiB; \
+                     pass --locked-memory {}M (or raise `ulimit -l`), or give the guest less --memory",
+                    self.ram.size() >> 20,
+                    limit >> 20,
+                    self.ram.size() >> 20
+                ),
+            ),
+            other => Error::Device(name.clone(), other.to_string()),
+        })?;
+        let remote = match spec {
+            DeviceSpec::Inline => None,
+            DeviceSpec::Remote { stream, mode } => Some((stream, mode)),
+        };
+        let dev = AssignedDevice::attach(&name, slot, domain, Arc::clone(&self.irqs), &self.ram, remote)?;
+        for (base, len, bus_dev) in dev.bars() {
+            self.mmio.insert(base, len, bus_dev)?;
+        }
+        devices.push(Arc::clone(&dev));
+        Ok(dev)
+    }
+
+    /// The assigned devices.
+    pub fn devices(&self) -> Vec<Arc<AssignedDevice>> {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The interrupt forwarding registry.
@@ -299,6 +380,11 @@ fn shared<D: BusDevice + 'static>(d: D) -> Arc<Mutex<dyn BusDevice>> {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        for d in self.devices.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            self.mmio.remove(d.bar0());
+            self.mmio.remove(d.bar1());
+            d.remove();
+        }
         let _ = self.accel.unregister_ioevent(&self.bench_ioevent, IoAddr::Pio(u64::from(ports::BENCH_IOEVENTFD)));
     }
 }

@@ -157,7 +157,7 @@ fn hcall_goes_through_the_hypercall_registry() {
         assert_eq!(d.cmd("hcall 0x11 1"), "OK 0x8 0x0 0x0 0x0", "firing before set-up: not found");
     });
     // The mark reached the same BenchMarks a vCPU's hypercall would.
-    assert_eq!(vm.bench().marks().iter().map(|m| m.0).collect::<Vec<_>>(), vec![7]);
+    assert_eq!(vm.bench().marks().iter().map(|m| (m.0, m.1)).collect::<Vec<_>>(), vec![(7, 0)]);
 }
 
 #[test]

@@ -12,6 +12,7 @@
 
 pub mod apic;
 pub mod console;
+pub mod dma_engine;
 pub mod fmt;
 pub mod hcall;
 pub mod idt;

@@ -1,0 +1,719 @@
+//! The vfio-user wire format (little-endian, as the spec and libvfio-user use).
+
+use std::fmt;
+
+/// Size of the message header.
+pub const HEADER_SIZE: usize = 16;
+/// Largest data transfer one REGION/DMA message may carry (advertised as
+/// `max_data_xfer_size`).
+pub const MAX_DATA_XFER: usize = 1 << 20;
+/// Largest message accepted (a data transfer plus its fixed fields).
+pub const MAX_MESSAGE: usize = HEADER_SIZE + 64 + MAX_DATA_XFER;
+/// Most file descriptors one message may carry (advertised as `max_msg_fds`).
+pub const MAX_FDS: usize = 16;
+/// Protocol version spoken.
+pub const VERSION_MAJOR: u16 = 0;
+/// Protocol version spoken.
+pub const VERSION_MINOR: u16 = 1;
+
+/// Commands.
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Command {
+    /// Version negotiation (first message).
+    Version = 1,
+    /// Map guest memory for DMA.
+    DmaMap = 2,
+    /// Unmap guest memory.
+    DmaUnmap = 3,
+    /// Device information.
+    DeviceGetInfo = 4,
+    /// Region information.
+    DeviceGetRegionInfo = 5,
+    /// Region I/O fds.
+    DeviceGetRegionIoFds = 6,
+    /// Interrupt information.
+    DeviceGetIrqInfo = 7,
+    /// Set interrupt eventfds.
+    DeviceSetIrqs = 8,
+    /// Read a device region.
+    RegionRead = 9,
+    /// Write a device region.
+    RegionWrite = 10,
+    /// Device reads guest memory (server to client).
+    DmaRead = 11,
+    /// Device writes guest memory (server to client).
+    DmaWrite = 12,
+    /// Reset the device.
+    DeviceReset = 13,
+    /// Several region writes.
+    RegionWriteMulti = 15,
+    /// Device features (migration, dirty logging).
+    DeviceFeature = 16,
+    /// Migration data read.
+    MigDataRead = 17,
+    /// Migration data write.
+    MigDataWrite = 18,
+}
+
+impl Command {
+    /// Decodes a command number.
+    pub fn from_u16(v: u16) -> Option<Command> {
+        use Command::*;
+        Some(match v {
+            1 => Version,
+            2 => DmaMap,
+            3 => DmaUnmap,
+            4 => DeviceGetInfo,
+            5 => DeviceGetRegionInfo,
+            6 => DeviceGetRegionIoFds,
+            7 => DeviceGetIrqInfo,
+            8 => DeviceSetIrqs,
+            9 => RegionRead,
+            10 => RegionWrite,
+            11 => DmaRead,
+            12 => DmaWrite,
+            13 => DeviceReset,
+            15 => RegionWriteMulti,
+            16 => DeviceFeature,
+            17 => MigDataRead,
+            18 => MigDataWrite,
+            _ => return None,
+        })
+    }
+}
+
+/// Header flag: the message is a reply.
+pub const FLAG_REPLY: u32 = 1;
+/// Header flag mask of the message type.
+pub const FLAG_TYPE_MASK: u32 = 0xf;
+/// Header flag: no reply wanted.
+pub const FLAG_NO_REPLY: u32 = 1 << 4;
+/// Header flag: the reply is an error; `error` holds an errno.
+pub const FLAG_ERROR: u32 = 1 << 5;
+
+/// DMA_MAP / region flags: readable.
+pub const DMA_READ_FLAG: u32 = 1;
+/// DMA_MAP / region flags: writable.
+pub const DMA_WRITE_FLAG: u32 = 2;
+/// Region flag: mmap-able.
+pub const REGION_MMAP: u32 = 4;
+/// Device flag: resettable.
+pub const DEVICE_FLAGS_RESET: u32 = 1;
+/// Device flag: a PCI device.
+pub const DEVICE_FLAGS_PCI: u32 = 2;
+/// IRQ info flag: eventfd signalling.
+pub const IRQ_INFO_EVENTFD: u32 = 1;
+/// SET_IRQS: no data.
+pub const IRQ_SET_DATA_NONE: u32 = 1;
+/// SET_IRQS: the data are eventfds (passed as fds).
+pub const IRQ_SET_DATA_EVENTFD: u32 = 4;
+/// SET_IRQS: the trigger action.
+pub const IRQ_SET_ACTION_TRIGGER: u32 = 32;
+
+/// PCI region indexes.
+pub const PCI_BAR0: u32 = 0;
+/// PCI BAR 1.
+pub const PCI_BAR1: u32 = 1;
+/// PCI config space region.
+pub const PCI_CONFIG: u32 = 7;
+/// Number of PCI regions (BAR0-5, ROM, config, VGA).
+pub const PCI_NUM_REGIONS: u32 = 9;
+/// PCI IRQ indexes: INTx.
+pub const PCI_INTX: u32 = 0;
+/// MSI.
+pub const PCI_MSI: u32 = 1;
+/// MSI-X.
+pub const PCI_MSIX: u32 = 2;
+/// Number of PCI IRQ indexes (INTx, MSI, MSI-X, ERR, REQ).
+pub const PCI_NUM_IRQS: u32 = 5;
+
+/// A malformed message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    /// Shorter than its fixed fields.
+    #[error("{what}: {got} bytes, at least {need} needed")]
+    Short {
+        /// The message.
+        what: &'static str,
+        /// Bytes present.
+        got: usize,
+        /// Bytes needed.
+        need: usize,
+    },
+    /// A size field disagrees with the bytes present or exceeds a limit.
+    #[error("{0}")]
+    BadSize(&'static str),
+    /// Unknown command number.
+    #[error("unknown command {0}")]
+    UnknownCommand(u16),
+    /// Flags with bits the spec does not define.
+    #[error("{what}: undefined flag bits {flags:#x}")]
+    BadFlags {
+        /// The message.
+        what: &'static str,
+        /// The flags.
+        flags: u32,
+    },
+    /// Bad version data.
+    #[error("bad version data: {0}")]
+    BadVersion(String),
+}
+
+impl ProtoError {
+    /// The errno an error reply carries for this.
+    pub fn errno(&self) -> i32 {
+        match self {
+            ProtoError::UnknownCommand(_) => libc::ENOSYS,
+            _ => libc::EINVAL,
+        }
+    }
+}
+
+/// The message header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    /// Message id (a reply carries its request's).
+    pub id: u16,
+    /// Command number.
+    pub command: u16,
+    /// Size of the whole message, header included.
+    pub size: u32,
+    /// Flags.
+    pub flags: u32,
+    /// Errno of an error reply.
+    pub error: u32,
+}
+
+impl Header {
+    /// Encodes.
+    pub fn to_bytes(&self) -> [u8; HEADER_SIZE] {
+        let mut b = [0u8; HEADER_SIZE];
+        b[0..2].copy_from_slice(&self.id.to_le_bytes());
+        b[2..4].copy_from_slice(&self.command.to_le_bytes());
+        b[4..8].copy_from_slice(&self.size.to_le_bytes());
+        b[8..12].copy_from_slice(&self.flags.to_le_bytes());
+        b[12..16].copy_from_slice(&self.error.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks the size field.
+    pub fn from_bytes(b: &[u8; HEADER_SIZE]) -> Result<Header, ProtoError> {
+        let h = Header {
+            id: u16::from_le_bytes([b[0], b[1]]),
+            command: u16::from_le_bytes([b[2], b[3]]),
+            size: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            flags: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            error: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+        };
+        if (h.size as usize) < HEADER_SIZE || h.size as usize > MAX_MESSAGE {
+            return Err(ProtoError::BadSize("message size outside the header size .. the maximum"));
+        }
+        if h.flags & !(FLAG_TYPE_MASK | FLAG_NO_REPLY | FLAG_ERROR) != 0 || h.flags & FLAG_TYPE_MASK > FLAG_REPLY {
+            return Err(ProtoError::BadFlags { what: "header", flags: h.flags });
+        }
+        Ok(h)
+    }
+
+    /// True for replies.
+    pub fn is_reply(&self) -> bool {
+        self.flags & FLAG_TYPE_MASK == FLAG_REPLY
+    }
+
+    /// Payload bytes.
+    pub fn payload_len(&self) -> usize {
+        (self.size as usize).saturating_sub(HEADER_SIZE)
+    }
+}
+
+/// Little-endian field reader that reports short input instead of panicking.
+pub struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    /// Reads `b`, naming the message `what` in errors.
+    pub fn new(b: &'a [u8], what: &'static str) -> Reader<'a> {
+        Reader { b, at: 0, what }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.b.len());
+        let Some(end) = end else {
+            return Err(ProtoError::Short { what: self.what, got: self.b.len(), need: self.at + n });
+        };
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    /// A u16.
+    pub fn u16(&mut self) -> Result<u16, ProtoError> {
+        let s = self.take(2)?;
+        Ok(u16::from_le_bytes([s[0], s[1]]))
+    }
+
+    /// A u32.
+    pub fn u32(&mut self) -> Result<u32, ProtoError> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+
+    /// A u64.
+    pub fn u64(&mut self) -> Result<u64, ProtoError> {
+        let s = self.take(8)?;
+        let mut x = [0u8; 8];
+        x.copy_from_slice(s);
+        Ok(u64::from_le_bytes(x))
+    }
+
+    /// The remaining bytes.
+    pub fn rest(&mut self) -> &'a [u8] {
+        let s = &self.b[self.at..];
+        self.at = self.b.len();
+        s
+    }
+}
+
+/// Little-endian field writer.
+#[derive(Default)]
+pub struct Writer(pub Vec<u8>);
+
+impl Writer {
+    /// Appends a u16.
+    pub fn u16(mut self, v: u16) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Appends a u32.
+    pub fn u32(mut self, v: u32) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Appends a u64.
+    pub fn u64(mut self, v: u64) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Appends bytes.
+    pub fn bytes(mut self, b: &[u8]) -> Self {
+        self.0.extend_from_slice(b);
+        self
+    }
+}
+
+/// VERSION payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Version {
+    /// Major.
+    pub major: u16,
+    /// Minor.
+    pub minor: u16,
+    /// Capabilities (JSON object).
+    pub capabilities: serde_json::Value,
+}
+
+impl Version {
+    /// Ours: 0.1, with our limits.
+    pub fn ours() -> Version {
+        Version {
+            major: VERSION_MAJOR,
+            minor: VERSION_MINOR,
+            capabilities: serde_json::json!({
+                "capabilities": {
+                    "max_msg_fds": MAX_FDS,
+                    "max_data_xfer_size": MAX_DATA_XFER,
+                    "migration": { "pgsize": 4096 }
+                }
+            }),
+        }
+    }
+
+    /// Encodes (the JSON is NUL-terminated).
+    pub fn encode(&self) -> Vec<u8> {
+        let json = self.capabilities.to_string();
+        Writer::default().u16(self.major).u16(self.minor).bytes(json.as_bytes()).bytes(&[0]).0
+    }
+
+    /// Decodes.
+    pub fn decode(b: &[u8]) -> Result<Version, ProtoError> {
+        let mut r = Reader::new(b, "VERSION");
+        let (major, minor) = (r.u16()?, r.u16()?);
+        let rest = r.rest();
+        let text = match rest.iter().position(|c| *c == 0) {
+            Some(n) => &rest[..n],
+            None => rest,
+        };
+        let capabilities = if text.is_empty() {
+            serde_json::json!({})
+        } else {
+            let s = std::str::from_utf8(text).map_err(|_| ProtoError::BadVersion("not UTF-8".into()))?;
+            serde_json::from_str(s).map_err(|e| ProtoError::BadVersion(e.to_string()))?
+        };
+        Ok(Version { major, minor, capabilities })
+    }
+}
+
+/// DMA_MAP payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaMap {
+    /// READ | WRITE.
+    pub flags: u32,
+    /// Offset of `address` in the fd passed along (if any).
+    pub offset: u64,
+    /// IOVA.
+    pub address: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+impl DmaMap {
+    /// Wire size.
+    pub const SIZE: u32 = 32;
+    /// Encodes.
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::default().u32(Self::SIZE).u32(self.flags).u64(self.offset).u64(self.address).u64(self.size).0
+    }
+    /// Decodes; unknown flag bits are refused (EINVAL), as the spec requires.
+    pub fn decode(b: &[u8]) -> Result<DmaMap, ProtoError> {
+        let mut r = Reader::new(b, "DMA_MAP");
+        let argsz = r.u32()?;
+        let m = DmaMap { flags: r.u32()?, offset: r.u64()?, address: r.u64()?, size: r.u64()? };
+        if argsz < Self::SIZE {
+            return Err(ProtoError::BadSize("DMA_MAP argsz below 32"));
+        }
+        if m.flags & !(DMA_READ_FLAG | DMA_WRITE_FLAG) != 0 {
+            return Err(ProtoError::BadFlags { what: "DMA_MAP", flags: m.flags });
+        }
+        if m.size == 0 || m.address.checked_add(m.size).is_none() {
+            return Err(ProtoError::BadSize("DMA_MAP range empty or wrapping"));
+        }
+        Ok(m)
+    }
+}
+
+/// DMA_UNMAP payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaUnmap {
+    /// Flags (no dirty-bitmap support: must be 0).
+    pub flags: u32,
+    /// IOVA.
+    pub address: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+impl DmaUnmap {
+    /// Wire size.
+    pub const SIZE: u32 = 24;
+    /// Encodes.
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::default().u32(Self::SIZE).u32(self.flags).u64(self.address).u64(self.size).0
+    }
+    /// Decodes.
+    pub fn decode(b: &[u8]) -> Result<DmaUnmap, ProtoError> {
+        let mut r = Reader::new(b, "DMA_UNMAP");
+        let argsz = r.u32()?;
+        let m = DmaUnmap { flags: r.u32()?, address: r.u64()?, size: r.u64()? };
+        if argsz < Self::SIZE {
+            return Err(ProtoError::BadSize("DMA_UNMAP argsz below 24"));
+        }
+        if m.flags != 0 {
+            return Err(ProtoError::BadFlags { what: "DMA_UNMAP", flags: m.flags });
+        }
+        Ok(m)
+    }
+}
+
+/// DEVICE_GET_INFO reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// DEVICE_FLAGS_*.
+    pub flags: u32,
+    /// Regions.
+    pub num_regions: u32,
+    /// IRQ indexes.
+    pub num_irqs: u32,
+}
+
+impl DeviceInfo {
+    /// Wire size.
+    pub const SIZE: u32 = 16;
+    /// Encodes.
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::default().u32(Self::SIZE).u32(self.flags).u32(self.num_regions).u32(self.num_irqs).0
+    }
+    /// Decodes.
+    pub fn decode(b: &[u8]) -> Result<DeviceInfo, ProtoError> {
+        let mut r = Reader::new(b, "DEVICE_GET_INFO");
+        let _argsz = r.u32()?;
+        Ok(DeviceInfo { flags: r.u32()?, num_regions: r.u32()?, num_irqs: r.u32()? })
+    }
+}
+
+/// DEVICE_GET_REGION_INFO request/reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// READ | WRITE | MMAP.
+    pub flags: u32,
+    /// Region index.
+    pub index: u32,
+    /// Capability offset (0: none).
+    pub cap_offset: u32,
+    /// Bytes.
+    pub size: u64,
+    /// Offset for mmap.
+    pub offset: u64,
+}
+
+impl RegionInfo {
+    /// Wire size.
+    pub const SIZE: u32 = 32;
+    /// Encodes.
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::default()
+            .u32(Self::SIZE)
+            .u32(self.flags)
+            .u32(self.index)
+            .u32(self.cap_offset)
+            .u64(self.size)
+            .u64(self.offset)
+            .0
+    }
+    /// Decodes.
+    pub fn decode(b: &[u8]) -> Result<RegionInfo, ProtoError> {
+        let mut r = Reader::new(b, "DEVICE_GET_REGION_INFO");
+        let _argsz = r.u32()?;
+        Ok(RegionInfo { flags: r.u32()?, index: r.u32()?, cap_offset: r.u32()?, size: r.u64()?, offset: r.u64()? })
+    }
+}
+
+/// DEVICE_GET_IRQ_INFO request/reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IrqInfo {
+    /// IRQ_INFO_*.
+    pub flags: u32,
+    /// Index.
+    pub index: u32,
+    /// Vectors.
+    pub count: u32,
+}
+
+impl IrqInfo {
+    /// Wire size.
+    pub const SIZE: u32 = 16;
+    /// Encodes.
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::default().u32(Self::SIZE).u32(self.flags).u32(self.index).u32(self.count).0
+    }
+    /// Decodes.
+    pub fn decode(b: &[u8]) -> Result<IrqInfo, ProtoError> {
+        let mut r = Reader::new(b, "DEVICE_GET_IRQ_INFO");
+        let _argsz = r.u32()?;
+        Ok(IrqInfo { flags: r.u32()?, index: r.u32()?, count: r.u32()? })
+    }
+}
+
+/// DEVICE_SET_IRQS payload (eventfds travel as fds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetIrqs {
+    /// IRQ_SET_*.
+    pub flags: u32,
+    /// Index.
+    pub index: u32,
+    /// First vector.
+    pub start: u32,
+    /// Vectors.
+    pub count: u32,
+}
+
+impl SetIrqs {
+    /// Wire size.
+    pub const SIZE: u32 = 20;
+    /// Encodes.
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::default().u32(Self::SIZE).u32(self.flags).u32(self.index).u32(self.start).u32(self.count).0
+    }
+    /// Decodes.
+    pub fn decode(b: &[u8]) -> Result<SetIrqs, ProtoError> {
+        let mut r = Reader::new(b, "DEVICE_SET_IRQS");
+        let _argsz = r.u32()?;
+        Ok(SetIrqs { flags: r.u32()?, index: r.u32()?, start: r.u32()?, count: r.u32()? })
+    }
+}
+
+/// REGION_READ / REGION_WRITE fixed fields (data follows for writes and read replies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionAccess {
+    /// Offset in the region.
+    pub offset: u64,
+    /// Region index.
+    pub region: u32,
+    /// Bytes.
+    pub count: u32,
+}
+
+impl RegionAccess {
+    /// Encodes with `data` appended.
+    pub fn encode(&self, data: &[u8]) -> Vec<u8> {
+        Writer::default().u64(self.offset).u32(self.region).u32(self.count).bytes(data).0
+    }
+    /// Decodes; returns the data that follows. `with_data`: the count must match it.
+    pub fn decode(b: &[u8], with_data: bool) -> Result<(RegionAccess, &[u8]), ProtoError> {
+        let mut r = Reader::new(b, "REGION_READ/WRITE");
+        let a = RegionAccess { offset: r.u64()?, region: r.u32()?, count: r.u32()? };
+        let data = r.rest();
+        if a.count as usize > MAX_DATA_XFER {
+            return Err(ProtoError::BadSize("region access above max_data_xfer_size"));
+        }
+        if with_data && data.len() != a.count as usize {
+            return Err(ProtoError::BadSize("region access count differs from its data"));
+        }
+        Ok((a, data))
+    }
+}
+
+/// DMA_READ / DMA_WRITE fixed fields (data follows for writes and read replies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaAccess {
+    /// IOVA.
+    pub address: u64,
+    /// Bytes.
+    pub count: u64,
+}
+
+impl DmaAccess {
+    /// Encodes with `data` appended.
+    pub fn encode(&self, data: &[u8]) -> Vec<u8> {
+        Writer::default().u64(self.address).u64(self.count).bytes(data).0
+    }
+    /// Decodes; returns the data that follows. `with_data`: the count must match it.
+    pub fn decode(b: &[u8], with_data: bool) -> Result<(DmaAccess, &[u8]), ProtoError> {
+        let mut r = Reader::new(b, "DMA_READ/WRITE");
+        let a = DmaAccess { address: r.u64()?, count: r.u64()? };
+        let data = r.rest();
+        if a.count as usize > MAX_DATA_XFER || a.count > MAX_DATA_XFER as u64 {
+            return Err(ProtoError::BadSize("DMA access above max_data_xfer_size"));
+        }
+        if with_data && data.len() as u64 != a.count {
+            return Err(ProtoError::BadSize("DMA access count differs from its data"));
+        }
+        Ok((a, data))
+    }
+}
+
+/// A decoded request (what either side may receive as a command).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// VERSION.
+    Version(Version),
+    /// DMA_MAP.
+    DmaMap(DmaMap),
+    /// DMA_UNMAP.
+    DmaUnmap(DmaUnmap),
+    /// DEVICE_GET_INFO.
+    DeviceGetInfo,
+    /// DEVICE_GET_REGION_INFO of an index.
+    DeviceGetRegionInfo(u32),
+    /// DEVICE_GET_IRQ_INFO of an index.
+    DeviceGetIrqInfo(u32),
+    /// DEVICE_SET_IRQS.
+    DeviceSetIrqs(SetIrqs),
+    /// REGION_READ.
+    RegionRead(RegionAccess),
+    /// REGION_WRITE with its data.
+    RegionWrite(RegionAccess, Vec<u8>),
+    /// DMA_READ.
+    DmaRead(DmaAccess),
+    /// DMA_WRITE with its data.
+    DmaWrite(DmaAccess, Vec<u8>),
+    /// DEVICE_RESET.
+    DeviceReset,
+    /// A command this implementation does not serve.
+    Unsupported(Command),
+}
+
+/// Decodes a command message's payload. Never panics.
+pub fn decode_request(header: &Header, payload: &[u8]) -> Result<Request, ProtoError> {
+    if payload.len() != header.payload_len() {
+        return Err(ProtoError::BadSize("payload length differs from the header's size"));
+    }
+    let cmd = Command::from_u16(header.command).ok_or(ProtoError::UnknownCommand(header.command))?;
+    Ok(match cmd {
+        Command::Version => Request::Version(Version::decode(payload)?),
+        Command::DmaMap => Request::DmaMap(DmaMap::decode(payload)?),
+        Command::DmaUnmap => Request::DmaUnmap(DmaUnmap::decode(payload)?),
+        Command::DeviceGetInfo => {
+            Reader::new(payload, "DEVICE_GET_INFO").u32()?;
+            Request::DeviceGetInfo
+        }
+        Command::DeviceGetRegionInfo => Request::DeviceGetRegionInfo(RegionInfo::decode(payload)?.index),
+        Command::DeviceGetIrqInfo => Request::DeviceGetIrqInfo(IrqInfo::decode(payload)?.index),
+        Command::DeviceSetIrqs => Request::DeviceSetIrqs(SetIrqs::decode(payload)?),
+        Command::RegionRead => Request::RegionRead(RegionAccess::decode(payload, false)?.0),
+        Command::RegionWrite => {
+            let (a, d) = RegionAccess::decode(payload, true)?;
+            Request::RegionWrite(a, d.to_vec())
+        }
+        Command::DmaRead => Request::DmaRead(DmaAccess::decode(payload, false)?.0),
+        Command::DmaWrite => {
+            let (a, d) = DmaAccess::decode(payload, true)?;
+            Request::DmaWrite(a, d.to_vec())
+        }
+        Command::DeviceReset => Request::DeviceReset,
+        other => Request::Unsupported(other),
+    })
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_layout_is_byte_exact() {
+        let h = Header { id: 0x0102, command: 2, size: 48, flags: FLAG_REPLY | FLAG_ERROR, error: 22 };
+        let b = h.to_bytes();
+        assert_eq!(b, [0x02, 0x01, 2, 0, 48, 0, 0, 0, 0x21, 0, 0, 0, 22, 0, 0, 0]);
+        assert_eq!(Header::from_bytes(&b), Ok(h));
+    }
+
+    #[test]
+    fn dma_map_layout_is_byte_exact_and_unknown_flags_are_refused() {
+        let m = DmaMap { flags: DMA_READ_FLAG | DMA_WRITE_FLAG, offset: 0x1000, address: 0x2000, size: 0x3000 };
+        let b = m.encode();
+        assert_eq!(b.len(), 32);
+        assert_eq!(&b[0..8], &[32, 0, 0, 0, 3, 0, 0, 0]);
+        assert_eq!(&b[8..16], &0x1000u64.to_le_bytes());
+        assert_eq!(&b[16..24], &0x2000u64.to_le_bytes());
+        assert_eq!(DmaMap::decode(&b), Ok(m));
+        let mut bad = b.clone();
+        bad[4] = 0x7;
+        assert!(matches!(DmaMap::decode(&bad), Err(ProtoError::BadFlags { .. })));
+        assert!(matches!(DmaMap::decode(&b[..31]), Err(ProtoError::Short { .. })));
+    }
+
+    #[test]
+    fn region_and_dma_accesses_check_their_counts() {
+        let a = RegionAccess { offset: 8, region: 0, count: 4 };
+        assert_eq!(RegionAccess::decode(&a.encode(&[1, 2, 3, 4]), true).unwrap().1, &[1, 2, 3, 4]);
+        assert!(RegionAccess::decode(&a.encode(&[1, 2, 3]), true).is_err());
+        let d = DmaAccess { address: 0x1000, count: u64::MAX };
+        assert!(DmaAccess::decode(&d.encode(&[]), false).is_err(), "count above the transfer limit");
+    }
+
+    #[test]
+    fn version_round_trips_and_garbage_is_an_error() {
+        let v = Version::ours();
+        assert_eq!(Version::decode(&v.encode()), Ok(v));
+        assert!(Version::decode(&[0, 0, 1, 0, b'{', b'x', 0]).is_err());
+        assert!(Version::decode(&[0]).is_err());
+    }
+}

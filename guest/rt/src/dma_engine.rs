@@ -1,0 +1,123 @@
+//! A driver for the DMA engine (layout in `abi::dma_engine`): a descriptor ring in
+//! guest memory, completion records, the doorbell, MSI programming, and detection of a
+//! surprise-removed device (its registers read all-ones).
+
+use crate::mmio::{read32, read64, write32, write64};
+use abi::dma_engine::{self as de, Descriptor, regs};
+
+/// Why waiting for a completion stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitError {
+    /// The device's registers read all-ones: it is gone.
+    DeviceGone,
+    /// No completion in the polling budget.
+    Timeout,
+}
+
+/// One engine.
+pub struct Engine {
+    bar0: u64,
+    ring: u64,
+    completions: u64,
+    size: u32,
+    tail: u32,
+}
+
+impl Engine {
+    /// The engine whose BAR 0 is at `bar0`, with a ring of `size` descriptors at
+    /// `ring` (a guest address the device can reach) and completion records at
+    /// `completions`. Resets it, programs the ring and enables it.
+    pub fn new(bar0: u64, ring: u64, completions: u64, size: u32) -> Engine {
+        let e = Engine { bar0, ring, completions, size, tail: 0 };
+        // SAFETY: BAR 0 is device MMIO mapped by the VMM at `bar0`.
+        unsafe {
+            write32(bar0 + regs::CONTROL, 2);
+            write64(bar0 + regs::RING_BASE, ring);
+            write32(bar0 + regs::RING_SIZE, size);
+            write32(bar0 + regs::CONTROL, 1);
+        }
+        e
+    }
+
+    /// Reads a 32-bit register.
+    pub fn reg(&self, offset: u64) -> u32 {
+        // SAFETY: a BAR 0 register.
+        unsafe { read32(self.bar0 + offset) }
+    }
+
+    /// Reads a 64-bit register.
+    pub fn reg64(&self, offset: u64) -> u64 {
+        // SAFETY: a BAR 0 register.
+        unsafe { read64(self.bar0 + offset) }
+    }
+
+    /// True if the device reads as removed.
+    pub fn gone(&self) -> bool {
+        self.reg(regs::ID) == u32::MAX
+    }
+
+    /// Routes the engine's MSI to `vector` on APIC `dest` and enables it.
+    pub fn enable_msi(&self, dest: u8, vector: u8) {
+        // SAFETY: BAR 0 registers (the VMM traps the MSI pair).
+        unsafe {
+            write64(self.bar0 + regs::MSI_ADDR, 0xfee0_0000 | (u64::from(dest) << 12));
+            write32(self.bar0 + regs::MSI_DATA, u32::from(vector));
+            write32(self.bar0 + regs::IRQ_CTRL, 1);
+        }
+    }
+
+    /// Address of the completion record of sequence number `seq`.
+    pub fn completion_addr(&self, seq: u32) -> u64 {
+        self.completions + u64::from(seq % self.size) * de::COMPLETION_SIZE
+    }
+
+    /// Puts `d` in the ring (its completion record address is filled in, the record
+    /// cleared) without ringing the doorbell; returns its sequence number.
+    pub fn push(&mut self, mut d: Descriptor) -> u32 {
+        let seq = self.tail;
+        d.completion = self.completion_addr(seq);
+        let slot = self.ring + u64::from(seq % self.size) * de::DESCRIPTOR_SIZE;
+        let bytes = d.to_bytes();
+        for (i, chunk) in bytes.chunks(8).enumerate() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(chunk);
+            // SAFETY: the ring lies in guest RAM owned by this program.
+            unsafe { write64(slot + 8 * i as u64, u64::from_le_bytes(w)) };
+        }
+        for i in 0..4 {
+            // SAFETY: the completion record lies in guest RAM owned by this program.
+            unsafe { write64(d.completion + 8 * i, 0) };
+        }
+        self.tail = self.tail.wrapping_add(1);
+        seq
+    }
+
+    /// Rings the doorbell: the device executes everything pushed so far.
+    pub fn ring(&self) {
+        // SAFETY: the doorbell register.
+        unsafe { write32(self.bar0 + regs::TAIL, self.tail) };
+    }
+
+    /// Waits for descriptor `seq` to complete; returns (status, bytes, result).
+    pub fn wait(&self, seq: u32) -> Result<(u32, u64, u64), WaitError> {
+        let rec = self.completion_addr(seq);
+        let mut polls: u64 = 0;
+        loop {
+            // SAFETY: the record lies in guest RAM; the device writes it by DMA.
+            let status = unsafe { read32(rec) };
+            if status != de::completion::PENDING {
+                // SAFETY: as above.
+                let (bytes, result) = unsafe { (read64(rec + 8), read64(rec + 16)) };
+                return Ok((status, bytes, result));
+            }
+            polls += 1;
+            if polls % 64 == 0 && self.gone() {
+                return Err(WaitError::DeviceGone);
+            }
+            if polls > 50_000_000 {
+                return Err(WaitError::Timeout);
+            }
+            core::hint::spin_loop();
+        }
+    }
+}
