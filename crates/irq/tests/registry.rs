@@ -264,7 +264,7 @@ fn teardown_leaves_no_irqfd_watch_route_eventfd_thread_or_reference() {
     let dev = Arc::new(Device);
     {
         let reg = IrqRegistry::new(chip.clone(), Mode::Forwarded).unwrap();
-        assert_eq!(delivery_threads(), threads_before + 1, "one delivery thread");
+        assert!(wait_until(|| delivery_threads() == threads_before + 1), "one delivery thread");
         for sub in 0..4 {
             let fd = EventFd::new(EFD_NONBLOCK).unwrap();
             let mode = if sub % 2 == 0 { Mode::Forwarded } else { Mode::Vmm };
