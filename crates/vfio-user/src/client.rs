@@ -67,7 +67,7 @@ impl Client {
         let ep = Endpoint::new(stream);
         let e = Arc::clone(&ep);
         let reader = std::thread::Builder::new()
-            .name("vfio-user-client".into())
+            .name("vfu-client".into())
             .spawn(move || {
                 let why = e.run(|m| serve_dma(&e, dma.as_ref(), m));
                 on_close(&why);
@@ -148,6 +148,26 @@ impl Client {
         for (i, chunk) in data.chunks(MAX_DATA_XFER).enumerate() {
             let a = RegionAccess { offset: offset + (i * MAX_DATA_XFER) as u64, region, count: chunk.len() as u32 };
             self.ep.request(Command::RegionWrite, &a.encode(chunk), &[])?;
+        }
+        Ok(())
+    }
+
+    /// Writes a device region without waiting for the device (a posted write, as PCI
+    /// MMIO writes are): sent with NO_REPLY. Requests that follow on this connection
+    /// are served after it, so a later read sees it. Errors are not reported.
+    pub fn region_write_posted(&self, region: u32, offset: u64, data: &[u8]) -> Result<(), Error> {
+        for (i, chunk) in data.chunks(MAX_DATA_XFER).enumerate() {
+            let a = RegionAccess { offset: offset + (i * MAX_DATA_XFER) as u64, region, count: chunk.len() as u32 };
+            let payload = a.encode(chunk);
+            let size = (proto::HEADER_SIZE + payload.len()) as u32;
+            let header = proto::Header {
+                id: 0,
+                command: Command::RegionWrite as u16,
+                size,
+                flags: proto::FLAG_NO_REPLY,
+                error: 0,
+            };
+            self.ep.send(header, &payload, &[])?;
         }
         Ok(())
     }

@@ -112,6 +112,13 @@ impl Endpoint {
         Ok(())
     }
 
+    /// Writes raw bytes to the socket, bypassing framing (robustness tests inject
+    /// malformed messages with it).
+    pub fn send_bytes_for_tests(&self, bytes: &[u8]) {
+        let _g = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = (&self.stream).write_all(bytes);
+    }
+
     /// Receives one whole message. A malformed header is an error (the stream cannot
     /// be resynchronised after it: the caller closes the connection).
     pub fn receive(&self) -> Result<Message, Error> {
@@ -138,12 +145,23 @@ impl Endpoint {
 
     /// Sends a request and waits for its reply (an error reply becomes [`Error::Remote`]).
     pub fn request(&self, command: Command, payload: &[u8], fds: &[RawFd]) -> Result<Message, Error> {
+        self.request_raw(command as u16, payload, fds).map_err(|e| match e {
+            Error::Remote { errno, .. } => Error::Remote { command, errno },
+            other => other,
+        })
+    }
+
+    /// As [`Endpoint::request`] with any command number, defined or not (tools and
+    /// robustness tests); an error reply to an undefined command is reported as
+    /// `Remote { command: Version, .. }`.
+    pub fn request_raw(&self, command: u16, payload: &[u8], fds: &[RawFd]) -> Result<Message, Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = sync_channel(1);
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
         let size = u32::try_from(HEADER_SIZE + payload.len())
             .map_err(|_| Error::Proto(ProtoError::BadSize("message too large")))?;
-        let header = Header { id, command: command as u16, size, flags: 0, error: 0 };
+        let header = Header { id, command, size, flags: 0, error: 0 };
+        let cmd = Command::from_u16(command).unwrap_or(Command::Version);
         if let Err(e) = self.send(header, payload, fds) {
             self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             return Err(e);
@@ -152,13 +170,13 @@ impl Endpoint {
             Ok(r) => r?,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-                return Err(Error::Timeout(command, REPLY_TIMEOUT));
+                return Err(Error::Timeout(cmd, REPLY_TIMEOUT));
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(Error::Closed),
         };
         if reply.header.flags & FLAG_ERROR != 0 {
             let errno = i32::try_from(reply.header.error).unwrap_or(libc::EIO);
-            return Err(Error::Remote { command, errno });
+            return Err(Error::Remote { command: cmd, errno });
         }
         Ok(reply)
     }

@@ -307,7 +307,8 @@ impl AssignedDevice {
             Some(Backend::Inline(e)) if bar == 0 => e.write_reg(offset, data),
             Some(Backend::Inline(e)) => e.write_scratch(offset, data),
             Some(Backend::Remote(c)) => {
-                if let Err(e) = c.region_write(bar, offset, data) {
+                // MMIO writes are posted: the vCPU does not wait for the device.
+                if let Err(e) = c.region_write_posted(bar, offset, data) {
                     tracing::warn!("device {}: BAR {bar} write at {offset:#x}: {e}", self.name);
                 }
             }

@@ -38,3 +38,25 @@ macro_rules! require_kvm {
         }
     };
 }
+
+/// The VMM process's open eventfds and its threads by name, for leak checks:
+/// `eventfds=N threads=name:count,...` (names sorted).
+pub fn resources() -> String {
+    let eventfds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok().and_then(|e| std::fs::read_link(e.path()).ok()))
+                .filter(|l| l.to_string_lossy().contains("eventfd"))
+                .count()
+        })
+        .unwrap_or(0);
+    let mut threads = std::collections::BTreeMap::<String, usize>::new();
+    if let Ok(d) = std::fs::read_dir("/proc/self/task") {
+        for t in d.flatten() {
+            if let Ok(c) = std::fs::read_to_string(t.path().join("comm")) {
+                *threads.entry(c.trim().to_string()).or_default() += 1;
+            }
+        }
+    }
+    let list: Vec<String> = threads.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+    format!("eventfds={eventfds} threads={}", list.join(","))
+}

@@ -199,6 +199,21 @@ impl Session<'_> {
                     c.sources, c.forwarded, c.irqfds, c.watched, c.msi_routes
                 ))
             }
+            "dev_info" => {
+                let name = arg(w, 1)?;
+                let dev = self.vm.devices().into_iter().find(|d| d.name() == name);
+                let dev = dev.ok_or_else(|| format!("no device '{name}'"))?;
+                let d = dev.domain();
+                let last = d.faults().recent().last().map(|f| f.iova.0).unwrap_or(0);
+                Ok(format!(
+                    "OK dead={} bar0={:#x} mappings={} faults={} last_fault={last:#x}",
+                    u8::from(dev.is_dead()),
+                    dev.bar0(),
+                    d.mapping_count(),
+                    d.faults().total()
+                ))
+            }
+            "resources" => Ok(format!("OK {}", crate::resources())),
             "endianness" => Ok("OK little".into()),
             other => Err(format!("Unknown command '{other}'")),
         }

@@ -1,0 +1,300 @@
+//! Assigned devices end to end: the `dma` guest against the DMA engine in the VMM, in a
+//! child process with shared fds, and in message mode; a separately started vfio-user
+//! server; isolation; device and VMM deaths; what is left after a device dies.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MEM: [&str; 4] = ["--memory", "64M", "--locked-memory", "64M"];
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_passthru"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Runs the dma guest and checks every reported CRC against one computed here.
+fn dma_guest(device: &str) {
+    let out = bin().args(["run", "--guest", "dma", "--device", device]).args(MEM).output().unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{device}: {stdout}{stderr}");
+    let mut checked = 0;
+    for line in stdout.lines().filter(|l| l.starts_with("dma: size ")) {
+        // "dma: size S pattern 0xP crc32c 0xC ok"
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let size: usize = w[2].parse().unwrap();
+        let pattern = u64::from_str_radix(w[4].trim_start_matches("0x"), 16).unwrap();
+        let crc = u32::from_str_radix(w[6].trim_start_matches("0x"), 16).unwrap();
+        let data: Vec<u8> = pattern.to_le_bytes().iter().copied().cycle().take(size).collect();
+        assert_eq!(crc, crc32c::crc32c(&data), "{device}: {line}");
+        checked += 1;
+    }
+    assert_eq!(checked, 3, "{stdout}");
+    assert!(stdout.contains("3 MSIs, fault check ok"), "{stdout}");
+}
+
+#[test]
+fn dma_guest_against_the_engine_in_the_vmm() {
+    vmm::require_kvm!();
+    dma_guest("dma-engine,process=inline");
+}
+
+#[test]
+fn dma_guest_against_a_device_process_with_shared_memory() {
+    vmm::require_kvm!();
+    dma_guest("dma-engine");
+}
+
+#[test]
+fn dma_guest_against_a_device_process_in_message_mode() {
+    vmm::require_kvm!();
+    dma_guest("dma-engine,iommu-mode=messages");
+}
+
+fn start_server(path: &std::path::Path) -> Child {
+    let _ = std::fs::remove_file(path);
+    let server =
+        bin().args(["device", "dma-engine", "--socket", path.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    let t = Instant::now();
+    while !path.exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server
+}
+
+fn wait_exit(c: &mut Child, within: Duration) -> Option<i32> {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    None
+}
+
+#[test]
+fn a_separately_started_server_serves_the_guest_and_exits_when_the_vmm_ends() {
+    vmm::require_kvm!();
+    let path = std::env::temp_dir().join(format!("passthru-dmae-{}.sock", std::process::id()));
+    let mut server = start_server(&path);
+    let dev = format!("vfio-user,socket={}", path.display());
+    let out = bin().args(["run", "--guest", "dma", "--device", &dev]).args(MEM).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(wait_exit(&mut server, Duration::from_secs(10)), Some(0), "the server exits cleanly after its VMM");
+}
+
+#[test]
+fn a_server_whose_vmm_is_killed_exits_cleanly() {
+    let path = std::env::temp_dir().join(format!("passthru-orphan-{}.sock", std::process::id()));
+    let mut server = start_server(&path);
+    let dev = format!("vfio-user,socket={}", path.display());
+    let mut vmm = bin()
+        .args(["run", "--accel", "qtest", "--device", &dev])
+        .args(MEM)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = vmm.stdin.take().unwrap();
+    let mut out = BufReader::new(vmm.stdout.take().unwrap());
+    writeln!(stdin, "readl 0xc0000000").unwrap();
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    assert_eq!(l.trim(), "OK 0x0000000045414d44", "the device answers through the VMM");
+    vmm.kill().unwrap(); // SIGKILL
+    let _ = vmm.wait();
+    assert_eq!(wait_exit(&mut server, Duration::from_secs(10)), Some(0));
+}
+
+/// Reads stderr lines until the device's pid shows up.
+fn device_pid(stderr: &mut impl BufRead) -> i32 {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "no device line on stderr");
+        if let Some(rest) = line.split("in process ").nth(1) {
+            return rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    }
+}
+
+#[test]
+fn kill_9_of_the_device_while_descriptors_are_in_flight_leaves_the_guest_running() {
+    vmm::require_kvm!();
+    let mut vmm = bin()
+        .args(["run", "--guest", "dma", "--guest-arg", "1000000", "--device", "dma-engine"])
+        .args(MEM)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(vmm.stderr.take().unwrap());
+    let pid = device_pid(&mut stderr);
+    let mut stdout = BufReader::new(vmm.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap(); // the guest is copying
+    assert!(first.starts_with("dma: size"), "{first}");
+    // SAFETY: sending SIGKILL to the device process this test's VMM spawned.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    stderr.read_to_string(&mut err).unwrap();
+    let status = vmm.wait().unwrap();
+    assert_eq!(status.code(), Some(3), "the guest saw a surprise removal: {rest}{err}");
+    assert!(rest.contains("device gone during a copy batch"), "{rest}");
+    assert!(err.contains("device dma0 is gone"), "{err}");
+}
+
+/// A qtest session on passthru with one device; returns (child, stdin, stdout lines).
+struct Session {
+    vmm: Child,
+    stdin: std::process::ChildStdin,
+    out: BufReader<std::process::ChildStdout>,
+    device_pid: Option<i32>,
+}
+
+impl Session {
+    fn new(device: &str) -> Session {
+        let mut vmm = bin()
+            .args(["run", "--accel", "qtest", "--device", device])
+            .args(MEM)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(vmm.stderr.take().unwrap());
+        let device_pid =
+            device.starts_with("dma-engine").then(|| device_pid(&mut err)).filter(|_| !device.contains("inline"));
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        let stdin = vmm.stdin.take().unwrap();
+        let out = BufReader::new(vmm.stdout.take().unwrap());
+        Session { vmm, stdin, out, device_pid }
+    }
+
+    fn cmd(&mut self, c: &str) -> String {
+        writeln!(self.stdin, "{c}").unwrap();
+        loop {
+            let mut l = String::new();
+            self.out.read_line(&mut l).unwrap();
+            if !l.starts_with("IRQ ") {
+                return l.trim_end().to_string();
+            }
+        }
+    }
+
+    fn field(&mut self, c: &str, key: &str) -> String {
+        let a = self.cmd(c);
+        a.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} in {a}"))
+            .to_string()
+    }
+}
+
+/// A COPY descriptor (see abi::dma_engine) as qtest hex.
+fn copy_desc(src: u64, dst: u64, len: u64, completion: u64, flags: u32) -> String {
+    let mut b = Vec::new();
+    b.extend_from_slice(&1u32.to_le_bytes());
+    b.extend_from_slice(&flags.to_le_bytes());
+    for v in [src, dst, len, 0, completion, 0, 0] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn in_message_mode_an_unmapped_iova_is_refused_by_the_vmm_and_nothing_is_written() {
+    let mut s = Session::new("dma-engine,iommu-mode=messages");
+    assert_eq!(s.cmd("memset 0x400000 4096 0x33"), "OK");
+    // COPY from the MMIO hole (not RAM, so not in the identity domain) to guest RAM.
+    let d = copy_desc(0xe000_0000, 0x400000, 4096, 0x210000, 0);
+    assert_eq!(s.cmd(&format!("write 0x200000 64 0x{d}")), "OK");
+    for c in ["writeq 0xc0000008 0x200000", "writel 0xc0000010 16", "writel 0xc0000024 1", "writel 0xc0000018 1"] {
+        assert_eq!(s.cmd(c), "OK");
+    }
+    let t = Instant::now();
+    while s.cmd("readl 0xc0000014") != "OK 0x0000000000000001" {
+        assert!(t.elapsed() < Duration::from_secs(10), "descriptor never completed");
+    }
+    assert_eq!(s.cmd("readl 0x210000"), "OK 0x0000000000000002", "completion status DMA_FAULT");
+    assert_eq!(s.cmd("read 0x400000 8"), "OK 0x3333333333333333", "the target is untouched");
+    assert_eq!(s.field("dev_info dma0", "last_fault"), "0xe0000000", "the VMM refused and logged it");
+    assert!(s.field("dev_info dma0", "faults").parse::<u64>().unwrap() >= 1);
+    drop(s.stdin);
+    assert_eq!(s.vmm.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn after_kill_9_of_a_device_process_with_irqs_firing_nothing_of_it_remains() {
+    let mut s = Session::new("dma-engine");
+    let before = s.cmd("resources");
+    assert!(before.contains("vfu-client:1"), "{before}");
+    assert!(s.cmd("irq_list").contains("dma0/1/0=forwarded"));
+    assert_eq!(s.cmd("irq_intercept_in ioapic"), "OK");
+    // MSI on, then a stream of interrupting copies.
+    for c in ["writeq 0xc0000038 0xfee00000", "writel 0xc0000040 0x61", "writel 0xc0000020 1"] {
+        assert_eq!(s.cmd(c), "OK");
+    }
+    let ring: String = (0..16).map(|i| copy_desc(0x300000, 0x400000, 4096, 0x210000 + 32 * i, 1)).collect();
+    assert_eq!(s.cmd(&format!("write 0x200000 1024 0x{ring}")), "OK");
+    for c in ["writeq 0xc0000008 0x200000", "writel 0xc0000010 16", "writel 0xc0000024 1"] {
+        assert_eq!(s.cmd(c), "OK");
+    }
+    let mut tail = 0u32;
+    for _ in 0..20 {
+        tail += 8;
+        assert_eq!(s.cmd(&format!("writel 0xc0000018 {tail}")), "OK");
+    }
+    let fds_before: i64 = s.field("resources", "eventfds").parse().unwrap();
+    // SAFETY: SIGKILL to the device process this VMM spawned.
+    assert_eq!(unsafe { libc::kill(s.device_pid.unwrap(), libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    while s.field("dev_info dma0", "dead") != "1" {
+        assert!(t.elapsed() < Duration::from_secs(10), "the VMM never noticed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(s.cmd("readl 0xc0000000"), "OK 0x00000000ffffffff", "BARs read all-ones");
+    assert_eq!(s.field("dev_info dma0", "mappings"), "0", "its DMA mappings are gone");
+    assert!(!s.cmd("irq_list").contains("dma0"), "its interrupt source is detached");
+    assert_eq!(
+        s.cmd("irq_counts"),
+        "OK sources=1 forwarded=1 irqfds=1 watched=0 msi_routes=0",
+        "only the serial port's irqfd is left"
+    );
+    let t = Instant::now();
+    loop {
+        let after = s.cmd("resources");
+        let fds: i64 = after.split_whitespace().find_map(|w| w.strip_prefix("eventfds=")).unwrap().parse().unwrap();
+        if !after.contains("vfu-client") && fds < fds_before {
+            break; // reader thread gone, the device's irq eventfd closed
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{after} (eventfds before {fds_before})");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(s.stdin);
+    assert_eq!(s.vmm.wait().unwrap().code(), Some(0), "the VMM survived and ends normally");
+}
+
+#[test]
+fn bench_devices_reports_every_backend_and_size() {
+    let json = std::env::temp_dir().join(format!("passthru-devices-{}.json", std::process::id()));
+    let out = bin().args(["bench", "devices", "--bytes", "256K", "--json", json.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let figs = v.as_array().unwrap();
+    assert_eq!(figs.len(), 9, "3 backends x 3 sizes");
+    for f in figs {
+        assert!(f["ratio_to_memcpy"].as_f64().unwrap() > 0.0, "{f}");
+        assert!(f["copies"].as_u64().unwrap() >= 1);
+    }
+    assert!(text(&out.stdout).contains("shared fd / in process at 64 KiB"));
+}
