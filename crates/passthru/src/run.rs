@@ -78,9 +78,29 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     let status = vm.run_guest_with_args(&elf, &args.guest_args).map_err(|e| e.to_string())?;
     let _ = std::io::stdout().flush();
     report_test_sources(&vm);
+    report_guest_throughput(&vm);
     drop(vm);
     reap(children);
     Ok(ExitCode::from(status))
+}
+
+/// Guest programs that move data mark their start (tag 0xd0) and end (0xd1 with the
+/// bytes moved, 0xd2 with the descriptors): the VMM turns the marks into rates.
+fn report_guest_throughput(vm: &Vm) {
+    let marks = vm.bench().marks();
+    let find = |tag| marks.iter().find(|m| m.0 == tag);
+    if let (Some(start), Some(end)) = (find(0xd0), find(0xd1)) {
+        let secs = end.2.duration_since(start.2).as_secs_f64().max(1e-9);
+        let descriptors = find(0xd2).map_or(0, |m| m.1);
+        let _ = writeln!(
+            std::io::stderr(),
+            "passthru: guest DMA throughput: {} bytes in {:.1} ms = {:.1} MiB/s, {:.0} descriptors/s",
+            end.1,
+            secs * 1e3,
+            end.1 as f64 / secs / f64::from(1u32 << 20),
+            descriptors as f64 / secs
+        );
+    }
 }
 
 /// Attaches every `--device`; returns the device processes spawned.

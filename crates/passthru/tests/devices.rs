@@ -35,6 +35,7 @@ fn dma_guest(device: &str) {
     }
     assert_eq!(checked, 3, "{stdout}");
     assert!(stdout.contains("3 MSIs, fault check ok"), "{stdout}");
+    assert!(stderr.contains("passthru: guest DMA throughput: 4472832 bytes in"), "{stderr}");
 }
 
 #[test]

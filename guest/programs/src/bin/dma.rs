@@ -121,6 +121,7 @@ fn main(boot: &BootInfo) -> u8 {
         }
     }
     hcall(hcall::BENCH_MARK, [0xd1, bytes, 0, 0, 0]);
+    hcall(hcall::BENCH_MARK, [0xd2, descriptors, 0, 0, 0]);
     // A copy reaching past the end of guest RAM faults and writes nothing.
     let edge = ram_end - 0x800;
     poke(edge, GUARD);
