@@ -86,6 +86,9 @@ pub struct Domain {
     maps: AtomicU64,
     unmaps: AtomicU64,
     observers: RwLock<Vec<Arc<dyn MapObserver>>>,
+    /// Number of observers, read without the lock: maps and unmaps of a domain nobody
+    /// observes skip it.
+    observed: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Domain {
@@ -107,6 +110,7 @@ impl Domain {
             maps: AtomicU64::new(0),
             unmaps: AtomicU64::new(0),
             observers: RwLock::new(Vec::new()),
+            observed: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -177,7 +181,7 @@ impl Domain {
         let mapping = Mapping { iova, gpa, size, perm };
         tree.insert(iova.0, mapping);
         drop(tree);
-        let observers = self.observers.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let observers = self.observers();
         for (i, o) in observers.iter().enumerate() {
             if let Err(reason) = o.mapped(&mapping) {
                 for done in &observers[..i] {
@@ -243,7 +247,7 @@ impl Domain {
         }
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.readers.wait_for_inflight();
-        let observers = self.observers.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let observers = self.observers();
         for m in removed {
             for o in observers.iter().rev() {
                 o.unmapped(m);
@@ -269,7 +273,16 @@ impl Domain {
             }
         }
         observers.push(observer);
+        self.observed.store(observers.len(), Ordering::Release);
         Ok(())
+    }
+
+    /// A snapshot of the observers (no lock, no allocation when there are none).
+    fn observers(&self) -> Vec<Arc<dyn MapObserver>> {
+        if self.observed.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        self.observers.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Removes an observer; it is told every mapping is gone.
@@ -277,6 +290,7 @@ impl Domain {
         let mut observers = self.observers.write().unwrap_or_else(|e| e.into_inner());
         if let Some(pos) = observers.iter().position(|o| Arc::ptr_eq(o, observer)) {
             let o = observers.remove(pos);
+            self.observed.store(observers.len(), Ordering::Release);
             for m in self.mappings() {
                 o.unmapped(&m);
             }
