@@ -8,6 +8,7 @@ use std::process::Command;
 /// Built-in programs: (binary name, one-line description). Keep in sync with
 /// guest/programs/src/bin/.
 const PROGRAMS: &[(&str, &str)] = &[
+    ("pvdma", "the default demo: maps its own DMA by hypercalls, drives DMA engine 0, checks results and isolation"),
     ("hello", "prints one line and exits 0"),
     ("interrupts", "counts MSIs injected through an irqfd; exits 0 when every one arrived"),
     ("panic", "panics on purpose (exit code 101, message on stderr)"),

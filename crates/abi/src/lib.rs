@@ -10,10 +10,14 @@ pub mod dma_engine;
 pub mod hcall;
 pub mod layout;
 pub mod ports;
+pub mod pvdma;
 
 /// Exit status a guest program reports through [`ports::EXIT`] when it panics
 /// (the same code a panicking Rust process exits with).
 pub const EXIT_PANIC: u8 = 101;
+
+/// Exit status of a VM ended by the paravirtual DMA kill policy (`--pvdma-kill-on-misuse`).
+pub const EXIT_KILLED_BY_POLICY: u8 = 125;
 
 /// Exit status a guest program reports when an exception it did not expect
 /// (page fault, general protection, ...) stops it.

@@ -181,14 +181,15 @@ impl LockedMemory {
 
     /// Pins the guest-physical ranges (one reference each); all or nothing.
     pub fn pin(&self, ranges: &[(u64, u64)]) -> Result<(), MapError> {
+        let ranges = coalesce(ranges);
         let mut s = self.lock();
-        let wanted: u64 = ranges.iter().map(|&(a, len)| s.pinned.uncovered(a, a + len)).sum();
+        let wanted: u64 = union(&ranges).iter().map(|&(a, len)| s.pinned.uncovered(a, a + len)).sum();
         let locked = s.pinned_bytes + s.charged;
         if wanted > 0 && locked.saturating_add(wanted) > s.limit {
             return Err(MapError::NoMemory { locked, wanted, limit: s.limit });
         }
         let st = &mut *s;
-        for &(a, len) in ranges {
+        for &(a, len) in ranges.iter() {
             st.pinned.add(a, a + len, |fs, fe| {
                 st.pinned_bytes += fe - fs;
                 self.mlock(fs, fe, true);
@@ -200,9 +201,10 @@ impl LockedMemory {
 
     /// Drops one reference from each range (each must have been pinned).
     pub fn unpin(&self, ranges: &[(u64, u64)]) {
+        let ranges = coalesce(ranges);
         let mut s = self.lock();
         let st = &mut *s;
-        for &(a, len) in ranges {
+        for &(a, len) in ranges.iter() {
             st.pinned.remove(a, a + len, |fs, fe| {
                 st.pinned_bytes -= fe - fs;
                 self.mlock(fs, fe, false);
@@ -253,6 +255,37 @@ impl LockedMemory {
     }
 }
 
+/// Joins ranges that touch end to start (sorted by address); overlapping ranges stay
+/// apart, so every byte keeps the number of references the caller asked for. One
+/// range comes back borrowed.
+fn coalesce(ranges: &[(u64, u64)]) -> std::borrow::Cow<'_, [(u64, u64)]> {
+    if ranges.len() < 2 {
+        return std::borrow::Cow::Borrowed(ranges);
+    }
+    let mut v: Vec<(u64, u64)> = ranges.to_vec();
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (a, len) in v {
+        match out.last_mut() {
+            Some((pa, plen)) if *pa + *plen == a => *plen += len,
+            _ => out.push((a, len)),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// The union of sorted ranges (overlaps merged): what pinning them would cover.
+fn union(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for &(a, len) in ranges {
+        match out.last_mut() {
+            Some((pa, plen)) if a <= *pa + *plen => *plen = (*plen).max(a + len - *pa),
+            _ => out.push((a, len)),
+        }
+    }
+    out
+}
+
 /// The soft RLIMIT_MEMLOCK of this process (u64::MAX when unlimited).
 pub fn rlimit_memlock() -> u64 {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -295,6 +328,24 @@ mod tests {
         assert!(a.pin(&[(0, 4 * P), (100 * P, 5 * P)]).is_err());
         assert_eq!(a.locked(), 0);
         assert!(!a.is_pinned(0, 4 * P));
+    }
+
+    #[test]
+    fn one_request_naming_a_page_twice_is_charged_once_but_holds_two_references() {
+        let a = LockedMemory::new(P);
+        a.pin(&[(0, P), (0, P)]).unwrap();
+        assert_eq!(a.pinned(), P);
+        a.unpin(&[(0, P)]);
+        assert!(a.is_pinned(0, P), "the second reference holds the page");
+        a.unpin(&[(0, P)]);
+        assert_eq!(a.pinned(), 0);
+        // Adjacent ranges coalesce into one extent.
+        a.set_limit(u64::MAX);
+        let pages: Vec<(u64, u64)> = (0..512).map(|i| (i * P, P)).collect();
+        a.pin(&pages).unwrap();
+        assert_eq!(a.pinned(), 512 * P);
+        a.unpin(&pages);
+        assert_eq!(a.pinned(), 0);
     }
 
     #[test]

@@ -152,6 +152,95 @@ impl Domain {
 
     /// Maps `[iova, iova + size)` to `[gpa, gpa + size)` and pins the guest pages.
     pub fn map(&self, iova: Iova, gpa: Gpa, size: u64, perm: Perm) -> Result<(), MapError> {
+        let end = self.check_map(iova, gpa, size, perm)?;
+        let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, m)) = tree.range(..end).next_back()
+            && m.end() > iova.0
+        {
+            return Err(MapError::Exists { iova });
+        }
+        if tree.len() >= self.config.max_mappings {
+            return Err(MapError::NoSpace { max: self.config.max_mappings });
+        }
+        self.vm.account().pin(&[(gpa.0, size)])?;
+        let mapping = Mapping { iova, gpa, size, perm };
+        tree.insert(iova.0, mapping);
+        drop(tree);
+        self.notify_mapped(std::slice::from_ref(&mapping))?;
+        self.maps.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Maps several ranges at once, all or nothing: one lock, one locked-memory charge.
+    /// On failure returns the index of the mapping that failed (0 for a charge over the
+    /// limit) and nothing stays mapped.
+    pub fn map_many(&self, maps: &[Mapping]) -> Result<(), (usize, MapError)> {
+        for (i, m) in maps.iter().enumerate() {
+            self.check_map(m.iova, m.gpa, m.size, m.perm).map_err(|e| (i, e))?;
+        }
+        let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
+        let undo = |tree: &mut BTreeMap<u64, Mapping>, n: usize| {
+            for m in &maps[..n] {
+                tree.remove(&m.iova.0);
+            }
+        };
+        for (i, m) in maps.iter().enumerate() {
+            let clash = tree.range(..m.end()).next_back().is_some_and(|(_, x)| x.end() > m.iova.0);
+            let full = tree.len() >= self.config.max_mappings;
+            if clash || full {
+                undo(&mut tree, i);
+                let e = if clash {
+                    MapError::Exists { iova: m.iova }
+                } else {
+                    MapError::NoSpace { max: self.config.max_mappings }
+                };
+                return Err((i, e));
+            }
+            tree.insert(m.iova.0, *m);
+        }
+        let ranges: Vec<(u64, u64)> = maps.iter().map(|m| (m.gpa.0, m.size)).collect();
+        if let Err(e) = self.vm.account().pin(&ranges) {
+            undo(&mut tree, maps.len());
+            return Err((0, e));
+        }
+        drop(tree);
+        self.notify_mapped(maps).map_err(|e| (0, e))?;
+        self.maps.fetch_add(maps.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Tells observers about new mappings; if one refuses, every mapping of the batch
+    /// is undone (observers told, tree cleared, pins released) and the map fails.
+    fn notify_mapped(&self, maps: &[Mapping]) -> Result<(), MapError> {
+        let observers = self.observers();
+        for (mi, m) in maps.iter().enumerate() {
+            for (oi, o) in observers.iter().enumerate() {
+                if let Err(reason) = o.mapped(m) {
+                    for done in &observers[..oi] {
+                        done.unmapped(m);
+                    }
+                    for earlier in &maps[..mi] {
+                        for o in observers.iter().rev() {
+                            o.unmapped(earlier);
+                        }
+                    }
+                    let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
+                    let gone: Vec<(u64, u64)> =
+                        maps.iter().filter_map(|x| tree.remove(&x.iova.0)).map(|x| (x.gpa.0, x.size)).collect();
+                    drop(tree);
+                    self.generation.fetch_add(1, Ordering::SeqCst);
+                    self.readers.wait_for_inflight();
+                    self.vm.account().unpin(&gone);
+                    return Err(MapError::Rejected(reason));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a map request on its own (alignment, permission, aperture, reserved
+    /// regions, guest memory); returns the end IOVA.
+    fn check_map(&self, iova: Iova, gpa: Gpa, size: u64, perm: Perm) -> Result<u64, MapError> {
         let end = self.check_range(iova.0, size)?;
         if perm.is_none() {
             return Err(MapError::InvalidArgument("no permission"));
@@ -168,35 +257,7 @@ impl Domain {
         if !self.vm.is_guest_memory(gpa.0, size) {
             return Err(MapError::BadAddress { gpa: gpa.0, size });
         }
-        let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, m)) = tree.range(..end).next_back()
-            && m.end() > iova.0
-        {
-            return Err(MapError::Exists { iova });
-        }
-        if tree.len() >= self.config.max_mappings {
-            return Err(MapError::NoSpace { max: self.config.max_mappings });
-        }
-        self.vm.account().pin(&[(gpa.0, size)])?;
-        let mapping = Mapping { iova, gpa, size, perm };
-        tree.insert(iova.0, mapping);
-        drop(tree);
-        let observers = self.observers();
-        for (i, o) in observers.iter().enumerate() {
-            if let Err(reason) = o.mapped(&mapping) {
-                for done in &observers[..i] {
-                    done.unmapped(&mapping);
-                }
-                if self.tree.write().unwrap_or_else(|e| e.into_inner()).remove(&iova.0).is_some() {
-                    self.generation.fetch_add(1, Ordering::SeqCst);
-                    self.readers.wait_for_inflight();
-                    self.vm.account().unpin(&[(gpa.0, size)]);
-                }
-                return Err(MapError::Rejected(reason));
-            }
-        }
-        self.maps.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(end)
     }
 
     /// Removes the mappings inside `[iova, iova + size)`; returns the bytes removed.
@@ -228,6 +289,17 @@ impl Domain {
             keys.iter().filter_map(|k| tree.remove(k)).collect::<Vec<_>>()
         };
         Ok(self.retire(&removed))
+    }
+
+    /// Removes exactly the mappings starting at each of `iovas` (each must exist), with
+    /// one lock, one invalidation, one wait for in-flight accesses and one release of
+    /// pins. Unknown IOVAs are skipped. Returns the bytes removed.
+    pub fn unmap_exact(&self, iovas: &[Iova]) -> u64 {
+        let removed: Vec<Mapping> = {
+            let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
+            iovas.iter().filter_map(|i| tree.remove(&i.0)).collect()
+        };
+        self.retire(&removed)
     }
 
     /// Removes every mapping; returns the bytes removed.

@@ -304,3 +304,31 @@ fn observers_see_every_map_and_unmap_and_a_refusal_undoes_the_map() {
     d.remove_observer(&o);
     assert_eq!(*rec.log.lock().unwrap(), vec!["+0x1000", "+0x2000", "-0x1000", "-0x2000"]);
 }
+
+#[test]
+fn map_many_is_all_or_nothing_and_unmap_exact_removes_only_what_it_names() {
+    let vm = vm(8 * PAGE);
+    let d = vm.create_domain("d", DomainConfig::default());
+    let m = |iova: u64, gpa: u64, pages: u64| dma::Mapping {
+        iova: Iova(iova),
+        gpa: Gpa(gpa),
+        size: pages * PAGE,
+        perm: Perm::READ,
+    };
+    d.map(Iova(0x50000), Gpa(0x50000), PAGE, Perm::READ).unwrap();
+    // The third mapping clashes with an existing one: nothing of the batch stays.
+    let e = d.map_many(&[m(0x10000, 0x10000, 1), m(0x20000, 0x20000, 1), m(0x50000, 0x60000, 1)]).unwrap_err();
+    assert_eq!(e, (2, MapError::Exists { iova: Iova(0x50000) }));
+    assert_eq!((d.mapping_count(), vm.account().pinned()), (1, PAGE));
+    // Over the limit as a whole: nothing stays either.
+    assert!(matches!(
+        d.map_many(&[m(0x10000, 0x10000, 4), m(0x20000, 0x20000, 4)]),
+        Err((0, MapError::NoMemory { .. }))
+    ));
+    assert_eq!((d.mapping_count(), vm.account().pinned()), (1, PAGE));
+    d.map_many(&[m(0x10000, 0x10000, 2), m(0x20000, 0x20000, 2)]).unwrap();
+    assert_eq!((d.mapping_count(), vm.account().pinned()), (3, 5 * PAGE));
+    assert_eq!(d.unmap_exact(&[Iova(0x10000), Iova(0x30000), Iova(0x20000)]), 4 * PAGE, "unknown IOVAs skipped");
+    assert_eq!(d.mappings(), vec![m(0x50000, 0x50000, 1)]);
+    assert_eq!(vm.account().pinned(), PAGE);
+}

@@ -7,24 +7,28 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vmm::assigned::IommuMode;
-use vmm::{DeviceSpec, Vm};
+use vmm::{DeviceSpec, DmaFrontend, Vm};
 
 /// A parsed `--device` value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceArg {
-    /// `dma-engine[,iommu-mode=shared|messages][,process=child|inline]`
+    /// `dma-engine[,dma=identity|pvdma][,iommu-mode=shared|messages][,process=child|inline]`
     DmaEngine {
         /// How a device process reaches guest memory.
         mode: IommuMode,
         /// In the VMM rather than in a child process.
         inline: bool,
+        /// Who programs its DMA domain.
+        frontend: DmaFrontend,
     },
-    /// `vfio-user,socket=PATH[,iommu-mode=shared|messages]`: a running server.
+    /// `vfio-user,socket=PATH[,dma=...][,iommu-mode=shared|messages]`: a running server.
     VfioUser {
         /// The server's socket.
         socket: PathBuf,
         /// How it reaches guest memory.
         mode: IommuMode,
+        /// Who programs its DMA domain.
+        frontend: DmaFrontend,
     },
 }
 
@@ -32,7 +36,7 @@ pub enum DeviceArg {
 pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
     let mut parts = s.split(',');
     let kind = parts.next().unwrap_or_default();
-    let (mut mode, mut inline, mut socket) = (IommuMode::SharedFd, false, None);
+    let (mut mode, mut inline, mut socket, mut frontend) = (IommuMode::SharedFd, false, None, DmaFrontend::Identity);
     for p in parts {
         let (k, v) = p.split_once('=').ok_or_else(|| format!("'{p}' in --device {s} is not key=value"))?;
         match k {
@@ -45,7 +49,14 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
                 }
             }
             "socket" => socket = Some(PathBuf::from(v)),
-            _ => return Err(format!("unknown --device option '{k}' (iommu-mode, process, socket)")),
+            "dma" => {
+                frontend = match v {
+                    "identity" => DmaFrontend::Identity,
+                    "pvdma" => DmaFrontend::Paravirtual,
+                    _ => return Err(format!("dma={v}: use dma=identity or dma=pvdma")),
+                }
+            }
+            _ => return Err(format!("unknown --device option '{k}' (dma, iommu-mode, process, socket)")),
         }
     }
     match kind {
@@ -53,10 +64,10 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
             if inline && mode == IommuMode::Messages {
                 return Err("iommu-mode=messages needs a device process; drop process=inline".into());
             }
-            Ok(DeviceArg::DmaEngine { mode, inline })
+            Ok(DeviceArg::DmaEngine { mode, inline, frontend })
         }
         "vfio-user" => match socket {
-            Some(socket) if !inline => Ok(DeviceArg::VfioUser { socket, mode }),
+            Some(socket) if !inline => Ok(DeviceArg::VfioUser { socket, mode, frontend }),
             Some(_) => Err("a vfio-user device runs in its own process: drop process=inline".into()),
             None => Err("--device vfio-user needs socket=PATH of a running server".into()),
         },
@@ -69,30 +80,29 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
 
 /// Attaches one device to `vm`, spawning its process if needed. Returns the child.
 pub fn attach(vm: &Vm, arg: &DeviceArg) -> Result<Option<std::process::Child>, String> {
-    let (spec, child, what) = match arg {
-        DeviceArg::DmaEngine { inline: true, .. } => (DeviceSpec::Inline, None, "in the VMM process".to_string()),
-        DeviceArg::DmaEngine { mode, .. } => {
+    let (spec, child, what, frontend) = match arg {
+        DeviceArg::DmaEngine { inline: true, frontend, .. } => {
+            (DeviceSpec::Inline, None, "in the VMM process".to_string(), *frontend)
+        }
+        DeviceArg::DmaEngine { mode, frontend, .. } => {
             let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
             let child = spawn_engine(theirs)?;
-            let pid = child.id();
-            (
-                DeviceSpec::Remote { stream: ours, mode: *mode },
-                Some(child),
-                format!("in process {pid} over vfio-user, {}", mode_name(*mode)),
-            )
+            let what = format!("in process {} over vfio-user, {}", child.id(), mode_name(*mode));
+            (DeviceSpec::Remote { stream: ours, mode: *mode }, Some(child), what, *frontend)
         }
-        DeviceArg::VfioUser { socket, mode } => {
+        DeviceArg::VfioUser { socket, mode, frontend } => {
             let stream = UnixStream::connect(socket)
                 .map_err(|e| format!("connecting to the vfio-user server at {}: {e}", socket.display()))?;
-            (
-                DeviceSpec::Remote { stream, mode: *mode },
-                None,
-                format!("at {} over vfio-user, {}", socket.display(), mode_name(*mode)),
-            )
+            let what = format!("at {} over vfio-user, {}", socket.display(), mode_name(*mode));
+            (DeviceSpec::Remote { stream, mode: *mode }, None, what, *frontend)
         }
     };
-    let dev = vm.attach_device(spec).map_err(|e| e.to_string())?;
-    eprintln!("passthru: device {}: dma-engine {what}, BAR0 {:#x}", dev.name(), dev.bar0());
+    let dev = vm.attach_device(spec, frontend).map_err(|e| e.to_string())?;
+    let dma = match frontend {
+        DmaFrontend::Identity => "identity DMA domain",
+        DmaFrontend::Paravirtual => "paravirtual DMA",
+    };
+    eprintln!("passthru: device {}: dma-engine {what}, {dma}, BAR0 {:#x}", dev.name(), dev.bar0());
     Ok(child)
 }
 
@@ -171,23 +181,23 @@ mod tests {
 
     #[test]
     fn device_specs_parse_and_bad_ones_name_the_fix() {
-        assert_eq!(parse_device("dma-engine"), Ok(DeviceArg::DmaEngine { mode: IommuMode::SharedFd, inline: false }));
+        let id = DmaFrontend::Identity;
+        let engine = |mode, inline, frontend| Ok(DeviceArg::DmaEngine { mode, inline, frontend });
+        assert_eq!(parse_device("dma-engine"), engine(IommuMode::SharedFd, false, id));
         assert_eq!(
-            parse_device("dma-engine,iommu-mode=messages"),
-            Ok(DeviceArg::DmaEngine { mode: IommuMode::Messages, inline: false })
+            parse_device("dma-engine,iommu-mode=messages,dma=pvdma"),
+            engine(IommuMode::Messages, false, DmaFrontend::Paravirtual)
         );
-        assert_eq!(
-            parse_device("dma-engine,process=inline"),
-            Ok(DeviceArg::DmaEngine { mode: IommuMode::SharedFd, inline: true })
-        );
+        assert_eq!(parse_device("dma-engine,process=inline"), engine(IommuMode::SharedFd, true, id));
         assert_eq!(
             parse_device("vfio-user,socket=/tmp/x.sock"),
-            Ok(DeviceArg::VfioUser { socket: "/tmp/x.sock".into(), mode: IommuMode::SharedFd })
+            Ok(DeviceArg::VfioUser { socket: "/tmp/x.sock".into(), mode: IommuMode::SharedFd, frontend: id })
         );
         assert!(parse_device("vfio-user").unwrap_err().contains("socket=PATH"));
         assert!(parse_device("dma-engine,process=inline,iommu-mode=messages").unwrap_err().contains("process=inline"));
         assert!(parse_device("gpu").unwrap_err().contains("unknown device"));
         assert!(parse_device("dma-engine,speed=fast").unwrap_err().contains("unknown --device option"));
         assert!(parse_device("dma-engine,iommu-mode=magic").unwrap_err().contains("shared or messages"));
+        assert!(parse_device("dma-engine,dma=magic").unwrap_err().contains("dma=pvdma"));
     }
 }

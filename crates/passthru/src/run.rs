@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex};
 use vmm::qtest::{self, End, SharedOut};
 use vmm::{AccelKind, Vm, VmConfig};
 
-/// The built-in default guest program of `passthru run`.
-pub const DEFAULT_GUEST: &str = "hello";
+/// The built-in default guest program of `passthru run`: the paravirtual DMA demo.
+pub const DEFAULT_GUEST: &str = "pvdma";
+/// The device the default guest gets when no `--device` is given.
+pub const DEFAULT_DEVICE: &str = "dma-engine,dma=pvdma";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Accel {
@@ -50,6 +52,13 @@ pub struct RunArgs {
     /// Locked-memory limit for memory pinned for DMA (default: RLIMIT_MEMLOCK).
     #[arg(long, value_name = "SIZE", value_parser = crate::parse_size)]
     locked_memory: Option<u64>,
+    /// Print the paravirtual DMA and device counters at the end of the run.
+    #[arg(long)]
+    stats: bool,
+    /// End the VM when the guest makes a paravirtual DMA call with invalid arguments
+    /// (by default it gets an error status and goes on).
+    #[arg(long)]
+    pvdma_kill_on_misuse: bool,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -73,12 +82,24 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     config.memory = args.memory;
     config.irq_mode = args.irq_mode;
     config.locked_memory = args.locked_memory;
+    config.pvdma_kill_on_misuse = args.pvdma_kill_on_misuse;
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
-    let children = attach_devices(&vm, &args.devices)?;
+    // The paravirtual DMA demo needs its device: give it the default one.
+    let default_device;
+    let devices = if args.devices.is_empty() && args.guest == DEFAULT_GUEST {
+        default_device = [crate::device::parse_device(DEFAULT_DEVICE)?];
+        &default_device[..]
+    } else {
+        &args.devices[..]
+    };
+    let children = attach_devices(&vm, devices)?;
     let status = vm.run_guest_with_args(&elf, &args.guest_args).map_err(|e| e.to_string())?;
     let _ = std::io::stdout().flush();
     report_test_sources(&vm);
     report_guest_throughput(&vm);
+    if args.stats || args.guest == DEFAULT_GUEST {
+        report_stats(&vm);
+    }
     drop(vm);
     reap(children);
     Ok(ExitCode::from(status))
@@ -99,6 +120,25 @@ fn report_guest_throughput(vm: &Vm) {
             secs * 1e3,
             end.1 as f64 / secs / f64::from(1u32 << 20),
             descriptors as f64 / secs
+        );
+    }
+}
+
+/// The one-screen summary: paravirtual DMA counters, devices' faults and interrupts.
+fn report_stats(vm: &Vm) {
+    let mut err = std::io::stderr();
+    let _ = writeln!(err, "passthru: paravirtual DMA: {}", vm.pvdma().stats());
+    for d in vm.devices() {
+        let f = d.domain().faults();
+        let last = f.recent().last().map(|x| format!(" (last {:#x})", x.iova.0)).unwrap_or_default();
+        let irq = vm.irqs().stats(&d.msi_source());
+        let _ = writeln!(
+            err,
+            "passthru: device {}: {} DMA mappings left, {} DMA faults seen by the VMM{last}, MSI {}",
+            d.name(),
+            d.domain().mapping_count(),
+            f.total(),
+            irq.map_or("detached".to_string(), |s| format!("{} ({} delivered by the VMM)", s.mode, s.vmm_delivered))
         );
     }
 }
@@ -163,6 +203,7 @@ fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
     config.memory = args.memory;
     config.irq_mode = args.irq_mode;
     config.locked_memory = args.locked_memory;
+    config.pvdma_kill_on_misuse = args.pvdma_kill_on_misuse;
     let end = match &args.qtest {
         Some(path) => {
             let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {

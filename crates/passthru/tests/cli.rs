@@ -15,9 +15,9 @@ fn text(b: &[u8]) -> String {
 }
 
 #[test]
-fn run_with_no_arguments_prints_the_hello_line_and_exits_0() {
+fn the_hello_guest_prints_its_line_and_exits_0() {
     vmm::require_kvm!();
-    let out = passthru(&["run"]);
+    let out = passthru(&["run", "--guest", "hello"]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
     assert!(text(&out.stdout).contains("Hello from a passthru guest (256 MiB of RAM"), "{}", text(&out.stdout));
 }

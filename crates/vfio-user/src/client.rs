@@ -124,6 +124,23 @@ impl Client {
         self.ep.request(Command::DmaMap, &map.encode(), &fds).map(|_| ())
     }
 
+    /// As [`Client::dma_map`] without waiting for the device (sent with NO_REPLY).
+    /// Requests that follow are served after it, so the device has the mapping before
+    /// any doorbell that follows; a failure goes unreported (a device that could not map
+    /// a region reaches it by messages instead, which the VMM checks).
+    pub fn dma_map_posted(&self, map: DmaMap, fd: Option<RawFd>) -> Result<(), Error> {
+        let fds: Vec<RawFd> = fd.into_iter().collect();
+        let payload = map.encode();
+        let header = proto::Header {
+            id: 0,
+            command: Command::DmaMap as u16,
+            size: (proto::HEADER_SIZE + payload.len()) as u32,
+            flags: proto::FLAG_NO_REPLY,
+            error: 0,
+        };
+        self.ep.send(header, &payload, &fds)
+    }
+
     /// Unmaps; returns when the device acknowledged (it no longer touches the range).
     pub fn dma_unmap(&self, address: u64, size: u64) -> Result<(), Error> {
         self.ep.request(Command::DmaUnmap, &DmaUnmap { flags: 0, address, size }.encode(), &[]).map(|_| ())

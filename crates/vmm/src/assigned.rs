@@ -70,6 +70,8 @@ pub struct AssignedDevice {
     /// The VMM's copy of the trapped MSI registers.
     msi: Mutex<(u64, u32)>,
     observer: Mutex<Option<Arc<dyn MapObserver>>>,
+    /// Run once when the device is gone (front-ends forget it).
+    gone_hooks: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
 }
 
 impl std::fmt::Debug for AssignedDevice {
@@ -127,7 +129,9 @@ impl MapObserver for ForwardMaps {
     fn mapped(&self, m: &Mapping) -> std::result::Result<(), String> {
         let flags = dma_flags(m);
         let r = self.with_client(|c| match self.mode {
-            IommuMode::Messages => c.dma_map(DmaMap { flags, offset: 0, address: m.iova.0, size: m.size }, None),
+            // Posted: ordered before every later request on the connection (see
+            // Client::dma_map_posted); the guest's MAP does not wait for the device.
+            IommuMode::Messages => c.dma_map_posted(DmaMap { flags, offset: 0, address: m.iova.0, size: m.size }, None),
             IommuMode::SharedFd => {
                 // One DMA_MAP per host-contiguous piece of the memfd.
                 let mut done = 0;
@@ -137,7 +141,7 @@ impl MapObserver for ForwardMaps {
                     };
                     let size = avail.min(m.size - done);
                     let map = DmaMap { flags, offset, address: m.iova.0 + done, size };
-                    c.dma_map(map, Some(self.ram.as_raw_fd()))?;
+                    c.dma_map_posted(map, Some(self.ram.as_raw_fd()))?;
                     done += size;
                 }
                 Ok(())
@@ -206,6 +210,7 @@ impl AssignedDevice {
             dead: AtomicBool::new(false),
             msi: Mutex::new((0, 0)),
             observer: Mutex::new(None),
+            gone_hooks: Mutex::new(Vec::new()),
         });
         let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         let source =
@@ -261,12 +266,24 @@ impl AssignedDevice {
         if self.dead.swap(true, Ordering::AcqRel) {
             return false;
         }
+        for hook in self.gone_hooks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            hook();
+        }
         self.irqs.detach_device(&self.name);
         if let Some(o) = self.observer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             self.domain.remove_observer(&o);
         }
         self.domain.unmap_all();
         true
+    }
+
+    /// Runs `hook` when the device is gone (or now, if it already is).
+    pub fn on_gone(&self, hook: Box<dyn FnOnce() + Send>) {
+        if self.is_dead() {
+            hook();
+        } else {
+            self.gone_hooks.lock().unwrap_or_else(|e| e.into_inner()).push(hook);
+        }
     }
 
     /// Removes the device (VM shutdown, unplug): torn down as a death, quietly, then

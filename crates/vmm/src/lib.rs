@@ -21,7 +21,7 @@ pub mod vm;
 
 pub use accel::AccelKind;
 pub use error::{Error, Result};
-pub use vm::{DeviceSpec, Vm, VmConfig};
+pub use vm::{DeviceSpec, DmaFrontend, Vm, VmConfig};
 
 /// True when the KVM device can be opened (tests that need it skip otherwise).
 pub fn kvm_available() -> bool {

@@ -214,6 +214,13 @@ impl Session<'_> {
                 ))
             }
             "resources" => Ok(format!("OK {}", crate::resources())),
+            "pvdma_stats" => match w.get(1) {
+                None => Ok(format!("OK {}", self.vm.pvdma().stats())),
+                Some(id) => {
+                    let d = self.vm.pvdma().device(num(id)?).ok_or_else(|| format!("no pvdma device {id}"))?;
+                    Ok(format!("OK {} live_mappings={}", d.stats(), d.live_mappings()))
+                }
+            },
             "endianness" => Ok("OK little".into()),
             other => Err(format!("Unknown command '{other}'")),
         }

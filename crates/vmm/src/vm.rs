@@ -37,6 +37,18 @@ pub struct VmConfig {
     pub irq_mode: Mode,
     /// The VM's locked-memory limit for pinned DMA memory (None: RLIMIT_MEMLOCK).
     pub locked_memory: Option<u64>,
+    /// End the VM when the guest makes a paravirtual DMA call with invalid arguments
+    /// (off: the guest gets a status).
+    pub pvdma_kill_on_misuse: bool,
+}
+
+/// Which front-end programs an assigned device's DMA domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaFrontend {
+    /// All guest RAM at IOVA = guest-physical, pinned (no guest-visible IOMMU).
+    Identity,
+    /// The guest maps its own DMA through paravirtual DMA hypercalls.
+    Paravirtual,
 }
 
 /// How to run an assigned DMA engine.
@@ -63,6 +75,7 @@ impl VmConfig {
             bench_iterations: 10_000,
             irq_mode: Mode::Forwarded,
             locked_memory: None,
+            pvdma_kill_on_misuse: false,
         }
     }
 }
@@ -83,6 +96,7 @@ pub struct Vm {
     bench_ioevent: EventFd,
     memory_map: Arc<MemoryMap>,
     dma: Arc<VmDma>,
+    pvdma: Arc<iommu::pvdma::PvDma>,
     ram: GuestRam,
 }
 
@@ -141,6 +155,15 @@ impl Vm {
             ),
         });
         hypercalls.register(abi::hcall::CORE_BASE, core.clone())?;
+        let kill: Option<iommu::pvdma::KillHook> = config.pvdma_kill_on_misuse.then(|| {
+            let exit = Arc::clone(&exit);
+            Box::new(move |why: &str| {
+                eprintln!("passthru: ending the VM (--pvdma-kill-on-misuse): {why}");
+                exit.request(abi::EXIT_KILLED_BY_POLICY);
+            }) as iommu::pvdma::KillHook
+        });
+        let pvdma = Arc::new(iommu::pvdma::PvDma::new(Arc::clone(ram.memory_arc()), kill));
+        hypercalls.register(abi::pvdma::BASE, Arc::new(PvDmaCalls(Arc::clone(&pvdma))))?;
 
         Ok(Vm {
             accel,
@@ -156,6 +179,7 @@ impl Vm {
             bench_ioevent,
             memory_map,
             dma,
+            pvdma,
             ram,
         })
     }
@@ -215,13 +239,23 @@ impl Vm {
         &self.dma
     }
 
-    /// Attaches a DMA engine in the next device slot, behind an identity DMA domain
-    /// (all guest RAM at IOVA = guest-physical, pinned). Its BARs appear on the MMIO bus.
-    pub fn attach_device(&self, spec: DeviceSpec) -> Result<Arc<AssignedDevice>> {
+    /// The paravirtual DMA front-end.
+    pub fn pvdma(&self) -> &Arc<iommu::pvdma::PvDma> {
+        &self.pvdma
+    }
+
+    /// Attaches a DMA engine in the next device slot (the slot number is its pvdma
+    /// device id). Its BARs appear on the MMIO bus; its DMA domain is programmed by
+    /// `frontend`.
+    pub fn attach_device(&self, spec: DeviceSpec, frontend: DmaFrontend) -> Result<Arc<AssignedDevice>> {
         let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
         let slot = devices.len() as u64;
         let name = format!("dma{slot}");
-        let domain = self.dma.identity_domain(&name).map_err(|e| match e {
+        let domain = match frontend {
+            DmaFrontend::Paravirtual => Ok(self.dma.create_domain(&name, dma::DomainConfig::default())),
+            DmaFrontend::Identity => self.dma.identity_domain(&name),
+        };
+        let domain = domain.map_err(|e| match e {
             dma::MapError::NoMemory { limit, .. } => Error::Device(
                 name.clone(),
                 format!(
@@ -238,10 +272,17 @@ impl Vm {
             DeviceSpec::Inline => None,
             DeviceSpec::Remote { stream, mode } => Some((stream, mode)),
         };
-        let dev = AssignedDevice::attach(&name, slot, domain, Arc::clone(&self.irqs), &self.ram, remote)?;
+        let dev = AssignedDevice::attach(&name, slot, Arc::clone(&domain), Arc::clone(&self.irqs), &self.ram, remote)?;
         for (base, len, bus_dev) in dev.bars() {
             self.mmio.insert(base, len, bus_dev)?;
         }
+        self.pvdma.add_device(slot, &name, domain, frontend == DmaFrontend::Paravirtual);
+        let pvdma = Arc::downgrade(&self.pvdma);
+        dev.on_gone(Box::new(move || {
+            if let Some(p) = pvdma.upgrade() {
+                p.remove_device(slot);
+            }
+        }));
         devices.push(Arc::clone(&dev));
         Ok(dev)
     }
@@ -371,6 +412,19 @@ impl Vm {
         crate::boot::write_boot_structures(self.memory(), &info)?;
         let mut vcpu = crate::vcpu::Vcpu::new(kvm, 0, entry)?;
         vcpu.run(self)
+    }
+}
+
+/// The pvdma block of the hypercall registry.
+struct PvDmaCalls(Arc<iommu::pvdma::PvDma>);
+
+impl crate::hypercall::HypercallHandler for PvDmaCalls {
+    fn name(&self) -> &str {
+        "pvdma"
+    }
+
+    fn call(&self, args: &Args) -> Ret {
+        self.0.call(args)
     }
 }
 

@@ -19,20 +19,23 @@ pub struct Engine {
     bar0: u64,
     ring: u64,
     completions: u64,
+    completions_iova: u64,
     size: u32,
     tail: u32,
 }
 
 impl Engine {
-    /// The engine whose BAR 0 is at `bar0`, with a ring of `size` descriptors at
-    /// `ring` (a guest address the device can reach) and completion records at
-    /// `completions`. Resets it, programs the ring and enables it.
-    pub fn new(bar0: u64, ring: u64, completions: u64, size: u32) -> Engine {
-        let e = Engine { bar0, ring, completions, size, tail: 0 };
+    /// The engine whose BAR 0 is at `bar0`, with a ring of `size` descriptors and
+    /// completion records. Each is given twice: where the CPU writes it (guest-physical)
+    /// and where the device reaches it (its IOVA; equal under an identity domain).
+    /// Resets the engine, programs the ring and enables it.
+    pub fn new(bar0: u64, ring: (u64, u64), completions: (u64, u64), size: u32) -> Engine {
+        let e =
+            Engine { bar0, ring: ring.0, completions: completions.0, completions_iova: completions.1, size, tail: 0 };
         // SAFETY: BAR 0 is device MMIO mapped by the VMM at `bar0`.
         unsafe {
             write32(bar0 + regs::CONTROL, 2);
-            write64(bar0 + regs::RING_BASE, ring);
+            write64(bar0 + regs::RING_BASE, ring.1);
             write32(bar0 + regs::RING_SIZE, size);
             write32(bar0 + regs::CONTROL, 1);
         }
@@ -66,16 +69,22 @@ impl Engine {
         }
     }
 
-    /// Address of the completion record of sequence number `seq`.
+    /// Guest-physical address of the completion record of sequence number `seq`.
     pub fn completion_addr(&self, seq: u32) -> u64 {
         self.completions + u64::from(seq % self.size) * de::COMPLETION_SIZE
+    }
+
+    /// The device's address (IOVA) of the same record.
+    fn completion_iova(&self, seq: u32) -> u64 {
+        self.completions_iova + u64::from(seq % self.size) * de::COMPLETION_SIZE
     }
 
     /// Puts `d` in the ring (its completion record address is filled in, the record
     /// cleared) without ringing the doorbell; returns its sequence number.
     pub fn push(&mut self, mut d: Descriptor) -> u32 {
         let seq = self.tail;
-        d.completion = self.completion_addr(seq);
+        d.completion = self.completion_iova(seq);
+        let record = self.completion_addr(seq);
         let slot = self.ring + u64::from(seq % self.size) * de::DESCRIPTOR_SIZE;
         let bytes = d.to_bytes();
         for (i, chunk) in bytes.chunks(8).enumerate() {
@@ -86,7 +95,7 @@ impl Engine {
         }
         for i in 0..4 {
             // SAFETY: the completion record lies in guest RAM owned by this program.
-            unsafe { write64(d.completion + 8 * i, 0) };
+            unsafe { write64(record + 8 * i, 0) };
         }
         self.tail = self.tail.wrapping_add(1);
         seq

@@ -20,6 +20,7 @@ pub mod ioapic;
 pub mod mem;
 pub mod mmio;
 pub mod pio;
+pub mod pvdma;
 
 pub use abi;
 pub use abi::layout::BootInfo;

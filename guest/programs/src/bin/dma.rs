@@ -64,7 +64,7 @@ fn main(boot: &BootInfo) -> u8 {
     apic::enable_x2apic();
     idt::set_handler(VECTOR, on_msi);
     idt::enable();
-    let mut e = Engine::new(de::DEVICE_MMIO_BASE, RING, COMPLETIONS, 64);
+    let mut e = Engine::new(de::DEVICE_MMIO_BASE, (RING, RING), (COMPLETIONS, COMPLETIONS), 64);
     if e.gone() || e.reg(de::regs::ID) != de::ID_VALUE {
         println!("dma: no DMA engine at {:#x}", de::DEVICE_MMIO_BASE);
         return 1;
