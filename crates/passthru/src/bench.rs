@@ -78,6 +78,15 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode, String> {
     }
 }
 
+/// Writes `value` as pretty JSON to `path`, if one was given.
+fn write_json(path: Option<PathBuf>, value: &impl Serialize) -> Result<(), String> {
+    if let Some(path) = path {
+        let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// One measured figure.
 #[derive(Serialize, Debug)]
 struct Figure {
@@ -144,10 +153,7 @@ fn exits(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
         println!("{:<28} {:>12.0} {:>12.0} {:>10.3}", f.name, f.ns_per_op, f.raw_ns_per_op, f.ratio_to_null_exit);
     }
     println!("{:<28} {:>12.0}   (guest loop, subtracted above)", "empty loop iteration", lp);
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
-    }
+    write_json(json, &report)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -258,10 +264,7 @@ fn dma_bench(quick: bool, json: Option<PathBuf>) -> Result<ExitCode, String> {
     for s in &r.scaling {
         println!("{:<14} {:>14.1} {:>12.2}", s.mappings, s.translate_miss_ns, s.ratio_to_10);
     }
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
-    }
+    write_json(json, &r)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -323,10 +326,7 @@ fn irq_bench(interrupts: u64, json: Option<PathBuf>) -> Result<ExitCode, String>
         fw.vmm_cpu_ns_per_irq,
         vm.vmm_cpu_ns_per_irq
     );
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&figures).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
-    }
+    write_json(json, &figures)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -494,10 +494,7 @@ fn devices_bench(bytes: u64, json: Option<PathBuf>) -> Result<ExitCode, String> 
         let r = shared / inline;
         println!("shared fd / in process at 64 KiB: {r:.3} (goal >= 0.85: {})", goal(r >= 0.85));
     }
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&figures).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
-    }
+    write_json(json, &figures)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -650,9 +647,6 @@ fn pvdma_bench(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, Strin
         100.0 * own / null,
         goal(own <= 0.05 * null)
     );
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
-    }
+    write_json(json, &r)?;
     Ok(ExitCode::SUCCESS)
 }

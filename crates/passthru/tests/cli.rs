@@ -3,16 +3,11 @@
 //! benchmark. Tests that need KVM skip with a printed reason where it is missing.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod common;
+use common::*;
+
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Output, Stdio};
-
-fn passthru(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_passthru")).args(args).output().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use std::process::{Command, Stdio};
 
 #[test]
 fn the_hello_guest_prints_its_line_and_exits_0() {

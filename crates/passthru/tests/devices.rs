@@ -3,19 +3,14 @@
 //! server; isolation; device and VMM deaths; what is left after a device dies.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod common;
+use common::*;
+
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 const MEM: [&str; 4] = ["--memory", "64M", "--locked-memory", "64M"];
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_passthru"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// Runs the dma guest and checks every reported CRC against one computed here.
 fn dma_guest(device: &str) {

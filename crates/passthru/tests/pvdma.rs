@@ -3,16 +3,11 @@
 //! policy and the counters.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod common;
+use common::*;
+
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
-
-fn passthru(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_passthru")).args(args).output().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn check_demo(out: &Output) {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));

@@ -29,16 +29,22 @@ pub trait DeviceMemory: Send {
     /// Copies `len` bytes from `src` to `dst`. The default bounces through a buffer,
     /// chunk by chunk; backends with direct access copy once.
     fn copy(&mut self, src: u64, dst: u64, len: u64) -> Result<(), MemFault> {
-        let mut buf = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = CHUNK.min(len - done) as usize;
-            self.read(src + done, &mut buf[..n])?;
-            self.write(dst + done, &buf[..n])?;
-            done += n as u64;
-        }
-        Ok(())
+        bounce_copy(self, src, dst, len)
     }
+}
+
+/// Copies through a bounce buffer, chunk by chunk: each chunk is read whole before it
+/// is written, so a faulting source writes nothing of that chunk.
+pub fn bounce_copy<M: DeviceMemory + ?Sized>(memory: &mut M, src: u64, dst: u64, len: u64) -> Result<(), MemFault> {
+    let mut buf = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done) as usize;
+        memory.read(src + done, &mut buf[..n])?;
+        memory.write(dst + done, &buf[..n])?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Bytes moved per step by chunked operations.
@@ -227,16 +233,7 @@ impl DeviceMemory for Remote {
         if self.shared.copy(src, dst, len).is_some() {
             return Ok(());
         }
-        // Not both in one mapping: read everything first so a faulting source writes
-        // nothing, then write.
-        let mut done = 0;
-        let mut buf = vec![0u8; CHUNK.min(len) as usize];
-        while done < len {
-            let n = CHUNK.min(len - done) as usize;
-            self.read(src + done, &mut buf[..n])?;
-            self.write(dst + done, &buf[..n])?;
-            done += n as u64;
-        }
-        Ok(())
+        // Not both in one mapped region: through a bounce buffer (messages if needed).
+        bounce_copy(self, src, dst, len)
     }
 }
