@@ -183,7 +183,11 @@ impl LockedMemory {
     pub fn pin(&self, ranges: &[(u64, u64)]) -> Result<(), MapError> {
         let ranges = coalesce(ranges);
         let mut s = self.lock();
-        let wanted: u64 = union(&ranges).iter().map(|&(a, len)| s.pinned.uncovered(a, a + len)).sum();
+        let wanted: u64 = if ranges.len() < 2 {
+            ranges.iter().map(|&(a, len)| s.pinned.uncovered(a, a + len)).sum()
+        } else {
+            union(&ranges).iter().map(|&(a, len)| s.pinned.uncovered(a, a + len)).sum()
+        };
         let locked = s.pinned_bytes + s.charged;
         if wanted > 0 && locked.saturating_add(wanted) > s.limit {
             return Err(MapError::NoMemory { locked, wanted, limit: s.limit });

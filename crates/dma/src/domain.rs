@@ -325,8 +325,12 @@ impl Domain {
                 o.unmapped(m);
             }
         }
-        let ranges: Vec<(u64, u64)> = removed.iter().map(|m| (m.gpa.0, m.size)).collect();
-        self.vm.account().unpin(&ranges);
+        if let [m] = removed {
+            self.vm.account().unpin(&[(m.gpa.0, m.size)]);
+        } else {
+            let ranges: Vec<(u64, u64)> = removed.iter().map(|m| (m.gpa.0, m.size)).collect();
+            self.vm.account().unpin(&ranges);
+        }
         self.unmaps.fetch_add(1, Ordering::Relaxed);
         removed.iter().map(|m| m.size).sum()
     }
