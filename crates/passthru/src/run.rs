@@ -127,7 +127,17 @@ fn report_guest_throughput(vm: &Vm) {
 /// The one-screen summary: paravirtual DMA counters, devices' faults and interrupts.
 fn report_stats(vm: &Vm) {
     let mut err = std::io::stderr();
-    let _ = writeln!(err, "passthru: paravirtual DMA: {}", vm.pvdma().stats());
+    let stats = vm.pvdma().stats();
+    let _ = writeln!(err, "passthru: paravirtual DMA: {stats}");
+    if stats.with_status(abi::hcall::Status::OverLockedLimit) > 0 {
+        let limit = vm.dma().account().limit();
+        let _ = writeln!(
+            err,
+            "passthru: the guest's DMA mappings hit the VM's locked-memory limit ({} KiB); \
+             raise it with --locked-memory SIZE (e.g. --locked-memory 16M) or `ulimit -l`",
+            limit >> 10
+        );
+    }
     for d in vm.devices() {
         let f = d.domain().faults();
         let last = f.recent().last().map(|x| format!(" (last {:#x})", x.iova.0)).unwrap_or_default();

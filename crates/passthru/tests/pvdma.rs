@@ -171,3 +171,14 @@ fn bench_pvdma_reports_every_figure() {
     }
     assert!(text(&out.stdout).contains("of a null exit"));
 }
+
+#[test]
+fn a_locked_memory_limit_too_small_for_the_demo_names_the_fix() {
+    vmm::require_kvm!();
+    let out = passthru(&["run", "--locked-memory", "1M"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_ne!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("failed: over_locked_limit"), "{stdout}");
+    assert!(stderr.contains("hit the VM's locked-memory limit (1024 KiB)"), "{stderr}");
+    assert!(stderr.contains("--locked-memory"), "{stderr}");
+}
