@@ -7,7 +7,7 @@ mod common;
 use common::*;
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 #[test]
 fn the_hello_guest_prints_its_line_and_exits_0() {
@@ -103,11 +103,7 @@ fn a_too_small_memory_size_names_the_fix() {
 
 #[test]
 fn without_kvm_run_says_so_and_points_to_qtest() {
-    let out = Command::new(env!("CARGO_BIN_EXE_passthru"))
-        .arg("run")
-        .env(vmm::accel::KVM_PATH_ENV, "/nonexistent/kvm")
-        .output()
-        .unwrap();
+    let out = bin().arg("run").env(vmm::accel::KVM_PATH_ENV, "/nonexistent/kvm").output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("KVM is not available (/nonexistent/kvm"), "{err}");
@@ -116,15 +112,10 @@ fn without_kvm_run_says_so_and_points_to_qtest() {
 
 #[test]
 fn qtest_on_standard_input_answers_each_line() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_passthru"))
-        .args(["run", "--accel", "qtest", "--memory", "64M"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"writel 0x5000 0xcafe\nreadl 0x5000\nhcall 0\nbogus\n").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = passthru_with_input(
+        &["run", "--accel", "qtest", "--memory", "64M"],
+        "writel 0x5000 0xcafe\nreadl 0x5000\nhcall 0\nbogus\n",
+    );
     assert_eq!(out.status.code(), Some(0), "EOF ends the session with 0: {}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout).lines().collect::<Vec<_>>(),
@@ -134,14 +125,7 @@ fn qtest_on_standard_input_answers_each_line() {
 
 #[test]
 fn qtest_exit_port_sets_the_exit_code() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_passthru"))
-        .args(["run", "--accel", "qtest"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"outb 0xf4 7\nreadb 0\n").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = passthru_with_input(&["run", "--accel", "qtest"], "outb 0xf4 7\nreadb 0\n");
     assert_eq!(out.status.code(), Some(7));
     assert_eq!(text(&out.stdout), "OK\n", "nothing after the exit is served");
 }
@@ -150,11 +134,7 @@ fn qtest_exit_port_sets_the_exit_code() {
 fn qtest_on_a_unix_socket_serves_one_connection_and_removes_the_socket() {
     let path = std::env::temp_dir().join(format!("passthru-qtest-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_passthru"))
-        .args(["run", "--qtest", path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = bin().args(["run", "--qtest", path.to_str().unwrap()]).stdout(Stdio::piped()).spawn().unwrap();
     let mut stream = None;
     for _ in 0..500 {
         if let Ok(s) = std::os::unix::net::UnixStream::connect(&path) {
@@ -183,15 +163,10 @@ fn qtest_on_a_unix_socket_serves_one_connection_and_removes_the_socket() {
 #[test]
 fn bench_exits_prints_the_table_and_writes_json() {
     vmm::require_kvm!();
-    let json = std::env::temp_dir().join(format!("passthru-exits-{}.json", std::process::id()));
-    let out = passthru(&["bench", "exits", "--iterations", "500", "--json", json.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let table = text(&out.stdout);
+    let (table, v) = bench_json(&["exits", "--iterations", "500"]);
     for probe in ["null hypercall-port exit", "MMIO write exit", "ioeventfd write (no exit)"] {
         assert!(table.contains(probe), "{table}");
     }
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
     assert_eq!(v["iterations"], 500);
     let figs = v["figures"].as_array().unwrap();
     assert_eq!(figs.len(), 3);
@@ -203,15 +178,10 @@ fn bench_exits_prints_the_table_and_writes_json() {
 
 #[test]
 fn bench_dma_reports_every_figure() {
-    let json = std::env::temp_dir().join(format!("passthru-dma-{}.json", std::process::id()));
-    let out = passthru(&["bench", "dma", "--quick", "--json", json.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let table = text(&out.stdout);
+    let (table, v) = bench_json(&["dma", "--quick"]);
     for row in ["translate 64 B, IOTLB hit", "map + unmap 4 KiB", "4 KiB (x1)", "1024 KiB (x1)", "100000"] {
         assert!(table.contains(row), "{row} missing: {table}");
     }
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
     for key in
         ["translate_hit_ns", "translate_hit_batched_ns", "translate_miss_ns", "map_unmap_4k_ns", "map_unmap_2m_ns"]
     {

@@ -158,14 +158,7 @@ struct Session {
 
 impl Session {
     fn new(device: &str) -> Session {
-        let mut vmm = bin()
-            .args(["run", "--accel", "qtest", "--device", device])
-            .args(MEM)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut vmm = spawn_piped(&[&["run", "--accel", "qtest", "--device", device][..], &MEM].concat());
         let mut err = BufReader::new(vmm.stderr.take().unwrap());
         let device_pid =
             device.starts_with("dma-engine").then(|| device_pid(&mut err)).filter(|_| !device.contains("inline"));
@@ -281,16 +274,12 @@ fn after_kill_9_of_a_device_process_with_irqs_firing_nothing_of_it_remains() {
 
 #[test]
 fn bench_devices_reports_every_backend_and_size() {
-    let json = std::env::temp_dir().join(format!("passthru-devices-{}.json", std::process::id()));
-    let out = bin().args(["bench", "devices", "--bytes", "256K", "--json", json.to_str().unwrap()]).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
+    let (table, v) = bench_json(&["devices", "--bytes", "256K"]);
     let figs = v.as_array().unwrap();
     assert_eq!(figs.len(), 9, "3 backends x 3 sizes");
     for f in figs {
         assert!(f["ratio_to_memcpy"].as_f64().unwrap() > 0.0, "{f}");
         assert!(f["copies"].as_u64().unwrap() >= 1);
     }
-    assert!(text(&out.stdout).contains("shared fd / in process at 64 KiB"));
+    assert!(table.contains("shared fd / in process at 64 KiB"));
 }

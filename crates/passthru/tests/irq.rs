@@ -7,7 +7,6 @@ mod common;
 use common::*;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
 
 /// The numbers of the first line starting with `prefix`, in order.
 fn numbers(s: &str, prefix: &str) -> Vec<u64> {
@@ -78,12 +77,6 @@ fn msi_guest_counts_every_interrupt_when_the_vmm_delivers() {
 
 #[test]
 fn qtest_lists_switches_and_counts_sources() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_passthru"))
-        .args(["run", "--accel", "qtest", "--irq-mode", "vmm"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
     let script = "irq_list\n\
                   hcall 0x10 0x40\n\
                   irq_list\n\
@@ -94,8 +87,7 @@ fn qtest_lists_switches_and_counts_sources() {
                   irq_mode test-irq 1 0 vmm\n\
                   irq_mode test-irq 1 0 sideways\n\
                   irq_list\n";
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = passthru_with_input(&["run", "--accel", "qtest", "--irq-mode", "vmm"], script);
     assert_eq!(
         text(&out.stdout).lines().collect::<Vec<_>>(),
         vec![
@@ -116,12 +108,7 @@ fn qtest_lists_switches_and_counts_sources() {
 #[test]
 fn qtest_shows_the_delivery_path_change_on_a_live_source() {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_passthru"))
-        .args(["run", "--accel", "qtest"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_piped(&["run", "--accel", "qtest"]);
     let mut w = child.stdin.take().unwrap();
     let mut r = BufReader::new(child.stdout.take().unwrap());
     let mut line = || {
@@ -142,17 +129,13 @@ fn qtest_shows_the_delivery_path_change_on_a_live_source() {
     writeln!(w, "outb 0xf9 1").unwrap();
     assert_eq!(line(), "OK");
     drop(w);
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(0));
 }
 
 #[test]
 fn bench_irq_reports_both_modes_and_who_delivered() {
     vmm::require_kvm!();
-    let json = std::env::temp_dir().join(format!("passthru-irq-{}.json", std::process::id()));
-    let out = passthru(&["bench", "irq", "--interrupts", "300", "--json", json.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
+    let (_, v) = bench_json(&["irq", "--interrupts", "300"]);
     let figs = v.as_array().unwrap();
     assert_eq!(figs[0]["mode"], "forwarded");
     assert_eq!(figs[0]["vmm_delivered"], 0, "KVM delivered every forwarded interrupt");

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 fn check_demo(out: &Output) {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
@@ -49,16 +49,7 @@ fn the_demo_runs_against_the_engine_in_the_vmm_and_in_message_mode() {
 }
 
 fn qtest(args: &[&str], script: &str) -> (Option<i32>, Vec<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_passthru"))
-        .args(["run", "--accel", "qtest"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = passthru_with_input(&[&["run", "--accel", "qtest"], args].concat(), script);
     (out.status.code(), text(&out.stdout).lines().map(str::to_string).collect())
 }
 
@@ -113,13 +104,7 @@ fn the_kill_policy_ends_the_vm_on_misuse_and_is_off_by_default() {
 
 #[test]
 fn a_dead_device_is_not_assigned_any_more() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_passthru"))
-        .args(["run", "--accel", "qtest", "--device", "dma-engine,dma=pvdma"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_piped(&["run", "--accel", "qtest", "--device", "dma-engine,dma=pvdma"]);
     use std::io::{BufRead, BufReader};
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
@@ -150,11 +135,7 @@ fn a_dead_device_is_not_assigned_any_more() {
 #[test]
 fn bench_pvdma_reports_every_figure() {
     vmm::require_kvm!();
-    let json = std::env::temp_dir().join(format!("passthru-pvdma-{}.json", std::process::id()));
-    let out = passthru(&["bench", "pvdma", "--iterations", "50", "--json", json.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
+    let (table, v) = bench_json(&["pvdma", "--iterations", "50"]);
     for key in [
         "map_ns",
         "unmap_ns",
@@ -169,7 +150,7 @@ fn bench_pvdma_reports_every_figure() {
         let ns = v[key].as_f64().unwrap();
         assert!(ns.is_finite() && ns > 0.0, "{key} = {ns}");
     }
-    assert!(text(&out.stdout).contains("of a null exit"));
+    assert!(table.contains("of a null exit"));
 }
 
 #[test]

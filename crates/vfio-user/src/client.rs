@@ -2,8 +2,8 @@
 
 use crate::endpoint::{Endpoint, Error, Message, refuse};
 use crate::proto::{
-    self, Command, DeviceInfo, DmaAccess, DmaMap, DmaUnmap, IrqInfo, MAX_DATA_XFER, RegionAccess, RegionInfo, Request,
-    SetIrqs, Version,
+    self, Command, DeviceInfo, DmaMap, DmaUnmap, IrqInfo, MAX_DATA_XFER, RegionAccess, RegionInfo, Request, SetIrqs,
+    Version,
 };
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
@@ -205,14 +205,6 @@ impl Client {
         self.ep.request(Command::DeviceReset, &[], &[]).map(|_| ())
     }
 
-    /// Sends a raw, possibly malformed, request (tests of the server's robustness).
-    pub fn raw_request(&self, command: u16, payload: &[u8]) -> Result<Message, Error> {
-        match Command::from_u16(command) {
-            Some(c) => self.ep.request(c, payload, &[]),
-            None => Err(Error::Proto(proto::ProtoError::UnknownCommand(command))),
-        }
-    }
-
     /// The endpoint (tests send hand-made messages through it).
     pub fn endpoint(&self) -> &Arc<Endpoint> {
         &self.ep
@@ -231,9 +223,4 @@ impl Drop for Client {
             let _ = t.join();
         }
     }
-}
-
-/// The DMA access encoding a client answers with (for tests of a server).
-pub fn dma_access(address: u64, count: u64) -> DmaAccess {
-    DmaAccess { address, count }
 }

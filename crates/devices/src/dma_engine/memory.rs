@@ -188,16 +188,6 @@ impl SharedFd {
         unsafe { std::ptr::copy(from, to, usize::try_from(len).ok()?) };
         Some(())
     }
-
-    /// Number of mapped regions.
-    pub fn len(&self) -> usize {
-        self.map.read().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// True when nothing is mapped.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Device-process memory: mapped regions first, messages for the rest.

@@ -28,11 +28,6 @@ impl EngineServer {
         let memory = Remote { shared: shared.clone(), messages: Some(DmaMessages::new(Arc::clone(ep))) };
         Ok(EngineServer { engine: DmaEngine::new(Box::new(memory))?, shared })
     }
-
-    /// Regions mapped with an fd right now.
-    pub fn mapped_regions(&self) -> usize {
-        self.shared.len()
-    }
 }
 
 fn region(index: u32, size: u64, flags: u32) -> RegionInfo {
