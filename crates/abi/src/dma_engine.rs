@@ -40,9 +40,11 @@ pub mod regs {
     pub const IRQ_CTRL: u64 = 0x20;
     /// Control: bit 0 enable, bit 1 reset (self-clearing).
     pub const CONTROL: u64 = 0x24;
-    /// Descriptors completed with an error (read-only).
+    /// Descriptors completed with an error (read-only). Counted before the
+    /// descriptor's completion record is written.
     pub const ERRORS: u64 = 0x28;
-    /// DMA faults seen by the device (read-only).
+    /// DMA faults seen by the device (read-only). A descriptor's own fault is counted
+    /// before its completion record is written.
     pub const FAULTS: u64 = 0x2c;
     /// IOVA of the last DMA fault (read-only, 64-bit).
     pub const LAST_FAULT: u64 = 0x30;

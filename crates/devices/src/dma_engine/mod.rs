@@ -35,6 +35,14 @@ struct Regs {
     bytes: u64,
 }
 
+impl Regs {
+    /// One more DMA fault, at `f`.
+    fn count_fault(&mut self, f: MemFault) {
+        self.faults = self.faults.wrapping_add(1);
+        self.last_fault = f.iova;
+    }
+}
+
 struct State {
     regs: Regs,
     /// Bumped by reset: a worker mid-descriptor notices and drops its work.
@@ -218,28 +226,38 @@ fn run(shared: &Shared, mut memory: Box<dyn DeviceMemory>) {
             let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             if st.epoch == epoch {
                 st.regs.status |= status::RING_FAULT;
-                st.regs.faults = st.regs.faults.wrapping_add(1);
-                st.regs.last_fault = f.iova;
+                st.regs.count_fault(f);
             }
             continue;
         }
         let d = Descriptor::from_bytes(&raw);
         let (mut c, fault) = execute(memory.as_mut(), &d);
         c.sequence = u64::from(regs.head);
+        // The counters move before the completion is written: a driver that sees the
+        // completion and then reads FAULTS or ERRORS finds this descriptor counted.
+        {
+            let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.epoch != epoch {
+                continue; // reset meanwhile: forget this descriptor
+            }
+            let r = &mut st.regs;
+            if let Some(f) = fault {
+                r.count_fault(f);
+            }
+            if c.status != completion::SUCCESS {
+                r.errors = r.errors.wrapping_add(1);
+            }
+            r.bytes = r.bytes.wrapping_add(c.bytes);
+        }
         let completion_fault = memory.write(d.completion, &c.to_bytes()).err();
         let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.epoch != epoch {
-            continue; // reset meanwhile: forget this descriptor
+            continue;
         }
         let r = &mut st.regs;
-        for f in [fault, completion_fault].into_iter().flatten() {
-            r.faults = r.faults.wrapping_add(1);
-            r.last_fault = f.iova;
+        if let Some(f) = completion_fault {
+            r.count_fault(f);
         }
-        if c.status != completion::SUCCESS {
-            r.errors = r.errors.wrapping_add(1);
-        }
-        r.bytes = r.bytes.wrapping_add(c.bytes);
         r.head = r.head.wrapping_add(1);
         let raise = d.flags & de::FLAG_INTERRUPT != 0 && r.irq_ctrl & 1 != 0;
         drop(st);
@@ -300,4 +318,83 @@ fn crc(memory: &mut dyn DeviceMemory, src: u64, len: u64) -> Result<u64, MemFaul
         done += n as u64;
     }
     Ok(u64::from(crc))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+    const RAM: u64 = 0x10000;
+    const RING: u64 = 0x1000;
+    const DONE: u64 = 0x2000;
+
+    /// Device memory of `RAM` bytes at IOVA 0 that pauses each completion write until
+    /// the test lets it go.
+    struct Gated {
+        ram: Vec<u8>,
+        at_completion: SyncSender<()>,
+        go: Receiver<()>,
+    }
+
+    impl DeviceMemory for Gated {
+        fn read(&mut self, iova: u64, buf: &mut [u8]) -> Result<(), MemFault> {
+            let end = iova.checked_add(buf.len() as u64).filter(|&e| e <= RAM).ok_or(MemFault { iova })?;
+            buf.copy_from_slice(&self.ram[iova as usize..end as usize]);
+            Ok(())
+        }
+
+        fn write(&mut self, iova: u64, data: &[u8]) -> Result<(), MemFault> {
+            let end = iova.checked_add(data.len() as u64).filter(|&e| e <= RAM).ok_or(MemFault { iova })?;
+            if iova == DONE {
+                // Bounded waits: a failing test must not leave the worker stuck.
+                let _ = self.at_completion.send(());
+                let _ = self.go.recv_timeout(std::time::Duration::from_secs(10));
+            }
+            self.ram[iova as usize..end as usize].copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    fn reg32(e: &DmaEngine, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        e.read_reg(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn a_faulting_descriptor_is_counted_before_its_completion_is_written() {
+        let (at_completion, completion_reached) = sync_channel(0);
+        let (let_go, go) = sync_channel(0);
+        let mut ram = vec![0u8; RAM as usize];
+        // A copy whose destination runs past the end of memory: it faults.
+        let d = Descriptor {
+            op: de::op::COPY,
+            src: 0,
+            dst: RAM - 0x800,
+            len: 0x1000,
+            completion: DONE,
+            ..Default::default()
+        };
+        ram[RING as usize..RING as usize + 64].copy_from_slice(&d.to_bytes());
+        let e = DmaEngine::new(Box::new(Gated { ram, at_completion, go })).unwrap();
+        e.write_reg(regs::RING_BASE, &RING.to_le_bytes());
+        e.write_reg(regs::RING_SIZE, &4u32.to_le_bytes());
+        e.write_reg(regs::CONTROL, &1u32.to_le_bytes());
+        e.write_reg(regs::TAIL, &1u32.to_le_bytes());
+        completion_reached.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        // The completion is about to become visible: the fault and the error are
+        // already in the registers a driver reads next.
+        assert_eq!(reg32(&e, regs::FAULTS), 1);
+        assert_eq!(reg32(&e, regs::ERRORS), 1);
+        assert_eq!(reg32(&e, regs::LAST_FAULT), (RAM - 0x800) as u32);
+        assert_eq!(reg32(&e, regs::HEAD), 0, "the head moves once the completion is written");
+        let_go.send(()).unwrap();
+        let t = std::time::Instant::now();
+        while reg32(&e, regs::HEAD) != 1 {
+            assert!(t.elapsed() < std::time::Duration::from_secs(10), "the descriptor never completed");
+            std::thread::yield_now();
+        }
+    }
 }
