@@ -66,7 +66,10 @@ pub struct AssignedDevice {
     domain: Arc<Domain>,
     irqs: Arc<IrqRegistry>,
     backend: Mutex<Option<Backend>>,
+    /// Set first when the device goes: BAR accesses stop reaching it.
     dead: AtomicBool,
+    /// Set last, once its interrupts and mappings are all gone.
+    torn_down: AtomicBool,
     /// The VMM's copy of the trapped MSI registers.
     msi: Mutex<(u64, u32)>,
     observer: Mutex<Option<Arc<dyn MapObserver>>>,
@@ -182,9 +185,15 @@ impl AssignedDevice {
         &self.domain
     }
 
-    /// True once the device is gone (its process died, or it was removed).
+    /// True once the device is gone (its process died, or it was removed); its
+    /// teardown may still be running.
     pub fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)
+    }
+
+    /// True once a gone device's interrupts, observer and mappings are all removed.
+    pub fn is_torn_down(&self) -> bool {
+        self.torn_down.load(Ordering::Acquire)
     }
 
     /// The MSI's source name in the interrupt registry.
@@ -208,6 +217,7 @@ impl AssignedDevice {
             irqs: Arc::clone(&irqs),
             backend: Mutex::new(None),
             dead: AtomicBool::new(false),
+            torn_down: AtomicBool::new(false),
             msi: Mutex::new((0, 0)),
             observer: Mutex::new(None),
             gone_hooks: Mutex::new(Vec::new()),
@@ -266,7 +276,8 @@ impl AssignedDevice {
         if self.dead.swap(true, Ordering::AcqRel) {
             return false;
         }
-        for hook in self.gone_hooks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        let hooks = std::mem::take(&mut *self.gone_hooks.lock().unwrap_or_else(|e| e.into_inner()));
+        for hook in hooks {
             hook();
         }
         self.irqs.detach_device(&self.name);
@@ -274,15 +285,19 @@ impl AssignedDevice {
             self.domain.remove_observer(&o);
         }
         self.domain.unmap_all();
+        self.torn_down.store(true, Ordering::Release);
         true
     }
 
-    /// Runs `hook` when the device is gone (or now, if it already is).
+    /// Runs `hook` when the device is gone (or now, if it already is). The check is
+    /// made under the hooks' lock, so a hook added while the device dies still runs.
     pub fn on_gone(&self, hook: Box<dyn FnOnce() + Send>) {
+        let mut hooks = self.gone_hooks.lock().unwrap_or_else(|e| e.into_inner());
         if self.is_dead() {
+            drop(hooks);
             hook();
         } else {
-            self.gone_hooks.lock().unwrap_or_else(|e| e.into_inner()).push(hook);
+            hooks.push(hook);
         }
     }
 

@@ -207,7 +207,7 @@ impl Session<'_> {
                 let last = d.faults().recent().last().map(|f| f.iova.0).unwrap_or(0);
                 Ok(format!(
                     "OK dead={} bar0={:#x} mappings={} faults={} last_fault={last:#x}",
-                    u8::from(dev.is_dead()),
+                    u8::from(dev.is_torn_down()),
                     dev.bar0(),
                     d.mapping_count(),
                     d.faults().total()
