@@ -14,7 +14,7 @@ use crate::vmdma::VmDma;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 /// The x86 MSI window: device writes here are interrupts, never memory.
 pub const MSI_WINDOW: Range<u64> = 0xfee0_0000..0xfef0_0000;
@@ -63,21 +63,32 @@ impl Mapping {
     }
 }
 
-/// Told about every mapping of a domain: how a device process learns what it may
-/// touch (a vfio-user client turns these into DMA_MAP / DMA_UNMAP).
+/// Told about every change of a domain, in the domain's own order and in batches: how
+/// a device process learns what it may touch (a vfio-user client turns these into
+/// DMA_MAP / DMA_UNMAP). Calls are serialised by the domain's update lock, so an
+/// observer sees exactly the domain's history: never an unmap before its map, never a
+/// mapping twice, and (on registration) every mapping that exists.
 pub trait MapObserver: Send + Sync {
-    /// A mapping was made. An error undoes it and fails the map.
-    fn mapped(&self, mapping: &Mapping) -> Result<(), String>;
-    /// A mapping is gone from the domain and no in-process access touches it any
-    /// more; return only when the observer's side has let go of it too.
-    fn unmapped(&self, mapping: &Mapping);
+    /// Mappings were made (one call per map or map_many). An error undoes the whole
+    /// batch and fails the call; observers that accepted it are told it is gone.
+    fn mapped(&self, maps: &[Mapping]) -> Result<(), String>;
+    /// Mappings are gone from the domain and no in-process access touches them any
+    /// more; return only when the observer's side has let go of them too (or can no
+    /// longer reach them: a device that does not answer is cut off before this returns).
+    fn unmapped(&self, maps: &[Mapping]);
 }
 
 /// A translation domain of one VM.
+///
+/// Locks: `ops` (the update lock) serialises every change and its notification to
+/// observers, and may be held across an observer's I/O; `tree` is held only briefly
+/// (device accessors take it for reading on an IOTLB miss, so it is never held across
+/// I/O); `observers` is taken inside `ops`. Order: ops -> tree, ops -> observers.
 pub struct Domain {
     name: String,
     config: DomainConfig,
     pub(crate) vm: Arc<VmDma>,
+    ops: Mutex<()>,
     pub(crate) tree: RwLock<BTreeMap<u64, Mapping>>,
     /// Incremented by every unmap; accessors drop their IOTLB when it moves.
     pub(crate) generation: AtomicU64,
@@ -86,9 +97,6 @@ pub struct Domain {
     maps: AtomicU64,
     unmaps: AtomicU64,
     observers: RwLock<Vec<Arc<dyn MapObserver>>>,
-    /// Number of observers, read without the lock: maps and unmaps of a domain nobody
-    /// observes skip it.
-    observed: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Domain {
@@ -103,6 +111,7 @@ impl Domain {
             name: name.to_string(),
             config,
             vm,
+            ops: Mutex::new(()),
             tree: RwLock::new(BTreeMap::new()),
             generation: AtomicU64::new(0),
             readers: Readers::default(),
@@ -110,7 +119,6 @@ impl Domain {
             maps: AtomicU64::new(0),
             unmaps: AtomicU64::new(0),
             observers: RwLock::new(Vec::new()),
-            observed: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -139,6 +147,15 @@ impl Domain {
         &self.faults
     }
 
+    /// Takes the update lock (see the type's documentation).
+    fn update(&self) -> MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tree_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, Mapping>> {
+        self.tree.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn check_range(&self, start: u64, size: u64) -> Result<u64, MapError> {
         if size == 0 {
             return Err(MapError::InvalidArgument("size is zero"));
@@ -152,87 +169,85 @@ impl Domain {
 
     /// Maps `[iova, iova + size)` to `[gpa, gpa + size)` and pins the guest pages.
     pub fn map(&self, iova: Iova, gpa: Gpa, size: u64, perm: Perm) -> Result<(), MapError> {
-        let end = self.check_map(iova, gpa, size, perm)?;
-        let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, m)) = tree.range(..end).next_back()
-            && m.end() > iova.0
-        {
-            return Err(MapError::Exists { iova });
-        }
-        if tree.len() >= self.config.max_mappings {
-            return Err(MapError::NoSpace { max: self.config.max_mappings });
-        }
-        self.vm.account().pin(&[(gpa.0, size)])?;
+        self.check_map(iova, gpa, size, perm)?;
         let mapping = Mapping { iova, gpa, size, perm };
-        tree.insert(iova.0, mapping);
-        drop(tree);
-        self.notify_mapped(std::slice::from_ref(&mapping))?;
-        self.maps.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        self.publish(std::slice::from_ref(&mapping)).map_err(|(_, e)| e)
     }
 
-    /// Maps several ranges at once, all or nothing: one lock, one locked-memory charge.
-    /// On failure returns the index of the mapping that failed (0 for a charge over the
-    /// limit) and nothing stays mapped.
+    /// Maps several ranges at once, all or nothing: one lock, one locked-memory charge,
+    /// one batch to observers. On failure returns the index of the mapping that failed
+    /// (0 for a charge over the limit or a refusing observer) and nothing stays mapped.
     pub fn map_many(&self, maps: &[Mapping]) -> Result<(), (usize, MapError)> {
         for (i, m) in maps.iter().enumerate() {
             self.check_map(m.iova, m.gpa, m.size, m.perm).map_err(|e| (i, e))?;
         }
-        let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
-        let undo = |tree: &mut BTreeMap<u64, Mapping>, n: usize| {
-            for m in &maps[..n] {
-                tree.remove(&m.iova.0);
-            }
-        };
-        for (i, m) in maps.iter().enumerate() {
-            let clash = tree.range(..m.end()).next_back().is_some_and(|(_, x)| x.end() > m.iova.0);
-            let full = tree.len() >= self.config.max_mappings;
-            if clash || full {
-                undo(&mut tree, i);
-                let e = if clash {
-                    MapError::Exists { iova: m.iova }
-                } else {
-                    MapError::NoSpace { max: self.config.max_mappings }
-                };
-                return Err((i, e));
-            }
-            tree.insert(m.iova.0, *m);
+        self.publish(maps)
+    }
+
+    /// Inserts checked mappings, pins them and tells observers, all or nothing.
+    fn publish(&self, maps: &[Mapping]) -> Result<(), (usize, MapError)> {
+        if maps.is_empty() {
+            return Ok(());
         }
-        let ranges: Vec<(u64, u64)> = maps.iter().map(|m| (m.gpa.0, m.size)).collect();
-        if let Err(e) = self.vm.account().pin(&ranges) {
-            undo(&mut tree, maps.len());
-            return Err((0, e));
+        let _update = self.update();
+        {
+            let mut tree = self.tree_mut();
+            let undo = |tree: &mut BTreeMap<u64, Mapping>, n: usize| {
+                for m in &maps[..n] {
+                    tree.remove(&m.iova.0);
+                }
+            };
+            for (i, m) in maps.iter().enumerate() {
+                let clash = tree.range(..m.end()).next_back().is_some_and(|(_, x)| x.end() > m.iova.0);
+                let full = tree.len() >= self.config.max_mappings;
+                if clash || full {
+                    undo(&mut tree, i);
+                    let e = if clash {
+                        MapError::Exists { iova: m.iova }
+                    } else {
+                        MapError::NoSpace { max: self.config.max_mappings }
+                    };
+                    return Err((i, e));
+                }
+                tree.insert(m.iova.0, *m);
+            }
+            let pinned = if let [m] = maps {
+                self.vm.account().pin(&[(m.gpa.0, m.size)])
+            } else {
+                let ranges: Vec<(u64, u64)> = maps.iter().map(|m| (m.gpa.0, m.size)).collect();
+                self.vm.account().pin(&ranges)
+            };
+            if let Err(e) = pinned {
+                undo(&mut tree, maps.len());
+                return Err((0, e));
+            }
         }
-        drop(tree);
         self.notify_mapped(maps).map_err(|e| (0, e))?;
         self.maps.fetch_add(maps.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Tells observers about new mappings; if one refuses, every mapping of the batch
-    /// is undone (observers told, tree cleared, pins released) and the map fails.
+    /// Tells observers about a batch of new mappings (update lock held); if one refuses,
+    /// exactly this batch is undone (observers that took it told, tree cleared, IOTLBs
+    /// invalidated, pins released) and the map fails.
     fn notify_mapped(&self, maps: &[Mapping]) -> Result<(), MapError> {
-        let observers = self.observers();
-        for (mi, m) in maps.iter().enumerate() {
-            for (oi, o) in observers.iter().enumerate() {
-                if let Err(reason) = o.mapped(m) {
-                    for done in &observers[..oi] {
-                        done.unmapped(m);
+        let observers = self.observers.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for (oi, o) in observers.iter().enumerate() {
+            if let Err(reason) = o.mapped(maps) {
+                {
+                    let mut tree = self.tree_mut();
+                    for m in maps {
+                        tree.remove(&m.iova.0);
                     }
-                    for earlier in &maps[..mi] {
-                        for o in observers.iter().rev() {
-                            o.unmapped(earlier);
-                        }
-                    }
-                    let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
-                    let gone: Vec<(u64, u64)> =
-                        maps.iter().filter_map(|x| tree.remove(&x.iova.0)).map(|x| (x.gpa.0, x.size)).collect();
-                    drop(tree);
-                    self.generation.fetch_add(1, Ordering::SeqCst);
-                    self.readers.wait_for_inflight();
-                    self.vm.account().unpin(&gone);
-                    return Err(MapError::Rejected(reason));
                 }
+                self.generation.fetch_add(1, Ordering::SeqCst);
+                self.readers.wait_for_inflight();
+                for done in observers[..oi].iter().rev() {
+                    done.unmapped(maps);
+                }
+                let ranges: Vec<(u64, u64)> = maps.iter().map(|m| (m.gpa.0, m.size)).collect();
+                self.vm.account().unpin(&ranges);
+                return Err(MapError::Rejected(reason));
             }
         }
         Ok(())
@@ -265,8 +280,9 @@ impl Domain {
     /// no access to the removed range can succeed and none is still in flight.
     pub fn unmap(&self, iova: Iova, size: u64) -> Result<u64, MapError> {
         let end = self.check_range(iova.0, size)?;
+        let _update = self.update();
         let removed = {
-            let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
+            let mut tree = self.tree_mut();
             // Fast path: the range is exactly one mapping (the common unmap).
             if let Some(m) = tree.get(&iova.0).copied()
                 && m.end() == end
@@ -291,12 +307,13 @@ impl Domain {
         Ok(self.retire(&removed))
     }
 
-    /// Removes exactly the mappings starting at each of `iovas` (each must exist), with
-    /// one lock, one invalidation, one wait for in-flight accesses and one release of
+    /// Removes exactly the mappings starting at each of `iovas`, as one batch: one
+    /// invalidation, one wait for in-flight accesses, one notification, one release of
     /// pins. Unknown IOVAs are skipped. Returns the bytes removed.
     pub fn unmap_exact(&self, iovas: &[Iova]) -> u64 {
+        let _update = self.update();
         let removed: Vec<Mapping> = {
-            let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
+            let mut tree = self.tree_mut();
             iovas.iter().filter_map(|i| tree.remove(&i.0)).collect()
         };
         self.retire(&removed)
@@ -304,26 +321,22 @@ impl Domain {
 
     /// Removes every mapping; returns the bytes removed.
     pub fn unmap_all(&self) -> u64 {
-        let removed: Vec<Mapping> = {
-            let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
-            std::mem::take(&mut *tree).into_values().collect()
-        };
+        let _update = self.update();
+        let removed: Vec<Mapping> = std::mem::take(&mut *self.tree_mut()).into_values().collect();
         self.retire(&removed)
     }
 
-    /// After mappings left the tree: invalidate IOTLBs, wait for in-flight accesses,
-    /// release the pins.
+    /// After mappings left the tree (update lock held): invalidate IOTLBs, wait for
+    /// in-flight accesses, tell observers (they let go), release the pins.
     fn retire(&self, removed: &[Mapping]) -> u64 {
         if removed.is_empty() {
             return 0;
         }
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.readers.wait_for_inflight();
-        let observers = self.observers();
-        for m in removed {
-            for o in observers.iter().rev() {
-                o.unmapped(m);
-            }
+        let observers = self.observers.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for o in observers.iter().rev() {
+            o.unmapped(removed);
         }
         if let [m] = removed {
             self.vm.account().unpin(&[(m.gpa.0, m.size)]);
@@ -335,40 +348,29 @@ impl Domain {
         removed.iter().map(|m| m.size).sum()
     }
 
-    /// Adds an observer; it is told about every existing mapping first. If it refuses
-    /// one, it is told the accepted ones are gone and is not added.
+    /// Adds an observer; it is told about every existing mapping first, as one batch.
+    /// If it refuses, it is not added.
     pub fn add_observer(&self, observer: Arc<dyn MapObserver>) -> Result<(), MapError> {
-        let mut observers = self.observers.write().unwrap_or_else(|e| e.into_inner());
+        let _update = self.update();
         let existing = self.mappings();
-        for (i, m) in existing.iter().enumerate() {
-            if let Err(reason) = observer.mapped(m) {
-                for done in &existing[..i] {
-                    observer.unmapped(done);
-                }
-                return Err(MapError::Rejected(reason));
-            }
+        if !existing.is_empty() {
+            observer.mapped(&existing).map_err(MapError::Rejected)?;
         }
-        observers.push(observer);
-        self.observed.store(observers.len(), Ordering::Release);
+        self.observers.write().unwrap_or_else(|e| e.into_inner()).push(observer);
         Ok(())
-    }
-
-    /// A snapshot of the observers (no lock, no allocation when there are none).
-    fn observers(&self) -> Vec<Arc<dyn MapObserver>> {
-        if self.observed.load(Ordering::Acquire) == 0 {
-            return Vec::new();
-        }
-        self.observers.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Removes an observer; it is told every mapping is gone.
     pub fn remove_observer(&self, observer: &Arc<dyn MapObserver>) {
-        let mut observers = self.observers.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(pos) = observers.iter().position(|o| Arc::ptr_eq(o, observer)) {
-            let o = observers.remove(pos);
-            self.observed.store(observers.len(), Ordering::Release);
-            for m in self.mappings() {
-                o.unmapped(&m);
+        let _update = self.update();
+        let removed = {
+            let mut observers = self.observers.write().unwrap_or_else(|e| e.into_inner());
+            observers.iter().position(|o| Arc::ptr_eq(o, observer)).map(|pos| observers.remove(pos))
+        };
+        if let Some(o) = removed {
+            let all = self.mappings();
+            if !all.is_empty() {
+                o.unmapped(&all);
             }
         }
     }

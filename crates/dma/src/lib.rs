@@ -30,5 +30,5 @@ pub use domain::{Domain, DomainConfig, MSI_WINDOW, MapObserver, Mapping};
 pub use error::{FaultReason, MapError};
 pub use faults::{Fault, FaultLog};
 pub use pagesize::PageSizes;
-pub use space::{Batch, DmaSpace, Translation};
+pub use space::{Batch, DmaSpace, MAX_SECTION_BYTES, Translation};
 pub use vmdma::VmDma;

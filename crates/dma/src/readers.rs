@@ -66,9 +66,11 @@ pub(crate) fn store_load_fence() {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a locked OR of zero into the word at the stack pointer leaves memory
     // unchanged; under x86-TSO a locked instruction drains the store buffer, which is
-    // the store-load fence the protocol needs (Linux's smp_mb() does the same).
+    // the store-load fence the protocol needs (Linux's smp_mb() does the same). OR
+    // writes the arithmetic flags, so the block does not claim `preserves_flags`; it
+    // touches the stack word, so it does not claim `nostack` either.
     unsafe {
-        std::arch::asm!("lock or dword ptr [rsp], 0", options(preserves_flags))
+        std::arch::asm!("lock or dword ptr [rsp], 0")
     };
     #[cfg(not(target_arch = "x86_64"))]
     std::sync::atomic::fence(Ordering::SeqCst);

@@ -20,6 +20,13 @@ use vm_memory::VolatileSlice;
 /// IOTLB entries per accessor.
 const IOTLB_ENTRIES: usize = 8;
 
+/// Most bytes one access section covers. Longer reads and writes are checked whole,
+/// then copied in chunks of this size, each in its own section with its own
+/// translation: an unmap anywhere in the domain waits for one chunk at most (about
+/// 100 us here), not for a whole 1 GiB copy. Callers of [`DmaSpace::translate`] keep
+/// their translations this short for the same reason.
+pub const MAX_SECTION_BYTES: u64 = 1 << 20;
+
 /// A cached translation: `[lo, hi)` in IOVA space maps to host memory at `host`
 /// (guest-physical `gpa`), host-contiguous, with `perm` bits.
 #[derive(Clone, Copy, Debug)]
@@ -248,11 +255,38 @@ impl DmaSpace {
 
     /// Reads `buf.len()` bytes at `iova`. Nothing is read unless all of it is mapped
     /// readable.
+    ///
+    /// Longer than [`MAX_SECTION_BYTES`]: the whole range is checked first, then read
+    /// chunk by chunk; an unmap that races with the read can cut it short (the fault
+    /// names the first chunk that failed), as a DMA on hardware is cut short.
     #[inline]
     pub fn read(&self, iova: Iova, buf: &mut [u8]) -> Result<(), Fault> {
         let len = buf.len() as u64;
+        if len > MAX_SECTION_BYTES {
+            return self.read_long(iova, buf);
+        }
         // The fault is recorded after the read-side section ends: keep sections short.
         self.read_in_section(iova, buf).map_err(|r| self.fault(iova.0, len, Access::Read, r))
+    }
+
+    #[inline(never)]
+    fn read_long(&self, iova: Iova, buf: &mut [u8]) -> Result<(), Fault> {
+        self.check(iova, buf.len() as u64, Access::Read)?;
+        for (i, chunk) in buf.chunks_mut(MAX_SECTION_BYTES as usize).enumerate() {
+            let at = iova.0 + i as u64 * MAX_SECTION_BYTES;
+            self.read_in_section(Iova(at), chunk).map_err(|r| self.fault(at, chunk.len() as u64, Access::Read, r))?;
+        }
+        Ok(())
+    }
+
+    /// Checks that all of `[iova, iova + len)` is mapped for `access`, without moving a
+    /// byte (a refused check is a recorded fault, as an access would be).
+    pub fn check(&self, iova: Iova, len: u64, access: Access) -> Result<(), Fault> {
+        let r = {
+            let _s = self.enter();
+            self.resolve_slow(iova.0, len, access).map(|_| ())
+        };
+        r.map_err(|r| self.fault(iova.0, len, access, r))
     }
 
     #[inline(always)]
@@ -285,10 +319,25 @@ impl DmaSpace {
 
     /// Writes `data` at `iova` and marks the pages dirty. Nothing is written unless all
     /// of it is mapped writable.
+    /// Longer than [`MAX_SECTION_BYTES`]: checked whole, written chunk by chunk (see
+    /// [`DmaSpace::read`]).
     #[inline]
     pub fn write(&self, iova: Iova, data: &[u8]) -> Result<(), Fault> {
         let len = data.len() as u64;
+        if len > MAX_SECTION_BYTES {
+            return self.write_long(iova, data);
+        }
         self.write_in_section(iova, data).map_err(|r| self.fault(iova.0, len, Access::Write, r))
+    }
+
+    #[inline(never)]
+    fn write_long(&self, iova: Iova, data: &[u8]) -> Result<(), Fault> {
+        self.check(iova, data.len() as u64, Access::Write)?;
+        for (i, chunk) in data.chunks(MAX_SECTION_BYTES as usize).enumerate() {
+            let at = iova.0 + i as u64 * MAX_SECTION_BYTES;
+            self.write_in_section(Iova(at), chunk).map_err(|r| self.fault(at, chunk.len() as u64, Access::Write, r))?;
+        }
+        Ok(())
     }
 
     #[inline(always)]
@@ -327,8 +376,10 @@ impl DmaSpace {
     }
 
     /// Translates `[iova, iova + len)` for `access` into host slices, valid while the
-    /// returned [`Translation`] lives (an unmap of the range waits for it). A write
-    /// translation marks the pages dirty.
+    /// returned [`Translation`] lives (an unmap anywhere in the domain waits for it:
+    /// keep it to [`MAX_SECTION_BYTES`] and short-lived). A write translation marks its
+    /// pages dirty when it is dropped, after the writes through it: a dirty-log
+    /// `take()` that runs meanwhile cannot lose them.
     #[inline]
     pub fn translate(&self, iova: Iova, len: u64, access: Access) -> Result<Translation<'_>, Fault> {
         let section = self.enter();
@@ -350,13 +401,7 @@ impl DmaSpace {
                 }
             }
         };
-        let t = Translation { _section: section, first, rest };
-        if access == Access::Write {
-            for (gpa, n) in t.gpa_ranges() {
-                self.domain.vm.dirty().mark(gpa, n);
-            }
-        }
-        Ok(t)
+        Ok(Translation { space: self, write: access == Access::Write, _section: section, first, rest })
     }
 }
 
@@ -368,9 +413,23 @@ impl Drop for DmaSpace {
 
 /// Host slices of a translated access. While it lives, an unmap of the range waits.
 pub struct Translation<'a> {
+    space: &'a DmaSpace,
+    write: bool,
     _section: Section<'a>,
     first: Piece,
     rest: Option<Box<[Piece]>>,
+}
+
+impl Drop for Translation<'_> {
+    fn drop(&mut self) {
+        // The writes through the slices are done: mark them now (still inside the
+        // section), so every write is seen by some later dirty-log take().
+        if self.write {
+            for (gpa, n) in self.gpa_ranges() {
+                self.space.domain.vm.dirty().mark(gpa, n);
+            }
+        }
+    }
 }
 
 impl Translation<'_> {

@@ -275,15 +275,15 @@ struct Recorder {
 }
 
 impl dma::MapObserver for Recorder {
-    fn mapped(&self, m: &dma::Mapping) -> Result<(), String> {
-        if Some(m.iova.0) == self.refuse_iova {
+    fn mapped(&self, maps: &[dma::Mapping]) -> Result<(), String> {
+        if maps.iter().any(|m| Some(m.iova.0) == self.refuse_iova) {
             return Err("device said no".into());
         }
-        self.log.lock().unwrap().push(format!("+{:#x}", m.iova.0));
+        self.log.lock().unwrap().extend(maps.iter().map(|m| format!("+{:#x}", m.iova.0)));
         Ok(())
     }
-    fn unmapped(&self, m: &dma::Mapping) {
-        self.log.lock().unwrap().push(format!("-{:#x}", m.iova.0));
+    fn unmapped(&self, maps: &[dma::Mapping]) {
+        self.log.lock().unwrap().extend(maps.iter().map(|m| format!("-{:#x}", m.iova.0)));
     }
 }
 
@@ -331,4 +331,52 @@ fn map_many_is_all_or_nothing_and_unmap_exact_removes_only_what_it_names() {
     assert_eq!(d.unmap_exact(&[Iova(0x10000), Iova(0x30000), Iova(0x20000)]), 4 * PAGE, "unknown IOVAs skipped");
     assert_eq!(d.mappings(), vec![m(0x50000, 0x50000, 1)]);
     assert_eq!(vm.account().pinned(), PAGE);
+}
+
+#[test]
+fn a_write_translation_marks_its_pages_dirty_after_the_write_so_no_take_loses_it() {
+    let vm = vm(u64::MAX);
+    let d = vm.create_domain("d", DomainConfig::default());
+    d.map(Iova(0x10000), Gpa(0x40000), PAGE, Perm::READ_WRITE).unwrap();
+    let dev = DmaSpace::new(d.clone(), "dev");
+    let _ = vm.dirty().take();
+    {
+        let t = dev.translate(Iova(0x10000), 8, Access::Write).unwrap();
+        // Migration takes the log while the device holds the translation...
+        assert!(vm.dirty().take().is_empty(), "nothing written yet");
+        for s in t.slices() {
+            s.write_slice(b"written!", 0).unwrap();
+        }
+        // ...and the write completes afterwards.
+    }
+    assert_eq!(vm.dirty().take(), vec![0x40000], "the write is reported by the next take");
+    let mut b = [0u8; 8];
+    vm.memory().read_slice(&mut b, GuestAddress(0x40000)).unwrap();
+    assert_eq!(&b, b"written!");
+}
+
+#[test]
+fn long_accesses_are_checked_whole_then_copied_in_bounded_sections() {
+    let vm = vm(u64::MAX);
+    let d = vm.create_domain("d", DomainConfig::default());
+    // 3 MiB + 4 KiB across the two host mappings of the fixture.
+    let len = 3 * MIB + PAGE;
+    d.map(Iova(1 << 32), Gpa(14 * MIB), len, Perm::READ_WRITE).unwrap();
+    let dev = DmaSpace::new(d.clone(), "dev");
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    dev.write(Iova(1 << 32), &data).unwrap();
+    let mut back = vec![0u8; len as usize];
+    dev.read(Iova(1 << 32), &mut back).unwrap();
+    assert!(back == data, "the chunked copy round-trips");
+    assert_eq!(vm.dirty().count(), len / PAGE, "every page written is dirty");
+    // One byte too many: refused whole, nothing written, one fault.
+    let before = d.faults().total();
+    let poison = vec![0xeeu8; len as usize + 1];
+    let f = dev.write(Iova(1 << 32), &poison).unwrap_err();
+    assert_eq!((f.iova, f.reason), (Iova(1 << 32), FaultReason::NotMapped));
+    assert_eq!(d.faults().total(), before + 1);
+    dev.read(Iova(1 << 32), &mut back).unwrap();
+    assert!(back == data, "a refused long write changed nothing");
+    assert!(dev.read(Iova(1 << 32), &mut vec![0u8; len as usize + 1]).is_err());
+    assert_eq!(dma::MAX_SECTION_BYTES, MIB);
 }

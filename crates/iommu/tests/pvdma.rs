@@ -70,10 +70,10 @@ fn every_status_code_is_reachable() {
     // Busy: the device refused the mapping (its process failing a DMA_MAP).
     struct Refuse(AtomicBool);
     impl MapObserver for Refuse {
-        fn mapped(&self, _m: &Mapping) -> Result<(), String> {
+        fn mapped(&self, _m: &[Mapping]) -> Result<(), String> {
             if self.0.load(Ordering::Relaxed) { Err("device restarting".into()) } else { Ok(()) }
         }
-        fn unmapped(&self, _m: &Mapping) {}
+        fn unmapped(&self, _m: &[Mapping]) {}
     }
     let d2 = vm.create_domain("dma2", DomainConfig::default());
     let refuse = Arc::new(Refuse(AtomicBool::new(false)));
