@@ -1,14 +1,18 @@
 //! The VMM's side of a vfio-user connection.
+//!
+//! Every call is bounded by the connection's timeout (see [`crate::endpoint`]): a
+//! device that does not take a message or answer a request in time is declared dead,
+//! the connection closes, and the owner's `on_close` runs once.
 
 use crate::endpoint::{Endpoint, Error, Message, refuse};
 use crate::proto::{
-    self, Command, DeviceInfo, DmaMap, DmaUnmap, IrqInfo, MAX_DATA_XFER, RegionAccess, RegionInfo, Request, SetIrqs,
-    Version,
+    self, Command, DeviceInfo, DmaMap, DmaUnmap, IrqInfo, Limits, RegionAccess, RegionInfo, Request, SetIrqs, Version,
 };
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Answers the device's DMA_READ / DMA_WRITE (regions mapped without an fd): the VMM
 /// checks each one against the device's DMA domain. Errors are errnos for the reply.
@@ -22,6 +26,13 @@ pub trait DmaHandler: Send + Sync {
 /// Called once when the connection ends, with the reason (device process death).
 pub type OnClose = Box<dyn FnOnce(&Error) + Send>;
 
+/// Regions the client reads at connect time (PCI has 9; more is a malformed device).
+pub const MAX_REGIONS: u32 = 64;
+/// IRQ indexes the client reads at connect time (PCI has 5).
+pub const MAX_IRQ_INDEXES: u32 = 16;
+/// A device reset may take this many timeouts (the spec warns it can be slow).
+pub const RESET_TIMEOUT_FACTOR: u32 = 4;
+
 /// A connected vfio-user device.
 pub struct Client {
     ep: Arc<Endpoint>,
@@ -29,6 +40,7 @@ pub struct Client {
     info: DeviceInfo,
     regions: Vec<RegionInfo>,
     irqs: Vec<IrqInfo>,
+    limits: Limits,
 }
 
 impl std::fmt::Debug for Client {
@@ -53,18 +65,32 @@ fn serve_dma(ep: &Endpoint, dma: &dyn DmaHandler, m: Message) {
             };
         }
         Ok(_) => {
-            let _ = ep.reply_error(&m.header, libc::ENOTSUP);
+            if m.header.flags & proto::FLAG_NO_REPLY == 0 {
+                let _ = ep.reply_error(&m.header, libc::ENOTSUP);
+            }
         }
         Err(e) => refuse(ep, &m.header, &e),
     }
 }
 
 impl Client {
-    /// Connects over `stream`: starts the reader (which answers the device's DMA
-    /// requests through `dma`), negotiates the version and reads the device's regions
-    /// and interrupts. `on_close` runs when the connection ends.
+    /// Connects over `stream` with the default timeout: starts the reader (which
+    /// answers the device's DMA requests through `dma`), negotiates the version and
+    /// reads the device's regions and interrupts. `on_close` runs when the connection
+    /// ends, whatever ends it (the device's death, a timeout, [`Client::close`]).
     pub fn connect(stream: UnixStream, dma: Arc<dyn DmaHandler>, on_close: OnClose) -> Result<Client, Error> {
-        let ep = Endpoint::new(stream);
+        Client::connect_with_timeout(stream, dma, on_close, crate::endpoint::DEFAULT_TIMEOUT)
+    }
+
+    /// As [`Client::connect`]; the device must take each message and answer each
+    /// request within `timeout`, or it is declared dead.
+    pub fn connect_with_timeout(
+        stream: UnixStream,
+        dma: Arc<dyn DmaHandler>,
+        on_close: OnClose,
+        timeout: Duration,
+    ) -> Result<Client, Error> {
+        let ep = Endpoint::with_timeout(stream, timeout);
         let e = Arc::clone(&ep);
         let reader = std::thread::Builder::new()
             .name("vfu-client".into())
@@ -73,23 +99,30 @@ impl Client {
                 on_close(&why);
             })
             .map_err(Error::Io)?;
-        let mut client =
-            Client { ep, reader: Some(reader), info: DeviceInfo::default(), regions: vec![], irqs: vec![] };
+        let mut client = Client {
+            ep,
+            reader: Some(reader),
+            info: DeviceInfo::default(),
+            regions: vec![],
+            irqs: vec![],
+            limits: Limits::default(),
+        };
         let reply = client.ep.request(Command::Version, &Version::ours().encode(), &[])?;
         let v = Version::decode(&reply.payload)?;
         if v.major != proto::VERSION_MAJOR {
             return Err(Error::Proto(proto::ProtoError::BadVersion(format!("server speaks {}.{}", v.major, v.minor))));
         }
+        client.limits = v.limits();
         let info = DeviceInfo::decode(
             &client.ep.request(Command::DeviceGetInfo, &DeviceInfo::default().encode(), &[])?.payload,
         )?;
         client.info = info;
-        for index in 0..info.num_regions.min(64) {
+        for index in 0..info.num_regions.min(MAX_REGIONS) {
             let req = RegionInfo { index, ..Default::default() }.encode();
             let r = client.ep.request(Command::DeviceGetRegionInfo, &req, &[])?;
             client.regions.push(RegionInfo::decode(&r.payload)?);
         }
-        for index in 0..info.num_irqs.min(16) {
+        for index in 0..info.num_irqs.min(MAX_IRQ_INDEXES) {
             let req = IrqInfo { index, ..Default::default() }.encode();
             let r = client.ep.request(Command::DeviceGetIrqInfo, &req, &[])?;
             client.irqs.push(IrqInfo::decode(&r.payload)?);
@@ -100,6 +133,11 @@ impl Client {
     /// The device's information.
     pub fn info(&self) -> DeviceInfo {
         self.info
+    }
+
+    /// What the device announced in its VERSION reply.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// Region `index`.
@@ -117,39 +155,59 @@ impl Client {
         self.ep.is_closed()
     }
 
-    /// Maps `[address, address + size)` for DMA: with `fd` (and `offset` in it) the
+    /// Maps windows for DMA, as one batch: with an fd (and the offset in it) the
     /// device maps the memory itself; without, it reaches it by DMA_READ/DMA_WRITE.
-    pub fn dma_map(&self, map: DmaMap, fd: Option<RawFd>) -> Result<(), Error> {
-        let fds: Vec<RawFd> = fd.into_iter().collect();
-        self.ep.request(Command::DmaMap, &map.encode(), &fds).map(|_| ())
+    /// With a device that announced posted DMA_MAP the messages go with No_reply
+    /// (ordered before every later request, so before any doorbell) and every entry is
+    /// reported a success once sent; otherwise they are pipelined and every reply is
+    /// awaited (one round trip for the batch). Returns each window's outcome, in order.
+    pub fn dma_map_batch(&self, maps: &[(DmaMap, Option<RawFd>)]) -> Vec<Result<(), Error>> {
+        if self.limits.posted_dma_map {
+            let mut out = Vec::with_capacity(maps.len());
+            for (map, fd) in maps {
+                let payload = map.encode();
+                let header = proto::Header {
+                    id: 0,
+                    command: Command::DmaMap as u16,
+                    size: (proto::HEADER_SIZE + payload.len()) as u32,
+                    flags: proto::FLAG_NO_REPLY,
+                    error: 0,
+                };
+                let fds: Vec<RawFd> = fd.iter().copied().collect();
+                out.push(self.ep.send(header, &payload, &fds));
+            }
+            return out;
+        }
+        let reqs: Vec<(Command, Vec<u8>, Vec<RawFd>)> =
+            maps.iter().map(|(m, fd)| (Command::DmaMap, m.encode(), fd.iter().copied().collect())).collect();
+        self.ep.request_many(&reqs).into_iter().map(|r| r.map(|_| ())).collect()
     }
 
-    /// As [`Client::dma_map`] without waiting for the device (sent with NO_REPLY).
-    /// Requests that follow are served after it, so the device has the mapping before
-    /// any doorbell that follows; a failure goes unreported (a device that could not map
-    /// a region reaches it by messages instead, which the VMM checks).
-    pub fn dma_map_posted(&self, map: DmaMap, fd: Option<RawFd>) -> Result<(), Error> {
-        let fds: Vec<RawFd> = fd.into_iter().collect();
-        let payload = map.encode();
-        let header = proto::Header {
-            id: 0,
-            command: Command::DmaMap as u16,
-            size: (proto::HEADER_SIZE + payload.len()) as u32,
-            flags: proto::FLAG_NO_REPLY,
-            error: 0,
-        };
-        self.ep.send(header, &payload, &fds)
+    /// Unmaps windows, as one pipelined batch; returns when the device acknowledged
+    /// every one (it no longer touches them), or the first failure once all were
+    /// collected.
+    pub fn dma_unmap_batch(&self, windows: &[(u64, u64)]) -> Result<(), Error> {
+        let reqs: Vec<(Command, Vec<u8>, Vec<RawFd>)> = windows
+            .iter()
+            .map(|&(address, size)| (Command::DmaUnmap, DmaUnmap { flags: 0, address, size }.encode(), vec![]))
+            .collect();
+        self.ep.request_many(&reqs).into_iter().find_map(Result::err).map_or(Ok(()), Err)
     }
 
-    /// Unmaps; returns when the device acknowledged (it no longer touches the range).
+    /// Unmaps one window; returns when the device acknowledged it.
     pub fn dma_unmap(&self, address: u64, size: u64) -> Result<(), Error> {
-        self.ep.request(Command::DmaUnmap, &DmaUnmap { flags: 0, address, size }.encode(), &[]).map(|_| ())
+        self.dma_unmap_batch(&[(address, size)])
+    }
+
+    fn xfer(&self) -> usize {
+        self.limits.max_data_xfer_size
     }
 
     /// Reads a device region.
     pub fn region_read(&self, region: u32, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
-        for (i, chunk) in buf.chunks_mut(MAX_DATA_XFER).enumerate() {
-            let a = RegionAccess { offset: offset + (i * MAX_DATA_XFER) as u64, region, count: chunk.len() as u32 };
+        let x = self.xfer();
+        for (i, chunk) in buf.chunks_mut(x).enumerate() {
+            let a = RegionAccess { offset: offset.wrapping_add((i * x) as u64), region, count: chunk.len() as u32 };
             let r = self.ep.request(Command::RegionRead, &a.encode(&[]), &[])?;
             let (_, data) = RegionAccess::decode(&r.payload, true)?;
             if data.len() != chunk.len() {
@@ -160,21 +218,23 @@ impl Client {
         Ok(())
     }
 
-    /// Writes a device region.
+    /// Writes a device region and waits for the device.
     pub fn region_write(&self, region: u32, offset: u64, data: &[u8]) -> Result<(), Error> {
-        for (i, chunk) in data.chunks(MAX_DATA_XFER).enumerate() {
-            let a = RegionAccess { offset: offset + (i * MAX_DATA_XFER) as u64, region, count: chunk.len() as u32 };
+        let x = self.xfer();
+        for (i, chunk) in data.chunks(x).enumerate() {
+            let a = RegionAccess { offset: offset.wrapping_add((i * x) as u64), region, count: chunk.len() as u32 };
             self.ep.request(Command::RegionWrite, &a.encode(chunk), &[])?;
         }
         Ok(())
     }
 
     /// Writes a device region without waiting for the device (a posted write, as PCI
-    /// MMIO writes are): sent with NO_REPLY. Requests that follow on this connection
+    /// MMIO writes are): sent with No_reply. Requests that follow on this connection
     /// are served after it, so a later read sees it. Errors are not reported.
     pub fn region_write_posted(&self, region: u32, offset: u64, data: &[u8]) -> Result<(), Error> {
-        for (i, chunk) in data.chunks(MAX_DATA_XFER).enumerate() {
-            let a = RegionAccess { offset: offset + (i * MAX_DATA_XFER) as u64, region, count: chunk.len() as u32 };
+        let x = self.xfer();
+        for (i, chunk) in data.chunks(x).enumerate() {
+            let a = RegionAccess { offset: offset.wrapping_add((i * x) as u64), region, count: chunk.len() as u32 };
             let payload = a.encode(chunk);
             let size = (proto::HEADER_SIZE + payload.len()) as u32;
             let header = proto::Header {
@@ -189,20 +249,32 @@ impl Client {
         Ok(())
     }
 
-    /// Gives the device eventfds to trigger for vectors `start..` of IRQ `index`.
+    /// Gives the device eventfds to trigger for vectors `start..` of IRQ `index` (in as
+    /// many messages as the device's `max_msg_fds` requires). No fds: disables the
+    /// vectors `start..start + count`.
     pub fn set_irqs(&self, index: u32, start: u32, fds: &[RawFd]) -> Result<(), Error> {
-        let s = SetIrqs {
-            flags: proto::IRQ_SET_DATA_EVENTFD | proto::IRQ_SET_ACTION_TRIGGER,
-            index,
-            start,
-            count: fds.len() as u32,
-        };
-        self.ep.request(Command::DeviceSetIrqs, &s.encode(), fds).map(|_| ())
+        let per = self.limits.max_msg_fds.max(1);
+        for (i, part) in fds.chunks(per).enumerate() {
+            let s = SetIrqs {
+                flags: proto::IRQ_SET_DATA_EVENTFD | proto::IRQ_SET_ACTION_TRIGGER,
+                index,
+                start: start + (i * per) as u32,
+                count: part.len() as u32,
+            };
+            self.ep.request(Command::DeviceSetIrqs, &s.encode(), part)?;
+        }
+        Ok(())
     }
 
-    /// Resets the device.
+    /// Sends a raw SET_IRQS (flags and fds as given): masks, unmasks, disables.
+    pub fn set_irqs_raw(&self, irqs: SetIrqs, fds: &[RawFd]) -> Result<(), Error> {
+        self.ep.request(Command::DeviceSetIrqs, &irqs.encode(), fds).map(|_| ())
+    }
+
+    /// Resets the device (allowed [`RESET_TIMEOUT_FACTOR`] timeouts).
     pub fn reset(&self) -> Result<(), Error> {
-        self.ep.request(Command::DeviceReset, &[], &[]).map(|_| ())
+        let t = self.ep.timeout() * RESET_TIMEOUT_FACTOR;
+        self.ep.request_with_timeout(Command::DeviceReset, &[], &[], t).map(|_| ())
     }
 
     /// The endpoint (tests send hand-made messages through it).
@@ -220,7 +292,10 @@ impl Drop for Client {
     fn drop(&mut self) {
         self.ep.shutdown();
         if let Some(t) = self.reader.take() {
-            let _ = t.join();
+            // The reader may be this thread (a device dropped from its own on_close).
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }

@@ -10,7 +10,10 @@
 //!   memfd, or without one so every access is a checked message), forward region
 //!   accesses, pass interrupt eventfds, and answer the device's DMA requests.
 //! - [`server`]: the device process's side: serve a [`server::Device`] until the VMM
-//!   goes away, and give the device a handle to reach guest memory by messages.
+//!   goes away, keeping the protocol's rules (VERSION first, DMA window semantics),
+//!   and give the device a handle to reach guest memory in place or by messages.
+//! - [`windows`]: the server's DMA windows, one mapping per distinct file;
+//!   [`mapping`]: those mappings, guarded against the file shrinking under them.
 //!
 //! Why not the rust-vmm `vfio_user` crate (0.1.7): its server refuses DMA_READ and
 //! DMA_WRITE and offers a backend no way to send them, and its client is strictly
@@ -20,7 +23,10 @@
 
 pub mod client;
 pub mod endpoint;
+pub mod mapping;
 pub mod proto;
 pub mod server;
+mod sys;
+pub mod windows;
 
 pub use endpoint::Error;

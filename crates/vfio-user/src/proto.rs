@@ -15,6 +15,13 @@ pub const MAX_FDS: usize = 16;
 pub const VERSION_MAJOR: u16 = 0;
 /// Protocol version spoken.
 pub const VERSION_MINOR: u16 = 1;
+/// DMA windows a server may hold at once when it does not say (the spec's default of
+/// `max_dma_maps`), and what passthru's own server accepts.
+pub const DEFAULT_MAX_DMA_MAPS: u64 = 65535;
+/// passthru's own capability object in VERSION (`"passthru": {...}`): a server that
+/// sets `posted_dma_map` accepts DMA_MAP with No_reply and reaches by messages any
+/// window it could not map, so the client need not wait for each DMA_MAP.
+pub const PASSTHRU_CAPABILITY: &str = "passthru";
 
 /// Commands.
 #[repr(u16)]
@@ -92,6 +99,10 @@ pub const FLAG_NO_REPLY: u32 = 1 << 4;
 /// Header flag: the reply is an error; `error` holds an errno.
 pub const FLAG_ERROR: u32 = 1 << 5;
 
+/// DMA_UNMAP flag: report dirty pages (not supported: refused).
+pub const DMA_UNMAP_FLAG_GET_DIRTY_BITMAP: u32 = 1 << 0;
+/// DMA_UNMAP flag: unmap every window (address and size must then be 0).
+pub const DMA_UNMAP_FLAG_ALL: u32 = 1 << 1;
 /// DMA_MAP / region flags: readable.
 pub const DMA_READ_FLAG: u32 = 1;
 /// DMA_MAP / region flags: writable.
@@ -325,9 +336,26 @@ impl Version {
                 "capabilities": {
                     "max_msg_fds": MAX_FDS,
                     "max_data_xfer_size": MAX_DATA_XFER,
-                    "migration": { "pgsize": 4096 }
+                    "max_dma_maps": DEFAULT_MAX_DMA_MAPS,
+                    "pgsizes": 4096,
+                    "migration": { "pgsize": 4096 },
+                    PASSTHRU_CAPABILITY: { "posted_dma_map": true }
                 }
             }),
+        }
+    }
+
+    /// The limits the peer announced, with the spec's defaults for what it left out.
+    pub fn limits(&self) -> Limits {
+        let caps = &self.capabilities["capabilities"];
+        let num = |k: &str, default: u64| caps[k].as_u64().unwrap_or(default);
+        Limits {
+            max_msg_fds: usize::try_from(num("max_msg_fds", 1)).unwrap_or(1).min(MAX_FDS),
+            max_data_xfer_size: usize::try_from(num("max_data_xfer_size", MAX_DATA_XFER as u64))
+                .unwrap_or(MAX_DATA_XFER)
+                .clamp(1, MAX_DATA_XFER),
+            max_dma_maps: num("max_dma_maps", DEFAULT_MAX_DMA_MAPS),
+            posted_dma_map: caps[PASSTHRU_CAPABILITY]["posted_dma_map"].as_bool().unwrap_or(false),
         }
     }
 
@@ -353,6 +381,25 @@ impl Version {
             serde_json::from_str(s).map_err(|e| ProtoError::BadVersion(e.to_string()))?
         };
         Ok(Version { major, minor, capabilities })
+    }
+}
+
+/// What a peer announced in its VERSION (or the spec's defaults).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Descriptors it receives in one message (spec default 1).
+    pub max_msg_fds: usize,
+    /// Largest data transfer of one message (spec default 1 MiB; never above ours).
+    pub max_data_xfer_size: usize,
+    /// DMA windows it holds at once (spec default 65535).
+    pub max_dma_maps: u64,
+    /// It accepts DMA_MAP with No_reply (passthru's own capability).
+    pub posted_dma_map: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Version { major: 0, minor: 0, capabilities: serde_json::json!({}) }.limits()
     }
 }
 
@@ -397,7 +444,7 @@ impl DmaMap {
 /// DMA_UNMAP payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DmaUnmap {
-    /// Flags (no dirty-bitmap support: must be 0).
+    /// Flags: 0, or [`DMA_UNMAP_FLAG_ALL`] (dirty bitmaps are not supported).
     pub flags: u32,
     /// IOVA.
     pub address: u64,
@@ -420,8 +467,15 @@ impl DmaUnmap {
         if argsz < Self::SIZE {
             return Err(ProtoError::BadSize("DMA_UNMAP argsz below 24"));
         }
-        if m.flags != 0 {
+        if m.flags & !DMA_UNMAP_FLAG_ALL != 0 {
             return Err(ProtoError::BadFlags { what: "DMA_UNMAP", flags: m.flags });
+        }
+        if m.flags & DMA_UNMAP_FLAG_ALL != 0 {
+            if m.address != 0 || m.size != 0 {
+                return Err(ProtoError::BadSize("DMA_UNMAP of all windows takes address 0 and size 0"));
+            }
+        } else if m.size == 0 || m.address.checked_add(m.size).is_none() {
+            return Err(ProtoError::BadSize("DMA_UNMAP range empty or wrapping"));
         }
         Ok(m)
     }

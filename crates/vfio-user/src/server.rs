@@ -1,12 +1,21 @@
 //! The device process's side of a vfio-user connection.
+//!
+//! [`Server`] serves a [`Device`] until the VMM goes away. It keeps the protocol's
+//! rules itself, as libvfio-user does, so a device only models its registers: VERSION
+//! first (major version must match, or the connection closes), DMA windows kept by
+//! [`DmaWindows`] (EEXIST / ENOENT / partial-unmap / unmap-all rules), and a
+//! [`DeviceDma`] handle through which the device reaches guest memory: in place where
+//! a window has a file, by DMA_READ / DMA_WRITE messages (checked by the VMM) where not.
 
 use crate::endpoint::{Endpoint, Error, Message, refuse};
 use crate::proto::{
-    self, Command, DeviceInfo, DmaAccess, DmaMap, DmaUnmap, IrqInfo, MAX_DATA_XFER, RegionInfo, Request, SetIrqs,
+    self, Command, DEFAULT_MAX_DMA_MAPS, DeviceInfo, DmaAccess, IrqInfo, MAX_DATA_XFER, RegionInfo, Request, SetIrqs,
     Version,
 };
+use crate::windows::{DmaWindows, Local};
 use std::fs::File;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A device served over vfio-user. Errors are errnos for the reply.
 pub trait Device: Send {
@@ -20,10 +29,6 @@ pub trait Device: Send {
     fn region_read(&mut self, region: u32, offset: u64, buf: &mut [u8]) -> Result<(), i32>;
     /// The VMM writes a region.
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), i32>;
-    /// Memory is mapped for DMA (with an fd to map, or none: reach it by messages).
-    fn dma_map(&mut self, map: &DmaMap, fd: Option<File>) -> Result<(), i32>;
-    /// Memory is unmapped: when this returns the device must no longer touch it.
-    fn dma_unmap(&mut self, unmap: &DmaUnmap) -> Result<(), i32>;
     /// Interrupt eventfds are set.
     fn set_irqs(&mut self, irqs: &SetIrqs, fds: Vec<File>) -> Result<(), i32>;
     /// Reset.
@@ -35,75 +40,191 @@ pub trait Device: Send {
 #[derive(Clone, Debug)]
 pub struct DmaMessages {
     ep: Arc<Endpoint>,
+    /// The VMM's max_data_xfer_size (learnt from its VERSION).
+    xfer: Arc<AtomicUsize>,
 }
 
 impl DmaMessages {
-    /// Over `ep`.
+    /// Over `ep`, with transfers of at most `MAX_DATA_XFER` until the VMM says less.
     pub fn new(ep: Arc<Endpoint>) -> DmaMessages {
-        DmaMessages { ep }
+        DmaMessages { ep, xfer: Arc::new(AtomicUsize::new(MAX_DATA_XFER)) }
+    }
+
+    fn chunk(&self) -> usize {
+        self.xfer.load(Ordering::Relaxed).clamp(1, MAX_DATA_XFER)
     }
 
     /// Reads guest memory at IOVA `address`.
     pub fn read(&self, address: u64, buf: &mut [u8]) -> Result<(), Error> {
-        for (i, chunk) in buf.chunks_mut(MAX_DATA_XFER).enumerate() {
-            let a = DmaAccess { address: address + (i * MAX_DATA_XFER) as u64, count: chunk.len() as u64 };
+        let chunk = self.chunk();
+        for (i, part) in buf.chunks_mut(chunk).enumerate() {
+            let a = DmaAccess { address: address.wrapping_add((i * chunk) as u64), count: part.len() as u64 };
             let r = self.ep.request(Command::DmaRead, &a.encode(&[]), &[])?;
             let (_, data) = DmaAccess::decode(&r.payload, true)?;
-            if data.len() != chunk.len() {
+            if data.len() != part.len() {
                 return Err(Error::Proto(proto::ProtoError::BadSize("DMA_READ reply of the wrong size")));
             }
-            chunk.copy_from_slice(data);
+            part.copy_from_slice(data);
         }
         Ok(())
     }
 
     /// Writes guest memory at IOVA `address`.
     pub fn write(&self, address: u64, data: &[u8]) -> Result<(), Error> {
-        for (i, chunk) in data.chunks(MAX_DATA_XFER).enumerate() {
-            let a = DmaAccess { address: address + (i * MAX_DATA_XFER) as u64, count: chunk.len() as u64 };
-            self.ep.request(Command::DmaWrite, &a.encode(chunk), &[])?;
+        let chunk = self.chunk();
+        for (i, part) in data.chunks(chunk).enumerate() {
+            let a = DmaAccess { address: address.wrapping_add((i * chunk) as u64), count: part.len() as u64 };
+            self.ep.request(Command::DmaWrite, &a.encode(part), &[])?;
         }
         Ok(())
     }
 }
 
-fn handle(ep: &Endpoint, device: &mut dyn Device, m: Message) {
-    let h = m.header;
-    let req = match proto::decode_request(&h, &m.payload) {
-        Ok(r) => r,
-        Err(e) => return refuse(ep, &h, &e),
-    };
-    let result: Result<Vec<u8>, i32> = match req {
-        Request::Version(_) => Ok(Version::ours().encode()),
-        Request::DeviceGetInfo => Ok(device.info().encode()),
-        Request::DeviceGetRegionInfo(i) => device.region_info(i).map(|r| r.encode()).ok_or(libc::EINVAL),
-        Request::DeviceGetIrqInfo(i) => device.irq_info(i).map(|r| r.encode()).ok_or(libc::EINVAL),
-        Request::RegionRead(a) => {
-            let mut buf = vec![0u8; a.count as usize];
-            device.region_read(a.region, a.offset, &mut buf).map(|()| a.encode(&buf))
-        }
-        Request::RegionWrite(a, data) => device.region_write(a.region, a.offset, &data).map(|()| a.encode(&[])),
-        Request::DmaMap(map) => {
-            let mut fds = m.fds;
-            if fds.len() > 1 { Err(libc::EINVAL) } else { device.dma_map(&map, fds.pop()).map(|()| Vec::new()) }
-        }
-        Request::DmaUnmap(u) => device.dma_unmap(&u).map(|()| u.encode()),
-        Request::DeviceSetIrqs(s) => device.set_irqs(&s, m.fds).map(|()| Vec::new()),
-        Request::DeviceReset => device.reset().map(|()| Vec::new()),
-        Request::DmaRead(_) | Request::DmaWrite(..) | Request::Unsupported(_) => Err(libc::ENOTSUP),
-    };
-    if h.flags & proto::FLAG_NO_REPLY != 0 {
-        return;
-    }
-    let _ = match result {
-        Ok(payload) => ep.reply(&h, &payload),
-        Err(errno) => ep.reply_error(&h, errno),
-    };
+/// A refused device access to guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaFault;
+
+/// How a vfio-user device reaches guest memory: its windows first (in place), messages
+/// for the rest (the VMM checks each one).
+#[derive(Clone, Debug)]
+pub struct DeviceDma {
+    windows: DmaWindows,
+    messages: DmaMessages,
 }
 
-/// Serves `device` on `ep` until the VMM closes the connection (or dies); returns why
-/// it ended. Malformed requests get an error reply; a malformed header closes the
-/// connection.
-pub fn serve(ep: &Arc<Endpoint>, device: &mut dyn Device) -> Error {
-    ep.run(|m| handle(ep, device, m))
+impl DeviceDma {
+    /// Reads `buf.len()` bytes at IOVA `iova`.
+    pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
+        match self.windows.read(iova, buf) {
+            Local::Done => Ok(()),
+            Local::Fault => Err(DmaFault),
+            Local::NotHere => self.messages.read(iova, buf).map_err(|_| DmaFault),
+        }
+    }
+
+    /// Writes `data` at IOVA `iova`.
+    pub fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaFault> {
+        match self.windows.write(iova, data) {
+            Local::Done => Ok(()),
+            Local::Fault => Err(DmaFault),
+            Local::NotHere => self.messages.write(iova, data).map_err(|_| DmaFault),
+        }
+    }
+
+    /// Copies in place when both ranges lie in windows; `None` when the caller must
+    /// bounce the bytes through [`DeviceDma::read`] and [`DeviceDma::write`].
+    pub fn copy_in_place(&self, src: u64, dst: u64, len: u64) -> Option<Result<(), DmaFault>> {
+        match self.windows.copy(src, dst, len) {
+            Local::Done => Some(Ok(())),
+            Local::Fault => Some(Err(DmaFault)),
+            Local::NotHere => None,
+        }
+    }
+
+    /// The windows (for statistics and tests).
+    pub fn windows(&self) -> &DmaWindows {
+        &self.windows
+    }
+}
+
+/// Serves one device on one connection.
+pub struct Server {
+    ep: Arc<Endpoint>,
+    windows: DmaWindows,
+    messages: DmaMessages,
+}
+
+impl Server {
+    /// A server on `ep` accepting up to [`DEFAULT_MAX_DMA_MAPS`] DMA windows.
+    pub fn new(ep: Arc<Endpoint>) -> Server {
+        let messages = DmaMessages::new(Arc::clone(&ep));
+        Server { ep, windows: DmaWindows::new(DEFAULT_MAX_DMA_MAPS as usize), messages }
+    }
+
+    /// The handle the device reaches guest memory with.
+    pub fn dma(&self) -> DeviceDma {
+        DeviceDma { windows: self.windows.clone(), messages: self.messages.clone() }
+    }
+
+    /// The connection.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.ep
+    }
+
+    /// Serves `device` until the VMM closes the connection (or dies, or breaks the
+    /// protocol's framing); returns why it ended. On the way out every DMA window is
+    /// dropped, as the spec asks of a server whose client went away.
+    pub fn serve(&self, device: &mut dyn Device) -> Error {
+        let mut negotiated = false;
+        let why = self.ep.run(|m| self.handle(device, &mut negotiated, m));
+        let _ = self.windows.unmap(&proto::DmaUnmap { flags: proto::DMA_UNMAP_FLAG_ALL, address: 0, size: 0 });
+        why
+    }
+
+    fn handle(&self, device: &mut dyn Device, negotiated: &mut bool, m: Message) {
+        let h = m.header;
+        let req = match proto::decode_request(&h, &m.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                refuse(&self.ep, &h, &e);
+                if !*negotiated {
+                    self.ep.shutdown();
+                }
+                return;
+            }
+        };
+        if !*negotiated {
+            // The spec: the first message is VERSION; its major must be ours.
+            match &req {
+                Request::Version(v) if v.major == proto::VERSION_MAJOR => {
+                    let limits = v.limits();
+                    self.messages.xfer.store(limits.max_data_xfer_size, Ordering::Relaxed);
+                    *negotiated = true;
+                    let mut ours = Version::ours();
+                    ours.minor = ours.minor.min(v.minor);
+                    let _ = self.ep.reply(&h, &ours.encode());
+                }
+                Request::Version(v) => {
+                    tracing::warn!("vfio-user: client speaks {}.{}, not {}.x", v.major, v.minor, proto::VERSION_MAJOR);
+                    let _ = self.ep.reply_error(&h, libc::ENOTSUP);
+                    self.ep.shutdown();
+                }
+                _ => {
+                    tracing::warn!("vfio-user: command {} before VERSION; closing", h.command);
+                    let _ = self.ep.reply_error(&h, libc::EINVAL);
+                    self.ep.shutdown();
+                }
+            }
+            return;
+        }
+        let result: Result<Vec<u8>, i32> = match req {
+            Request::Version(_) => Err(libc::EINVAL), // negotiated once
+            Request::DeviceGetInfo => Ok(device.info().encode()),
+            Request::DeviceGetRegionInfo(i) => device.region_info(i).map(|r| r.encode()).ok_or(libc::EINVAL),
+            Request::DeviceGetIrqInfo(i) => device.irq_info(i).map(|r| r.encode()).ok_or(libc::EINVAL),
+            Request::RegionRead(a) => {
+                let mut buf = vec![0u8; a.count as usize];
+                device.region_read(a.region, a.offset, &mut buf).map(|()| a.encode(&buf))
+            }
+            Request::RegionWrite(a, data) => device.region_write(a.region, a.offset, &data).map(|()| a.encode(&[])),
+            Request::DmaMap(map) => {
+                let mut fds = m.fds;
+                if fds.len() > 1 { Err(libc::EINVAL) } else { self.windows.map(&map, fds.pop()).map(|()| Vec::new()) }
+            }
+            Request::DmaUnmap(u) => self.windows.unmap(&u).map(|()| u.encode()),
+            Request::DeviceSetIrqs(s) => device.set_irqs(&s, m.fds).map(|()| Vec::new()),
+            Request::DeviceReset => device.reset().map(|()| Vec::new()),
+            Request::DmaRead(_) | Request::DmaWrite(..) | Request::Unsupported(_) => Err(libc::ENOTSUP),
+        };
+        if h.flags & proto::FLAG_NO_REPLY != 0 {
+            if let Err(errno) = result {
+                tracing::debug!("vfio-user: command {} (no reply wanted) failed: errno {errno}", h.command);
+            }
+            return;
+        }
+        let _ = match result {
+            Ok(payload) => self.ep.reply(&h, &payload),
+            Err(errno) => self.ep.reply_error(&h, errno),
+        };
+    }
 }

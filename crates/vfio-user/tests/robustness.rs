@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 use vfio_user::client::{Client, DmaHandler};
 use vfio_user::endpoint::{Endpoint, Error};
-use vfio_user::proto::{self, Command, DeviceInfo, DmaAccess, DmaMap, DmaUnmap, Header, IrqInfo, RegionInfo, SetIrqs};
-use vfio_user::server::{self, Device};
+use vfio_user::proto::{self, Command, DeviceInfo, DmaAccess, DmaMap, Header, IrqInfo, RegionInfo, SetIrqs};
+use vfio_user::server::{Device, Server};
 
 /// A device with one 16-byte register region.
 #[derive(Default)]
@@ -37,12 +37,6 @@ impl Device for Regs {
         let o = offset as usize;
         let dst = self.0.get_mut(o..o + data.len()).filter(|_| region == 0).ok_or(libc::EINVAL)?;
         dst.copy_from_slice(data);
-        Ok(())
-    }
-    fn dma_map(&mut self, _map: &DmaMap, _fd: Option<File>) -> Result<(), i32> {
-        Ok(())
-    }
-    fn dma_unmap(&mut self, _u: &DmaUnmap) -> Result<(), i32> {
         Ok(())
     }
     fn set_irqs(&mut self, _s: &SetIrqs, _fds: Vec<File>) -> Result<(), i32> {
@@ -82,7 +76,7 @@ fn pair() -> Pair {
     let (a, b) = UnixStream::pair().unwrap();
     let server_ep = Endpoint::new(b);
     let ep = Arc::clone(&server_ep);
-    let server = std::thread::spawn(move || server::serve(&ep, &mut Regs::default()));
+    let server = std::thread::spawn(move || Server::new(ep).serve(&mut Regs::default()));
     let (tx, closed) = mpsc::channel();
     let on_close: vfio_user::client::OnClose = Box::new(move |why| {
         let _ = tx.send(why.to_string());

@@ -1,0 +1,295 @@
+//! The server's DMA windows: what DMA_MAP / DMA_UNMAP gave the device, following the
+//! rules of the spec and of libvfio-user.
+//!
+//! - A window is `[address, address + size)` with READ/WRITE permissions, backed by a
+//!   file the client sent (reached in place) or by nothing (reached by DMA_READ /
+//!   DMA_WRITE messages, which the client checks).
+//! - DMA_MAP over an existing window fails with EEXIST; no permission, or a file that
+//!   cannot back the window (too small, not mappable, read-only for a writable window)
+//!   fails with EINVAL / EACCES; more than [`DmaWindows::max`] windows with ENOSPC.
+//! - DMA_UNMAP must name one window exactly: nothing mapped there is ENOENT, a range
+//!   that cuts a window is EINVAL; the ALL flag removes every window. It returns only
+//!   when no access to the window is in flight (accesses hold the table's read lock;
+//!   unmap takes it for writing).
+//! - Each distinct file (device + inode) is mapped once, whole, however many windows
+//!   point into it: a guest that maps one page ten thousand times costs the device
+//!   no descriptor and no mapping beyond the first (descriptors are closed at once).
+//! - Permissions are checked on every access: a device cannot read a write-only
+//!   window through its mapping of the file.
+
+use crate::mapping::FileMapping;
+use crate::proto::{DMA_READ_FLAG, DMA_UNMAP_FLAG_ALL, DMA_WRITE_FLAG, DmaMap, DmaUnmap};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, RwLock, RwLockReadGuard, Weak};
+
+/// Most bytes copied under one hold of the table (an unmap waits for one chunk at most).
+pub const ACCESS_CHUNK: usize = 1 << 20;
+
+#[derive(Clone, Debug)]
+struct Window {
+    size: u64,
+    flags: u32,
+    /// The file mapping and the window's offset in it; None: reached by messages.
+    backing: Option<(Arc<FileMapping>, u64)>,
+}
+
+#[derive(Default)]
+struct Table {
+    windows: BTreeMap<u64, Window>,
+    files: HashMap<(u64, u64), Vec<Weak<FileMapping>>>,
+}
+
+/// What a local access found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Local {
+    /// Done in place.
+    Done,
+    /// Refused: the window does not allow it, or its file shrank under it.
+    Fault,
+    /// Not covered by one file-backed window: ask the client (messages).
+    NotHere,
+}
+
+/// A device's DMA windows, shared by its threads.
+#[derive(Clone)]
+pub struct DmaWindows {
+    table: Arc<RwLock<Table>>,
+    max: usize,
+}
+
+impl std::fmt::Debug for DmaWindows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaWindows").field("windows", &self.len()).field("max", &self.max).finish()
+    }
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// (device, inode, size, writable descriptor, sealed against shrinking) of `fd`.
+fn inspect(fd: &File) -> Result<((u64, u64), u64, bool, bool), i32> {
+    // SAFETY: fstat writes only into the zeroed struct we pass.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is open (we own it); st is valid for writes.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(errno());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(libc::EINVAL); // only files (memfds included) back DMA windows
+    }
+    // SAFETY: F_GETFL / F_GET_SEALS on an open descriptor; no memory is passed.
+    let (fl, seals) =
+        unsafe { (libc::fcntl(fd.as_raw_fd(), libc::F_GETFL), libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS)) };
+    let writable = fl >= 0 && fl & libc::O_ACCMODE == libc::O_RDWR;
+    let sealed = seals > 0 && seals & libc::F_SEAL_SHRINK != 0;
+    Ok(((st.st_dev, st.st_ino), u64::try_from(st.st_size).unwrap_or(0), writable, sealed))
+}
+
+impl DmaWindows {
+    /// An empty table holding at most `max` windows.
+    pub fn new(max: usize) -> DmaWindows {
+        DmaWindows { table: Arc::default(), max }
+    }
+
+    /// Most windows held at once.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    fn read_table(&self) -> RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Windows held.
+    pub fn len(&self) -> usize {
+        self.read_table().windows.len()
+    }
+
+    /// True when no window is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Distinct file mappings held (one per file, whatever the number of windows).
+    pub fn mapped_files(&self) -> usize {
+        let t = self.read_table();
+        let mut seen: Vec<*const FileMapping> =
+            t.windows.values().filter_map(|w| w.backing.as_ref().map(|(m, _)| Arc::as_ptr(m))).collect();
+        seen.sort();
+        seen.dedup();
+        seen.len()
+    }
+
+    /// DMA_MAP. Errors are errnos for the reply.
+    pub fn map(&self, m: &DmaMap, fd: Option<File>) -> Result<(), i32> {
+        if m.flags & (DMA_READ_FLAG | DMA_WRITE_FLAG) == 0 {
+            return Err(libc::EINVAL);
+        }
+        let end = m.address.checked_add(m.size).filter(|_| m.size > 0).ok_or(libc::EINVAL)?;
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if t.windows.range(..end).next_back().is_some_and(|(a, w)| a + w.size > m.address) {
+            return Err(libc::EEXIST);
+        }
+        if t.windows.len() >= self.max {
+            return Err(libc::ENOSPC);
+        }
+        let backing = match fd {
+            None => None,
+            Some(fd) => Some(Self::back(&mut t, m, &fd)?),
+        };
+        t.windows.insert(m.address, Window { size: m.size, flags: m.flags, backing });
+        Ok(())
+    }
+
+    /// Finds or makes the mapping of `fd`'s file that backs window `m`.
+    fn back(t: &mut Table, m: &DmaMap, fd: &File) -> Result<(Arc<FileMapping>, u64), i32> {
+        let (id, size, fd_writable, sealed) = inspect(fd)?;
+        let need_end = m.offset.checked_add(m.size).ok_or(libc::EINVAL)?;
+        if need_end > size {
+            return Err(libc::EINVAL); // the file cannot back the window: refuse now, not SIGBUS later
+        }
+        let want_write = m.flags & DMA_WRITE_FLAG != 0;
+        if want_write && !fd_writable {
+            return Err(libc::EACCES);
+        }
+        let list = t.files.entry(id).or_default();
+        list.retain(|w| w.strong_count() > 0);
+        let found = list
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|f| f.len() as u64 >= need_end && (f.writable() || !want_write) && !f.is_broken());
+        let mapping = match found {
+            Some(f) => f,
+            None => {
+                let len = usize::try_from(size).map_err(|_| libc::EINVAL)?;
+                let f = Arc::new(
+                    FileMapping::new(fd, len, id, fd_writable, sealed)
+                        .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOMEM))?,
+                );
+                list.push(Arc::downgrade(&f));
+                f
+            }
+        };
+        Ok((mapping, m.offset))
+    }
+
+    /// DMA_UNMAP: returns when no access to the window is in flight.
+    pub fn unmap(&self, u: &DmaUnmap) -> Result<(), i32> {
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if u.flags & DMA_UNMAP_FLAG_ALL != 0 {
+            t.windows.clear();
+            t.files.clear();
+            return Ok(());
+        }
+        let end = u.address.checked_add(u.size).ok_or(libc::EINVAL)?;
+        match t.windows.get(&u.address) {
+            Some(w) if w.size == u.size => {
+                t.windows.remove(&u.address);
+                Ok(())
+            }
+            Some(_) => Err(libc::EINVAL),
+            None => {
+                let overlaps = t.windows.range(..end).next_back().is_some_and(|(a, w)| a + w.size > u.address);
+                Err(if overlaps { libc::EINVAL } else { libc::ENOENT })
+            }
+        }
+    }
+
+    /// Host address of `[iova, iova + len)` if one file-backed window covers it and
+    /// allows `flag`; `Err(Local)` says why not.
+    fn find(t: &Table, iova: u64, len: u64, flag: u32) -> Result<(usize, &Arc<FileMapping>), Local> {
+        let (start, w) = t.windows.range(..=iova).next_back().ok_or(Local::NotHere)?;
+        let off = iova - start;
+        if off.checked_add(len).is_none_or(|e| e > w.size) {
+            return Err(Local::NotHere);
+        }
+        let Some((mapping, base)) = &w.backing else { return Err(Local::NotHere) };
+        if w.flags & flag == 0 {
+            return Err(Local::NotHere); // the client checks and records the fault
+        }
+        if mapping.is_broken() {
+            return Err(Local::Fault);
+        }
+        Ok((mapping.addr(base + off), mapping))
+    }
+
+    /// Where a whole access would go: one file-backed window must cover all of it.
+    fn whole(&self, iova: u64, len: u64, flag: u32) -> Local {
+        match Self::find(&self.read_table(), iova, len, flag) {
+            Ok(_) => Local::Done,
+            Err(why) => why,
+        }
+    }
+
+    /// Reads in place if one window covers the range. Longer than [`ACCESS_CHUNK`]:
+    /// checked whole, then copied a chunk per hold of the table; an unmap racing with
+    /// it cuts it short (a fault), as on hardware.
+    pub fn read(&self, iova: u64, buf: &mut [u8]) -> Local {
+        let whole = self.whole(iova, buf.len() as u64, DMA_READ_FLAG);
+        if whole != Local::Done {
+            return whole;
+        }
+        for (i, chunk) in buf.chunks_mut(ACCESS_CHUNK).enumerate() {
+            let at = iova.wrapping_add((i * ACCESS_CHUNK) as u64);
+            let t = self.read_table();
+            let Ok((p, mapping)) = Self::find(&t, at, chunk.len() as u64, DMA_READ_FLAG) else { return Local::Fault };
+            // SAFETY: `find` checked the range lies in a live window whose mapping is
+            // held by the table, and the read lock keeps it there across the copy; a
+            // SIGBUS inside it is absorbed (mapping.rs) and reported just below.
+            unsafe { std::ptr::copy_nonoverlapping(p as *const u8, chunk.as_mut_ptr(), chunk.len()) };
+            if mapping.is_broken() {
+                return Local::Fault;
+            }
+        }
+        Local::Done
+    }
+
+    /// Writes in place if one writable window covers the range (chunked as `read`).
+    pub fn write(&self, iova: u64, data: &[u8]) -> Local {
+        let whole = self.whole(iova, data.len() as u64, DMA_WRITE_FLAG);
+        if whole != Local::Done {
+            return whole;
+        }
+        for (i, chunk) in data.chunks(ACCESS_CHUNK).enumerate() {
+            let at = iova.wrapping_add((i * ACCESS_CHUNK) as u64);
+            let t = self.read_table();
+            let Ok((p, mapping)) = Self::find(&t, at, chunk.len() as u64, DMA_WRITE_FLAG) else { return Local::Fault };
+            // SAFETY: as in `read`, for a window that allows writes (its mapping was
+            // made writable: `back` refuses writable windows on read-only files).
+            unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), p as *mut u8, chunk.len()) };
+            if mapping.is_broken() {
+                return Local::Fault;
+            }
+        }
+        Local::Done
+    }
+
+    /// Copies in place if the source and the destination each lie in one window
+    /// (chunked as `read`).
+    pub fn copy(&self, src: u64, dst: u64, len: u64) -> Local {
+        for w in [self.whole(src, len, DMA_READ_FLAG), self.whole(dst, len, DMA_WRITE_FLAG)] {
+            if w != Local::Done {
+                return w;
+            }
+        }
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(ACCESS_CHUNK as u64);
+            let t = self.read_table();
+            let from = Self::find(&t, src.wrapping_add(done), n, DMA_READ_FLAG);
+            let to = Self::find(&t, dst.wrapping_add(done), n, DMA_WRITE_FLAG);
+            let (Ok((f, fm)), Ok((d, dm))) = (from, to) else { return Local::Fault };
+            // SAFETY: both ranges checked inside live windows held by the read lock;
+            // overlap is allowed (memmove semantics, as a device copy within memory).
+            unsafe { std::ptr::copy(f as *const u8, d as *mut u8, n as usize) };
+            if fm.is_broken() || dm.is_broken() {
+                return Local::Fault;
+            }
+            done += n;
+        }
+        Local::Done
+    }
+}
