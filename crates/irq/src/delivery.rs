@@ -1,6 +1,8 @@
 //! The VMM's delivery thread: one per registry, an epoll over the eventfds of sources
-//! in VMM mode. It takes the registry's state lock for each event, so a delivery never
-//! overlaps a mode switch or a detach of the same source.
+//! in VMM mode. For each event it reads the eventfd under the registry's state lock
+//! (so it never overlaps a mode switch of the same source) and injects one interrupt,
+//! whatever the counter held (a device cannot turn one write of 2^64-2 into as many
+//! interrupts), with only the injection lock held.
 
 use crate::chip::{GuestIrq, IrqChip};
 use crate::registry::{Entry, State};
@@ -35,6 +37,10 @@ struct Tokens {
 pub(crate) struct Shared {
     pub(crate) chip: Arc<dyn IrqChip>,
     state: Mutex<State>,
+    /// Held by the delivery thread while it injects (taken before it lets the state
+    /// lock go); teardown takes it to wait for an injection in flight. Order: state ->
+    /// injection.
+    injection: Mutex<()>,
     epoll: Epoll,
     tokens: Mutex<Tokens>,
     /// Sources that could not be watched (epoll_ctl failed): polled every millisecond.
@@ -47,6 +53,7 @@ impl Shared {
         Ok(Shared {
             chip,
             state: Mutex::new(State { entries: HashMap::new(), gsi_used: BTreeSet::new() }),
+            injection: Mutex::new(()),
             epoll: Epoll::new()?,
             tokens: Mutex::new(Tokens::default()),
             fallback: Mutex::new(BTreeSet::new()),
@@ -56,6 +63,10 @@ impl Shared {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn injecting(&self) -> MutexGuard<'_, ()> {
+        self.injection.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn watch(&self, fd: RawFd, token: Token) -> io::Result<()> {
@@ -105,25 +116,46 @@ pub(crate) fn drain(fd: &EventFd) -> u64 {
     fd.read().unwrap_or(0)
 }
 
-/// Delivers `n` interrupts of `entry` through the VMM path.
-pub(crate) fn deliver(shared: &Shared, entry: &mut Entry, n: u64) {
-    let id = &entry.source.id;
-    let result = match entry.guest {
-        GuestIrq::Msi(msi) => (0..n).try_for_each(|_| shared.chip.signal_msi(msi)),
-        GuestIrq::Edge(gsi) => (0..n).try_for_each(|_| {
-            shared.chip.set_irq_line(gsi, true)?;
-            shared.chip.set_irq_line(gsi, false)
-        }),
+/// Where one VMM-path injection goes, captured under the state lock.
+pub(crate) enum Target {
+    Msi(crate::MsiMessage),
+    Edge(u32),
+    Level(Arc<EventFd>),
+}
+
+/// Records one delivery of `entry` (however many signals its eventfd counted: as KVM's
+/// irqfd does, one wake-up is one interrupt) and says where it goes.
+pub(crate) fn target(entry: &mut Entry) -> Option<Target> {
+    let t = match entry.guest {
+        GuestIrq::Msi(msi) => Target::Msi(msi),
+        GuestIrq::Edge(gsi) => Target::Edge(gsi),
         // A level line is raised once however often the device wrote; KVM lowers it
         // at the guest's EOI and the relay's resample tells us.
-        GuestIrq::Level(_) => match &entry.relay {
-            Some(relay) => relay.trigger.write(1),
-            None => Ok(()),
-        },
+        GuestIrq::Level(_) => Target::Level(Arc::clone(&entry.relay.as_ref()?.trigger)),
     };
-    match result {
-        Ok(()) => entry.vmm_delivered += n,
-        Err(e) => tracing::error!("IRQ source {id}: VMM delivery failed: {e}"),
+    entry.vmm_delivered += 1;
+    Some(t)
+}
+
+/// Injects one interrupt.
+pub(crate) fn inject(chip: &dyn IrqChip, target: &Target) -> io::Result<()> {
+    match target {
+        Target::Msi(msi) => chip.signal_msi(*msi),
+        Target::Edge(gsi) => {
+            chip.set_irq_line(*gsi, true)?;
+            chip.set_irq_line(*gsi, false)
+        }
+        Target::Level(relay) => relay.write(1),
+    }
+}
+
+/// Delivers what `entry` has pending now, with the state lock held (mode switches).
+pub(crate) fn deliver_pending(shared: &Shared, entry: &mut Entry) {
+    if drain(entry.source.trigger_fd()) > 0
+        && let Some(t) = target(entry)
+        && let Err(e) = inject(shared.chip.as_ref(), &t)
+    {
+        tracing::error!("IRQ source {}: VMM delivery failed: {e}", entry.source.id);
     }
 }
 
@@ -132,12 +164,19 @@ fn handle(shared: &Shared, token: &Token) {
     match token {
         Token::Stop => {}
         Token::Trigger(id) => {
-            if let Some(entry) = st.entries.get_mut(id) {
-                let n = drain(entry.source.trigger_fd());
-                if n > 0 {
-                    deliver(shared, entry, n);
-                }
+            let Some(entry) = st.entries.get_mut(id) else { return };
+            if drain(entry.source.trigger_fd()) == 0 {
+                return;
             }
+            let Some(t) = target(entry) else { return };
+            // Hand over from the state lock to the injection lock: registry calls go on
+            // while we inject, and a detach waits for this injection before it returns.
+            let guard = shared.injecting();
+            drop(st);
+            if let Err(e) = inject(shared.chip.as_ref(), &t) {
+                tracing::error!("IRQ source {id}: VMM delivery failed: {e}");
+            }
+            drop(guard);
         }
         Token::Resample(id) => {
             // Forward the EOI count as read: the device learns of every EOI.

@@ -24,3 +24,9 @@ mod source;
 pub use chip::{GuestIrq, IrqChip, MsiMessage};
 pub use registry::{IrqCounts, IrqError, IrqRegistry, Mode, SourceStats};
 pub use source::{IrqSource, SourceId, Trigger};
+
+/// A non-blocking, close-on-exec eventfd: every eventfd of the VMM is created this way,
+/// so none leaks into a device process it spawns.
+pub fn eventfd() -> std::io::Result<vmm_sys_util::eventfd::EventFd> {
+    vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+}

@@ -23,7 +23,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Who delivers a source's interrupts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -87,7 +87,8 @@ pub enum IrqError {
 /// Relay eventfds of a level source delivered by the VMM: the VMM raises the line by
 /// writing `trigger` (a resample irqfd) and learns of the guest's EOI from `resample`.
 pub(crate) struct Relay {
-    pub(crate) trigger: EventFd,
+    /// Shared with an injection in flight on the delivery thread.
+    pub(crate) trigger: Arc<EventFd>,
     pub(crate) resample: EventFd,
 }
 
@@ -156,7 +157,7 @@ pub struct IrqRegistry {
 impl IrqRegistry {
     /// A registry over `chip`; sources attach in `default_mode` unless told otherwise.
     pub fn new(chip: Arc<dyn IrqChip>, default_mode: Mode) -> io::Result<IrqRegistry> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop = crate::eventfd()?;
         let shared = Arc::new(Shared::new(chip)?);
         shared.watch(stop.as_raw_fd(), Token::Stop)?;
         let s = Arc::clone(&shared);
@@ -371,10 +372,7 @@ impl IrqRegistry {
         let gsi = entry.kvm_gsi().ok_or_else(|| IrqError::NoGsi(id.clone()))?;
         // Anything that arrived while nobody watched is delivered now, by the VMM.
         if !matches!(entry.guest, GuestIrq::Level(_)) {
-            let n = delivery::drain(entry.source.trigger_fd());
-            if n > 0 {
-                delivery::deliver(&self.shared, entry, n);
-            }
+            delivery::deliver_pending(&self.shared, entry);
         }
         self.shared
             .chip
@@ -395,8 +393,8 @@ impl IrqRegistry {
         let id = entry.source.id.clone();
         if let GuestIrq::Level(gsi) = entry.guest {
             let relay = Relay {
-                trigger: EventFd::new(EFD_NONBLOCK).map_err(Self::chip_err(&id, "creating relay eventfds"))?,
-                resample: EventFd::new(EFD_NONBLOCK).map_err(Self::chip_err(&id, "creating relay eventfds"))?,
+                trigger: Arc::new(crate::eventfd().map_err(Self::chip_err(&id, "creating relay eventfds"))?),
+                resample: crate::eventfd().map_err(Self::chip_err(&id, "creating relay eventfds"))?,
             };
             self.shared
                 .chip
@@ -441,12 +439,15 @@ impl IrqRegistry {
         }
     }
 
-    /// Infallible teardown of one detached entry.
+    /// Infallible teardown of one detached entry (state lock held). Waits for an
+    /// injection of it that the delivery thread may have in flight: after a detach
+    /// returns, nothing more of the source reaches the guest.
     fn teardown(&self, st: &mut State, entry: &mut Entry) {
         match entry.mode {
             Mode::Forwarded => self.stop_forwarded(entry),
             Mode::Vmm => self.stop_vmm(entry),
         }
+        drop(self.shared.injecting());
         self.release_route(st, entry);
     }
 }

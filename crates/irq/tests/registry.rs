@@ -206,21 +206,28 @@ fn switching_while_firing_loses_and_duplicates_nothing() {
     let (src, writer) = msi_source("storm");
     let id = src.id.clone();
     reg.attach(src, GuestIrq::Msi(MsiMessage::fixed(0, 0x40)), Arc::new(Device)).unwrap();
-    const N: u64 = 200_000;
-    let firing = std::thread::spawn(move || {
-        for _ in 0..N {
-            writer.write(1).unwrap();
-        }
-    });
+    const N: u64 = 5_000;
+    let total = {
+        let chip = chip.clone();
+        move || chip.kvm_delivered.load(Ordering::Relaxed) + chip.vmm_msis.load(Ordering::Relaxed)
+    };
+    // Each interrupt waits for the previous one to arrive (as a driver acknowledging
+    // it would): then delivery is exact whatever path each one took.
+    let firing = {
+        let total = total.clone();
+        std::thread::spawn(move || {
+            for i in 0..N {
+                writer.write(1).unwrap();
+                assert!(wait_until(|| total() > i), "interrupt {i} was lost");
+            }
+        })
+    };
     let mut switches = 0;
     while !firing.is_finished() || switches < 2000 {
         reg.set_mode(&id, if switches % 2 == 0 { Mode::Vmm } else { Mode::Forwarded }).unwrap();
         switches += 1;
     }
     firing.join().unwrap();
-    reg.forward(&id).ok();
-    let total = || chip.kvm_delivered.load(Ordering::Relaxed) + chip.vmm_msis.load(Ordering::Relaxed);
-    assert!(wait_until(|| total() >= N), "delivered {} of {N}", total());
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(total(), N, "nothing lost, nothing duplicated across {switches} switches");
     assert!(chip.vmm_msis.load(Ordering::Relaxed) > 0 && chip.kvm_delivered.load(Ordering::Relaxed) > 0);
@@ -228,6 +235,95 @@ fn switching_while_firing_loses_and_duplicates_nothing() {
     drop(reg);
     chip.stop.store(true, Ordering::Relaxed);
     t.join().unwrap();
+}
+
+#[test]
+fn one_huge_eventfd_write_is_one_interrupt_in_vmm_mode() {
+    let _s = serial();
+    let (chip, t) = MockChip::start();
+    let reg = IrqRegistry::new(chip.clone(), Mode::Vmm).unwrap();
+    let (src, writer) = msi_source("storm");
+    let id = src.id.clone();
+    reg.attach(src, GuestIrq::Msi(MsiMessage::fixed(0, 0x40)), Arc::new(Device)).unwrap();
+    // The largest count an eventfd holds: the device asks for 2^64-2 interrupts at once.
+    writer.write(u64::MAX - 1).unwrap();
+    assert!(wait_until(|| chip.vmm_msis.load(Ordering::Relaxed) >= 1));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(chip.vmm_msis.load(Ordering::Relaxed), 1, "one wake-up, one injection (as KVM's irqfd)");
+    assert_eq!(reg.stats(&id).unwrap().vmm_delivered, 1);
+    writer.write(1).unwrap();
+    assert!(wait_until(|| chip.vmm_msis.load(Ordering::Relaxed) == 2), "the next write is the next interrupt");
+    drop(reg);
+    chip.stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+}
+
+/// A chip whose MSI injection blocks until the test lets it go.
+struct SlowChip {
+    inner: Arc<MockChip>,
+    entered: Mutex<std::sync::mpsc::Sender<()>>,
+    release: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl IrqChip for SlowChip {
+    fn assign_irqfd(&self, fd: &EventFd, gsi: u32, r: Option<&EventFd>) -> io::Result<()> {
+        self.inner.assign_irqfd(fd, gsi, r)
+    }
+    fn deassign_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()> {
+        self.inner.deassign_irqfd(fd, gsi)
+    }
+    fn set_msi_route(&self, gsi: u32, msi: MsiMessage) -> io::Result<()> {
+        self.inner.set_msi_route(gsi, msi)
+    }
+    fn remove_msi_route(&self, gsi: u32) -> io::Result<()> {
+        self.inner.remove_msi_route(gsi)
+    }
+    fn signal_msi(&self, msi: MsiMessage) -> io::Result<()> {
+        let _ = self.entered.lock().unwrap().send(());
+        let _ = self.release.lock().unwrap().recv_timeout(Duration::from_secs(10));
+        self.inner.signal_msi(msi)
+    }
+    fn set_irq_line(&self, gsi: u32, level: bool) -> io::Result<()> {
+        self.inner.set_irq_line(gsi, level)
+    }
+}
+
+#[test]
+fn the_registry_answers_while_an_injection_is_in_flight_and_detach_waits_for_it() {
+    let _s = serial();
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let inner = Arc::new(MockChip::default());
+    let chip =
+        Arc::new(SlowChip { inner: inner.clone(), entered: Mutex::new(entered_tx), release: Mutex::new(release_rx) });
+    let reg = Arc::new(IrqRegistry::new(chip, Mode::Vmm).unwrap());
+    let (src, writer) = msi_source("slow");
+    let id = src.id.clone();
+    reg.attach(src, GuestIrq::Msi(MsiMessage::fixed(0, 0x40)), Arc::new(Device)).unwrap();
+    writer.write(1).unwrap();
+    entered.recv_timeout(Duration::from_secs(10)).unwrap(); // the injection is in flight
+    // Registry calls from other threads (a vCPU reprogramming an MSI) still complete.
+    let r = Arc::clone(&reg);
+    let i = id.clone();
+    let answer = std::thread::spawn(move || {
+        r.set_msi(&i, MsiMessage::fixed(0, 0x41)).unwrap();
+        r.stats(&i).unwrap().vmm_delivered
+    });
+    let t = Instant::now();
+    while !answer.is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(5), "the registry is blocked by an injection");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(answer.join().unwrap(), 1);
+    // A detach started now returns only after the injection finished.
+    let r = Arc::clone(&reg);
+    let i = id.clone();
+    let detach = std::thread::spawn(move || r.detach(&i).unwrap());
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!detach.is_finished(), "detach returned while its source was still being injected");
+    release.send(()).unwrap();
+    detach.join().unwrap();
+    assert_eq!(inner.vmm_msis.load(Ordering::Relaxed), 1);
 }
 
 #[test]
