@@ -182,8 +182,18 @@ struct DmaReport {
     translate_miss_ns: f64,
     map_unmap_4k_ns: f64,
     map_unmap_2m_ns: f64,
+    unmap_during_copy: UnmapFigure,
     copy: Vec<CopyFigure>,
     scaling: Vec<ScaleFigure>,
+}
+
+/// Unmap latency of an unrelated mapping while a long copy runs in the same domain.
+#[derive(Serialize, Debug)]
+struct UnmapFigure {
+    copy_mib: u64,
+    median_ns: f64,
+    p99_ns: f64,
+    unmaps: usize,
 }
 
 fn goal(ok: bool) -> &'static str {
@@ -197,6 +207,8 @@ fn dma_bench(quick: bool, json: Option<PathBuf>) -> Result<ExitCode, String> {
     let miss = dma::bench::translate_miss(1_000_000 / k, 10);
     let mu4k = dma::bench::map_unmap(500_000 / k, 4096);
     let mu2m = dma::bench::map_unmap(500_000 / k, 2 << 20);
+    let copy_mib = if quick { 64 } else { 512 };
+    let (unmap_med, unmap_p99, unmap_n) = dma::bench::unmap_during_copy(copy_mib << 20);
     let copy: Vec<CopyFigure> =
         [(4096usize, 200_000u64, 1u64), (4096, 200_000, 8), (64 << 10, 20_000, 1), (1 << 20, 1_000, 1)]
             .into_iter()
@@ -220,6 +232,7 @@ fn dma_bench(quick: bool, json: Option<PathBuf>) -> Result<ExitCode, String> {
         translate_miss_ns: miss,
         map_unmap_4k_ns: mu4k,
         map_unmap_2m_ns: mu2m,
+        unmap_during_copy: UnmapFigure { copy_mib, median_ns: unmap_med, p99_ns: unmap_p99, unmaps: unmap_n },
         copy,
         scaling,
     };
@@ -236,6 +249,9 @@ fn dma_bench(quick: bool, json: Option<PathBuf>) -> Result<ExitCode, String> {
     row("translate 64 B, IOTLB miss (10 mappings)", r.translate_miss_ns, None);
     row("map + unmap 4 KiB", r.map_unmap_4k_ns, Some(200.0));
     row("map + unmap 2 MiB", r.map_unmap_2m_ns, None);
+    let u = &r.unmap_during_copy;
+    row(&format!("unmap 4 KiB while a {} MiB copy runs (median)", u.copy_mib), u.median_ns, Some(100_000.0));
+    row(&format!("  same, 99th percentile ({} unmaps)", u.unmaps), u.p99_ns, None);
     println!();
     println!("{:<24} {:>12} {:>12} {:>8}   goal", "copy (per section)", "DmaSpace ns", "memcpy ns", "ratio");
     for c in &r.copy {
@@ -428,18 +444,9 @@ fn devices_bench(bytes: u64, json: Option<PathBuf>) -> Result<ExitCode, String> 
     use vmm::DmaFrontend;
     use vmm::assigned::IommuMode;
     let backends = [
-        (
-            "in process",
-            DeviceArg::DmaEngine { mode: IommuMode::SharedFd, inline: true, frontend: DmaFrontend::Identity },
-        ),
-        (
-            "vfio-user shared fd",
-            DeviceArg::DmaEngine { mode: IommuMode::SharedFd, inline: false, frontend: DmaFrontend::Identity },
-        ),
-        (
-            "vfio-user messages",
-            DeviceArg::DmaEngine { mode: IommuMode::Messages, inline: false, frontend: DmaFrontend::Identity },
-        ),
+        ("in process", DeviceArg::engine(IommuMode::SharedFd, true, DmaFrontend::Identity)),
+        ("vfio-user shared fd", DeviceArg::engine(IommuMode::SharedFd, false, DmaFrontend::Identity)),
+        ("vfio-user messages", DeviceArg::engine(IommuMode::Messages, false, DmaFrontend::Identity)),
     ];
     let mut figures = Vec::new();
     for (backend, arg) in backends {
@@ -448,7 +455,7 @@ fn devices_bench(bytes: u64, json: Option<PathBuf>) -> Result<ExitCode, String> 
         config.locked_memory = Some(64 << 20);
         config.serial_out = Box::new(std::io::sink());
         let vm = Vm::new(config).map_err(|e| e.to_string())?;
-        let child = crate::device::attach(&vm, &arg)?;
+        crate::device::attach(&vm, &arg)?;
         for size in [4096u64, 64 << 10, 1 << 20] {
             let copies = (bytes / size).max(1);
             drive_engine(&vm, size, copies.min(64))?; // warm up
@@ -464,9 +471,6 @@ fn devices_bench(bytes: u64, json: Option<PathBuf>) -> Result<ExitCode, String> 
             });
         }
         drop(vm);
-        if let Some(mut c) = child {
-            let _ = c.wait();
-        }
     }
     println!("passthru bench devices: DMA engine COPY from a host-side driver (no vCPU), batches of {BATCH}, one run");
     println!(
@@ -516,14 +520,14 @@ struct PvdmaReport {
     guest_null_ns: f64,
 }
 
-fn pvdma_vm(accel: AccelKind, device: crate::device::DeviceArg) -> Result<(Vm, Option<std::process::Child>), String> {
+fn pvdma_vm(accel: AccelKind, device: crate::device::DeviceArg) -> Result<Vm, String> {
     let mut config = VmConfig::new(accel);
     config.memory = 256 << 20;
     config.locked_memory = Some(256 << 20);
     config.serial_out = Box::new(std::io::sink());
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
-    let child = crate::device::attach(&vm, &device)?;
-    Ok((vm, child))
+    crate::device::attach(&vm, &device)?;
+    Ok(vm)
 }
 
 /// Times `n` MAPs of distinct 4 KiB pages, then their UNMAPs, through the hypercall
@@ -560,11 +564,11 @@ fn pvdma_bench(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, Strin
     use vmm::DmaFrontend;
     use vmm::assigned::IommuMode;
     let n = iterations.max(1);
-    let inline = DeviceArg::DmaEngine { mode: IommuMode::SharedFd, inline: true, frontend: DmaFrontend::Paravirtual };
-    let remote = DeviceArg::DmaEngine { mode: IommuMode::SharedFd, inline: false, frontend: DmaFrontend::Paravirtual };
+    let inline = DeviceArg::engine(IommuMode::SharedFd, true, DmaFrontend::Paravirtual);
+    let remote = DeviceArg::engine(IommuMode::SharedFd, false, DmaFrontend::Paravirtual);
     let mut r = PvdmaReport { iterations: n, ..Default::default() };
 
-    let (vm, _) = pvdma_vm(AccelKind::Qtest, inline.clone())?;
+    let vm = pvdma_vm(AccelKind::Qtest, inline.clone())?;
     time_map_unmap(&vm, n.min(1000))?; // warm up the allocator's caches
     (r.map_ns, r.unmap_ns) = time_map_unmap(&vm, n)?;
     // A 512-entry list of distinct pages at 64 MiB, list itself at 48 MiB.
@@ -595,16 +599,13 @@ fn pvdma_bench(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, Strin
     r.unmap_sg_ns_per_page = unmap_sg.as_nanos() as f64 / (rounds * pv::MAX_SG) as f64;
     drop(vm);
 
-    let (vm, child) = pvdma_vm(AccelKind::Qtest, remote)?;
+    let vm = pvdma_vm(AccelKind::Qtest, remote)?;
     (r.map_ns_device_process, r.unmap_ns_device_process) = time_map_unmap(&vm, n.min(2000))?;
     drop(vm);
-    if let Some(mut c) = child {
-        let _ = c.wait();
-    }
 
     let guest_n = n.min(1024);
     let elf = crate::run::load_guest("pvdma")?;
-    let (vm, _) = pvdma_vm(AccelKind::Kvm, inline)?;
+    let vm = pvdma_vm(AccelKind::Kvm, inline)?;
     let status = vm.run_guest_with_args(&elf, &[1, guest_n]).map_err(|e| e.to_string())?;
     if status != 0 {
         return Err(format!("the pvdma guest's benchmark failed with status {status}"));

@@ -4,15 +4,18 @@
 use clap::{Args, Subcommand};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vmm::assigned::IommuMode;
+use std::time::Duration;
+use vmm::assigned::{DEFAULT_DEVICE_TIMEOUT, IommuMode, RemoteSpec};
+use vmm::process::DeviceProcess;
 use vmm::{DeviceSpec, DmaFrontend, Vm};
 
 /// A parsed `--device` value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceArg {
-    /// `dma-engine[,dma=identity|pvdma][,iommu-mode=shared|messages][,process=child|inline]`
+    /// `dma-engine[,dma=identity|pvdma][,iommu-mode=shared|messages][,process=child|inline][,timeout=T]`
     DmaEngine {
         /// How a device process reaches guest memory.
         mode: IommuMode,
@@ -20,8 +23,10 @@ pub enum DeviceArg {
         inline: bool,
         /// Who programs its DMA domain.
         frontend: DmaFrontend,
+        /// Deadline of every exchange with the device process.
+        timeout: Duration,
     },
-    /// `vfio-user,socket=PATH[,dma=...][,iommu-mode=shared|messages]`: a running server.
+    /// `vfio-user,socket=PATH[,dma=...][,iommu-mode=shared|messages][,timeout=T]`: a running server.
     VfioUser {
         /// The server's socket.
         socket: PathBuf,
@@ -29,7 +34,27 @@ pub enum DeviceArg {
         mode: IommuMode,
         /// Who programs its DMA domain.
         frontend: DmaFrontend,
+        /// Deadline of every exchange with the server.
+        timeout: Duration,
     },
+}
+
+impl DeviceArg {
+    /// A DMA engine with the default timeout.
+    pub fn engine(mode: IommuMode, inline: bool, frontend: DmaFrontend) -> DeviceArg {
+        DeviceArg::DmaEngine { mode, inline, frontend, timeout: DEFAULT_DEVICE_TIMEOUT }
+    }
+}
+
+/// Parses a duration: milliseconds with `ms`, seconds with `s` (or a bare number).
+fn parse_duration(v: &str) -> Result<Duration, String> {
+    let bad = || format!("timeout={v}: write e.g. timeout=500ms or timeout=5s");
+    let d = if let Some(ms) = v.strip_suffix("ms") {
+        Duration::from_millis(ms.parse().map_err(|_| bad())?)
+    } else {
+        Duration::from_secs(v.strip_suffix('s').unwrap_or(v).parse().map_err(|_| bad())?)
+    };
+    if d.is_zero() || d > Duration::from_secs(3600) { Err(bad()) } else { Ok(d) }
 }
 
 /// Parses a `--device` value.
@@ -37,6 +62,7 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
     let mut parts = s.split(',');
     let kind = parts.next().unwrap_or_default();
     let (mut mode, mut inline, mut socket, mut frontend) = (IommuMode::SharedFd, false, None, DmaFrontend::Identity);
+    let mut timeout = DEFAULT_DEVICE_TIMEOUT;
     for p in parts {
         let (k, v) = p.split_once('=').ok_or_else(|| format!("'{p}' in --device {s} is not key=value"))?;
         match k {
@@ -56,7 +82,8 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
                     _ => return Err(format!("dma={v}: use dma=identity or dma=pvdma")),
                 }
             }
-            _ => return Err(format!("unknown --device option '{k}' (dma, iommu-mode, process, socket)")),
+            "timeout" => timeout = parse_duration(v)?,
+            _ => return Err(format!("unknown --device option '{k}' (dma, iommu-mode, process, socket, timeout)")),
         }
     }
     match kind {
@@ -64,10 +91,10 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
             if inline && mode == IommuMode::Messages {
                 return Err("iommu-mode=messages needs a device process; drop process=inline".into());
             }
-            Ok(DeviceArg::DmaEngine { mode, inline, frontend })
+            Ok(DeviceArg::DmaEngine { mode, inline, frontend, timeout })
         }
         "vfio-user" => match socket {
-            Some(socket) if !inline => Ok(DeviceArg::VfioUser { socket, mode, frontend }),
+            Some(socket) if !inline => Ok(DeviceArg::VfioUser { socket, mode, frontend, timeout }),
             Some(_) => Err("a vfio-user device runs in its own process: drop process=inline".into()),
             None => Err("--device vfio-user needs socket=PATH of a running server".into()),
         },
@@ -78,23 +105,24 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
     }
 }
 
-/// Attaches one device to `vm`, spawning its process if needed. Returns the child.
-pub fn attach(vm: &Vm, arg: &DeviceArg) -> Result<Option<std::process::Child>, String> {
-    let (spec, child, what, frontend) = match arg {
+/// Attaches one device to `vm`, spawning its process if needed (the VMM owns it then).
+pub fn attach(vm: &Vm, arg: &DeviceArg) -> Result<(), String> {
+    let (spec, what, frontend) = match arg {
         DeviceArg::DmaEngine { inline: true, frontend, .. } => {
-            (DeviceSpec::Inline, None, "in the VMM process".to_string(), *frontend)
+            (DeviceSpec::Inline, "in the VMM process".to_string(), *frontend)
         }
-        DeviceArg::DmaEngine { mode, frontend, .. } => {
+        DeviceArg::DmaEngine { mode, frontend, timeout, .. } => {
             let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-            let child = spawn_engine(theirs)?;
-            let what = format!("in process {} over vfio-user, {}", child.id(), mode_name(*mode));
-            (DeviceSpec::Remote { stream: ours, mode: *mode }, Some(child), what, *frontend)
+            let process = spawn_engine(theirs)?;
+            let what = format!("in process {} over vfio-user, {}", process.pid(), mode_name(*mode));
+            let spec = RemoteSpec { stream: ours, mode: *mode, process: Some(process), timeout: *timeout };
+            (DeviceSpec::Remote(spec), what, *frontend)
         }
-        DeviceArg::VfioUser { socket, mode, frontend } => {
+        DeviceArg::VfioUser { socket, mode, frontend, timeout } => {
             let stream = UnixStream::connect(socket)
                 .map_err(|e| format!("connecting to the vfio-user server at {}: {e}", socket.display()))?;
             let what = format!("at {} over vfio-user, {}", socket.display(), mode_name(*mode));
-            (DeviceSpec::Remote { stream, mode: *mode }, None, what, *frontend)
+            (DeviceSpec::Remote(RemoteSpec { stream, mode: *mode, process: None, timeout: *timeout }), what, *frontend)
         }
     };
     let dev = vm.attach_device(spec, frontend).map_err(|e| e.to_string())?;
@@ -103,7 +131,7 @@ pub fn attach(vm: &Vm, arg: &DeviceArg) -> Result<Option<std::process::Child>, S
         DmaFrontend::Paravirtual => "paravirtual DMA",
     };
     eprintln!("passthru: device {}: dma-engine {what}, {dma}, BAR0 {:#x}", dev.name(), dev.bar0());
-    Ok(child)
+    Ok(())
 }
 
 fn mode_name(m: IommuMode) -> &'static str {
@@ -113,22 +141,38 @@ fn mode_name(m: IommuMode) -> &'static str {
     }
 }
 
-/// Runs `passthru device dma-engine --fd N` on the child end of a socketpair.
-fn spawn_engine(theirs: UnixStream) -> Result<std::process::Child, String> {
+/// The descriptor number a spawned device finds its connection on.
+const DEVICE_SOCKET_FD: i32 = 3;
+
+/// Runs `passthru device dma-engine --fd 3` on the child end of a socketpair. The child
+/// inherits exactly standard input and output (both /dev/null), standard error and
+/// that socket: every other descriptor of the VMM is close-on-exec.
+fn spawn_engine(theirs: UnixStream) -> Result<DeviceProcess, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locating the passthru binary: {e}"))?;
     let fd = theirs.as_raw_fd();
-    // The child inherits this one descriptor: clear close-on-exec on it only.
-    // SAFETY: F_SETFD on a descriptor we own; no memory is passed.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
-        return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
-    }
-    let child = std::process::Command::new(exe)
-        .args(["device", "dma-engine", "--fd", &fd.to_string()])
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["device", "dma-engine", "--fd", &DEVICE_SOCKET_FD.to_string()])
         .stdin(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| format!("spawning the dma-engine process: {e}"));
+        .stdout(std::process::Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // dup2/fcntl, which are async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The socket lands on descriptor 3 without close-on-exec; the parent's own
+            // copy keeps its close-on-exec flag, so no other child inherits it.
+            if fd == DEVICE_SOCKET_FD {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, DEVICE_SOCKET_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| format!("spawning the dma-engine process: {e}"))?;
     drop(theirs); // our copy of the child's end
-    child
+    DeviceProcess::new(child).map_err(|e| format!("holding the dma-engine process (pidfd_open): {e}"))
 }
 
 /// `passthru device ...`
@@ -145,20 +189,26 @@ enum DeviceWhat {
         /// Listen on this Unix socket and serve the first VMM that connects.
         #[arg(long, value_name = "PATH", required_unless_present = "fd")]
         socket: Option<PathBuf>,
-        /// Serve on an already connected socket (how `passthru run` spawns devices).
+        /// Serve on an already connected socket (how `passthru run` spawns devices;
+        /// such a process is confined by a seccomp filter).
         #[arg(long, hide = true)]
         fd: Option<i32>,
     },
 }
 
+/// Test hook, read by spawned devices only: `forbidden-syscall` makes the device make
+/// a system call its filter forbids when the guest resets it (CONTROL bit 1), so a
+/// test can watch the sandbox kill it.
+pub const SELFTEST_ENV: &str = "PASSTHRU_DEVICE_SELFTEST";
+
 /// Runs a device server.
 pub fn device(args: DeviceArgs) -> Result<ExitCode, String> {
     let DeviceWhat::DmaEngine { socket, fd } = args.what;
-    let stream = match (socket, fd) {
+    let (stream, spawned) = match (socket, fd) {
         (_, Some(fd)) => {
             // SAFETY: the parent passed this descriptor, open and ours alone.
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            UnixStream::from(owned)
+            (UnixStream::from(owned), true)
         }
         (Some(path), None) => {
             let listener = UnixListener::bind(&path).map_err(|e| {
@@ -167,12 +217,57 @@ pub fn device(args: DeviceArgs) -> Result<ExitCode, String> {
             eprintln!("passthru device: dma-engine listening on {}", path.display());
             let accepted = listener.accept();
             let _ = std::fs::remove_file(&path);
-            accepted.map_err(|e| format!("accepting on {}: {e}", path.display()))?.0
+            (accepted.map_err(|e| format!("accepting on {}: {e}", path.display()))?.0, false)
         }
         (None, None) => return Err("pass --socket PATH".into()),
     };
-    devices::dma_engine::vfio::serve(stream).map_err(|e| e.to_string())?;
+    let server = vfio_user::server::Server::new(vfio_user::endpoint::Endpoint::new(stream));
+    let engine = devices::dma_engine::vfio::EngineServer::new(&server).map_err(|e| e.to_string())?;
+    let selftest = spawned && std::env::var(SELFTEST_ENV).is_ok_and(|v| v == "forbidden-syscall");
+    if spawned {
+        vfio_user::mapping::install_sigbus_guard().map_err(|e| format!("installing the SIGBUS guard: {e}"))?;
+        crate::sandbox::confine_device()?;
+    }
+    let why = if selftest {
+        server.serve(&mut SelfTest(engine))
+    } else {
+        let mut engine = engine;
+        server.serve(&mut engine)
+    };
+    tracing::info!("dma-engine: connection ended: {why}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The engine, plus a forbidden system call when the guest resets it (see
+/// [`SELFTEST_ENV`]).
+struct SelfTest(devices::dma_engine::vfio::EngineServer);
+
+impl vfio_user::server::Device for SelfTest {
+    fn info(&self) -> vfio_user::proto::DeviceInfo {
+        self.0.info()
+    }
+    fn region_info(&self, index: u32) -> Option<vfio_user::proto::RegionInfo> {
+        self.0.region_info(index)
+    }
+    fn irq_info(&self, index: u32) -> Option<vfio_user::proto::IrqInfo> {
+        self.0.irq_info(index)
+    }
+    fn region_read(&mut self, region: u32, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        self.0.region_read(region, offset, buf)
+    }
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), i32> {
+        if region == 0 && offset == abi::dma_engine::regs::CONTROL && data.first().is_some_and(|b| b & 2 != 0) {
+            // SAFETY: socket(2) with plain integer arguments; the filter kills us first.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        }
+        self.0.region_write(region, offset, data)
+    }
+    fn set_irqs(&mut self, irqs: &vfio_user::proto::SetIrqs, fds: Vec<std::fs::File>) -> Result<(), i32> {
+        self.0.set_irqs(irqs, fds)
+    }
+    fn reset(&mut self) -> Result<(), i32> {
+        self.0.reset()
+    }
 }
 
 #[cfg(test)]
@@ -182,7 +277,7 @@ mod tests {
     #[test]
     fn device_specs_parse_and_bad_ones_name_the_fix() {
         let id = DmaFrontend::Identity;
-        let engine = |mode, inline, frontend| Ok(DeviceArg::DmaEngine { mode, inline, frontend });
+        let engine = |mode, inline, frontend| Ok(DeviceArg::engine(mode, inline, frontend));
         assert_eq!(parse_device("dma-engine"), engine(IommuMode::SharedFd, false, id));
         assert_eq!(
             parse_device("dma-engine,iommu-mode=messages,dma=pvdma"),
@@ -191,13 +286,34 @@ mod tests {
         assert_eq!(parse_device("dma-engine,process=inline"), engine(IommuMode::SharedFd, true, id));
         assert_eq!(
             parse_device("vfio-user,socket=/tmp/x.sock"),
-            Ok(DeviceArg::VfioUser { socket: "/tmp/x.sock".into(), mode: IommuMode::SharedFd, frontend: id })
+            Ok(DeviceArg::VfioUser {
+                socket: "/tmp/x.sock".into(),
+                mode: IommuMode::SharedFd,
+                frontend: id,
+                timeout: DEFAULT_DEVICE_TIMEOUT
+            })
         );
+        assert_eq!(
+            parse_device("dma-engine,timeout=250ms"),
+            Ok(DeviceArg::DmaEngine {
+                mode: IommuMode::SharedFd,
+                inline: false,
+                frontend: id,
+                timeout: Duration::from_millis(250)
+            })
+        );
+        assert!(parse_device("dma-engine,timeout=0").unwrap_err().contains("timeout=500ms"));
+        assert!(parse_device("dma-engine,timeout=soon").unwrap_err().contains("timeout=500ms"));
         assert!(parse_device("vfio-user").unwrap_err().contains("socket=PATH"));
         assert!(parse_device("dma-engine,process=inline,iommu-mode=messages").unwrap_err().contains("process=inline"));
         assert!(parse_device("gpu").unwrap_err().contains("unknown device"));
         assert!(parse_device("dma-engine,speed=fast").unwrap_err().contains("unknown --device option"));
         assert!(parse_device("dma-engine,iommu-mode=magic").unwrap_err().contains("shared or messages"));
         assert!(parse_device("dma-engine,dma=magic").unwrap_err().contains("dma=pvdma"));
+    }
+
+    #[test]
+    fn the_device_filter_compiles() {
+        assert!(!crate::sandbox::device_filter().unwrap().is_empty());
     }
 }

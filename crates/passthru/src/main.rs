@@ -5,6 +5,7 @@
 mod bench;
 mod device;
 mod run;
+mod sandbox;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

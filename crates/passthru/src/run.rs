@@ -92,7 +92,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     } else {
         &args.devices[..]
     };
-    let children = attach_devices(&vm, devices)?;
+    attach_devices(&vm, devices)?;
     let status = vm.run_guest_with_args(&elf, &args.guest_args).map_err(|e| e.to_string())?;
     let _ = std::io::stdout().flush();
     report_test_sources(&vm);
@@ -100,8 +100,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     if args.stats || args.guest == DEFAULT_GUEST {
         report_stats(&vm);
     }
-    drop(vm);
-    reap(children);
+    drop(vm); // devices removed, their processes reaped
     Ok(ExitCode::from(status))
 }
 
@@ -153,27 +152,12 @@ fn report_stats(vm: &Vm) {
     }
 }
 
-/// Attaches every `--device`; returns the device processes spawned.
-fn attach_devices(vm: &Vm, devices: &[crate::device::DeviceArg]) -> Result<Vec<std::process::Child>, String> {
-    let mut children = Vec::new();
+/// Attaches every `--device` (the VMM owns the processes it spawns).
+fn attach_devices(vm: &Vm, devices: &[crate::device::DeviceArg]) -> Result<(), String> {
     for d in devices {
-        match crate::device::attach(vm, d) {
-            Ok(Some(c)) => children.push(c),
-            Ok(None) => {}
-            Err(e) => {
-                reap(children);
-                return Err(e);
-            }
-        }
+        crate::device::attach(vm, d)?;
     }
-    Ok(children)
-}
-
-/// Waits for device processes: the VMM closed their connections, so they exit.
-fn reap(children: Vec<std::process::Child>) {
-    for mut c in children {
-        let _ = c.wait();
-    }
+    Ok(())
 }
 
 /// Tells what the test interrupt sources did, when a guest used them (stderr, so the
@@ -220,7 +204,7 @@ fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
                 format!("cannot listen on {}: {e} (remove a stale socket file, or pick another path)", path.display())
             })?;
             let vm = Vm::new(config).map_err(|e| e.to_string())?;
-            let children = attach_devices(&vm, &args.devices)?;
+            attach_devices(&vm, &args.devices)?;
             let accepted = listener.accept();
             let _ = std::fs::remove_file(path);
             let (stream, _) = accepted.map_err(|e| format!("accepting on {}: {e}", path.display()))?;
@@ -228,18 +212,16 @@ fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
             let out: SharedOut = Arc::new(Mutex::new(Box::new(writer)));
             let end = qtest::serve(&vm, BufReader::new(stream), out).map_err(|e| e.to_string())?;
             drop(vm);
-            reap(children);
             end
         }
         None => {
             // Standard output carries the protocol: the guest console goes to stderr.
             config.serial_out = Box::new(std::io::stderr());
             let vm = Vm::new(config).map_err(|e| e.to_string())?;
-            let children = attach_devices(&vm, &args.devices)?;
+            attach_devices(&vm, &args.devices)?;
             let out: SharedOut = Arc::new(Mutex::new(Box::new(std::io::stdout())));
             let end = qtest::serve(&vm, std::io::stdin().lock(), out).map_err(|e| e.to_string())?;
             drop(vm);
-            reap(children);
             end
         }
     };

@@ -263,7 +263,8 @@ pub trait IrqSink: Send + Sync {
 /// No vCPU, no KVM: ioeventfds are emulated by the VMM's dispatch and interrupts are
 /// reported to an [`IrqSink`] (the qtest session) by a watcher thread.
 pub struct QtestAccel {
-    ioevents: Mutex<BTreeMap<IoAddr, Vec<EventFd>>>,
+    /// Per address: (the caller's descriptor number, our duplicate).
+    ioevents: Mutex<BTreeMap<IoAddr, Vec<(RawFd, EventFd)>>>,
     watcher: crate::irq_watch::IrqWatcher,
     sink: Arc<Mutex<Option<Arc<dyn IrqSink>>>>,
     routes: Mutex<BTreeMap<u32, MsiMessage>>,
@@ -274,11 +275,9 @@ impl QtestAccel {
     pub fn new() -> Result<QtestAccel> {
         let sink: Arc<Mutex<Option<Arc<dyn IrqSink>>>> = Arc::new(Mutex::new(None));
         let s = Arc::clone(&sink);
-        let watcher = crate::irq_watch::IrqWatcher::new(Box::new(move |gsi, count| {
+        let watcher = crate::irq_watch::IrqWatcher::new(Box::new(move |gsi| {
             if let Some(sink) = s.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                for _ in 0..count {
-                    sink.raise(gsi);
-                }
+                sink.raise(gsi);
             }
         }))?;
         Ok(QtestAccel { ioevents: Mutex::new(BTreeMap::new()), watcher, sink, routes: Mutex::new(BTreeMap::new()) })
@@ -316,15 +315,20 @@ impl Accel for QtestAccel {
 
     fn register_ioevent(&self, fd: &EventFd, addr: IoAddr) -> Result<()> {
         let clone = fd.try_clone().map_err(Error::EventFd)?;
-        self.ioevents.lock().unwrap_or_else(|e| e.into_inner()).entry(addr).or_default().push(clone);
+        let mut map = self.ioevents.lock().unwrap_or_else(|e| e.into_inner());
+        let list = map.entry(addr).or_default();
+        if list.iter().any(|(key, _)| *key == fd.as_raw_fd()) {
+            return Err(Error::AlreadyRegistered("ioeventfd"));
+        }
+        list.push((fd.as_raw_fd(), clone));
         Ok(())
     }
 
     fn unregister_ioevent(&self, fd: &EventFd, addr: IoAddr) -> Result<()> {
         let mut map = self.ioevents.lock().unwrap_or_else(|e| e.into_inner());
         let list = map.get_mut(&addr).ok_or(Error::NotRegistered("ioeventfd"))?;
-        let ino = inode(fd.as_raw_fd());
-        let pos = list.iter().position(|e| inode(e.as_raw_fd()) == ino).ok_or(Error::NotRegistered("ioeventfd"))?;
+        let key = fd.as_raw_fd();
+        let pos = list.iter().position(|(k, _)| *k == key).ok_or(Error::NotRegistered("ioeventfd"))?;
         list.remove(pos);
         if list.is_empty() {
             map.remove(&addr);
@@ -336,7 +340,7 @@ impl Accel for QtestAccel {
         let map = self.ioevents.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(&addr) {
             Some(list) => {
-                for e in list {
+                for (_, e) in list {
                     let _ = e.write(1);
                 }
                 true
@@ -381,13 +385,4 @@ impl irq::IrqChip for QtestAccel {
     fn first_msi_gsi(&self) -> u32 {
         FIRST_MSI_GSI
     }
-}
-
-/// Identity of the file behind an fd (two fds of one eventfd share it).
-pub(crate) fn inode(fd: RawFd) -> (u64, u64) {
-    // SAFETY: fstat writes only into the zeroed struct we pass.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fd is a descriptor the caller owns; st is valid for writes.
-    let rc = unsafe { libc::fstat(fd, &mut st) };
-    if rc == 0 { (st.st_dev, st.st_ino) } else { (u64::MAX, fd as u64) }
 }

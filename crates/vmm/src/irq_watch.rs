@@ -1,25 +1,30 @@
-//! A thread that watches interrupt eventfds and reports each signal to a callback:
-//! the qtest accelerator's stand-in for KVM irqfds.
+//! A thread that watches interrupt eventfds and reports each wake-up to a callback:
+//! the qtest accelerator's stand-in for KVM irqfds. As KVM's irqfd does, one wake-up
+//! is one interrupt however large the eventfd's counter was (a device cannot turn one
+//! write of 2^64-2 into as many interrupts).
 //!
-//! The eventfd counter is read, so `n` writes between two wake-ups are reported as a
-//! count of `n` (no edge is lost to coalescing).
+//! An irqfd is identified by the caller's descriptor number (and GSI), as KVM
+//! identifies it by the eventfd itself: every eventfd shares one anonymous inode, so
+//! the inode says nothing.
 
-use crate::accel::inode;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
-/// Called with (gsi, number of signals).
-pub type IrqCallback = Box<dyn Fn(u32, u64) + Send>;
+/// Called with the GSI of an eventfd that was signalled.
+pub type IrqCallback = Box<dyn Fn(u32) + Send>;
 
 const STOP_TOKEN: u64 = u64::MAX;
 
 struct Watched {
+    /// Our duplicate, read by the thread.
     fd: EventFd,
+    /// The caller's descriptor number: the irqfd's identity.
+    key: std::os::fd::RawFd,
     gsi: u32,
 }
 
@@ -39,7 +44,7 @@ impl IrqWatcher {
     /// Starts the watcher thread.
     pub fn new(callback: IrqCallback) -> Result<IrqWatcher> {
         let epoll = Epoll::new().map_err(Error::EventFd)?;
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let stop = irq::eventfd().map_err(Error::EventFd)?;
         epoll
             .ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))
             .map_err(Error::EventFd)?;
@@ -54,10 +59,10 @@ impl IrqWatcher {
 
     /// Starts reporting signals of `fd` as `gsi`.
     pub fn add(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        let key = fd.as_raw_fd();
         let fd = fd.try_clone().map_err(Error::EventFd)?;
         let mut w = self.shared.watched.lock().unwrap_or_else(|e| e.into_inner());
-        let ino = inode(fd.as_raw_fd());
-        if w.1.values().any(|x| x.gsi == gsi && inode(x.fd.as_raw_fd()) == ino) {
+        if w.1.values().any(|x| x.gsi == gsi && x.key == key) {
             return Err(Error::AlreadyRegistered("irqfd"));
         }
         w.0 += 1;
@@ -66,7 +71,7 @@ impl IrqWatcher {
             .epoll
             .ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))
             .map_err(Error::EventFd)?;
-        w.1.insert(token, Watched { fd, gsi });
+        w.1.insert(token, Watched { fd, key, gsi });
         Ok(())
     }
 
@@ -74,10 +79,10 @@ impl IrqWatcher {
     /// KVM drops them on irqfd deassign.
     pub fn remove(&self, fd: &EventFd, gsi: u32) -> Result<()> {
         let mut w = self.shared.watched.lock().unwrap_or_else(|e| e.into_inner());
-        let ino = inode(fd.as_raw_fd());
+        let key = fd.as_raw_fd();
         let token =
             w.1.iter()
-                .find(|(_, x)| x.gsi == gsi && inode(x.fd.as_raw_fd()) == ino)
+                .find(|(_, x)| x.gsi == gsi && x.key == key)
                 .map(|(t, _)| *t)
                 .ok_or(Error::NotRegistered("irqfd"))?;
         if let Some(x) = w.1.remove(&token) {
@@ -114,10 +119,10 @@ fn watch(shared: &Shared, callback: &IrqCallback) {
             }
             let fired = {
                 let w = shared.watched.lock().unwrap_or_else(|e| e.into_inner());
-                w.1.get(&ev.data()).and_then(|x| read_count(&x.fd).map(|c| (x.gsi, c)))
+                w.1.get(&ev.data()).and_then(|x| read_count(&x.fd).map(|_| x.gsi))
             };
-            if let Some((gsi, count)) = fired {
-                callback(gsi, count);
+            if let Some(gsi) = fired {
+                callback(gsi);
             }
         }
     }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod hypercall;
 pub mod irq_watch;
 pub mod memory;
+pub mod process;
 pub mod qtest;
 pub mod test_irq;
 pub mod vcpu;

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use abi::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 use std::any::Any;
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::{Arc, Mutex};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -56,13 +56,22 @@ impl GuestRam {
         }
         // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new
         // fd or -1. We take ownership of the fd right away.
-        let fd = unsafe { libc::memfd_create(c"passthru-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd =
+            unsafe { libc::memfd_create(c"passthru-guest-ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if fd < 0 {
             return Err(Error::Memory(format!("memfd_create: {}", std::io::Error::last_os_error())));
         }
         // SAFETY: fd is a fresh descriptor owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size).map_err(|e| Error::Memory(format!("sizing the guest RAM memfd to {size:#x}: {e}")))?;
+        // Device processes map this file: it may never shrink under them (a SIGBUS in
+        // the device), grow, or take further seals (F_SEAL_FUTURE_WRITE from a hostile
+        // device would stop the VMM mapping it again).
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS on our own memfd; no memory is passed.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(Error::Memory(format!("sealing the guest RAM memfd: {}", std::io::Error::last_os_error())));
+        }
         let memfd = Arc::new(file);
         let mut ranges = Vec::new();
         for (gpa, len, off) in ram_layout(size) {
@@ -98,14 +107,14 @@ impl GuestRam {
     pub fn regions(&self) -> Vec<Region> {
         let mut out = Vec::new();
         for (r, (_, _, off)) in self.memory.iter().zip(ram_layout(self.size)) {
-            let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).map(|p| p as usize).unwrap_or(0);
-            out.push(Region {
-                gpa: r.start_addr().0,
-                size: r.len(),
-                kind: RegionKind::Ram,
-                host,
-                backing: Some(Backing { fd: Arc::clone(&self.memfd), offset: off }),
-                keepalive: None,
+            let Ok(host) = r.get_host_address(vm_memory::MemoryRegionAddress(0)) else { continue };
+            let backing = Some(Backing { fd: Arc::clone(&self.memfd), offset: off });
+            let keepalive: Arc<dyn Any + Send + Sync> = Arc::clone(&self.memory) as _;
+            // SAFETY: `host` is the start of this region's mapping in guest memory, valid
+            // for `r.len()` bytes; the region holds the guest memory (its keepalive) so
+            // the mapping outlives it.
+            out.push(unsafe {
+                Region::from_raw(r.start_addr().0, r.len(), RegionKind::Ram, host, backing, Some(keepalive))
             });
         }
         out
@@ -134,6 +143,9 @@ pub struct Backing {
 }
 
 /// A region of the guest-physical address space backed by host memory.
+///
+/// Its host address reaches KVM (a memory slot) and devices, so only code that can
+/// vouch for it builds one: [`Region::from_raw`] is `unsafe`.
 #[derive(Clone)]
 pub struct Region {
     /// Guest-physical start.
@@ -142,13 +154,20 @@ pub struct Region {
     pub size: u64,
     /// RAM or device memory.
     pub kind: RegionKind,
-    /// Host virtual address of the first byte (valid while the region is mapped).
-    pub host: usize,
+    /// Host virtual address of the first byte (valid while the region lives).
+    host: *mut u8,
     /// The file behind it, when it can be shared by fd.
     pub backing: Option<Backing>,
-    /// Keeps the host mapping alive while the region is in the map.
-    pub keepalive: Option<Arc<dyn Any + Send + Sync>>,
+    /// Keeps the host mapping alive while the region is in the map (held, never read).
+    _keepalive: Option<Arc<dyn Any + Send + Sync>>,
 }
+
+// SAFETY: `host` is an address into a mapping kept alive by `keepalive` (or by the
+// caller of `from_raw`, as its contract says); the region itself never dereferences
+// it, and whoever does (KVM, a device) synchronises its own accesses.
+unsafe impl Send for Region {}
+// SAFETY: as above; the region is immutable.
+unsafe impl Sync for Region {}
 
 impl std::fmt::Debug for Region {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -161,9 +180,31 @@ impl std::fmt::Debug for Region {
 }
 
 impl Region {
+    /// A region of `size` bytes at `gpa` whose host memory starts at `host`.
+    ///
+    /// # Safety
+    /// `host` must be valid for reads and writes of `size` bytes for as long as the
+    /// region (or a clone of it) lives: either `keepalive` owns that mapping, or the
+    /// caller keeps it mapped until the region has left every memory map.
+    pub unsafe fn from_raw(
+        gpa: u64,
+        size: u64,
+        kind: RegionKind,
+        host: *mut u8,
+        backing: Option<Backing>,
+        keepalive: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Region {
+        Region { gpa, size, kind, host, backing, _keepalive: keepalive }
+    }
+
     /// One past the last byte.
     pub fn end(&self) -> u64 {
-        self.gpa + self.size
+        self.gpa.saturating_add(self.size)
+    }
+
+    /// Host address of the first byte.
+    pub fn host(&self) -> *mut u8 {
+        self.host
     }
 }
 
@@ -291,9 +332,10 @@ impl MemoryListener for MemslotListener {
     fn region_added(&self, r: &Region) -> std::result::Result<(), String> {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slot = (0..=s.0).find(|n| !s.1.iter().any(|(_, used)| used == n)).unwrap_or(s.0);
-        // SAFETY: the memory map keeps the region (and its keepalive) until
+        // SAFETY: a Region's host address is valid for its size while the region lives
+        // (Region::from_raw's contract); the memory map keeps the region until
         // region_removed, which deletes the slot first.
-        unsafe { self.accel.add_memslot(slot, r.gpa, r.size, r.host as *mut u8) }.map_err(|e| e.to_string())?;
+        unsafe { self.accel.add_memslot(slot, r.gpa, r.size, r.host()) }.map_err(|e| e.to_string())?;
         s.1.push((r.gpa, slot));
         s.0 = s.0.max(slot + 1);
         Ok(())
@@ -337,13 +379,16 @@ mod tests {
     }
 
     fn dev(gpa: u64, size: u64) -> Region {
-        Region {
-            gpa,
-            size,
-            kind: RegionKind::RamDevice { device: "bar".into() },
-            host: 0,
-            backing: None,
-            keepalive: None,
+        // SAFETY: these regions only go through listeners that never touch memory.
+        unsafe {
+            Region::from_raw(
+                gpa,
+                size,
+                RegionKind::RamDevice { device: "bar".into() },
+                std::ptr::null_mut(),
+                None,
+                None,
+            )
         }
     }
 
@@ -364,7 +409,7 @@ mod tests {
         let regions = ram.regions();
         assert_eq!(regions.len(), 1);
         assert_eq!(regions[0].kind, RegionKind::Ram);
-        assert_ne!(regions[0].host, 0);
+        assert!(!regions[0].host().is_null());
     }
 
     #[test]

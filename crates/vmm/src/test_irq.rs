@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
 /// How long a source waits for the guest before giving up.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -83,7 +83,7 @@ impl Runner {
             thread: Mutex::new(None),
             guest_counted: Mutex::new(None),
             abort: Mutex::new(None),
-            wake: EventFd::new(EFD_NONBLOCK)?,
+            wake: irq::eventfd()?,
         })
     }
 
@@ -256,9 +256,9 @@ impl MsiTestSource {
     }
 
     fn wire(&self, msi: MsiMessage) -> Result<MsiWiring, String> {
-        let trigger = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let trigger = irq::eventfd().map_err(|e| e.to_string())?;
         let writer = Arc::new(trigger.try_clone().map_err(|e| e.to_string())?);
-        let ack = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?);
+        let ack = Arc::new(irq::eventfd().map_err(|e| e.to_string())?);
         let port = IoAddr::Pio(u64::from(abi::ports::TEST_IRQ_ACK));
         self.runner.accel.register_ioevent(&ack, port).map_err(|e| e.to_string())?;
         let source = IrqSource { id: Self::id(), trigger: Trigger::Edge(trigger) };
@@ -378,7 +378,7 @@ impl IntxTestSource {
 
     /// A source not yet attached; `pio` gets its status port.
     pub fn new(accel: Arc<dyn Accel>, irqs: Arc<IrqRegistry>, pio: &devices::Bus) -> std::io::Result<IntxTestSource> {
-        let line = Arc::new(Line { asserted: AtomicBool::new(false), acked: EventFd::new(EFD_NONBLOCK)? });
+        let line = Arc::new(Line { asserted: AtomicBool::new(false), acked: irq::eventfd()? });
         pio.insert(u64::from(abi::ports::TEST_INTX_STATUS), 1, Arc::new(Mutex::new(StatusPort(Arc::clone(&line)))))
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(IntxTestSource {
@@ -424,8 +424,8 @@ impl IntxTestSource {
     }
 
     fn wire(&self, gsi: u32) -> Result<IntxWiring, String> {
-        let trigger = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let resample = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let trigger = irq::eventfd().map_err(|e| e.to_string())?;
+        let resample = irq::eventfd().map_err(|e| e.to_string())?;
         let w = IntxWiring {
             trigger: Arc::new(trigger.try_clone().map_err(|e| e.to_string())?),
             resample: Arc::new(resample.try_clone().map_err(|e| e.to_string())?),

@@ -19,7 +19,7 @@ use irq::{GuestIrq, IrqRegistry, IrqSource, Mode, SourceId, Trigger};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
 /// How to build a machine.
 pub struct VmConfig {
@@ -55,13 +55,8 @@ pub enum DmaFrontend {
 pub enum DeviceSpec {
     /// In the VMM process.
     Inline,
-    /// In a device process already connected on `stream`, over vfio-user.
-    Remote {
-        /// The connection.
-        stream: std::os::unix::net::UnixStream,
-        /// Shared fds or messages.
-        mode: crate::assigned::IommuMode,
-    },
+    /// In a device process already connected, over vfio-user.
+    Remote(crate::assigned::RemoteSpec),
 }
 
 impl VmConfig {
@@ -131,7 +126,7 @@ impl Vm {
         let exit = ExitLatch::new();
         let chip: Arc<dyn irq::IrqChip> = accel.clone();
         let irqs = Arc::new(IrqRegistry::new(chip, config.irq_mode).map_err(Error::EventFd)?);
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let serial_irq = irq::eventfd().map_err(Error::EventFd)?;
         let serial_source = IrqSource {
             id: SourceId::new("serial", 0, 0),
             trigger: Trigger::Edge(serial_irq.try_clone().map_err(Error::EventFd)?),
@@ -143,7 +138,7 @@ impl Vm {
         pio.insert(u64::from(ports::EXIT), 1, shared(ExitPort(Arc::clone(&exit))))?;
         pio.insert(u64::from(ports::ERR_CONSOLE), 1, shared(ErrConsole::new(config.err_out)))?;
         mmio.insert(layout::BENCH_MMIO_ADDR, 0x1000, shared(NullDevice))?;
-        let bench_ioevent = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let bench_ioevent = irq::eventfd().map_err(Error::EventFd)?;
         accel.register_ioevent(&bench_ioevent, IoAddr::Pio(u64::from(ports::BENCH_IOEVENTFD)))?;
 
         let hypercalls = Arc::new(HypercallRegistry::new());
@@ -270,7 +265,7 @@ impl Vm {
         })?;
         let remote = match spec {
             DeviceSpec::Inline => None,
-            DeviceSpec::Remote { stream, mode } => Some((stream, mode)),
+            DeviceSpec::Remote(r) => Some(r),
         };
         let dev = AssignedDevice::attach(&name, slot, Arc::clone(&domain), Arc::clone(&self.irqs), &self.ram, remote)?;
         for (base, len, bus_dev) in dev.bars() {

@@ -10,7 +10,7 @@
 pub mod memory;
 pub mod vfio;
 
-pub use memory::{DeviceMemory, InProcess, MemFault, Remote, SharedFd};
+pub use memory::{DeviceMemory, InProcess, MemFault, Remote};
 
 use abi::dma_engine::{self as de, Completion, Descriptor, completion, op, regs, status};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -5,28 +5,24 @@
 //! mapped here and reached directly; everything else goes to the VMM as DMA_READ /
 //! DMA_WRITE messages, which the VMM checks against the device's domain.
 
-use super::{DmaEngine, Remote, SharedFd};
+use super::{DmaEngine, Remote};
 use abi::dma_engine as de;
 use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::sync::Arc;
 use vfio_user::endpoint::Endpoint;
-use vfio_user::proto::{self, DeviceInfo, DmaMap, DmaUnmap, IrqInfo, RegionInfo, SetIrqs};
-use vfio_user::server::{Device, DmaMessages};
+use vfio_user::proto::{self, DeviceInfo, IrqInfo, RegionInfo, SetIrqs};
+use vfio_user::server::{Device, Server};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The engine as a vfio-user device.
 pub struct EngineServer {
     engine: DmaEngine,
-    shared: SharedFd,
 }
 
 impl EngineServer {
-    /// An engine on connection `ep`: DMA by the fds the VMM maps, messages otherwise.
-    pub fn new(ep: &Arc<Endpoint>) -> std::io::Result<EngineServer> {
-        let shared = SharedFd::default();
-        let memory = Remote { shared: shared.clone(), messages: Some(DmaMessages::new(Arc::clone(ep))) };
-        Ok(EngineServer { engine: DmaEngine::new(Box::new(memory))?, shared })
+    /// An engine served by `server`: DMA through its windows, messages otherwise.
+    pub fn new(server: &Server) -> std::io::Result<EngineServer> {
+        Ok(EngineServer { engine: DmaEngine::new(Box::new(Remote(server.dma())))? })
     }
 }
 
@@ -89,19 +85,6 @@ impl Device for EngineServer {
         Ok(())
     }
 
-    fn dma_map(&mut self, map: &DmaMap, fd: Option<File>) -> Result<(), i32> {
-        match fd {
-            Some(fd) => self.shared.map(map.address, map.size, map.offset, map.flags & proto::DMA_WRITE_FLAG != 0, fd),
-            None => Ok(()), // reached by messages, checked by the VMM
-        }
-    }
-
-    fn dma_unmap(&mut self, unmap: &DmaUnmap) -> Result<(), i32> {
-        // Waits for accesses in flight: when the reply goes out, nothing touches it.
-        self.shared.unmap(unmap.address, unmap.size);
-        Ok(())
-    }
-
     fn set_irqs(&mut self, irqs: &SetIrqs, mut fds: Vec<File>) -> Result<(), i32> {
         if irqs.index != proto::PCI_MSI || irqs.start != 0 || irqs.count > 1 || fds.len() > 1 {
             return Err(libc::EINVAL);
@@ -122,9 +105,9 @@ impl Device for EngineServer {
 
 /// Serves one DMA engine on `stream` until the VMM goes away.
 pub fn serve(stream: std::os::unix::net::UnixStream) -> std::io::Result<()> {
-    let ep = Endpoint::new(stream);
-    let mut server = EngineServer::new(&ep)?;
-    let why = vfio_user::server::serve(&ep, &mut server);
+    let server = Server::new(Endpoint::new(stream));
+    let mut engine = EngineServer::new(&server)?;
+    let why = server.serve(&mut engine);
     tracing::info!("dma-engine: connection ended: {why}");
     Ok(())
 }
