@@ -19,11 +19,14 @@ pub const MAP: u64 = BASE + 1;
 /// guest-physical `list`; on success every entry's `addr` holds its IOVA. All or
 /// nothing: on failure nothing stays mapped. Result 0 = count.
 pub const MAP_SG: u64 = BASE + 2;
-/// `UNMAP(device, iova, len)`: undoes one MAP (same IOVA and length).
+/// `UNMAP(device, iova, len)`: undoes one MAP (same IOVA and length). Nothing mapped
+/// at `iova` (never, or already unmapped) answers `NotFound`; a mapping there with
+/// another extent answers `InvalidArgument`.
 pub const UNMAP: u64 = BASE + 3;
 /// `UNMAP_SG(device, list, count)`: undoes each entry (`addr` = IOVA). Result 0 =
-/// entries unmapped. A bad entry makes the status `InvalidArgument`; the good entries
-/// are unmapped all the same.
+/// entries unmapped. A malformed entry makes the status `InvalidArgument`, else an
+/// entry naming nothing mapped makes it `NotFound`; the good entries are unmapped all
+/// the same.
 pub const UNMAP_SG: u64 = BASE + 4;
 
 /// Most entries of one MAP_SG / UNMAP_SG.

@@ -122,6 +122,7 @@ pub fn parse_sg(bytes: &[u8]) -> Vec<SgEntry> {
 #[derive(Debug, Default)]
 struct Stats {
     calls: [AtomicU64; 5],
+    unknown: AtomicU64,
     statuses: [AtomicU64; 10],
 }
 
@@ -130,6 +131,8 @@ struct Stats {
 pub struct StatsSnapshot {
     /// QUERY, MAP, MAP_SG, UNMAP, UNMAP_SG calls.
     pub calls: [u64; 5],
+    /// Calls with a number of the block that names no call.
+    pub unknown: u64,
     /// Results by status (indexed by its value).
     pub statuses: [u64; 10],
     /// Granules mapped and unmapped.
@@ -139,13 +142,17 @@ pub struct StatsSnapshot {
 const CALL_NAMES: [&str; 5] = ["query", "map", "map_sg", "unmap", "unmap_sg"];
 
 impl Stats {
-    fn record(&self, call: usize, status: Status) {
-        self.calls[call].fetch_add(1, Ordering::Relaxed);
+    /// Counts one call of kind `call` (None: an unknown call number) with `status`.
+    fn record(&self, call: Option<usize>, status: Status) {
+        match call.and_then(|c| self.calls.get(c)) {
+            Some(c) => c.fetch_add(1, Ordering::Relaxed),
+            None => self.unknown.fetch_add(1, Ordering::Relaxed),
+        };
         self.statuses[status as usize % 10].fetch_add(1, Ordering::Relaxed);
     }
 
     fn snapshot(&self) -> StatsSnapshot {
-        let mut s = StatsSnapshot::default();
+        let mut s = StatsSnapshot { unknown: self.unknown.load(Ordering::Relaxed), ..Default::default() };
         for (o, c) in s.calls.iter_mut().zip(&self.calls) {
             *o = c.load(Ordering::Relaxed);
         }
@@ -158,7 +165,9 @@ impl Stats {
 
 impl StatsSnapshot {
     fn record(&mut self, call: usize, status: Status) {
-        self.calls[call] += 1;
+        if let Some(c) = self.calls.get_mut(call) {
+            *c += 1;
+        }
         self.statuses[status as usize % 10] += 1;
     }
 
@@ -166,6 +175,7 @@ impl StatsSnapshot {
         for (a, b) in self.calls.iter_mut().zip(o.calls) {
             *a += b;
         }
+        self.unknown += o.unknown;
         for (a, b) in self.statuses.iter_mut().zip(o.statuses) {
             *a += b;
         }
@@ -188,6 +198,9 @@ impl fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (n, c) in CALL_NAMES.iter().zip(self.calls) {
             write!(f, "{n}={c} ")?;
+        }
+        if self.unknown > 0 {
+            write!(f, "unknown={} ", self.unknown)?;
         }
         write!(f, "pages_mapped={} pages_unmapped={}", self.pages.0, self.pages.1)?;
         for raw in 1..10u64 {
@@ -240,6 +253,8 @@ pub struct PvDma {
     memory: Arc<GuestMemoryMmap>,
     devices: RwLock<HashMap<u64, Arc<PvDevice>>>,
     stats: Stats,
+    /// Counters of devices that are gone: VM-wide totals never go backwards.
+    retired: Mutex<StatsSnapshot>,
     kill: Option<KillHook>,
 }
 
@@ -258,7 +273,13 @@ impl PvDma {
     /// guest got wrong (invalid argument) ends the VM through it; transient failures
     /// never do.
     pub fn new(memory: Arc<GuestMemoryMmap>, kill: Option<KillHook>) -> PvDma {
-        PvDma { memory, devices: RwLock::new(HashMap::new()), stats: Stats::default(), kill }
+        PvDma {
+            memory,
+            devices: RwLock::new(HashMap::new()),
+            stats: Stats::default(),
+            retired: Mutex::new(StatsSnapshot::default()),
+            kill,
+        }
     }
 
     /// Registers device `id` with its domain; `paravirtual` says whether the guest maps
@@ -276,9 +297,13 @@ impl PvDma {
         self.devices.write().unwrap_or_else(|e| e.into_inner()).insert(id, Arc::new(dev));
     }
 
-    /// Forgets device `id` (removed or dead): its calls answer `NotAssigned`.
+    /// Forgets device `id` (removed or dead): its calls answer `NotAssigned`; what it
+    /// counted stays in the VM-wide totals.
     pub fn remove_device(&self, id: u64) {
-        self.devices.write().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        let mut devices = self.devices.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = devices.remove(&id) {
+            self.retired.lock().unwrap_or_else(|e| e.into_inner()).add(&d.stats());
+        }
     }
 
     /// Device `id`.
@@ -286,20 +311,30 @@ impl PvDma {
         self.devices.read().unwrap_or_else(|e| e.into_inner()).get(&id).cloned()
     }
 
-    /// VM-wide counters (devices' plus calls that reached no device).
+    /// VM-wide counters: devices present and gone, plus calls that reached no device.
     pub fn stats(&self) -> StatsSnapshot {
         let mut s = self.stats.snapshot();
-        for d in self.devices.read().unwrap_or_else(|e| e.into_inner()).values() {
+        let devices = self.devices.read().unwrap_or_else(|e| e.into_inner());
+        for d in devices.values() {
             s.add(&d.stats());
         }
+        s.add(&self.retired.lock().unwrap_or_else(|e| e.into_inner()));
         s
     }
 
     /// Executes one hypercall of the block.
     pub fn call(&self, a: &Args) -> Ret {
         let (kind, counted, result) = match decode(a) {
-            Ok(call) => self.execute(call),
-            Err(s) => (usize::try_from(a.nr.wrapping_sub(pv::BASE)).unwrap_or(0).min(4), false, Err(s)),
+            Ok(call) => {
+                let (k, counted, r) = self.execute(call);
+                (Some(k), counted, r)
+            }
+            // A known call with bad arguments counts as that call; a number of the block
+            // that names no call counts as unknown.
+            Err(s) => {
+                let k = usize::try_from(a.nr.wrapping_sub(pv::BASE)).ok().filter(|k| *k < CALL_NAMES.len());
+                (k, false, Err(s))
+            }
         };
         let status = match &result {
             Ok(_) => Status::Success,
@@ -376,13 +411,15 @@ impl PvDma {
         Ok(iova + (gpa - start))
     }
 
-    /// Unmaps what one MAP of `(iova, len)` mapped.
+    /// Unmaps what one MAP of `(iova, len)` mapped. Nothing mapped there (never, or
+    /// not any more) is `NotFound`: a stale unmap is not misuse. A mapping there whose
+    /// extent differs from `(iova, len)` is `InvalidArgument`.
     fn unmap_one(&self, d: &PvDevice, st: &mut DevState, iova: u64, len: u64) -> Result<(), Status> {
         let g = d.domain.granule();
         let start = iova - iova % g;
         let end = iova.checked_add(len).and_then(|e| e.checked_next_multiple_of(g)).ok_or(Status::InvalidArgument)?;
-        let m = d.domain.lookup(Iova(start)).filter(|m| m.iova.0 == start).ok_or(Status::InvalidArgument)?;
-        if end - start != m.size {
+        let m = d.domain.lookup(Iova(start)).ok_or(Status::NotFound)?;
+        if m.iova.0 != start || end - start != m.size {
             return Err(Status::InvalidArgument);
         }
         d.domain.unmap(Iova(start), m.size).map_err(|e| status_of(&e))?;
@@ -454,13 +491,14 @@ impl PvDma {
         Ok(count)
     }
 
-    /// Unmaps the entries that name a live mapping exactly, in one batch; a bad entry
-    /// makes the status `InvalidArgument` but does not stop the others.
+    /// Unmaps the entries that name a live mapping exactly, in one batch. A malformed
+    /// entry makes the status `InvalidArgument`, else an entry naming nothing mapped
+    /// (or named twice) makes it `NotFound`; either way the good entries are unmapped.
     fn unmap_sg(&self, d: &PvDevice, st: &mut DevState, list: u64, count: u64) -> Result<u64, Status> {
         let entries = self.read_list(list, count)?;
         let g = d.domain.granule();
         let mut valid: Vec<(Iova, u64)> = Vec::with_capacity(entries.len());
-        let mut bad = false;
+        let (mut bad, mut stale) = (false, false);
         let mut seen = std::collections::HashSet::with_capacity(entries.len());
         for e in &entries {
             let start = e.addr - e.addr % g;
@@ -469,10 +507,16 @@ impl PvDma {
                 .and_then(|len| e.addr.checked_add(len))
                 .and_then(|x| x.checked_next_multiple_of(g));
             match (end, d.domain.lookup(Iova(start))) {
-                (Some(end), Some(m)) if m.iova.0 == start && end - start == m.size && seen.insert(start) => {
-                    valid.push((m.iova, m.size))
+                (None, _) => bad = true,
+                (Some(_), None) => stale = true,
+                (Some(end), Some(m)) if m.iova.0 == start && end - start == m.size => {
+                    if seen.insert(start) {
+                        valid.push((m.iova, m.size));
+                    } else {
+                        stale = true; // gone with its first naming
+                    }
                 }
-                _ => bad = true,
+                (Some(_), Some(_)) => bad = true,
             }
         }
         let iovas: Vec<Iova> = valid.iter().map(|v| v.0).collect();
@@ -481,6 +525,12 @@ impl PvDma {
             st.alloc.free(i.0, st.alloc.rounded(*size));
             st.stats.pages.1 += size / g;
         }
-        if bad { Err(Status::InvalidArgument) } else { Ok(valid.len() as u64) }
+        if bad {
+            Err(Status::InvalidArgument)
+        } else if stale {
+            Err(Status::NotFound)
+        } else {
+            Ok(valid.len() as u64)
+        }
     }
 }

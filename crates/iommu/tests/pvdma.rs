@@ -51,7 +51,7 @@ fn every_status_code_is_reachable() {
     ] {
         assert_eq!(call(&pv, pv::MAP, a).status, Status::InvalidArgument, "{a:x?}");
     }
-    assert_eq!(call(&pv, pv::UNMAP, [0, 0x1234_5000, P, 0, 0]).status, Status::InvalidArgument, "nothing mapped");
+    assert_eq!(call(&pv, pv::UNMAP, [0, 0x1234_5000, P, 0, 0]).status, Status::NotFound, "nothing mapped");
     assert_eq!(call(&pv, pv::MAP_SG, [0, 0, 0, dir::TO_DEVICE, 0]).status, Status::InvalidArgument, "count 0");
     assert_eq!(call(&pv, pv::MAP_SG, [0, 0, pv::MAX_SG + 1, dir::TO_DEVICE, 0]).status, Status::InvalidArgument);
     assert_eq!(
@@ -84,8 +84,15 @@ fn every_status_code_is_reachable() {
     refuse.0.store(false, Ordering::Relaxed);
     assert_eq!(call(&pv, pv::MAP, [2, 0x20_0000, P, dir::FROM_DEVICE, 0]).status, Status::Success, "retry works");
     let s = pv.stats();
-    for st in [Status::InvalidArgument, Status::NotAssigned, Status::NoIovaSpace, Status::OverLockedLimit, Status::Busy]
-    {
+    for st in [
+        Status::InvalidArgument,
+        Status::NotAssigned,
+        Status::NoIovaSpace,
+        Status::OverLockedLimit,
+        Status::Busy,
+        Status::NotFound,
+        Status::UnknownCall,
+    ] {
         assert!(s.with_status(st) > 0, "{} counted: {s}", st.name());
     }
 }
@@ -116,7 +123,7 @@ fn map_returns_the_iova_of_the_byte_asked_and_unmap_needs_the_same_extent() {
     assert!(r.r[0] >= iommu::pvdma::IOVA_BASE);
     assert_eq!(call(&pv, pv::UNMAP, [0, r.r[0], 0x1000, 0, 0]).status, Status::InvalidArgument, "a different extent");
     assert_eq!(call(&pv, pv::UNMAP, [0, r.r[0], 0x2000, 0, 0]).status, Status::Success);
-    assert_eq!(call(&pv, pv::UNMAP, [0, r.r[0], 0x2000, 0, 0]).status, Status::InvalidArgument, "twice");
+    assert_eq!(call(&pv, pv::UNMAP, [0, r.r[0], 0x2000, 0, 0]).status, Status::NotFound, "twice: nothing there any more");
 }
 
 #[test]
@@ -173,8 +180,57 @@ fn the_kill_policy_fires_on_misuse_only() {
     pv.add_device(0, "dma0", vm.create_domain("dma0", DomainConfig::default()), true);
     assert_eq!(call(&pv, pv::MAP, [0, 0, 2 * P, dir::TO_DEVICE, 0]).status, Status::OverLockedLimit);
     assert!(!killed.load(Ordering::Relaxed), "a transient failure never kills");
+    let r = call(&pv, pv::MAP, [0, 0, P, dir::TO_DEVICE, 0]);
+    assert_eq!(call(&pv, pv::UNMAP, [0, r.r[0], P, 0, 0]).status, Status::Success);
+    assert_eq!(call(&pv, pv::UNMAP, [0, r.r[0], P, 0, 0]).status, Status::NotFound);
+    assert!(!killed.load(Ordering::Relaxed), "a stale unmap is not misuse: it never kills");
     assert_eq!(call(&pv, pv::MAP, [0, 0, P, 9, 0]).status, Status::InvalidArgument);
     assert!(killed.load(Ordering::Relaxed));
+}
+
+#[test]
+fn unmap_sg_tells_stale_entries_from_malformed_ones() {
+    let (vm, pv) = setup(64 * P, 64);
+    let mem = vm.memory();
+    let list = 0x80_0000u64;
+    let put = |entries: &[(u64, u64)]| {
+        for (i, (a, l)) in entries.iter().enumerate() {
+            mem.write_obj(*a, GuestAddress(list + 16 * i as u64)).unwrap();
+            mem.write_obj(*l, GuestAddress(list + 16 * i as u64 + 8)).unwrap();
+        }
+    };
+    let a = call(&pv, pv::MAP, [0, 0x10_0000, P, dir::TO_DEVICE, 0]).r[0];
+    let b = call(&pv, pv::MAP, [0, 0x20_0000, P, dir::TO_DEVICE, 0]).r[0];
+    put(&[(a, P), (0x7777_0000, P)]);
+    assert_eq!(call(&pv, pv::UNMAP_SG, [0, list, 2, 0, 0]).status, Status::NotFound, "one entry names nothing");
+    assert_eq!(pv.device(0).unwrap().live_mappings(), 1, "the good entry was unmapped all the same");
+    put(&[(b, 3 * P), (a, P)]);
+    assert_eq!(call(&pv, pv::UNMAP_SG, [0, list, 2, 0, 0]).status, Status::InvalidArgument, "wrong extent wins");
+    assert_eq!(pv.device(0).unwrap().live_mappings(), 1, "b stays: its entry was malformed");
+    put(&[(b, P), (b, P)]);
+    assert_eq!(call(&pv, pv::UNMAP_SG, [0, list, 2, 0, 0]).status, Status::NotFound, "named twice");
+    assert_eq!(pv.device(0).unwrap().live_mappings(), 0);
+}
+
+#[test]
+fn unknown_call_numbers_are_counted_as_unknown_and_totals_survive_a_device() {
+    let (_vm, pv) = setup(1 << 20, 64);
+    for nr in [pv::BASE + 5, pv::BASE + 0x42, pv::BASE + 0xff] {
+        assert_eq!(call(&pv, nr, [0; 5]).status, Status::UnknownCall);
+    }
+    let s = pv.stats();
+    assert_eq!(s.calls_named("unmap_sg"), 0, "an unknown call is not an UNMAP_SG");
+    assert_eq!(s.unknown, 3);
+    assert_eq!(s.with_status(Status::UnknownCall), 3);
+    let r = call(&pv, pv::MAP, [0, 0x1000, P, dir::TO_DEVICE, 0]);
+    call(&pv, pv::UNMAP, [0, r.r[0], P, 0, 0]);
+    let before = pv.stats();
+    assert_eq!((before.calls_named("map"), before.pages), (1, (1, 1)));
+    pv.remove_device(0); // the device dies
+    let after = pv.stats();
+    assert_eq!(after, before, "VM-wide counters never go backwards when a device goes");
+    assert_eq!(call(&pv, pv::MAP, [0, 0x1000, P, dir::TO_DEVICE, 0]).status, Status::NotAssigned);
+    assert_eq!(pv.stats().calls_named("map"), 2);
 }
 
 proptest! {

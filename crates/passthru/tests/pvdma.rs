@@ -80,11 +80,11 @@ fn statuses_through_the_qtest_dispatch_and_the_counters() {
     // 64 KiB MAP comes from the next free range.
     assert_eq!(lines[6], "OK 0x0 0x100020000 0x0 0x0", "exactly the limit");
     assert_eq!(lines[7], "OK 0x0 0x0 0x0 0x0", "unmap");
-    assert_eq!(lines[8], "OK 0x2 0x0 0x0 0x0", "unmap twice");
+    assert_eq!(lines[8], "OK 0x8 0x0 0x0 0x0", "unmap twice: not found");
     assert_eq!(
         lines[9],
         "OK query=2 map=5 map_sg=0 unmap=2 unmap_sg=0 pages_mapped=16 pages_unmapped=16 \
-         invalid_argument=3 not_assigned=1 over_locked_limit=1"
+         invalid_argument=2 not_assigned=1 over_locked_limit=1 not_found=1"
     );
     assert!(lines[10].starts_with("OK query=1 map=2 ") && lines[10].ends_with("live_mappings=0"), "{}", lines[10]);
 }
