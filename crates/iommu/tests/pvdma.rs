@@ -123,7 +123,11 @@ fn map_returns_the_iova_of_the_byte_asked_and_unmap_needs_the_same_extent() {
     assert!(r.r[0] >= iommu::pvdma::IOVA_BASE);
     assert_eq!(call(&pv, pv::UNMAP, [0, r.r[0], 0x1000, 0, 0]).status, Status::InvalidArgument, "a different extent");
     assert_eq!(call(&pv, pv::UNMAP, [0, r.r[0], 0x2000, 0, 0]).status, Status::Success);
-    assert_eq!(call(&pv, pv::UNMAP, [0, r.r[0], 0x2000, 0, 0]).status, Status::NotFound, "twice: nothing there any more");
+    assert_eq!(
+        call(&pv, pv::UNMAP, [0, r.r[0], 0x2000, 0, 0]).status,
+        Status::NotFound,
+        "twice: nothing there any more"
+    );
 }
 
 #[test]

@@ -146,7 +146,8 @@ const DEVICE_SOCKET_FD: i32 = 3;
 
 /// Runs `passthru device dma-engine --fd 3` on the child end of a socketpair. The child
 /// inherits exactly standard input and output (both /dev/null), standard error and
-/// that socket: every other descriptor of the VMM is close-on-exec.
+/// that socket: every descriptor of the VMM is close-on-exec, and any the VMM itself
+/// inherited is closed in the child before exec.
 fn spawn_engine(theirs: UnixStream) -> Result<DeviceProcess, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locating the passthru binary: {e}"))?;
     let fd = theirs.as_raw_fd();
@@ -154,8 +155,9 @@ fn spawn_engine(theirs: UnixStream) -> Result<DeviceProcess, String> {
     cmd.args(["device", "dma-engine", "--fd", &DEVICE_SOCKET_FD.to_string()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
-    // SAFETY: the closure runs in the child between fork and exec and only calls
-    // dup2/fcntl, which are async-signal-safe; it touches no memory of the parent.
+    // SAFETY: the closure runs in the child between fork and exec and only makes the
+    // system calls dup2, fcntl, close_range and close, which are async-signal-safe; it
+    // touches no memory of the parent.
     unsafe {
         cmd.pre_exec(move || {
             // The socket lands on descriptor 3 without close-on-exec; the parent's own
@@ -166,6 +168,14 @@ fn spawn_engine(theirs: UnixStream) -> Result<DeviceProcess, String> {
                 }
             } else if libc::dup2(fd, DEVICE_SOCKET_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // Descriptors the VMM itself inherited without close-on-exec (a test
+            // harness's jobserver pipe, a shell's extra files) are not the device's
+            // either: close everything above the socket.
+            if libc::syscall(libc::SYS_close_range, DEVICE_SOCKET_FD + 1, libc::c_uint::MAX, 0) != 0 {
+                for n in DEVICE_SOCKET_FD + 1..1024 {
+                    libc::close(n);
+                }
             }
             Ok(())
         });

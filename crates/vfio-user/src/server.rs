@@ -137,8 +137,13 @@ pub struct Server {
 impl Server {
     /// A server on `ep` accepting up to [`DEFAULT_MAX_DMA_MAPS`] DMA windows.
     pub fn new(ep: Arc<Endpoint>) -> Server {
+        Server::with_max_dma_maps(ep, DEFAULT_MAX_DMA_MAPS as usize)
+    }
+
+    /// A server holding at most `max` DMA windows (announced as `max_dma_maps`).
+    pub fn with_max_dma_maps(ep: Arc<Endpoint>, max: usize) -> Server {
         let messages = DmaMessages::new(Arc::clone(&ep));
-        Server { ep, windows: DmaWindows::new(DEFAULT_MAX_DMA_MAPS as usize), messages }
+        Server { ep, windows: DmaWindows::new(max), messages }
     }
 
     /// The handle the device reaches guest memory with.
@@ -182,6 +187,7 @@ impl Server {
                     *negotiated = true;
                     let mut ours = Version::ours();
                     ours.minor = ours.minor.min(v.minor);
+                    ours.capabilities["capabilities"]["max_dma_maps"] = serde_json::json!(self.windows.max());
                     let _ = self.ep.reply(&h, &ours.encode());
                 }
                 Request::Version(v) => {

@@ -386,3 +386,66 @@ impl irq::IrqChip for QtestAccel {
         FIRST_MSI_GSI
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[derive(Default)]
+    struct Count(AtomicU64);
+    impl IrqSink for Count {
+        fn raise(&self, _gsi: u32) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        fn lower(&self, _gsi: u32) {}
+        fn msi(&self, _msi: MsiMessage) {}
+    }
+
+    fn wait_for(c: &Count, n: u64) -> bool {
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_secs(5) {
+            if c.0.load(Ordering::Relaxed) >= n {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        false
+    }
+
+    #[test]
+    fn two_irqfds_on_one_gsi_are_two_irqfds_and_a_huge_count_is_one_interrupt() {
+        use irq::IrqChip;
+        let q = QtestAccel::new().unwrap();
+        let sink = Arc::new(Count::default());
+        q.set_sink(Some(sink.clone()));
+        let (a, b) = (irq::eventfd().unwrap(), irq::eventfd().unwrap());
+        q.assign_irqfd(&a, 30, None).unwrap();
+        q.assign_irqfd(&b, 30, None).unwrap(); // every eventfd shares one inode: not a reason to refuse
+        assert!(q.assign_irqfd(&a, 30, None).is_err(), "the same irqfd twice is refused");
+        a.write(u64::MAX - 1).unwrap();
+        assert!(wait_for(&sink, 1));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(sink.0.load(Ordering::Relaxed), 1, "one wake-up, one interrupt (as KVM's irqfd)");
+        q.deassign_irqfd(&a, 30).unwrap();
+        b.write(1).unwrap();
+        assert!(wait_for(&sink, 2), "the other irqfd still delivers");
+        a.write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(sink.0.load(Ordering::Relaxed), 2, "the deassigned one does not");
+        assert!(q.deassign_irqfd(&a, 30).is_err());
+        q.deassign_irqfd(&b, 30).unwrap();
+    }
+
+    #[test]
+    fn two_ioeventfds_on_one_address_are_told_apart() {
+        let q = QtestAccel::new().unwrap();
+        let (a, b) = (irq::eventfd().unwrap(), irq::eventfd().unwrap());
+        q.register_ioevent(&a, IoAddr::Pio(0x80)).unwrap();
+        q.register_ioevent(&b, IoAddr::Pio(0x80)).unwrap();
+        q.unregister_ioevent(&b, IoAddr::Pio(0x80)).unwrap();
+        assert!(q.emulate_ioevent(IoAddr::Pio(0x80)));
+        assert_eq!(a.read().unwrap(), 1, "the one still registered was signalled");
+        assert!(b.read().is_err(), "the unregistered one was not");
+    }
+}

@@ -104,6 +104,8 @@ pub struct AssignedDevice {
     gone: AtomicBool,
     /// Guards the teardown (runs once).
     tearing_down: AtomicBool,
+    /// Set by a deliberate removal: the closing connection is not a death.
+    removing: AtomicBool,
     /// Set last, once its interrupts and mappings are all gone.
     torn_down: AtomicBool,
     /// The VMM's copy of the trapped MSI registers.
@@ -131,6 +133,26 @@ impl DmaHandler for DomainDma {
     fn dma_write(&self, address: u64, data: &[u8]) -> std::result::Result<(), i32> {
         let space = self.0.lock().unwrap_or_else(|e| e.into_inner());
         space.write(Iova(address), data).map_err(|_| libc::EFAULT)
+    }
+}
+
+/// "exited with 3", "killed by signal 31 (SIGSYS)".
+fn describe(s: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exited with {c}"),
+        (None, Some(sig)) => {
+            let name = match sig {
+                libc::SIGKILL => " (SIGKILL)",
+                libc::SIGSYS => " (SIGSYS: its seccomp filter stopped a forbidden system call)",
+                libc::SIGSEGV => " (SIGSEGV)",
+                libc::SIGBUS => " (SIGBUS)",
+                libc::SIGABRT => " (SIGABRT)",
+                _ => "",
+            };
+            format!("killed by signal {sig}{name}")
+        }
+        _ => "ended".to_string(),
     }
 }
 
@@ -332,6 +354,7 @@ impl AssignedDevice {
             up: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             tearing_down: AtomicBool::new(false),
+            removing: AtomicBool::new(false),
             torn_down: AtomicBool::new(false),
             msi: Mutex::new((0, 0)),
             observer: Mutex::new(None),
@@ -398,16 +421,21 @@ impl AssignedDevice {
     /// mappings are torn down, its BARs read as all-ones from now on. Safe to call more
     /// than once; says so (once) only for a device that had come up.
     pub fn died(&self, why: &str) {
-        if !self.up.load(Ordering::Acquire) {
+        if !self.up.load(Ordering::Acquire) || self.removing.load(Ordering::Acquire) {
             self.gone.store(true, Ordering::Release);
             return;
-        }
-        if self.teardown() {
-            eprintln!("passthru: device {} is gone ({why}); its BARs now read all-ones", self.name);
         }
         if let Some(p) = &self.process {
             // A device whose connection is gone may still hold guest memory: end it.
             p.kill_and_reap(Duration::from_secs(5));
+        }
+        if self.teardown() {
+            let how = self.process.as_ref().and_then(|p| p.status()).map(|s| format!("; process {}", describe(s)));
+            eprintln!(
+                "passthru: device {} is gone ({why}{}); its BARs now read all-ones",
+                self.name,
+                how.unwrap_or_default()
+            );
         }
     }
 
@@ -460,6 +488,7 @@ impl AssignedDevice {
     /// its backend is stopped (a device process sees the connection close and exits;
     /// it is reaped, or killed if it lingers).
     pub fn remove(&self) {
+        self.removing.store(true, Ordering::Release);
         self.teardown();
         let backend = self.backend.lock().unwrap_or_else(|e| e.into_inner()).take();
         drop(backend);

@@ -413,6 +413,16 @@ mod tests {
     }
 
     #[test]
+    fn the_ram_memfd_is_sealed_against_resizing_and_further_seals() {
+        let ram = GuestRam::new(MIN_RAM).unwrap();
+        assert_eq!(ram.memfd().set_len(MIN_RAM / 2).unwrap_err().raw_os_error(), Some(libc::EPERM), "shrink");
+        assert_eq!(ram.memfd().set_len(MIN_RAM * 2).unwrap_err().raw_os_error(), Some(libc::EPERM), "grow");
+        // SAFETY: F_ADD_SEALS on our own memfd; no memory is passed.
+        let r = unsafe { libc::fcntl(ram.memfd().as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_FUTURE_WRITE) };
+        assert_eq!(r, -1, "no more seals can be added");
+    }
+
+    #[test]
     fn bad_sizes_are_refused_with_the_fix() {
         let e = GuestRam::new(1 << 20).unwrap_err().to_string();
         assert!(e.contains("--memory 32M"), "{e}");

@@ -1,0 +1,568 @@
+//! Hostile and broken device processes against a running passthru (qtest driver, so no
+//! vCPU is needed): a server that stops reading, one that stops replying, one that
+//! floods DMA requests without reading the replies, one that ignores DMA_UNMAP (it is
+//! stopped), one whose sandbox kills it, one that cannot take an MSI. Each time the VM
+//! goes on, the device is declared dead once within its deadline, later accesses are
+//! immediate, and the VMM still ends cleanly when its input closes.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+use common::*;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vfio_user::endpoint::Endpoint;
+use vfio_user::proto::{self, Command, DeviceInfo, DmaAccess, HEADER_SIZE, Header, IrqInfo, RegionInfo, SetIrqs};
+use vfio_user::server::{Device, Server};
+
+const MEM: [&str; 4] = ["--memory", "64M", "--locked-memory", "64M"];
+/// Far beyond the 300 ms device deadline the tests set, for a loaded machine.
+const SLACK: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Misbehaviour {
+    /// Stops reading its socket at the first BAR write.
+    StopReading,
+    /// Never answers a BAR read.
+    StopReplying,
+    /// At the first BAR write, floods 1 MiB DMA_READs and reads nothing more.
+    FloodDmaReads,
+    /// Offers no MSI (as libvfio-user's samples): SET_IRQS fails.
+    NoMsi,
+}
+
+/// A device shaped like the DMA engine (BAR0, BAR1, config, one MSI) that misbehaves.
+struct Fake {
+    how: Misbehaviour,
+    ep: Arc<Endpoint>,
+    hold: Receiver<()>,
+}
+
+impl Fake {
+    fn stall(&self) {
+        // Held until the test ends (bounded, so the thread never outlives it for long).
+        let _ = self.hold.recv_timeout(Duration::from_secs(60));
+    }
+}
+
+impl Device for Fake {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo { flags: proto::DEVICE_FLAGS_PCI | proto::DEVICE_FLAGS_RESET, num_regions: 9, num_irqs: 5 }
+    }
+    fn region_info(&self, index: u32) -> Option<RegionInfo> {
+        let size = match index {
+            0 => 0x1000,
+            1 => 0x1_0000,
+            7 => 256,
+            i if i < 9 => 0,
+            _ => return None,
+        };
+        Some(RegionInfo { flags: 3, index, cap_offset: 0, size, offset: 0 })
+    }
+    fn irq_info(&self, index: u32) -> Option<IrqInfo> {
+        let count = u32::from(index == proto::PCI_MSI && self.how != Misbehaviour::NoMsi);
+        (index < 5).then_some(IrqInfo { flags: proto::IRQ_INFO_EVENTFD, index, count })
+    }
+    fn region_read(&mut self, _region: u32, _offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        if self.how == Misbehaviour::StopReplying {
+            self.stall();
+        }
+        buf.fill(0x11);
+        Ok(())
+    }
+    fn region_write(&mut self, _region: u32, _offset: u64, _data: &[u8]) -> Result<(), i32> {
+        match self.how {
+            Misbehaviour::StopReading => self.stall(),
+            Misbehaviour::FloodDmaReads => {
+                let ep = Arc::clone(&self.ep);
+                std::thread::spawn(move || {
+                    let req = DmaAccess { address: 0x10_0000, count: 1 << 20 }.encode(&[]);
+                    for id in 0..10_000u16 {
+                        let size = (HEADER_SIZE + req.len()) as u32;
+                        let h = Header { id, command: Command::DmaRead as u16, size, flags: 0, error: 0 };
+                        if ep.send(h, &req, &[]).is_err() {
+                            break;
+                        }
+                    }
+                });
+                self.stall();
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    fn set_irqs(&mut self, irqs: &SetIrqs, _fds: Vec<File>) -> Result<(), i32> {
+        if self.how == Misbehaviour::NoMsi && irqs.index == proto::PCI_MSI { Err(libc::EINVAL) } else { Ok(()) }
+    }
+    fn reset(&mut self) -> Result<(), i32> {
+        Ok(())
+    }
+}
+
+/// Serves one `Fake` on a fresh socket path; dropping the sender lets a stalled device go.
+fn fake_server(how: Misbehaviour, tag: &str) -> (PathBuf, std::sync::mpsc::Sender<()>) {
+    let path = std::env::temp_dir().join(format!("passthru-fake-{tag}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).unwrap();
+    let (release, hold) = channel();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let server = Server::new(Endpoint::new(stream));
+        let mut dev = Fake { how, ep: Arc::clone(server.endpoint()), hold };
+        server.serve(&mut dev);
+    });
+    (path, release)
+}
+
+/// A passthru driven through qtest on its standard input, its stderr collected.
+struct Vmm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: BufReader<ChildStdout>,
+    err: Arc<Mutex<String>>,
+}
+
+impl Vmm {
+    fn start(device: &str) -> Vmm {
+        Vmm::start_with_env(device, &[])
+    }
+
+    fn start_with_env(device: &str, env: &[(&str, &str)]) -> Vmm {
+        let mut c = bin();
+        c.args(["run", "--accel", "qtest", "--device", device]).args(MEM);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let e = Arc::clone(&err);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                e.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let stdin = child.stdin.take();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Vmm { child, stdin, out, err }
+    }
+
+    fn cmd(&mut self, c: &str) -> String {
+        writeln!(self.stdin.as_mut().unwrap(), "{c}").unwrap();
+        loop {
+            let mut l = String::new();
+            assert!(self.out.read_line(&mut l).unwrap() > 0, "the VMM closed its output; stderr: {}", self.stderr());
+            if !l.starts_with("IRQ ") {
+                return l.trim_end().to_string();
+            }
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.err.lock().unwrap().clone()
+    }
+
+    /// Waits until stderr contains `what`.
+    fn wait_stderr(&self, what: &str, within: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if self.stderr().contains(what) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// The pid of the device process it spawned (from its stderr).
+    fn device_pid(&self) -> i32 {
+        assert!(self.wait_stderr(" over vfio-user", SLACK), "{}", self.stderr());
+        let s = self.stderr();
+        let rest = s.split("in process ").nth(1).unwrap();
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    /// Closes its input; returns its exit code and how long it took to end.
+    fn finish(mut self) -> (Option<i32>, Duration, String) {
+        drop(self.stdin.take());
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50)); // let the stderr reader catch up
+                return (s.code(), t.elapsed(), self.stderr());
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                let _ = self.child.kill();
+                panic!("the VMM did not end 30 s after its input closed; stderr: {}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn assert_gone_once(stderr: &str) {
+    assert_eq!(stderr.matches("device dma0 is gone").count(), 1, "{stderr}");
+}
+
+#[test]
+fn a_device_that_stops_reading_is_declared_dead_and_the_vmm_still_ends_on_eof() {
+    let (path, _release) = fake_server(Misbehaviour::StopReading, "noread");
+    let mut vmm = Vmm::start(&format!("vfio-user,socket={},timeout=300ms", path.display()));
+    assert_eq!(vmm.cmd("readl 0xc0000000"), "OK 0x0000000011111111", "alive at first");
+    // 64 KiB posted writes to the scratch BAR until the device is judged: the socket
+    // and the 4 MiB backlog fill, the next write waits at most the deadline.
+    let block = format!("0x{}", "ab".repeat(0x1_0000));
+    let t = Instant::now();
+    let mut writes = 0;
+    while !vmm.stderr().contains("is gone") {
+        assert_eq!(vmm.cmd(&format!("write 0xc0010000 0x10000 {block}")), "OK");
+        writes += 1;
+        assert!(t.elapsed() < SLACK, "still not judged after {writes} writes: {}", vmm.stderr());
+    }
+    assert!(writes >= 2, "the socket and the backlog took {writes} writes before the deadline passed");
+    // Every later access is immediate and all-ones.
+    let t = Instant::now();
+    assert_eq!(vmm.cmd("readl 0xc0000000"), "OK 0x00000000ffffffff");
+    assert!(t.elapsed() < Duration::from_millis(200));
+    assert!(vmm.cmd("dev_info dma0").contains("dead=1"));
+    let (code, took, stderr) = vmm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    assert!(stderr.contains("stopped responding") && stderr.contains("took no bytes"), "{stderr}");
+    assert_gone_once(&stderr);
+}
+
+#[test]
+fn a_device_that_stops_replying_is_declared_dead_at_its_deadline() {
+    let (path, _release) = fake_server(Misbehaviour::StopReplying, "noreply");
+    let mut vmm = Vmm::start(&format!("vfio-user,socket={},timeout=300ms", path.display()));
+    let t = Instant::now();
+    assert_eq!(vmm.cmd("readl 0xc0000000"), "OK 0x00000000ffffffff", "the read gives up at the deadline");
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_millis(300) && waited < SLACK, "{waited:?}");
+    assert!(vmm.wait_stderr("device dma0 is gone", SLACK), "{}", vmm.stderr());
+    let t = Instant::now();
+    assert_eq!(vmm.cmd("readl 0xc0000000"), "OK 0x00000000ffffffff");
+    assert!(t.elapsed() < Duration::from_millis(200), "a dead device answers at once");
+    let (code, took, stderr) = vmm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    assert!(stderr.contains("no reply to RegionRead within 300ms"), "{stderr}");
+    assert_gone_once(&stderr);
+}
+
+#[test]
+fn a_device_flooding_dma_reads_is_cut_off_and_the_vmm_exits_cleanly() {
+    let (path, _release) = fake_server(Misbehaviour::FloodDmaReads, "flood");
+    let mut vmm = Vmm::start(&format!("vfio-user,socket={},timeout=300ms", path.display()));
+    assert_eq!(vmm.cmd("writel 0xc0000018 1"), "OK"); // starts the flood
+    assert!(vmm.wait_stderr("device dma0 is gone", SLACK), "{}", vmm.stderr());
+    assert_eq!(vmm.cmd("readl 0xc0000000"), "OK 0x00000000ffffffff");
+    let (code, took, stderr) = vmm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    assert_gone_once(&stderr);
+}
+
+#[test]
+fn a_device_without_msi_is_refused_at_attach_with_one_clear_line_and_no_gone_message() {
+    let (path, _release) = fake_server(Misbehaviour::NoMsi, "nomsi");
+    let out = bin()
+        .args(["run", "--accel", "qtest", "--device"])
+        .arg(format!("vfio-user,socket={}", path.display()))
+        .args(MEM)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("passthru: error: device dma0: setting up its MSI"), "{stderr}");
+    assert!(!stderr.contains("is gone"), "a device that never came up is not 'gone': {stderr}");
+}
+
+/// Stops (SIGSTOP) or resumes a process.
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) to a process this test started (directly or through the VMM).
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+}
+
+#[test]
+fn a_spawned_device_that_does_not_acknowledge_dma_unmap_is_killed_and_reaped_before_unmap_returns() {
+    let mut vmm = Vmm::start("dma-engine,dma=pvdma,timeout=300ms");
+    let pid = vmm.device_pid();
+    let map = vmm.cmd("hcall 0x101 0 0x100000 4096 3");
+    assert!(map.starts_with("OK 0x0 "), "{map}");
+    let iova = map.split_whitespace().nth(2).unwrap().to_string();
+    signal(pid, libc::SIGSTOP); // the device can no longer answer anything
+    let t = Instant::now();
+    assert_eq!(vmm.cmd(&format!("hcall 0x103 0 {iova} 4096")), "OK 0x0 0x0 0x0 0x0", "the unmap completes");
+    assert!(t.elapsed() < SLACK);
+    // By the time UNMAP returned, the process is gone: killed and reaped.
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "device process {pid} still exists");
+    assert!(vmm.wait_stderr("device dma0 is gone", SLACK), "{}", vmm.stderr());
+    assert_eq!(vmm.cmd("hcall 0x101 0 0x100000 4096 3"), "OK 0x3 0x0 0x0 0x0", "not assigned any more");
+    let (code, _, stderr) = vmm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("did not acknowledge DMA_UNMAP"), "{stderr}");
+    assert_gone_once(&stderr);
+}
+
+#[test]
+fn an_external_device_that_does_not_acknowledge_dma_unmap_is_disconnected_and_declared_dead() {
+    let path = std::env::temp_dir().join(format!("passthru-stopped-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mut server = bin()
+        .args(["device", "dma-engine", "--socket", path.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(t.elapsed() < SLACK);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut vmm = Vmm::start(&format!("vfio-user,socket={},dma=pvdma,timeout=300ms", path.display()));
+    let map = vmm.cmd("hcall 0x101 0 0x100000 4096 3");
+    let iova = map.split_whitespace().nth(2).unwrap().to_string();
+    signal(server.id() as i32, libc::SIGSTOP);
+    assert_eq!(vmm.cmd(&format!("hcall 0x103 0 {iova} 4096")), "OK 0x0 0x0 0x0 0x0");
+    assert!(vmm.wait_stderr("device dma0 is gone", SLACK), "{}", vmm.stderr());
+    assert!(vmm.cmd("dev_info dma0").contains("dead=1"));
+    // Not ours to kill: it was disconnected. Resumed, it sees the connection closed.
+    signal(server.id() as i32, libc::SIGCONT);
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = server.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < SLACK, "the external server did not notice its disconnection");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
+    let (code, _, stderr) = vmm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn a_spawned_device_holds_exactly_its_socket_and_msi_eventfd() {
+    let mut vmm = Vmm::start("dma-engine");
+    let pid = vmm.device_pid();
+    assert_eq!(vmm.cmd("readl 0xc0000000"), "OK 0x0000000045414d44", "attached and serving");
+    let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let n = e.file_name().to_string_lossy().parse().unwrap();
+            (n, std::fs::read_link(e.path()).map(|l| l.to_string_lossy().into_owned()).unwrap_or_default())
+        })
+        .collect();
+    fds.sort();
+    let listing = format!("{fds:?}");
+    let numbers: Vec<i32> = fds.iter().map(|(n, _)| *n).collect();
+    let eventfds = fds.iter().filter(|(_, l)| l.contains("eventfd")).count();
+    assert_eq!(eventfds, 1, "only the MSI eventfd it was given: {listing}");
+    assert_eq!(&numbers[..4], &[0, 1, 2, 3], "{listing}");
+    assert_eq!(fds.len(), 5, "stdin, stdout, stderr, its socket, its MSI eventfd: {listing}");
+    assert!(fds[3].1.starts_with("socket:"), "{listing}");
+    assert!(fds[0].1 == "/dev/null" && fds[1].1 == "/dev/null", "{listing}");
+    let (code, _, _) = vmm.finish();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn a_forbidden_system_call_kills_the_sandboxed_device_and_the_vm_carries_on() {
+    let mut vmm = Vmm::start_with_env("dma-engine", &[("PASSTHRU_DEVICE_SELFTEST", "forbidden-syscall")]);
+    let pid = vmm.device_pid();
+    assert_eq!(vmm.cmd("readl 0xc0000000"), "OK 0x0000000045414d44");
+    assert_eq!(vmm.cmd("writel 0xc0000024 2"), "OK"); // reset: the self-test opens a socket
+    assert!(vmm.wait_stderr("device dma0 is gone", SLACK), "{}", vmm.stderr());
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "reaped");
+    assert_eq!(vmm.cmd("readl 0xc0000000"), "OK 0x00000000ffffffff", "surprise removal");
+    let (code, _, stderr) = vmm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("killed by signal 31 (SIGSYS"), "{stderr}");
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A COPY descriptor (abi::dma_engine layout) as bytes.
+fn copy_desc(src: u64, dst: u64, len: u64, completion: u64) -> Vec<u8> {
+    let d =
+        abi::dma_engine::Descriptor { op: abi::dma_engine::op::COPY, src, dst, len, completion, ..Default::default() };
+    d.to_bytes().to_vec()
+}
+
+fn count(dir: &str) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+fn maps(pid: i32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps")).map(|m| m.lines().count()).unwrap_or(0)
+}
+
+#[test]
+fn a_guest_mapping_one_page_twenty_thousand_times_costs_the_device_no_descriptor_and_no_mapping() {
+    let mut vmm = Vmm::start("dma-engine,dma=pvdma");
+    let pid = vmm.device_pid();
+    // 512 entries naming the same page.
+    let list: Vec<u8> = (0..512).flat_map(|_| [0x10_0000u64.to_le_bytes(), 4096u64.to_le_bytes()].concat()).collect();
+    let first = vmm.cmd("hcall 0x100 0");
+    assert!(first.starts_with("OK 0x0 0x1"), "{first}");
+    let (fds0, maps0) = (count(&format!("/proc/{pid}/fd")), maps(pid));
+    for round in 0..40 {
+        assert_eq!(vmm.cmd(&format!("write 0x800000 8192 0x{}", hex(&list))), "OK");
+        assert_eq!(vmm.cmd("hcall 0x102 0 0x800000 512 1"), "OK 0x0 0x200 0x0 0x0", "round {round}");
+    }
+    assert_eq!(vmm.cmd("readl 0xc0000000"), "OK 0x0000000045414d44", "the device is alive and caught up");
+    let (fds1, maps1) = (count(&format!("/proc/{pid}/fd")), maps(pid));
+    assert_eq!(fds1, fds0, "20,480 windows, no new descriptor");
+    assert!(maps1 <= maps0 + 2, "20,480 windows cost {} mappings", maps1 - maps0);
+    assert!(vmm.cmd("pvdma_stats 0").contains("live_mappings=20480"));
+    let (code, _, stderr) = vmm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn in_shared_fd_mode_a_device_cannot_read_a_write_only_mapping() {
+    let mut vmm = Vmm::start("dma-engine,dma=pvdma");
+    let iova = |answer: String| -> u64 {
+        assert!(answer.starts_with("OK 0x0 "), "{answer}");
+        u64::from_str_radix(answer.split_whitespace().nth(2).unwrap().trim_start_matches("0x"), 16).unwrap()
+    };
+    let ring = iova(vmm.cmd("hcall 0x101 0 0x200000 4096 1")); // the device reads its ring
+    let done = iova(vmm.cmd("hcall 0x101 0 0x210000 4096 2")); // and writes completions
+    let src = iova(vmm.cmd("hcall 0x101 0 0x300000 4096 2")); // FROM_DEVICE: write-only for it
+    let dst = iova(vmm.cmd("hcall 0x101 0 0x400000 4096 2"));
+    assert_eq!(vmm.cmd("memset 0x300000 4096 0x5a"), "OK");
+    assert_eq!(vmm.cmd("memset 0x400000 4096 0x33"), "OK");
+    let mut ring_bytes = copy_desc(src, dst, 4096, done);
+    // A second descriptor: the same copy once the source is readable (the control).
+    let src_rw = iova(vmm.cmd("hcall 0x101 0 0x300000 4096 3"));
+    ring_bytes.extend(copy_desc(src_rw, dst, 4096, done + 32));
+    assert_eq!(vmm.cmd(&format!("write 0x200000 128 0x{}", hex(&ring_bytes))), "OK");
+    for c in [format!("writeq 0xc0000008 {ring:#x}"), "writel 0xc0000010 16".into(), "writel 0xc0000024 1".into()] {
+        assert_eq!(vmm.cmd(&c), "OK");
+    }
+    assert_eq!(vmm.cmd("writel 0xc0000018 1"), "OK");
+    let t = Instant::now();
+    while vmm.cmd("readl 0xc0000014") != "OK 0x0000000000000001" {
+        assert!(t.elapsed() < SLACK, "the descriptor never completed");
+    }
+    assert_eq!(vmm.cmd("readl 0x210000"), "OK 0x0000000000000002", "DMA_FAULT");
+    assert_eq!(vmm.cmd("read 0x400000 8"), "OK 0x3333333333333333", "nothing copied");
+    let info = vmm.cmd("dev_info dma0");
+    assert!(info.contains(&format!("last_fault={src:#x}")), "the VMM saw and logged the refused read: {info}");
+    assert_eq!(vmm.cmd("writel 0xc0000018 2"), "OK");
+    let t = Instant::now();
+    while vmm.cmd("readl 0xc0000014") != "OK 0x0000000000000002" {
+        assert!(t.elapsed() < SLACK, "the control descriptor never completed");
+    }
+    assert_eq!(vmm.cmd("readl 0x210020"), "OK 0x0000000000000001", "the readable mapping copies");
+    assert_eq!(vmm.cmd("read 0x400000 8"), "OK 0x5a5a5a5a5a5a5a5a");
+    let (code, _, stderr) = vmm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+fn memfd(size: u64, sealed: bool) -> File {
+    use std::os::fd::FromRawFd;
+    let flags = libc::MFD_CLOEXEC | if sealed { libc::MFD_ALLOW_SEALING } else { 0 };
+    // SAFETY: memfd_create with a NUL-terminated name; the descriptor is taken over.
+    let fd = unsafe { libc::memfd_create(c"hostile".as_ptr(), flags) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(size).unwrap();
+    if sealed {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_ADD_SEALS on our memfd.
+        assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) }, 0);
+    }
+    f
+}
+
+#[test]
+fn the_device_process_refuses_a_file_too_small_and_survives_one_shrunk_under_it() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    use vfio_user::proto::{DMA_READ_FLAG, DMA_WRITE_FLAG, DmaMap};
+    let path = std::env::temp_dir().join(format!("passthru-shrink-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mut server = bin()
+        .args(["device", "dma-engine", "--socket", path.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(t.elapsed() < SLACK);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    struct NoDma;
+    impl vfio_user::client::DmaHandler for NoDma {
+        fn dma_read(&self, _a: u64, _b: &mut [u8]) -> Result<(), i32> {
+            Err(libc::EFAULT)
+        }
+        fn dma_write(&self, _a: u64, _d: &[u8]) -> Result<(), i32> {
+            Err(libc::EFAULT)
+        }
+    }
+    // This test plays a careless (or hostile) VMM.
+    let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let client = vfio_user::client::Client::connect(stream, Arc::new(NoDma), Box::new(|_| {})).unwrap();
+    let rw = DMA_READ_FLAG | DMA_WRITE_FLAG;
+    let small = memfd(0x1000, true);
+    let map = |m: DmaMap, f: &File| client.endpoint().request(Command::DmaMap, &m.encode(), &[f.as_raw_fd()]);
+    let r = map(DmaMap { flags: rw, offset: 0, address: 0x10_0000, size: 0x10_0000 }, &small);
+    assert!(matches!(r, Err(vfio_user::Error::Remote { errno: libc::EINVAL, .. })), "{r:?}");
+    // Ring and completions in a sealed file; the copy source in an unsealed one.
+    let ring = memfd(0x1_0000, true);
+    let source = memfd(0x1_0000, false);
+    map(DmaMap { flags: rw, offset: 0, address: 0, size: 0x1_0000 }, &ring).unwrap();
+    map(DmaMap { flags: rw, offset: 0, address: 0x10_0000, size: 0x1_0000 }, &source).unwrap();
+    ring.write_all_at(&copy_desc(0x10_0000, 0x8000, 0x1000, 0x4000), 0).unwrap();
+    source.set_len(0).unwrap(); // shrunk under the device's window
+    let reg = |off: u64, v: u64, n: usize| client.region_write(0, off, &v.to_le_bytes()[..n]).unwrap();
+    reg(abi::dma_engine::regs::RING_BASE, 0, 8);
+    reg(abi::dma_engine::regs::RING_SIZE, 4, 4);
+    reg(abi::dma_engine::regs::CONTROL, 1, 4);
+    reg(abi::dma_engine::regs::TAIL, 1, 4);
+    let mut head = [0u8; 4];
+    let t = Instant::now();
+    loop {
+        client.region_read(0, abi::dma_engine::regs::HEAD, &mut head).unwrap();
+        if head == [1, 0, 0, 0] {
+            break;
+        }
+        assert!(t.elapsed() < SLACK, "the copy never completed");
+    }
+    let mut status = [0u8; 4];
+    ring.read_exact_at(&mut status, 0x4000).unwrap();
+    assert_eq!(u32::from_le_bytes(status), abi::dma_engine::completion::DMA_FAULT, "the lost pages fault");
+    let mut id = [0u8; 4];
+    client.region_read(0, abi::dma_engine::regs::ID, &mut id).unwrap();
+    assert_eq!(u32::from_le_bytes(id), abi::dma_engine::ID_VALUE, "the device is alive");
+    assert!(server.try_wait().unwrap().is_none(), "no SIGBUS killed it");
+    drop(client);
+    let t = Instant::now();
+    while server.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < SLACK);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
