@@ -28,6 +28,12 @@ impl ExitLatch {
     pub fn request(&self, status: u8) {
         let _ = self.0.compare_exchange(NO_EXIT, u16::from(status), Ordering::AcqRel, Ordering::Acquire);
     }
+
+    /// Forgets a request: a driver that keeps using the machine after the exit port
+    /// (the qtest fuzzer replaying sessions) starts clean.
+    pub fn clear(&self) {
+        self.0.store(NO_EXIT, Ordering::Release);
+    }
 }
 
 /// The exit port ([`abi::ports::EXIT`]): a write requests the end of the run.

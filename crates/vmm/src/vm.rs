@@ -317,6 +317,11 @@ impl Vm {
         self.exit.request(status);
     }
 
+    /// Forgets an exit request, so a driver may start another session on the machine.
+    pub fn clear_exit(&self) {
+        self.exit.clear();
+    }
+
     /// A hypercall, exactly as the vCPU's hypercall-port write performs it.
     pub fn hypercall(&self, args: &Args) -> Ret {
         self.hypercalls.dispatch(args)
