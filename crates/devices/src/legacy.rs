@@ -1,10 +1,10 @@
 //! Small fixed devices of every passthru machine: the exit port, the error console
 //! and a null device (the MMIO exit benchmark's target).
 
-use crate::bus::BusDevice;
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
+use vm_api::bus::BusDevice;
 
 /// Where the exit port records the guest's exit status.
 #[derive(Debug, Default)]

@@ -5,9 +5,8 @@
 //! dispatch through the same buses.
 #![warn(missing_docs)]
 
-pub mod bus;
 pub mod dma_engine;
 pub mod legacy;
 pub mod serial;
 
-pub use bus::{Bus, BusDevice, BusError};
+pub use vm_api::bus::{Bus, BusDevice, BusError, SharedDevice};

@@ -1,8 +1,8 @@
 //! The guest console: a 16550 UART (vm-superio) whose output goes to a writer and
 //! whose interrupt is an eventfd (wired to the guest as an irqfd on COM1's GSI).
 
-use crate::bus::BusDevice;
 use std::io::Write;
+use vm_api::bus::BusDevice;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 

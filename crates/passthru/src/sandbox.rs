@@ -2,10 +2,13 @@
 //!
 //! A device process, once connected, only talks on its socket, maps the files the VMM
 //! sends, writes its interrupt eventfds and runs its own threads. Everything else
-//! (opening files, new sockets, exec, ptrace, signals to others...) kills the process:
-//! the VMM sees the connection close and treats it as a surprise removal.
+//! (opening files, new sockets, exec, ptrace, signals to others...) ends the process:
+//! the filter traps the call, a SIGSYS handler names it on standard error, and the
+//! process dies of SIGSYS. The VMM sees the connection close and treats it as a
+//! surprise removal.
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter};
+use seccompiler::{SeccompRule, TargetArch};
 use std::collections::BTreeMap;
 
 /// System calls a device process makes after it is connected.
@@ -55,16 +58,67 @@ const ALLOWED: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// The filter: the calls above are allowed, anything else kills the process.
-pub fn device_filter() -> Result<BpfProgram, String> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = ALLOWED.iter().map(|&nr| (nr, vec![])).collect();
-    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
+fn eq(arg: u8, value: u64) -> Result<SeccompCondition, String> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value).map_err(|e| e.to_string())
+}
+
+/// The filter for process `pid`: the calls above are allowed, plus what the SIGSYS
+/// reporter needs to end the process (restoring SIGSYS's default action, sending
+/// SIGSYS to itself); anything else traps.
+pub fn device_filter(pid: u32) -> Result<BpfProgram, String> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED.iter().map(|&nr| (nr, vec![])).collect();
+    let sigsys = libc::SIGSYS as u64;
+    let only = |conds: Vec<SeccompCondition>| SeccompRule::new(conds).map_err(|e| e.to_string());
+    rules.insert(libc::SYS_rt_sigaction, vec![only(vec![eq(0, sigsys)?])?]);
+    rules.insert(libc::SYS_kill, vec![only(vec![eq(0, u64::from(pid))?, eq(1, sigsys)?])?]);
+    let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| format!("building the device's seccomp filter: {e}"))?;
     filter.try_into().map_err(|e: seccompiler::BackendError| format!("compiling the device's seccomp filter: {e}"))
 }
 
+/// Writes "passthru device: seccomp: forbidden system call N" with async-signal-safe
+/// calls only, then ends the process with SIGSYS.
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: for SIGSYS from seccomp the kernel fills the _sigsys member: after the
+    // common si_signo/si_errno/si_code ints (and padding to 8 bytes) come call_addr
+    // (a pointer), then the system call number (an int).
+    let nr = unsafe { *((info as *const u8).add(16 + std::mem::size_of::<usize>()) as *const libc::c_int) };
+    let mut msg = *b"passthru device: seccomp: forbidden system call           \n";
+    let mut n = nr.unsigned_abs();
+    let mut at = msg.len() - 2;
+    loop {
+        msg[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || at == 48 {
+            break;
+        }
+        at -= 1;
+    }
+    // SAFETY: write(2) of a stack buffer to standard error, then restoring the default
+    // action of SIGSYS and sending it to ourselves: all async-signal-safe, and exactly
+    // the calls the filter lets through for this purpose.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), 48);
+        libc::write(2, msg[at..].as_ptr().cast(), msg.len() - at);
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(libc::SIGSYS, &dfl, std::ptr::null_mut());
+        libc::kill(libc::getpid(), libc::SIGSYS);
+    }
+}
+
 /// Confines every thread of this process to [`ALLOWED`].
 pub fn confine_device() -> Result<(), String> {
-    let prog = device_filter()?;
+    // SAFETY: installs an SA_SIGINFO handler for SIGSYS with a zeroed, valid sigaction.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = on_sigsys as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut act.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &act, std::ptr::null_mut()) != 0 {
+            return Err(format!("installing the SIGSYS reporter: {}", std::io::Error::last_os_error()));
+        }
+    }
+    let prog = device_filter(std::process::id())?;
     seccompiler::apply_filter_all_threads(&prog).map_err(|e| format!("applying the device's seccomp filter: {e}"))
 }

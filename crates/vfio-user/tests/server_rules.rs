@@ -105,6 +105,7 @@ fn memfd(size: u64, sealed: bool) -> File {
 
 #[test]
 fn a_command_before_version_is_refused_and_the_connection_closes() {
+    let _s = serial();
     let p = pair();
     assert_eq!(errno(p.ep.request(Command::DeviceGetInfo, &DeviceInfo::default().encode(), &[])), libc::EINVAL);
     assert!(matches!(p.server.join().unwrap(), Error::Closed));
@@ -113,6 +114,7 @@ fn a_command_before_version_is_refused_and_the_connection_closes() {
 
 #[test]
 fn a_foreign_major_version_is_refused_and_the_connection_closes() {
+    let _s = serial();
     let p = pair();
     let v = Version { major: 1, minor: 0, capabilities: serde_json::json!({}) };
     assert_eq!(errno(p.ep.request(Command::Version, &v.encode(), &[])), libc::ENOTSUP);
@@ -122,6 +124,7 @@ fn a_foreign_major_version_is_refused_and_the_connection_closes() {
 
 #[test]
 fn dma_windows_follow_the_map_and_unmap_rules() {
+    let _s = serial();
     let p = negotiated();
     let rw = DMA_READ_FLAG | DMA_WRITE_FLAG;
     map(&p, 0x10000, 0x4000, rw, None, 0).unwrap();
@@ -145,6 +148,7 @@ fn dma_windows_follow_the_map_and_unmap_rules() {
 
 #[test]
 fn a_file_that_cannot_back_its_window_is_refused_at_dma_map() {
+    let _s = serial();
     let p = negotiated();
     let f = memfd(0x4000, true);
     let rw = DMA_READ_FLAG | DMA_WRITE_FLAG;
@@ -162,8 +166,16 @@ fn a_file_that_cannot_back_its_window_is_refused_at_dma_map() {
     assert_eq!(p.dma.windows().len(), 1);
 }
 
+/// Tests that count the process's descriptors and guarded mappings run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn one_file_mapped_ten_thousand_times_costs_one_mapping_and_no_descriptor() {
+    let _s = serial();
     let p = negotiated();
     let f = memfd(0x10000, true);
     let fds_before = std::fs::read_dir("/proc/self/fd").unwrap().count();
@@ -188,6 +200,7 @@ fn one_file_mapped_ten_thousand_times_costs_one_mapping_and_no_descriptor() {
 
 #[test]
 fn a_window_allows_only_what_its_flags_say() {
+    let _s = serial();
     let w = DmaWindows::new(16);
     let f = memfd(0x3000, true);
     w.map(&DmaMap { flags: DMA_WRITE_FLAG, offset: 0, address: 0x1000, size: 0x1000 }, Some(f.try_clone().unwrap()))
@@ -209,6 +222,7 @@ fn a_window_allows_only_what_its_flags_say() {
 
 #[test]
 fn a_file_shrunk_under_a_window_faults_the_access_and_the_device_lives() {
+    let _s = serial();
     let p = negotiated();
     let f = memfd(0x4000, false); // unsealed: its owner may shrink it
     map(&p, 0x10000, 0x4000, DMA_READ_FLAG | DMA_WRITE_FLAG, Some(&f), 0).unwrap();
@@ -230,6 +244,7 @@ fn a_file_shrunk_under_a_window_faults_the_access_and_the_device_lives() {
 
 #[test]
 fn a_sealed_memfd_cannot_shrink_under_its_windows() {
+    let _s = serial();
     let f = memfd(0x4000, true);
     let e = f.set_len(0x1000).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "F_SEAL_SHRINK holds");

@@ -488,6 +488,16 @@ impl AssignedDevice {
     /// its backend is stopped (a device process sees the connection close and exits;
     /// it is reaped, or killed if it lingers).
     pub fn remove(&self) {
+        // A connection that died before the removal is a death, and says so.
+        let dead_peer = match self.backend.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(Backend::Remote(c)) if c.is_closed() => {
+                Some(c.endpoint().death().unwrap_or_else(|| "the vfio-user connection is closed".into()))
+            }
+            _ => None,
+        };
+        if let Some(why) = dead_peer {
+            self.died(&why);
+        }
         self.removing.store(true, Ordering::Release);
         self.teardown();
         let backend = self.backend.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -562,7 +572,7 @@ impl AssignedDevice {
     }
 
     /// The bus devices for BAR 0 and BAR 1.
-    pub(crate) fn bars(self: &Arc<Self>) -> [(u64, u64, devices::bus::SharedDevice); 2] {
+    pub(crate) fn bars(self: &Arc<Self>) -> [(u64, u64, devices::SharedDevice); 2] {
         [
             (self.bar0(), de::BAR0_SIZE, Arc::new(Mutex::new(Bar { dev: Arc::clone(self), bar: 0 }))),
             (self.bar1(), de::BAR1_SIZE, Arc::new(Mutex::new(Bar { dev: Arc::clone(self), bar: 1 }))),

@@ -1,12 +1,12 @@
 //! The VMM core's own hypercalls (block [`abi::hcall::CORE_BASE`]): the null call,
 //! benchmark marks and the test interrupt sources (`test_irq`).
 
-use crate::hypercall::HypercallHandler;
 use crate::test_irq::{IntxTestSource, MsiTestSource};
 use abi::hcall::{self, Args, Ret, Status};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use vm_api::HypercallHandler;
 
 /// Timestamps recorded by `BENCH_MARK` hypercalls.
 #[derive(Debug)]

@@ -33,15 +33,8 @@ pub enum Error {
         reason: &'static str,
     },
     /// A memory region overlaps an existing one or is malformed.
-    #[error("memory region {gpa:#x}+{size:#x}: {reason}")]
-    Region {
-        /// Start.
-        gpa: u64,
-        /// Size.
-        size: u64,
-        /// Why.
-        reason: &'static str,
-    },
+    #[error(transparent)]
+    Region(#[from] vm_api::memory::MapError),
     /// The guest image is not a loadable ELF.
     #[error("cannot load guest ELF: {0}")]
     Elf(String),
@@ -76,13 +69,8 @@ pub enum Error {
     #[error(transparent)]
     Bus(#[from] devices::BusError),
     /// A hypercall block is taken or misaligned.
-    #[error("hypercall block {base:#x}: {reason}")]
-    HypercallBlock {
-        /// Base call number.
-        base: u64,
-        /// Why.
-        reason: &'static str,
-    },
+    #[error(transparent)]
+    HypercallBlock(#[from] vm_api::BlockError),
     /// The vCPU stopped for a reason the VMM cannot continue from.
     #[error("guest stopped: {0}")]
     GuestCrashed(String),

@@ -11,7 +11,6 @@ pub mod assigned;
 pub mod boot;
 pub mod core_calls;
 pub mod error;
-pub mod hypercall;
 pub mod irq_watch;
 pub mod memory;
 pub mod process;

@@ -6,7 +6,6 @@ use crate::accel::{Accel, AccelKind, IoAddr, KvmAccel, QtestAccel};
 use crate::assigned::AssignedDevice;
 use crate::core_calls::{BenchMarks, CoreCalls};
 use crate::error::{Error, Result};
-use crate::hypercall::HypercallRegistry;
 use crate::memory::{GuestRam, MemoryListener, MemoryMap, MemslotListener};
 use crate::test_irq::{IntxTestSource, MsiTestSource, TestIrqSummary};
 use abi::hcall::{Args, Ret};
@@ -18,6 +17,7 @@ use dma::{LockedMemory, VmDma};
 use irq::{GuestIrq, IrqRegistry, IrqSource, Mode, SourceId, Trigger};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use vm_api::HypercallRegistry;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -418,7 +418,7 @@ impl Vm {
 /// The pvdma block of the hypercall registry.
 struct PvDmaCalls(Arc<iommu::pvdma::PvDma>);
 
-impl crate::hypercall::HypercallHandler for PvDmaCalls {
+impl vm_api::HypercallHandler for PvDmaCalls {
     fn name(&self) -> &str {
         "pvdma"
     }

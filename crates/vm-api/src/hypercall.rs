@@ -2,10 +2,19 @@
 //! ([`abi::hcall::BLOCK_SIZE`]); a call goes to the owner of its block. A vCPU's write
 //! to the hypercall port and the qtest `hcall` command both end in [`HypercallRegistry::dispatch`].
 
-use crate::error::{Error, Result};
 use abi::hcall::{Args, BLOCK_SIZE, Ret, Status};
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+
+/// A hypercall block that cannot be given out.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("hypercall block {base:#x}: {reason}")]
+pub struct BlockError {
+    /// Base call number.
+    pub base: u64,
+    /// Why.
+    pub reason: &'static str,
+}
 
 /// A front-end that answers the calls of its block.
 pub trait HypercallHandler: Send + Sync {
@@ -28,13 +37,13 @@ impl HypercallRegistry {
     }
 
     /// Gives the block starting at `base` to `handler`.
-    pub fn register(&self, base: u64, handler: Arc<dyn HypercallHandler>) -> Result<()> {
+    pub fn register(&self, base: u64, handler: Arc<dyn HypercallHandler>) -> Result<(), BlockError> {
         if !base.is_multiple_of(BLOCK_SIZE) {
-            return Err(Error::HypercallBlock { base, reason: "not aligned to the block size" });
+            return Err(BlockError { base, reason: "not aligned to the block size" });
         }
         let mut blocks = self.blocks.write().unwrap_or_else(|e| e.into_inner());
         if blocks.contains_key(&(base / BLOCK_SIZE)) {
-            return Err(Error::HypercallBlock { base, reason: "already owned by another front-end" });
+            return Err(BlockError { base, reason: "already owned by another front-end" });
         }
         blocks.insert(base / BLOCK_SIZE, handler);
         Ok(())

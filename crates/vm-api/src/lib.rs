@@ -1,0 +1,18 @@
+//! The services a passthru VM offers to its devices and DMA front-ends, below `vmm`:
+//! front-ends and devices depend on this crate, never on `vmm`.
+//!
+//! - [`bus`]: port I/O and MMIO buses of address ranges;
+//! - [`hypercall`]: blocks of hypercall numbers and the registry that dispatches them;
+//! - [`memory`]: the guest memory map (RAM and RAM-device regions) and its listeners;
+//! - [`io`]: ioeventfd registration.
+#![warn(missing_docs)]
+
+pub mod bus;
+pub mod hypercall;
+pub mod io;
+pub mod memory;
+
+pub use bus::{Bus, BusDevice, BusError, SharedDevice};
+pub use hypercall::{BlockError, HypercallHandler, HypercallRegistry};
+pub use io::{IoAddr, IoEvents};
+pub use memory::{Backing, MemoryListener, MemoryMap, Region, RegionKind};

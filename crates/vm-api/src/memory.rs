@@ -1,0 +1,212 @@
+//! The guest-physical memory map: RAM and RAM-device (device BAR) regions backed by
+//! host memory, and the listeners told when regions come and go (KVM memory slots,
+//! DMA front-ends that follow the guest's memory).
+
+use std::any::Any;
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+/// Errors of the memory map (VMM configuration errors, never guest-caused).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MapError {
+    /// A region is empty, wraps around, or overlaps another.
+    #[error("memory region {gpa:#x}+{size:#x}: {reason}")]
+    Region {
+        /// Start.
+        gpa: u64,
+        /// Size.
+        size: u64,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// What a region of the guest address space is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegionKind {
+    /// Guest RAM.
+    Ram,
+    /// Memory of a device mapped into the guest (a BAR backed by host memory).
+    RamDevice {
+        /// Name of the owning device.
+        device: String,
+    },
+}
+
+/// The file behind a region, for sharing it with another process.
+#[derive(Clone, Debug)]
+pub struct Backing {
+    /// The file (a memfd for RAM).
+    pub fd: Arc<File>,
+    /// Offset of the region's first byte in the file.
+    pub offset: u64,
+}
+
+/// A region of the guest-physical address space backed by host memory.
+///
+/// Its host address reaches KVM (a memory slot) and devices, so only code that can
+/// vouch for it builds one: [`Region::from_raw`] is `unsafe`.
+#[derive(Clone)]
+pub struct Region {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Bytes.
+    pub size: u64,
+    /// RAM or device memory.
+    pub kind: RegionKind,
+    /// Host virtual address of the first byte (valid while the region lives).
+    host: *mut u8,
+    /// The file behind it, when it can be shared by fd.
+    pub backing: Option<Backing>,
+    /// Keeps the host mapping alive while the region is in the map (held, never read).
+    _keepalive: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+// SAFETY: `host` is an address into a mapping kept alive by `keepalive` (or by the
+// caller of `from_raw`, as its contract says); the region itself never dereferences
+// it, and whoever does (KVM, a device) synchronises its own accesses.
+unsafe impl Send for Region {}
+// SAFETY: as above; the region is immutable.
+unsafe impl Sync for Region {}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("gpa", &format_args!("{:#x}", self.gpa))
+            .field("size", &format_args!("{:#x}", self.size))
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+impl Region {
+    /// A region of `size` bytes at `gpa` whose host memory starts at `host`.
+    ///
+    /// # Safety
+    /// `host` must be valid for reads and writes of `size` bytes for as long as the
+    /// region (or a clone of it) lives: either `keepalive` owns that mapping, or the
+    /// caller keeps it mapped until the region has left every memory map.
+    pub unsafe fn from_raw(
+        gpa: u64,
+        size: u64,
+        kind: RegionKind,
+        host: *mut u8,
+        backing: Option<Backing>,
+        keepalive: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Region {
+        Region { gpa, size, kind, host, backing, _keepalive: keepalive }
+    }
+
+    /// One past the last byte.
+    pub fn end(&self) -> u64 {
+        self.gpa.saturating_add(self.size)
+    }
+
+    /// Host address of the first byte.
+    pub fn host(&self) -> *mut u8 {
+        self.host
+    }
+}
+
+/// Told about every region of the memory map (the KVM memslot listener, the identity
+/// DMA domain of devices without a guest IOMMU, ...).
+pub trait MemoryListener: Send + Sync {
+    /// Name for logs.
+    fn name(&self) -> &str;
+    /// A region appeared. An error makes the whole add fail (and be rolled back).
+    fn region_added(&self, region: &Region) -> std::result::Result<(), String>;
+    /// A region is going away. Cannot fail: a listener must let go.
+    fn region_removed(&self, region: &Region);
+}
+
+/// The guest-physical memory map.
+#[derive(Default)]
+pub struct MemoryMap {
+    inner: Mutex<MapInner>,
+}
+
+#[derive(Default)]
+struct MapInner {
+    regions: Vec<Region>,
+    listeners: Vec<Arc<dyn MemoryListener>>,
+}
+
+impl MemoryMap {
+    /// An empty map.
+    pub fn new() -> MemoryMap {
+        MemoryMap::default()
+    }
+
+    /// Adds a region; every listener is told. If one refuses, those already told are
+    /// told it was removed and the map is unchanged.
+    pub fn add_region(&self, region: Region) -> Result<(), MapError> {
+        let end = region.gpa.checked_add(region.size).filter(|_| region.size > 0);
+        let Some(end) = end else {
+            return Err(MapError::Region { gpa: region.gpa, size: region.size, reason: "empty or wraps around" });
+        };
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.regions.iter().any(|r| region.gpa < r.end() && r.gpa < end) {
+            return Err(MapError::Region { gpa: region.gpa, size: region.size, reason: "overlaps an existing region" });
+        }
+        for (i, l) in inner.listeners.iter().enumerate() {
+            if let Err(reason) = l.region_added(&region) {
+                for done in &inner.listeners[..i] {
+                    done.region_removed(&region);
+                }
+                tracing::error!("listener {} refused region {:?}: {reason}", l.name(), region);
+                return Err(MapError::Region {
+                    gpa: region.gpa,
+                    size: region.size,
+                    reason: "a memory listener refused it",
+                });
+            }
+        }
+        inner.regions.push(region);
+        inner.regions.sort_by_key(|r| r.gpa);
+        Ok(())
+    }
+
+    /// Removes the region starting at `gpa`; listeners are told first. Returns it.
+    pub fn remove_region(&self, gpa: u64) -> Option<Region> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let pos = inner.regions.iter().position(|r| r.gpa == gpa)?;
+        let region = inner.regions.remove(pos);
+        for l in inner.listeners.iter().rev() {
+            l.region_removed(&region);
+        }
+        Some(region)
+    }
+
+    /// Registers a listener and replays every existing region to it. If it refuses
+    /// one, the regions it accepted are removed from it again and it is not added.
+    pub fn add_listener(&self, listener: Arc<dyn MemoryListener>) -> Result<(), MapError> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, r) in inner.regions.iter().enumerate() {
+            if let Err(reason) = listener.region_added(r) {
+                for done in &inner.regions[..i] {
+                    listener.region_removed(done);
+                }
+                tracing::error!("listener {} refused region {:?}: {reason}", listener.name(), r);
+                return Err(MapError::Region { gpa: r.gpa, size: r.size, reason: "a new memory listener refused it" });
+            }
+        }
+        inner.listeners.push(listener);
+        Ok(())
+    }
+
+    /// Unregisters a listener; it is told every region is removed.
+    pub fn remove_listener(&self, listener: &Arc<dyn MemoryListener>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pos) = inner.listeners.iter().position(|l| Arc::ptr_eq(l, listener)) {
+            let l = inner.listeners.remove(pos);
+            for r in inner.regions.iter().rev() {
+                l.region_removed(r);
+            }
+        }
+    }
+
+    /// A snapshot of the regions, sorted by address.
+    pub fn regions(&self) -> Vec<Region> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).regions.clone()
+    }
+}
