@@ -6,15 +6,15 @@
 //! one; unmap reports the bytes it removed (zero when nothing was mapped).
 
 use crate::addr::{Gpa, Iova, Perm};
+use crate::endpoint::Inner as EndpointInner;
 use crate::error::MapError;
 use crate::faults::FaultLog;
 use crate::pagesize::PageSizes;
-use crate::readers::Readers;
 use crate::vmdma::VmDma;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 /// The x86 MSI window: device writes here are interrupts, never memory.
 pub const MSI_WINDOW: Range<u64> = 0xfee0_0000..0xfef0_0000;
@@ -90,9 +90,9 @@ pub struct Domain {
     pub(crate) vm: Arc<VmDma>,
     ops: Mutex<()>,
     pub(crate) tree: RwLock<BTreeMap<u64, Mapping>>,
-    /// Incremented by every unmap; accessors drop their IOTLB when it moves.
-    pub(crate) generation: AtomicU64,
-    pub(crate) readers: Readers,
+    /// The endpoints translating through this domain: an unmap invalidates each one
+    /// (IOTLBs dropped, in-flight accesses waited for).
+    endpoints: RwLock<Vec<Weak<EndpointInner>>>,
     pub(crate) faults: FaultLog,
     maps: AtomicU64,
     unmaps: AtomicU64,
@@ -113,8 +113,7 @@ impl Domain {
             vm,
             ops: Mutex::new(()),
             tree: RwLock::new(BTreeMap::new()),
-            generation: AtomicU64::new(0),
-            readers: Readers::default(),
+            endpoints: RwLock::new(Vec::new()),
             faults: FaultLog::default(),
             maps: AtomicU64::new(0),
             unmaps: AtomicU64::new(0),
@@ -240,8 +239,7 @@ impl Domain {
                         tree.remove(&m.iova.0);
                     }
                 }
-                self.generation.fetch_add(1, Ordering::SeqCst);
-                self.readers.wait_for_inflight();
+                self.invalidate_endpoints();
                 for done in observers[..oi].iter().rev() {
                     done.unmapped(maps);
                 }
@@ -332,8 +330,7 @@ impl Domain {
         if removed.is_empty() {
             return 0;
         }
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        self.readers.wait_for_inflight();
+        self.invalidate_endpoints();
         let observers = self.observers.read().unwrap_or_else(|e| e.into_inner()).clone();
         for o in observers.iter().rev() {
             o.unmapped(removed);
@@ -408,9 +405,48 @@ impl Domain {
         (self.maps.load(Ordering::Relaxed), self.unmaps.load(Ordering::Relaxed))
     }
 
-    /// Accessors (DMA spaces) attached.
+    /// Accessors (DMA spaces) of the endpoints attached.
     pub fn accessor_count(&self) -> usize {
-        self.readers.count()
+        self.live_endpoints().iter().map(|e| e.readers.count()).sum()
+    }
+
+    /// Endpoints attached now.
+    pub fn endpoint_count(&self) -> usize {
+        self.live_endpoints().len()
+    }
+
+    fn live_endpoints(&self) -> Vec<Arc<EndpointInner>> {
+        self.endpoints.read().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// After mappings left the tree: every endpoint drops its IOTLBs and waits for the
+    /// accesses it has in flight.
+    fn invalidate_endpoints(&self) {
+        for ep in self.live_endpoints() {
+            ep.invalidate();
+        }
+    }
+
+    pub(crate) fn attach_endpoint(&self, ep: &Arc<EndpointInner>) {
+        let mut eps = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
+        eps.retain(|w| w.strong_count() > 0);
+        eps.push(Arc::downgrade(ep));
+    }
+
+    pub(crate) fn detach_endpoint(&self, ep: &Arc<EndpointInner>) {
+        let mut eps = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
+        eps.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(ep)));
+    }
+
+    pub(crate) fn forget_dead_endpoints(&self) {
+        self.endpoints.write().unwrap_or_else(|e| e.into_inner()).retain(|w| w.strong_count() > 0);
+    }
+
+    /// Runs `f` with the current mappings under the update lock: no map or unmap can
+    /// happen meanwhile (endpoints register their observers this way).
+    pub(crate) fn with_update<R>(&self, f: impl FnOnce(&[Mapping]) -> R) -> R {
+        let _update = self.update();
+        f(&self.mappings())
     }
 }
 

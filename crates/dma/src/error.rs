@@ -58,6 +58,9 @@ pub enum FaultReason {
     Permission,
     /// The range wraps around the address space.
     Overflow,
+    /// The device's endpoint is attached to no domain (bus mastering off, or the device
+    /// is gone): every access faults.
+    Blocked,
 }
 
 impl std::fmt::Display for FaultReason {
@@ -66,6 +69,7 @@ impl std::fmt::Display for FaultReason {
             FaultReason::NotMapped => "not mapped",
             FaultReason::Permission => "permission denied",
             FaultReason::Overflow => "range wraps around",
+            FaultReason::Blocked => "no DMA domain (bus mastering off)",
         })
     }
 }

@@ -8,6 +8,7 @@
 
 use crate::addr::{Access, Iova};
 use crate::domain::Domain;
+use crate::endpoint::{Endpoint, Inner as EndpointInner};
 use crate::error::FaultReason;
 use crate::faults::Fault;
 use crate::readers::Slot;
@@ -89,9 +90,9 @@ struct State {
     victim: usize,
 }
 
-/// A device's accessor of one domain.
+/// A device's accessor of its endpoint (whatever domain the endpoint is attached to).
 pub struct DmaSpace {
-    domain: Arc<Domain>,
+    ep: Arc<EndpointInner>,
     slot: Arc<Slot>,
     device: Arc<str>,
     state: UnsafeCell<State>,
@@ -106,7 +107,7 @@ unsafe impl Send for DmaSpace {}
 
 impl std::fmt::Debug for DmaSpace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DmaSpace").field("domain", &self.domain.name()).field("device", &self.device).finish()
+        f.debug_struct("DmaSpace").field("endpoint", &self.ep.name).field("device", &self.device).finish()
     }
 }
 
@@ -130,13 +131,22 @@ impl Drop for Section<'_> {
 }
 
 impl DmaSpace {
-    /// An accessor of `domain` for `device` (the name recorded with its faults).
+    /// An accessor of `domain` for `device` (the name recorded with its faults), through
+    /// an endpoint of its own attached to `domain`.
     pub fn new(domain: Arc<Domain>, device: &str) -> DmaSpace {
-        let slot = domain.readers.register();
+        DmaSpace::of(&Endpoint::attached(&domain, device))
+    }
+
+    /// An accessor of `endpoint`: it translates through whatever domain the endpoint is
+    /// attached to, and faults while it is attached to none.
+    pub fn of(endpoint: &Endpoint) -> DmaSpace {
+        let ep = Arc::clone(&endpoint.inner);
+        let slot = ep.readers.register();
+        let device = Arc::clone(&ep.name);
         DmaSpace {
-            domain,
+            ep,
             slot,
-            device: Arc::from(device),
+            device,
             state: UnsafeCell::new(State {
                 seq: 0,
                 depth: 0,
@@ -149,14 +159,14 @@ impl DmaSpace {
         }
     }
 
-    /// Another accessor of the same domain for the same device (one per thread).
+    /// Another accessor of the same endpoint (one per thread).
     pub fn try_clone(&self) -> DmaSpace {
-        DmaSpace::new(Arc::clone(&self.domain), &self.device)
+        DmaSpace::of(&Endpoint { inner: Arc::clone(&self.ep) })
     }
 
-    /// The domain.
-    pub fn domain(&self) -> &Arc<Domain> {
-        &self.domain
+    /// The endpoint's current domain.
+    pub fn domain(&self) -> Option<Arc<Domain>> {
+        self.ep.domain()
     }
 
     /// The device name.
@@ -178,7 +188,7 @@ impl DmaSpace {
         let st = self.state();
         if st.depth == 0 {
             self.slot.enter(st.seq);
-            let g = self.domain.generation.load(Ordering::SeqCst);
+            let g = self.ep.generation.load(Ordering::SeqCst);
             if g != st.generation {
                 st.entries = [EMPTY; IOTLB_ENTRIES];
                 st.generation = g;
@@ -202,10 +212,11 @@ impl DmaSpace {
                 return Ok(e);
             }
         }
-        let m = self.domain.lookup(Iova(iova)).ok_or(FaultReason::NotMapped)?;
+        let domain = self.ep.domain().ok_or(FaultReason::Blocked)?;
+        let m = domain.lookup(Iova(iova)).ok_or(FaultReason::NotMapped)?;
         // Clip the mapping to the host-contiguous guest memory region holding `iova`.
         let gpa_at = m.gpa.0 + (iova - m.iova.0);
-        let (host_at, region_start, region_end) = self.domain.vm.host_span(gpa_at).ok_or(FaultReason::NotMapped)?;
+        let (host_at, region_start, region_end) = self.ep.vm.host_span(gpa_at).ok_or(FaultReason::NotMapped)?;
         let lo = iova - (iova - m.iova.0).min(gpa_at - region_start);
         let hi = iova + (m.end() - iova).min(region_end - gpa_at);
         let back = iova - lo;
@@ -249,7 +260,10 @@ impl DmaSpace {
 
     fn fault(&self, iova: u64, len: u64, access: Access, reason: FaultReason) -> Fault {
         let f = Fault { iova: Iova(iova), len, access, reason, device: Arc::clone(&self.device) };
-        self.domain.faults.record(f.clone());
+        self.ep.faults.record(f.clone());
+        if let Some(d) = self.ep.domain() {
+            d.faults.record(f.clone());
+        }
         f
     }
 
@@ -348,7 +362,7 @@ impl DmaSpace {
         if e.covers(iova.0, data.len() as u64, Access::Write) {
             // SAFETY: as in `read_in_section`, with the entry writable.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), e.host_at(iova.0) as *mut u8, data.len()) };
-            self.domain.vm.dirty().mark(e.gpa + (iova.0 - e.lo), data.len() as u64);
+            self.ep.vm.dirty().mark(e.gpa + (iova.0 - e.lo), data.len() as u64);
             return Ok(());
         }
         self.write_slow(iova, data)
@@ -360,7 +374,7 @@ impl DmaSpace {
         for p in self.resolve_slow(iova.0, data.len() as u64, Access::Write)?.iter() {
             // SAFETY: as in `read_in_section`, for each validated writable piece.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(off), p.host as *mut u8, p.len) };
-            self.domain.vm.dirty().mark(p.gpa, p.len as u64);
+            self.ep.vm.dirty().mark(p.gpa, p.len as u64);
             off += p.len;
         }
         Ok(())
@@ -407,7 +421,7 @@ impl DmaSpace {
 
 impl Drop for DmaSpace {
     fn drop(&mut self) {
-        self.domain.readers.unregister(&self.slot);
+        self.ep.readers.unregister(&self.slot);
     }
 }
 
@@ -426,7 +440,7 @@ impl Drop for Translation<'_> {
         // section), so every write is seen by some later dirty-log take().
         if self.write {
             for (gpa, n) in self.gpa_ranges() {
-                self.space.domain.vm.dirty().mark(gpa, n);
+                self.space.ep.vm.dirty().mark(gpa, n);
             }
         }
     }
