@@ -9,6 +9,7 @@
 pub mod dma_engine;
 pub mod hcall;
 pub mod layout;
+pub mod pci;
 pub mod ports;
 pub mod pvdma;
 

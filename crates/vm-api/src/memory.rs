@@ -106,6 +106,29 @@ impl Region {
     pub fn host(&self) -> *mut u8 {
         self.host
     }
+
+    /// The same host memory at another guest-physical address, as another kind (a BAR
+    /// the guest placed or moved).
+    pub fn rebased(&self, gpa: u64, kind: RegionKind) -> Region {
+        Region { gpa, kind, ..self.clone() }
+    }
+
+    /// A sub-range of this region: `size` bytes from `offset`, at guest-physical `gpa`.
+    /// `None` if the sub-range is not inside the region.
+    pub fn slice(&self, offset: u64, size: u64, gpa: u64) -> Option<Region> {
+        let end = offset.checked_add(size).filter(|e| *e <= self.size && size > 0)?;
+        let _ = end;
+        let backing = self.backing.as_ref().map(|b| Backing { fd: Arc::clone(&b.fd), offset: b.offset + offset });
+        Some(Region {
+            gpa,
+            size,
+            kind: self.kind.clone(),
+            // An offset inside the region's own valid host range.
+            host: self.host.wrapping_add(offset as usize),
+            backing,
+            _keepalive: self._keepalive.clone(),
+        })
+    }
 }
 
 /// Told about every region of the memory map (the KVM memslot listener, the identity
