@@ -126,6 +126,10 @@ pub(crate) enum Target {
 /// Records one delivery of `entry` (however many signals its eventfd counted: as KVM's
 /// irqfd does, one wake-up is one interrupt) and says where it goes.
 pub(crate) fn target(entry: &mut Entry) -> Option<Target> {
+    if entry.masked {
+        entry.pending = true;
+        return None;
+    }
     let t = match entry.guest {
         GuestIrq::Msi(msi) => Target::Msi(msi),
         GuestIrq::Edge(gsi) => Target::Edge(gsi),

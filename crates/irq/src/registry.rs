@@ -103,6 +103,12 @@ pub(crate) struct Entry {
     pub(crate) _owner: Arc<dyn Any + Send + Sync>,
     pub(crate) vmm_delivered: u64,
     pub(crate) switches: u64,
+    /// Masked (MSI-X vector control, INTx disable): nothing is injected; an interrupt
+    /// that arrives is remembered as pending.
+    pub(crate) masked: bool,
+    pub(crate) pending: bool,
+    /// Forwarded, but watched by the VMM while masked (KVM cannot hold it back).
+    pub(crate) parked: bool,
 }
 
 impl Entry {
@@ -213,7 +219,19 @@ impl IrqRegistry {
             return Err(IrqError::AlreadyAttached(id));
         }
         let mut entry =
-            Entry { source, guest, gsi: None, mode, relay: None, _owner: owner, vmm_delivered: 0, switches: 0 };
+            Entry {
+                source,
+                guest,
+                gsi: None,
+                mode,
+                relay: None,
+                _owner: owner,
+                vmm_delivered: 0,
+                switches: 0,
+                masked: false,
+                pending: false,
+                parked: false,
+            };
         if let GuestIrq::Msi(msi) = guest {
             let chip = &self.shared.chip;
             let first = chip.first_msi_gsi();
@@ -242,6 +260,13 @@ impl IrqRegistry {
         if entry.mode == Mode::Forwarded {
             return Err(IrqError::AlreadyForwarded(id.clone()));
         }
+        if entry.masked {
+            // Stays with the VMM until unmasked; forwarded then.
+            entry.mode = Mode::Forwarded;
+            entry.parked = true;
+            entry.switches += 1;
+            return Ok(());
+        }
         self.stop_vmm(entry);
         if let Err(e) = self.start_forwarded(entry) {
             // Stay with the VMM: the source keeps working.
@@ -262,6 +287,13 @@ impl IrqRegistry {
         let mut st = self.lock();
         let entry = st.entries.get_mut(id).ok_or_else(|| IrqError::Unknown(id.clone()))?;
         if entry.mode == Mode::Vmm {
+            return Ok(());
+        }
+        if entry.parked {
+            // Masked: already watched by the VMM.
+            entry.parked = false;
+            entry.mode = Mode::Vmm;
+            entry.switches += 1;
             return Ok(());
         }
         self.stop_forwarded(entry);
@@ -286,6 +318,64 @@ impl IrqRegistry {
             },
             Mode::Vmm => self.unforward(id),
         }
+    }
+
+    /// Masks or unmasks `id` (an MSI-X vector's mask bit, an MSI mask bit, INTx
+    /// disable). While masked nothing is injected and an interrupt that arrives is kept
+    /// pending; unmasking delivers a pending one. A forwarded source is watched by the
+    /// VMM while masked (KVM would inject it) and forwarded again at unmask.
+    pub fn set_masked(&self, id: &SourceId, masked: bool) -> Result<(), IrqError> {
+        let mut st = self.lock();
+        let entry = st.entries.get_mut(id).ok_or_else(|| IrqError::Unknown(id.clone()))?;
+        if entry.masked == masked {
+            return Ok(());
+        }
+        if masked {
+            entry.masked = true;
+            if entry.mode == Mode::Forwarded {
+                self.stop_forwarded(entry);
+                if let Err(e) = self.start_vmm(entry) {
+                    tracing::error!("IRQ source {id}: watching it while masked failed ({e}); polling it");
+                    self.shared.poll_fallback(id);
+                }
+                entry.parked = true;
+            }
+            return Ok(());
+        }
+        entry.masked = false;
+        if entry.pending {
+            entry.pending = false;
+            match entry.guest {
+                GuestIrq::Level(_) => {}
+                _ => {
+                    if let Some(t) = delivery::target(entry)
+                        && let Err(e) = delivery::inject(self.shared.chip.as_ref(), &t)
+                    {
+                        tracing::error!("IRQ source {id}: delivering a pending interrupt: {e}");
+                    }
+                }
+            }
+        }
+        if entry.parked {
+            entry.parked = false;
+            self.stop_vmm(entry);
+            if let Err(e) = self.start_forwarded(entry) {
+                tracing::error!("IRQ source {id}: forwarding again after unmask failed ({e}); the VMM delivers it");
+                entry.mode = Mode::Vmm;
+                if let Err(e) = self.start_vmm(entry) {
+                    tracing::error!("IRQ source {id}: {e}; polling it");
+                    self.shared.poll_fallback(id);
+                }
+            }
+        }
+        // A level line still asserted is raised again on the path now in use.
+        kick_resample(entry);
+        Ok(())
+    }
+
+    /// True if `id` is masked with an interrupt pending (the MSI-X PBA bit).
+    pub fn is_pending(&self, id: &SourceId) -> bool {
+        self.lock().entries.get(id).is_some_and(|e| e.pending)
     }
 
     /// Changes the MSI message of an attached MSI source (the guest reprogrammed it).
@@ -346,11 +436,11 @@ impl IrqRegistry {
         let mut c = IrqCounts { sources: st.entries.len(), msi_routes: st.gsi_used.len(), ..Default::default() };
         for e in st.entries.values() {
             match e.mode {
-                Mode::Forwarded => {
+                Mode::Forwarded if !e.parked => {
                     c.forwarded += 1;
                     c.irqfds += 1;
                 }
-                Mode::Vmm => {
+                _ => {
                     c.watched += 1 + usize::from(e.relay.is_some());
                     c.irqfds += usize::from(e.relay.is_some());
                 }
@@ -444,8 +534,8 @@ impl IrqRegistry {
     /// returns, nothing more of the source reaches the guest.
     fn teardown(&self, st: &mut State, entry: &mut Entry) {
         match entry.mode {
-            Mode::Forwarded => self.stop_forwarded(entry),
-            Mode::Vmm => self.stop_vmm(entry),
+            Mode::Forwarded if !entry.parked => self.stop_forwarded(entry),
+            _ => self.stop_vmm(entry),
         }
         drop(self.shared.injecting());
         self.release_route(st, entry);

@@ -390,3 +390,39 @@ fn teardown_leaves_no_irqfd_watch_route_eventfd_thread_or_reference() {
     chip.stop.store(true, Ordering::Relaxed);
     t.join().unwrap();
 }
+
+#[test]
+fn a_masked_source_keeps_one_interrupt_pending_and_delivers_it_at_unmask() {
+    let _s = serial();
+    let (chip, t) = MockChip::start();
+    let reg = IrqRegistry::new(chip.clone(), Mode::Forwarded).unwrap();
+    let (src, writer) = msi_source("msix");
+    let id = src.id.clone();
+    reg.attach(src, GuestIrq::Msi(MsiMessage::fixed(0, 0x40)), Arc::new(Device)).unwrap();
+    let total = || chip.kvm_delivered.load(Ordering::Relaxed) + chip.vmm_msis.load(Ordering::Relaxed);
+    writer.write(1).unwrap();
+    assert!(wait_until(|| total() == 1));
+    reg.set_masked(&id, true).unwrap();
+    assert_eq!(reg.counts().irqfds, 0, "KVM no longer injects it");
+    for _ in 0..5 {
+        writer.write(1).unwrap();
+    }
+    assert!(wait_until(|| reg.is_pending(&id)), "the vector is pending");
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(total(), 1, "nothing injected while masked");
+    reg.set_masked(&id, false).unwrap();
+    assert_eq!(total(), 2, "one pending interrupt delivered at unmask");
+    assert!(!reg.is_pending(&id));
+    assert_eq!(reg.stats(&id).unwrap().mode, Mode::Forwarded, "forwarded again");
+    assert_eq!(reg.counts().irqfds, 1);
+    writer.write(1).unwrap();
+    assert!(wait_until(|| total() == 3));
+    // Switching while masked is recorded and applied at unmask.
+    reg.set_masked(&id, true).unwrap();
+    reg.unforward(&id).unwrap();
+    reg.set_masked(&id, false).unwrap();
+    assert_eq!((reg.stats(&id).unwrap().mode, reg.counts().irqfds, reg.counts().watched), (Mode::Vmm, 0, 1));
+    drop(reg);
+    chip.stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+}
