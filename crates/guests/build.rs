@@ -8,7 +8,10 @@ use std::process::Command;
 /// Built-in programs: (binary name, one-line description). Keep in sync with
 /// guest/programs/src/bin/.
 const PROGRAMS: &[(&str, &str)] = &[
-    ("pvdma", "the default demo: maps its own DMA by hypercalls, drives DMA engine 0, checks results and isolation"),
+    (
+        "pvdma",
+        "the default demo: maps its own DMA by hypercalls, drives the first DMA engine on the PCI bus, checks results and isolation",
+    ),
     ("hello", "prints one line and exits 0"),
     ("interrupts", "counts MSIs injected through an irqfd; exits 0 when every one arrived"),
     ("panic", "panics on purpose (exit code 101, message on stderr)"),
@@ -19,7 +22,11 @@ const PROGRAMS: &[(&str, &str)] = &[
     ),
     (
         "dma",
-        "drives DMA engine 0: FILL, COPY, CRC32C of 4 KiB..1 MiB, all checked; a copy past RAM must fault (args: rounds=1)",
+        "drives the first DMA engine on the PCI bus: FILL, COPY, CRC32C of 4 KiB..1 MiB, all checked; a copy past RAM must fault (args: rounds=1)",
+    ),
+    (
+        "pci",
+        "lists the PCI functions it finds through ECAM, one line each (arg 0); or drives the INTx test device: registers, N interrupts, reset (args: 1 N=100)",
     ),
     ("intx", "level-triggered INTx with resample: one interrupt per assertion (args: N=1000 M=0 switches)"),
 ];

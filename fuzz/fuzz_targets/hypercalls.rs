@@ -6,7 +6,7 @@
 use abi::hcall::Args;
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
-use vmm::{AccelKind, DeviceSpec, DmaFrontend, Vm, VmConfig};
+use vmm::{AccelKind, DeviceSpec, Vm, VmConfig};
 
 fn vm() -> &'static Vm {
     static VM: OnceLock<Vm> = OnceLock::new();
@@ -17,7 +17,7 @@ fn vm() -> &'static Vm {
         c.serial_out = Box::new(std::io::sink());
         c.err_out = Box::new(std::io::sink());
         let vm = Vm::new(c).expect("qtest machine");
-        vm.attach_device(DeviceSpec::Inline, DmaFrontend::Paravirtual).expect("engine");
+        vm.attach_device(DeviceSpec::Inline, "pvdma").expect("engine");
         vm
     })
 }
@@ -33,6 +33,8 @@ fuzz_target!(|data: &[u8]| {
         }
         // Call numbers near the blocks' starts, so calls reach their handlers.
         let nr = (regs[0] >> 8 & 0x3) * abi::hcall::BLOCK_SIZE + (regs[0] & 0x1f);
-        let _ = vm().hypercall(&Args { nr, a: [regs[1], regs[2], regs[3], regs[4], regs[5]] });
+        // Device ids near the engine's requester id (00:01.0 is 8), so calls reach it.
+        let dev = regs[1] % 16;
+        let _ = vm().hypercall(&Args { nr, a: [dev, regs[2], regs[3], regs[4], regs[5]] });
     }
 });

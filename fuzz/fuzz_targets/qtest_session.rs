@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use std::sync::{Arc, Mutex, OnceLock};
 use vmm::qtest::{self, SharedOut};
-use vmm::{AccelKind, DeviceSpec, DmaFrontend, Vm, VmConfig};
+use vmm::{AccelKind, DeviceSpec, Vm, VmConfig};
 
 fn vm() -> &'static Vm {
     static VM: OnceLock<Vm> = OnceLock::new();
@@ -17,7 +17,7 @@ fn vm() -> &'static Vm {
         c.serial_out = Box::new(std::io::sink());
         c.err_out = Box::new(std::io::sink());
         let vm = Vm::new(c).expect("qtest machine");
-        vm.attach_device(DeviceSpec::Inline, DmaFrontend::Paravirtual).expect("engine");
+        vm.attach_device(DeviceSpec::Inline, "pvdma").expect("engine");
         vm
     })
 }

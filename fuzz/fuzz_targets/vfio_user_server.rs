@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     let server = std::thread::spawn(move || {
         let server =
             vfio_user::server::Server::new(Endpoint::with_timeout(theirs, std::time::Duration::from_millis(100)));
-        if let Ok(mut dev) = devices::dma_engine::vfio::EngineServer::new(&server) {
+        if let Ok(mut dev) = devices::dma_engine::vfio::EngineServer::remote(&server) {
             server.serve(&mut dev);
         }
     });

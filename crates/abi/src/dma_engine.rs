@@ -1,33 +1,55 @@
-//! The DMA engine device: a small cousin of Intel's I/OAT/DSA, shared by the device
-//! model, the VMM and guest programs so they agree by construction.
+//! The DMA engine device: a small cousin of Intel's I/OAT/DSA, a PCI function shared by
+//! the device model, the VMM and guest programs so they agree by construction.
 //!
-//! BAR 0 holds the registers (little-endian), BAR 1 is scratch memory. The guest puts
-//! [`Descriptor`]s in a ring (an IOVA), writes the producer index to [`regs::TAIL`];
-//! the device executes them in order, writes a [`Completion`] record by DMA for each,
-//! advances [`regs::HEAD`] and raises its MSI when a descriptor asks for it.
+//! BAR 0 holds the registers (little-endian), BAR 1 is scratch memory the device offers
+//! for mapping, with the MSI-X table and pending bits in its last 8 KiB. The guest
+//! puts [`Descriptor`]s in a ring (an IOVA), writes the producer index to
+//! [`regs::TAIL`]; the device executes them in order, writes a [`Completion`] record by
+//! DMA for each, advances [`regs::HEAD`] and raises MSI-X vector
+//! [`vector::COMPLETION`] when a descriptor asks for it ([`vector::ERROR`] when one
+//! fails).
 
-/// Where assigned devices' BARs go: device slot `n` at `DEVICE_MMIO_BASE + n * DEVICE_MMIO_STRIDE`.
-pub const DEVICE_MMIO_BASE: u64 = 0xc000_0000;
-/// Guest-physical distance between two device slots.
-pub const DEVICE_MMIO_STRIDE: u64 = 0x10_0000;
-/// Size of BAR 0 (registers).
-pub const BAR0_SIZE: u64 = 0x1000;
-/// Offset of BAR 1 within a slot.
-pub const BAR1_OFFSET: u64 = 0x1_0000;
-/// Size of BAR 1 (scratch memory).
-pub const BAR1_SIZE: u64 = 0x1_0000;
-
-/// PCI identity (config space).
-pub const VENDOR_ID: u16 = 0x1b36; // the QEMU/Red Hat vendor id used by emulated test devices
+/// PCI vendor id (the QEMU/Red Hat vendor id used by emulated test devices).
+pub const VENDOR_ID: u16 = 0x1b36;
 /// PCI device id.
 pub const DEVICE_ID: u16 = 0x11e8;
+/// PCI class code: system peripheral, other.
+pub const CLASS: u16 = 0x0880;
+
+/// The registers' BAR.
+pub const REGS_BAR: u8 = 0;
+/// Size of the registers' BAR.
+pub const REGS_SIZE: u64 = 0x1000;
+/// The scratch memory's BAR (64-bit, prefetchable, offered for mmap).
+pub const SCRATCH_BAR: u8 = 1;
+/// Size of the scratch BAR.
+pub const SCRATCH_SIZE: u64 = 0x1_0000;
+/// Bytes of scratch memory before the MSI-X structures.
+pub const SCRATCH_USABLE: u64 = 0xe000;
+/// Offset of the MSI-X table in the scratch BAR.
+pub const MSIX_TABLE_OFFSET: u64 = 0xe000;
+/// Offset of the MSI-X pending-bit array in the scratch BAR.
+pub const MSIX_PBA_OFFSET: u64 = 0xf000;
+/// MSI-X vectors.
+pub const MSIX_VECTORS: u16 = 2;
+
+/// What each MSI-X vector means.
+pub mod vector {
+    /// A descriptor with [`super::FLAG_INTERRUPT`] completed.
+    pub const COMPLETION: u16 = 0;
+    /// A descriptor completed with an error (a DMA fault or an invalid descriptor).
+    pub const ERROR: u16 = 1;
+}
 
 /// Register offsets in BAR 0.
 pub mod regs {
     /// Read-only identification ([`super::ID_VALUE`]).
     pub const ID: u64 = 0x00;
-    /// Descriptor ring base (IOVA, 64-bit, 64-byte aligned).
+    /// Descriptor ring base (IOVA, 64-bit, 64-byte aligned; the upper half at
+    /// [`RING_BASE_HI`] for 32-bit writes).
     pub const RING_BASE: u64 = 0x08;
+    /// Upper half of [`RING_BASE`].
+    pub const RING_BASE_HI: u64 = 0x0c;
     /// Ring size in descriptors (power of two, 1..=4096).
     pub const RING_SIZE: u64 = 0x10;
     /// Consumer index (read-only): descriptors completed so far, modulo 2^32.
@@ -36,9 +58,9 @@ pub mod regs {
     pub const TAIL: u64 = 0x18;
     /// Status bits ([`super::status`]).
     pub const STATUS: u64 = 0x1c;
-    /// Interrupt control: bit 0 enables the MSI.
+    /// Interrupt control ([`super::irq_ctrl`]).
     pub const IRQ_CTRL: u64 = 0x20;
-    /// Control: bit 0 enable, bit 1 reset (self-clearing).
+    /// Control ([`super::control`]).
     pub const CONTROL: u64 = 0x24;
     /// Descriptors completed with an error (read-only). Counted before the
     /// descriptor's completion record is written.
@@ -48,12 +70,24 @@ pub mod regs {
     pub const FAULTS: u64 = 0x2c;
     /// IOVA of the last DMA fault (read-only, 64-bit).
     pub const LAST_FAULT: u64 = 0x30;
-    /// MSI address (64-bit). Trapped by the VMM, as VFIO traps the MSI-X table.
-    pub const MSI_ADDR: u64 = 0x38;
-    /// MSI data (32-bit). Trapped by the VMM.
-    pub const MSI_DATA: u64 = 0x40;
     /// Bytes moved by completed descriptors (read-only, 64-bit).
     pub const BYTES: u64 = 0x48;
+}
+
+/// Bits of [`regs::IRQ_CTRL`].
+pub mod irq_ctrl {
+    /// Raise [`super::vector::COMPLETION`] for descriptors that ask for it.
+    pub const COMPLETION: u32 = 1 << 0;
+    /// Raise [`super::vector::ERROR`] when a descriptor fails.
+    pub const ERROR: u32 = 1 << 1;
+}
+
+/// Bits of [`regs::CONTROL`].
+pub mod control {
+    /// Run the ring.
+    pub const ENABLE: u32 = 1 << 0;
+    /// Reset the engine (self-clearing).
+    pub const RESET: u32 = 1 << 1;
 }
 
 /// Value of [`regs::ID`] ("DMAE" + version 1).

@@ -8,8 +8,12 @@
 //! 0x0001_0000  stack, grows down from STACK_TOP
 //! 0x0010_0000  guest program image (ELF, linked here)
 //! 0x0100_0000  free RAM for guest buffers (GUEST_FREE_RAM .. end of low RAM)
-//! 0xc000_0000  MMIO hole: device BARs, test devices, IOAPIC, LAPIC
+//! 0xc000_0000  MMIO hole: PCI BARs (pci::MMIO32_BASE, 512 MiB)
+//! 0xe000_0000  PCI ECAM (pci::ECAM_BASE, bus 0)
+//! 0xe010_0000  null MMIO device of the exit benchmark
+//! 0xfec0_0000  IOAPIC;  0xfee0_0000  LAPIC (and the MSI address window)
 //! 0x1_0000_0000 RAM above 4 GiB when the machine has more than 3 GiB
+//! 0x100_0000_0000 64-bit PCI BARs (pci::MMIO64_BASE)
 //! ```
 
 /// Where the GDT is placed.
@@ -28,12 +32,30 @@ pub const GUEST_FREE_RAM: u64 = 0x100_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the MMIO hole (RAM resumes here for machines above 3 GiB).
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Pins of the IOAPIC (GSIs 0..24); MSI routes take the GSIs above.
+pub const IOAPIC_PINS: u32 = 24;
 /// Guest-physical address of the IOAPIC.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Guest-physical address of the local APIC (xAPIC MMIO window).
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// Base of the MSI address window (x86: writes here are interrupt messages, not
+/// memory; a DMA domain never maps it).
+pub const MSI_ADDR_BASE: u64 = 0xfee0_0000;
+/// End (exclusive) of the MSI address window.
+pub const MSI_ADDR_END: u64 = 0xfef0_0000;
+
+/// True if `address` lies in the MSI address window.
+pub const fn is_msi_address(address: u64) -> bool {
+    address >= MSI_ADDR_BASE && address < MSI_ADDR_END
+}
+
+/// The MSI address of a fixed, physical-destination interrupt to APIC `dest`.
+pub const fn msi_address(dest: u8) -> u64 {
+    MSI_ADDR_BASE | (dest as u64) << 12
+}
+
 /// A null MMIO device for the exit benchmark (reads 0, writes ignored).
-pub const BENCH_MMIO_ADDR: u64 = 0xd000_0000;
+pub const BENCH_MMIO_ADDR: u64 = 0xe010_0000;
 /// Bytes the guest identity-maps (its page tables cover 0..4 GiB).
 pub const IDENTITY_MAPPED: u64 = 0x1_0000_0000;
 

@@ -12,12 +12,13 @@ pub mod layout;
 pub mod pci;
 pub mod ports;
 pub mod pvdma;
+pub mod test_device;
 
 /// Exit status a guest program reports through [`ports::EXIT`] when it panics
 /// (the same code a panicking Rust process exits with).
 pub const EXIT_PANIC: u8 = 101;
 
-/// Exit status of a VM ended by the paravirtual DMA kill policy (`--pvdma-kill-on-misuse`).
+/// Exit status of a VM ended by the DMA misuse policy (`--dma-kill-on-misuse`).
 pub const EXIT_KILLED_BY_POLICY: u8 = 125;
 
 /// Exit status a guest program reports when an exception it did not expect

@@ -7,6 +7,8 @@
 
 pub mod dma_engine;
 pub mod legacy;
+pub mod process;
 pub mod serial;
+pub mod vfio_pci;
 
 pub use vm_api::bus::{Bus, BusDevice, BusError, SharedDevice};

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 /// The x86 MSI window: device writes here are interrupts, never memory.
-pub const MSI_WINDOW: Range<u64> = 0xfee0_0000..0xfef0_0000;
+pub const MSI_WINDOW: Range<u64> = abi::layout::MSI_ADDR_BASE..abi::layout::MSI_ADDR_END;
 
 /// Shape and limits of a domain.
 #[derive(Clone, Debug, PartialEq, Eq)]

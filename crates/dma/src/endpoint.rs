@@ -11,6 +11,11 @@
 //! waited for, as for an unmap) or in a device process (the endpoint's observers, which
 //! forward to the device, were told the old domain's mappings are gone and let go).
 //!
+//! Two parties decide where an endpoint translates: its front-end chooses a domain
+//! ([`Endpoint::attach`]), and the device's bus-master enable gates it
+//! ([`Endpoint::set_gated`]). While gated, the endpoint is blocked whatever the
+//! front-end chose; lifting the gate brings the chosen domain back.
+//!
 //! Observers of an endpoint see the mappings of whatever domain it is attached to, in
 //! order: on a switch, the old domain's mappings go (one batch), then the new domain's
 //! come (one batch). An observer that refuses the new domain's mappings fails the
@@ -36,8 +41,8 @@ pub(crate) struct Inner {
     pub(crate) generation: AtomicU64,
     pub(crate) readers: Readers,
     pub(crate) faults: FaultLog,
-    /// Serialises switches and observer registration.
-    switch: Mutex<()>,
+    /// Serialises switches and observer registration; holds what was asked for.
+    switch: Mutex<Wanted>,
     observers: RwLock<Vec<Arc<dyn MapObserver>>>,
     /// The observer this endpoint registers with its current domain while it has
     /// observers of its own (a domain nobody outside the VMM watches pays nothing).
@@ -55,6 +60,21 @@ impl Inner {
 
     pub(crate) fn domain(&self) -> Option<Arc<Domain>> {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// What the endpoint was asked for: the domain its front-end chose, and whether the
+/// device may master the bus. The endpoint translates through the domain only while
+/// both say so.
+#[derive(Default)]
+struct Wanted {
+    domain: Option<Arc<Domain>>,
+    gated: bool,
+}
+
+impl Wanted {
+    fn effective(&self) -> Option<Arc<Domain>> {
+        if self.gated { None } else { self.domain.clone() }
     }
 }
 
@@ -109,7 +129,7 @@ impl Endpoint {
             generation: AtomicU64::new(0),
             readers: Readers::default(),
             faults: FaultLog::default(),
-            switch: Mutex::new(()),
+            switch: Mutex::new(Wanted::default()),
             observers: RwLock::new(Vec::new()),
             relay: Mutex::new(Some(Arc::new(Relay(weak.clone())) as Arc<dyn MapObserver>)),
             relayed: std::sync::atomic::AtomicBool::new(false),
@@ -145,7 +165,7 @@ impl Endpoint {
         self.inner.readers.count()
     }
 
-    fn lock_switch(&self) -> MutexGuard<'_, ()> {
+    fn lock_switch(&self) -> MutexGuard<'_, Wanted> {
         self.inner.switch.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -157,16 +177,52 @@ impl Endpoint {
         !self.inner.observers.read().unwrap_or_else(|e| e.into_inner()).is_empty()
     }
 
-    /// Switches to `domain` (None: blocked). When this returns, no access through the
-    /// old domain can succeed any more, in the VMM or in a device process behind the
-    /// endpoint's observers. If an observer refuses the new domain's mappings, the
-    /// endpoint is left blocked and the error returned.
+    /// Switches to `domain` (None: blocked), the front-end's choice. When this returns,
+    /// no access through the old domain can succeed any more, in the VMM or in a device
+    /// process behind the endpoint's observers. If an observer refuses the new domain's
+    /// mappings, the endpoint is left blocked and the error returned. While the endpoint
+    /// is gated ([`Endpoint::set_gated`]) the choice is recorded and takes effect at
+    /// ungating.
     pub fn attach(&self, domain: Option<Arc<Domain>>) -> Result<(), MapError> {
-        let _s = self.lock_switch();
+        let mut w = self.lock_switch();
+        w.domain = domain;
+        let target = w.effective();
+        let r = self.switch_to(target);
+        if r.is_err() {
+            w.domain = None;
+        }
+        r
+    }
+
+    /// Gates the endpoint (bus mastering off: every access faults, the device holds no
+    /// mapping) or lifts the gate (it translates through its front-end's domain again),
+    /// with the same handover as [`Endpoint::attach`].
+    pub fn set_gated(&self, gated: bool) -> Result<(), MapError> {
+        let mut w = self.lock_switch();
+        w.gated = gated;
+        let target = w.effective();
+        self.switch_to(target)
+    }
+
+    /// True while gated.
+    pub fn is_gated(&self) -> bool {
+        self.lock_switch().gated
+    }
+
+    /// The domain the front-end chose, gated or not.
+    pub fn chosen_domain(&self) -> Option<Arc<Domain>> {
+        self.lock_switch().domain.clone()
+    }
+
+    /// Moves to `domain`; the switch lock is held by the caller.
+    fn switch_to(&self, domain: Option<Arc<Domain>>) -> Result<(), MapError> {
         let old = self.domain();
         if let (Some(a), Some(b)) = (&old, &domain)
             && Arc::ptr_eq(a, b)
         {
+            return Ok(());
+        }
+        if old.is_none() && domain.is_none() {
             return Ok(());
         }
         if let Some(old) = &old {
@@ -260,7 +316,11 @@ impl Endpoint {
     /// Detaches from its domain for good (the device is gone): observers are told the
     /// mappings are gone, accessors fault from now on.
     pub fn close(&self) {
-        let _ = self.attach(None);
+        {
+            let mut w = self.lock_switch();
+            w.domain = None;
+            let _ = self.switch_to(None);
+        }
         *self.inner.relay.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }

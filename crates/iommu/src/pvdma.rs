@@ -534,3 +534,75 @@ impl PvDma {
         }
     }
 }
+
+/// `dma=pvdma`.
+pub const REGISTRATION: crate::frontend::Registration = crate::frontend::Registration {
+    name: "pvdma",
+    help: "the guest maps its own DMA through paravirtual DMA hypercalls",
+    build: |ctx| {
+        let f = Arc::new(PvDmaFrontend::new(ctx));
+        ctx.hypercalls
+            .register(pv::BASE, Arc::clone(&f) as Arc<dyn vm_api::HypercallHandler>)
+            .map_err(|e| e.to_string())?;
+        Ok(f as Arc<dyn crate::frontend::Frontend>)
+    },
+};
+
+/// Paravirtual DMA as a VM's front-end: each device gets a domain of its own, which
+/// the guest's MAP and UNMAP calls program.
+pub struct PvDmaFrontend {
+    pvdma: PvDma,
+    dma: Arc<dma::VmDma>,
+}
+
+impl PvDmaFrontend {
+    /// The front-end for the VM of `ctx` (its hypercall block is registered by
+    /// [`REGISTRATION`]).
+    pub fn new(ctx: &crate::frontend::Context) -> PvDmaFrontend {
+        let kill = ctx.kill_on_misuse.clone().map(|k| Box::new(move |why: &str| k(why)) as KillHook);
+        PvDmaFrontend { pvdma: PvDma::new(Arc::clone(&ctx.memory), kill), dma: Arc::clone(&ctx.dma) }
+    }
+
+    /// The calls' state.
+    pub fn pvdma(&self) -> &PvDma {
+        &self.pvdma
+    }
+}
+
+impl vm_api::HypercallHandler for PvDmaFrontend {
+    fn name(&self) -> &str {
+        "pvdma"
+    }
+
+    fn call(&self, args: &Args) -> Ret {
+        self.pvdma.call(args)
+    }
+}
+
+impl crate::frontend::Frontend for PvDmaFrontend {
+    fn name(&self) -> &str {
+        REGISTRATION.name
+    }
+
+    fn attach(&self, device: &crate::frontend::Device) -> Result<(), String> {
+        let domain = self.dma.create_domain(&device.name, dma::DomainConfig::default());
+        device.endpoint.attach(Some(Arc::clone(&domain))).map_err(|e| e.to_string())?;
+        self.pvdma.add_device(u64::from(device.id), &device.name, domain, true);
+        Ok(())
+    }
+
+    fn detach(&self, id: u16) {
+        if let Some(d) = self.pvdma.device(u64::from(id)) {
+            self.pvdma.remove_device(u64::from(id));
+            d.domain.unmap_all();
+        }
+    }
+
+    fn stats(&self) -> String {
+        self.pvdma.stats().to_string()
+    }
+
+    fn device_stats(&self, id: u16) -> Option<String> {
+        self.pvdma.device(u64::from(id)).map(|d| format!("{} live_mappings={}", d.stats(), d.live_mappings()))
+    }
+}

@@ -7,7 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 /// An MSI message: what a device writes to raise a message-signalled interrupt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MsiMessage {
-    /// Address (0xfee..... for x86 local APICs).
+    /// Address (in [`abi::layout::MSI_ADDR_BASE`].. for x86 local APICs).
     pub address: u64,
     /// Data (vector and delivery mode).
     pub data: u32,
@@ -16,7 +16,7 @@ pub struct MsiMessage {
 impl MsiMessage {
     /// A fixed, edge-triggered MSI of `vector` to APIC `dest` (physical mode).
     pub fn fixed(dest: u8, vector: u8) -> MsiMessage {
-        MsiMessage { address: 0xfee0_0000 | (u64::from(dest) << 12), data: u32::from(vector) }
+        MsiMessage { address: abi::layout::msi_address(dest), data: u32::from(vector) }
     }
 }
 

@@ -218,20 +218,19 @@ impl IrqRegistry {
         if st.entries.contains_key(&id) {
             return Err(IrqError::AlreadyAttached(id));
         }
-        let mut entry =
-            Entry {
-                source,
-                guest,
-                gsi: None,
-                mode,
-                relay: None,
-                _owner: owner,
-                vmm_delivered: 0,
-                switches: 0,
-                masked: false,
-                pending: false,
-                parked: false,
-            };
+        let mut entry = Entry {
+            source,
+            guest,
+            gsi: None,
+            mode,
+            relay: None,
+            _owner: owner,
+            vmm_delivered: 0,
+            switches: 0,
+            masked: false,
+            pending: false,
+            parked: false,
+        };
         if let GuestIrq::Msi(msi) = guest {
             let chip = &self.shared.chip;
             let first = chip.first_msi_gsi();

@@ -8,6 +8,7 @@ use std::time::Instant;
 use vmm::{AccelKind, Vm, VmConfig};
 
 #[derive(Args, Debug)]
+/// `passthru bench` arguments.
 pub struct BenchArgs {
     #[command(subcommand)]
     what: BenchWhat,
@@ -68,6 +69,7 @@ enum BenchWhat {
     },
 }
 
+/// Runs the benchmarks asked for.
 pub fn bench(args: BenchArgs) -> Result<ExitCode, String> {
     match args.what {
         BenchWhat::Exits { iterations, json } => exits(iterations, json),
@@ -365,12 +367,12 @@ const BATCH: u64 = 32;
 fn drive_engine(vm: &Vm, size: u64, copies: u64) -> Result<std::time::Duration, String> {
     use abi::dma_engine::{self as de, Descriptor, op, regs};
     use vm_memory_bytes::{read_u32, write_bytes};
-    let bar0 = de::DEVICE_MMIO_BASE;
+    let bar0 = enable_engine(vm)?;
     let w32 = |off: u64, v: u32| vm.mmio_write(bar0 + off, &v.to_le_bytes());
-    vm.mmio_write(bar0 + regs::CONTROL, &2u32.to_le_bytes());
+    w32(regs::CONTROL, de::control::RESET);
     vm.mmio_write(bar0 + regs::RING_BASE, &RING.to_le_bytes());
     w32(regs::RING_SIZE, RING_SIZE as u32);
-    w32(regs::CONTROL, 1);
+    w32(regs::CONTROL, de::control::ENABLE);
     // The ring is written once, as a driver would: every slot copies SRC to DST and
     // has its own completion record. Per batch only the record waited on is re-armed.
     for slot in 0..RING_SIZE {
@@ -410,6 +412,16 @@ fn drive_engine(vm: &Vm, size: u64, copies: u64) -> Result<std::time::Duration, 
     Ok(t.elapsed())
 }
 
+/// Enables memory decoding and bus mastering of the VM's first device, as a driver
+/// would; returns its register BAR's address.
+fn enable_engine(vm: &Vm) -> Result<u64, String> {
+    use abi::pci::{command, reg};
+    let dev = vm.devices().into_iter().next().ok_or("no device attached")?;
+    let cmd = command::MEMORY | command::MASTER;
+    vm.pci().config_write(dev.slot(), reg::COMMAND, &cmd.to_le_bytes());
+    dev.bar(abi::dma_engine::REGS_BAR).ok_or_else(|| "the engine's register BAR does not decode".to_string())
+}
+
 /// Small guest-memory helpers for the host-side driver.
 mod vm_memory_bytes {
     use vmm::Vm;
@@ -441,12 +453,11 @@ fn memcpy_time(vm: &Vm, size: u64, copies: u64) -> std::time::Duration {
 
 fn devices_bench(bytes: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
     use crate::device::DeviceArg;
-    use vmm::DmaFrontend;
-    use vmm::assigned::IommuMode;
+    use vmm::IommuMode;
     let backends = [
-        ("in process", DeviceArg::engine(IommuMode::SharedFd, true, DmaFrontend::Identity)),
-        ("vfio-user shared fd", DeviceArg::engine(IommuMode::SharedFd, false, DmaFrontend::Identity)),
-        ("vfio-user messages", DeviceArg::engine(IommuMode::Messages, false, DmaFrontend::Identity)),
+        ("in process", DeviceArg::engine(IommuMode::SharedFd, true, "identity")),
+        ("vfio-user shared fd", DeviceArg::engine(IommuMode::SharedFd, false, "identity")),
+        ("vfio-user messages", DeviceArg::engine(IommuMode::Messages, false, "identity")),
     ];
     let mut figures = Vec::new();
     for (backend, arg) in backends {
@@ -527,7 +538,13 @@ fn pvdma_vm(accel: AccelKind, device: crate::device::DeviceArg) -> Result<Vm, St
     config.serial_out = Box::new(std::io::sink());
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
     crate::device::attach(&vm, &device)?;
+    enable_engine(&vm)?; // bus mastering: the device is given what the guest maps
     Ok(vm)
+}
+
+/// The first device's requester id: the id of its paravirtual DMA calls.
+fn first_bdf(vm: &Vm) -> u64 {
+    vm.devices().first().map_or(0, |d| u64::from(d.bdf()))
 }
 
 /// Times `n` MAPs of distinct 4 KiB pages, then their UNMAPs, through the hypercall
@@ -535,11 +552,14 @@ fn pvdma_vm(accel: AccelKind, device: crate::device::DeviceArg) -> Result<Vm, St
 fn time_map_unmap(vm: &Vm, n: u64) -> Result<(f64, f64), String> {
     use abi::hcall::{Args, Status};
     use abi::pvdma as pv;
+    let dev = first_bdf(vm);
     let mut iovas = Vec::with_capacity(n as usize);
     let t = Instant::now();
     for i in 0..n {
-        let r = vm
-            .hypercall(&Args { nr: pv::MAP, a: [0, 0x100_0000 + (i % 32768) * 4096, 4096, pv::dir::BIDIRECTIONAL, 0] });
+        let r = vm.hypercall(&Args {
+            nr: pv::MAP,
+            a: [dev, 0x100_0000 + (i % 32768) * 4096, 4096, pv::dir::BIDIRECTIONAL, 0],
+        });
         if r.status != Status::Success {
             return Err(format!("MAP failed: {}", r.status.name()));
         }
@@ -548,7 +568,7 @@ fn time_map_unmap(vm: &Vm, n: u64) -> Result<(f64, f64), String> {
     let map = t.elapsed();
     let t = Instant::now();
     for iova in &iovas {
-        let r = vm.hypercall(&Args { nr: pv::UNMAP, a: [0, *iova, 4096, 0, 0] });
+        let r = vm.hypercall(&Args { nr: pv::UNMAP, a: [dev, *iova, 4096, 0, 0] });
         if r.status != Status::Success {
             return Err(format!("UNMAP failed: {}", r.status.name()));
         }
@@ -561,11 +581,10 @@ fn pvdma_bench(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, Strin
     use crate::device::DeviceArg;
     use abi::hcall::{Args, Status};
     use abi::pvdma as pv;
-    use vmm::DmaFrontend;
-    use vmm::assigned::IommuMode;
+    use vmm::IommuMode;
     let n = iterations.max(1);
-    let inline = DeviceArg::engine(IommuMode::SharedFd, true, DmaFrontend::Paravirtual);
-    let remote = DeviceArg::engine(IommuMode::SharedFd, false, DmaFrontend::Paravirtual);
+    let inline = DeviceArg::engine(IommuMode::SharedFd, true, "pvdma");
+    let remote = DeviceArg::engine(IommuMode::SharedFd, false, "pvdma");
     let mut r = PvdmaReport { iterations: n, ..Default::default() };
 
     let vm = pvdma_vm(AccelKind::Qtest, inline.clone())?;
@@ -583,13 +602,13 @@ fn pvdma_bench(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, Strin
     for _ in 0..rounds {
         vm.phys_write(list, &bytes);
         let t = Instant::now();
-        let m = vm.hypercall(&Args { nr: pv::MAP_SG, a: [0, list, pv::MAX_SG, pv::dir::FROM_DEVICE, 0] });
+        let m = vm.hypercall(&Args { nr: pv::MAP_SG, a: [first_bdf(&vm), list, pv::MAX_SG, pv::dir::FROM_DEVICE, 0] });
         map_sg += t.elapsed();
         if m.status != Status::Success {
             return Err(format!("MAP_SG failed: {}", m.status.name()));
         }
         let t = Instant::now();
-        let u = vm.hypercall(&Args { nr: pv::UNMAP_SG, a: [0, list, pv::MAX_SG, 0, 0] });
+        let u = vm.hypercall(&Args { nr: pv::UNMAP_SG, a: [first_bdf(&vm), list, pv::MAX_SG, 0, 0] });
         unmap_sg += t.elapsed();
         if u.status != Status::Success {
             return Err(format!("UNMAP_SG failed: {}", u.status.name()));

@@ -2,27 +2,27 @@
 //! and `passthru device dma-engine` (the device side).
 
 use clap::{Args, Subcommand};
+use devices::process::DeviceProcess;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use vmm::assigned::{DEFAULT_DEVICE_TIMEOUT, IommuMode, RemoteSpec};
-use vmm::process::DeviceProcess;
-use vmm::{DeviceSpec, DmaFrontend, Vm};
+use vmm::device_manager::DEFAULT_DEVICE_TIMEOUT;
+use vmm::{DeviceSpec, IommuMode, RemoteSpec, Vm};
 
 /// A parsed `--device` value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceArg {
-    /// `dma-engine[,dma=identity|pvdma][,iommu-mode=shared|messages][,process=child|inline][,timeout=T]`
+    /// `dma-engine[,dma=FRONTEND][,iommu-mode=shared|messages][,process=child|inline][,timeout=T]`
     DmaEngine {
         /// How a device process reaches guest memory.
         mode: IommuMode,
         /// In the VMM rather than in a child process.
         inline: bool,
-        /// Who programs its DMA domain.
-        frontend: DmaFrontend,
+        /// The DMA front-end that programs its domain (registered name).
+        frontend: String,
         /// Deadline of every exchange with the device process.
         timeout: Duration,
     },
@@ -32,8 +32,8 @@ pub enum DeviceArg {
         socket: PathBuf,
         /// How it reaches guest memory.
         mode: IommuMode,
-        /// Who programs its DMA domain.
-        frontend: DmaFrontend,
+        /// The DMA front-end that programs its domain (registered name).
+        frontend: String,
         /// Deadline of every exchange with the server.
         timeout: Duration,
     },
@@ -41,8 +41,8 @@ pub enum DeviceArg {
 
 impl DeviceArg {
     /// A DMA engine with the default timeout.
-    pub fn engine(mode: IommuMode, inline: bool, frontend: DmaFrontend) -> DeviceArg {
-        DeviceArg::DmaEngine { mode, inline, frontend, timeout: DEFAULT_DEVICE_TIMEOUT }
+    pub fn engine(mode: IommuMode, inline: bool, frontend: &str) -> DeviceArg {
+        DeviceArg::DmaEngine { mode, inline, frontend: frontend.to_string(), timeout: DEFAULT_DEVICE_TIMEOUT }
     }
 }
 
@@ -61,7 +61,8 @@ fn parse_duration(v: &str) -> Result<Duration, String> {
 pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
     let mut parts = s.split(',');
     let kind = parts.next().unwrap_or_default();
-    let (mut mode, mut inline, mut socket, mut frontend) = (IommuMode::SharedFd, false, None, DmaFrontend::Identity);
+    let (mut mode, mut inline, mut socket) = (IommuMode::SharedFd, false, None);
+    let mut frontend = iommu::frontend::default_name().to_string();
     let mut timeout = DEFAULT_DEVICE_TIMEOUT;
     for p in parts {
         let (k, v) = p.split_once('=').ok_or_else(|| format!("'{p}' in --device {s} is not key=value"))?;
@@ -75,13 +76,7 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
                 }
             }
             "socket" => socket = Some(PathBuf::from(v)),
-            "dma" => {
-                frontend = match v {
-                    "identity" => DmaFrontend::Identity,
-                    "pvdma" => DmaFrontend::Paravirtual,
-                    _ => return Err(format!("dma={v}: use dma=identity or dma=pvdma")),
-                }
-            }
+            "dma" => frontend = iommu::frontend::parse_name(v)?,
             "timeout" => timeout = parse_duration(v)?,
             _ => return Err(format!("unknown --device option '{k}' (dma, iommu-mode, process, socket, timeout)")),
         }
@@ -109,28 +104,33 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
 pub fn attach(vm: &Vm, arg: &DeviceArg) -> Result<(), String> {
     let (spec, what, frontend) = match arg {
         DeviceArg::DmaEngine { inline: true, frontend, .. } => {
-            (DeviceSpec::Inline, "in the VMM process".to_string(), *frontend)
+            (DeviceSpec::Inline, "dma-engine in the VMM process".to_string(), frontend)
         }
         DeviceArg::DmaEngine { mode, frontend, timeout, .. } => {
             let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
             let process = spawn_engine(theirs)?;
-            let what = format!("in process {} over vfio-user, {}", process.pid(), mode_name(*mode));
+            let what = format!("dma-engine in process {} over vfio-user, {}", process.pid(), mode_name(*mode));
             let spec = RemoteSpec { stream: ours, mode: *mode, process: Some(process), timeout: *timeout };
-            (DeviceSpec::Remote(spec), what, *frontend)
+            (DeviceSpec::Remote(spec), what, frontend)
         }
         DeviceArg::VfioUser { socket, mode, frontend, timeout } => {
             let stream = UnixStream::connect(socket)
                 .map_err(|e| format!("connecting to the vfio-user server at {}: {e}", socket.display()))?;
-            let what = format!("at {} over vfio-user, {}", socket.display(), mode_name(*mode));
-            (DeviceSpec::Remote(RemoteSpec { stream, mode: *mode, process: None, timeout: *timeout }), what, *frontend)
+            let what = format!("vfio-user server at {}, {}", socket.display(), mode_name(*mode));
+            (DeviceSpec::Remote(RemoteSpec { stream, mode: *mode, process: None, timeout: *timeout }), what, frontend)
         }
     };
     let dev = vm.attach_device(spec, frontend).map_err(|e| e.to_string())?;
-    let dma = match frontend {
-        DmaFrontend::Identity => "identity DMA domain",
-        DmaFrontend::Paravirtual => "paravirtual DMA",
-    };
-    eprintln!("passthru: device {}: dma-engine {what}, {dma}, BAR0 {:#x}", dev.name(), dev.bar0());
+    let f = dev.function();
+    let id = pci::read32(f.as_ref(), abi::pci::reg::VENDOR_ID);
+    eprintln!(
+        "passthru: device {} at {} ({:04x}:{:04x}): {what}, DMA by {}",
+        dev.name(),
+        dev.bdf_string(),
+        id & 0xffff,
+        id >> 16,
+        dev.frontend().name()
+    );
     Ok(())
 }
 
@@ -239,7 +239,7 @@ pub fn device(args: DeviceArgs) -> Result<ExitCode, String> {
         unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     }
     let server = vfio_user::server::Server::new(vfio_user::endpoint::Endpoint::new(stream));
-    let engine = devices::dma_engine::vfio::EngineServer::new(&server).map_err(|e| e.to_string())?;
+    let engine = devices::dma_engine::vfio::EngineServer::remote(&server).map_err(|e| e.to_string())?;
     let selftest = spawned && std::env::var(SELFTEST_ENV).is_ok_and(|v| v == "forbidden-syscall");
     if spawned {
         vfio_user::mapping::install_sigbus_guard().map_err(|e| format!("installing the SIGBUS guard: {e}"))?;
@@ -293,12 +293,12 @@ mod tests {
 
     #[test]
     fn device_specs_parse_and_bad_ones_name_the_fix() {
-        let id = DmaFrontend::Identity;
+        let id = "identity";
         let engine = |mode, inline, frontend| Ok(DeviceArg::engine(mode, inline, frontend));
         assert_eq!(parse_device("dma-engine"), engine(IommuMode::SharedFd, false, id));
         assert_eq!(
             parse_device("dma-engine,iommu-mode=messages,dma=pvdma"),
-            engine(IommuMode::Messages, false, DmaFrontend::Paravirtual)
+            engine(IommuMode::Messages, false, "pvdma")
         );
         assert_eq!(parse_device("dma-engine,process=inline"), engine(IommuMode::SharedFd, true, id));
         assert_eq!(
@@ -306,7 +306,7 @@ mod tests {
             Ok(DeviceArg::VfioUser {
                 socket: "/tmp/x.sock".into(),
                 mode: IommuMode::SharedFd,
-                frontend: id,
+                frontend: id.to_string(),
                 timeout: DEFAULT_DEVICE_TIMEOUT
             })
         );
@@ -315,7 +315,7 @@ mod tests {
             Ok(DeviceArg::DmaEngine {
                 mode: IommuMode::SharedFd,
                 inline: false,
-                frontend: id,
+                frontend: id.to_string(),
                 timeout: Duration::from_millis(250)
             })
         );
@@ -326,7 +326,7 @@ mod tests {
         assert!(parse_device("gpu").unwrap_err().contains("unknown device"));
         assert!(parse_device("dma-engine,speed=fast").unwrap_err().contains("unknown --device option"));
         assert!(parse_device("dma-engine,iommu-mode=magic").unwrap_err().contains("shared or messages"));
-        assert!(parse_device("dma-engine,dma=magic").unwrap_err().contains("dma=pvdma"));
+        assert!(parse_device("dma-engine,dma=magic").unwrap_err().contains("identity, pvdma"));
     }
 
     #[test]

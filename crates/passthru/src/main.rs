@@ -2,10 +2,7 @@
 //! on KVM, or the qtest driver port), `passthru guests` lists the built-in guest
 //! programs, `passthru bench` measures.
 
-mod bench;
-mod device;
-mod run;
-mod sandbox;
+use passthru::{bench, device, run};
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -56,34 +53,5 @@ fn main() -> ExitCode {
             eprintln!("passthru: error: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Parses a memory size: bytes, or a number with a K, M or G suffix (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&t[..i], 10),
-        Some((i, 'M' | 'm')) => (&t[..i], 20),
-        Some((i, 'G' | 'g')) => (&t[..i], 30),
-        _ => (t, 0),
-    };
-    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size; write e.g. 256M, 1G or 33554432"))?;
-    n.checked_mul(1 << shift).ok_or_else(|| format!("'{s}' is too large"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_suffixes() {
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
-        assert_eq!(parse_size("1g"), Ok(1 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(64 << 10));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("1T").is_err());
-        assert!(parse_size("99999999999999G").is_err());
     }
 }

@@ -14,6 +14,7 @@ pub const DEFAULT_GUEST: &str = "pvdma";
 pub const DEFAULT_DEVICE: &str = "dma-engine,dma=pvdma";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+/// What runs the machine.
 pub enum Accel {
     /// KVM with one vCPU running a guest program.
     Kvm,
@@ -22,6 +23,7 @@ pub enum Accel {
 }
 
 #[derive(Args, Debug)]
+/// `passthru run` arguments.
 pub struct RunArgs {
     /// Guest program: a built-in name (see `passthru guests`) or the path of an ELF file.
     #[arg(long, default_value = DEFAULT_GUEST)]
@@ -45,20 +47,22 @@ pub struct RunArgs {
     /// description in `passthru guests`).
     #[arg(long = "guest-arg", value_name = "N", value_parser = parse_u64)]
     guest_args: Vec<u64>,
-    /// Assign a device: dma-engine[,iommu-mode=shared|messages][,process=child|inline],
-    /// or vfio-user,socket=PATH[,iommu-mode=...] for a running server. Repeatable.
+    /// Assign a PCI device: dma-engine[,dma=FRONTEND][,iommu-mode=shared|messages]
+    /// [,process=child|inline][,timeout=T], or vfio-user,socket=PATH[,dma=...]
+    /// [,iommu-mode=...][,timeout=T] for a running server. FRONTEND: identity
+    /// (default) or pvdma. Repeatable.
     #[arg(long = "device", value_name = "SPEC", value_parser = crate::device::parse_device)]
     devices: Vec<crate::device::DeviceArg>,
     /// Locked-memory limit for memory pinned for DMA (default: RLIMIT_MEMLOCK).
     #[arg(long, value_name = "SIZE", value_parser = crate::parse_size)]
     locked_memory: Option<u64>,
-    /// Print the paravirtual DMA and device counters at the end of the run.
+    /// Print the DMA front-ends' and devices' counters at the end of the run.
     #[arg(long)]
     stats: bool,
-    /// End the VM when the guest makes a paravirtual DMA call with invalid arguments
-    /// (by default it gets an error status and goes on).
-    #[arg(long)]
-    pvdma_kill_on_misuse: bool,
+    /// End the VM when the guest calls a DMA front-end (paravirtual DMA, TCE...) with
+    /// invalid arguments (by default it gets an error status and goes on).
+    #[arg(long, alias = "pvdma-kill-on-misuse")]
+    dma_kill_on_misuse: bool,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -73,6 +77,7 @@ fn parse_irq_mode(s: &str) -> Result<irq::Mode, String> {
     s.parse()
 }
 
+/// Runs a machine until its guest exits (KVM) or its driver leaves (qtest).
 pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     if args.qtest.is_some() || args.accel == Accel::Qtest {
         return run_qtest(&args);
@@ -82,7 +87,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     config.memory = args.memory;
     config.irq_mode = args.irq_mode;
     config.locked_memory = args.locked_memory;
-    config.pvdma_kill_on_misuse = args.pvdma_kill_on_misuse;
+    config.dma_kill_on_misuse = args.dma_kill_on_misuse;
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
     // The paravirtual DMA demo needs its device: give it the default one.
     let default_device;
@@ -123,31 +128,44 @@ fn report_guest_throughput(vm: &Vm) {
     }
 }
 
-/// The one-screen summary: paravirtual DMA counters, devices' faults and interrupts.
+/// The one-screen summary: each DMA front-end's counters, devices' faults and
+/// interrupts.
 fn report_stats(vm: &Vm) {
     let mut err = std::io::stderr();
-    let stats = vm.pvdma().stats();
-    let _ = writeln!(err, "passthru: paravirtual DMA: {stats}");
-    if stats.with_status(abi::hcall::Status::OverLockedLimit) > 0 {
-        let limit = vm.dma().account().limit();
-        let _ = writeln!(
-            err,
-            "passthru: the guest's DMA mappings hit the VM's locked-memory limit ({} KiB); \
-             raise it with --locked-memory SIZE (e.g. --locked-memory 16M) or `ulimit -l`",
-            limit >> 10
-        );
+    for fe in vm.frontends().iter() {
+        let stats = fe.stats();
+        let _ = writeln!(err, "passthru: DMA front-end {}: {stats}", fe.name());
+        if stats.split(' ').any(|w| w.starts_with("over_locked_limit=")) {
+            let limit = vm.dma().account().limit();
+            let _ = writeln!(
+                err,
+                "passthru: the guest's DMA mappings hit the VM's locked-memory limit ({} KiB); \
+                 raise it with --locked-memory SIZE (e.g. --locked-memory 16M) or `ulimit -l`",
+                limit >> 10
+            );
+        }
     }
     for d in vm.devices() {
-        let f = d.domain().faults();
+        let ep = d.endpoint();
+        let f = ep.faults();
         let last = f.recent().last().map(|x| format!(" (last {:#x})", x.iova.0)).unwrap_or_default();
-        let irq = vm.irqs().stats(&d.msi_source());
+        let prefix = format!("{}/", d.name());
+        let sources: Vec<String> = vm
+            .irqs()
+            .sources()
+            .iter()
+            .filter(|id| id.to_string().starts_with(&prefix))
+            .filter_map(|id| vm.irqs().stats(id).map(|s| format!("{id} {} ({} by the VMM)", s.mode, s.vmm_delivered)))
+            .collect();
         let _ = writeln!(
             err,
-            "passthru: device {}: {} DMA mappings left, {} DMA faults seen by the VMM{last}, MSI {}",
+            "passthru: device {} ({}): {} DMA mappings left, {} DMA faults seen by the VMM{last}, interrupts {} [{}]",
             d.name(),
-            d.domain().mapping_count(),
+            d.bdf_string(),
+            d.function().domain().map_or(0, |x| x.mapping_count()),
             f.total(),
-            irq.map_or("detached".to_string(), |s| format!("{} ({} delivered by the VMM)", s.mode, s.vmm_delivered))
+            d.function().irq_mode(),
+            sources.join(", ")
         );
     }
 }
@@ -197,7 +215,7 @@ fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
     config.memory = args.memory;
     config.irq_mode = args.irq_mode;
     config.locked_memory = args.locked_memory;
-    config.pvdma_kill_on_misuse = args.pvdma_kill_on_misuse;
+    config.dma_kill_on_misuse = args.dma_kill_on_misuse;
     let end = match &args.qtest {
         Some(path) => {
             let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {

@@ -30,6 +30,7 @@ fn dma_guest(device: &str) {
     }
     assert_eq!(checked, 3, "{stdout}");
     assert!(stdout.contains("3 MSIs, fault check ok"), "{stdout}");
+    assert!(stderr.contains("at 00:01.0 (1b36:11e8)"), "the engine is a PCI function: {stderr}");
     assert!(stderr.contains("passthru: guest DMA throughput: 4472832 bytes in"), "{stderr}");
 }
 
@@ -160,8 +161,8 @@ impl Session {
     fn new(device: &str) -> Session {
         let mut vmm = spawn_piped(&[&["run", "--accel", "qtest", "--device", device][..], &MEM].concat());
         let mut err = BufReader::new(vmm.stderr.take().unwrap());
-        let device_pid =
-            device.starts_with("dma-engine").then(|| device_pid(&mut err)).filter(|_| !device.contains("inline"));
+        let spawned = device.starts_with("dma-engine") && !device.contains("inline");
+        let device_pid = spawned.then(|| device_pid(&mut err));
         std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
         let stdin = vmm.stdin.take().unwrap();
         let out = BufReader::new(vmm.stdout.take().unwrap());
@@ -177,6 +178,11 @@ impl Session {
                 return l.trim_end().to_string();
             }
         }
+    }
+
+    /// Memory decoding and bus mastering on for the device in slot 1.
+    fn enable(&mut self) {
+        qpci::enable(&mut |c| self.cmd(c), 1);
     }
 
     fn field(&mut self, c: &str, key: &str) -> String {
@@ -202,6 +208,7 @@ fn copy_desc(src: u64, dst: u64, len: u64, completion: u64, flags: u32) -> Strin
 #[test]
 fn in_message_mode_an_unmapped_iova_is_refused_by_the_vmm_and_nothing_is_written() {
     let mut s = Session::new("dma-engine,iommu-mode=messages");
+    s.enable();
     assert_eq!(s.cmd("memset 0x400000 4096 0x33"), "OK");
     // COPY from the MMIO hole (not RAM, so not in the identity domain) to guest RAM.
     let d = copy_desc(0xe000_0000, 0x400000, 4096, 0x210000, 0);
@@ -222,16 +229,55 @@ fn in_message_mode_an_unmapped_iova_is_refused_by_the_vmm_and_nothing_is_written
 }
 
 #[test]
+fn with_bus_mastering_off_every_dma_faults_and_is_counted_in_every_mode() {
+    for mode in ["dma-engine,process=inline", "dma-engine", "dma-engine,iommu-mode=messages"] {
+        let mut s = Session::new(mode);
+        assert!(s.cmd("dev_info dma0").contains("bus_master=0"), "{mode}: off at reset");
+        assert_eq!(s.cmd("memset 0x300000 4096 0x5a"), "OK");
+        assert_eq!(s.cmd("memset 0x400000 4096 0x33"), "OK");
+        let d = copy_desc(0x300000, 0x400000, 4096, 0x210000, 0);
+        assert_eq!(s.cmd(&format!("write 0x200000 64 0x{d}")), "OK");
+        for c in ["writeq 0xc0000008 0x200000", "writel 0xc0000010 16", "writel 0xc0000024 1", "writel 0xc0000018 1"] {
+            assert_eq!(s.cmd(c), "OK");
+        }
+        // The ring fetch itself is DMA: refused, the engine stops with a ring fault.
+        let t = Instant::now();
+        while s.cmd("readl 0xc000001c") != "OK 0x0000000000000003" {
+            assert!(t.elapsed() < Duration::from_secs(10), "{mode}: no ring fault: {}", s.cmd("readl 0xc000001c"));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(s.field("dev_info dma0", "last_fault"), "0x200000", "{mode}: the VMM refused the ring fetch");
+        assert!(s.field("dev_info dma0", "faults").parse::<u64>().unwrap() >= 1, "{mode}");
+        assert_eq!(s.cmd("read 0x400000 8"), "OK 0x3333333333333333", "{mode}: nothing written");
+        // Bus mastering on: the same descriptor goes through.
+        s.enable();
+        assert!(s.cmd("dev_info dma0").contains("bus_master=1"), "{mode}");
+        for c in ["writel 0xc0000024 2", "writeq 0xc0000008 0x200000", "writel 0xc0000010 16", "writel 0xc0000024 1"] {
+            assert_eq!(s.cmd(c), "OK");
+        }
+        assert_eq!(s.cmd("writel 0xc0000018 1"), "OK");
+        let t = Instant::now();
+        while s.cmd("readl 0x210000") != "OK 0x0000000000000001" {
+            assert!(t.elapsed() < Duration::from_secs(10), "{mode}: the copy never completed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(s.cmd("read 0x400000 8"), "OK 0x5a5a5a5a5a5a5a5a", "{mode}: copied");
+        drop(s.stdin);
+        assert_eq!(s.vmm.wait().unwrap().code(), Some(0));
+    }
+}
+
+#[test]
 fn after_kill_9_of_a_device_process_with_irqs_firing_nothing_of_it_remains() {
     let mut s = Session::new("dma-engine");
     let before = s.cmd("resources");
     assert!(before.contains("vfu-client:1"), "{before}");
-    assert!(s.cmd("irq_list").contains("dma0/1/0=forwarded"));
     assert_eq!(s.cmd("irq_intercept_in ioapic"), "OK");
-    // MSI on, then a stream of interrupting copies.
-    for c in ["writeq 0xc0000038 0xfee00000", "writel 0xc0000040 0x61", "writel 0xc0000020 1"] {
-        assert_eq!(s.cmd(c), "OK");
-    }
+    // MSI-X on, then a stream of interrupting copies.
+    s.enable();
+    qpci::msix_vector(&mut |c| s.cmd(c), 1, 0, abi::layout::msi_address(0), 0x61);
+    assert!(s.cmd("irq_list").contains("dma0/2/0=forwarded"), "the completion vector is an MSI-X source");
+    assert_eq!(s.cmd("writel 0xc0000020 1"), "OK");
     let ring: String = (0..16).map(|i| copy_desc(0x300000, 0x400000, 4096, 0x210000 + 32 * i, 1)).collect();
     assert_eq!(s.cmd(&format!("write 0x200000 1024 0x{ring}")), "OK");
     for c in ["writeq 0xc0000008 0x200000", "writel 0xc0000010 16", "writel 0xc0000024 1"] {

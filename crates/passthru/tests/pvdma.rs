@@ -23,11 +23,11 @@ fn check_demo(out: &Output) {
     }
     assert!(
         stderr.contains(
-            "paravirtual DMA: query=1 map=10 map_sg=1 unmap=10 unmap_sg=1 pages_mapped=558 pages_unmapped=558"
+            "DMA front-end pvdma: query=1 map=10 map_sg=1 unmap=10 unmap_sg=1 pages_mapped=558 pages_unmapped=558"
         ),
         "{stderr}"
     );
-    assert!(stderr.contains("device dma0: 0 DMA mappings left"), "{stderr}");
+    assert!(stderr.contains("device dma0 (00:01.0): 0 DMA mappings left"), "{stderr}");
 }
 
 #[test]
@@ -36,7 +36,7 @@ fn passthru_run_with_no_arguments_runs_the_paravirtual_dma_demo_in_a_device_proc
     let out = passthru(&["run"]);
     check_demo(&out);
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("in process") && stderr.contains("guest memory shared by fd, paravirtual DMA"), "{stderr}");
+    assert!(stderr.contains("in process") && stderr.contains("guest memory shared by fd, DMA by pvdma"), "{stderr}");
 }
 
 #[test]
@@ -55,19 +55,19 @@ fn qtest(args: &[&str], script: &str) -> (Option<i32>, Vec<String>) {
 
 #[test]
 fn statuses_through_the_qtest_dispatch_and_the_counters() {
-    // device 0 pvdma (in the VMM), 64 KiB of locked memory.
+    // the engine in slot 1 (requester id 8) on pvdma, in the VMM; 64 KiB of locked memory.
     let args = ["--device", "dma-engine,dma=pvdma,process=inline", "--locked-memory", "64K"];
-    let script = "hcall 0x100 0\n\
+    let script = "hcall 0x100 8\n\
                   hcall 0x100 7\n\
                   hcall 0x101 7 0x100000 4096 1\n\
-                  hcall 0x101 0 0x100000 0 1\n\
-                  hcall 0x101 0 0x100000 4096 9\n\
-                  hcall 0x101 0 0x100000 0x20000 1\n\
-                  hcall 0x101 0 0x100000 0x10000 3\n\
-                  hcall 0x103 0 0x100020000 0x10000\n\
-                  hcall 0x103 0 0x100020000 0x10000\n\
-                  pvdma_stats\n\
-                  pvdma_stats 0\n";
+                  hcall 0x101 8 0x100000 0 1\n\
+                  hcall 0x101 8 0x100000 4096 9\n\
+                  hcall 0x101 8 0x100000 0x20000 1\n\
+                  hcall 0x101 8 0x100000 0x10000 3\n\
+                  hcall 0x103 8 0x100020000 0x10000\n\
+                  hcall 0x103 8 0x100020000 0x10000\n\
+                  frontend_stats pvdma\n\
+                  frontend_stats pvdma dma0\n";
     let (code, lines) = qtest(&args, script);
     assert_eq!(code, Some(0));
     assert_eq!(lines[0], "OK 0x0 0x1 0x1000 0x200", "QUERY: pvdma, 4 KiB granule, 512 SG entries");
@@ -92,12 +92,12 @@ fn statuses_through_the_qtest_dispatch_and_the_counters() {
 #[test]
 fn the_kill_policy_ends_the_vm_on_misuse_and_is_off_by_default() {
     let dev = ["--device", "dma-engine,dma=pvdma,process=inline"];
-    let (code, lines) = qtest(&dev, "hcall 0x101 0 0x100000 0 1\nhcall 0x100 0\n");
+    let (code, lines) = qtest(&dev, "hcall 0x101 8 0x100000 0 1\nhcall 0x100 8\n");
     assert_eq!(code, Some(0));
     assert_eq!(lines, vec!["OK 0x2 0x0 0x0 0x0", "OK 0x0 0x1 0x1000 0x200"], "a status, and the VM goes on");
     let mut args = dev.to_vec();
-    args.push("--pvdma-kill-on-misuse");
-    let (code, lines) = qtest(&args, "hcall 0x101 0 0x100000 4096 1\nhcall 0x101 0 0x100000 0 1\nhcall 0x100 0\n");
+    args.push("--dma-kill-on-misuse");
+    let (code, lines) = qtest(&args, "hcall 0x101 8 0x100000 4096 1\nhcall 0x101 8 0x100000 0 1\nhcall 0x100 8\n");
     assert_eq!(code, Some(125), "killed by policy");
     assert_eq!(lines, vec!["OK 0x0 0x100000000 0x0 0x0", "OK 0x2 0x0 0x0 0x0"], "nothing served after the kill");
 }
@@ -118,7 +118,7 @@ fn a_dead_device_is_not_assigned_any_more() {
         out.read_line(&mut l).unwrap();
         l.trim_end().to_string()
     };
-    assert_eq!(ask("hcall 0x101 0 0x100000 4096 3"), "OK 0x0 0x100000000 0x0 0x0");
+    assert_eq!(ask("hcall 0x101 8 0x100000 4096 3"), "OK 0x0 0x100000000 0x0 0x0");
     // SAFETY: SIGKILL to the device process this VMM spawned.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let t = std::time::Instant::now();
@@ -126,8 +126,8 @@ fn a_dead_device_is_not_assigned_any_more() {
         assert!(t.elapsed() < std::time::Duration::from_secs(10));
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    assert_eq!(ask("hcall 0x101 0 0x100000 4096 3"), "OK 0x3 0x0 0x0 0x0", "not assigned");
-    assert_eq!(ask("hcall 0x100 0"), "OK 0x0 0x0 0x0 0x200", "QUERY: no longer a pvdma device");
+    assert_eq!(ask("hcall 0x101 8 0x100000 4096 3"), "OK 0x3 0x0 0x0 0x0", "not assigned");
+    assert_eq!(ask("hcall 0x100 8"), "OK 0x0 0x0 0x0 0x200", "QUERY: no longer a pvdma device");
     drop(stdin);
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }

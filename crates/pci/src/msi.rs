@@ -40,7 +40,7 @@ impl MsiCap {
 
     /// Offset of the mask register, when maskable.
     pub fn mask_at(&self) -> Option<u16> {
-        self.maskable.then(|| if self.wide { 16 } else { 12 })
+        self.maskable.then_some(if self.wide { 16 } else { 12 })
     }
 }
 

@@ -278,6 +278,14 @@ impl PciRoot {
         }
     }
 
+    /// Re-reads slot `n`'s windows (a function that changed them by itself: a device
+    /// that died drops its mapped parts).
+    pub fn refresh(&self, n: u8) {
+        if let Some(s) = self.slot(n) {
+            self.sync(&s);
+        }
+    }
+
     /// A configuration read through the legacy ports' 256-byte view.
     pub fn legacy_read(&self, n: u8, offset: u16, data: &mut [u8]) {
         if usize::from(offset) + data.len() <= LEGACY_SIZE {

@@ -33,12 +33,23 @@ pub const MAX_IRQ_INDEXES: u32 = 16;
 /// A device reset may take this many timeouts (the spec warns it can be slow).
 pub const RESET_TIMEOUT_FACTOR: u32 = 4;
 
+/// A region the device offers for mmap: the file (mapped at the region's offset) and
+/// the areas that may be mapped (None: the whole region).
+#[derive(Clone, Debug)]
+pub struct RegionMmap {
+    /// The file.
+    pub fd: Arc<std::fs::File>,
+    /// Mappable (offset, size) areas of the region, from its sparse mmap capability.
+    pub areas: Option<Vec<(u64, u64)>>,
+}
+
 /// A connected vfio-user device.
 pub struct Client {
     ep: Arc<Endpoint>,
     reader: Option<JoinHandle<()>>,
     info: DeviceInfo,
     regions: Vec<RegionInfo>,
+    mmaps: Vec<Option<RegionMmap>>,
     irqs: Vec<IrqInfo>,
     limits: Limits,
 }
@@ -104,6 +115,7 @@ impl Client {
             reader: Some(reader),
             info: DeviceInfo::default(),
             regions: vec![],
+            mmaps: vec![],
             irqs: vec![],
             limits: Limits::default(),
         };
@@ -118,9 +130,16 @@ impl Client {
         )?;
         client.info = info;
         for index in 0..info.num_regions.min(MAX_REGIONS) {
-            let req = RegionInfo { index, ..Default::default() }.encode();
-            let r = client.ep.request(Command::DeviceGetRegionInfo, &req, &[])?;
-            client.regions.push(RegionInfo::decode(&r.payload)?);
+            let mut req = RegionInfo { index, ..Default::default() }.encode();
+            req[0..4].copy_from_slice(&proto::REGION_INFO_ARGSZ.to_le_bytes());
+            let mut r = client.ep.request(Command::DeviceGetRegionInfo, &req, &[])?;
+            let ri = RegionInfo::decode(&r.payload)?;
+            let mmap = match (ri.flags & proto::REGION_MMAP != 0, r.fds.pop()) {
+                (true, Some(fd)) => Some(RegionMmap { fd: Arc::new(fd), areas: proto::sparse_areas(&r.payload, &ri)? }),
+                _ => None,
+            };
+            client.regions.push(ri);
+            client.mmaps.push(mmap);
         }
         for index in 0..info.num_irqs.min(MAX_IRQ_INDEXES) {
             let req = IrqInfo { index, ..Default::default() }.encode();
@@ -143,6 +162,11 @@ impl Client {
     /// Region `index`.
     pub fn region(&self, index: u32) -> Option<RegionInfo> {
         self.regions.get(index as usize).copied()
+    }
+
+    /// How region `index` may be mapped, if the device offered it.
+    pub fn region_mmap(&self, index: u32) -> Option<RegionMmap> {
+        self.mmaps.get(index as usize).cloned().flatten()
     }
 
     /// Interrupt index `index`.

@@ -109,6 +109,15 @@ pub const DMA_READ_FLAG: u32 = 1;
 pub const DMA_WRITE_FLAG: u32 = 2;
 /// Region flag: mmap-able.
 pub const REGION_MMAP: u32 = 4;
+/// Region flag: capabilities follow the region info.
+pub const REGION_CAPS: u32 = 8;
+/// Region capability id: sparse mmap areas.
+pub const REGION_CAP_SPARSE_MMAP: u16 = 1;
+/// Most sparse mmap areas accepted in one region's capability.
+pub const MAX_SPARSE_AREAS: usize = 64;
+/// The argsz a client sends with DEVICE_GET_REGION_INFO: room for a sparse mmap
+/// capability of [`MAX_SPARSE_AREAS`] areas.
+pub const REGION_INFO_ARGSZ: u32 = RegionInfo::SIZE + 16 + 16 * MAX_SPARSE_AREAS as u32;
 /// Device flag: resettable.
 pub const DEVICE_FLAGS_RESET: u32 = 1;
 /// Device flag: a PCI device.
@@ -117,8 +126,14 @@ pub const DEVICE_FLAGS_PCI: u32 = 2;
 pub const IRQ_INFO_EVENTFD: u32 = 1;
 /// SET_IRQS: no data.
 pub const IRQ_SET_DATA_NONE: u32 = 1;
+/// SET_IRQS: the data are booleans (one byte per vector).
+pub const IRQ_SET_DATA_BOOL: u32 = 2;
 /// SET_IRQS: the data are eventfds (passed as fds).
 pub const IRQ_SET_DATA_EVENTFD: u32 = 4;
+/// SET_IRQS: the mask action.
+pub const IRQ_SET_ACTION_MASK: u32 = 8;
+/// SET_IRQS: the unmask action (with an eventfd: the event the device watches).
+pub const IRQ_SET_ACTION_UNMASK: u32 = 16;
 /// SET_IRQS: the trigger action.
 pub const IRQ_SET_ACTION_TRIGGER: u32 = 32;
 
@@ -542,6 +557,64 @@ impl RegionInfo {
         let _argsz = r.u32()?;
         Ok(RegionInfo { flags: r.u32()?, index: r.u32()?, cap_offset: r.u32()?, size: r.u64()?, offset: r.u64()? })
     }
+
+    /// Encodes with a sparse mmap capability listing `areas` (offset, size), if the
+    /// client's `argsz` leaves room for it (the reply's argsz says what is needed).
+    pub fn encode_with_areas(&self, areas: &[(u64, u64)], client_argsz: u32) -> Vec<u8> {
+        let cap_len = 16 + 16 * areas.len() as u32;
+        let need = Self::SIZE + cap_len;
+        let mut info = *self;
+        info.flags |= REGION_CAPS;
+        if client_argsz < need {
+            info.cap_offset = 0;
+            let mut b = info.encode();
+            b[0..4].copy_from_slice(&need.to_le_bytes());
+            return b;
+        }
+        info.cap_offset = Self::SIZE;
+        let mut w = Writer(info.encode());
+        w.0[0..4].copy_from_slice(&need.to_le_bytes());
+        w = w.u16(REGION_CAP_SPARSE_MMAP).u16(1).u32(0).u32(areas.len() as u32).u32(0);
+        for &(o, sz) in areas {
+            w = w.u64(o).u64(sz);
+        }
+        w.0
+    }
+}
+
+/// The sparse mmap areas of a region info reply (`payload` is the whole reply, caps
+/// included): `Ok(None)` if it has no such capability. A malformed chain is an error.
+pub fn sparse_areas(payload: &[u8], info: &RegionInfo) -> Result<Option<Vec<(u64, u64)>>, ProtoError> {
+    if info.flags & REGION_CAPS == 0 || info.cap_offset == 0 {
+        return Ok(None);
+    }
+    let mut at = info.cap_offset as usize;
+    let mut seen = 0;
+    while at != 0 {
+        if at < RegionInfo::SIZE as usize || seen > 16 {
+            return Err(ProtoError::BadSize("region capability chain loops or points inside the region info"));
+        }
+        seen += 1;
+        let mut r = Reader::new(
+            payload.get(at..).ok_or(ProtoError::BadSize("region capability past the reply"))?,
+            "region capability",
+        );
+        let (id, _version, next) = (r.u16()?, r.u16()?, r.u32()?);
+        if id == REGION_CAP_SPARSE_MMAP {
+            let n = r.u32()? as usize;
+            let _reserved = r.u32()?;
+            if n > MAX_SPARSE_AREAS {
+                return Err(ProtoError::BadSize("too many sparse mmap areas"));
+            }
+            let mut areas = Vec::with_capacity(n);
+            for _ in 0..n {
+                areas.push((r.u64()?, r.u64()?));
+            }
+            return Ok(Some(areas));
+        }
+        at = next as usize;
+    }
+    Ok(None)
 }
 
 /// DEVICE_GET_IRQ_INFO request/reply.
@@ -669,8 +742,8 @@ pub enum Request {
     DmaUnmap(DmaUnmap),
     /// DEVICE_GET_INFO.
     DeviceGetInfo,
-    /// DEVICE_GET_REGION_INFO of an index.
-    DeviceGetRegionInfo(u32),
+    /// DEVICE_GET_REGION_INFO of an index, with the client's argsz.
+    DeviceGetRegionInfo(u32, u32),
     /// DEVICE_GET_IRQ_INFO of an index.
     DeviceGetIrqInfo(u32),
     /// DEVICE_SET_IRQS.
@@ -703,7 +776,10 @@ pub fn decode_request(header: &Header, payload: &[u8]) -> Result<Request, ProtoE
             Reader::new(payload, "DEVICE_GET_INFO").u32()?;
             Request::DeviceGetInfo
         }
-        Command::DeviceGetRegionInfo => Request::DeviceGetRegionInfo(RegionInfo::decode(payload)?.index),
+        Command::DeviceGetRegionInfo => {
+            let argsz = Reader::new(payload, "DEVICE_GET_REGION_INFO").u32()?;
+            Request::DeviceGetRegionInfo(RegionInfo::decode(payload)?.index, argsz)
+        }
         Command::DeviceGetIrqInfo => Request::DeviceGetIrqInfo(IrqInfo::decode(payload)?.index),
         Command::DeviceSetIrqs => Request::DeviceSetIrqs(SetIrqs::decode(payload)?),
         Command::RegionRead => Request::RegionRead(RegionAccess::decode(payload, false)?.0),

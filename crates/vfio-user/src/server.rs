@@ -33,6 +33,11 @@ pub trait Device: Send {
     fn set_irqs(&mut self, irqs: &SetIrqs, fds: Vec<File>) -> Result<(), i32>;
     /// Reset.
     fn reset(&mut self) -> Result<(), i32>;
+    /// The file the client may mmap region `index` from (at the region's offset), and
+    /// the areas of the region that may be mapped (empty: all of it). None: trapped.
+    fn region_mmap(&self, _index: u32) -> Option<(std::os::fd::RawFd, Vec<(u64, u64)>)> {
+        None
+    }
 }
 
 /// Guest memory reached by messages: DMA_READ / DMA_WRITE requests to the VMM, which
@@ -203,10 +208,23 @@ impl Server {
             }
             return;
         }
+        if let Request::DeviceGetRegionInfo(i, argsz) = req {
+            let r = match (device.region_info(i), device.region_mmap(i)) {
+                (None, _) => self.ep.reply_error(&h, libc::EINVAL),
+                (Some(info), None) => self.ep.reply(&h, &info.encode()),
+                (Some(mut info), Some((fd, areas))) => {
+                    info.flags |= proto::REGION_MMAP;
+                    let payload = if areas.is_empty() { info.encode() } else { info.encode_with_areas(&areas, argsz) };
+                    self.ep.reply_with_fds(&h, &payload, &[fd])
+                }
+            };
+            let _ = r;
+            return;
+        }
         let result: Result<Vec<u8>, i32> = match req {
             Request::Version(_) => Err(libc::EINVAL), // negotiated once
             Request::DeviceGetInfo => Ok(device.info().encode()),
-            Request::DeviceGetRegionInfo(i) => device.region_info(i).map(|r| r.encode()).ok_or(libc::EINVAL),
+            Request::DeviceGetRegionInfo(..) => Err(libc::EINVAL), // answered above
             Request::DeviceGetIrqInfo(i) => device.irq_info(i).map(|r| r.encode()).ok_or(libc::EINVAL),
             Request::RegionRead(a) => {
                 let mut buf = vec![0u8; a.count as usize];

@@ -228,6 +228,15 @@ impl MemoryMap {
         }
     }
 
+    /// The file behind guest-physical `gpa`: the file, the offset of `gpa` in it, and
+    /// the bytes of the region from `gpa` on. None if `gpa` is in no region with a file.
+    pub fn backing_of(&self, gpa: u64) -> Option<(Arc<File>, u64, u64)> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let r = inner.regions.iter().find(|r| gpa >= r.gpa && gpa < r.end())?;
+        let b = r.backing.as_ref()?;
+        Some((Arc::clone(&b.fd), b.offset + (gpa - r.gpa), r.end() - gpa))
+    }
+
     /// A snapshot of the regions, sorted by address.
     pub fn regions(&self) -> Vec<Region> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).regions.clone()

@@ -30,9 +30,9 @@ pub enum AccelKind {
 }
 
 /// First GSI above the IOAPIC pins: free for MSI routes.
-pub const FIRST_MSI_GSI: u32 = 24;
+pub const FIRST_MSI_GSI: u32 = abi::layout::IOAPIC_PINS;
 /// Pins of the in-kernel IOAPIC.
-const IOAPIC_PINS: u32 = 24;
+const IOAPIC_PINS: u32 = abi::layout::IOAPIC_PINS;
 /// Pins of the two cascaded in-kernel PICs.
 const PIC_PINS: u32 = 16;
 

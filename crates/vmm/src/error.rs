@@ -45,7 +45,7 @@ pub enum Error {
     #[error("cannot spawn thread: {0}")]
     Thread(#[source] std::io::Error),
     /// A GSI below the first MSI GSI was asked for an MSI route.
-    #[error("GSI {0} belongs to the irqchip pins; MSI routes start at GSI 24")]
+    #[error("GSI {0} belongs to the irqchip pins; MSI routes start at GSI {first}", first = abi::layout::IOAPIC_PINS)]
     GsiReserved(u32),
     /// The routing table would exceed what KVM accepts.
     #[error("GSI routing table of {0} entries is too large")]

@@ -3,25 +3,27 @@
 //! A [`Vm`] runs on an accelerator ([`accel`]): KVM with one long-mode vCPU, or qtest,
 //! where no vCPU exists and the [`qtest`] driver port reaches every device, memory and
 //! hypercall. Guest RAM is memfd-backed so it can be shared with device processes, and
-//! the [`memory`] map tells listeners about RAM and RAM-device regions.
+//! the [`memory`] map tells listeners about RAM and RAM-device regions. Assigned
+//! devices are PCI functions on bus 0 ([`device_manager`]), their DMA programmed by the
+//! front-end each names.
 #![warn(missing_docs)]
 
 pub mod accel;
-pub mod assigned;
 pub mod boot;
 pub mod core_calls;
+pub mod device_manager;
 pub mod error;
 pub mod irq_watch;
 pub mod memory;
-pub mod process;
 pub mod qtest;
 pub mod test_irq;
 pub mod vcpu;
 pub mod vm;
 
 pub use accel::AccelKind;
+pub use device_manager::{AssignedDevice, DeviceSpec, IommuMode, RemoteSpec};
 pub use error::{Error, Result};
-pub use vm::{DeviceSpec, DmaFrontend, Vm, VmConfig};
+pub use vm::{Vm, VmConfig};
 
 /// True when the KVM device can be opened (tests that need it skip otherwise).
 pub fn kvm_available() -> bool {

@@ -201,30 +201,81 @@ impl Session<'_> {
             }
             "dev_info" => {
                 let name = arg(w, 1)?;
-                let dev = self.vm.devices().into_iter().find(|d| d.name() == name);
-                let dev = dev.ok_or_else(|| format!("no device '{name}'"))?;
-                let d = dev.domain();
-                let last = d.faults().recent().last().map(|f| f.iova.0).unwrap_or(0);
+                let dev = self.vm.device(name).ok_or_else(|| format!("no device '{name}'"))?;
+                let f = dev.function();
+                let ep = dev.endpoint();
+                let last = ep.faults().recent().last().map(|f| f.iova.0).unwrap_or(0);
                 Ok(format!(
-                    "OK dead={} bar0={:#x} mappings={} faults={} last_fault={last:#x}",
+                    "OK bdf={} dead={} frontend={} bus_master={} irq={} bars={} mappings={} faults={} \
+                     last_fault={last:#x} bar_accesses={}",
+                    dev.bdf_string(),
                     u8::from(dev.is_torn_down()),
-                    dev.bar0(),
-                    d.mapping_count(),
-                    d.faults().total()
+                    dev.frontend().name(),
+                    u8::from(f.bus_master()),
+                    f.irq_mode(),
+                    bars(&dev.bars()),
+                    ep.domain().map_or(0, |d| d.mapping_count()),
+                    ep.faults().total(),
+                    f.bar_accesses()
                 ))
             }
+            "pci_list" => {
+                let assigned = self.vm.devices();
+                let list: Vec<String> = self
+                    .vm
+                    .pci()
+                    .list()
+                    .into_iter()
+                    .map(|(slot, f)| {
+                        let id = pci::read32(f.as_ref(), abi::pci::reg::VENDOR_ID);
+                        let class = pci::read32(f.as_ref(), abi::pci::reg::REVISION) >> 16;
+                        let dev = assigned.iter().find(|d| d.slot() == slot);
+                        let irq = dev.map_or("none".to_string(), |d| d.function().irq_mode().to_string());
+                        format!(
+                            "00:{slot:02x}.0 {:04x}:{:04x} class={class:04x} name={} bars={} irq={irq}",
+                            id & 0xffff,
+                            id >> 16,
+                            f.name(),
+                            bars(&self.vm.pci().windows(slot))
+                        )
+                    })
+                    .collect();
+                Ok(format!("OK {}", list.join("; ")))
+            }
             "resources" => Ok(format!("OK {}", crate::resources())),
-            "pvdma_stats" => match w.get(1) {
-                None => Ok(format!("OK {}", self.vm.pvdma().stats())),
-                Some(id) => {
-                    let d = self.vm.pvdma().device(num(id)?).ok_or_else(|| format!("no pvdma device {id}"))?;
-                    Ok(format!("OK {} live_mappings={}", d.stats(), d.live_mappings()))
+            "frontend_stats" => {
+                let name = arg(w, 1)?;
+                let fe =
+                    self.vm.frontends().get(name).ok_or_else(|| {
+                        format!("no DMA front-end '{name}' (there are: {})", iommu::frontend::names())
+                    })?;
+                match w.get(2) {
+                    None => Ok(format!("OK {}", fe.stats())),
+                    Some(d) => {
+                        let id = match self.vm.device(d) {
+                            Some(dev) => dev.bdf(),
+                            None => u16::try_from(num(d)?).map_err(|_| format!("{d} is not a device or a BDF"))?,
+                        };
+                        fe.device_stats(id)
+                            .map(|s| format!("OK {s}"))
+                            .ok_or_else(|| format!("{name} has no device {d}"))
+                    }
                 }
-            },
+            }
             "endianness" => Ok("OK little".into()),
             other => Err(format!("Unknown command '{other}'")),
         }
     }
+}
+
+/// "0:0xc0000000+0x1000,1:0x10000000000+0x10000" ("-" when none decodes).
+fn bars(w: &[pci::BarWindow]) -> String {
+    if w.is_empty() {
+        return "-".into();
+    }
+    let list: Vec<String> =
+        w.iter().map(|b| format!("{}{}:{:#x}+{:#x}", b.bar, if b.io { "io" } else { "" }, b.addr, b.size)).collect();
+    list.join(",")
 }
 
 fn arg<'a>(w: &[&'a str], i: usize) -> Result<&'a str, String> {

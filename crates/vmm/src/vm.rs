@@ -3,8 +3,8 @@
 //! port reach devices through the same dispatch methods here.
 
 use crate::accel::{Accel, AccelKind, IoAddr, KvmAccel, QtestAccel};
-use crate::assigned::AssignedDevice;
 use crate::core_calls::{BenchMarks, CoreCalls};
+use crate::device_manager::{AssignedDevice, DeviceManager, DeviceSpec};
 use crate::error::{Error, Result};
 use crate::memory::{GuestRam, MemoryListener, MemoryMap, MemslotListener};
 use crate::test_irq::{IntxTestSource, MsiTestSource, TestIrqSummary};
@@ -37,26 +37,9 @@ pub struct VmConfig {
     pub irq_mode: Mode,
     /// The VM's locked-memory limit for pinned DMA memory (None: RLIMIT_MEMLOCK).
     pub locked_memory: Option<u64>,
-    /// End the VM when the guest makes a paravirtual DMA call with invalid arguments
-    /// (off: the guest gets a status).
-    pub pvdma_kill_on_misuse: bool,
-}
-
-/// Which front-end programs an assigned device's DMA domain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DmaFrontend {
-    /// All guest RAM at IOVA = guest-physical, pinned (no guest-visible IOMMU).
-    Identity,
-    /// The guest maps its own DMA through paravirtual DMA hypercalls.
-    Paravirtual,
-}
-
-/// How to run an assigned DMA engine.
-pub enum DeviceSpec {
-    /// In the VMM process.
-    Inline,
-    /// In a device process already connected, over vfio-user.
-    Remote(crate::assigned::RemoteSpec),
+    /// End the VM when the guest calls a DMA front-end with invalid arguments (off:
+    /// the guest gets a status).
+    pub dma_kill_on_misuse: bool,
 }
 
 impl VmConfig {
@@ -70,7 +53,7 @@ impl VmConfig {
             bench_iterations: 10_000,
             irq_mode: Mode::Forwarded,
             locked_memory: None,
-            pvdma_kill_on_misuse: false,
+            dma_kill_on_misuse: false,
         }
     }
 }
@@ -81,7 +64,7 @@ pub struct Vm {
     kvm: Option<Arc<KvmAccel>>,
     qtest: Option<Arc<QtestAccel>>,
     // Dropped first: devices stop, sources detach, then guest memory goes.
-    devices: Mutex<Vec<Arc<AssignedDevice>>>,
+    devices: DeviceManager,
     core: Arc<CoreCalls>,
     irqs: Arc<IrqRegistry>,
     hypercalls: Arc<HypercallRegistry>,
@@ -91,7 +74,6 @@ pub struct Vm {
     bench_ioevent: EventFd,
     memory_map: Arc<MemoryMap>,
     dma: Arc<VmDma>,
-    pvdma: Arc<iommu::pvdma::PvDma>,
     ram: GuestRam,
 }
 
@@ -150,21 +132,30 @@ impl Vm {
             ),
         });
         hypercalls.register(abi::hcall::CORE_BASE, core.clone())?;
-        let kill: Option<iommu::pvdma::KillHook> = config.pvdma_kill_on_misuse.then(|| {
+        let kill_on_misuse = config.dma_kill_on_misuse.then(|| {
             let exit = Arc::clone(&exit);
-            Box::new(move |why: &str| {
-                eprintln!("passthru: ending the VM (--pvdma-kill-on-misuse): {why}");
+            Arc::new(move |why: &str| {
+                eprintln!("passthru: ending the VM (--dma-kill-on-misuse): {why}");
                 exit.request(abi::EXIT_KILLED_BY_POLICY);
-            }) as iommu::pvdma::KillHook
+            }) as iommu::frontend::KillSwitch
         });
-        let pvdma = Arc::new(iommu::pvdma::PvDma::new(Arc::clone(ram.memory_arc()), kill));
-        hypercalls.register(abi::pvdma::BASE, Arc::new(PvDmaCalls(Arc::clone(&pvdma))))?;
+        let frontends = iommu::Frontends::build(&iommu::Context {
+            dma: Arc::clone(&dma),
+            memory: Arc::clone(ram.memory_arc()),
+            memory_map: Arc::clone(&memory_map),
+            hypercalls: Arc::clone(&hypercalls),
+            kill_on_misuse,
+        })
+        .map_err(|e| Error::Device("-".into(), e))?;
+        let root = pci::PciRoot::new(Arc::clone(&mmio), Arc::clone(&pio), Arc::clone(&memory_map))
+            .map_err(|e| Error::Device("pci".into(), e.to_string()))?;
+        let devices = DeviceManager::new(root, frontends, Arc::clone(&irqs), Arc::clone(&memory_map), Arc::clone(&dma));
 
         Ok(Vm {
             accel,
             kvm,
             qtest,
-            devices: Mutex::new(Vec::new()),
+            devices,
             core,
             irqs,
             hypercalls,
@@ -174,7 +165,6 @@ impl Vm {
             bench_ioevent,
             memory_map,
             dma,
-            pvdma,
             ram,
         })
     }
@@ -234,57 +224,41 @@ impl Vm {
         &self.dma
     }
 
-    /// The paravirtual DMA front-end.
-    pub fn pvdma(&self) -> &Arc<iommu::pvdma::PvDma> {
-        &self.pvdma
+    /// The VM's DMA front-ends, by name.
+    pub fn frontends(&self) -> &iommu::Frontends {
+        self.devices.frontends()
     }
 
-    /// Attaches a DMA engine in the next device slot (the slot number is its pvdma
-    /// device id). Its BARs appear on the MMIO bus; its DMA domain is programmed by
-    /// `frontend`.
-    pub fn attach_device(&self, spec: DeviceSpec, frontend: DmaFrontend) -> Result<Arc<AssignedDevice>> {
-        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = devices.len() as u64;
-        let name = format!("dma{slot}");
-        let domain = match frontend {
-            DmaFrontend::Paravirtual => Ok(self.dma.create_domain(&name, dma::DomainConfig::default())),
-            DmaFrontend::Identity => self.dma.identity_domain(&name),
-        };
-        let domain = domain.map_err(|e| match e {
-            dma::MapError::NoMemory { limit, .. } => Error::Device(
-                name.clone(),
-                format!(
-                    "its identity DMA domain pins all {} MiB of guest RAM, over the locked-memory limit of {} MiB; \
-                     pass --locked-memory {}M (or raise `ulimit -l`), or give the guest less --memory",
-                    self.ram.size() >> 20,
-                    limit >> 20,
-                    self.ram.size() >> 20
-                ),
-            ),
-            other => Error::Device(name.clone(), other.to_string()),
-        })?;
-        let remote = match spec {
-            DeviceSpec::Inline => None,
-            DeviceSpec::Remote(r) => Some(r),
-        };
-        let dev = AssignedDevice::attach(&name, slot, Arc::clone(&domain), Arc::clone(&self.irqs), &self.ram, remote)?;
-        for (base, len, bus_dev) in dev.bars() {
-            self.mmio.insert(base, len, bus_dev)?;
-        }
-        self.pvdma.add_device(slot, &name, domain, frontend == DmaFrontend::Paravirtual);
-        let pvdma = Arc::downgrade(&self.pvdma);
-        dev.on_gone(Box::new(move || {
-            if let Some(p) = pvdma.upgrade() {
-                p.remove_device(slot);
-            }
-        }));
-        devices.push(Arc::clone(&dev));
-        Ok(dev)
+    /// The PCI root complex (bus 0).
+    pub fn pci(&self) -> &Arc<pci::PciRoot> {
+        self.devices.root()
+    }
+
+    /// The device manager.
+    pub fn device_manager(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// Attaches a device in the first free PCI slot, its DMA programmed by the
+    /// front-end named `frontend` (`identity`, `pvdma`, ...). Works while the guest
+    /// runs (hot-plug).
+    pub fn attach_device(&self, spec: DeviceSpec, frontend: &str) -> Result<Arc<AssignedDevice>> {
+        self.devices.attach(spec, frontend)
+    }
+
+    /// Detaches device `name` (hot-unplug).
+    pub fn detach_device(&self, name: &str) -> Result<()> {
+        self.devices.detach(name)
     }
 
     /// The assigned devices.
     pub fn devices(&self) -> Vec<Arc<AssignedDevice>> {
-        self.devices.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.devices.list()
+    }
+
+    /// The assigned device named `name`.
+    pub fn device(&self, name: &str) -> Option<Arc<AssignedDevice>> {
+        self.devices.get(name)
     }
 
     /// The interrupt forwarding registry.
@@ -415,30 +389,13 @@ impl Vm {
     }
 }
 
-/// The pvdma block of the hypercall registry.
-struct PvDmaCalls(Arc<iommu::pvdma::PvDma>);
-
-impl vm_api::HypercallHandler for PvDmaCalls {
-    fn name(&self) -> &str {
-        "pvdma"
-    }
-
-    fn call(&self, args: &Args) -> Ret {
-        self.0.call(args)
-    }
-}
-
 fn shared<D: BusDevice + 'static>(d: D) -> Arc<Mutex<dyn BusDevice>> {
     Arc::new(Mutex::new(d))
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        for d in self.devices.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
-            self.mmio.remove(d.bar0());
-            self.mmio.remove(d.bar1());
-            d.remove();
-        }
+        self.devices.shutdown();
         let _ = self.accel.unregister_ioevent(&self.bench_ioevent, IoAddr::Pio(u64::from(ports::BENCH_IOEVENTFD)));
     }
 }

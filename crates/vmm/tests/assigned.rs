@@ -1,7 +1,8 @@
 //! Assigned devices in process (qtest machine, device servers on threads): a device's
-//! DMA window limit reaches the guest as a transient status; a failed attach leaves
-//! nothing behind and the VMM goes on with its other devices; every descriptor of the
-//! VMM is close-on-exec.
+//! DMA window limit reaches the guest as a transient status; a device without MSI is
+//! a PCI device like any other; a failed attach (a malformed device, or any step made
+//! to fail) leaves nothing behind and the VMM goes on with its other devices; every
+//! descriptor of the VMM is close-on-exec.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use abi::hcall::{Args, Status};
@@ -12,8 +13,8 @@ use std::time::Duration;
 use vfio_user::endpoint::Endpoint;
 use vfio_user::proto::{self, DeviceInfo, IrqInfo, RegionInfo, SetIrqs};
 use vfio_user::server::{Device, Server};
-use vmm::assigned::{IommuMode, RemoteSpec};
-use vmm::{AccelKind, DeviceSpec, DmaFrontend, Vm, VmConfig};
+use vmm::device_manager::AttachStep;
+use vmm::{AccelKind, AssignedDevice, DeviceSpec, IommuMode, RemoteSpec, Vm, VmConfig};
 
 /// Tests here count the process's threads: they run one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -36,10 +37,16 @@ fn engine(max_windows: usize) -> RemoteSpec {
     let (ours, theirs) = UnixStream::pair().unwrap();
     std::thread::spawn(move || {
         let server = Server::with_max_dma_maps(Endpoint::new(theirs), max_windows);
-        let mut dev = devices::dma_engine::vfio::EngineServer::new(&server).unwrap();
+        let mut dev = devices::dma_engine::vfio::EngineServer::remote(&server).unwrap();
         server.serve(&mut dev);
     });
     RemoteSpec { stream: ours, mode: IommuMode::SharedFd, process: None, timeout: Duration::from_secs(5) }
+}
+
+/// Memory decoding and bus mastering on, as the guest's driver would.
+fn enable(vm: &Vm, d: &AssignedDevice) {
+    let cmd = abi::pci::command::MEMORY | abi::pci::command::MASTER;
+    vm.pci().config_write(d.slot(), abi::pci::reg::COMMAND, &cmd.to_le_bytes());
 }
 
 fn hcall(vm: &Vm, nr: u64, a: [u64; 5]) -> abi::hcall::Ret {
@@ -50,48 +57,71 @@ fn hcall(vm: &Vm, nr: u64, a: [u64; 5]) -> abi::hcall::Ret {
 fn a_device_out_of_dma_windows_answers_busy_and_recovers_after_an_unmap() {
     let _s = serial();
     let vm = vm();
-    vm.attach_device(DeviceSpec::Remote(engine(8)), DmaFrontend::Paravirtual).unwrap();
+    let d = vm.attach_device(DeviceSpec::Remote(engine(8)), "pvdma").unwrap();
+    enable(&vm, &d);
+    let dev = u64::from(d.bdf());
     let mut iovas = Vec::new();
     for i in 0..8 {
-        let r = hcall(&vm, pv::MAP, [0, 0x10_0000 + i * 0x1000, 0x1000, dir::TO_DEVICE, 0]);
+        let r = hcall(&vm, pv::MAP, [dev, 0x10_0000 + i * 0x1000, 0x1000, dir::TO_DEVICE, 0]);
         assert_eq!(r.status, Status::Success, "map {i}");
         iovas.push(r.r[0]);
     }
-    let r = hcall(&vm, pv::MAP, [0, 0x20_0000, 0x1000, dir::TO_DEVICE, 0]);
+    let r = hcall(&vm, pv::MAP, [dev, 0x20_0000, 0x1000, dir::TO_DEVICE, 0]);
     assert_eq!(r.status, Status::Busy, "the device holds all the windows it accepts: transient");
     assert_eq!(vm.dma().account().pinned(), 8 * 0x1000, "the refused map left no pin");
-    assert_eq!(hcall(&vm, pv::UNMAP, [0, iovas[0], 0x1000, 0, 0]).status, Status::Success);
-    assert_eq!(hcall(&vm, pv::MAP, [0, 0x20_0000, 0x1000, dir::TO_DEVICE, 0]).status, Status::Success, "retry");
-    let d = &vm.devices()[0];
+    assert_eq!(hcall(&vm, pv::UNMAP, [dev, iovas[0], 0x1000, 0, 0]).status, Status::Success);
+    assert_eq!(hcall(&vm, pv::MAP, [dev, 0x20_0000, 0x1000, dir::TO_DEVICE, 0]).status, Status::Success, "retry");
     assert!(!d.is_dead(), "the limit is not a death");
 }
 
-/// A device that has no MSI to offer (libvfio-user's samples): SET_IRQS fails.
-struct NoMsi;
+/// A PCI device with `config_size` bytes of configuration space (the header of a
+/// plain function with BAR 0 of 4 KiB) and no MSI, as libvfio-user's samples: SET_IRQS
+/// of MSI or MSI-X fails.
+struct Plain {
+    config_size: u64,
+}
 
-impl Device for NoMsi {
+impl Device for Plain {
     fn info(&self) -> DeviceInfo {
         DeviceInfo { flags: proto::DEVICE_FLAGS_PCI, num_regions: 9, num_irqs: 5 }
     }
     fn region_info(&self, index: u32) -> Option<RegionInfo> {
-        (index < 9).then_some(RegionInfo { flags: 3, index, cap_offset: 0, size: 0x1000, offset: 0 })
+        let size = match index {
+            0 => 0x1000,
+            7 => self.config_size,
+            _ => 0,
+        };
+        (index < 9).then_some(RegionInfo { flags: 3, index, cap_offset: 0, size, offset: 0 })
     }
     fn irq_info(&self, index: u32) -> Option<IrqInfo> {
         (index < 5).then_some(IrqInfo { flags: 0, index, count: 0 })
     }
-    fn region_read(&mut self, _r: u32, _o: u64, b: &mut [u8]) -> Result<(), i32> {
+    fn region_read(&mut self, r: u32, o: u64, b: &mut [u8]) -> Result<(), i32> {
         b.fill(0);
+        if r == 7 {
+            let mut cfg = [0u8; 64];
+            cfg[0..4].copy_from_slice(&0x1234_abcdu32.to_le_bytes());
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = cfg.get(o as usize + i).copied().unwrap_or(0);
+            }
+        }
         Ok(())
     }
     fn region_write(&mut self, _r: u32, _o: u64, _d: &[u8]) -> Result<(), i32> {
         Ok(())
     }
-    fn set_irqs(&mut self, _s: &SetIrqs, _f: Vec<File>) -> Result<(), i32> {
-        Err(libc::EINVAL)
+    fn set_irqs(&mut self, s: &SetIrqs, _f: Vec<File>) -> Result<(), i32> {
+        if s.index == proto::PCI_INTX { Ok(()) } else { Err(libc::EINVAL) }
     }
     fn reset(&mut self) -> Result<(), i32> {
         Ok(())
     }
+}
+
+fn plain(config_size: u64) -> (RemoteSpec, std::thread::JoinHandle<vfio_user::Error>) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || Server::new(Endpoint::new(theirs)).serve(&mut Plain { config_size }));
+    (RemoteSpec { stream: ours, mode: IommuMode::SharedFd, process: None, timeout: Duration::from_secs(5) }, server)
 }
 
 fn threads_named(name: &str) -> usize {
@@ -103,28 +133,78 @@ fn threads_named(name: &str) -> usize {
 }
 
 #[test]
+fn a_device_without_msi_is_assigned_and_reachable() {
+    let _s = serial();
+    let vm = vm();
+    let (spec, _server) = plain(256);
+    let d = vm.attach_device(DeviceSpec::Remote(spec), "identity").unwrap();
+    let mut id = [0u8; 4];
+    vm.pci().config_read(d.slot(), 0, &mut id);
+    assert_eq!(u32::from_le_bytes(id), 0x1234_abcd, "its identity, read from its configuration region");
+    assert_eq!(d.bars().len(), 1, "BAR 0 placed and decoding: {:?}", d.bars());
+    assert_eq!(d.bars()[0].size, 0x1000, "its size from the device's region info");
+}
+
+/// What a device leaves in the VMM: interrupt sources and routes, pins, devices,
+/// eventfds, memory-map regions, and the threads devices run (connection readers and
+/// writers, engine workers).
+fn footprint(vm: &Vm) -> (irq::IrqCounts, u64, usize, String, usize, [usize; 3]) {
+    let r = vmm::resources();
+    let eventfds = r.split(' ').next().unwrap_or_default().to_string();
+    let threads = [threads_named("vfu-client"), threads_named("vfu-writer"), threads_named("dma-engine")];
+    (
+        vm.irqs().counts(),
+        vm.dma().account().pinned(),
+        vm.devices().len(),
+        eventfds,
+        vm.memory_map().regions().len(),
+        threads,
+    )
+}
+
+fn wait_threads_gone(name: &str) {
+    let t = std::time::Instant::now();
+    while threads_named(name) > 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "{name} threads are still running");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
 fn a_failed_attach_leaves_no_source_thread_or_reference_and_the_vmm_goes_on() {
     let _s = serial();
     let vm = vm();
-    let before = vm.irqs().counts();
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let server = std::thread::spawn(move || Server::new(Endpoint::new(theirs)).serve(&mut NoMsi));
-    let spec = RemoteSpec { stream: ours, mode: IommuMode::SharedFd, process: None, timeout: Duration::from_secs(5) };
-    let e = vm.attach_device(DeviceSpec::Remote(spec), DmaFrontend::Identity).unwrap_err().to_string();
-    assert!(e.contains("setting up its MSI") && e.contains("Invalid argument"), "{e}");
-    assert_eq!(vm.irqs().counts(), before, "its MSI source was detached (no registry -> device reference left)");
-    assert!(vm.devices().is_empty());
-    assert_eq!(vm.dma().account().pinned(), 0, "its identity domain is gone with it");
+    // A device attached and detached first: what the VM itself starts lazily runs now.
+    let d = vm.attach_device(DeviceSpec::Remote(engine(64)), "identity").unwrap();
+    vm.detach_device(d.name()).unwrap();
+    wait_threads_gone("vfu-client");
+    wait_threads_gone("dma-engine");
+    let before = footprint(&vm);
+    // A malformed device: configuration space too small for a header.
+    let (spec, server) = plain(16);
+    let e = vm.attach_device(DeviceSpec::Remote(spec), "identity").unwrap_err().to_string();
+    assert!(e.contains("configuration"), "{e}");
     server.join().unwrap(); // the connection was closed
-    let t = std::time::Instant::now();
-    while threads_named("vfu-client") > 0 {
-        assert!(t.elapsed() < Duration::from_secs(5), "its reader thread is still running");
-        std::thread::sleep(Duration::from_millis(5));
+    wait_threads_gone("vfu-client");
+    assert_eq!(footprint(&vm), before, "nothing of it is left");
+    // Each later step made to fail in turn, on a device that works.
+    for step in [AttachStep::Function, AttachStep::Plug, AttachStep::Frontend] {
+        for frontend in ["identity", "pvdma"] {
+            vm.device_manager().fail_attach_after(Some(step));
+            let e = vm.attach_device(DeviceSpec::Remote(engine(64)), frontend).unwrap_err().to_string();
+            assert!(e.contains("injected failure"), "{e}");
+            vm.device_manager().fail_attach_after(None);
+            wait_threads_gone("vfu-client");
+            wait_threads_gone("dma-engine");
+            assert_eq!(footprint(&vm), before, "after a failure at {step:?} with {frontend}");
+            assert!(vm.pci().list().len() == 1, "only the host bridge is on the bus");
+        }
     }
     // The VMM goes on: the next device attaches and works.
-    let d = vm.attach_device(DeviceSpec::Remote(engine(64)), DmaFrontend::Identity).unwrap();
+    let d = vm.attach_device(DeviceSpec::Remote(engine(64)), "identity").unwrap();
+    enable(&vm, &d);
     let mut id = [0u8; 4];
-    assert!(vm.mmio_read(d.bar0(), &mut id));
+    assert!(vm.mmio_read(d.bar(abi::dma_engine::REGS_BAR).unwrap(), &mut id));
     assert_eq!(u32::from_le_bytes(id), abi::dma_engine::ID_VALUE);
 }
 
@@ -132,8 +212,8 @@ fn a_failed_attach_leaves_no_source_thread_or_reference_and_the_vmm_goes_on() {
 fn every_descriptor_of_the_vmm_is_close_on_exec() {
     let _s = serial();
     let vm = vm();
-    vm.attach_device(DeviceSpec::Remote(engine(64)), DmaFrontend::Paravirtual).unwrap();
-    vm.attach_device(DeviceSpec::Inline, DmaFrontend::Identity).unwrap();
+    vm.attach_device(DeviceSpec::Remote(engine(64)), "pvdma").unwrap();
+    vm.attach_device(DeviceSpec::Inline, "identity").unwrap();
     let mut leaks = Vec::new();
     for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
         let n: i32 = e.file_name().to_string_lossy().parse().unwrap();

@@ -63,9 +63,14 @@ fn with_session(vm: &Vm, f: impl FnOnce(&mut Driver)) -> End {
             serve(vm, BufReader::new(theirs), out).unwrap()
         });
         let mut d = Driver { w: ours.try_clone().unwrap(), r: BufReader::new(ours.try_clone().unwrap()), irqs: vec![] };
-        f(&mut d);
+        // A failed assertion in `f` must end the session too, or the scope waits forever.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut d)));
         ours.shutdown(std::net::Shutdown::Write).unwrap();
-        server.join().unwrap()
+        let end = server.join().unwrap();
+        if let Err(p) = r {
+            std::panic::resume_unwind(p);
+        }
+        end
     })
 }
 
@@ -110,7 +115,7 @@ fn malformed_commands_get_fail_answers_and_the_session_goes_on() {
         assert!(d.cmd("read 0x1000 0x2000000").starts_with("FAIL size"), "bulk size capped");
         assert!(d.cmd("write 0x1000 2 0x010203").starts_with("FAIL 3 bytes of data"));
         assert_eq!(d.cmd("write 0x1000 2 0102"), "FAIL data '0102' must start with 0x");
-        assert!(d.cmd("read 0xe0000000 4").starts_with("FAIL nothing at 0xe0000000"));
+        assert!(d.cmd("read 0xe0200000 4").starts_with("FAIL nothing at 0xe0200000"));
         assert!(d.cmd("memset 0xffffffffffff 4 1").starts_with("FAIL nothing at"));
         assert_eq!(d.cmd("hcall 0 1 2 3 4 5 6"), "FAIL hcall takes a number and at most 5 arguments");
         // Still alive and correct after all of that.
@@ -130,9 +135,32 @@ fn port_and_mmio_commands_reach_devices_and_unassigned_reads_are_all_ones() {
         assert_eq!(d.cmd("inb 0x80"), "OK 0xff", "nobody decodes port 0x80");
         assert_eq!(d.cmd("inw 0x80"), "OK 0xffff");
         assert_eq!(d.cmd("inl 0x80"), "OK 0xffffffff");
-        assert_eq!(d.cmd("readl 0xd0000000"), "OK 0x0000000000000000", "the null MMIO device");
-        assert_eq!(d.cmd("readl 0xe0000000"), "OK 0x00000000ffffffff", "unassigned MMIO");
+        assert_eq!(d.cmd("readl 0xe0100000"), "OK 0x0000000000000000", "the null MMIO device");
+        assert_eq!(d.cmd("readl 0xe0200000"), "OK 0x00000000ffffffff", "unassigned MMIO");
         assert_eq!(d.cmd("outw 0x80 0xffff"), "OK");
+    });
+}
+
+#[test]
+fn pci_configuration_space_answers_through_ecam_and_the_legacy_ports() {
+    let vm = qtest_vm();
+    with_session(&vm, |d| {
+        // The host bridge at 00:00.0 through ECAM, then through 0xcf8/0xcfc.
+        assert_eq!(d.cmd("readl 0xe0000000"), "OK 0x0000000000081b36");
+        assert_eq!(d.cmd("readw 0xe000000a"), "OK 0x0000000000000600", "class: host bridge");
+        assert_eq!(d.cmd("outl 0xcf8 0x80000000"), "OK");
+        assert_eq!(d.cmd("inl 0xcfc"), "OK 0x00081b36");
+        assert_eq!(d.cmd("inw 0xcfe"), "OK 0x0008", "device id through the upper data port");
+        // An empty slot reads all-ones both ways; a latch without the enable bit too.
+        assert_eq!(d.cmd("readl 0xe0008000"), "OK 0x00000000ffffffff");
+        assert_eq!(d.cmd("outl 0xcf8 0x80000800"), "OK");
+        assert_eq!(d.cmd("inl 0xcfc"), "OK 0xffffffff");
+        assert_eq!(d.cmd("outl 0xcf8 0x00000000"), "OK");
+        assert_eq!(d.cmd("inl 0xcfc"), "OK 0xffffffff");
+        // Read-only: the host bridge's identity does not change.
+        assert_eq!(d.cmd("writel 0xe0000000 0x12345678"), "OK");
+        assert_eq!(d.cmd("readl 0xe0000000"), "OK 0x0000000000081b36");
+        assert_eq!(d.cmd("pci_list"), "OK 00:00.0 1b36:0008 class=0600 name=host-bridge bars=- irq=none");
     });
 }
 

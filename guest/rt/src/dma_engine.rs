@@ -1,9 +1,12 @@
-//! A driver for the DMA engine (layout in `abi::dma_engine`): a descriptor ring in
-//! guest memory, completion records, the doorbell, MSI programming, and detection of a
-//! surprise-removed device (its registers read all-ones).
+//! A driver for the DMA engine, a PCI function (layout in `abi::dma_engine`): found by
+//! vendor and device id, memory decoding and bus mastering enabled, a descriptor ring
+//! in guest memory, completion records, the doorbell, MSI-X programming, and
+//! detection of a surprise-removed device (its registers read all-ones).
 
 use crate::mmio::{read32, read64, write32, write64};
+use crate::pci::Function;
 use abi::dma_engine::{self as de, Descriptor, regs};
+use abi::pci::command;
 
 /// Why waiting for a completion stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,6 +19,7 @@ pub enum WaitError {
 
 /// One engine.
 pub struct Engine {
+    function: Function,
     bar0: u64,
     ring: u64,
     completions: u64,
@@ -25,21 +29,46 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// The engine whose BAR 0 is at `bar0`, with a ring of `size` descriptors and
-    /// completion records. Each is given twice: where the CPU writes it (guest-physical)
-    /// and where the device reaches it (its IOVA; equal under an identity domain).
-    /// Resets the engine, programs the ring and enables it.
-    pub fn new(bar0: u64, ring: (u64, u64), completions: (u64, u64), size: u32) -> Engine {
-        let e =
-            Engine { bar0, ring: ring.0, completions: completions.0, completions_iova: completions.1, size, tail: 0 };
-        // SAFETY: BAR 0 is device MMIO mapped by the VMM at `bar0`.
+    /// The `n`th DMA engine on the bus (from 0), if there is one.
+    pub fn find(n: usize) -> Option<Function> {
+        crate::pci::find(de::VENDOR_ID, de::DEVICE_ID, n)
+    }
+
+    /// Drives `function` with a ring of `size` descriptors and completion records.
+    /// Each is given twice: where the CPU writes it (guest-physical) and where the
+    /// device reaches it (its IOVA; equal under an identity domain). Enables memory
+    /// decoding and bus mastering, resets the engine, programs the ring and enables it.
+    /// None if its register BAR does not decode.
+    pub fn new(function: Function, ring: (u64, u64), completions: (u64, u64), size: u32) -> Option<Engine> {
+        function.enable(command::MEMORY | command::MASTER);
+        let bar0 = function.bar(de::REGS_BAR)?;
+        let e = Engine {
+            function,
+            bar0,
+            ring: ring.0,
+            completions: completions.0,
+            completions_iova: completions.1,
+            size,
+            tail: 0,
+        };
+        // SAFETY: the register BAR decodes at `bar0` (read back from the function).
         unsafe {
-            write32(bar0 + regs::CONTROL, 2);
+            write32(bar0 + regs::CONTROL, de::control::RESET);
             write64(bar0 + regs::RING_BASE, ring.1);
             write32(bar0 + regs::RING_SIZE, size);
-            write32(bar0 + regs::CONTROL, 1);
+            write32(bar0 + regs::CONTROL, de::control::ENABLE);
         }
-        e
+        Some(e)
+    }
+
+    /// The PCI function.
+    pub fn function(&self) -> &Function {
+        &self.function
+    }
+
+    /// Where the register BAR decodes.
+    pub fn bar0(&self) -> u64 {
+        self.bar0
     }
 
     /// Reads a 32-bit register.
@@ -59,14 +88,15 @@ impl Engine {
         self.reg(regs::ID) == u32::MAX
     }
 
-    /// Routes the engine's MSI to `vector` on APIC `dest` and enables it.
-    pub fn enable_msi(&self, dest: u8, vector: u8) {
-        // SAFETY: BAR 0 registers (the VMM traps the MSI pair).
-        unsafe {
-            write64(self.bar0 + regs::MSI_ADDR, 0xfee0_0000 | (u64::from(dest) << 12));
-            write32(self.bar0 + regs::MSI_DATA, u32::from(vector));
-            write32(self.bar0 + regs::IRQ_CTRL, 1);
+    /// Routes the completion vector (MSI-X) to `vector` on APIC `dest` and enables
+    /// completion interrupts. False if the function has no usable MSI-X.
+    pub fn enable_msix(&self, dest: u8, vector: u8) -> bool {
+        if !self.function.msix_vector(de::vector::COMPLETION, dest, vector) {
+            return false;
         }
+        // SAFETY: a register of the decoding register BAR.
+        unsafe { write32(self.bar0 + regs::IRQ_CTRL, de::irq_ctrl::COMPLETION) };
+        true
     }
 
     /// Guest-physical address of the completion record of sequence number `seq`.

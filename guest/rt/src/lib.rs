@@ -19,6 +19,7 @@ pub mod idt;
 pub mod ioapic;
 pub mod mem;
 pub mod mmio;
+pub mod pci;
 pub mod pio;
 pub mod pvdma;
 

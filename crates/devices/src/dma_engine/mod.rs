@@ -1,16 +1,20 @@
 //! The DMA engine device (register layout in [`abi::dma_engine`]): a ring of COPY,
 //! FILL and CRC32C descriptors executed by a worker thread, each completed by a
-//! completion record written by DMA and, when asked, an MSI. Every byte it touches
-//! goes through its [`DeviceMemory`] (the device's DMA domain); an access that faults
-//! completes the descriptor with `DMA_FAULT` and is counted in `FAULTS`/`LAST_FAULT`.
+//! completion record written by DMA and, when asked, an MSI-X vector. Every byte it
+//! touches goes through its [`DeviceMemory`] (the device's DMA endpoint); an access
+//! that faults completes the descriptor with `DMA_FAULT` and is counted in
+//! `FAULTS`/`LAST_FAULT`.
 //!
-//! The same model runs in the VMM (`process=inline`) and in a device process served
-//! over vfio-user ([`vfio`]).
+//! The model is a vfio-user device ([`vfio`]): the VMM drives it through the same
+//! generic PCI path whether it runs in the VMM (`process=inline`) or in a device
+//! process.
 
 pub mod memory;
+pub mod scratch;
 pub mod vfio;
 
 pub use memory::{DeviceMemory, InProcess, MemFault, Remote};
+pub use scratch::Scratch;
 
 use abi::dma_engine::{self as de, Completion, Descriptor, completion, op, regs, status};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,8 +34,6 @@ struct Regs {
     errors: u32,
     faults: u32,
     last_fault: u64,
-    msi_addr: u64,
-    msi_data: u32,
     bytes: u64,
 }
 
@@ -47,13 +49,14 @@ struct State {
     regs: Regs,
     /// Bumped by reset: a worker mid-descriptor notices and drops its work.
     epoch: u64,
-    scratch: Vec<u8>,
 }
 
 struct Shared {
     state: Mutex<State>,
     doorbell: Condvar,
-    irq: Mutex<Option<EventFd>>,
+    /// The eventfd of each MSI-X vector, when the VMM gave one.
+    irqs: Mutex<[Option<EventFd>; de::MSIX_VECTORS as usize]>,
+    scratch: Scratch,
     stop: AtomicBool,
 }
 
@@ -73,9 +76,10 @@ impl DmaEngine {
     /// An engine reaching guest memory through `memory`; its worker starts now.
     pub fn new(memory: Box<dyn DeviceMemory>) -> std::io::Result<DmaEngine> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { regs: Regs::default(), epoch: 0, scratch: vec![0; de::BAR1_SIZE as usize] }),
+            state: Mutex::new(State { regs: Regs::default(), epoch: 0 }),
             doorbell: Condvar::new(),
-            irq: Mutex::new(None),
+            irqs: Mutex::new(Default::default()),
+            scratch: Scratch::new(de::SCRATCH_SIZE as usize)?,
             stop: AtomicBool::new(false),
         });
         let s = Arc::clone(&shared);
@@ -83,9 +87,16 @@ impl DmaEngine {
         Ok(DmaEngine { shared, worker: Some(worker) })
     }
 
-    /// Sets (or clears) the eventfd the engine writes to raise its MSI.
-    pub fn set_irq(&self, irq: Option<EventFd>) {
-        *self.shared.irq.lock().unwrap_or_else(|e| e.into_inner()) = irq;
+    /// Sets (or clears) the eventfd the engine writes to raise MSI-X vector `vector`.
+    pub fn set_irq(&self, vector: u16, irq: Option<EventFd>) {
+        if let Some(slot) = self.shared.irqs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(usize::from(vector)) {
+            *slot = irq;
+        }
+    }
+
+    /// The scratch memory (BAR 1).
+    pub fn scratch(&self) -> &Scratch {
+        &self.shared.scratch
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -103,8 +114,6 @@ impl DmaEngine {
             0x20 => u64::from(r.irq_ctrl) | (u64::from(r.status & status::ENABLED) << 32),
             0x28 => u64::from(r.errors) | (u64::from(r.faults) << 32),
             0x30 => r.last_fault,
-            0x38 => r.msi_addr,
-            0x40 => u64::from(r.msi_data),
             0x48 => r.bytes,
             _ => 0,
         };
@@ -125,62 +134,37 @@ impl DmaEngine {
         let r = &mut st.regs;
         match offset {
             regs::RING_BASE => r.ring_base = if n >= 8 { v } else { (r.ring_base & !0xffff_ffff) | (v & 0xffff_ffff) },
-            0x0c => r.ring_base = (r.ring_base & 0xffff_ffff) | ((v & 0xffff_ffff) << 32),
+            regs::RING_BASE_HI => r.ring_base = (r.ring_base & 0xffff_ffff) | ((v & 0xffff_ffff) << 32),
             regs::RING_SIZE => r.ring_size = v as u32,
             regs::TAIL => {
                 r.tail = v as u32;
                 self.shared.doorbell.notify_all();
             }
-            regs::IRQ_CTRL => r.irq_ctrl = v as u32 & 1,
+            regs::IRQ_CTRL => r.irq_ctrl = v as u32 & (de::irq_ctrl::COMPLETION | de::irq_ctrl::ERROR),
             regs::CONTROL => {
-                if v & 2 != 0 {
+                if v as u32 & de::control::RESET != 0 {
                     st.regs = Regs::default();
                     st.epoch += 1;
-                    st.scratch.fill(0);
-                } else if v & 1 != 0 {
+                    self.shared.scratch.clear(de::SCRATCH_USABLE as usize);
+                } else if v as u32 & de::control::ENABLE != 0 {
                     st.regs.status = (st.regs.status | status::ENABLED) & !status::RING_FAULT;
                     self.shared.doorbell.notify_all();
                 } else {
                     st.regs.status &= !status::ENABLED;
                 }
             }
-            regs::MSI_ADDR => r.msi_addr = if n >= 8 { v } else { (r.msi_addr & !0xffff_ffff) | (v & 0xffff_ffff) },
-            0x3c => r.msi_addr = (r.msi_addr & 0xffff_ffff) | ((v & 0xffff_ffff) << 32),
-            regs::MSI_DATA => r.msi_data = v as u32,
             _ => {}
         }
     }
 
     /// A read of BAR 1 (scratch memory). Out of range reads as zero.
     pub fn read_scratch(&self, offset: u64, data: &mut [u8]) {
-        let st = self.lock();
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = usize::try_from(offset).ok().and_then(|o| st.scratch.get(o + i)).copied().unwrap_or(0);
-        }
+        self.shared.scratch.read(offset, data);
     }
 
     /// A write of BAR 1. Out of range is dropped.
     pub fn write_scratch(&self, offset: u64, data: &[u8]) {
-        let mut st = self.lock();
-        if let Ok(o) = usize::try_from(offset)
-            && let Some(dst) = o.checked_add(data.len()).and_then(|end| st.scratch.get_mut(o..end))
-        {
-            dst.copy_from_slice(data);
-        }
-    }
-
-    /// PCI config space (256 bytes, read-only): identity, class, BAR sizes.
-    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut cfg = [0u8; 256];
-        cfg[0..2].copy_from_slice(&de::VENDOR_ID.to_le_bytes());
-        cfg[2..4].copy_from_slice(&de::DEVICE_ID.to_le_bytes());
-        cfg[0x0a] = 0x80; // class: system peripheral, other
-        cfg[0x0b] = 0x08;
-        cfg[0x10..0x14].copy_from_slice(&(!(de::BAR0_SIZE as u32 - 1)).to_le_bytes());
-        cfg[0x14..0x18].copy_from_slice(&(!(de::BAR1_SIZE as u32 - 1)).to_le_bytes());
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = usize::try_from(offset).ok().and_then(|o| cfg.get(o + i)).copied().unwrap_or(0);
-        }
+        self.shared.scratch.write(offset, data);
     }
 }
 
@@ -259,10 +243,14 @@ fn run(shared: &Shared, mut memory: Box<dyn DeviceMemory>) {
             r.count_fault(f);
         }
         r.head = r.head.wrapping_add(1);
-        let raise = d.flags & de::FLAG_INTERRUPT != 0 && r.irq_ctrl & 1 != 0;
+        let done = d.flags & de::FLAG_INTERRUPT != 0 && r.irq_ctrl & de::irq_ctrl::COMPLETION != 0;
+        let failed = c.status != completion::SUCCESS && r.irq_ctrl & de::irq_ctrl::ERROR != 0;
         drop(st);
-        if raise && let Some(irq) = shared.irq.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            let _ = irq.write(1);
+        let irqs = shared.irqs.lock().unwrap_or_else(|e| e.into_inner());
+        for (raise, v) in [(done, de::vector::COMPLETION), (failed, de::vector::ERROR)] {
+            if raise && let Some(irq) = irqs[usize::from(v)].as_ref() {
+                let _ = irq.write(1);
+            }
         }
     }
 }
@@ -381,7 +369,7 @@ mod tests {
         let e = DmaEngine::new(Box::new(Gated { ram, at_completion, go })).unwrap();
         e.write_reg(regs::RING_BASE, &RING.to_le_bytes());
         e.write_reg(regs::RING_SIZE, &4u32.to_le_bytes());
-        e.write_reg(regs::CONTROL, &1u32.to_le_bytes());
+        e.write_reg(regs::CONTROL, &de::control::ENABLE.to_le_bytes());
         e.write_reg(regs::TAIL, &1u32.to_le_bytes());
         completion_reached.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
         // The completion is about to become visible: the fault and the error are

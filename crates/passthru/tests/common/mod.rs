@@ -41,3 +41,72 @@ pub fn bench_json(args: &[&str]) -> (String, serde_json::Value) {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// PCI through qtest memory commands, as a guest driver (or QEMU's libqos) does it:
+/// ECAM addresses, decoding and bus mastering, MSI-X vectors.
+pub mod qpci {
+    use abi::pci::{cap, command, reg};
+
+    /// The requester id of the first device passthru plugs (slot 1): its pvdma id.
+    pub const FIRST_BDF: u16 = abi::pci::bdf(0, 1, 0);
+    /// Where the first device's first BAR lands (the base of the 32-bit window).
+    pub const FIRST_BAR0: u64 = abi::pci::MMIO32_BASE;
+
+    /// ECAM address of `reg` of the function in `slot`.
+    pub fn cfg(slot: u8, reg: u16) -> u64 {
+        abi::pci::ECAM_BASE + (u64::from(slot) << 15) + u64::from(reg)
+    }
+
+    /// The value of a qtest read reply ("OK 0x...").
+    pub fn value(reply: &str) -> u64 {
+        let hex = reply.strip_prefix("OK 0x").unwrap_or_else(|| panic!("not a read reply: {reply}"));
+        u64::from_str_radix(hex, 16).unwrap()
+    }
+
+    /// Turns memory decoding and bus mastering on.
+    pub fn enable(cmd: &mut dyn FnMut(&str) -> String, slot: u8) {
+        let v = value(&cmd(&format!("readw {:#x}", cfg(slot, reg::COMMAND))));
+        let v = v | u64::from(command::MEMORY | command::MASTER);
+        assert_eq!(cmd(&format!("writew {:#x} {v:#x}", cfg(slot, reg::COMMAND))), "OK");
+    }
+
+    /// The address memory BAR `i` decodes at.
+    pub fn bar(cmd: &mut dyn FnMut(&str) -> String, slot: u8, i: u8) -> u64 {
+        let at = reg::BAR0 + 4 * u16::from(i);
+        let lo = value(&cmd(&format!("readl {:#x}", cfg(slot, at))));
+        let mut a = lo & u64::from(abi::pci::bar::MEM_MASK);
+        if lo as u32 & abi::pci::bar::MEM_TYPE_MASK == abi::pci::bar::MEM_TYPE_64 {
+            a |= value(&cmd(&format!("readl {:#x}", cfg(slot, at + 4)))) << 32;
+        }
+        a
+    }
+
+    /// The offset of capability `id`.
+    pub fn capability(cmd: &mut dyn FnMut(&str) -> String, slot: u8, id: u8) -> Option<u16> {
+        let mut at = value(&cmd(&format!("readb {:#x}", cfg(slot, reg::CAPABILITIES)))) as u16;
+        for _ in 0..48 {
+            if at < 0x40 {
+                return None;
+            }
+            if value(&cmd(&format!("readb {:#x}", cfg(slot, at)))) as u8 == id {
+                return Some(at);
+            }
+            at = value(&cmd(&format!("readb {:#x}", cfg(slot, at + 1)))) as u16 & !3;
+        }
+        None
+    }
+
+    /// Programs MSI-X vector `v` to (`address`, `data`), unmasked, and enables MSI-X.
+    pub fn msix_vector(cmd: &mut dyn FnMut(&str) -> String, slot: u8, v: u16, address: u64, data: u32) {
+        let c = capability(cmd, slot, cap::MSIX).expect("an MSI-X capability");
+        let table = value(&cmd(&format!("readl {:#x}", cfg(slot, c + 4))));
+        let base = bar(cmd, slot, (table as u32 & cap::MSIX_BIR) as u8) + (table & !u64::from(cap::MSIX_BIR));
+        let e = base + u64::from(v) * cap::MSIX_ENTRY_SIZE;
+        for (off, val) in [(0, address & 0xffff_ffff), (4, address >> 32), (8, u64::from(data)), (12, 0)] {
+            assert_eq!(cmd(&format!("writel {:#x} {val:#x}", e + off)), "OK");
+        }
+        let ctl = value(&cmd(&format!("readw {:#x}", cfg(slot, c + 2))));
+        let ctl = (ctl | u64::from(cap::MSIX_ENABLE)) & !u64::from(cap::MSIX_MASKALL);
+        assert_eq!(cmd(&format!("writew {:#x} {ctl:#x}", cfg(slot, c + 2))), "OK");
+    }
+}

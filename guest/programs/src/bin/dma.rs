@@ -1,8 +1,8 @@
-//! `dma`: drives DMA engine 0 through its identity DMA domain (IOVA = guest-physical):
+//! `dma`: finds the first DMA engine on the PCI bus and drives it through its identity DMA domain (IOVA = guest-physical):
 //! FILL, COPY and CRC32C of several buffer sizes, every result checked: the CRC of the
 //! copy equals the CRC of the source, sampled bytes hold the pattern, the guard bytes
 //! around the destination are untouched; then a descriptor reaching past guest RAM
-//! must fault and change nothing. One MSI per batch is counted.
+//! must fault and change nothing. One MSI-X interrupt per batch is counted.
 //! Argument: rounds (default 1). Exit: 0 ok, 1 wrong result, 3 device gone, 4 timeout.
 #![no_std]
 #![no_main]
@@ -77,12 +77,22 @@ fn main(boot: &BootInfo) -> u8 {
     apic::enable_x2apic();
     idt::set_handler(VECTOR, on_msi);
     idt::enable();
-    let mut e = Engine::new(de::DEVICE_MMIO_BASE, (RING, RING), (COMPLETIONS, COMPLETIONS), 64);
+    let Some(f) = Engine::find(0) else {
+        println!("dma: no DMA engine on the PCI bus");
+        return 1;
+    };
+    let Some(mut e) = Engine::new(f, (RING, RING), (COMPLETIONS, COMPLETIONS), 64) else {
+        println!("dma: the DMA engine's register BAR does not decode");
+        return 1;
+    };
     if e.gone() || e.reg(de::regs::ID) != de::ID_VALUE {
-        println!("dma: no DMA engine at {:#x}", de::DEVICE_MMIO_BASE);
+        println!("dma: no DMA engine answers at {:#x}", e.bar0());
         return 1;
     }
-    e.enable_msi(apic::id() as u8, VECTOR);
+    if !e.enable_msix(apic::id() as u8, VECTOR) {
+        println!("dma: the DMA engine has no MSI-X");
+        return 1;
+    }
     hcall(hcall::BENCH_MARK, [0xd0, 0, 0, 0, 0]);
     let (mut bytes, mut descriptors) = (0u64, 0u64);
     for round in 0..rounds {

@@ -1,5 +1,6 @@
 //! `pvdma`: the paravirtual DMA demo (the default of `passthru run`). The guest maps
-//! every buffer through hypercalls before DMA engine 0 may touch it, drives copies,
+//! every buffer through hypercalls before the first DMA engine on the PCI bus may
+//! touch it (its requester id is the calls' device id), drives copies,
 //! fills and CRCs with the IOVAs it got, checks every result, unmaps, and checks that
 //! the device is held to what was mapped: a write into a to-device buffer faults, a
 //! reuse of an unmapped IOVA faults, and both leave memory untouched.
@@ -20,7 +21,6 @@ use rt::mmio::{read64, write64};
 use rt::pvdma::DmaApi;
 use rt::{BootInfo, apic, idt, println};
 
-const DEV: u64 = 0;
 const VECTOR: u8 = 0x60;
 const RING: u64 = layout::GUEST_FREE_RAM;
 const COMPLETIONS: u64 = RING + 0x1000;
@@ -70,6 +70,8 @@ fn fill_cpu(a: u64, len: u64, byte: u8) {
 }
 
 struct Demo {
+    /// The engine's requester id: the device id of paravirtual DMA calls.
+    dev: u64,
     api: DmaApi,
     e: Engine,
     maps: u64,
@@ -81,7 +83,7 @@ struct Demo {
 
 impl Demo {
     fn map(&mut self, gpa: u64, len: u64, d: u64) -> Result<u64, u8> {
-        match self.api.map(DEV, gpa, len, d) {
+        match self.api.map(self.dev, gpa, len, d) {
             Ok(iova) => {
                 self.maps += 1;
                 Ok(iova)
@@ -94,7 +96,7 @@ impl Demo {
     }
 
     fn unmap(&mut self, iova: u64, len: u64) -> Result<(), u8> {
-        self.api.unmap(DEV, iova, len).map_err(|s| {
+        self.api.unmap(self.dev, iova, len).map_err(|s| {
             println!("pvdma: UNMAP of {:#x} failed: {}", iova, s.name());
             1
         })?;
@@ -201,7 +203,7 @@ fn scatter_gather(d: &mut Demo) -> Result<(), u8> {
     for (i, e) in list.iter_mut().enumerate() {
         *e = SgEntry { addr: SG_AREA + 2 * i as u64 * PAGE, len: PAGE };
     }
-    if let Err(s) = d.api.map_sg(DEV, list, dir::FROM_DEVICE) {
+    if let Err(s) = d.api.map_sg(d.dev, list, dir::FROM_DEVICE) {
         println!("pvdma: MAP_SG failed: {}", s.name());
         return Err(1);
     }
@@ -214,7 +216,7 @@ fn scatter_gather(d: &mut Demo) -> Result<(), u8> {
             return Err(1);
         }
     }
-    match d.api.unmap_sg(DEV, list) {
+    match d.api.unmap_sg(d.dev, list) {
         Ok(n) if n == list.len() as u64 => d.unmaps += n,
         other => {
             println!("pvdma: UNMAP_SG failed: {:?}", other.map_err(|s| s.name()));
@@ -227,15 +229,20 @@ fn scatter_gather(d: &mut Demo) -> Result<(), u8> {
 
 fn demo() -> u8 {
     let mut api = DmaApi::new();
-    if !api.is_paravirtual(DEV) || !api.is_paravirtual(DEV) || api.queries() != 1 {
-        println!("pvdma: device 0 is not behind paravirtual DMA (queries {})", Dec(api.queries()));
+    let Some(f) = Engine::find(0) else {
+        println!("pvdma: no DMA engine on the PCI bus");
+        return 1;
+    };
+    let dev = u64::from(f.bdf());
+    if !api.is_paravirtual(dev) || !api.is_paravirtual(dev) || api.queries() != 1 {
+        println!("pvdma: the DMA engine is not behind paravirtual DMA (queries {})", Dec(api.queries()));
         return 1;
     }
     apic::enable_x2apic();
     idt::set_handler(VECTOR, on_msi);
     idt::enable();
     let (ring, comp) =
-        match (api.map(DEV, RING, PAGE, dir::TO_DEVICE), api.map(DEV, COMPLETIONS, PAGE, dir::FROM_DEVICE)) {
+        match (api.map(dev, RING, PAGE, dir::TO_DEVICE), api.map(dev, COMPLETIONS, PAGE, dir::FROM_DEVICE)) {
             (Ok(r), Ok(c)) => (r, c),
             other => {
                 println!(
@@ -245,13 +252,19 @@ fn demo() -> u8 {
                 return 1;
             }
         };
-    let e = Engine::new(de::DEVICE_MMIO_BASE, (RING, ring), (COMPLETIONS, comp), 64);
+    let Some(e) = Engine::new(f, (RING, ring), (COMPLETIONS, comp), 64) else {
+        println!("pvdma: the DMA engine's register BAR does not decode");
+        return 1;
+    };
     if e.gone() || e.reg(de::regs::ID) != de::ID_VALUE {
-        println!("pvdma: no DMA engine at {:#x}", de::DEVICE_MMIO_BASE);
+        println!("pvdma: no DMA engine answers at {:#x}", e.bar0());
         return 1;
     }
-    e.enable_msi(apic::id() as u8, VECTOR);
-    let mut d = Demo { api, e, maps: 2, unmaps: 0, bytes: 0, descriptors: 0, faults_seen: 0 };
+    if !e.enable_msix(apic::id() as u8, VECTOR) {
+        println!("pvdma: the DMA engine has no MSI-X");
+        return 1;
+    }
+    let mut d = Demo { dev, api, e, maps: 2, unmaps: 0, bytes: 0, descriptors: 0, faults_seen: 0 };
     hcall(hcall::BENCH_MARK, [0xd0, 0, 0, 0, 0]);
     let last_dst = match copies(&mut d) {
         Ok(x) => x,
@@ -292,11 +305,15 @@ fn demo() -> u8 {
 fn bench(n: u64) -> u8 {
     let n = (n as usize).clamp(1, BENCH_MAX);
     let api = DmaApi::new();
+    let Some(dev) = Engine::find(0).map(|f| u64::from(f.bdf())) else {
+        println!("pvdma bench: no DMA engine on the PCI bus");
+        return 1;
+    };
     // SAFETY: only this function touches BENCH_IOVAS.
     let iovas = unsafe { &mut *core::ptr::addr_of_mut!(BENCH_IOVAS) };
     hcall(hcall::BENCH_MARK, [0xb0, n as u64, 0, 0, 0]);
     for (i, slot) in iovas[..n].iter_mut().enumerate() {
-        match api.map(DEV, SRC + i as u64 * PAGE, PAGE, dir::BIDIRECTIONAL) {
+        match api.map(dev, SRC + i as u64 * PAGE, PAGE, dir::BIDIRECTIONAL) {
             Ok(iova) => *slot = iova,
             Err(s) => {
                 println!("pvdma bench: MAP {} failed: {}", Dec(i as u64), s.name());
@@ -306,7 +323,7 @@ fn bench(n: u64) -> u8 {
     }
     hcall(hcall::BENCH_MARK, [0xb1, 0, 0, 0, 0]);
     for iova in iovas[..n].iter() {
-        if api.unmap(DEV, *iova, PAGE).is_err() {
+        if api.unmap(dev, *iova, PAGE).is_err() {
             return 1;
         }
     }

@@ -1,0 +1,201 @@
+//! What the VMM needs of a device it assigns, whichever side of a socket it runs on: a
+//! vfio-user server in a process of its own ([`Client`]), or a device model in the VMM
+//! behind the very same interface ([`LocalDevice`]), so both take one path through the
+//! VMM (configuration virtualization, BARs, interrupts, DMA).
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use vfio_user::Error;
+use vfio_user::client::{Client, RegionMmap};
+use vfio_user::proto::{DeviceInfo, IrqInfo, Limits, RegionInfo, SetIrqs};
+use vfio_user::server::Device;
+
+/// A device the VMM assigns to the guest.
+pub trait VfioDevice: Send + Sync {
+    /// Device information.
+    fn info(&self) -> DeviceInfo;
+    /// Region `index`.
+    fn region(&self, index: u32) -> Option<RegionInfo>;
+    /// How region `index` may be mapped, if the device offers it.
+    fn region_mmap(&self, index: u32) -> Option<RegionMmap>;
+    /// Interrupt index `index`.
+    fn irq(&self, index: u32) -> Option<IrqInfo>;
+    /// Reads a region (waits for the device).
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), Error>;
+    /// Writes a region and waits for the device.
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), Error>;
+    /// Writes a region without waiting (a posted MMIO write).
+    fn region_write_posted(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), Error>;
+    /// Sets interrupt eventfds (trigger, unmask...) of one index.
+    fn set_irqs(&self, irqs: SetIrqs, fds: &[RawFd]) -> Result<(), Error>;
+    /// Resets the device.
+    fn reset(&self) -> Result<(), Error>;
+    /// What the device announced (DMA window limits and such).
+    fn limits(&self) -> Limits;
+    /// The connection to a device process (None: the device runs in the VMM).
+    fn client(&self) -> Option<&Client>;
+    /// True once the device is gone.
+    fn is_closed(&self) -> bool;
+    /// Cuts the device off (a device process is disconnected).
+    fn close(&self);
+}
+
+impl VfioDevice for Client {
+    fn info(&self) -> DeviceInfo {
+        Client::info(self)
+    }
+    fn region(&self, index: u32) -> Option<RegionInfo> {
+        Client::region(self, index)
+    }
+    fn region_mmap(&self, index: u32) -> Option<RegionMmap> {
+        Client::region_mmap(self, index)
+    }
+    fn irq(&self, index: u32) -> Option<IrqInfo> {
+        Client::irq(self, index)
+    }
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        Client::region_read(self, index, offset, buf)
+    }
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), Error> {
+        Client::region_write(self, index, offset, data)
+    }
+    fn region_write_posted(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), Error> {
+        Client::region_write_posted(self, index, offset, data)
+    }
+    fn set_irqs(&self, irqs: SetIrqs, fds: &[RawFd]) -> Result<(), Error> {
+        if fds.is_empty() || irqs.flags & vfio_user::proto::IRQ_SET_DATA_EVENTFD == 0 {
+            return self.set_irqs_raw(irqs, fds);
+        }
+        // In as many messages as the device's max_msg_fds requires.
+        let per = self.limits().max_msg_fds.max(1);
+        for (i, part) in fds.chunks(per).enumerate() {
+            let s = SetIrqs { start: irqs.start + (i * per) as u32, count: part.len() as u32, ..irqs };
+            self.set_irqs_raw(s, part)?;
+        }
+        Ok(())
+    }
+    fn reset(&self) -> Result<(), Error> {
+        Client::reset(self)
+    }
+    fn limits(&self) -> Limits {
+        Client::limits(self)
+    }
+    fn client(&self) -> Option<&Client> {
+        Some(self)
+    }
+    fn is_closed(&self) -> bool {
+        Client::is_closed(self)
+    }
+    fn close(&self) {
+        Client::close(self)
+    }
+}
+
+/// A vfio-user device model run in the VMM: calls go straight to it, under a lock.
+pub struct LocalDevice {
+    device: Mutex<Box<dyn Device>>,
+    info: DeviceInfo,
+    regions: Vec<Option<RegionInfo>>,
+    mmaps: Vec<Option<RegionMmap>>,
+    irqs: Vec<Option<IrqInfo>>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+fn errno(e: i32) -> Error {
+    Error::Remote { command: vfio_user::proto::Command::Version, errno: e }
+}
+
+impl LocalDevice {
+    /// Wraps `device` (its regions, interrupts and mappable files are read now).
+    pub fn new(device: Box<dyn Device>) -> std::io::Result<LocalDevice> {
+        let info = device.info();
+        let regions: Vec<Option<RegionInfo>> = (0..info.num_regions.min(64)).map(|i| device.region_info(i)).collect();
+        let mut mmaps = Vec::new();
+        for i in 0..regions.len() as u32 {
+            mmaps.push(match device.region_mmap(i) {
+                Some((fd, areas)) => {
+                    // Our own copy of the descriptor, as a client would receive one.
+                    // SAFETY: F_DUPFD_CLOEXEC on a descriptor the device holds open.
+                    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+                    if dup < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // SAFETY: a fresh descriptor owned by nobody else.
+                    let file = unsafe { File::from_raw_fd(dup) };
+                    Some(RegionMmap { fd: Arc::new(file), areas: (!areas.is_empty()).then_some(areas) })
+                }
+                None => None,
+            });
+        }
+        let irqs = (0..info.num_irqs.min(16)).map(|i| device.irq_info(i)).collect();
+        Ok(LocalDevice {
+            device: Mutex::new(device),
+            info,
+            regions,
+            mmaps,
+            irqs,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn dev(&self) -> Result<std::sync::MutexGuard<'_, Box<dyn Device>>, Error> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(self.device.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl VfioDevice for LocalDevice {
+    fn info(&self) -> DeviceInfo {
+        self.info
+    }
+    fn region(&self, index: u32) -> Option<RegionInfo> {
+        self.regions.get(index as usize).copied().flatten()
+    }
+    fn region_mmap(&self, index: u32) -> Option<RegionMmap> {
+        self.mmaps.get(index as usize).cloned().flatten()
+    }
+    fn irq(&self, index: u32) -> Option<IrqInfo> {
+        self.irqs.get(index as usize).copied().flatten()
+    }
+    fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        self.dev()?.region_read(index, offset, buf).map_err(errno)
+    }
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), Error> {
+        self.dev()?.region_write(index, offset, data).map_err(errno)
+    }
+    fn region_write_posted(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), Error> {
+        self.region_write(index, offset, data)
+    }
+    fn set_irqs(&self, irqs: SetIrqs, fds: &[RawFd]) -> Result<(), Error> {
+        let mut files = Vec::with_capacity(fds.len());
+        for &fd in fds {
+            // Our own copy of each descriptor, as a device process would receive it.
+            // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller holds open.
+            let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return Err(Error::Io(std::io::Error::last_os_error()));
+            }
+            // SAFETY: a fresh descriptor owned by nobody else.
+            files.push(unsafe { File::from_raw_fd(dup) });
+        }
+        self.dev()?.set_irqs(&irqs, files).map_err(errno)
+    }
+    fn reset(&self) -> Result<(), Error> {
+        self.dev()?.reset().map_err(errno)
+    }
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+    fn client(&self) -> Option<&Client> {
+        None
+    }
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+    fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
