@@ -268,6 +268,8 @@ pub struct QtestAccel {
     watcher: crate::irq_watch::IrqWatcher,
     sink: Arc<Mutex<Option<Arc<dyn IrqSink>>>>,
     routes: Mutex<BTreeMap<u32, MsiMessage>>,
+    /// Resample eventfds of level-triggered irqfds, by GSI: (caller's number, ours).
+    resamples: Mutex<BTreeMap<u32, Vec<(RawFd, EventFd)>>>,
 }
 
 impl QtestAccel {
@@ -280,12 +282,26 @@ impl QtestAccel {
                 sink.raise(gsi);
             }
         }))?;
-        Ok(QtestAccel { ioevents: Mutex::new(BTreeMap::new()), watcher, sink, routes: Mutex::new(BTreeMap::new()) })
+        Ok(QtestAccel {
+            ioevents: Mutex::new(BTreeMap::new()),
+            watcher,
+            sink,
+            routes: Mutex::new(BTreeMap::new()),
+            resamples: Mutex::new(BTreeMap::new()),
+        })
     }
 
     /// Sets (or clears) where interrupts are reported.
     pub fn set_sink(&self, sink: Option<Arc<dyn IrqSink>>) {
         *self.sink.lock().unwrap_or_else(|e| e.into_inner()) = sink;
+    }
+
+    /// The end of interrupt of level-triggered `gsi`, as the guest's EOI reaching the
+    /// IOAPIC would do it: the line's resample eventfds are signalled (a device that
+    /// still asserts raises it again). Returns how many were signalled.
+    pub fn eoi(&self, gsi: u32) -> usize {
+        let map = self.resamples.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&gsi).map_or(0, |list| list.iter().filter(|(_, e)| e.write(1).is_ok()).count())
     }
 
     /// The MSI route of `gsi`, if any (for tests).
@@ -351,11 +367,30 @@ impl Accel for QtestAccel {
 }
 
 impl irq::IrqChip for QtestAccel {
-    fn assign_irqfd(&self, fd: &EventFd, gsi: u32, _resample: Option<&EventFd>) -> std::io::Result<()> {
-        self.watcher.add(fd, gsi).map_err(|e| std::io::Error::other(e.to_string()))
+    fn assign_irqfd(&self, fd: &EventFd, gsi: u32, resample: Option<&EventFd>) -> std::io::Result<()> {
+        self.watcher.add(fd, gsi).map_err(|e| std::io::Error::other(e.to_string()))?;
+        if let Some(r) = resample {
+            let ours = r.try_clone()?;
+            self.resamples
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(gsi)
+                .or_default()
+                .push((fd.as_raw_fd(), ours));
+        }
+        Ok(())
     }
 
     fn deassign_irqfd(&self, fd: &EventFd, gsi: u32) -> std::io::Result<()> {
+        {
+            let mut map = self.resamples.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(list) = map.get_mut(&gsi) {
+                list.retain(|(n, _)| *n != fd.as_raw_fd());
+                if list.is_empty() {
+                    map.remove(&gsi);
+                }
+            }
+        }
         self.watcher.remove(fd, gsi).map_err(|e| std::io::Error::other(e.to_string()))
     }
 

@@ -186,6 +186,12 @@ impl Session<'_> {
                 };
                 r.map(|()| "OK".to_string()).map_err(|e| e.to_string())
             }
+            "irq_eoi" => {
+                // passthru extension: the guest's EOI of a level-triggered line.
+                let gsi = num32(arg(w, 1)?)?;
+                let q = self.vm.qtest().ok_or("irq_eoi needs the qtest accelerator")?;
+                Ok(format!("OK {}", q.eoi(gsi)))
+            }
             "irq_list" => {
                 let irqs = self.vm.irqs();
                 let list: Vec<String> =
@@ -243,6 +249,21 @@ impl Session<'_> {
                 Ok(format!("OK {}", list.join("; ")))
             }
             "resources" => Ok(format!("OK {}", crate::resources())),
+            "memory_regions" => {
+                // passthru extension: the guest memory map (what KVM memory slots and
+                // DMA listeners see): RAM, and RAM-device regions with their owner.
+                let list: Vec<String> = self
+                    .vm
+                    .memory_map()
+                    .regions()
+                    .iter()
+                    .map(|r| match &r.kind {
+                        vm_api::RegionKind::Ram => format!("{:#x}+{:#x}:ram", r.gpa, r.size),
+                        vm_api::RegionKind::RamDevice { device } => format!("{:#x}+{:#x}:{device}", r.gpa, r.size),
+                    })
+                    .collect();
+                Ok(format!("OK {}", list.join(" ")))
+            }
             "frontend_stats" => {
                 let name = arg(w, 1)?;
                 let fe =
