@@ -37,11 +37,16 @@ enum BenchWhat {
         json: Option<PathBuf>,
     },
     /// DMA engine copy throughput from a host-side driver (no vCPU): in process,
-    /// vfio-user with shared fds, vfio-user in message mode, as ratios of memcpy.
+    /// vfio-user with shared fds, vfio-user in message mode, as ratios of memcpy; and
+    /// a guest's register reads (mmapped BAR, trapped in the VMM, forwarded to a
+    /// device process) as ratios of a null MMIO exit (KVM).
     Devices {
         /// Bytes copied per size and backend.
         #[arg(long, default_value = "32M", value_parser = crate::parse_size)]
         bytes: u64,
+        /// Guest register reads per kind.
+        #[arg(long, default_value_t = 5_000)]
+        reads: u64,
         /// Also write the figures as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
@@ -75,7 +80,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode, String> {
         BenchWhat::Exits { iterations, json } => exits(iterations, json),
         BenchWhat::Dma { quick, json } => dma_bench(quick, json),
         BenchWhat::Irq { interrupts, json } => irq_bench(interrupts, json),
-        BenchWhat::Devices { bytes, json } => devices_bench(bytes, json),
+        BenchWhat::Devices { bytes, reads, json } => devices_bench(bytes, reads, json),
         BenchWhat::Pvdma { iterations, json } => pvdma_bench(iterations, json),
     }
 }
@@ -451,7 +456,62 @@ fn memcpy_time(vm: &Vm, size: u64, copies: u64) -> std::time::Duration {
     t.elapsed()
 }
 
-fn devices_bench(bytes: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
+#[derive(Serialize, Debug)]
+struct ReadFigure {
+    what: &'static str,
+    ns_per_read: f64,
+    /// Ratio to the null MMIO read exit of the same run.
+    ratio_to_null_exit: f64,
+}
+
+#[derive(Serialize, Debug)]
+struct DevicesReport {
+    copies: Vec<DeviceFigure>,
+    /// Empty when KVM is not available.
+    register_reads: Vec<ReadFigure>,
+}
+
+/// A guest reads registers of two engines (in the VMM, in a device process) and a
+/// mmapped BAR; the figures net of the guest's loop, against a null MMIO read exit.
+fn register_reads(reads: u64) -> Result<Vec<ReadFigure>, String> {
+    use crate::device::DeviceArg;
+    use vmm::IommuMode;
+    let elf = crate::run::load_guest("exits")?;
+    let mut config = VmConfig::new(AccelKind::Kvm);
+    config.memory = 64 << 20;
+    config.locked_memory = Some(64 << 20);
+    config.bench_iterations = reads.max(1);
+    config.serial_out = Box::new(std::io::sink());
+    let vm = Vm::new(config).map_err(|e| e.to_string())?;
+    crate::device::attach(&vm, &DeviceArg::engine(IommuMode::SharedFd, true, "identity"))?;
+    crate::device::attach(&vm, &DeviceArg::engine(IommuMode::SharedFd, false, "identity"))?;
+    let status = vm.run_guest_with_args(&elf, &[1]).map_err(|e| e.to_string())?;
+    if status != 0 {
+        return Err(format!("the register-read probe failed with status {status}"));
+    }
+    let marks = vm.bench().marks();
+    let t = |tag: u64| marks.iter().find(|(m, _, _)| *m == tag).map(|(_, _, i)| *i);
+    let span = |a: u64, b: u64| -> Result<f64, String> {
+        let (a, b) = (t(a).ok_or("missing mark")?, t(b).ok_or("missing mark")?);
+        Ok(b.duration_since(a).as_nanos() as f64 / reads.max(1) as f64)
+    };
+    let lp = span(0x14, 0x15)?;
+    let net = |x: f64| (x - lp).max(0.0);
+    let null = net(span(0x10, 0x11)?);
+    let fig = |what, ns: f64| ReadFigure {
+        what,
+        ns_per_read: ns,
+        ratio_to_null_exit: if null > 0.0 { ns / null } else { f64::NAN },
+    };
+    Ok(vec![
+        fig("null MMIO read exit", null),
+        fig("register, trapped in the VMM", net(span(0x11, 0x12)?)),
+        fig("register, trapped and forwarded", net(span(0x12, 0x13)?)),
+        fig("mmapped BAR (no exit)", net(span(0x13, 0x14)?)),
+    ])
+}
+
+fn devices_bench(bytes: u64, reads: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
     use crate::device::DeviceArg;
     use vmm::IommuMode;
     let backends = [
@@ -504,7 +564,20 @@ fn devices_bench(bytes: u64, json: Option<PathBuf>) -> Result<ExitCode, String> 
         let r = shared / inline;
         println!("shared fd / in process at 64 KiB: {r:.3} (goal >= 0.85: {})", goal(r >= 0.85));
     }
-    write_json(json, &figures)?;
+    let register_reads = if vmm::kvm_available() {
+        register_reads(reads)?
+    } else {
+        println!("register reads: skipped, KVM is not available");
+        Vec::new()
+    };
+    if !register_reads.is_empty() {
+        println!("guest register reads, {reads} of each, one run:");
+        println!("{:<34} {:>10} {:>10}", "read", "ns", "x null exit");
+        for f in &register_reads {
+            println!("{:<34} {:>10.0} {:>10.3}", f.what, f.ns_per_read, f.ratio_to_null_exit);
+        }
+    }
+    write_json(json, &DevicesReport { copies: figures, register_reads })?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -268,6 +268,36 @@ fn with_bus_mastering_off_every_dma_faults_and_is_counted_in_every_mode() {
 }
 
 #[test]
+fn a_bar_moved_at_run_time_leaves_its_old_address_and_its_memory_slot_follows() {
+    use abi::pci::{command, reg};
+    let mut s = Session::new("dma-engine");
+    let regions = s.cmd("memory_regions");
+    // The scratch BAR is memory the device offers for mmap, minus its MSI-X pages.
+    assert!(regions.contains("0xc0010000+0xe000:dma0"), "{regions}");
+    assert_eq!(s.cmd("writel 0xc0010100 0x600dcafe"), "OK");
+    assert_eq!(s.cmd("readl 0x0c0000000"), "OK 0x0000000045414d44", "registers at BAR 0");
+    // Move both BARs as a driver would: decoding off, new addresses, decoding on.
+    let cmd = qpci::cfg(1, reg::COMMAND);
+    assert_eq!(s.cmd(&format!("writew {cmd:#x} 0")), "OK");
+    assert!(!s.cmd("memory_regions").contains("dma0"), "decoding off: no memory slot");
+    assert_eq!(s.cmd("readl 0xc0000000"), "OK 0x00000000ffffffff", "decoding off: nobody answers");
+    assert_eq!(s.cmd(&format!("writel {:#x} 0xc0200000", qpci::cfg(1, reg::BAR0))), "OK");
+    assert_eq!(s.cmd(&format!("writel {:#x} 0xc0400000", qpci::cfg(1, reg::BAR0 + 4))), "OK");
+    assert_eq!(s.cmd(&format!("writel {:#x} 0", qpci::cfg(1, reg::BAR0 + 8))), "OK");
+    assert_eq!(s.cmd(&format!("writew {cmd:#x} {:#x}", command::MEMORY)), "OK");
+    assert_eq!(qpci::bar(&mut |c| s.cmd(c), 1, 0), 0xc020_0000);
+    assert_eq!(qpci::bar(&mut |c| s.cmd(c), 1, 1), 0xc040_0000);
+    let regions = s.cmd("memory_regions");
+    assert!(regions.contains("0xc0400000+0xe000:dma0") && !regions.contains("0xc0010000"), "{regions}");
+    assert_eq!(s.cmd("readl 0xc0000000"), "OK 0x00000000ffffffff", "the old register address is empty");
+    assert_eq!(s.cmd("readl 0xc0010100"), "OK 0x00000000ffffffff", "the old scratch address is empty");
+    assert_eq!(s.cmd("readl 0xc0200000"), "OK 0x0000000045414d44", "the registers answer at the new address");
+    assert_eq!(s.cmd("readl 0xc0400100"), "OK 0x00000000600dcafe", "the same scratch memory at the new address");
+    drop(s.stdin);
+    assert_eq!(s.vmm.wait().unwrap().code(), Some(0));
+}
+
+#[test]
 fn after_kill_9_of_a_device_process_with_irqs_firing_nothing_of_it_remains() {
     let mut s = Session::new("dma-engine");
     let before = s.cmd("resources");
@@ -320,12 +350,27 @@ fn after_kill_9_of_a_device_process_with_irqs_firing_nothing_of_it_remains() {
 
 #[test]
 fn bench_devices_reports_every_backend_and_size() {
-    let (table, v) = bench_json(&["devices", "--bytes", "256K"]);
-    let figs = v.as_array().unwrap();
+    let (table, v) = bench_json(&["devices", "--bytes", "256K", "--reads", "200"]);
+    let figs = v["copies"].as_array().unwrap();
     assert_eq!(figs.len(), 9, "3 backends x 3 sizes");
     for f in figs {
         assert!(f["ratio_to_memcpy"].as_f64().unwrap() > 0.0, "{f}");
         assert!(f["copies"].as_u64().unwrap() >= 1);
     }
     assert!(table.contains("shared fd / in process at 64 KiB"));
+    let reads = v["register_reads"].as_array().unwrap();
+    if vmm::kvm_available() {
+        let names: Vec<&str> = reads.iter().map(|f| f["what"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "null MMIO read exit",
+                "register, trapped in the VMM",
+                "register, trapped and forwarded",
+                "mmapped BAR (no exit)"
+            ]
+        );
+        assert!(reads.iter().all(|f| f["ns_per_read"].as_f64().unwrap() >= 0.0), "{reads:?}");
+        assert!(table.contains("mmapped BAR (no exit)"), "{table}");
+    }
 }

@@ -38,6 +38,7 @@ fn on_intx(_v: u8) {
     if reg(regs::IRQ_STATUS) == 1 {
         COUNTED.fetch_add(1, Ordering::Relaxed);
         set_reg(regs::IRQ_STATUS, 0); // deassert at the device
+        let _ = reg(regs::IRQ_STATUS); // flush the posted write before the EOI
     } else {
         SPURIOUS.fetch_add(1, Ordering::Relaxed);
     }
@@ -142,7 +143,11 @@ fn test_device(n: u64) -> u8 {
         Dec(SPURIOUS.load(Ordering::Relaxed)),
         Dec(u64::from(assertions))
     );
-    if after != (0, 0, resets + 1) || u64::from(assertions) != n {
+    // An interrupt that finds the line already deasserted (the device's re-raise at
+    // unmask racing the guest's handling, as with VFIO INTx) is handled like Linux's
+    // IRQ_NONE: reported, not counted. More than a few would be a bug.
+    let spurious = SPURIOUS.load(Ordering::Relaxed);
+    if after != (0, 0, resets + 1) || u64::from(assertions) != n || spurious > n / 10 {
         println!(
             "pci: after reset: scratch {:#x}, assertions {}, resets {} (before {})",
             u64::from(after.0),
