@@ -9,6 +9,8 @@ pub mod dma_engine;
 pub mod legacy;
 pub mod process;
 pub mod serial;
+#[cfg(feature = "test-sources")]
+pub mod test_irq;
 pub mod vfio_pci;
 
 pub use vm_api::bus::{Bus, BusDevice, BusError, SharedDevice};

@@ -308,6 +308,7 @@ fn irq_bench(interrupts: u64, json: Option<PathBuf>) -> Result<ExitCode, String>
     for mode in [irq::Mode::Forwarded, irq::Mode::Vmm] {
         let mut config = VmConfig::new(AccelKind::Kvm);
         config.irq_mode = mode;
+        config.test_sources = true;
         config.serial_out = Box::new(std::io::sink());
         let vm = Vm::new(config).map_err(|e| e.to_string())?;
         let cpu0 = vm.irqs().delivery_cpu_ns();
@@ -315,11 +316,12 @@ fn irq_bench(interrupts: u64, json: Option<PathBuf>) -> Result<ExitCode, String>
         let status = vm.run_guest_with_args(&elf, &[interrupts, 0]).map_err(|e| e.to_string())?;
         let wall = t.elapsed();
         let cpu = vm.irqs().delivery_cpu_ns().saturating_sub(cpu0);
-        let s = vm.test_irq_summary();
+        let s = vm.test_sources().map(|t| t.msi.summary()).unwrap_or_default();
         if status != 0 || s.guest_counted != Some(interrupts) {
             return Err(format!("the irqstorm guest failed in {mode} mode (status {status}, {s:?})"));
         }
-        let vmm_delivered = vm.irqs().stats(&vmm::test_irq::MsiTestSource::id()).map(|x| x.vmm_delivered).unwrap_or(0);
+        let vmm_delivered =
+            vm.irqs().stats(&devices::test_irq::MsiTestSource::id()).map(|x| x.vmm_delivered).unwrap_or(0);
         figures.push(IrqFigure {
             mode: mode.to_string(),
             interrupts,

@@ -91,7 +91,7 @@ fn qtest_lists_switches_and_counts_sources() {
                   irq_mode test-irq 1 0 vmm\n\
                   irq_mode test-irq 1 0 sideways\n\
                   irq_list\n";
-    let out = passthru_with_input(&["run", "--accel", "qtest", "--irq-mode", "vmm"], script);
+    let out = passthru_with_input(&["run", "--accel", "qtest", "--irq-mode", "vmm", "--test-sources"], script);
     assert_eq!(
         text(&out.stdout).lines().collect::<Vec<_>>(),
         vec![
@@ -112,7 +112,7 @@ fn qtest_lists_switches_and_counts_sources() {
 #[test]
 fn qtest_shows_the_delivery_path_change_on_a_live_source() {
     use std::io::{BufRead, BufReader};
-    let mut child = spawn_piped(&["run", "--accel", "qtest"]);
+    let mut child = spawn_piped(&["run", "--accel", "qtest", "--test-sources"]);
     let mut w = child.stdin.take().unwrap();
     let mut r = BufReader::new(child.stdout.take().unwrap());
     let mut line = || {

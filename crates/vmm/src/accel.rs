@@ -11,14 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use irq::MsiMessage;
 
-/// An I/O address an ioeventfd can watch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum IoAddr {
-    /// A port.
-    Pio(u64),
-    /// A guest-physical MMIO address.
-    Mmio(u64),
-}
+pub use vm_api::IoAddr;
 
 /// Which accelerator a machine runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +28,18 @@ pub const FIRST_MSI_GSI: u32 = abi::layout::IOAPIC_PINS;
 const IOAPIC_PINS: u32 = abi::layout::IOAPIC_PINS;
 /// Pins of the two cascaded in-kernel PICs.
 const PIC_PINS: u32 = 16;
+
+/// An accelerator's ioeventfds as the VM service devices ask for.
+pub struct AccelIo(pub Arc<dyn Accel>);
+
+impl vm_api::IoEvents for AccelIo {
+    fn register_ioevent(&self, fd: &EventFd, addr: IoAddr) -> std::io::Result<()> {
+        self.0.register_ioevent(fd, addr).map_err(std::io::Error::other)
+    }
+    fn unregister_ioevent(&self, fd: &EventFd, addr: IoAddr) -> std::io::Result<()> {
+        self.0.unregister_ioevent(fd, addr).map_err(std::io::Error::other)
+    }
+}
 
 /// Services the machine needs from whatever runs it (interrupt services come from
 /// the [`irq::IrqChip`] supertrait).

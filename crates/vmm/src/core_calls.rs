@@ -1,7 +1,7 @@
 //! The VMM core's own hypercalls (block [`abi::hcall::CORE_BASE`]): the null call,
-//! benchmark marks and the test interrupt sources (`test_irq`).
+//! benchmark marks and, in a VM built with them, the test interrupt sources
+//! (`devices::test_irq`).
 
-use crate::test_irq::{IntxTestSource, MsiTestSource};
 use abi::hcall::{self, Args, Ret, Status};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,10 +48,9 @@ impl BenchMarks {
 pub struct CoreCalls {
     /// Benchmark marks.
     pub bench: Arc<BenchMarks>,
-    /// The MSI test source.
-    pub test_irq: Arc<MsiTestSource>,
-    /// The level-triggered (INTx) test source.
-    pub test_intx: Arc<IntxTestSource>,
+    /// The test interrupt sources, when the VM has them.
+    #[cfg(feature = "test-sources")]
+    pub test: Option<Arc<devices::test_irq::TestSources>>,
 }
 
 impl HypercallHandler for CoreCalls {
@@ -63,12 +62,11 @@ impl HypercallHandler for CoreCalls {
         match a.nr {
             hcall::NULL => Ret::ok(0, 0, 0),
             hcall::BENCH_MARK => Ret::ok(self.bench.mark(a.a[0], a.a[1]), 0, 0),
-            hcall::TEST_IRQ_SETUP => self.test_irq.setup(a.a[0], a.a[1]),
-            hcall::TEST_IRQ_FIRE => self.test_irq.fire(a.a[0], a.a[1]),
-            hcall::TEST_IRQ_REPORT => self.test_irq.report(a.a[0]),
-            hcall::TEST_INTX_SETUP => self.test_intx.setup(a.a[0], a.a[1]),
-            hcall::TEST_INTX_FIRE => self.test_intx.fire(a.a[0], a.a[1]),
-            hcall::TEST_INTX_REPORT => self.test_intx.report(a.a[0]),
+            #[cfg(feature = "test-sources")]
+            nr if devices::test_irq::TestSources::answers(nr) => match &self.test {
+                Some(t) => t.call(a),
+                None => Ret::err(Status::UnknownCall),
+            },
             _ => Ret::err(Status::UnknownCall),
         }
     }

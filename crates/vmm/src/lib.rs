@@ -16,7 +16,6 @@ pub mod error;
 pub mod irq_watch;
 pub mod memory;
 pub mod qtest;
-pub mod test_irq;
 pub mod vcpu;
 pub mod vm;
 

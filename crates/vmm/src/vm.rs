@@ -7,7 +7,6 @@ use crate::core_calls::{BenchMarks, CoreCalls};
 use crate::device_manager::{AssignedDevice, DeviceManager, DeviceSpec};
 use crate::error::{Error, Result};
 use crate::memory::{GuestRam, MemoryListener, MemoryMap, MemslotListener};
-use crate::test_irq::{IntxTestSource, MsiTestSource, TestIrqSummary};
 use abi::hcall::{Args, Ret};
 use abi::{layout, ports};
 use devices::legacy::{ErrConsole, ExitLatch, ExitPort, NullDevice};
@@ -40,6 +39,9 @@ pub struct VmConfig {
     /// End the VM when the guest calls a DMA front-end with invalid arguments (off:
     /// the guest gets a status).
     pub dma_kill_on_misuse: bool,
+    /// Build the test interrupt sources (interrupt tests and benchmarks only).
+    #[cfg(feature = "test-sources")]
+    pub test_sources: bool,
 }
 
 impl VmConfig {
@@ -54,6 +56,8 @@ impl VmConfig {
             irq_mode: Mode::Forwarded,
             locked_memory: None,
             dma_kill_on_misuse: false,
+            #[cfg(feature = "test-sources")]
+            test_sources: false,
         }
     }
 }
@@ -126,10 +130,18 @@ impl Vm {
         let hypercalls = Arc::new(HypercallRegistry::new());
         let core = Arc::new(CoreCalls {
             bench: Arc::new(BenchMarks::new(config.bench_iterations)),
-            test_irq: Arc::new(MsiTestSource::new(Arc::clone(&accel), Arc::clone(&irqs)).map_err(Error::EventFd)?),
-            test_intx: Arc::new(
-                IntxTestSource::new(Arc::clone(&accel), Arc::clone(&irqs), &pio).map_err(Error::EventFd)?,
-            ),
+            #[cfg(feature = "test-sources")]
+            test: if config.test_sources {
+                let services = devices::test_irq::Services {
+                    chip: accel.clone(),
+                    io: Arc::new(crate::accel::AccelIo(Arc::clone(&accel))),
+                    irqs: Arc::clone(&irqs),
+                    pio: Arc::clone(&pio),
+                };
+                Some(Arc::new(devices::test_irq::TestSources::new(&services).map_err(Error::EventFd)?))
+            } else {
+                None
+            },
         });
         hypercalls.register(abi::hcall::CORE_BASE, core.clone())?;
         let kill_on_misuse = config.dma_kill_on_misuse.then(|| {
@@ -271,14 +283,10 @@ impl Vm {
         &self.core
     }
 
-    /// What the MSI test source did.
-    pub fn test_irq_summary(&self) -> TestIrqSummary {
-        self.core.test_irq.summary()
-    }
-
-    /// What the INTx test source did.
-    pub fn test_intx_summary(&self) -> TestIrqSummary {
-        self.core.test_intx.summary()
+    /// The test interrupt sources, when the VM was built with them.
+    #[cfg(feature = "test-sources")]
+    pub fn test_sources(&self) -> Option<&Arc<devices::test_irq::TestSources>> {
+        self.core.test.as_ref()
     }
 
     /// The status the guest asked to exit with, if it did.

@@ -46,7 +46,12 @@ impl Driver {
 }
 
 fn qtest_vm() -> Vm {
+    qtest_vm_with(|_| {})
+}
+
+fn qtest_vm_with(f: impl FnOnce(&mut VmConfig)) -> Vm {
     let mut c = VmConfig::new(AccelKind::Qtest);
+    f(&mut c);
     c.memory = 64 << 20;
     c.serial_out = Box::new(std::io::sink());
     c.err_out = Box::new(std::io::sink());
@@ -181,16 +186,26 @@ fn hcall_goes_through_the_hypercall_registry() {
         assert_eq!(d.cmd("hcall 0"), "OK 0x0 0x0 0x0 0x0", "null call succeeds");
         assert_eq!(d.cmd("hcall 0x1 7"), "OK 0x0 0x4d2 0x0 0x0", "BENCH_MARK answers the iteration count");
         assert_eq!(d.cmd("hcall 0x9999"), "OK 0x1 0x0 0x0 0x0", "unknown call number");
-        assert_eq!(d.cmd("hcall 0x10 5"), "OK 0x2 0x0 0x0 0x0", "vector below 32 is invalid");
-        assert_eq!(d.cmd("hcall 0x11 1"), "OK 0x8 0x0 0x0 0x0", "firing before set-up: not found");
+        assert_eq!(d.cmd("hcall 0x10 0x40 0x41"), "OK 0x1 0x0 0x0 0x0", "no test sources in this VM");
     });
     // The mark reached the same BenchMarks a vCPU's hypercall would.
     assert_eq!(vm.bench().marks().iter().map(|m| (m.0, m.1)).collect::<Vec<_>>(), vec![(7, 0)]);
 }
 
+#[cfg(feature = "test-sources")]
+#[test]
+fn test_source_calls_check_their_arguments() {
+    let vm = qtest_vm_with(|c| c.test_sources = true);
+    with_session(&vm, |d| {
+        assert_eq!(d.cmd("hcall 0x10 5"), "OK 0x2 0x0 0x0 0x0", "vector below 32 is invalid");
+        assert_eq!(d.cmd("hcall 0x11 1"), "OK 0x8 0x0 0x0 0x0", "firing before set-up: not found");
+    });
+}
+
+#[cfg(feature = "test-sources")]
 #[test]
 fn irq_lines_arrive_once_intercepted_one_per_acknowledged_interrupt() {
-    let vm = qtest_vm();
+    let vm = qtest_vm_with(|c| c.test_sources = true);
     with_session(&vm, |d| {
         assert_eq!(d.cmd("irq_intercept_in ioapic"), "OK");
         assert_eq!(d.cmd("irq_intercept_in ioapic"), "FAIL Interception already enabled");
@@ -215,13 +230,14 @@ fn irq_lines_arrive_once_intercepted_one_per_acknowledged_interrupt() {
         assert_eq!(d.next_irq(), "IRQ raise 24");
         assert_eq!(d.cmd("outb 0xf9 1"), "OK");
     });
-    let s = vm.test_irq_summary();
+    let s = vm.test_sources().unwrap().msi.summary();
     assert_eq!((s.fired, s.guest_counted, s.timed_out), (1, None, false));
 }
 
+#[cfg(feature = "test-sources")]
 #[test]
 fn an_unacknowledged_interrupt_times_out_and_signals_the_abort_vector() {
-    let vm = qtest_vm();
+    let vm = qtest_vm_with(|c| c.test_sources = true);
     with_session(&vm, |d| {
         assert_eq!(d.cmd("irq_intercept_in ioapic"), "OK");
         assert_eq!(d.cmd("hcall 0x10 0x40 0x41"), "OK 0x0 0x18 0x0 0x0");
@@ -231,6 +247,6 @@ fn an_unacknowledged_interrupt_times_out_and_signals_the_abort_vector() {
         // No acknowledgement: after the timeout the abort MSI (vector 0x41) comes.
         assert_eq!(d.next_irq(), "IRQ msi 0xfee00000 0x41");
     });
-    let s = vm.test_irq_summary();
+    let s = vm.test_sources().unwrap().msi.summary();
     assert_eq!((s.fired, s.timed_out), (1, true));
 }

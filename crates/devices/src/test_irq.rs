@@ -11,22 +11,79 @@
 //! If the guest stops acknowledging for [`ACK_TIMEOUT`], the source gives up and
 //! signals the guest's abort vector, so a lost interrupt ends a test instead of
 //! hanging it.
+//!
+//! The sources exist only in a VM built with them (`passthru run --test-sources`, the
+//! interrupt guest programs and `bench irq`); their calls answer UNKNOWN_CALL
+//! otherwise. [`TestSources`] answers the test calls of the core hypercall block.
 
-use crate::accel::{Accel, IoAddr};
-use abi::hcall::{Ret, Status};
-use devices::BusDevice;
+use crate::BusDevice;
+use abi::hcall::{self, Args, Ret, Status};
 use irq::{GuestIrq, IrqRegistry, IrqSource, Mode, MsiMessage, SourceId, Trigger};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use vm_api::{IoAddr, IoEvents};
 use vmm_sys_util::eventfd::EventFd;
 
 /// How long a source waits for the guest before giving up.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most interrupts one FIRE may ask for.
 pub const MAX_COUNT: u64 = 10_000_000;
+
+/// What the test sources use of their VM.
+pub struct Services {
+    /// Where MSIs are signalled directly (the abort vector).
+    pub chip: Arc<dyn irq::IrqChip>,
+    /// Where the acknowledgement port's ioeventfd is registered.
+    pub io: Arc<dyn IoEvents>,
+    /// The interrupt forwarding registry the sources attach to.
+    pub irqs: Arc<IrqRegistry>,
+    /// The port bus (the INTx status port).
+    pub pio: Arc<crate::Bus>,
+}
+
+/// Both test sources, answering the test calls of the core hypercall block.
+pub struct TestSources {
+    /// The MSI source.
+    pub msi: MsiTestSource,
+    /// The INTx source.
+    pub intx: IntxTestSource,
+}
+
+impl TestSources {
+    /// Both sources of a VM, not yet attached (the guest's SETUP calls attach them).
+    pub fn new(vm: &Services) -> std::io::Result<TestSources> {
+        Ok(TestSources { msi: MsiTestSource::new(vm)?, intx: IntxTestSource::new(vm)? })
+    }
+
+    /// True for the call numbers the sources answer.
+    pub fn answers(nr: u64) -> bool {
+        matches!(
+            nr,
+            hcall::TEST_IRQ_SETUP
+                | hcall::TEST_IRQ_FIRE
+                | hcall::TEST_IRQ_REPORT
+                | hcall::TEST_INTX_SETUP
+                | hcall::TEST_INTX_FIRE
+                | hcall::TEST_INTX_REPORT
+        )
+    }
+
+    /// One test call.
+    pub fn call(&self, a: &Args) -> Ret {
+        match a.nr {
+            hcall::TEST_IRQ_SETUP => self.msi.setup(a.a[0], a.a[1]),
+            hcall::TEST_IRQ_FIRE => self.msi.fire(a.a[0], a.a[1]),
+            hcall::TEST_IRQ_REPORT => self.msi.report(a.a[0]),
+            hcall::TEST_INTX_SETUP => self.intx.setup(a.a[0], a.a[1]),
+            hcall::TEST_INTX_FIRE => self.intx.fire(a.a[0], a.a[1]),
+            hcall::TEST_INTX_REPORT => self.intx.report(a.a[0]),
+            _ => Ret::err(Status::UnknownCall),
+        }
+    }
+}
 
 /// The device reference a test source's registration holds.
 #[derive(Debug, Default)]
@@ -60,7 +117,8 @@ struct Progress {
 
 /// The firing machinery both sources share.
 struct Runner {
-    accel: Arc<dyn Accel>,
+    chip: Arc<dyn irq::IrqChip>,
+    io: Arc<dyn IoEvents>,
     irqs: Arc<IrqRegistry>,
     id: SourceId,
     progress: Mutex<Arc<Progress>>,
@@ -72,11 +130,13 @@ struct Runner {
 }
 
 impl Runner {
-    fn new(accel: Arc<dyn Accel>, irqs: Arc<IrqRegistry>, id: SourceId) -> std::io::Result<Runner> {
+    fn new(vm: &Services, id: SourceId) -> std::io::Result<Runner> {
         let done = Progress::default();
         done.done.store(true, Ordering::Release);
+        let irqs = Arc::clone(&vm.irqs);
         Ok(Runner {
-            accel,
+            chip: Arc::clone(&vm.chip),
+            io: Arc::clone(&vm.io),
             irqs,
             id,
             progress: Mutex::new(Arc::new(done)),
@@ -113,7 +173,7 @@ impl Runner {
         let progress = Arc::new(Progress::default());
         *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&progress);
         *self.guest_counted.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let (irqs, id, accel) = (Arc::clone(&self.irqs), self.id.clone(), Arc::clone(&self.accel));
+        let (irqs, id, accel) = (Arc::clone(&self.irqs), self.id.clone(), Arc::clone(&self.chip));
         let abort = *self.abort.lock().unwrap_or_else(|e| e.into_inner());
         let interval = count.checked_div(toggles).unwrap_or(0).max(1);
         let body = move || {
@@ -218,9 +278,9 @@ impl MsiTestSource {
     }
 
     /// A source not yet attached.
-    pub fn new(accel: Arc<dyn Accel>, irqs: Arc<IrqRegistry>) -> std::io::Result<MsiTestSource> {
+    pub fn new(vm: &Services) -> std::io::Result<MsiTestSource> {
         Ok(MsiTestSource {
-            runner: Runner::new(accel, irqs, Self::id())?,
+            runner: Runner::new(vm, Self::id())?,
             wiring: Mutex::new(None),
             device: Arc::new(TestDevice),
         })
@@ -260,10 +320,10 @@ impl MsiTestSource {
         let writer = Arc::new(trigger.try_clone().map_err(|e| e.to_string())?);
         let ack = Arc::new(irq::eventfd().map_err(|e| e.to_string())?);
         let port = IoAddr::Pio(u64::from(abi::ports::TEST_IRQ_ACK));
-        self.runner.accel.register_ioevent(&ack, port).map_err(|e| e.to_string())?;
+        self.runner.io.register_ioevent(&ack, port).map_err(|e| e.to_string())?;
         let source = IrqSource { id: Self::id(), trigger: Trigger::Edge(trigger) };
         if let Err(e) = self.runner.irqs.attach(source, GuestIrq::Msi(msi), self.device.clone()) {
-            let _ = self.runner.accel.unregister_ioevent(&ack, port);
+            let _ = self.runner.io.unregister_ioevent(&ack, port);
             return Err(e.to_string());
         }
         Ok(MsiWiring { trigger: writer, ack })
@@ -272,7 +332,7 @@ impl MsiTestSource {
     fn unwire(&self) {
         if let Some(w) = self.wiring.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = self.runner.irqs.detach(&Self::id());
-            let _ = self.runner.accel.unregister_ioevent(&w.ack, IoAddr::Pio(u64::from(abi::ports::TEST_IRQ_ACK)));
+            let _ = self.runner.io.unregister_ioevent(&w.ack, IoAddr::Pio(u64::from(abi::ports::TEST_IRQ_ACK)));
         }
     }
 
@@ -376,13 +436,14 @@ impl IntxTestSource {
         SourceId::new("test-intx", 0, 0)
     }
 
-    /// A source not yet attached; `pio` gets its status port.
-    pub fn new(accel: Arc<dyn Accel>, irqs: Arc<IrqRegistry>, pio: &devices::Bus) -> std::io::Result<IntxTestSource> {
+    /// A source not yet attached; the VM's port bus gets its status port.
+    pub fn new(vm: &Services) -> std::io::Result<IntxTestSource> {
         let line = Arc::new(Line { asserted: AtomicBool::new(false), acked: irq::eventfd()? });
-        pio.insert(u64::from(abi::ports::TEST_INTX_STATUS), 1, Arc::new(Mutex::new(StatusPort(Arc::clone(&line)))))
+        vm.pio
+            .insert(u64::from(abi::ports::TEST_INTX_STATUS), 1, Arc::new(Mutex::new(StatusPort(Arc::clone(&line)))))
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(IntxTestSource {
-            runner: Runner::new(accel, irqs, Self::id())?,
+            runner: Runner::new(vm, Self::id())?,
             line,
             wiring: Mutex::new(None),
             device: Arc::new(TestDevice),
@@ -400,7 +461,7 @@ impl IntxTestSource {
             return Ret::err(Status::InvalidArgument);
         };
         let Some(gsi) =
-            u32::try_from(gsi).ok().filter(|g| *g < crate::accel::FIRST_MSI_GSI && *g != abi::ports::SERIAL_GSI)
+            u32::try_from(gsi).ok().filter(|g| *g < abi::layout::IOAPIC_PINS && *g != abi::ports::SERIAL_GSI)
         else {
             return Ret::err(Status::InvalidArgument);
         };
