@@ -14,7 +14,13 @@ const MEM: [&str; 4] = ["--memory", "64M", "--locked-memory", "64M"];
 
 /// Runs the dma guest and checks every reported CRC against one computed here.
 fn dma_guest(device: &str) {
-    let out = bin().args(["run", "--guest", "dma", "--device", device]).args(MEM).output().unwrap();
+    dma_guest_irq(device, "forwarded");
+}
+
+/// The same with the engine's MSI-X vectors delivered `irq_mode` (forwarded or vmm).
+fn dma_guest_irq(device: &str, irq_mode: &str) {
+    let out =
+        bin().args(["run", "--guest", "dma", "--irq-mode", irq_mode, "--device", device]).args(MEM).output().unwrap();
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{device}: {stdout}{stderr}");
     let mut checked = 0;
@@ -50,6 +56,13 @@ fn dma_guest_against_a_device_process_with_shared_memory() {
 fn dma_guest_against_a_device_process_in_message_mode() {
     vmm::require_kvm!();
     dma_guest("dma-engine,iommu-mode=messages");
+}
+
+#[test]
+fn dma_guest_with_msix_delivered_by_the_vmm_in_process_and_out() {
+    vmm::require_kvm!();
+    dma_guest_irq("dma-engine,process=inline", "vmm");
+    dma_guest_irq("dma-engine", "vmm");
 }
 
 fn start_server(path: &std::path::Path) -> Child {

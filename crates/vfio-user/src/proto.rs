@@ -153,6 +153,10 @@ pub const PCI_MSI: u32 = 1;
 pub const PCI_MSIX: u32 = 2;
 /// Number of PCI IRQ indexes (INTx, MSI, MSI-X, ERR, REQ).
 pub const PCI_NUM_IRQS: u32 = 5;
+/// IRQ index of PCI error reporting (AER): the device signals an error.
+pub const PCI_ERR: u32 = 3;
+/// IRQ index of a device request: the device asks to be released (unplugged).
+pub const PCI_REQ: u32 = 4;
 
 /// A malformed message.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -45,7 +45,17 @@ pub struct Backing {
 /// A region of the guest-physical address space backed by host memory.
 ///
 /// Its host address reaches KVM (a memory slot) and devices, so only code that can
-/// vouch for it builds one: [`Region::from_raw`] is `unsafe`.
+/// vouch for it builds one: [`Region::from_raw`] is `unsafe`, and the address is not a
+/// public field. Neither of these compiles:
+///
+/// ```compile_fail,E0133
+/// let r = vm_api::Region::from_raw(0, 4096, vm_api::RegionKind::Ram, 0x1000 as *mut u8, None, None);
+/// ```
+///
+/// ```compile_fail,E0451
+/// let r = vm_api::Region { gpa: 0, size: 4096, kind: vm_api::RegionKind::Ram, host: 0x1000 as *mut u8,
+///                          backing: None, _keepalive: None };
+/// ```
 #[derive(Clone)]
 pub struct Region {
     /// Guest-physical start.

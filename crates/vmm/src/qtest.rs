@@ -213,7 +213,7 @@ impl Session<'_> {
                 let last = ep.faults().recent().last().map(|f| f.iova.0).unwrap_or(0);
                 Ok(format!(
                     "OK bdf={} dead={} frontend={} bus_master={} irq={} bars={} mappings={} faults={} \
-                     last_fault={last:#x} bar_accesses={}",
+                     last_fault={last:#x} bar_accesses={} err_irqs={} req_irqs={}",
                     dev.bdf_string(),
                     u8::from(dev.is_torn_down()),
                     dev.frontend().name(),
@@ -222,7 +222,9 @@ impl Session<'_> {
                     bars(&dev.bars()),
                     ep.domain().map_or(0, |d| d.mapping_count()),
                     ep.faults().total(),
-                    f.bar_accesses()
+                    f.bar_accesses(),
+                    f.notifications().0,
+                    f.notifications().1
                 ))
             }
             "pci_list" => {

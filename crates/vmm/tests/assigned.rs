@@ -79,6 +79,10 @@ fn a_device_out_of_dma_windows_answers_busy_and_recovers_after_an_unmap() {
 /// of MSI or MSI-X fails.
 struct Plain {
     config_size: u64,
+    bar0_size: u64,
+    msix_vectors: u32,
+    /// Offers ERR and REQ; their eventfds land here.
+    notify: Option<std::sync::Arc<std::sync::Mutex<Vec<File>>>>,
 }
 
 impl Device for Plain {
@@ -87,14 +91,19 @@ impl Device for Plain {
     }
     fn region_info(&self, index: u32) -> Option<RegionInfo> {
         let size = match index {
-            0 => 0x1000,
+            0 => self.bar0_size,
             7 => self.config_size,
             _ => 0,
         };
         (index < 9).then_some(RegionInfo { flags: 3, index, cap_offset: 0, size, offset: 0 })
     }
     fn irq_info(&self, index: u32) -> Option<IrqInfo> {
-        (index < 5).then_some(IrqInfo { flags: 0, index, count: 0 })
+        let count = match index {
+            proto::PCI_MSIX => self.msix_vectors,
+            proto::PCI_ERR | proto::PCI_REQ => u32::from(self.notify.is_some()),
+            _ => 0,
+        };
+        (index < 5).then_some(IrqInfo { flags: 0, index, count })
     }
     fn region_read(&mut self, r: u32, o: u64, b: &mut [u8]) -> Result<(), i32> {
         b.fill(0);
@@ -110,8 +119,15 @@ impl Device for Plain {
     fn region_write(&mut self, _r: u32, _o: u64, _d: &[u8]) -> Result<(), i32> {
         Ok(())
     }
-    fn set_irqs(&mut self, s: &SetIrqs, _f: Vec<File>) -> Result<(), i32> {
-        if s.index == proto::PCI_INTX { Ok(()) } else { Err(libc::EINVAL) }
+    fn set_irqs(&mut self, s: &SetIrqs, f: Vec<File>) -> Result<(), i32> {
+        match (s.index, &self.notify) {
+            (proto::PCI_INTX, _) => Ok(()),
+            (proto::PCI_ERR | proto::PCI_REQ, Some(n)) => {
+                n.lock().unwrap().extend(f);
+                Ok(())
+            }
+            _ => Err(libc::EINVAL),
+        }
     }
     fn reset(&mut self) -> Result<(), i32> {
         Ok(())
@@ -119,8 +135,12 @@ impl Device for Plain {
 }
 
 fn plain(config_size: u64) -> (RemoteSpec, std::thread::JoinHandle<vfio_user::Error>) {
+    shaped(Plain { config_size, bar0_size: 0x1000, msix_vectors: 0, notify: None })
+}
+
+fn shaped(mut dev: Plain) -> (RemoteSpec, std::thread::JoinHandle<vfio_user::Error>) {
     let (ours, theirs) = UnixStream::pair().unwrap();
-    let server = std::thread::spawn(move || Server::new(Endpoint::new(theirs)).serve(&mut Plain { config_size }));
+    let server = std::thread::spawn(move || Server::new(Endpoint::new(theirs)).serve(&mut dev));
     (RemoteSpec { stream: ours, mode: IommuMode::SharedFd, process: None, timeout: Duration::from_secs(5) }, server)
 }
 
@@ -145,10 +165,39 @@ fn a_device_without_msi_is_assigned_and_reachable() {
     assert_eq!(d.bars()[0].size, 0x1000, "its size from the device's region info");
 }
 
+#[test]
+fn a_device_error_and_release_request_reach_the_vmm_counted() {
+    use std::io::Write;
+    let _s = serial();
+    let vm = vm();
+    let fds = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (spec, _server) = shaped(Plain {
+        config_size: 256,
+        bar0_size: 0x1000,
+        msix_vectors: 0,
+        notify: Some(std::sync::Arc::clone(&fds)),
+    });
+    let d = vm.attach_device(DeviceSpec::Remote(spec), "identity").unwrap();
+    assert_eq!(threads_named("vfu-notify"), 1, "one watcher for its ERR and REQ");
+    let mut given = std::mem::take(&mut *fds.lock().unwrap());
+    assert_eq!(given.len(), 2, "an eventfd for ERR and one for REQ");
+    given[0].write_all(&1u64.to_le_bytes()).unwrap(); // ERR
+    given[1].write_all(&1u64.to_le_bytes()).unwrap(); // REQ
+    given[1].write_all(&1u64.to_le_bytes()).unwrap(); // REQ again (may coalesce)
+    let t = std::time::Instant::now();
+    while d.function().notifications().0 < 1 || d.function().notifications().1 < 1 {
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", d.function().notifications());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!d.is_dead(), "an error report is not a death");
+    vm.detach_device(d.name()).unwrap();
+    assert_eq!(threads_named("vfu-notify"), 0, "the watcher stops with the device");
+}
+
 /// What a device leaves in the VMM: interrupt sources and routes, pins, devices,
 /// eventfds, memory-map regions, and the threads devices run (connection readers and
 /// writers, engine workers).
-fn footprint(vm: &Vm) -> (irq::IrqCounts, u64, usize, String, usize, [usize; 3]) {
+fn footprint(vm: &Vm) -> Footprint {
     let r = vmm::resources();
     let eventfds = r.split(' ').next().unwrap_or_default().to_string();
     let threads = [threads_named("vfu-client"), threads_named("vfu-writer"), threads_named("dma-engine")];
@@ -160,6 +209,18 @@ fn footprint(vm: &Vm) -> (irq::IrqCounts, u64, usize, String, usize, [usize; 3])
         vm.memory_map().regions().len(),
         threads,
     )
+}
+
+type Footprint = (irq::IrqCounts, u64, usize, String, usize, [usize; 3]);
+
+/// Waits (bounded) until the footprint is back to `before` (threads of a closed
+/// connection end on their own), then asserts it.
+fn settle(vm: &Vm, before: &Footprint, what: &str) {
+    let t = std::time::Instant::now();
+    while footprint(vm) != *before && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(footprint(vm), *before, "nothing of it is left: {what}");
 }
 
 fn wait_threads_gone(name: &str) {
@@ -179,14 +240,30 @@ fn a_failed_attach_leaves_no_source_thread_or_reference_and_the_vmm_goes_on() {
     vm.detach_device(d.name()).unwrap();
     wait_threads_gone("vfu-client");
     wait_threads_gone("dma-engine");
+    // A device that stays attached and working through all the failures below.
+    let keeper = vm.attach_device(DeviceSpec::Inline, "pvdma").unwrap();
+    enable(&vm, &keeper);
     let before = footprint(&vm);
-    // A malformed device: configuration space too small for a header.
-    let (spec, server) = plain(16);
-    let e = vm.attach_device(DeviceSpec::Remote(spec), "identity").unwrap_err().to_string();
-    assert!(e.contains("configuration"), "{e}");
-    server.join().unwrap(); // the connection was closed
-    wait_threads_gone("vfu-client");
-    assert_eq!(footprint(&vm), before, "nothing of it is left");
+    // Malformed devices: configuration space too small for a header, a BAR size that
+    // is not a power of two, an absurd number of MSI-X vectors.
+    for (dev, says) in [
+        (Plain { config_size: 16, bar0_size: 0x1000, msix_vectors: 0, notify: None }, "configuration"),
+        (Plain { config_size: 256, bar0_size: 0x3000, msix_vectors: 0, notify: None }, "power of two"),
+        (
+            Plain { config_size: 256, bar0_size: 0x1000, msix_vectors: 100_000, notify: None },
+            "100000 vectors of IRQ index 2",
+        ),
+    ] {
+        let (spec, server) = shaped(dev);
+        let e = vm.attach_device(DeviceSpec::Remote(spec), "identity").unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+        assert_eq!(e.lines().count(), 1, "one line: {e}");
+        server.join().unwrap(); // the connection was closed
+        settle(&vm, &before, says);
+    }
+    let mut id = [0u8; 4];
+    assert!(vm.mmio_read(keeper.bar(abi::dma_engine::REGS_BAR).unwrap(), &mut id));
+    assert_eq!(u32::from_le_bytes(id), abi::dma_engine::ID_VALUE, "the other device still works");
     // Each later step made to fail in turn, on a device that works.
     for step in [AttachStep::Function, AttachStep::Plug, AttachStep::Frontend] {
         for frontend in ["identity", "pvdma"] {
@@ -194,10 +271,8 @@ fn a_failed_attach_leaves_no_source_thread_or_reference_and_the_vmm_goes_on() {
             let e = vm.attach_device(DeviceSpec::Remote(engine(64)), frontend).unwrap_err().to_string();
             assert!(e.contains("injected failure"), "{e}");
             vm.device_manager().fail_attach_after(None);
-            wait_threads_gone("vfu-client");
-            wait_threads_gone("dma-engine");
-            assert_eq!(footprint(&vm), before, "after a failure at {step:?} with {frontend}");
-            assert!(vm.pci().list().len() == 1, "only the host bridge is on the bus");
+            settle(&vm, &before, &format!("after a failure at {step:?} with {frontend}"));
+            assert_eq!(vm.pci().list().len(), 2, "only the host bridge and the keeper are on the bus");
         }
     }
     // The VMM goes on: the next device attaches and works.

@@ -31,6 +31,7 @@ pub mod bars;
 pub mod config;
 pub mod dma;
 pub mod irqs;
+pub mod notify;
 
 use crate::process::DeviceProcess;
 use ::dma::{DmaSpace, Endpoint, MapObserver};
@@ -76,8 +77,9 @@ pub enum AttachError {
     Setup(String),
 }
 
-/// Most MSI vectors (the capability's limit) and MSI-X vectors accepted.
-const MAX_VECTORS: [u32; 3] = [1, 32, 2048];
+/// Most vectors accepted per IRQ index: INTx, MSI (the capability's limit), MSI-X,
+/// ERR, REQ.
+const MAX_VECTORS: [u32; 5] = [1, 32, 2048, 1, 1];
 
 /// The VM's services a function needs.
 pub struct Services {
@@ -126,11 +128,17 @@ pub struct AssignedFunction {
     up: AtomicBool,
     gone: AtomicBool,
     tearing_down: AtomicBool,
+    /// Held while the teardown runs: a second caller waits for the first to finish.
+    teardown_lock: Mutex<()>,
+    /// Set once the death was reported (one line, before the teardown runs).
+    reported: AtomicBool,
     torn_down: AtomicBool,
     removing: AtomicBool,
     gone_hooks: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
     /// Trapped BAR accesses and device accesses refused while bus mastering was off.
     bar_accesses: AtomicU64,
+    /// The device's ERR and REQ notifications (dropped, so stopped, at teardown).
+    notifications: Mutex<Option<notify::Notifications>>,
     me: Weak<AssignedFunction>,
 }
 
@@ -273,13 +281,19 @@ impl AssignedFunction {
             Err(e) => return Err(fail(e.into(), &process)),
         };
         let mut counts = [0u32; 3];
-        for (i, c) in counts.iter_mut().enumerate() {
+        for (i, max) in MAX_VECTORS.iter().enumerate() {
             let n = dev.irq(i as u32).map_or(0, |x| x.count);
-            if n > MAX_VECTORS[i] {
-                return Err(fail(AttachError::Irqs { index: i as u32, count: n, max: MAX_VECTORS[i] }, &process));
+            if n > *max {
+                return Err(fail(AttachError::Irqs { index: i as u32, count: n, max: *max }, &process));
             }
-            *c = n;
+            if let Some(c) = counts.get_mut(i) {
+                *c = n;
+            }
         }
+        let notifications = match notify::Notifications::start(name, dev.as_ref()) {
+            Ok(n) => n,
+            Err(e) => return Err(fail(AttachError::Setup(e), &process)),
+        };
         let msix = vconfig.msix;
         let memory: Vec<BarMemory> = (0..6u8)
             .map(|b| match vconfig.bars.spec(b) {
@@ -306,10 +320,13 @@ impl AssignedFunction {
                 up: AtomicBool::new(false),
                 gone: AtomicBool::new(false),
                 tearing_down: AtomicBool::new(false),
+                teardown_lock: Mutex::new(()),
+                reported: AtomicBool::new(false),
                 torn_down: AtomicBool::new(false),
                 removing: AtomicBool::new(false),
                 gone_hooks: Mutex::new(Vec::new()),
                 bar_accesses: AtomicU64::new(0),
+                notifications: Mutex::new(Some(notifications)),
                 me: me.clone(),
             }
         });
@@ -384,17 +401,19 @@ impl AssignedFunction {
     }
 
     /// The device is gone (its process died or stopped answering): a surprise removal.
-    /// Says so once, and only for a device that had come up.
+    /// Says so once, and only for a device that had come up; the line is written
+    /// before the teardown runs, so a VMM ending at that moment still reports it.
     pub fn died(&self, why: &str) {
         if !self.up.load(Ordering::Acquire) || self.removing.load(Ordering::Acquire) {
             self.gone.store(true, Ordering::Release);
             return;
         }
+        self.gone.store(true, Ordering::Release);
         if let Some(p) = &self.process {
             // A device whose connection is gone may still hold guest memory: end it.
             p.kill_and_reap(Duration::from_secs(5));
         }
-        if self.teardown() {
+        if !self.reported.swap(true, Ordering::AcqRel) {
             let how = self.process.as_ref().and_then(|p| p.status()).map(|s| format!("; process {}", describe(s)));
             eprintln!(
                 "passthru: device {} is gone ({why}{}); its BARs now read all-ones",
@@ -402,11 +421,14 @@ impl AssignedFunction {
                 how.unwrap_or_default()
             );
         }
+        self.teardown();
     }
 
-    /// Tears interrupts, DMA and windows down once; true the first time.
+    /// Tears interrupts, DMA and windows down once; true the first time. A caller that
+    /// finds the teardown running waits for it to finish.
     fn teardown(&self) -> bool {
         self.gone.store(true, Ordering::Release);
+        let _running = self.teardown_lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.tearing_down.swap(true, Ordering::AcqRel) {
             return false;
         }
@@ -419,8 +441,17 @@ impl AssignedFunction {
             self.endpoint.remove_observer(&o);
         }
         self.endpoint.close();
+        drop(self.notifications.lock().unwrap_or_else(|e| e.into_inner()).take());
         self.torn_down.store(true, Ordering::Release);
         true
+    }
+
+    /// Errors (ERR) and release requests (REQ) the device signalled.
+    pub fn notifications(&self) -> (u64, u64) {
+        let n = self.notifications.lock().unwrap_or_else(|e| e.into_inner());
+        n.as_ref().map_or((0, 0), |n| {
+            (n.counts().errors.load(Ordering::Relaxed), n.counts().requests.load(Ordering::Relaxed))
+        })
     }
 
     /// Removes the function (unplug, VM end): torn down quietly, its device closed and,
