@@ -48,7 +48,7 @@ pub trait IrqChip: Send + Sync {
     fn set_irq_line(&self, gsi: u32, level: bool) -> io::Result<()>;
     /// First GSI free for MSI routes (above the irqchip pins).
     fn first_msi_gsi(&self) -> u32 {
-        24
+        abi::layout::IOAPIC_PINS
     }
     /// Number of GSIs the routing table takes.
     fn gsi_count(&self) -> u32 {

@@ -273,7 +273,10 @@ impl vfio_user::server::Device for SelfTest {
         self.0.region_read(region, offset, buf)
     }
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), i32> {
-        if region == 0 && offset == abi::dma_engine::regs::CONTROL && data.first().is_some_and(|b| b & 2 != 0) {
+        if region == 0
+            && offset == abi::dma_engine::regs::CONTROL
+            && data.first().is_some_and(|b| u32::from(*b) & abi::dma_engine::control::RESET != 0)
+        {
             // SAFETY: socket(2) with plain integer arguments; the filter kills us first.
             unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
         }

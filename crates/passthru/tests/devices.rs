@@ -67,8 +67,12 @@ fn dma_guest_with_msix_delivered_by_the_vmm_in_process_and_out() {
 
 fn start_server(path: &std::path::Path) -> Child {
     let _ = std::fs::remove_file(path);
-    let server =
-        bin().args(["device", "dma-engine", "--socket", path.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    let server = bin()
+        .args(["device", "dma-engine", "--socket", path.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let t = Instant::now();
     while !path.exists() && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(10));

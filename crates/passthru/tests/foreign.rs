@@ -404,6 +404,7 @@ fn the_rust_vmm_client_drives_passthrus_device_server() {
     let _ = std::fs::remove_file(&path);
     let mut server = bin()
         .args(["device", "dma-engine", "--socket", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();

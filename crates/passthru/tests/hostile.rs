@@ -196,6 +196,16 @@ impl Vmm {
         self.err.lock().unwrap().clone()
     }
 
+    /// Waits until device `name` is gone and torn down (its death is reported first,
+    /// then its teardown runs).
+    fn wait_torn_down(&mut self, name: &str) {
+        let t = Instant::now();
+        while !self.cmd(&format!("dev_info {name}")).contains("dead=1") {
+            assert!(t.elapsed() < SLACK, "{name} never torn down: {}", self.stderr());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Memory decoding and bus mastering on for the device in slot 1.
     fn enable(&mut self) {
         qpci::enable(&mut |c| self.cmd(c), 1);
@@ -263,7 +273,7 @@ fn a_device_that_stops_reading_is_declared_dead_and_the_vmm_still_ends_on_eof() 
     let t = Instant::now();
     assert_eq!(vmm.cmd("readl 0xc0000000"), "OK 0x00000000ffffffff");
     assert!(t.elapsed() < Duration::from_millis(200));
-    assert!(vmm.cmd("dev_info vfu0").contains("dead=1"));
+    vmm.wait_torn_down("vfu0");
     let (code, took, stderr) = vmm.finish();
     assert_eq!(code, Some(0), "{stderr}");
     assert!(took < Duration::from_secs(5), "exit took {took:?}");
@@ -323,6 +333,21 @@ fn a_device_offering_absurd_interrupt_counts_is_refused_at_attach_with_one_clear
     assert!(!stderr.contains("is gone"), "a device that never came up is not 'gone': {stderr}");
 }
 
+/// A process a test may stop (SIGSTOP): resumed and killed when the test ends, even
+/// by a failed assertion, so no stopped process outlives it.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            // SAFETY: kill(2) to the child this guard owns.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGCONT) };
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Stops (SIGSTOP) or resumes a process.
 fn signal(pid: i32, sig: i32) {
     // SAFETY: kill(2) to a process this test started (directly or through the VMM).
@@ -344,6 +369,7 @@ fn a_spawned_device_that_does_not_acknowledge_dma_unmap_is_killed_and_reaped_bef
     // By the time UNMAP returned, the process is gone: killed and reaped.
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "device process {pid} still exists");
     assert!(vmm.wait_stderr("device dma0 is gone", SLACK), "{}", vmm.stderr());
+    vmm.wait_torn_down("dma0");
     assert_eq!(vmm.cmd("hcall 0x101 8 0x100000 4096 3"), "OK 0x3 0x0 0x0 0x0", "not assigned any more");
     let (code, _, stderr) = vmm.finish();
     assert_eq!(code, Some(0), "{stderr}");
@@ -355,11 +381,15 @@ fn a_spawned_device_that_does_not_acknowledge_dma_unmap_is_killed_and_reaped_bef
 fn an_external_device_that_does_not_acknowledge_dma_unmap_is_disconnected_and_declared_dead() {
     let path = std::env::temp_dir().join(format!("passthru-stopped-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
-    let mut server = bin()
-        .args(["device", "dma-engine", "--socket", path.to_str().unwrap()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = Stopped(
+        bin()
+            .args(["device", "dma-engine", "--socket", path.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let server = &mut server.0;
     let t = Instant::now();
     while !path.exists() {
         assert!(t.elapsed() < SLACK);
@@ -372,7 +402,7 @@ fn an_external_device_that_does_not_acknowledge_dma_unmap_is_disconnected_and_de
     signal(server.id() as i32, libc::SIGSTOP);
     assert_eq!(vmm.cmd(&format!("hcall 0x103 8 {iova} 4096")), "OK 0x0 0x0 0x0 0x0");
     assert!(vmm.wait_stderr("device vfu0 is gone", SLACK), "{}", vmm.stderr());
-    assert!(vmm.cmd("dev_info vfu0").contains("dead=1"));
+    vmm.wait_torn_down("vfu0");
     // Not ours to kill: it was disconnected. Resumed, it sees the connection closed.
     signal(server.id() as i32, libc::SIGCONT);
     let t = Instant::now();
@@ -542,6 +572,7 @@ fn the_device_process_refuses_a_file_too_small_and_survives_one_shrunk_under_it(
     let _ = std::fs::remove_file(&path);
     let mut server = bin()
         .args(["device", "dma-engine", "--socket", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();

@@ -37,6 +37,30 @@ struct Regs {
     bytes: u64,
 }
 
+/// The 32-bit register at `offset` (64-bit registers as two halves).
+fn register(r: &Regs, offset: u64) -> u32 {
+    let lo = |v: u64| v as u32;
+    let hi = |v: u64| (v >> 32) as u32;
+    match offset {
+        regs::ID => de::ID_VALUE,
+        regs::RING_BASE => lo(r.ring_base),
+        regs::RING_BASE_HI => hi(r.ring_base),
+        regs::RING_SIZE => r.ring_size,
+        regs::HEAD => r.head,
+        regs::TAIL => r.tail,
+        regs::STATUS => r.status,
+        regs::IRQ_CTRL => r.irq_ctrl,
+        regs::CONTROL => r.status & status::ENABLED,
+        regs::ERRORS => r.errors,
+        regs::FAULTS => r.faults,
+        regs::LAST_FAULT => lo(r.last_fault),
+        o if o == regs::LAST_FAULT + 4 => hi(r.last_fault),
+        regs::BYTES => lo(r.bytes),
+        o if o == regs::BYTES + 4 => hi(r.bytes),
+        _ => 0,
+    }
+}
+
 impl Regs {
     /// One more DMA fault, at `f`.
     fn count_fault(&mut self, f: MemFault) {
@@ -103,24 +127,13 @@ impl DmaEngine {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A read of BAR 0 (registers). Unknown offsets read as zero.
+    /// A read of BAR 0 (registers), any width: each byte comes from the 32-bit
+    /// register that holds it. Unknown offsets read as zero.
     pub fn read_reg(&self, offset: u64, data: &mut [u8]) {
         let r = self.lock().regs;
-        let v: u64 = match offset & !7 {
-            0x00 => u64::from(de::ID_VALUE),
-            0x08 => r.ring_base,
-            0x10 => u64::from(r.ring_size) | (u64::from(r.head) << 32),
-            0x18 => u64::from(r.tail) | (u64::from(r.status) << 32),
-            0x20 => u64::from(r.irq_ctrl) | (u64::from(r.status & status::ENABLED) << 32),
-            0x28 => u64::from(r.errors) | (u64::from(r.faults) << 32),
-            0x30 => r.last_fault,
-            0x48 => r.bytes,
-            _ => 0,
-        };
-        let bytes = v.to_le_bytes();
-        let start = (offset & 7) as usize;
         for (i, d) in data.iter_mut().enumerate() {
-            *d = bytes.get(start + i).copied().unwrap_or(0);
+            let at = offset.saturating_add(i as u64);
+            *d = register(&r, at & !3).to_le_bytes()[(at & 3) as usize];
         }
     }
 
