@@ -1,35 +1,61 @@
 //! The dirty log: guest pages written by devices, indexed by guest-physical page (what
 //! migration needs), one bit per 4 KiB page, read and cleared atomically word by word.
+//!
+//! The log grows with guest memory: it is a table of 1 GiB chunks of bits, each
+//! allocated once when memory appears there ([`DirtyLog::add_range`]) and never moved,
+//! so marking a page (on every device write) takes no lock: one atomic load finds the
+//! chunk. Writes outside guest memory (no chunk) are not logged.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const PAGE_SHIFT: u32 = 12;
+const CHUNK_SHIFT: u32 = 30;
+/// Guest-physical space the log can cover: 0 .. 2 TiB (RAM; 64-bit BARs start at
+/// 1 TiB and are device memory, logged when a front-end adds them).
+const MAX_CHUNKS: usize = 2048;
+const WORDS_PER_CHUNK: usize = 1 << (CHUNK_SHIFT - PAGE_SHIFT - 6);
 
-#[derive(Debug)]
-struct Region {
-    start: u64,
-    end: u64,
-    bits: Box<[AtomicU64]>,
+/// One VM's dirty bitmap over its guest memory.
+pub struct DirtyLog {
+    chunks: Box<[OnceLock<Box<[AtomicU64]>>]>,
 }
 
-/// One VM's dirty bitmap over its guest memory regions.
-#[derive(Debug)]
-pub struct DirtyLog {
-    regions: Vec<Region>,
+impl std::fmt::Debug for DirtyLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.chunks.iter().filter(|c| c.get().is_some()).count();
+        f.debug_struct("DirtyLog").field("chunks", &n).finish()
+    }
 }
 
 impl DirtyLog {
     /// A clean log over the given `(gpa, size)` regions.
     pub fn new(regions: &[(u64, u64)]) -> DirtyLog {
-        let regions = regions
-            .iter()
-            .map(|&(start, size)| {
-                let pages = size.div_ceil(1 << PAGE_SHIFT);
-                let words = usize::try_from(pages.div_ceil(64)).unwrap_or(0);
-                Region { start, end: start + size, bits: (0..words).map(|_| AtomicU64::new(0)).collect() }
-            })
-            .collect();
-        DirtyLog { regions }
+        let log = DirtyLog { chunks: (0..MAX_CHUNKS).map(|_| OnceLock::new()).collect() };
+        for &(gpa, size) in regions {
+            log.add_range(gpa, size);
+        }
+        log
+    }
+
+    /// Covers `[gpa, gpa + size)` from now on (memory that appeared). Memory beyond
+    /// the log's reach is not logged.
+    pub fn add_range(&self, gpa: u64, size: u64) {
+        if size == 0 {
+            return;
+        }
+        let first = gpa >> CHUNK_SHIFT;
+        let last = gpa.saturating_add(size - 1) >> CHUNK_SHIFT;
+        for c in first..=last {
+            if let Some(cell) = usize::try_from(c).ok().and_then(|c| self.chunks.get(c)) {
+                cell.get_or_init(|| (0..WORDS_PER_CHUNK).map(|_| AtomicU64::new(0)).collect());
+            }
+        }
+    }
+
+    fn chunk(&self, gpa: u64) -> Option<&[AtomicU64]> {
+        let c = usize::try_from(gpa >> CHUNK_SHIFT).ok()?;
+        self.chunks.get(c)?.get().map(|b| &b[..])
     }
 
     /// Marks the pages of `[gpa, gpa + len)` dirty. Words already fully set are only
@@ -39,46 +65,53 @@ impl DirtyLog {
         if len == 0 {
             return;
         }
-        let Some(r) = self.regions.iter().find(|r| gpa >= r.start && gpa < r.end) else {
-            return;
-        };
-        let first = (gpa - r.start) >> PAGE_SHIFT;
-        let last = ((gpa - r.start).saturating_add(len - 1).min(r.end - r.start - 1)) >> PAGE_SHIFT;
-        let mut page = first;
+        let mut page = gpa >> PAGE_SHIFT;
+        let last = gpa.saturating_add(len - 1) >> PAGE_SHIFT;
         while page <= last {
-            let word = (page / 64) as usize;
-            let lo = page % 64;
-            let hi = (last - page + lo).min(63);
-            let mask = if hi - lo == 63 { u64::MAX } else { ((1u64 << (hi - lo + 1)) - 1) << lo };
-            if let Some(w) = r.bits.get(word)
-                && w.load(Ordering::Relaxed) & mask != mask
-            {
-                w.fetch_or(mask, Ordering::Relaxed);
+            let chunk_end = ((page >> (CHUNK_SHIFT - PAGE_SHIFT)) + 1) << (CHUNK_SHIFT - PAGE_SHIFT);
+            let upto = last.min(chunk_end - 1);
+            if let Some(words) = self.chunk(page << PAGE_SHIFT) {
+                let base = page & !((1 << (CHUNK_SHIFT - PAGE_SHIFT)) - 1);
+                let mut p = page;
+                while p <= upto {
+                    let rel = p - base;
+                    let (word, lo) = ((rel / 64) as usize, rel % 64);
+                    let hi = (upto - p + lo).min(63);
+                    let mask = if hi - lo == 63 { u64::MAX } else { ((1u64 << (hi - lo + 1)) - 1) << lo };
+                    if let Some(w) = words.get(word)
+                        && w.load(Ordering::Relaxed) & mask != mask
+                    {
+                        w.fetch_or(mask, Ordering::Relaxed);
+                    }
+                    p += hi - lo + 1;
+                }
             }
-            page += hi - lo + 1;
+            page = upto + 1;
         }
     }
 
     /// True if the page holding `gpa` is dirty.
     pub fn is_dirty(&self, gpa: u64) -> bool {
-        self.regions.iter().find(|r| gpa >= r.start && gpa < r.end).is_some_and(|r| {
-            let page = (gpa - r.start) >> PAGE_SHIFT;
-            r.bits.get((page / 64) as usize).is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (page % 64)) != 0)
-        })
+        let rel = (gpa >> PAGE_SHIFT) & ((1 << (CHUNK_SHIFT - PAGE_SHIFT)) - 1);
+        self.chunk(gpa)
+            .and_then(|w| w.get((rel / 64) as usize))
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (rel % 64)) != 0)
     }
 
-    /// Returns the guest-physical addresses of dirty pages and clears them. Each word
-    /// is swapped atomically: a page marked during the call is reported now or next time,
-    /// never lost.
+    /// Returns the guest-physical addresses of dirty pages, in order, and clears them.
+    /// Each word is swapped atomically: a page marked during the call is reported now
+    /// or next time, never lost.
     pub fn take(&self) -> Vec<u64> {
         let mut out = Vec::new();
-        for r in &self.regions {
-            for (i, w) in r.bits.iter().enumerate() {
+        for (c, cell) in self.chunks.iter().enumerate() {
+            let Some(words) = cell.get() else { continue };
+            let base = (c as u64) << CHUNK_SHIFT;
+            for (i, w) in words.iter().enumerate() {
                 let mut v = w.swap(0, Ordering::AcqRel);
                 while v != 0 {
                     let bit = u64::from(v.trailing_zeros());
                     v &= v - 1;
-                    out.push(r.start + ((i as u64 * 64 + bit) << PAGE_SHIFT));
+                    out.push(base + ((i as u64 * 64 + bit) << PAGE_SHIFT));
                 }
             }
         }
@@ -87,7 +120,12 @@ impl DirtyLog {
 
     /// Number of dirty pages (without clearing).
     pub fn count(&self) -> u64 {
-        self.regions.iter().flat_map(|r| r.bits.iter()).map(|w| u64::from(w.load(Ordering::Relaxed).count_ones())).sum()
+        self.chunks
+            .iter()
+            .filter_map(|c| c.get())
+            .flat_map(|w| w.iter())
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
     }
 }
 
@@ -101,7 +139,7 @@ mod tests {
         log.mark(0x1fff, 2); // straddles pages 1 and 2
         log.mark(0x40000, 64 * 4096 + 1); // 65 pages across a word boundary
         log.mark((1 << 32) + 0x3000, 1);
-        log.mark(0xdead_0000, 10); // outside guest memory: ignored
+        log.mark(0x1_4000_0000, 10); // outside guest memory (no chunk): ignored
         assert!(log.is_dirty(0x1000) && log.is_dirty(0x2000) && !log.is_dirty(0x3000));
         assert_eq!(log.count(), 2 + 65 + 1);
         let pages = log.take();
@@ -110,5 +148,19 @@ mod tests {
         assert_eq!(*pages.last().unwrap(), (1 << 32) + 0x3000);
         assert_eq!(log.count(), 0);
         assert!(log.take().is_empty());
+    }
+
+    #[test]
+    fn the_log_grows_with_memory_and_marks_across_chunks() {
+        let log = DirtyLog::new(&[(0, 1 << 30)]);
+        log.mark((1 << 30) + 0x1000, 1);
+        assert_eq!(log.count(), 0, "not guest memory yet");
+        log.add_range(1 << 30, 1 << 30);
+        // One mark across the 1 GiB boundary: the last page of one chunk, the first of
+        // the next.
+        log.mark((1 << 30) - 0x800, 0x1000);
+        assert_eq!(log.take(), vec![(1 << 30) - 0x1000, 1 << 30]);
+        log.mark(u64::MAX - 10, 100); // at the top of the address space: no overflow
+        assert_eq!(log.count(), 0);
     }
 }

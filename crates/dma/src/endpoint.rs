@@ -134,6 +134,7 @@ impl Endpoint {
             relay: Mutex::new(Some(Arc::new(Relay(weak.clone())) as Arc<dyn MapObserver>)),
             relayed: std::sync::atomic::AtomicBool::new(false),
         });
+        vm.register_endpoint(&inner);
         Endpoint { inner }
     }
 

@@ -1,27 +1,93 @@
-//! The DMA state of one VM: its guest memory, its locked-memory account and its dirty
-//! log, shared by all of its domains.
+//! The DMA state of one VM: the guest memory devices can reach, its locked-memory
+//! account and its dirty log, shared by all of its domains.
+//!
+//! Guest memory follows the VM's memory map: `VmDma` is a [`vm_api::MemoryListener`].
+//! RAM added later and RAM-device regions (a device's mmapped BAR: peer-to-peer) become
+//! reachable through domains that map their guest-physical addresses; the dirty log
+//! grows over new RAM. When a region goes, every endpoint of the VM is invalidated
+//! before the listener returns (cached translations dropped, in-flight accesses waited
+//! for): no access reaches memory that has left the map.
 
 use crate::account::LockedMemory;
 use crate::addr::{Gpa, Iova, Perm};
 use crate::dirty::DirtyLog;
 use crate::domain::{Domain, DomainConfig};
+use crate::endpoint::Inner as EndpointInner;
 use crate::error::MapError;
-use std::sync::Arc;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// A span of guest-physical memory and where the VMM maps it.
+#[derive(Clone)]
+struct Span {
+    gpa: u64,
+    size: u64,
+    host: usize,
+    /// RAM (pinned by domains, dirty-logged) or device memory.
+    ram: bool,
+    /// Keeps a region from the memory map alive while it is reachable.
+    _region: Option<vm_api::Region>,
+}
 
 /// One VM's guest memory, locked-memory account and dirty log.
-#[derive(Debug)]
 pub struct VmDma {
     memory: Arc<GuestMemoryMmap>,
+    /// Sorted by address, never overlapping.
+    spans: RwLock<Vec<Span>>,
     account: LockedMemory,
     dirty: DirtyLog,
+    /// Every endpoint of the VM (invalidated when memory leaves).
+    endpoints: Mutex<Vec<Weak<EndpointInner>>>,
+}
+
+impl std::fmt::Debug for VmDma {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let spans = self.spans.read().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("VmDma").field("spans", &spans.len()).field("account", &self.account).finish()
+    }
 }
 
 impl VmDma {
-    /// DMA state over `memory`, charging `account`.
+    /// DMA state over `memory` (the guest RAM of the VM's start), charging `account`.
+    /// Register it as a listener of the VM's memory map to follow later changes.
     pub fn new(memory: Arc<GuestMemoryMmap>, account: LockedMemory) -> Arc<VmDma> {
         let regions: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
-        Arc::new(VmDma { dirty: DirtyLog::new(&regions), memory, account })
+        let spans = memory
+            .iter()
+            .filter_map(|r| {
+                let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()? as usize;
+                Some(Span { gpa: r.start_addr().0, size: r.len(), host, ram: true, _region: None })
+            })
+            .collect();
+        Arc::new(VmDma {
+            dirty: DirtyLog::new(&regions),
+            memory,
+            spans: RwLock::new(spans),
+            account,
+            endpoints: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Remembers an endpoint (it is invalidated when memory leaves the map).
+    pub(crate) fn register_endpoint(&self, ep: &Arc<EndpointInner>) {
+        let mut eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        eps.retain(|w| w.strong_count() > 0);
+        eps.push(Arc::downgrade(ep));
+    }
+
+    /// Drops every endpoint's cached translations and waits for their in-flight
+    /// accesses.
+    fn invalidate_endpoints(&self) {
+        let eps: Vec<Arc<EndpointInner>> =
+            self.endpoints.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
+        for ep in eps {
+            ep.invalidate();
+        }
+    }
+
+    /// The guest-physical spans devices can reach now: (start, size, is RAM).
+    pub fn spans(&self) -> Vec<(u64, u64, bool)> {
+        self.spans.read().unwrap_or_else(|e| e.into_inner()).iter().map(|s| (s.gpa, s.size, s.ram)).collect()
     }
 
     /// Guest memory.
@@ -49,8 +115,9 @@ impl VmDma {
     /// cover it.
     pub fn identity_domain(self: &Arc<Self>, name: &str) -> Result<Arc<Domain>, MapError> {
         let d = self.create_domain(name, DomainConfig::default());
-        for r in self.memory.iter() {
-            let (start, end) = (r.start_addr().0, r.start_addr().0 + r.len());
+        let ram: Vec<(u64, u64)> = self.spans().into_iter().filter(|s| s.2).map(|s| (s.0, s.1)).collect();
+        for (gpa, size) in ram {
+            let (start, end) = (gpa, gpa + size);
             // Map around reserved windows that RAM may overlap.
             let mut pieces = vec![(start, end)];
             for res in &d.config().reserved {
@@ -77,10 +144,11 @@ impl VmDma {
         let Some(end) = gpa.checked_add(len) else {
             return false;
         };
+        let spans = self.spans.read().unwrap_or_else(|e| e.into_inner());
         let mut at = gpa;
         while at < end {
-            match self.memory.find_region(GuestAddress(at)) {
-                Some(r) => at = r.start_addr().0 + r.len(),
+            match spans.iter().find(|s| at >= s.gpa && at - s.gpa < s.size) {
+                Some(s) => at = s.gpa + s.size,
                 None => return false,
             }
         }
@@ -90,9 +158,52 @@ impl VmDma {
     /// Host address of `gpa` and the guest-physical bounds of its host-contiguous
     /// region.
     pub(crate) fn host_span(&self, gpa: u64) -> Option<(usize, u64, u64)> {
-        let r = self.memory.find_region(GuestAddress(gpa))?;
-        let off = gpa - r.start_addr().0;
-        let host = r.get_host_address(vm_memory::MemoryRegionAddress(off)).ok()?;
-        Some((host as usize, r.start_addr().0, r.start_addr().0 + r.len()))
+        let spans = self.spans.read().unwrap_or_else(|e| e.into_inner());
+        let i = spans.partition_point(|s| s.gpa <= gpa).checked_sub(1)?;
+        let s = spans.get(i)?;
+        let off = gpa - s.gpa;
+        (off < s.size).then(|| (s.host + off as usize, s.gpa, s.gpa + s.size))
+    }
+}
+
+impl vm_api::MemoryListener for VmDma {
+    fn name(&self) -> &str {
+        "dma"
+    }
+
+    fn region_added(&self, region: &vm_api::Region) -> Result<(), String> {
+        let ram = matches!(region.kind, vm_api::RegionKind::Ram);
+        let span = Span {
+            gpa: region.gpa,
+            size: region.size,
+            host: region.host() as usize,
+            ram,
+            _region: Some(region.clone()),
+        };
+        let mut spans = self.spans.write().unwrap_or_else(|e| e.into_inner());
+        // The RAM given at start comes back in the map's replay: the same span.
+        spans.retain(|s| !(s.gpa == span.gpa && s.size == span.size));
+        if spans.iter().any(|s| span.gpa < s.gpa + s.size && s.gpa < span.gpa + span.size) {
+            return Err(format!("{:#x}+{:#x} overlaps memory devices already reach", span.gpa, span.size));
+        }
+        let at = spans.partition_point(|s| s.gpa < span.gpa);
+        spans.insert(at, span);
+        drop(spans);
+        if ram {
+            self.dirty.add_range(region.gpa, region.size);
+        }
+        Ok(())
+    }
+
+    fn region_removed(&self, region: &vm_api::Region) {
+        let mut spans = self.spans.write().unwrap_or_else(|e| e.into_inner());
+        let before = spans.len();
+        spans.retain(|s| !(s.gpa == region.gpa && s.size == region.size));
+        let removed = spans.len() != before;
+        drop(spans);
+        if removed {
+            // Nobody may still be reading or writing the memory when the map lets go.
+            self.invalidate_endpoints();
+        }
     }
 }

@@ -106,6 +106,8 @@ impl Vm {
         for r in ram.regions() {
             memory_map.add_region(r)?;
         }
+        // Device DMA follows the memory map (RAM added later, mmapped BARs).
+        memory_map.add_listener(Arc::clone(&dma) as Arc<dyn MemoryListener>)?;
 
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
