@@ -15,4 +15,4 @@ pub mod memory;
 pub use bus::{Bus, BusDevice, BusError, SharedDevice};
 pub use hypercall::{BlockError, HypercallHandler, HypercallRegistry};
 pub use io::{IoAddr, IoEvents};
-pub use memory::{Backing, MemoryListener, MemoryMap, Region, RegionKind};
+pub use memory::{Backing, MemoryListener, MemoryMap, Region, RegionFlags, RegionKind};

@@ -33,6 +33,29 @@ pub enum RegionKind {
     },
 }
 
+/// What the VM must know about how a region is used (memory slot flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RegionFlags {
+    /// A device that does not snoop CPU caches may DMA here: the memory-type policy
+    /// and the VMM's own reads (snapshot, migration) must allow for it.
+    pub noncoherent_dma: bool,
+    /// Writes are logged (migration).
+    pub log_dirty: bool,
+}
+
+impl std::fmt::Display for RegionFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut words = Vec::new();
+        if self.noncoherent_dma {
+            words.push("noncoherent");
+        }
+        if self.log_dirty {
+            words.push("log-dirty");
+        }
+        write!(f, "{}", words.join("|"))
+    }
+}
+
 /// The file behind a region, for sharing it with another process.
 #[derive(Clone, Debug)]
 pub struct Backing {
@@ -54,7 +77,7 @@ pub struct Backing {
 ///
 /// ```compile_fail,E0451
 /// let r = vm_api::Region { gpa: 0, size: 4096, kind: vm_api::RegionKind::Ram, host: 0x1000 as *mut u8,
-///                          backing: None, _keepalive: None };
+///                          backing: None, flags: Default::default(), _keepalive: None };
 /// ```
 #[derive(Clone)]
 pub struct Region {
@@ -68,6 +91,9 @@ pub struct Region {
     host: *mut u8,
     /// The file behind it, when it can be shared by fd.
     pub backing: Option<Backing>,
+    /// How it is used (memory slot flags); changed in place with
+    /// [`MemoryMap::set_flags`].
+    pub flags: RegionFlags,
     /// Keeps the host mapping alive while the region is in the map (held, never read).
     _keepalive: Option<Arc<dyn Any + Send + Sync>>,
 }
@@ -104,7 +130,7 @@ impl Region {
         backing: Option<Backing>,
         keepalive: Option<Arc<dyn Any + Send + Sync>>,
     ) -> Region {
-        Region { gpa, size, kind, host, backing, _keepalive: keepalive }
+        Region { gpa, size, kind, host, backing, flags: RegionFlags::default(), _keepalive: keepalive }
     }
 
     /// One past the last byte.
@@ -136,6 +162,7 @@ impl Region {
             // An offset inside the region's own valid host range.
             host: self.host.wrapping_add(offset as usize),
             backing,
+            flags: self.flags,
             _keepalive: self._keepalive.clone(),
         })
     }
@@ -150,6 +177,8 @@ pub trait MemoryListener: Send + Sync {
     fn region_added(&self, region: &Region) -> std::result::Result<(), String>;
     /// A region is going away. Cannot fail: a listener must let go.
     fn region_removed(&self, region: &Region);
+    /// A region's flags changed (`region` carries the new ones). Cannot fail.
+    fn flags_changed(&self, _region: &Region) {}
 }
 
 /// The guest-physical memory map.
@@ -208,6 +237,22 @@ impl MemoryMap {
             l.region_removed(&region);
         }
         Some(region)
+    }
+
+    /// Sets the flags of the region starting at `gpa`; listeners are told. None if no
+    /// region starts there.
+    pub fn set_flags(&self, gpa: u64, flags: RegionFlags) -> Option<()> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let r = inner.regions.iter_mut().find(|r| r.gpa == gpa)?;
+        if r.flags == flags {
+            return Some(());
+        }
+        r.flags = flags;
+        let r = r.clone();
+        for l in &inner.listeners {
+            l.flags_changed(&r);
+        }
+        Some(())
     }
 
     /// Registers a listener and replays every existing region to it. If it refuses

@@ -51,7 +51,14 @@ pub trait Accel: irq::IrqChip {
     ///
     /// # Safety
     /// `host` must stay mapped and valid for `size` bytes until the slot is removed.
-    unsafe fn add_memslot(&self, slot: u32, gpa: u64, size: u64, host: *mut u8) -> Result<()>;
+    unsafe fn add_memslot(
+        &self,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        host: *mut u8,
+        flags: vm_api::RegionFlags,
+    ) -> Result<()>;
 
     /// Removes a memory slot added with [`Accel::add_memslot`].
     fn remove_memslot(&self, slot: u32, gpa: u64) -> Result<()>;
@@ -145,10 +152,20 @@ impl Accel for KvmAccel {
         AccelKind::Kvm
     }
 
-    unsafe fn add_memslot(&self, slot: u32, gpa: u64, size: u64, host: *mut u8) -> Result<()> {
+    unsafe fn add_memslot(
+        &self,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        host: *mut u8,
+        flags: vm_api::RegionFlags,
+    ) -> Result<()> {
+        // KVM has no per-slot flag for non-coherent DMA (that is per VM, through the
+        // KVM-VFIO device): the slot carries what KVM knows, dirty logging.
+        let kvm_flags = if flags.log_dirty { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
         let region = kvm_bindings::kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: kvm_flags,
             guest_phys_addr: gpa,
             memory_size: size,
             userspace_addr: host as u64,
@@ -326,7 +343,14 @@ impl Accel for QtestAccel {
         AccelKind::Qtest
     }
 
-    unsafe fn add_memslot(&self, _slot: u32, _gpa: u64, _size: u64, _host: *mut u8) -> Result<()> {
+    unsafe fn add_memslot(
+        &self,
+        _slot: u32,
+        _gpa: u64,
+        _size: u64,
+        _host: *mut u8,
+        _flags: vm_api::RegionFlags,
+    ) -> Result<()> {
         Ok(())
     }
 

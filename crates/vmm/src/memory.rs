@@ -122,16 +122,25 @@ impl GuestRam {
     }
 }
 
-/// Keeps KVM memory slots equal to the memory map.
+/// A memory slot: (guest-physical start, slot number, flags).
+pub type Slot = (u64, u32, vm_api::RegionFlags);
+
+/// Keeps KVM memory slots equal to the memory map (flags included).
 pub struct MemslotListener {
     accel: Arc<dyn crate::accel::Accel>,
-    slots: Mutex<(u32, Vec<(u64, u32)>)>,
+    /// (next slot number, the slots).
+    slots: Mutex<(u32, Vec<Slot>)>,
 }
 
 impl MemslotListener {
     /// A listener that creates memslots through `accel`.
     pub fn new(accel: Arc<dyn crate::accel::Accel>) -> MemslotListener {
         MemslotListener { accel, slots: Mutex::new((0, Vec::new())) }
+    }
+
+    /// The memory slots: (guest-physical start, slot number, flags).
+    pub fn slots(&self) -> Vec<Slot> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
     }
 }
 
@@ -142,22 +151,33 @@ impl MemoryListener for MemslotListener {
 
     fn region_added(&self, r: &Region) -> std::result::Result<(), String> {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = (0..=s.0).find(|n| !s.1.iter().any(|(_, used)| used == n)).unwrap_or(s.0);
+        let slot = (0..=s.0).find(|n| !s.1.iter().any(|(_, used, _)| used == n)).unwrap_or(s.0);
         // SAFETY: a Region's host address is valid for its size while the region lives
         // (Region::from_raw's contract); the memory map keeps the region until
         // region_removed, which deletes the slot first.
-        unsafe { self.accel.add_memslot(slot, r.gpa, r.size, r.host()) }.map_err(|e| e.to_string())?;
-        s.1.push((r.gpa, slot));
+        unsafe { self.accel.add_memslot(slot, r.gpa, r.size, r.host(), r.flags) }.map_err(|e| e.to_string())?;
+        s.1.push((r.gpa, slot, r.flags));
         s.0 = s.0.max(slot + 1);
         Ok(())
     }
 
     fn region_removed(&self, r: &Region) {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pos) = s.1.iter().position(|(gpa, _)| *gpa == r.gpa) {
-            let (_, slot) = s.1.remove(pos);
+        if let Some(pos) = s.1.iter().position(|(gpa, _, _)| *gpa == r.gpa) {
+            let (_, slot, _) = s.1.remove(pos);
             if let Err(e) = self.accel.remove_memslot(slot, r.gpa) {
                 tracing::error!("removing memslot {slot} at {:#x}: {e}", r.gpa);
+            }
+        }
+    }
+
+    fn flags_changed(&self, r: &Region) {
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = s.1.iter_mut().find(|(gpa, _, _)| *gpa == r.gpa) {
+            entry.2 = r.flags;
+            // SAFETY: as in region_added: the region (and its host memory) is in the map.
+            if let Err(e) = unsafe { self.accel.add_memslot(entry.1, r.gpa, r.size, r.host(), r.flags) } {
+                tracing::error!("updating memslot {} at {:#x} to {}: {e}", entry.1, r.gpa, r.flags);
             }
         }
     }
@@ -186,6 +206,39 @@ mod tests {
         }
         fn region_removed(&self, r: &Region) {
             self.events.lock().unwrap().push(format!("-{:#x}", r.gpa));
+        }
+        fn flags_changed(&self, r: &Region) {
+            self.events.lock().unwrap().push(format!("~{:#x}:{}", r.gpa, r.flags));
+        }
+    }
+
+    #[test]
+    fn flags_reach_listeners_and_kvm_memory_slots() {
+        let map = MemoryMap::new();
+        let log = Arc::new(Log::default());
+        map.add_listener(log.clone()).unwrap();
+        let ram = GuestRam::new(MIN_RAM).unwrap();
+        let kvm = crate::kvm_available().then(|| Arc::new(crate::accel::KvmAccel::new().unwrap()));
+        let slots = kvm.as_ref().map(|k| Arc::new(MemslotListener::new(k.clone())));
+        if let Some(s) = &slots {
+            map.add_listener(s.clone()).unwrap();
+        }
+        for r in ram.regions() {
+            map.add_region(r).unwrap();
+        }
+        let flags = vm_api::RegionFlags { noncoherent_dma: true, log_dirty: true };
+        assert_eq!(map.set_flags(0, flags), Some(()));
+        assert_eq!(map.set_flags(0x1234, flags), None, "no region starts there");
+        assert_eq!(map.regions()[0].flags, flags);
+        assert_eq!(log.events.lock().unwrap().last().unwrap(), "~0x0:noncoherent|log-dirty");
+        if let Some(s) = &slots {
+            // KVM took the slot again with dirty logging on (an error would be logged and
+            // the bookkeeping below would still change, so ask KVM directly too).
+            assert_eq!(s.slots()[0].2, flags);
+            let r = &map.regions()[0];
+            let accel: &dyn crate::accel::Accel = kvm.as_ref().unwrap().as_ref();
+            // SAFETY: the same slot, address and host memory the map holds alive.
+            unsafe { accel.add_memslot(s.slots()[0].1, r.gpa, r.size, r.host(), flags) }.unwrap();
         }
     }
 

@@ -259,9 +259,18 @@ impl Session<'_> {
                     .memory_map()
                     .regions()
                     .iter()
-                    .map(|r| match &r.kind {
-                        vm_api::RegionKind::Ram => format!("{:#x}+{:#x}:ram", r.gpa, r.size),
-                        vm_api::RegionKind::RamDevice { device } => format!("{:#x}+{:#x}:{device}", r.gpa, r.size),
+                    .map(|r| {
+                        let flags = if r.flags == vm_api::RegionFlags::default() {
+                            String::new()
+                        } else {
+                            format!("[{}]", r.flags)
+                        };
+                        match &r.kind {
+                            vm_api::RegionKind::Ram => format!("{:#x}+{:#x}:ram{flags}", r.gpa, r.size),
+                            vm_api::RegionKind::RamDevice { device } => {
+                                format!("{:#x}+{:#x}:{device}{flags}", r.gpa, r.size)
+                            }
+                        }
                     })
                     .collect();
                 Ok(format!("OK {}", list.join(" ")))

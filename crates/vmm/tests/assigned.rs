@@ -243,6 +243,12 @@ fn a_failed_attach_leaves_no_source_thread_or_reference_and_the_vmm_goes_on() {
     // A device that stays attached and working through all the failures below.
     let keeper = vm.attach_device(DeviceSpec::Inline, "pvdma").unwrap();
     enable(&vm, &keeper);
+    // A thread names itself once it runs: wait for the keeper's engine worker.
+    let t = std::time::Instant::now();
+    while threads_named("dma-engine") != 1 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the keeper's engine thread never ran");
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let before = footprint(&vm);
     // Malformed devices: configuration space too small for a header, a BAR size that
     // is not a power of two, an absurd number of MSI-X vectors.
