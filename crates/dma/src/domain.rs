@@ -211,10 +211,10 @@ impl Domain {
                 tree.insert(m.iova.0, *m);
             }
             let pinned = if let [m] = maps {
-                self.vm.account().pin(&[(m.gpa.0, m.size)])
+                self.vm.pin(&[(m.gpa.0, m.size)])
             } else {
                 let ranges: Vec<(u64, u64)> = maps.iter().map(|m| (m.gpa.0, m.size)).collect();
-                self.vm.account().pin(&ranges)
+                self.vm.pin(&ranges)
             };
             if let Err(e) = pinned {
                 undo(&mut tree, maps.len());
@@ -244,7 +244,7 @@ impl Domain {
                     done.unmapped(maps);
                 }
                 let ranges: Vec<(u64, u64)> = maps.iter().map(|m| (m.gpa.0, m.size)).collect();
-                self.vm.account().unpin(&ranges);
+                self.vm.unpin(&ranges);
                 return Err(MapError::Rejected(reason));
             }
         }
@@ -336,10 +336,10 @@ impl Domain {
             o.unmapped(removed);
         }
         if let [m] = removed {
-            self.vm.account().unpin(&[(m.gpa.0, m.size)]);
+            self.vm.unpin(&[(m.gpa.0, m.size)]);
         } else {
             let ranges: Vec<(u64, u64)> = removed.iter().map(|m| (m.gpa.0, m.size)).collect();
-            self.vm.account().unpin(&ranges);
+            self.vm.unpin(&ranges);
         }
         self.unmaps.fetch_add(1, Ordering::Relaxed);
         removed.iter().map(|m| m.size).sum()
@@ -455,6 +455,6 @@ impl Drop for Domain {
         // Pins die with the domain: nothing can access it any more.
         let tree = std::mem::take(self.tree.get_mut().unwrap_or_else(|e| e.into_inner()));
         let ranges: Vec<(u64, u64)> = tree.values().map(|m| (m.gpa.0, m.size)).collect();
-        self.vm.account().unpin(&ranges);
+        self.vm.unpin(&ranges);
     }
 }

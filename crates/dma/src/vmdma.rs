@@ -25,8 +25,9 @@ struct Span {
     host: usize,
     /// RAM (pinned by domains, dirty-logged) or device memory.
     ram: bool,
-    /// Keeps a region from the memory map alive while it is reachable.
-    _region: Option<vm_api::Region>,
+    /// The region from the memory map (keeps its memory alive while reachable; its
+    /// file for DMA_MAP).
+    region: Option<vm_api::Region>,
 }
 
 /// One VM's guest memory, locked-memory account and dirty log.
@@ -38,6 +39,8 @@ pub struct VmDma {
     dirty: DirtyLog,
     /// Every endpoint of the VM (invalidated when memory leaves).
     endpoints: Mutex<Vec<Weak<EndpointInner>>>,
+    /// Device memory is reachable (some pins must skip it).
+    has_device_memory: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for VmDma {
@@ -56,7 +59,7 @@ impl VmDma {
             .iter()
             .filter_map(|r| {
                 let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()? as usize;
-                Some(Span { gpa: r.start_addr().0, size: r.len(), host, ram: true, _region: None })
+                Some(Span { gpa: r.start_addr().0, size: r.len(), host, ram: true, region: None })
             })
             .collect();
         Arc::new(VmDma {
@@ -65,7 +68,53 @@ impl VmDma {
             spans: RwLock::new(spans),
             account,
             endpoints: Mutex::new(Vec::new()),
+            has_device_memory: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The parts of `ranges` that are not device memory: what a mapping pins. Device
+    /// memory (a BAR) is not guest RAM: the device owns it, nothing can swap it out,
+    /// and VFIO does not count it against the locked-memory limit either.
+    fn pinnable(&self, ranges: &[(u64, u64)]) -> Option<Vec<(u64, u64)>> {
+        if !self.has_device_memory.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let spans = self.spans.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for &(gpa, size) in ranges {
+            let mut pieces = vec![(gpa, gpa.saturating_add(size))];
+            for d in spans.iter().filter(|s| !s.ram) {
+                let (ds, de) = (d.gpa, d.gpa + d.size);
+                pieces = pieces
+                    .into_iter()
+                    .flat_map(|(s, e)| {
+                        if de <= s || e <= ds {
+                            vec![(s, e)]
+                        } else {
+                            [(s, ds.max(s)), (de.min(e), e)].into_iter().filter(|(a, b)| a < b).collect()
+                        }
+                    })
+                    .collect();
+            }
+            out.extend(pieces.into_iter().map(|(s, e)| (s, e - s)));
+        }
+        Some(out)
+    }
+
+    /// Pins the guest RAM in `ranges` (device memory is skipped); all or nothing.
+    pub(crate) fn pin(&self, ranges: &[(u64, u64)]) -> Result<(), MapError> {
+        match self.pinnable(ranges) {
+            None => self.account.pin(ranges),
+            Some(r) => self.account.pin(&r),
+        }
+    }
+
+    /// Releases what [`VmDma::pin`] pinned for `ranges`.
+    pub(crate) fn unpin(&self, ranges: &[(u64, u64)]) {
+        match self.pinnable(ranges) {
+            None => self.account.unpin(ranges),
+            Some(r) => self.account.unpin(&r),
+        }
     }
 
     /// Remembers an endpoint (it is invalidated when memory leaves the map).
@@ -83,6 +132,17 @@ impl VmDma {
         for ep in eps {
             ep.invalidate();
         }
+    }
+
+    /// The file behind guest-physical `gpa` (for a device process to map it): the file,
+    /// the offset of `gpa` in it, and the bytes of its region from `gpa` on. Resolved
+    /// from this table, so it can be asked from inside a memory-map listener.
+    pub fn backing_of(&self, gpa: u64) -> Option<(Arc<std::fs::File>, u64, u64)> {
+        let spans = self.spans.read().unwrap_or_else(|e| e.into_inner());
+        let i = spans.partition_point(|s| s.gpa <= gpa).checked_sub(1)?;
+        let s = spans.get(i).filter(|s| gpa - s.gpa < s.size)?;
+        let b = s.region.as_ref()?.backing.as_ref()?;
+        Some((Arc::clone(&b.fd), b.offset + (gpa - s.gpa), s.gpa + s.size - gpa))
     }
 
     /// The guest-physical spans devices can reach now: (start, size, is RAM).
@@ -178,7 +238,7 @@ impl vm_api::MemoryListener for VmDma {
             size: region.size,
             host: region.host() as usize,
             ram,
-            _region: Some(region.clone()),
+            region: Some(region.clone()),
         };
         let mut spans = self.spans.write().unwrap_or_else(|e| e.into_inner());
         // The RAM given at start comes back in the map's replay: the same span.
@@ -189,6 +249,9 @@ impl vm_api::MemoryListener for VmDma {
         let at = spans.partition_point(|s| s.gpa < span.gpa);
         spans.insert(at, span);
         drop(spans);
+        if !ram {
+            self.has_device_memory.store(true, std::sync::atomic::Ordering::Release);
+        }
         if ram {
             self.dirty.add_range(region.gpa, region.size);
         }

@@ -34,10 +34,17 @@ pub struct Context {
     /// Ends the VM: set when the operator asked that guest misuse of a DMA interface
     /// (invalid arguments, not transient failures) end the VM (`--dma-kill-on-misuse`).
     pub kill_on_misuse: Option<KillSwitch>,
+    /// The guest-physical range devices may address without a guest IOMMU (the PCI
+    /// bus's upstream window, `--dma-window`): what the identity front-end maps.
+    pub dma_window: std::ops::Range<u64>,
 }
 
+/// Fails a device (a surprise removal), saying why: for a front-end that can no
+/// longer give the device the memory it must reach.
+pub type FailDevice = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// A device as its front-end sees it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Device {
     /// Its requester id on the PCI bus (bus << 8 | device << 3 | function): the id
     /// the guest passes to a front-end's calls.
@@ -46,6 +53,14 @@ pub struct Device {
     pub name: String,
     /// The attachment the front-end switches between domains.
     pub endpoint: Endpoint,
+    /// Fails the device.
+    pub fail: FailDevice,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device").field("id", &self.id).field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 /// A front-end of one VM.

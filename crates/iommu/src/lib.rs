@@ -11,4 +11,4 @@ pub mod identity;
 pub mod iova;
 pub mod pvdma;
 
-pub use frontend::{Context, Device, Frontend, Frontends, Registration};
+pub use frontend::{Context, Device, FailDevice, Frontend, Frontends, Registration};

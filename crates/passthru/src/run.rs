@@ -61,6 +61,11 @@ pub struct RunArgs {
     /// Print the DMA front-ends' and devices' counters at the end of the run.
     #[arg(long)]
     stats: bool,
+    /// The guest-physical range devices may address without a guest IOMMU (the PCI
+    /// bus's upstream window): START-END, e.g. 0-0x100000000. RAM outside it is not
+    /// reachable by devices (reported at start). Default: the whole 48-bit space.
+    #[arg(long, value_name = "START-END", value_parser = parse_window)]
+    dma_window: Option<std::ops::Range<u64>>,
     /// Build the test interrupt sources (on by default for the interrupts, irqstorm
     /// and intx guest programs, which need them).
     #[arg(long)]
@@ -79,6 +84,16 @@ fn parse_u64(s: &str) -> Result<u64, String> {
     r.map_err(|_| format!("'{s}' is not a number"))
 }
 
+fn parse_window(s: &str) -> Result<std::ops::Range<u64>, String> {
+    let bad = || format!("'{s}' is not a window: write START-END, e.g. 0-0x100000000");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (a, b) = (parse_u64(a).map_err(|_| bad())?, parse_u64(b).map_err(|_| bad())?);
+    if a >= b || a % 4096 != 0 || b % 4096 != 0 {
+        return Err(format!("--dma-window {s}: START must be below END, both aligned to 4 KiB"));
+    }
+    Ok(a..b)
+}
+
 fn parse_irq_mode(s: &str) -> Result<irq::Mode, String> {
     s.parse()
 }
@@ -95,6 +110,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     config.locked_memory = args.locked_memory;
     config.dma_kill_on_misuse = args.dma_kill_on_misuse;
     config.test_sources = args.test_sources || NEEDS_TEST_SOURCES.contains(&args.guest.as_str());
+    if let Some(w) = &args.dma_window {
+        config.dma_window = w.clone();
+    }
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
     // The paravirtual DMA demo needs its device: give it the default one.
     let default_device;
@@ -231,6 +249,9 @@ fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
     config.locked_memory = args.locked_memory;
     config.dma_kill_on_misuse = args.dma_kill_on_misuse;
     config.test_sources = args.test_sources;
+    if let Some(w) = &args.dma_window {
+        config.dma_window = w.clone();
+    }
     let end = match &args.qtest {
         Some(path) => {
             let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {

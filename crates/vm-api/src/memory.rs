@@ -215,7 +215,7 @@ impl MemoryMap {
                 for done in &inner.listeners[..i] {
                     done.region_removed(&region);
                 }
-                tracing::error!("listener {} refused region {:?}: {reason}", l.name(), region);
+                tracing::debug!("listener {} refused region {:?}: {reason}", l.name(), region);
                 return Err(MapError::Region {
                     gpa: region.gpa,
                     size: region.size,
@@ -264,7 +264,7 @@ impl MemoryMap {
                 for done in &inner.regions[..i] {
                     listener.region_removed(done);
                 }
-                tracing::error!("listener {} refused region {:?}: {reason}", listener.name(), r);
+                tracing::debug!("listener {} refused region {:?}: {reason}", listener.name(), r);
                 return Err(MapError::Region { gpa: r.gpa, size: r.size, reason: "a new memory listener refused it" });
             }
         }

@@ -24,7 +24,6 @@ use pci::{BarWindow, PciFunction, PciRoot};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vm_api::MemoryMap;
 
 pub use devices::vfio_pci::dma::IommuMode;
 
@@ -160,7 +159,6 @@ pub struct DeviceManager {
     root: Arc<PciRoot>,
     frontends: Frontends,
     irqs: Arc<IrqRegistry>,
-    memory: Arc<MemoryMap>,
     dma: Arc<VmDma>,
     devices: Mutex<Vec<Arc<AssignedDevice>>>,
     /// Numbers device names.
@@ -182,18 +180,11 @@ pub enum AttachStep {
 
 impl DeviceManager {
     /// A manager plugging into `root`, handing devices to `frontends`.
-    pub fn new(
-        root: Arc<PciRoot>,
-        frontends: Frontends,
-        irqs: Arc<IrqRegistry>,
-        memory: Arc<MemoryMap>,
-        dma: Arc<VmDma>,
-    ) -> DeviceManager {
+    pub fn new(root: Arc<PciRoot>, frontends: Frontends, irqs: Arc<IrqRegistry>, dma: Arc<VmDma>) -> DeviceManager {
         DeviceManager {
             root,
             frontends,
             irqs,
-            memory,
             dma,
             devices: Mutex::new(Vec::new()),
             next: Mutex::new(0),
@@ -254,7 +245,7 @@ impl DeviceManager {
                 Backend::Remote { stream: r.stream, mode: r.mode, process: r.process, timeout: r.timeout }
             }
         };
-        let services = Services { irqs: Arc::clone(&self.irqs), memory: Arc::clone(&self.memory) };
+        let services = Services { irqs: Arc::clone(&self.irqs), memory: Arc::clone(&self.dma) };
         let mut rollback = Rollback { manager: self, function: None, slot: None, armed: true };
         let function =
             AssignedFunction::attach(&name, backend, endpoint.clone(), services).map_err(|e| fail(e.to_string()))?;
@@ -264,7 +255,13 @@ impl DeviceManager {
         rollback.slot = Some(slot);
         self.inject(AttachStep::Plug).map_err(fail)?;
         let bdf = abi::pci::bdf(0, slot, 0);
-        fe.attach(&iommu::Device { id: bdf, name: name.clone(), endpoint })
+        let weak = Arc::downgrade(&function);
+        let fail_device: iommu::FailDevice = Arc::new(move |why: &str| {
+            if let Some(f) = weak.upgrade() {
+                f.died(why);
+            }
+        });
+        fe.attach(&iommu::Device { id: bdf, name: name.clone(), endpoint, fail: fail_device })
             .map_err(|e| fail(format!("DMA front-end {}: {e}", fe.name())))?;
         let undo_frontend = {
             let fe = Arc::clone(&fe);

@@ -39,10 +39,17 @@ pub struct VmConfig {
     /// End the VM when the guest calls a DMA front-end with invalid arguments (off:
     /// the guest gets a status).
     pub dma_kill_on_misuse: bool,
+    /// The guest-physical range devices may address without a guest IOMMU (the PCI
+    /// bus's upstream window): what the identity front-end maps.
+    pub dma_window: std::ops::Range<u64>,
     /// Build the test interrupt sources (interrupt tests and benchmarks only).
     #[cfg(feature = "test-sources")]
     pub test_sources: bool,
 }
+
+/// The default DMA window: the whole 48-bit guest-physical space (RAM, and the 32- and
+/// 64-bit BAR windows).
+pub const DEFAULT_DMA_WINDOW: std::ops::Range<u64> = 0..(1 << 48);
 
 impl VmConfig {
     /// Defaults: 256 MiB, console to stdout, errors to stderr.
@@ -56,6 +63,7 @@ impl VmConfig {
             irq_mode: Mode::Forwarded,
             locked_memory: None,
             dma_kill_on_misuse: false,
+            dma_window: DEFAULT_DMA_WINDOW,
             #[cfg(feature = "test-sources")]
             test_sources: false,
         }
@@ -159,11 +167,12 @@ impl Vm {
             memory_map: Arc::clone(&memory_map),
             hypercalls: Arc::clone(&hypercalls),
             kill_on_misuse,
+            dma_window: config.dma_window.clone(),
         })
         .map_err(|e| Error::Device("-".into(), e))?;
         let root = pci::PciRoot::new(Arc::clone(&mmio), Arc::clone(&pio), Arc::clone(&memory_map))
             .map_err(|e| Error::Device("pci".into(), e.to_string()))?;
-        let devices = DeviceManager::new(root, frontends, Arc::clone(&irqs), Arc::clone(&memory_map), Arc::clone(&dma));
+        let devices = DeviceManager::new(root, frontends, Arc::clone(&irqs), Arc::clone(&dma));
 
         Ok(Vm {
             accel,

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vfio_user::client::{Client, DmaHandler};
 use vfio_user::proto::{self, DmaMap};
-use vm_api::MemoryMap;
 
 /// How a device process reaches guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,7 +58,8 @@ type Window = (DmaMap, Option<Arc<std::fs::File>>);
 /// Turns the endpoint's mappings into DMA windows of the device process.
 pub struct ForwardMaps {
     pub(crate) owner: std::sync::Weak<dyn Forwarding>,
-    pub(crate) memory: Arc<MemoryMap>,
+    /// Guest memory devices reach, with the files behind it.
+    pub(crate) memory: Arc<::dma::VmDma>,
     pub(crate) mode: IommuMode,
     /// Windows the device holds now, against the limit it announced (max_dma_maps).
     pub(crate) windows: AtomicU64,

@@ -48,7 +48,6 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use vfio_user::client::Client;
 use vfio_user::proto;
-use vm_api::MemoryMap;
 
 /// Why a device cannot be assigned.
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +84,9 @@ const MAX_VECTORS: [u32; 5] = [1, 32, 2048, 1, 1];
 pub struct Services {
     /// Interrupt forwarding.
     pub irqs: Arc<IrqRegistry>,
-    /// The guest memory map (files behind guest memory, for DMA_MAP).
-    pub memory: Arc<MemoryMap>,
+    /// Guest memory devices reach (files behind it, for DMA_MAP). Not the memory map
+    /// itself: its windows change inside the map's listeners.
+    pub memory: Arc<::dma::VmDma>,
 }
 
 /// How to run the device.
