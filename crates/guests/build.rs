@@ -25,6 +25,10 @@ const PROGRAMS: &[(&str, &str)] = &[
         "drives the first DMA engine on the PCI bus: FILL, COPY, CRC32C of 4 KiB..1 MiB, all checked; a copy past RAM must fault (args: rounds=1)",
     ),
     (
+        "p2p",
+        "peer-to-peer DMA between two DMA engines: A fills B's BAR, checksums match, B's BAR moved, trapped pages fault",
+    ),
+    (
         "pci",
         "lists the PCI functions it finds through ECAM, one line each (arg 0); or drives the INTx test device: registers, N interrupts, reset (args: 1 N=100)",
     ),

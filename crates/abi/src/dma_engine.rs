@@ -2,7 +2,8 @@
 //! the device model, the VMM and guest programs so they agree by construction.
 //!
 //! BAR 0 holds the registers (little-endian), BAR 1 is scratch memory the device offers
-//! for mapping, with the MSI-X table and pending bits in its last 8 KiB. The guest
+//! for mapping (2 MiB: room for peer-to-peer copies of 1 MiB), with the MSI-X table
+//! and pending bits in its last 8 KiB. The guest
 //! puts [`Descriptor`]s in a ring (an IOVA), writes the producer index to
 //! [`regs::TAIL`]; the device executes them in order, writes a [`Completion`] record by
 //! DMA for each, advances [`regs::HEAD`] and raises MSI-X vector
@@ -23,13 +24,13 @@ pub const REGS_SIZE: u64 = 0x1000;
 /// The scratch memory's BAR (64-bit, prefetchable, offered for mmap).
 pub const SCRATCH_BAR: u8 = 1;
 /// Size of the scratch BAR.
-pub const SCRATCH_SIZE: u64 = 0x1_0000;
+pub const SCRATCH_SIZE: u64 = 0x20_0000;
 /// Bytes of scratch memory before the MSI-X structures.
-pub const SCRATCH_USABLE: u64 = 0xe000;
+pub const SCRATCH_USABLE: u64 = 0x1f_e000;
 /// Offset of the MSI-X table in the scratch BAR.
-pub const MSIX_TABLE_OFFSET: u64 = 0xe000;
+pub const MSIX_TABLE_OFFSET: u64 = 0x1f_e000;
 /// Offset of the MSI-X pending-bit array in the scratch BAR.
-pub const MSIX_PBA_OFFSET: u64 = 0xf000;
+pub const MSIX_PBA_OFFSET: u64 = 0x1f_f000;
 /// MSI-X vectors.
 pub const MSIX_VECTORS: u16 = 2;
 

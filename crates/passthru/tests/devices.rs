@@ -290,25 +290,25 @@ fn a_bar_moved_at_run_time_leaves_its_old_address_and_its_memory_slot_follows() 
     let mut s = Session::new("dma-engine");
     let regions = s.cmd("memory_regions");
     // The scratch BAR is memory the device offers for mmap, minus its MSI-X pages.
-    assert!(regions.contains("0xc0010000+0xe000:dma0"), "{regions}");
-    assert_eq!(s.cmd("writel 0xc0010100 0x600dcafe"), "OK");
+    assert!(regions.contains("0xc0200000+0x1fe000:dma0"), "{regions}");
+    assert_eq!(s.cmd("writel 0xc0200100 0x600dcafe"), "OK");
     assert_eq!(s.cmd("readl 0x0c0000000"), "OK 0x0000000045414d44", "registers at BAR 0");
     // Move both BARs as a driver would: decoding off, new addresses, decoding on.
     let cmd = qpci::cfg(1, reg::COMMAND);
     assert_eq!(s.cmd(&format!("writew {cmd:#x} 0")), "OK");
     assert!(!s.cmd("memory_regions").contains("dma0"), "decoding off: no memory slot");
     assert_eq!(s.cmd("readl 0xc0000000"), "OK 0x00000000ffffffff", "decoding off: nobody answers");
-    assert_eq!(s.cmd(&format!("writel {:#x} 0xc0200000", qpci::cfg(1, reg::BAR0))), "OK");
+    assert_eq!(s.cmd(&format!("writel {:#x} 0xc0600000", qpci::cfg(1, reg::BAR0))), "OK");
     assert_eq!(s.cmd(&format!("writel {:#x} 0xc0400000", qpci::cfg(1, reg::BAR0 + 4))), "OK");
     assert_eq!(s.cmd(&format!("writel {:#x} 0", qpci::cfg(1, reg::BAR0 + 8))), "OK");
     assert_eq!(s.cmd(&format!("writew {cmd:#x} {:#x}", command::MEMORY)), "OK");
-    assert_eq!(qpci::bar(&mut |c| s.cmd(c), 1, 0), 0xc020_0000);
+    assert_eq!(qpci::bar(&mut |c| s.cmd(c), 1, 0), 0xc060_0000);
     assert_eq!(qpci::bar(&mut |c| s.cmd(c), 1, 1), 0xc040_0000);
     let regions = s.cmd("memory_regions");
-    assert!(regions.contains("0xc0400000+0xe000:dma0") && !regions.contains("0xc0010000"), "{regions}");
+    assert!(regions.contains("0xc0400000+0x1fe000:dma0") && !regions.contains("0xc0200000"), "{regions}");
     assert_eq!(s.cmd("readl 0xc0000000"), "OK 0x00000000ffffffff", "the old register address is empty");
-    assert_eq!(s.cmd("readl 0xc0010100"), "OK 0x00000000ffffffff", "the old scratch address is empty");
-    assert_eq!(s.cmd("readl 0xc0200000"), "OK 0x0000000045414d44", "the registers answer at the new address");
+    assert_eq!(s.cmd("readl 0xc0200100"), "OK 0x00000000ffffffff", "the old scratch address is empty");
+    assert_eq!(s.cmd("readl 0xc0600000"), "OK 0x0000000045414d44", "the registers answer at the new address");
     assert_eq!(s.cmd("readl 0xc0400100"), "OK 0x00000000600dcafe", "the same scratch memory at the new address");
     drop(s.stdin);
     assert_eq!(s.vmm.wait().unwrap().code(), Some(0));

@@ -272,7 +272,7 @@ fn a_guest_lists_the_functions_it_finds() {
         "pci: 00:00.0 1b36:0008 class 0600",
         &engine,
         "BAR 0 memory at 0xc0000000 size 0x1000",
-        "BAR 1 memory at 0xc0010000 size 0x10000",
+        "BAR 1 memory at 0xc0200000 size 0x200000",
         &test,
         "BAR 2 memory at 0xc0001000 size 0x100",
         "INTx pin 1 line",

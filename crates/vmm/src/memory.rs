@@ -43,6 +43,54 @@ pub fn memfd_offset(size: u64, gpa: u64) -> Option<(u64, u64)> {
         .map(|(base, len, off)| (off + (gpa - base), base + len - gpa))
 }
 
+/// A memfd of `size` bytes sealed against shrinking, growing and further seals.
+fn sealed_memfd(size: u64) -> Result<File> {
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or
+    // -1. We take ownership of the fd right away.
+    let fd = unsafe { libc::memfd_create(c"passthru-guest-ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(Error::Memory(format!("memfd_create: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: fd is a fresh descriptor owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(|e| Error::Memory(format!("sizing the guest RAM memfd to {size:#x}: {e}")))?;
+    // Device processes map this file: it may never shrink under them (a SIGBUS in the
+    // device), grow, or take further seals (F_SEAL_FUTURE_WRITE from a hostile device
+    // would stop the VMM mapping it again).
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on our own memfd; no memory is passed.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(Error::Memory(format!("sealing the guest RAM memfd: {}", std::io::Error::last_os_error())));
+    }
+    Ok(file)
+}
+
+/// RAM hot-added at `gpa`: `size` bytes in a memfd of its own, as a memory-map region
+/// (its mapping lives as long as the region).
+pub fn hot_ram(gpa: u64, size: u64) -> Result<Region> {
+    if size == 0 || !size.is_multiple_of(4096) || !gpa.is_multiple_of(4096) || size > MAX_RAM {
+        return Err(Error::MemorySize { size, reason: "hot-added RAM must be 4 KiB-aligned, at most 64 GiB" });
+    }
+    let memfd = Arc::new(sealed_memfd(size)?);
+    let f = memfd.try_clone().map_err(|e| Error::Memory(format!("dup of the RAM memfd: {e}")))?;
+    let len = usize::try_from(size).map_err(|_| Error::MemorySize { size, reason: "too large" })?;
+    let memory = Arc::new(
+        GuestMemoryMmap::<()>::from_ranges_with_files(vec![(GuestAddress(gpa), len, Some(FileOffset::new(f, 0)))])
+            .map_err(|e| Error::Memory(e.to_string()))?,
+    );
+    let host = memory
+        .iter()
+        .next()
+        .and_then(|r| r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok())
+        .ok_or_else(|| Error::Memory("mapping hot-added RAM".into()))?;
+    let keepalive: Arc<dyn Any + Send + Sync> = memory;
+    // SAFETY: `host` is the start of the mapping of the whole memfd (`size` bytes), kept
+    // alive by the region (its keepalive).
+    Ok(unsafe {
+        Region::from_raw(gpa, size, RegionKind::Ram, host, Some(Backing { fd: memfd, offset: 0 }), Some(keepalive))
+    })
+}
+
 impl GuestRam {
     /// Allocates `size` bytes of guest RAM in a memfd.
     pub fn new(size: u64) -> Result<GuestRam> {
@@ -55,25 +103,7 @@ impl GuestRam {
         if !size.is_multiple_of(4096) {
             return Err(Error::MemorySize { size, reason: "not a multiple of 4 KiB" });
         }
-        // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new
-        // fd or -1. We take ownership of the fd right away.
-        let fd =
-            unsafe { libc::memfd_create(c"passthru-guest-ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-        if fd < 0 {
-            return Err(Error::Memory(format!("memfd_create: {}", std::io::Error::last_os_error())));
-        }
-        // SAFETY: fd is a fresh descriptor owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size).map_err(|e| Error::Memory(format!("sizing the guest RAM memfd to {size:#x}: {e}")))?;
-        // Device processes map this file: it may never shrink under them (a SIGBUS in
-        // the device), grow, or take further seals (F_SEAL_FUTURE_WRITE from a hostile
-        // device would stop the VMM mapping it again).
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-        // SAFETY: F_ADD_SEALS on our own memfd; no memory is passed.
-        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(Error::Memory(format!("sealing the guest RAM memfd: {}", std::io::Error::last_os_error())));
-        }
-        let memfd = Arc::new(file);
+        let memfd = Arc::new(sealed_memfd(size)?);
         let mut ranges = Vec::new();
         for (gpa, len, off) in ram_layout(size) {
             let f = memfd.try_clone().map_err(|e| Error::Memory(format!("dup of the RAM memfd: {e}")))?;

@@ -251,6 +251,16 @@ impl Session<'_> {
                 Ok(format!("OK {}", list.join("; ")))
             }
             "resources" => Ok(format!("OK {}", crate::resources())),
+            "ram_add" => {
+                // passthru extension: hot-add RAM (the guest is not told).
+                let (gpa, size) = (num(arg(w, 1)?)?, num(arg(w, 2)?)?);
+                self.vm.add_ram(gpa, size).map_err(|e| e.to_string())?;
+                Ok("OK".into())
+            }
+            "ram_remove" => {
+                self.vm.remove_ram(num(arg(w, 1)?)?).map_err(|e| e.to_string())?;
+                Ok("OK".into())
+            }
             "memory_regions" => {
                 // passthru extension: the guest memory map (what KVM memory slots and
                 // DMA listeners see): RAM, and RAM-device regions with their owner.

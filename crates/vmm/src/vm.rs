@@ -247,6 +247,26 @@ impl Vm {
         &self.dma
     }
 
+    /// Hot-adds `size` bytes of RAM at `gpa` (its own memfd): KVM slots, device DMA and
+    /// the identity front-end follow. The guest is not told (no ACPI); it must know.
+    pub fn add_ram(&self, gpa: u64, size: u64) -> Result<()> {
+        let r = crate::memory::hot_ram(gpa, size)?;
+        self.memory_map.add_region(r)?;
+        Ok(())
+    }
+
+    /// Hot-removes the RAM region starting at `gpa` (only RAM added with
+    /// [`Vm::add_ram`]: the boot RAM stays). Devices lose it before this returns.
+    pub fn remove_ram(&self, gpa: u64) -> Result<()> {
+        let boot = self.ram.regions().iter().any(|r| r.gpa == gpa);
+        let ram = self.memory_map.regions().iter().any(|r| r.gpa == gpa && r.kind == vm_api::RegionKind::Ram);
+        if boot || !ram {
+            return Err(Error::Memory(format!("no hot-added RAM starts at {gpa:#x}")));
+        }
+        self.memory_map.remove_region(gpa);
+        Ok(())
+    }
+
     /// The VM's DMA front-ends, by name.
     pub fn frontends(&self) -> &iommu::Frontends {
         self.devices.frontends()
@@ -348,11 +368,15 @@ impl Vm {
         hit
     }
 
-    /// A guest-physical write as the CPU would do it: RAM if the range is RAM,
-    /// otherwise the MMIO bus. False if neither takes it.
+    /// A guest-physical write as the CPU would do it: RAM if the range is RAM (boot or
+    /// hot-added), otherwise the MMIO bus. False if neither takes it.
     pub fn phys_write(&self, addr: u64, data: &[u8]) -> bool {
         if self.is_ram(addr, data.len()) {
             return self.memory().write_slice(data, GuestAddress(addr)).is_ok();
+        }
+        if let Some(s) = self.hot_ram_slice(addr, data.len()) {
+            s.copy_from(data);
+            return true;
         }
         self.mmio_write(addr, data)
     }
@@ -362,7 +386,23 @@ impl Vm {
         if self.is_ram(addr, data.len()) {
             return self.memory().read_slice(data, GuestAddress(addr)).is_ok();
         }
+        if let Some(s) = self.hot_ram_slice(addr, data.len()) {
+            s.copy_to(data);
+            return true;
+        }
         self.mmio_read(addr, data)
+    }
+
+    /// `[addr, addr + len)` inside one hot-added RAM region, as a volatile slice that
+    /// keeps the region (and its mapping) alive while it is used.
+    fn hot_ram_slice(&self, addr: u64, len: usize) -> Option<HotSlice> {
+        let end = addr.checked_add(len as u64)?;
+        let r = self
+            .memory_map
+            .regions()
+            .into_iter()
+            .find(|r| r.kind == vm_api::RegionKind::Ram && addr >= r.gpa && end <= r.end())?;
+        Some(HotSlice { offset: (addr - r.gpa) as usize, len, region: r })
     }
 
     /// True when `[addr, addr + len)` lies inside one RAM region.
@@ -405,6 +445,29 @@ impl Vm {
         crate::boot::write_boot_structures(self.memory(), &info)?;
         let mut vcpu = crate::vcpu::Vcpu::new(kvm, 0, entry)?;
         vcpu.run(self)
+    }
+}
+
+/// A window into hot-added RAM, holding its region.
+struct HotSlice {
+    region: vm_api::Region,
+    offset: usize,
+    len: usize,
+}
+
+impl HotSlice {
+    fn slice(&self) -> vm_memory::VolatileSlice<'_> {
+        // SAFETY: the region's host memory is valid for its size while the region (held
+        // here) lives; `offset + len` lies inside it (checked by `hot_ram_slice`).
+        unsafe { vm_memory::VolatileSlice::new(self.region.host().add(self.offset), self.len) }
+    }
+
+    fn copy_from(&self, data: &[u8]) {
+        self.slice().copy_from(data);
+    }
+
+    fn copy_to(&self, data: &mut [u8]) {
+        self.slice().copy_to(data);
     }
 }
 
