@@ -225,7 +225,11 @@ impl Session<'_> {
                     f.bar_accesses(),
                     f.notifications().0,
                     f.notifications().1
-                ))
+                ) + &dev
+                    .frontend()
+                    .device_stats(dev.bdf())
+                    .map(|s| s.split_whitespace().map(|w| format!(" frontend.{w}")).collect::<String>())
+                    .unwrap_or_default())
             }
             "pci_list" => {
                 let assigned = self.vm.devices();
