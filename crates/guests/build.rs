@@ -25,6 +25,10 @@ const PROGRAMS: &[(&str, &str)] = &[
         "drives the first DMA engine on the PCI bus: FILL, COPY, CRC32C of 4 KiB..1 MiB, all checked; a copy past RAM must fault (args: rounds=1)",
     ),
     (
+        "noncoherent",
+        "No Snoop on a DMA engine without snoop enforcement: counted, its BAR slot flagged, WC honoured there (needs --device dma-engine,enforce-snoop=off)",
+    ),
+    (
         "p2p",
         "peer-to-peer DMA between two DMA engines: A fills B's BAR, checksums match, B's BAR moved, trapped pages fault",
     ),

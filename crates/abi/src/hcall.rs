@@ -47,6 +47,26 @@ pub const TEST_INTX_FIRE: u64 = CORE_BASE + 0x19;
 /// result 2 = resamples (EOIs) the device saw. a0 = the guest's count (recorded).
 pub const TEST_INTX_REPORT: u64 = CORE_BASE + 0x1a;
 
+/// Non-coherent DMA as the VMM sees it: result 0 = non-coherent devices in the VM now,
+/// result 1 = 1 if the memory slot holding guest-physical `a0` is flagged non-coherent,
+/// result 2 = the memory type ([`memtype`]) the guest gets there for a WC PAT entry
+/// under passthru's per-slot model.
+pub const NONCOHERENT_QUERY: u64 = CORE_BASE + 0x20;
+
+/// Memory type codes of [`NONCOHERENT_QUERY`].
+pub mod memtype {
+    /// Uncacheable.
+    pub const UC: u64 = 0;
+    /// Write-combining.
+    pub const WC: u64 = 1;
+    /// Write-through.
+    pub const WT: u64 = 4;
+    /// Write-protected.
+    pub const WP: u64 = 5;
+    /// Write-back.
+    pub const WB: u64 = 6;
+}
+
 /// Result of a hypercall, in `rax`. Values are stable: guests compare against them.
 #[repr(u64)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

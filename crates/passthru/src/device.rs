@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use vmm::device_manager::DEFAULT_DEVICE_TIMEOUT;
+use vmm::device_manager::{AttachOptions, DEFAULT_DEVICE_TIMEOUT};
 use vmm::{DeviceSpec, IommuMode, RemoteSpec, Vm};
 
 /// A parsed `--device` value.
@@ -25,6 +25,8 @@ pub enum DeviceArg {
         frontend: String,
         /// Deadline of every exchange with the device process.
         timeout: Duration,
+        /// Coherency (`coherent=`, `enforce-snoop=`).
+        options: AttachOptions,
     },
     /// `vfio-user,socket=PATH[,dma=...][,iommu-mode=shared|messages][,timeout=T]`: a running server.
     VfioUser {
@@ -36,13 +38,21 @@ pub enum DeviceArg {
         frontend: String,
         /// Deadline of every exchange with the server.
         timeout: Duration,
+        /// Coherency (`coherent=`, `enforce-snoop=`).
+        options: AttachOptions,
     },
 }
 
 impl DeviceArg {
     /// A DMA engine with the default timeout.
     pub fn engine(mode: IommuMode, inline: bool, frontend: &str) -> DeviceArg {
-        DeviceArg::DmaEngine { mode, inline, frontend: frontend.to_string(), timeout: DEFAULT_DEVICE_TIMEOUT }
+        DeviceArg::DmaEngine {
+            mode,
+            inline,
+            frontend: frontend.to_string(),
+            timeout: DEFAULT_DEVICE_TIMEOUT,
+            options: AttachOptions::default(),
+        }
     }
 }
 
@@ -64,6 +74,7 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
     let (mut mode, mut inline, mut socket) = (IommuMode::SharedFd, false, None);
     let mut frontend = iommu::frontend::default_name().to_string();
     let mut timeout = DEFAULT_DEVICE_TIMEOUT;
+    let mut options = AttachOptions::default();
     for p in parts {
         let (k, v) = p.split_once('=').ok_or_else(|| format!("'{p}' in --device {s} is not key=value"))?;
         match k {
@@ -78,7 +89,25 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
             "socket" => socket = Some(PathBuf::from(v)),
             "dma" => frontend = iommu::frontend::parse_name(v)?,
             "timeout" => timeout = parse_duration(v)?,
-            _ => return Err(format!("unknown --device option '{k}' (dma, iommu-mode, process, socket, timeout)")),
+            "coherent" => {
+                options.coherent = match v {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(format!("coherent={v}: use coherent=true or coherent=false")),
+                }
+            }
+            "enforce-snoop" => {
+                options.enforce_snoop = match v {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("enforce-snoop={v}: use enforce-snoop=on or enforce-snoop=off")),
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "unknown --device option '{k}' (dma, iommu-mode, process, socket, timeout, coherent, enforce-snoop)"
+                ));
+            }
         }
     }
     match kind {
@@ -86,10 +115,10 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
             if inline && mode == IommuMode::Messages {
                 return Err("iommu-mode=messages needs a device process; drop process=inline".into());
             }
-            Ok(DeviceArg::DmaEngine { mode, inline, frontend, timeout })
+            Ok(DeviceArg::DmaEngine { mode, inline, frontend, timeout, options })
         }
         "vfio-user" => match socket {
-            Some(socket) if !inline => Ok(DeviceArg::VfioUser { socket, mode, frontend, timeout }),
+            Some(socket) if !inline => Ok(DeviceArg::VfioUser { socket, mode, frontend, timeout, options }),
             Some(_) => Err("a vfio-user device runs in its own process: drop process=inline".into()),
             None => Err("--device vfio-user needs socket=PATH of a running server".into()),
         },
@@ -102,25 +131,26 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
 
 /// Attaches one device to `vm`, spawning its process if needed (the VMM owns it then).
 pub fn attach(vm: &Vm, arg: &DeviceArg) -> Result<(), String> {
-    let (spec, what, frontend) = match arg {
-        DeviceArg::DmaEngine { inline: true, frontend, .. } => {
-            (DeviceSpec::Inline, "dma-engine in the VMM process".to_string(), frontend)
+    let (spec, what, frontend, options) = match arg {
+        DeviceArg::DmaEngine { inline: true, frontend, options, .. } => {
+            (DeviceSpec::Inline, "dma-engine in the VMM process".to_string(), frontend, *options)
         }
-        DeviceArg::DmaEngine { mode, frontend, timeout, .. } => {
+        DeviceArg::DmaEngine { mode, frontend, timeout, options, .. } => {
             let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
             let process = spawn_engine(theirs)?;
             let what = format!("dma-engine in process {} over vfio-user, {}", process.pid(), mode_name(*mode));
             let spec = RemoteSpec { stream: ours, mode: *mode, process: Some(process), timeout: *timeout };
-            (DeviceSpec::Remote(spec), what, frontend)
+            (DeviceSpec::Remote(spec), what, frontend, *options)
         }
-        DeviceArg::VfioUser { socket, mode, frontend, timeout } => {
+        DeviceArg::VfioUser { socket, mode, frontend, timeout, options } => {
             let stream = UnixStream::connect(socket)
                 .map_err(|e| format!("connecting to the vfio-user server at {}: {e}", socket.display()))?;
             let what = format!("vfio-user server at {}, {}", socket.display(), mode_name(*mode));
-            (DeviceSpec::Remote(RemoteSpec { stream, mode: *mode, process: None, timeout: *timeout }), what, frontend)
+            let spec = RemoteSpec { stream, mode: *mode, process: None, timeout: *timeout };
+            (DeviceSpec::Remote(spec), what, frontend, *options)
         }
     };
-    let dev = vm.attach_device(spec, frontend).map_err(|e| e.to_string())?;
+    let dev = vm.attach_device_with(spec, frontend, options).map_err(|e| e.to_string())?;
     let f = dev.function();
     let id = pci::read32(f.as_ref(), abi::pci::reg::VENDOR_ID);
     eprintln!(
@@ -310,7 +340,8 @@ mod tests {
                 socket: "/tmp/x.sock".into(),
                 mode: IommuMode::SharedFd,
                 frontend: id.to_string(),
-                timeout: DEFAULT_DEVICE_TIMEOUT
+                timeout: DEFAULT_DEVICE_TIMEOUT,
+                options: AttachOptions::default()
             })
         );
         assert_eq!(
@@ -319,7 +350,8 @@ mod tests {
                 mode: IommuMode::SharedFd,
                 inline: false,
                 frontend: id.to_string(),
-                timeout: Duration::from_millis(250)
+                timeout: Duration::from_millis(250),
+                options: AttachOptions::default()
             })
         );
         assert!(parse_device("dma-engine,timeout=0").unwrap_err().contains("timeout=500ms"));
@@ -330,6 +362,14 @@ mod tests {
         assert!(parse_device("dma-engine,speed=fast").unwrap_err().contains("unknown --device option"));
         assert!(parse_device("dma-engine,iommu-mode=magic").unwrap_err().contains("shared or messages"));
         assert!(parse_device("dma-engine,dma=magic").unwrap_err().contains("identity, pvdma"));
+        match parse_device("dma-engine,coherent=false,enforce-snoop=off").unwrap() {
+            DeviceArg::DmaEngine { options, .. } => {
+                assert_eq!(options, AttachOptions { coherent: false, enforce_snoop: false })
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse_device("dma-engine,coherent=maybe").unwrap_err().contains("coherent=false"));
+        assert!(parse_device("dma-engine,enforce-snoop=1").unwrap_err().contains("enforce-snoop=off"));
     }
 
     #[test]

@@ -66,6 +66,11 @@ pub struct RunArgs {
     /// reachable by devices (reported at start). Default: the whole 48-bit space.
     #[arg(long, value_name = "START-END", value_parser = parse_window)]
     dma_window: Option<std::ops::Range<u64>>,
+    /// What the VMM does before reading guest memory a non-coherent device may have
+    /// written (dumps, snapshots): flush exactly the flagged ranges first, or refuse
+    /// while a non-coherent device is attached.
+    #[arg(long, value_name = "flush|refuse", default_value = "flush", value_parser = parse_nc)]
+    noncoherent_migration: vmm::NonCoherentReads,
     /// Build the test interrupt sources (on by default for the interrupts, irqstorm
     /// and intx guest programs, which need them).
     #[arg(long)]
@@ -94,6 +99,10 @@ fn parse_window(s: &str) -> Result<std::ops::Range<u64>, String> {
     Ok(a..b)
 }
 
+fn parse_nc(s: &str) -> Result<vmm::NonCoherentReads, String> {
+    s.parse()
+}
+
 fn parse_irq_mode(s: &str) -> Result<irq::Mode, String> {
     s.parse()
 }
@@ -113,6 +122,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     if let Some(w) = &args.dma_window {
         config.dma_window = w.clone();
     }
+    config.noncoherent_reads = args.noncoherent_migration;
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
     // The paravirtual DMA demo needs its device: give it the default one.
     let default_device;
@@ -198,6 +208,24 @@ pub fn stats_report(vm: &Vm) -> String {
             sources.join(", ")
         );
     }
+    let nc = vm.device_manager().noncoherent();
+    let _ = writeln!(
+        err,
+        "passthru: non-coherent DMA: {} device(s) now [{}], {} transition(s), {} bytes flushed before VMM reads",
+        nc.count(),
+        nc.devices().join(", "),
+        nc.transitions(),
+        vmm::flush::flushed_bytes()
+    );
+    for (r, flagged, t) in vm.memory_types() {
+        if flagged {
+            let _ = writeln!(
+                err,
+                "passthru: slot {:#x}+{:#x} non-coherent: guest PAT WB -> {}, WC -> {} (per-slot model; today's VM-wide kernels: {} / {})",
+                r.gpa, r.size, t[0], t[1], t[2], t[3]
+            );
+        }
+    }
     String::from_utf8_lossy(&err).into_owned()
 }
 
@@ -252,6 +280,7 @@ fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
     if let Some(w) = &args.dma_window {
         config.dma_window = w.clone();
     }
+    config.noncoherent_reads = args.noncoherent_migration;
     let end = match &args.qtest {
         Some(path) => {
             let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {

@@ -426,10 +426,9 @@ impl PciRoot {
                 && a.addr == b.addr
                 && a.size == b.size
                 && a.mapped.len() == b.mapped.len()
-                && a.mapped
-                    .iter()
-                    .zip(&b.mapped)
-                    .all(|(x, y)| x.0 == y.0 && x.1.host() == y.1.host() && x.1.size == y.1.size)
+                && a.mapped.iter().zip(&b.mapped).all(|(x, y)| {
+                    x.0 == y.0 && x.1.host() == y.1.host() && x.1.size == y.1.size && x.1.flags == y.1.flags
+                })
         };
         let mut keep = Vec::new();
         for r in have.drain(..) {
@@ -461,7 +460,9 @@ impl PciRoot {
         for (off, region) in &w.mapped {
             let gpa = w.addr + off;
             let kind = RegionKind::RamDevice { device: s.function.name().to_string() };
-            match self.memory.add_region(region.rebased(gpa, kind)) {
+            let mut placed = region.rebased(gpa, kind);
+            placed.flags = region.flags;
+            match self.memory.add_region(placed) {
                 Ok(()) => regions.push(gpa),
                 Err(e) => tracing::warn!(
                     "{}: BAR {} memory at {gpa:#x} not mapped (accesses there trap instead): {e}",

@@ -206,6 +206,13 @@ impl MemoryMap {
         let Some(end) = end else {
             return Err(MapError::Region { gpa: region.gpa, size: region.size, reason: "empty or wraps around" });
         };
+        if region.flags.noncoherent_dma && region.kind == RegionKind::Ram {
+            return Err(MapError::Region {
+                gpa: region.gpa,
+                size: region.size,
+                reason: "system RAM cannot be non-coherent",
+            });
+        }
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if inner.regions.iter().any(|r| region.gpa < r.end() && r.gpa < end) {
             return Err(MapError::Region { gpa: region.gpa, size: region.size, reason: "overlaps an existing region" });
@@ -239,20 +246,29 @@ impl MemoryMap {
         Some(region)
     }
 
-    /// Sets the flags of the region starting at `gpa`; listeners are told. None if no
-    /// region starts there.
-    pub fn set_flags(&self, gpa: u64, flags: RegionFlags) -> Option<()> {
+    /// Sets the flags of the region starting at `gpa`; listeners are told. System RAM
+    /// cannot be flagged non-coherent: non-coherent DMA is a property of device memory
+    /// (a BAR, shared memory), and flagging RAM would hand the guest's PAT control of
+    /// memory the VMM and every device read through write-back mappings.
+    pub fn set_flags(&self, gpa: u64, flags: RegionFlags) -> Result<(), String> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let r = inner.regions.iter_mut().find(|r| r.gpa == gpa)?;
+        let r =
+            inner.regions.iter_mut().find(|r| r.gpa == gpa).ok_or_else(|| format!("no region starts at {gpa:#x}"))?;
+        if flags.noncoherent_dma && r.kind == RegionKind::Ram {
+            return Err(format!(
+                "{gpa:#x} is system RAM, which cannot be flagged non-coherent: only device memory (a BAR, shared \
+                 memory) that a non-coherent device uses can"
+            ));
+        }
         if r.flags == flags {
-            return Some(());
+            return Ok(());
         }
         r.flags = flags;
         let r = r.clone();
         for l in &inner.listeners {
             l.flags_changed(&r);
         }
-        Some(())
+        Ok(())
     }
 
     /// Registers a listener and replays every existing region to it. If it refuses

@@ -44,10 +44,15 @@ impl BenchMarks {
     }
 }
 
+/// Answers NONCOHERENT_QUERY (set once the VM's device manager exists).
+pub type Query = Box<dyn Fn(u64) -> Ret + Send + Sync>;
+
 /// The core hypercall block.
 pub struct CoreCalls {
     /// Benchmark marks.
     pub bench: Arc<BenchMarks>,
+    /// NONCOHERENT_QUERY.
+    pub noncoherent: std::sync::OnceLock<Query>,
     /// The test interrupt sources, when the VM has them.
     #[cfg(feature = "test-sources")]
     pub test: Option<Arc<devices::test_irq::TestSources>>,
@@ -62,6 +67,10 @@ impl HypercallHandler for CoreCalls {
         match a.nr {
             hcall::NULL => Ret::ok(0, 0, 0),
             hcall::BENCH_MARK => Ret::ok(self.bench.mark(a.a[0], a.a[1]), 0, 0),
+            hcall::NONCOHERENT_QUERY => match self.noncoherent.get() {
+                Some(q) => q(a.a[0]),
+                None => Ret::err(Status::UnknownCall),
+            },
             #[cfg(feature = "test-sources")]
             nr if devices::test_irq::TestSources::answers(nr) => match &self.test {
                 Some(t) => t.call(a),

@@ -53,6 +53,66 @@ pub enum DeviceSpec {
     Remote(RemoteSpec),
 }
 
+/// How a device is attached beyond its backend and front-end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttachOptions {
+    /// The device snoops CPU caches (`coherent=false` declares a device that does not:
+    /// non-coherent from the start).
+    pub coherent: bool,
+    /// Its domain enforces snooping (an IOMMU with snoop control); off, the guest's
+    /// PCIe No Snoop makes the device non-coherent (`enforce-snoop=off`).
+    pub enforce_snoop: bool,
+}
+
+impl Default for AttachOptions {
+    fn default() -> AttachOptions {
+        AttachOptions { coherent: true, enforce_snoop: true }
+    }
+}
+
+/// The VM's count of non-coherent devices, as KVM keeps `noncoherent_dma_count`: a
+/// device is counted from the moment it is non-coherent until it leaves the VM
+/// (unplug, death). 0 -> 1 and 1 -> 0 are events: on real KVM they change every memory
+/// type of the VM.
+#[derive(Default)]
+pub struct NonCoherent {
+    devices: Mutex<std::collections::BTreeSet<String>>,
+    transitions: std::sync::atomic::AtomicU64,
+}
+
+impl NonCoherent {
+    fn add(&self, name: &str) {
+        let mut d = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if d.insert(name.to_string()) && d.len() == 1 {
+            self.transitions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            eprintln!("passthru: non-coherent DMA in the VM from now on (device {name})");
+        }
+    }
+
+    fn remove(&self, name: &str) {
+        let mut d = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if d.remove(name) && d.is_empty() {
+            self.transitions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            eprintln!("passthru: no non-coherent DMA in the VM any more (device {name} left)");
+        }
+    }
+
+    /// Devices counted now.
+    pub fn count(&self) -> usize {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Their names.
+    pub fn devices(&self) -> Vec<String> {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+
+    /// 0 -> 1 and 1 -> 0 transitions so far.
+    pub fn transitions(&self) -> u64 {
+        self.transitions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// One assigned device: its function, its slot, its front-end.
 pub struct AssignedDevice {
     name: String,
@@ -161,6 +221,7 @@ pub struct DeviceManager {
     irqs: Arc<IrqRegistry>,
     dma: Arc<VmDma>,
     devices: Mutex<Vec<Arc<AssignedDevice>>>,
+    noncoherent: Arc<NonCoherent>,
     /// Numbers device names.
     next: Mutex<u32>,
     /// A step made to fail (rollback tests).
@@ -187,6 +248,7 @@ impl DeviceManager {
             irqs,
             dma,
             devices: Mutex::new(Vec::new()),
+            noncoherent: Arc::new(NonCoherent::default()),
             next: Mutex::new(0),
             fail_at: Mutex::new(None),
         }
@@ -202,6 +264,11 @@ impl DeviceManager {
         &self.frontends
     }
 
+    /// The VM's non-coherent devices.
+    pub fn noncoherent(&self) -> &Arc<NonCoherent> {
+        &self.noncoherent
+    }
+
     /// The devices attached now.
     pub fn list(&self) -> Vec<Arc<AssignedDevice>> {
         self.devices.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -215,6 +282,11 @@ impl DeviceManager {
     /// Attaches a device whose DMA the front-end `frontend` programs; it takes the
     /// first free slot. On failure nothing of it is left.
     pub fn attach(&self, spec: DeviceSpec, frontend: &str) -> Result<Arc<AssignedDevice>> {
+        self.attach_with(spec, frontend, AttachOptions::default())
+    }
+
+    /// As [`DeviceManager::attach`], with options (coherency).
+    pub fn attach_with(&self, spec: DeviceSpec, frontend: &str, options: AttachOptions) -> Result<Arc<AssignedDevice>> {
         let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
         let fe = self.frontends.get(frontend).cloned().ok_or_else(|| {
             Error::Device(
@@ -271,16 +343,36 @@ impl DeviceManager {
             undo_frontend();
             return Err(fail(e));
         }
-        // When the device goes, its front-end forgets it and its mapped BAR parts leave
-        // the memory map (its trapped BARs read all-ones). The hook runs on whatever
-        // thread sees the death and takes no manager lock.
+        // When the device goes, its front-end forgets it, it leaves the non-coherent
+        // count, and its mapped BAR parts leave the memory map (its trapped BARs read
+        // all-ones). The hook runs on whatever thread sees the death and takes no
+        // manager lock.
         let root = Arc::downgrade(&self.root);
+        let (nc, gone_name) = (Arc::downgrade(&self.noncoherent), name.clone());
         function.on_gone(Box::new(move || {
             undo_frontend();
+            if let Some(n) = nc.upgrade() {
+                n.remove(&gone_name);
+            }
             if let Some(r) = root.upgrade() {
                 r.refresh(slot);
             }
         }));
+        // Non-coherent from now on (declared) or once the guest enables No Snoop on a
+        // domain that does not enforce snooping: counted, and its memory flagged.
+        function.set_enforce_snoop(options.enforce_snoop);
+        let (nc, root, nc_name) = (Arc::downgrade(&self.noncoherent), Arc::downgrade(&self.root), name.clone());
+        function.on_noncoherent(Box::new(move || {
+            if let Some(n) = nc.upgrade() {
+                n.add(&nc_name);
+            }
+            if let Some(r) = root.upgrade() {
+                r.refresh(slot);
+            }
+        }));
+        if !options.coherent {
+            function.mark_noncoherent();
+        }
         rollback.armed = false;
         let dev = Arc::new(AssignedDevice { name, slot, function, frontend: fe, root: Arc::clone(&self.root) });
         devices.push(Arc::clone(&dev));
@@ -304,6 +396,7 @@ impl DeviceManager {
     fn remove(&self, dev: &AssignedDevice) {
         self.root.unplug(dev.slot); // tears the function down (its hooks run)
         dev.frontend.detach(dev.bdf());
+        self.noncoherent.remove(&dev.name);
     }
 
     /// Removes every device (the VM ends).

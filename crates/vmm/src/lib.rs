@@ -13,8 +13,10 @@ pub mod boot;
 pub mod core_calls;
 pub mod device_manager;
 pub mod error;
+pub mod flush;
 pub mod irq_watch;
 pub mod memory;
+pub mod memtype;
 pub mod qtest;
 pub mod vcpu;
 pub mod vm;
@@ -22,7 +24,7 @@ pub mod vm;
 pub use accel::AccelKind;
 pub use device_manager::{AssignedDevice, DeviceSpec, IommuMode, RemoteSpec};
 pub use error::{Error, Result};
-pub use vm::{Vm, VmConfig};
+pub use vm::{NonCoherentReads, Vm, VmConfig};
 
 /// True when the KVM device can be opened (tests that need it skip otherwise).
 pub fn kvm_available() -> bool {

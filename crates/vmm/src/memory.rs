@@ -256,11 +256,21 @@ mod tests {
         for r in ram.regions() {
             map.add_region(r).unwrap();
         }
-        let flags = vm_api::RegionFlags { noncoherent_dma: true, log_dirty: true };
-        assert_eq!(map.set_flags(0, flags), Some(()));
-        assert_eq!(map.set_flags(0x1234, flags), None, "no region starts there");
+        let nc = vm_api::RegionFlags { noncoherent_dma: true, log_dirty: true };
+        let e = map.set_flags(0, nc).unwrap_err();
+        assert!(e.contains("system RAM, which cannot be flagged non-coherent"), "{e}");
+        let flags = vm_api::RegionFlags { log_dirty: true, ..Default::default() };
+        assert_eq!(map.set_flags(0, flags), Ok(()));
+        assert!(map.set_flags(0x1234, flags).is_err(), "no region starts there");
         assert_eq!(map.regions()[0].flags, flags);
-        assert_eq!(log.events.lock().unwrap().last().unwrap(), "~0x0:noncoherent|log-dirty");
+        assert_eq!(log.events.lock().unwrap().last().unwrap(), "~0x0:log-dirty");
+        map.add_region(dev(0xd000_0000, 0x1000)).unwrap();
+        map.set_flags(0xd000_0000, nc).unwrap();
+        assert_eq!(
+            log.events.lock().unwrap().last().unwrap(),
+            "~0xd0000000:noncoherent|log-dirty",
+            "device memory can"
+        );
         if let Some(s) = &slots {
             // KVM took the slot again with dirty logging on (an error would be logged and
             // the bookkeeping below would still change, so ask KVM directly too).

@@ -255,6 +255,67 @@ impl Session<'_> {
                 Ok(format!("OK {}", list.join("; ")))
             }
             "resources" => Ok(format!("OK {}", crate::resources())),
+            "dump" => {
+                // passthru extension: the VMM's own read of guest memory (a dump): RAM
+                // and device memory, flushed first where flagged non-coherent.
+                let (addr, size) = (num(arg(w, 1)?)?, bulk_size(arg(w, 2)?)?);
+                let mut buf = vec![0u8; size];
+                self.vm.read_memory_for_host(addr, &mut buf).map_err(|e| e.to_string())?;
+                Ok(format!("OK 0x{}", hex(&buf)))
+            }
+            "noncoherent" => {
+                let nc = self.vm.device_manager().noncoherent();
+                let devices = nc.devices();
+                Ok(format!(
+                    "OK count={} transitions={} devices={} flushed={}",
+                    nc.count(),
+                    nc.transitions(),
+                    if devices.is_empty() { "-".into() } else { devices.join(",") },
+                    crate::flush::flushed_bytes()
+                ))
+            }
+            "mem_flag" => {
+                let gpa = num(arg(w, 1)?)?;
+                let on = match arg(w, 2)? {
+                    "noncoherent" => true,
+                    "coherent" => false,
+                    other => return Err(format!("'{other}': use noncoherent or coherent")),
+                };
+                let mut flags = self
+                    .vm
+                    .memory_map()
+                    .regions()
+                    .iter()
+                    .find(|r| r.gpa == gpa)
+                    .map(|r| r.flags)
+                    .ok_or_else(|| format!("no region starts at {gpa:#x}"))?;
+                flags.noncoherent_dma = on;
+                self.vm.memory_map().set_flags(gpa, flags)?;
+                Ok("OK".into())
+            }
+            "memtype" => {
+                let list: Vec<String> = self
+                    .vm
+                    .memory_types()
+                    .iter()
+                    .map(|(r, flagged, t)| {
+                        format!(
+                            "{:#x}:{}:slot-wb={},slot-wc={},vmwide-wb={},vmwide-wc={}",
+                            r.gpa,
+                            if *flagged { "noncoherent" } else { "coherent" },
+                            t[0],
+                            t[1],
+                            t[2],
+                            t[3]
+                        )
+                    })
+                    .collect();
+                Ok(format!("OK {}", list.join(" ")))
+            }
+            "device_del" => {
+                self.vm.detach_device(arg(w, 1)?).map_err(|e| e.to_string())?;
+                Ok("OK".into())
+            }
             "ram_add" => {
                 // passthru extension: hot-add RAM (the guest is not told).
                 let (gpa, size) = (num(arg(w, 1)?)?, num(arg(w, 2)?)?);

@@ -42,9 +42,33 @@ pub struct VmConfig {
     /// The guest-physical range devices may address without a guest IOMMU (the PCI
     /// bus's upstream window): what the identity front-end maps.
     pub dma_window: std::ops::Range<u64>,
+    /// What host-side reads of guest memory (dumps, snapshots) do while a non-coherent
+    /// device is attached.
+    pub noncoherent_reads: NonCoherentReads,
     /// Build the test interrupt sources (interrupt tests and benchmarks only).
     #[cfg(feature = "test-sources")]
     pub test_sources: bool,
+}
+
+/// What the VMM does before reading guest memory a non-coherent device may have
+/// written behind the CPU caches (`--noncoherent-migration`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NonCoherentReads {
+    /// Flush exactly the flagged ranges first (CLFLUSHOPT, else CLFLUSH).
+    Flush,
+    /// Refuse the read (a snapshot or dump) while a non-coherent device is attached.
+    Refuse,
+}
+
+impl std::str::FromStr for NonCoherentReads {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<NonCoherentReads, String> {
+        match s {
+            "flush" => Ok(NonCoherentReads::Flush),
+            "refuse" => Ok(NonCoherentReads::Refuse),
+            _ => Err(format!("'{s}': use flush or refuse")),
+        }
+    }
 }
 
 /// The default DMA window: the whole 48-bit guest-physical space (RAM, and the 32- and
@@ -64,6 +88,7 @@ impl VmConfig {
             locked_memory: None,
             dma_kill_on_misuse: false,
             dma_window: DEFAULT_DMA_WINDOW,
+            noncoherent_reads: NonCoherentReads::Flush,
             #[cfg(feature = "test-sources")]
             test_sources: false,
         }
@@ -86,6 +111,7 @@ pub struct Vm {
     bench_ioevent: EventFd,
     memory_map: Arc<MemoryMap>,
     dma: Arc<VmDma>,
+    noncoherent_reads: NonCoherentReads,
     ram: GuestRam,
 }
 
@@ -140,6 +166,7 @@ impl Vm {
         let hypercalls = Arc::new(HypercallRegistry::new());
         let core = Arc::new(CoreCalls {
             bench: Arc::new(BenchMarks::new(config.bench_iterations)),
+            noncoherent: std::sync::OnceLock::new(),
             #[cfg(feature = "test-sources")]
             test: if config.test_sources {
                 let services = devices::test_irq::Services {
@@ -173,6 +200,27 @@ impl Vm {
         let root = pci::PciRoot::new(Arc::clone(&mmio), Arc::clone(&pio), Arc::clone(&memory_map))
             .map_err(|e| Error::Device("pci".into(), e.to_string()))?;
         let devices = DeviceManager::new(root, frontends, Arc::clone(&irqs), Arc::clone(&dma));
+        let (nc, map) = (Arc::clone(devices.noncoherent()), Arc::downgrade(&memory_map));
+        let _ = core.noncoherent.set(Box::new(move |gpa| {
+            use crate::memtype::{Kernel, MemType, Page, decide};
+            let flagged = map
+                .upgrade()
+                .is_some_and(|m| m.regions().iter().any(|r| gpa >= r.gpa && gpa < r.end() && r.flags.noncoherent_dma));
+            let page = Page {
+                vm_noncoherent: nc.count() > 0,
+                slot_noncoherent: flagged,
+                guest_pat: MemType::Wc,
+                ..Page::default()
+            };
+            let code = match decide(Kernel::PerSlot, &page).effective(MemType::Wc) {
+                MemType::Uc => abi::hcall::memtype::UC,
+                MemType::Wc => abi::hcall::memtype::WC,
+                MemType::Wt => abi::hcall::memtype::WT,
+                MemType::Wp => abi::hcall::memtype::WP,
+                MemType::Wb => abi::hcall::memtype::WB,
+            };
+            Ret::ok(nc.count() as u64, u64::from(flagged), code)
+        }));
 
         Ok(Vm {
             accel,
@@ -188,6 +236,7 @@ impl Vm {
             bench_ioevent,
             memory_map,
             dma,
+            noncoherent_reads: config.noncoherent_reads,
             ram,
         })
     }
@@ -267,6 +316,98 @@ impl Vm {
         Ok(())
     }
 
+    /// Reads guest memory (RAM or device memory in the memory map) for the VMM itself:
+    /// a dump, a snapshot. Memory flagged non-coherent is flushed from the CPU caches
+    /// first (exactly the flagged bytes read), or the read is refused under
+    /// `NonCoherentReads::Refuse` while a non-coherent device is attached. Fails if a
+    /// byte is in no region.
+    pub fn read_memory_for_host(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        let nc = self.devices.noncoherent().count();
+        if nc > 0 && self.noncoherent_reads == NonCoherentReads::Refuse {
+            return Err(Error::Memory(format!(
+                "{nc} non-coherent device(s) attached ({}): reading guest memory is refused \
+                 (--noncoherent-migration refuse); use --noncoherent-migration flush",
+                self.devices.noncoherent().devices().join(", ")
+            )));
+        }
+        self.host_access(gpa, buf.len(), |host, off, len, flagged| {
+            // SAFETY: `host` is valid for `len` bytes (a region of the memory map, held
+            // alive by the caller for the duration).
+            if flagged && !unsafe { crate::flush::flush_range(host, len, None) } {
+                return Err(Error::Memory("this CPU cannot flush caches (no CLFLUSH)".into()));
+            }
+            // SAFETY: as above; the buffer range is inside `buf`.
+            let s = unsafe { vm_memory::VolatileSlice::new(host as *mut u8, len) };
+            s.copy_to(&mut buf[off..off + len]);
+            Ok(())
+        })
+    }
+
+    /// Writes guest memory for the VMM itself (a restore); memory flagged non-coherent
+    /// is flushed after the write, so a non-snooping device reads the new bytes.
+    pub fn write_memory_for_host(&self, gpa: u64, data: &[u8]) -> Result<()> {
+        self.host_access(gpa, data.len(), |host, off, len, flagged| {
+            // SAFETY: `host` is valid for `len` bytes (a region held alive by the caller).
+            let s = unsafe { vm_memory::VolatileSlice::new(host as *mut u8, len) };
+            s.copy_from(&data[off..off + len]);
+            // SAFETY: as above.
+            if flagged && !unsafe { crate::flush::flush_range(host, len, None) } {
+                return Err(Error::Memory("this CPU cannot flush caches (no CLFLUSH)".into()));
+            }
+            Ok(())
+        })
+    }
+
+    /// Walks `[gpa, gpa + len)` over the memory map's regions: `f(host, offset in the
+    /// buffer, bytes, flagged non-coherent)` per piece.
+    fn host_access(
+        &self,
+        gpa: u64,
+        len: usize,
+        mut f: impl FnMut(*const u8, usize, usize, bool) -> Result<()>,
+    ) -> Result<()> {
+        let regions = self.memory_map.regions();
+        let mut done = 0usize;
+        while done < len {
+            let at = gpa.checked_add(done as u64).ok_or_else(|| Error::Memory("address overflow".into()))?;
+            let r = regions
+                .iter()
+                .find(|r| at >= r.gpa && at < r.end())
+                .ok_or_else(|| Error::Memory(format!("{at:#x} is not guest memory")))?;
+            let n = ((r.end() - at) as usize).min(len - done);
+            // The region (and its mapping) stays alive: `regions` holds it.
+            let host = r.host().wrapping_add((at - r.gpa) as usize) as *const u8;
+            f(host, done, n, r.flags.noncoherent_dma)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Each memory-map region with its non-coherent flag and the memory type the guest
+    /// gets there for a WB and a WC PAT entry, under passthru's per-slot model and
+    /// under today's VM-wide kernels: `(region, flagged, [per-slot WB, per-slot WC,
+    /// VM-wide WB, VM-wide WC])`.
+    pub fn memory_types(&self) -> Vec<(vm_api::Region, bool, [crate::memtype::MemType; 4])> {
+        use crate::memtype::{Kernel, MemType, Page, decide};
+        let vm_nc = self.devices.noncoherent().count() > 0;
+        self.memory_map
+            .regions()
+            .into_iter()
+            .map(|r| {
+                let page = Page { vm_noncoherent: vm_nc, slot_noncoherent: r.flags.noncoherent_dma, ..Page::default() };
+                let t = |k, pat| decide(k, &Page { guest_pat: pat, ..page }).effective(pat);
+                let types = [
+                    t(Kernel::PerSlot, MemType::Wb),
+                    t(Kernel::PerSlot, MemType::Wc),
+                    t(Kernel::Current, MemType::Wb),
+                    t(Kernel::Current, MemType::Wc),
+                ];
+                let flagged = r.flags.noncoherent_dma;
+                (r, flagged, types)
+            })
+            .collect()
+    }
+
     /// The VM's DMA front-ends, by name.
     pub fn frontends(&self) -> &iommu::Frontends {
         self.devices.frontends()
@@ -287,6 +428,16 @@ impl Vm {
     /// runs (hot-plug).
     pub fn attach_device(&self, spec: DeviceSpec, frontend: &str) -> Result<Arc<AssignedDevice>> {
         self.devices.attach(spec, frontend)
+    }
+
+    /// As [`Vm::attach_device`], with options (coherency, snoop enforcement).
+    pub fn attach_device_with(
+        &self,
+        spec: DeviceSpec,
+        frontend: &str,
+        options: crate::device_manager::AttachOptions,
+    ) -> Result<Arc<AssignedDevice>> {
+        self.devices.attach_with(spec, frontend, options)
     }
 
     /// Detaches device `name` (hot-unplug).

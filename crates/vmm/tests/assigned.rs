@@ -194,6 +194,35 @@ fn a_device_error_and_release_request_reach_the_vmm_counted() {
     assert_eq!(threads_named("vfu-notify"), 0, "the watcher stops with the device");
 }
 
+#[test]
+fn the_non_coherent_count_follows_hot_plug_death_and_failed_attaches() {
+    use vmm::device_manager::AttachOptions;
+    let _s = serial();
+    let vm = vm();
+    let nc = || (vm.device_manager().noncoherent().count(), vm.device_manager().noncoherent().transitions());
+    let declared = AttachOptions { coherent: false, enforce_snoop: true };
+    // A failed attach of a declared device counts nothing.
+    vm.device_manager().fail_attach_after(Some(AttachStep::Frontend));
+    assert!(vm.attach_device_with(DeviceSpec::Remote(engine(64)), "identity", declared).is_err());
+    vm.device_manager().fail_attach_after(None);
+    assert_eq!(nc(), (0, 0));
+    // Hot-plug of a declared device while another (coherent) runs: 0 -> 1.
+    let _plain = vm.attach_device(DeviceSpec::Inline, "pvdma").unwrap();
+    let d = vm.attach_device_with(DeviceSpec::Remote(engine(64)), "identity", declared).unwrap();
+    assert_eq!(nc(), (1, 1));
+    // Its death (its connection cut): 1 -> 0.
+    d.function().died("the test killed it");
+    let t = std::time::Instant::now();
+    while nc().0 != 0 {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(nc(), (0, 2));
+    // A dead device cannot become non-coherent again.
+    assert!(!d.function().mark_noncoherent());
+    assert_eq!(nc(), (0, 2));
+}
+
 /// What a device leaves in the VMM: interrupt sources and routes, pins, devices,
 /// eventfds, memory-map regions, and the threads devices run (connection readers and
 /// writers, engine workers).

@@ -65,6 +65,8 @@ pub struct Effects {
     pub msix: bool,
     /// A function-level reset was requested.
     pub flr: bool,
+    /// PCIe Device Control's Enable No Snoop, when its byte was written.
+    pub no_snoop: Option<bool>,
 }
 
 impl VirtConfig {
@@ -242,6 +244,9 @@ impl VirtConfig {
                     }
                 }
                 fx.flr = u16::from_le_bytes(v) & cap::EXP_DEVCTL_FLR != 0;
+                if touches(at + 1, 1) {
+                    fx.no_snoop = Some(u16::from_le_bytes(v) & cap::EXP_DEVCTL_NOSNOOP != 0);
+                }
             }
         }
         fx

@@ -139,6 +139,14 @@ pub struct AssignedFunction {
     bar_accesses: AtomicU64,
     /// The device's ERR and REQ notifications (dropped, so stopped, at teardown).
     notifications: Mutex<Option<notify::Notifications>>,
+    /// The domain does not enforce snooping (an IOMMU without snoop control): the
+    /// guest's No Snoop makes the device non-coherent.
+    enforce_snoop: AtomicBool,
+    /// The device is non-coherent (declared, or No Snoop without enforcement). Sticky.
+    noncoherent: AtomicBool,
+    /// Told once when the device becomes non-coherent (the device manager counts it
+    /// and flags its memory).
+    on_noncoherent: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     me: Weak<AssignedFunction>,
 }
 
@@ -327,6 +335,9 @@ impl AssignedFunction {
                 gone_hooks: Mutex::new(Vec::new()),
                 bar_accesses: AtomicU64::new(0),
                 notifications: Mutex::new(Some(notifications)),
+                enforce_snoop: AtomicBool::new(true),
+                noncoherent: AtomicBool::new(false),
+                on_noncoherent: Mutex::new(None),
                 me: me.clone(),
             }
         });
@@ -444,6 +455,35 @@ impl AssignedFunction {
         drop(self.notifications.lock().unwrap_or_else(|e| e.into_inner()).take());
         self.torn_down.store(true, Ordering::Release);
         true
+    }
+
+    /// Sets whether the device's domain enforces snooping (on by default, as an IOMMU
+    /// with IOMMU_CAP_ENFORCE_CACHE_COHERENCY).
+    pub fn set_enforce_snoop(&self, on: bool) {
+        self.enforce_snoop.store(on, Ordering::Release);
+    }
+
+    /// Runs `hook` once, when the device becomes non-coherent.
+    pub fn on_noncoherent(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        *self.on_noncoherent.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Marks the device non-coherent (declared so, or No Snoop seen without snoop
+    /// enforcement): its mapped BAR parts carry the flag from now on. True the first
+    /// time.
+    pub fn mark_noncoherent(&self) -> bool {
+        if self.is_dead() || self.noncoherent.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        if let Some(h) = self.on_noncoherent.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            h();
+        }
+        true
+    }
+
+    /// True once the device is non-coherent.
+    pub fn is_noncoherent(&self) -> bool {
+        self.noncoherent.load(Ordering::Acquire)
     }
 
     /// Errors (ERR) and release requests (REQ) the device signalled.
@@ -623,6 +663,10 @@ impl PciFunction for AssignedFunction {
         if fx.msi || fx.msix || fx.command.is_some() || offset == reg::INTERRUPT_LINE {
             self.apply_interrupts(&mut st, fx);
         }
+        drop(st);
+        if fx.no_snoop == Some(true) && !self.enforce_snoop.load(Ordering::Acquire) && self.mark_noncoherent() {
+            tracing::info!("device {}: the guest enabled No Snoop and its domain does not enforce snooping", self.name);
+        }
     }
 
     fn windows(&self) -> Vec<BarWindow> {
@@ -639,7 +683,20 @@ impl PciFunction for AssignedFunction {
                 mapped: if self.is_dead() {
                     Vec::new()
                 } else {
-                    self.memory.get(usize::from(s.index)).map(|m| m.areas.clone()).unwrap_or_default()
+                    let flags = vm_api::RegionFlags { noncoherent_dma: self.is_noncoherent(), ..Default::default() };
+                    self.memory
+                        .get(usize::from(s.index))
+                        .map(|m| {
+                            m.areas
+                                .iter()
+                                .map(|(o, r)| {
+                                    let mut r = r.clone();
+                                    r.flags = flags;
+                                    (*o, r)
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default()
                 },
             })
             .collect()
