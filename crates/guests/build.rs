@@ -29,6 +29,10 @@ const PROGRAMS: &[(&str, &str)] = &[
         "No Snoop on a DMA engine without snoop enforcement: counted, its BAR slot flagged, WC honoured there (needs --device dma-engine,enforce-snoop=off)",
     ),
     (
+        "tce",
+        "DMA through TCE tables: a 64-bit window, INDIRECT, GET, STUFF, a table shared by two groups (needs --device dma-engine,dma=tce twice)",
+    ),
+    (
         "p2p",
         "peer-to-peer DMA between two DMA engines: A fills B's BAR, checksums match, B's BAR moved, trapped pages fault",
     ),

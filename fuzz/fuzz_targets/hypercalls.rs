@@ -1,6 +1,6 @@
 //! Fuzzes the whole hypercall dispatcher, every block (core, paravirtual DMA, and any
 //! block added later): arbitrary call numbers and registers, as a guest can make them,
-//! against a machine with a paravirtual-DMA engine; nothing may panic.
+//! against a machine with a paravirtual-DMA engine and a TCE engine; nothing may panic.
 #![no_main]
 
 use abi::hcall::Args;
@@ -18,6 +18,7 @@ fn vm() -> &'static Vm {
         c.err_out = Box::new(std::io::sink());
         let vm = Vm::new(c).expect("qtest machine");
         vm.attach_device(DeviceSpec::Inline, "pvdma").expect("engine");
+        vm.attach_device(DeviceSpec::Inline, "tce").expect("engine on TCE");
         vm
     })
 }
@@ -33,8 +34,9 @@ fuzz_target!(|data: &[u8]| {
         }
         // Call numbers near the blocks' starts, so calls reach their handlers.
         let nr = (regs[0] >> 8 & 0x3) * abi::hcall::BLOCK_SIZE + (regs[0] & 0x1f);
-        // Device ids near the engine's requester id (00:01.0 is 8), so calls reach it.
-        let dev = regs[1] % 16;
+        // Device ids near the engines' requester ids (8, 16), TCE liobns near the first
+        // (0x1000), so calls reach them.
+        let dev = if nr >= abi::tce::BASE { 0x1000 + regs[1] % 4 } else { regs[1] % 32 };
         let _ = vm().hypercall(&Args { nr, a: [dev, regs[2], regs[3], regs[4], regs[5]] });
     }
 });

@@ -12,6 +12,7 @@ pub mod layout;
 pub mod pci;
 pub mod ports;
 pub mod pvdma;
+pub mod tce;
 pub mod test_device;
 
 /// Exit status a guest program reports through [`ports::EXIT`] when it panics

@@ -175,6 +175,11 @@ impl LockedMemory {
         self.lock().pinned_bytes
     }
 
+    /// Bytes charged (not pinned: table memory and the like).
+    pub fn charged(&self) -> u64 {
+        self.lock().charged
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

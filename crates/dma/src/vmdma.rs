@@ -79,12 +79,20 @@ impl VmDma {
         if !self.has_device_memory.load(std::sync::atomic::Ordering::Acquire) {
             return None;
         }
-        let spans = self.spans.read().unwrap_or_else(|e| e.into_inner());
-        let mut out = Vec::new();
+        let device: Vec<(u64, u64)> = {
+            let spans = self.spans.read().unwrap_or_else(|e| e.into_inner());
+            spans.iter().filter(|s| !s.ram).map(|s| (s.gpa, s.gpa + s.size)).collect()
+        };
+        let mut out = Vec::with_capacity(ranges.len());
         for &(gpa, size) in ranges {
-            let mut pieces = vec![(gpa, gpa.saturating_add(size))];
-            for d in spans.iter().filter(|s| !s.ram) {
-                let (ds, de) = (d.gpa, d.gpa + d.size);
+            let end = gpa.saturating_add(size);
+            // The common case: RAM only, kept whole without allocating.
+            if !device.iter().any(|&(ds, de)| gpa < de && ds < end) {
+                out.push((gpa, size));
+                continue;
+            }
+            let mut pieces = vec![(gpa, end)];
+            for &(ds, de) in &device {
                 pieces = pieces
                     .into_iter()
                     .flat_map(|(s, e)| {

@@ -55,6 +55,9 @@ pub struct Device {
     pub endpoint: Endpoint,
     /// Fails the device.
     pub fail: FailDevice,
+    /// Front-end options from `--device ...` (e.g. `group=2` for `dma=tce`), only keys
+    /// the front-end's registration lists.
+    pub params: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Device {
@@ -82,6 +85,11 @@ pub trait Frontend: Send + Sync {
 
     /// Statistics of device `id`, one line of `key=value` words.
     fn device_stats(&self, id: u16) -> Option<String>;
+
+    /// A front-end's own query (qtest `NAME_info ARG`, e.g. `tce_info LIOBN`).
+    fn info(&self, _arg: &str) -> Option<String> {
+        None
+    }
 }
 
 /// A front-end's name, a line of help, and how to build it for a VM.
@@ -93,6 +101,8 @@ pub struct Registration {
     pub help: &'static str,
     /// Builds it for a VM (registering its hypercall block, if it has one).
     pub build: fn(&Context) -> Result<Arc<dyn Frontend>, String>,
+    /// The `--device` options it takes (`group` for tce).
+    pub params: &'static [&'static str],
 }
 
 impl std::fmt::Debug for Registration {
@@ -102,7 +112,8 @@ impl std::fmt::Debug for Registration {
 }
 
 /// The front-ends passthru has: the first is the default.
-pub const BUILT_IN: &[Registration] = &[crate::identity::REGISTRATION, crate::pvdma::REGISTRATION];
+pub const BUILT_IN: &[Registration] =
+    &[crate::identity::REGISTRATION, crate::pvdma::REGISTRATION, crate::tce::REGISTRATION];
 
 static EXTRA: Mutex<Vec<Registration>> = Mutex::new(Vec::new());
 

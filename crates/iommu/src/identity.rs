@@ -37,6 +37,7 @@ pub const REGISTRATION: Registration = Registration {
     name: "identity",
     help: "guest memory at IOVA = guest-physical, following the memory map (no guest-visible IOMMU)",
     build: |ctx| Ok(Identity::new(ctx) as Arc<dyn Frontend>),
+    params: &[],
 };
 
 struct Shared {

@@ -546,6 +546,7 @@ pub const REGISTRATION: crate::frontend::Registration = crate::frontend::Registr
             .map_err(|e| e.to_string())?;
         Ok(f as Arc<dyn crate::frontend::Frontend>)
     },
+    params: &[],
 };
 
 /// Paravirtual DMA as a VM's front-end: each device gets a domain of its own, which

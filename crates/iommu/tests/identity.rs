@@ -78,6 +78,7 @@ fn device(m: &Machine, id: u16) -> (Endpoint, Arc<AtomicBool>) {
         name: format!("dev{id}"),
         endpoint: ep.clone(),
         fail: Arc::new(move |_| f.store(true, Ordering::SeqCst)),
+        params: vec![],
     };
     m.identity.attach(&dev).unwrap();
     (ep, failed)
@@ -184,7 +185,7 @@ fn the_first_attach_over_the_locked_memory_limit_is_refused_naming_the_fix() {
     let mut m = machine(8 * MIB, 0..1 << 48);
     m.ram(0, 16 * MIB).unwrap();
     let ep = Endpoint::new(&m.vm, "dev");
-    let dev = Device { id: 8, name: "dev".into(), endpoint: ep, fail: Arc::new(|_| {}) };
+    let dev = Device { id: 8, name: "dev".into(), endpoint: ep, fail: Arc::new(|_| {}), params: vec![] };
     let e = m.identity.attach(&dev).unwrap_err();
     assert!(e.contains("pass --locked-memory 16M"), "{e}");
     assert_eq!(m.vm.account().pinned(), 0, "nothing left pinned");

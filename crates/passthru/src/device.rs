@@ -103,12 +103,17 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
                     _ => return Err(format!("enforce-snoop={v}: use enforce-snoop=on or enforce-snoop=off")),
                 }
             }
-            _ => {
-                return Err(format!(
-                    "unknown --device option '{k}' (dma, iommu-mode, process, socket, timeout, coherent, enforce-snoop)"
-                ));
-            }
+            _ => options.frontend_params.push((k.to_string(), v.to_string())),
         }
+    }
+    // Keys passthru does not know go to the DMA front-end, which must take them.
+    let accepted = iommu::frontend::find(&frontend).map(|r| r.params).unwrap_or(&[]);
+    if let Some((k, _)) = options.frontend_params.iter().find(|(k, _)| !accepted.contains(&k.as_str())) {
+        let theirs =
+            if accepted.is_empty() { String::new() } else { format!("; dma={frontend} takes {}", accepted.join(", ")) };
+        return Err(format!(
+            "unknown --device option '{k}' (dma, iommu-mode, process, socket, timeout, coherent, enforce-snoop{theirs})"
+        ));
     }
     match kind {
         "dma-engine" if socket.is_none() => {
@@ -133,21 +138,21 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
 pub fn attach(vm: &Vm, arg: &DeviceArg) -> Result<(), String> {
     let (spec, what, frontend, options) = match arg {
         DeviceArg::DmaEngine { inline: true, frontend, options, .. } => {
-            (DeviceSpec::Inline, "dma-engine in the VMM process".to_string(), frontend, *options)
+            (DeviceSpec::Inline, "dma-engine in the VMM process".to_string(), frontend, options.clone())
         }
         DeviceArg::DmaEngine { mode, frontend, timeout, options, .. } => {
             let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
             let process = spawn_engine(theirs)?;
             let what = format!("dma-engine in process {} over vfio-user, {}", process.pid(), mode_name(*mode));
             let spec = RemoteSpec { stream: ours, mode: *mode, process: Some(process), timeout: *timeout };
-            (DeviceSpec::Remote(spec), what, frontend, *options)
+            (DeviceSpec::Remote(spec), what, frontend, options.clone())
         }
         DeviceArg::VfioUser { socket, mode, frontend, timeout, options } => {
             let stream = UnixStream::connect(socket)
                 .map_err(|e| format!("connecting to the vfio-user server at {}: {e}", socket.display()))?;
             let what = format!("vfio-user server at {}, {}", socket.display(), mode_name(*mode));
             let spec = RemoteSpec { stream, mode: *mode, process: None, timeout: *timeout };
-            (DeviceSpec::Remote(spec), what, frontend, *options)
+            (DeviceSpec::Remote(spec), what, frontend, options.clone())
         }
     };
     let dev = vm.attach_device_with(spec, frontend, options).map_err(|e| e.to_string())?;
@@ -328,6 +333,13 @@ mod tests {
     fn device_specs_parse_and_bad_ones_name_the_fix() {
         let id = "identity";
         let engine = |mode, inline, frontend| Ok(DeviceArg::engine(mode, inline, frontend));
+        match parse_device("dma-engine,dma=tce,group=3").unwrap() {
+            DeviceArg::DmaEngine { options, frontend, .. } => {
+                assert_eq!((frontend.as_str(), options.frontend_params), ("tce", vec![("group".into(), "3".into())]))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse_device("dma-engine,group=3").unwrap_err().contains("unknown --device option 'group'"));
         assert_eq!(parse_device("dma-engine"), engine(IommuMode::SharedFd, false, id));
         assert_eq!(
             parse_device("dma-engine,iommu-mode=messages,dma=pvdma"),
@@ -364,7 +376,7 @@ mod tests {
         assert!(parse_device("dma-engine,dma=magic").unwrap_err().contains("identity, pvdma"));
         match parse_device("dma-engine,coherent=false,enforce-snoop=off").unwrap() {
             DeviceArg::DmaEngine { options, .. } => {
-                assert_eq!(options, AttachOptions { coherent: false, enforce_snoop: false })
+                assert_eq!(options, AttachOptions { coherent: false, enforce_snoop: false, frontend_params: vec![] })
             }
             other => panic!("{other:?}"),
         }

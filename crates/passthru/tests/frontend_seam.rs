@@ -76,7 +76,8 @@ fn build(ctx: &Context) -> Result<Arc<dyn Frontend>, String> {
 fn register_toy() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        iommu::frontend::register(Registration { name: "toy", help: "a front-end of this test", build }).unwrap();
+        iommu::frontend::register(Registration { name: "toy", help: "a front-end of this test", build, params: &[] })
+            .unwrap();
     });
 }
 
@@ -86,7 +87,7 @@ fn a_front_end_defined_in_a_test_is_reachable_from_the_cli_qtest_and_stats() {
     // The command line's parser knows it, and lists it in its errors.
     let arg = passthru::device::parse_device("dma-engine,dma=toy,process=inline").unwrap();
     let err = passthru::device::parse_device("dma-engine,dma=nope").unwrap_err();
-    assert!(err.contains("identity, pvdma, toy"), "{err}");
+    assert!(err.contains("identity, pvdma, tce, toy"), "{err}");
     let mut c = VmConfig::new(AccelKind::Qtest);
     c.memory = 32 << 20;
     c.serial_out = Box::new(std::io::sink());

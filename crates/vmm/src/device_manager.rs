@@ -54,7 +54,7 @@ pub enum DeviceSpec {
 }
 
 /// How a device is attached beyond its backend and front-end.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttachOptions {
     /// The device snoops CPU caches (`coherent=false` declares a device that does not:
     /// non-coherent from the start).
@@ -62,11 +62,13 @@ pub struct AttachOptions {
     /// Its domain enforces snooping (an IOMMU with snoop control); off, the guest's
     /// PCIe No Snoop makes the device non-coherent (`enforce-snoop=off`).
     pub enforce_snoop: bool,
+    /// Options for the device's DMA front-end (`group=2` for tce).
+    pub frontend_params: Vec<(String, String)>,
 }
 
 impl Default for AttachOptions {
     fn default() -> AttachOptions {
-        AttachOptions { coherent: true, enforce_snoop: true }
+        AttachOptions { coherent: true, enforce_snoop: true, frontend_params: Vec::new() }
     }
 }
 
@@ -333,7 +335,8 @@ impl DeviceManager {
                 f.died(why);
             }
         });
-        fe.attach(&iommu::Device { id: bdf, name: name.clone(), endpoint, fail: fail_device })
+        let params = options.frontend_params.clone();
+        fe.attach(&iommu::Device { id: bdf, name: name.clone(), endpoint, fail: fail_device, params })
             .map_err(|e| fail(format!("DMA front-end {}: {e}", fe.name())))?;
         let undo_frontend = {
             let fe = Arc::clone(&fe);

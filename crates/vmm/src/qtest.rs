@@ -370,7 +370,16 @@ impl Session<'_> {
                 }
             }
             "endianness" => Ok("OK little".into()),
-            other => Err(format!("Unknown command '{other}'")),
+            other => {
+                // `NAME_info ARG`: a DMA front-end's own query (e.g. `tce_info LIOBN`).
+                if let Some(name) = other.strip_suffix("_info")
+                    && let Some(fe) = self.vm.frontends().get(name)
+                {
+                    let a = arg(w, 1)?;
+                    return fe.info(a).map(|s| format!("OK {s}")).ok_or_else(|| format!("{name} knows no {a}"));
+                }
+                Err(format!("Unknown command '{other}'"))
+            }
         }
     }
 }

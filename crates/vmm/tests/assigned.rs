@@ -200,10 +200,10 @@ fn the_non_coherent_count_follows_hot_plug_death_and_failed_attaches() {
     let _s = serial();
     let vm = vm();
     let nc = || (vm.device_manager().noncoherent().count(), vm.device_manager().noncoherent().transitions());
-    let declared = AttachOptions { coherent: false, enforce_snoop: true };
+    let declared = AttachOptions { coherent: false, ..AttachOptions::default() };
     // A failed attach of a declared device counts nothing.
     vm.device_manager().fail_attach_after(Some(AttachStep::Frontend));
-    assert!(vm.attach_device_with(DeviceSpec::Remote(engine(64)), "identity", declared).is_err());
+    assert!(vm.attach_device_with(DeviceSpec::Remote(engine(64)), "identity", declared.clone()).is_err());
     vm.device_manager().fail_attach_after(None);
     assert_eq!(nc(), (0, 0));
     // Hot-plug of a declared device while another (coherent) runs: 0 -> 1.

@@ -110,3 +110,83 @@ pub mod qpci {
         assert_eq!(cmd(&format!("writew {:#x} {ctl:#x}", cfg(slot, c + 2))), "OK");
     }
 }
+
+/// A qtest session on a `passthru run --accel qtest` with `args`, its stderr discarded.
+pub struct Q {
+    pub child: std::process::Child,
+    pub stdin: std::process::ChildStdin,
+    pub out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Q {
+    pub fn start(args: &[&str]) -> Q {
+        let mut child = spawn_piped(&[&["run", "--accel", "qtest"][..], args].concat());
+        let mut err = child.stderr.take().unwrap();
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        let stdin = child.stdin.take().unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Q { child, stdin, out }
+    }
+
+    /// One command; IRQ lines are skipped.
+    pub fn cmd(&mut self, c: &str) -> String {
+        use std::io::BufRead;
+        writeln!(self.stdin, "{c}").unwrap();
+        loop {
+            let mut l = String::new();
+            assert!(self.out.read_line(&mut l).unwrap() > 0, "the VMM closed its output");
+            if !l.starts_with("IRQ ") {
+                return l.trim_end().to_string();
+            }
+        }
+    }
+
+    pub fn ok(&mut self, c: &str) {
+        assert_eq!(self.cmd(c), "OK", "{c}");
+    }
+
+    /// The value of `key=` in the answer to `c`.
+    pub fn field(&mut self, c: &str, key: &str) -> String {
+        let a = self.cmd(c);
+        a.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} in {a}"))
+            .into()
+    }
+
+    /// Runs one descriptor on the engine whose registers are at `regs`, its ring of one
+    /// at guest-physical `ring` (device address `ring_iova`), its record at `done`
+    /// (device address in `d.completion`); returns the record's status.
+    pub fn run_descriptor(
+        &mut self,
+        regs: u64,
+        ring: u64,
+        ring_iova: u64,
+        done: u64,
+        d: abi::dma_engine::Descriptor,
+    ) -> u32 {
+        use abi::dma_engine::{self as de, completion, regs as r};
+        let hex: String = d.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        self.ok(&format!("write {ring:#x} 64 0x{hex}"));
+        self.ok(&format!("memset {done:#x} 32 0"));
+        self.ok(&format!("writel {:#x} {}", regs + r::CONTROL, de::control::RESET));
+        self.ok(&format!("writeq {:#x} {ring_iova:#x}", regs + r::RING_BASE));
+        self.ok(&format!("writel {:#x} 1", regs + r::RING_SIZE));
+        self.ok(&format!("writel {:#x} {}", regs + r::CONTROL, de::control::ENABLE));
+        self.ok(&format!("writel {:#x} 1", regs + r::TAIL));
+        let t = std::time::Instant::now();
+        loop {
+            let s = qpci::value(&self.cmd(&format!("readl {done:#x}"))) as u32;
+            if s != completion::PENDING {
+                return s;
+            }
+            assert!(t.elapsed() < std::time::Duration::from_secs(10), "the descriptor never completed");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    pub fn end(mut self) {
+        drop(self.stdin);
+        assert_eq!(self.child.wait().unwrap().code(), Some(0));
+    }
+}

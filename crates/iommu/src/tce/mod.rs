@@ -1,0 +1,531 @@
+//! TCE tables: the PAPR IOMMU as a passthru front-end (`dma=tce`, calls and codes in
+//! `abi::tce`).
+//!
+//! Devices are grouped (`--device ...,dma=tce,group=N`; one group per device by
+//! default). A group's devices share a domain; each of the group's windows (a default
+//! 32-bit one at bus offset 0, at most one more created at run time) is a [`Table`] of
+//! TCEs whose valid entries are the domain's mappings, one per IOMMU page, at
+//! IOVA = bus offset + index << page shift. A table can back windows of several groups
+//! (CREATE naming an existing liobn): a put through any liobn reaches every group's
+//! domain before the call returns; the table's memory is held once and freed with its
+//! last window.
+//!
+//! Every call is validated as Linux's book3s_64_vio.c does, with PAPR's codes and no
+//! H_TOO_HARD (passthru is the only handler): an unknown liobn, an IOBA misaligned or
+//! outside the window (the whole run for INDIRECT and STUFF, with checked arithmetic),
+//! an entry with READ or WRITE pointing outside guest memory or misaligned, a list too
+//! long or misaligned -> H_PARAMETER; table memory or pins over the locked-memory limit
+//! -> H_RESOURCE with nothing changed. INDIRECT is all or nothing. STUFF only clears.
+
+pub mod table;
+
+use crate::frontend::{Context, Device, Frontend, Registration};
+use abi::hcall::{Args, Ret};
+use abi::tce as t;
+use dma::{Domain, DomainConfig, Endpoint, Gpa, Iova, Mapping, PageSizes, Perm, VmDma};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use table::Table;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// `dma=tce`.
+pub const REGISTRATION: Registration = Registration {
+    name: "tce",
+    help: "PAPR TCE tables: per-group DMA windows the guest programs by hypercalls (option group=N)",
+    build: |ctx| {
+        let f = Arc::new(Tce::new(ctx));
+        ctx.hypercalls
+            .register(t::BASE, Arc::clone(&f) as Arc<dyn vm_api::HypercallHandler>)
+            .map_err(|e| e.to_string())?;
+        Ok(f as Arc<dyn Frontend>)
+    },
+    params: &["group"],
+};
+
+/// A table and the windows (liobns) that use it.
+struct Shared {
+    table: Table,
+    page_shift: u32,
+    window_shift: u32,
+    windows: BTreeSet<u32>,
+}
+
+struct Window {
+    group: u32,
+    bus_offset: u64,
+    table: Arc<Mutex<Shared>>,
+}
+
+struct Group {
+    domain: Arc<Domain>,
+    devices: BTreeMap<u16, Endpoint>,
+    windows: Vec<u32>,
+}
+
+#[derive(Default)]
+struct State {
+    groups: BTreeMap<u32, Group>,
+    devices: BTreeMap<u16, u32>,
+    windows: BTreeMap<u32, Window>,
+    next_liobn: u32,
+    next_auto_group: u32,
+}
+
+/// Call names for the counters, by call number offset.
+const CALLS: [&str; 10] = [
+    "put_tce",
+    "get_tce",
+    "put_tce_indirect",
+    "stuff_tce",
+    "query_window",
+    "create_window",
+    "remove_window",
+    "reset_windows",
+    "device_group",
+    "query_page_sizes",
+];
+
+#[derive(Default)]
+struct Stats {
+    calls: [AtomicU64; 10],
+    parameter: AtomicU64,
+    resource: AtomicU64,
+    hardware: AtomicU64,
+}
+
+/// The TCE front-end of one VM.
+pub struct Tce {
+    dma: Arc<VmDma>,
+    memory: Arc<GuestMemoryMmap>,
+    state: Mutex<State>,
+    stats: Stats,
+}
+
+/// A PAPR outcome: the code and up to two results.
+type Out = Result<(u64, u64), i64>;
+
+fn perm_of(tce: u64) -> Perm {
+    match (tce & t::READ != 0, tce & t::WRITE != 0) {
+        (true, true) => Perm::READ_WRITE,
+        (true, false) => Perm::READ,
+        (false, true) => Perm::WRITE,
+        (false, false) => Perm::NONE,
+    }
+}
+
+fn valid(tce: u64) -> bool {
+    tce & (t::READ | t::WRITE) != 0
+}
+
+impl Tce {
+    /// The front-end for the VM of `ctx` (its hypercall block registered by
+    /// [`REGISTRATION`]).
+    pub fn new(ctx: &Context) -> Tce {
+        Tce {
+            dma: Arc::clone(&ctx.dma),
+            memory: Arc::clone(&ctx.memory),
+            state: Mutex::new(State { next_liobn: 0x1000, ..State::default() }),
+            stats: Stats::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The file of the table behind `liobn` (for mmap; layout in `abi::tce::layout`) and
+    /// its entry bits.
+    pub fn table_fd(&self, liobn: u32) -> Option<(Arc<std::fs::File>, u32)> {
+        let st = self.lock();
+        let w = st.windows.get(&liobn)?;
+        let s = w.table.lock().unwrap_or_else(|e| e.into_inner());
+        Some((Arc::clone(s.table.fd()), s.window_shift - s.page_shift))
+    }
+
+    fn domain_config() -> DomainConfig {
+        DomainConfig {
+            page_sizes: PageSizes::new(PageSizes::SZ_4K | PageSizes::SZ_64K | PageSizes::SZ_2M | PageSizes::SZ_16M)
+                .unwrap_or(PageSizes::x86()),
+            aperture_bits: 63,
+            max_mappings: 1 << 24,
+            ..DomainConfig::default()
+        }
+    }
+
+    /// Adds a window of `2^window_shift` bytes in pages of `2^page_shift` to `group`,
+    /// on a new table or on `alias`'s. Returns (liobn, bus offset).
+    fn add_window(&self, st: &mut State, group: u32, page_shift: u32, window_shift: u32, alias: Option<u32>) -> Out {
+        let supported = [12, 16, 21, 24];
+        if !supported.contains(&page_shift) || window_shift < page_shift || window_shift > 58 {
+            return Err(t::H_PARAMETER);
+        }
+        if window_shift - page_shift > table::MAX_ENTRY_BITS {
+            return Err(t::H_PARAMETER);
+        }
+        let g = st.groups.get(&group).ok_or(t::H_PARAMETER)?;
+        if g.windows.len() as u64 >= t::MAX_WINDOWS {
+            return Err(t::H_HARDWARE);
+        }
+        let bus_offset = if g.windows.is_empty() { 0 } else { t::WINDOW64_OFFSET };
+        let domain = Arc::clone(&g.domain);
+        let shared = match alias {
+            Some(l) => {
+                let w = st.windows.get(&l).ok_or(t::H_PARAMETER)?;
+                let s = w.table.lock().unwrap_or_else(|e| e.into_inner());
+                if (s.page_shift, s.window_shift) != (page_shift, window_shift) {
+                    return Err(t::H_PARAMETER);
+                }
+                // The new group's domain gets every entry the table already holds.
+                let maps: Vec<Mapping> = s
+                    .table
+                    .valid()
+                    .into_iter()
+                    .filter(|(_, v)| valid(*v))
+                    .map(|(i, v)| Mapping {
+                        iova: Iova(bus_offset + (i << page_shift)),
+                        gpa: Gpa(v & !((1 << page_shift) - 1)),
+                        size: 1 << page_shift,
+                        perm: perm_of(v),
+                    })
+                    .collect();
+                drop(s);
+                if !maps.is_empty() {
+                    domain.map_many(&maps).map_err(|_| t::H_RESOURCE)?;
+                }
+                Arc::clone(&w.table)
+            }
+            None => {
+                let table = Table::new(window_shift - page_shift, Arc::clone(&self.dma)).map_err(|e| match e {
+                    table::TableError::NoMemory(_) => t::H_RESOURCE,
+                    table::TableError::TooLarge(_) => t::H_PARAMETER,
+                    table::TableError::Host(_) => t::H_HARDWARE,
+                })?;
+                Arc::new(Mutex::new(Shared { table, page_shift, window_shift, windows: BTreeSet::new() }))
+            }
+        };
+        let liobn = st.next_liobn;
+        st.next_liobn += 1;
+        shared.lock().unwrap_or_else(|e| e.into_inner()).windows.insert(liobn);
+        st.windows.insert(liobn, Window { group, bus_offset, table: shared });
+        if let Some(g) = st.groups.get_mut(&group) {
+            g.windows.push(liobn);
+        }
+        Ok((u64::from(liobn), bus_offset))
+    }
+
+    /// Removes window `liobn`: its entries leave its group's domain (devices let go
+    /// before this returns); its table goes with its last window.
+    fn remove_window(&self, st: &mut State, liobn: u32) -> Out {
+        let w = st.windows.remove(&liobn).ok_or(t::H_PARAMETER)?;
+        let mut s = w.table.lock().unwrap_or_else(|e| e.into_inner());
+        s.windows.remove(&liobn);
+        if let Some(g) = st.groups.get_mut(&w.group) {
+            g.windows.retain(|l| *l != liobn);
+            let iovas: Vec<Iova> = s
+                .table
+                .valid()
+                .into_iter()
+                .filter(|(_, v)| valid(*v))
+                .map(|(i, _)| Iova(w.bus_offset + (i << s.page_shift)))
+                .collect();
+            g.domain.unmap_exact(&iovas);
+        }
+        Ok((0, 0))
+    }
+
+    /// Every (group domain, bus offset) a table's entries reach.
+    fn targets(st: &State, s: &Shared) -> Vec<(Arc<Domain>, u64)> {
+        s.windows
+            .iter()
+            .filter_map(|l| st.windows.get(l))
+            .filter_map(|w| st.groups.get(&w.group).map(|g| (Arc::clone(&g.domain), w.bus_offset)))
+            .collect()
+    }
+
+    /// Sets entries `first..` of the table behind `liobn` to `values`, all or nothing:
+    /// table memory reserved first, then every group domain updated (old mappings out,
+    /// new ones in as one batch), then the table.
+    fn put(&self, st: &State, liobn: u32, first: u64, values: &[u64]) -> Out {
+        let w = st.windows.get(&liobn).ok_or(t::H_PARAMETER)?;
+        let mut s = w.table.lock().unwrap_or_else(|e| e.into_inner());
+        let ps = s.page_shift;
+        let page = 1u64 << ps;
+        for v in values {
+            let addr = v & !(t::READ | t::WRITE);
+            if valid(*v) && (!addr.is_multiple_of(page) || !self.dma.is_guest_memory(addr, page)) {
+                return Err(t::H_PARAMETER);
+            }
+        }
+        let old: Vec<u64> = (0..values.len() as u64).map(|k| s.table.get(first + k)).collect();
+        // Clears never allocate: only a batch with a value to store reserves table pages.
+        if values.iter().any(|v| *v != 0) {
+            s.table.reserve_for(first, values.len() as u64).map_err(|_| t::H_RESOURCE)?;
+        }
+        let targets = Self::targets(st, &s);
+        let maps = |bus: u64, vals: &[u64]| -> Vec<Mapping> {
+            vals.iter()
+                .enumerate()
+                .filter(|(_, v)| valid(**v))
+                .map(|(k, v)| Mapping {
+                    iova: Iova(bus + ((first + k as u64) << ps)),
+                    gpa: Gpa(v & !(page - 1)),
+                    size: page,
+                    perm: perm_of(*v),
+                })
+                .collect()
+        };
+        let mut done: Vec<(Arc<Domain>, u64)> = Vec::new();
+        for (d, bus) in &targets {
+            let olds: Vec<Iova> = maps(*bus, &old).iter().map(|m| m.iova).collect();
+            d.unmap_exact(&olds);
+            let new = maps(*bus, values);
+            if !new.is_empty()
+                && let Err((_, e)) = d.map_many(&new)
+            {
+                tracing::debug!("TCE put on liobn {liobn:#x}: {e}");
+                // Put every domain back as it was.
+                let back = maps(*bus, &old);
+                let _ = d.map_many(&back);
+                for (d2, bus2) in &done {
+                    let undo: Vec<Iova> = maps(*bus2, values).iter().map(|m| m.iova).collect();
+                    d2.unmap_exact(&undo);
+                    let _ = d2.map_many(&maps(*bus2, &old));
+                }
+                s.table.release_reserve();
+                return Err(t::H_RESOURCE);
+            }
+            done.push((Arc::clone(d), *bus));
+        }
+        for (k, v) in values.iter().enumerate() {
+            if let Err(e) = s.table.set(first + k as u64, *v) {
+                tracing::error!("TCE table of liobn {liobn:#x}: {e} despite the reservation");
+            }
+        }
+        s.table.release_reserve();
+        Ok((0, 0))
+    }
+
+    /// The entry index of `ioba` in `liobn`'s window, checking `count` entries fit.
+    fn index(st: &State, liobn: u64, ioba: u64, count: u64) -> Result<(u32, u64), i64> {
+        let liobn = u32::try_from(liobn).map_err(|_| t::H_PARAMETER)?;
+        let w = st.windows.get(&liobn).ok_or(t::H_PARAMETER)?;
+        let s = w.table.lock().unwrap_or_else(|e| e.into_inner());
+        let page = 1u64 << s.page_shift;
+        if !ioba.is_multiple_of(page) || ioba < w.bus_offset {
+            return Err(t::H_PARAMETER);
+        }
+        let i = (ioba - w.bus_offset) >> s.page_shift;
+        let end = i.checked_add(count).ok_or(t::H_PARAMETER)?;
+        if count == 0 || end > s.table.entries() {
+            return Err(t::H_PARAMETER);
+        }
+        Ok((liobn, i))
+    }
+
+    fn execute(&self, a: &Args) -> Out {
+        let [x0, x1, x2, x3, _] = a.a;
+        let mut st = self.lock();
+        match a.nr {
+            t::PUT_TCE => {
+                let (liobn, i) = Self::index(&st, x0, x1, 1)?;
+                self.put(&st, liobn, i, &[x2])
+            }
+            t::GET_TCE => {
+                let (liobn, i) = Self::index(&st, x0, x1, 1)?;
+                let w = st.windows.get(&liobn).ok_or(t::H_PARAMETER)?;
+                let v = w.table.lock().unwrap_or_else(|e| e.into_inner()).table.get(i);
+                Ok((v, 0))
+            }
+            t::PUT_TCE_INDIRECT => {
+                if x3 == 0 || x3 > t::MAX_INDIRECT || !x2.is_multiple_of(4096) {
+                    return Err(t::H_PARAMETER);
+                }
+                let (liobn, i) = Self::index(&st, x0, x1, x3)?;
+                let mut raw = vec![0u8; (x3 * 8) as usize];
+                self.memory.read_slice(&mut raw, GuestAddress(x2)).map_err(|_| t::H_PARAMETER)?;
+                let values: Vec<u64> =
+                    raw.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+                self.put(&st, liobn, i, &values)
+            }
+            t::STUFF_TCE => {
+                if valid(x2) {
+                    return Err(t::H_PARAMETER);
+                }
+                let (liobn, i) = Self::index(&st, x0, x1, x3)?;
+                // In runs, so a huge count does not allocate a huge vector.
+                let mut done = 0;
+                while done < x3 {
+                    let n = (x3 - done).min(4096);
+                    self.put(&st, liobn, i + done, &vec![x2; n as usize])?;
+                    done += n;
+                }
+                Ok((0, 0))
+            }
+            t::QUERY_WINDOW => {
+                let g = st.groups.get(&u32::try_from(x0).map_err(|_| t::H_PARAMETER)?).ok_or(t::H_PARAMETER)?;
+                let largest = 1u64 << (58 - 12);
+                Ok((t::MAX_WINDOWS - g.windows.len() as u64, largest))
+            }
+            t::QUERY_PAGE_SIZES => {
+                st.groups.get(&u32::try_from(x0).map_err(|_| t::H_PARAMETER)?).ok_or(t::H_PARAMETER)?;
+                Ok((t::pagesize::SZ_4K | t::pagesize::SZ_64K | t::pagesize::SZ_2M | t::pagesize::SZ_16M, 0))
+            }
+            t::CREATE_WINDOW => {
+                let group = u32::try_from(x0).map_err(|_| t::H_PARAMETER)?;
+                let (ps, ws) =
+                    (u32::try_from(x1).map_err(|_| t::H_PARAMETER)?, u32::try_from(x2).map_err(|_| t::H_PARAMETER)?);
+                let alias = if x3 == 0 { None } else { Some(u32::try_from(x3).map_err(|_| t::H_PARAMETER)?) };
+                self.add_window(&mut st, group, ps, ws, alias)
+            }
+            t::REMOVE_WINDOW => self.remove_window(&mut st, u32::try_from(x0).map_err(|_| t::H_PARAMETER)?),
+            t::RESET_WINDOWS => {
+                let group = u32::try_from(x0).map_err(|_| t::H_PARAMETER)?;
+                let windows = st.groups.get(&group).ok_or(t::H_PARAMETER)?.windows.clone();
+                for l in windows {
+                    self.remove_window(&mut st, l)?;
+                }
+                self.add_window(&mut st, group, t::DEFAULT_PAGE_SHIFT, t::DEFAULT_WINDOW_SHIFT, None)
+            }
+            t::DEVICE_GROUP => {
+                let group = *st.devices.get(&u16::try_from(x0).map_err(|_| t::H_PARAMETER)?).ok_or(t::H_PARAMETER)?;
+                let default = st.groups.get(&group).and_then(|g| g.windows.first().copied()).unwrap_or(0);
+                Ok((u64::from(group), u64::from(default)))
+            }
+            _ => Err(t::H_PARAMETER),
+        }
+    }
+
+    /// One hypercall of the block.
+    pub fn call(&self, a: &Args) -> Ret {
+        let Some(k) = a.nr.checked_sub(t::BASE).filter(|k| (*k as usize) < CALLS.len()) else {
+            return Ret::err(abi::hcall::Status::UnknownCall);
+        };
+        self.stats.calls[k as usize].fetch_add(1, Ordering::Relaxed);
+        match self.execute(a) {
+            Ok((r1, r2)) => Ret::ok(t::H_SUCCESS as u64, r1, r2),
+            Err(code) => {
+                let c = match code {
+                    t::H_PARAMETER => &self.stats.parameter,
+                    t::H_RESOURCE => &self.stats.resource,
+                    _ => &self.stats.hardware,
+                };
+                c.fetch_add(1, Ordering::Relaxed);
+                Ret::ok(code as u64, 0, 0)
+            }
+        }
+    }
+
+    /// `tce_info`: the window behind `liobn`: its group, geometry, levels and pages of its
+    /// table, bytes charged, valid entries, and the groups sharing the table.
+    pub fn window_info(&self, liobn: u32) -> Option<String> {
+        let st = self.lock();
+        let w = st.windows.get(&liobn)?;
+        let s = w.table.lock().unwrap_or_else(|e| e.into_inner());
+        let groups: Vec<String> =
+            s.windows.iter().filter_map(|l| st.windows.get(l)).map(|x| x.group.to_string()).collect();
+        Some(format!(
+            "group={} groups={} bus_offset={:#x} page_shift={} window_shift={} levels={} pages={} bytes={} valid={}",
+            w.group,
+            groups.join(","),
+            w.bus_offset,
+            s.page_shift,
+            s.window_shift,
+            s.table.levels(),
+            s.table.pages(),
+            s.table.bytes(),
+            s.table.valid_entries()
+        ))
+    }
+}
+
+impl vm_api::HypercallHandler for Tce {
+    fn name(&self) -> &str {
+        "tce"
+    }
+
+    fn call(&self, args: &Args) -> Ret {
+        Tce::call(self, args)
+    }
+}
+
+impl Frontend for Tce {
+    fn name(&self) -> &str {
+        REGISTRATION.name
+    }
+
+    fn attach(&self, device: &Device) -> Result<(), String> {
+        let mut st = self.lock();
+        let group = match device.params.iter().find(|(k, _)| k == "group") {
+            Some((_, v)) => v.parse::<u32>().map_err(|_| format!("group={v}: a group is a number"))?,
+            None => {
+                // One group per device by default, numbered above any explicit one.
+                let g = 0x1_0000 + st.next_auto_group;
+                st.next_auto_group += 1;
+                g
+            }
+        };
+        if let Some((k, v)) = device.params.iter().find(|(k, _)| k != "group") {
+            return Err(format!("{k}={v} is not an option of dma=tce (it takes group=N)"));
+        }
+        if let std::collections::btree_map::Entry::Vacant(e) = st.groups.entry(group) {
+            let domain = self.dma.create_domain(&format!("tce-group-{group}"), Self::domain_config());
+            e.insert(Group { domain, devices: BTreeMap::new(), windows: Vec::new() });
+            if let Err(code) = self.add_window(&mut st, group, t::DEFAULT_PAGE_SHIFT, t::DEFAULT_WINDOW_SHIFT, None) {
+                st.groups.remove(&group);
+                return Err(format!(
+                    "creating group {group}'s default window: PAPR code {code} (locked-memory limit?)"
+                ));
+            }
+        }
+        let g = st.groups.get_mut(&group).ok_or("group vanished")?;
+        device.endpoint.attach(Some(Arc::clone(&g.domain))).map_err(|e| e.to_string())?;
+        g.devices.insert(device.id, device.endpoint.clone());
+        st.devices.insert(device.id, group);
+        Ok(())
+    }
+
+    fn detach(&self, id: u16) {
+        let mut st = self.lock();
+        let Some(group) = st.devices.remove(&id) else { return };
+        let empty = st.groups.get_mut(&group).is_some_and(|g| {
+            g.devices.remove(&id);
+            g.devices.is_empty()
+        });
+        if empty {
+            let windows = st.groups.get(&group).map(|g| g.windows.clone()).unwrap_or_default();
+            for l in windows {
+                let _ = self.remove_window(&mut st, l);
+            }
+            st.groups.remove(&group);
+        }
+    }
+
+    fn stats(&self) -> String {
+        let s = &self.stats;
+        let st = self.lock();
+        let mut out: Vec<String> =
+            CALLS.iter().zip(&s.calls).map(|(n, c)| format!("{n}={}", c.load(Ordering::Relaxed))).collect();
+        out.push(format!("h_parameter={}", s.parameter.load(Ordering::Relaxed)));
+        out.push(format!("h_resource={}", s.resource.load(Ordering::Relaxed)));
+        out.push(format!("h_hardware={}", s.hardware.load(Ordering::Relaxed)));
+        out.push(format!("groups={} windows={}", st.groups.len(), st.windows.len()));
+        out.join(" ")
+    }
+
+    fn device_stats(&self, id: u16) -> Option<String> {
+        let st = self.lock();
+        let group = *st.devices.get(&id)?;
+        let g = st.groups.get(&group)?;
+        let liobns: Vec<String> = g.windows.iter().map(|l| format!("{l:#x}")).collect();
+        Some(format!("group={group} liobns={} mappings={}", liobns.join(","), g.domain.mapping_count()))
+    }
+
+    fn info(&self, arg: &str) -> Option<String> {
+        let liobn = match arg.strip_prefix("0x") {
+            Some(h) => u32::from_str_radix(h, 16).ok()?,
+            None => arg.parse().ok()?,
+        };
+        self.window_info(liobn)
+    }
+}

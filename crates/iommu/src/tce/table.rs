@@ -1,0 +1,476 @@
+//! A TCE table: one 64-bit translation control entry per IOMMU page of a DMA window,
+//! stored as a multi-level tree of 4 KiB pages allocated on demand (as powernv hardware
+//! tables), so its memory follows what is mapped, not the window's size.
+//!
+//! The tree lives in a memfd ([`Table::fd`]) laid out as hardware would walk it
+//! (`abi::tce::layout`): the root level is the file's first page; an inner entry holds
+//! the file offset of the next level's page with [`abi::tce::READ`] | [`abi::tce::WRITE`]
+//! set (0: not allocated); a leaf entry is the TCE itself. Entries are little-endian.
+//! A reader (a tool, a device process, a restore) maps the file and walks it.
+//!
+//! Pages are charged to the VM's locked-memory account when allocated and released
+//! when freed: a leaf page whose entries are all clear is freed (hole punched), and an
+//! inner page whose children are all gone too. Reads and clears never allocate.
+
+use abi::tce as t;
+use dma::{MapError, VmDma};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
+
+/// Bytes of one table page.
+pub const PAGE: u64 = 4096;
+/// Most table pages one table can hold at once (64 GiB of pages).
+const MAX_TABLE_PAGES: u64 = 1 << 24;
+/// Most index bits a table has (5 levels of 9 bits).
+pub const MAX_ENTRY_BITS: u32 = LEVEL_BITS * abi::tce::MAX_LEVELS;
+/// Entries per table page.
+const ENTRIES: u64 = PAGE / 8;
+/// Index bits per level.
+const LEVEL_BITS: u32 = 9;
+
+/// Why a table cannot be made or written.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TableError {
+    /// The geometry is out of range.
+    #[error("a window of 2^{0} entries needs more than {max} levels", max = t::MAX_LEVELS)]
+    TooLarge(u32),
+    /// The locked-memory limit refused a table page.
+    #[error("table memory over the locked-memory limit: {0}")]
+    NoMemory(String),
+    /// The host refused (memfd, mmap).
+    #[error("table memory: {0}")]
+    Host(String),
+}
+
+/// One table (shared by every window that aliases it).
+pub struct Table {
+    /// log2 of the entry count.
+    entry_bits: u32,
+    levels: u32,
+    file: Arc<File>,
+    base: *mut u64,
+    /// Bytes of the file (and of the mapping).
+    capacity: u64,
+    /// Next never-used page and the freed ones (page numbers in the file).
+    next_page: u64,
+    free_pages: Vec<u64>,
+    /// Non-zero entries per page, by page number (0 for free pages).
+    used: Vec<u32>,
+    account: Arc<VmDma>,
+    /// Pages allocated now (the root included).
+    pages: u64,
+    /// Pages already charged for allocations to come ([`Table::reserve_for`]).
+    reserved: u64,
+}
+
+// SAFETY: `base` points into a private shared mapping owned by the table; every access
+// goes through `&self`/`&mut self` methods, and the caller serialises writers (the
+// front-end holds the table behind a mutex).
+unsafe impl Send for Table {}
+// SAFETY: as above: readers and writers are serialised by the owner's lock.
+unsafe impl Sync for Table {}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table").field("entries", &(1u64 << self.entry_bits)).field("pages", &self.pages).finish()
+    }
+}
+
+fn host(e: impl std::fmt::Display) -> TableError {
+    TableError::Host(e.to_string())
+}
+
+impl Table {
+    /// A table of `2^entry_bits` entries, charging `account` for its pages (the root
+    /// page at once).
+    pub fn new(entry_bits: u32, account: Arc<VmDma>) -> Result<Table, TableError> {
+        let levels = entry_bits.div_ceil(LEVEL_BITS).max(1);
+        if levels > t::MAX_LEVELS {
+            return Err(TableError::TooLarge(entry_bits));
+        }
+        // The most pages the tree can ever use: every level fully populated.
+        let mut capacity_pages: u64 = 0;
+        for l in 0..levels {
+            let bits_below = LEVEL_BITS * (levels - 1 - l);
+            let entries_at_level = 1u64 << entry_bits.saturating_sub(bits_below).min(63);
+            capacity_pages += entries_at_level.div_ceil(ENTRIES);
+        }
+        // The file is sparse and pages come from a bump allocator with reuse, so only
+        // the pages in use at once count; the address space reserved for the mapping is
+        // capped (64 GiB of table pages: more than any locked-memory limit allows).
+        let capacity = capacity_pages.min(MAX_TABLE_PAGES) * PAGE;
+        // SAFETY: memfd_create with a NUL-terminated name; the descriptor is owned at once.
+        let fd = unsafe { libc::memfd_create(c"passthru-tce".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(host(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(capacity).map_err(host)?;
+        let len = usize::try_from(capacity).map_err(host)?;
+        // SAFETY: a new shared mapping of the whole (sparse) file; nothing else maps
+        // this address range. Untouched pages cost nothing (shmem holes).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(host(std::io::Error::last_os_error()));
+        }
+        let mut table = Table {
+            entry_bits,
+            levels,
+            file: Arc::new(file),
+            base: p.cast(),
+            capacity,
+            next_page: 0,
+            free_pages: Vec::new(),
+            used: Vec::new(),
+            account,
+            pages: 0,
+            reserved: 0,
+        };
+        let root = table.alloc_page()?;
+        debug_assert_eq!(root, 0);
+        Ok(table)
+    }
+
+    /// Entries in the window.
+    pub fn entries(&self) -> u64 {
+        1 << self.entry_bits
+    }
+
+    /// Levels of the tree.
+    pub fn levels(&self) -> u32 {
+        self.levels
+    }
+
+    /// Table pages allocated now.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Bytes of table memory charged now.
+    pub fn bytes(&self) -> u64 {
+        self.pages * PAGE
+    }
+
+    /// The file the tree lives in (for mmap).
+    pub fn fd(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    fn word(&self, page: u64, index: u64) -> u64 {
+        debug_assert!(page * PAGE + index * 8 < self.capacity);
+        // SAFETY: `page` was allocated inside the mapping and `index < ENTRIES`.
+        unsafe { std::ptr::read_volatile(self.base.add((page * ENTRIES + index) as usize)) }
+    }
+
+    fn set_word(&mut self, page: u64, index: u64, v: u64) {
+        debug_assert!(page * PAGE + index * 8 < self.capacity);
+        // SAFETY: as in `word`; writers are serialised by `&mut self`.
+        unsafe { std::ptr::write_volatile(self.base.add((page * ENTRIES + index) as usize), v.to_le()) }
+    }
+
+    /// Charges, now, every page that setting `count` entries from `first` could need,
+    /// so the sets cannot fail for memory (a batch is all or nothing). Undo with
+    /// [`Table::release_reserve`], which returns what the sets did not use.
+    pub fn reserve_for(&mut self, first: u64, count: u64) -> Result<(), TableError> {
+        if count == 0 {
+            return Ok(());
+        }
+        let last = first.saturating_add(count - 1).min(self.entries() - 1);
+        let mut pages = 0;
+        for l in 1..self.levels {
+            let shift = LEVEL_BITS * (self.levels - l);
+            pages += (last >> shift) - (first >> shift) + 1;
+        }
+        self.account.account().charge(pages * PAGE).map_err(|e: MapError| TableError::NoMemory(e.to_string()))?;
+        self.reserved += pages;
+        Ok(())
+    }
+
+    /// Returns the unused part of a reservation.
+    pub fn release_reserve(&mut self) {
+        self.account.account().uncharge(self.reserved * PAGE);
+        self.reserved = 0;
+    }
+
+    fn alloc_page(&mut self) -> Result<u64, TableError> {
+        if self.reserved > 0 {
+            self.reserved -= 1;
+        } else {
+            self.account.account().charge(PAGE).map_err(|e: MapError| TableError::NoMemory(e.to_string()))?;
+        }
+        let page = match self.free_pages.pop() {
+            Some(p) => p,
+            None => {
+                let p = self.next_page;
+                if (p + 1) * PAGE > self.capacity {
+                    self.account.account().uncharge(PAGE);
+                    return Err(TableError::Host("table file full".into()));
+                }
+                self.next_page += 1;
+                p
+            }
+        };
+        // A fresh or punched page reads as zeros.
+        self.pages += 1;
+        let p = page as usize;
+        if self.used.len() <= p {
+            self.used.resize(p + 1, 0);
+        }
+        self.used[p] = 0;
+        Ok(page)
+    }
+
+    fn free_page(&mut self, page: u64) {
+        // SAFETY: fallocate on our own memfd, inside the file: the page becomes a hole
+        // (zeros, no memory).
+        unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (page * PAGE) as libc::off_t,
+                PAGE as libc::off_t,
+            );
+        }
+        if let Some(u) = self.used.get_mut(page as usize) {
+            *u = 0;
+        }
+        self.free_pages.push(page);
+        self.pages -= 1;
+        self.account.account().uncharge(PAGE);
+    }
+
+    /// The index of entry `i` at level `l` (0 = root).
+    fn index_at(&self, i: u64, l: u32) -> u64 {
+        (i >> (LEVEL_BITS * (self.levels - 1 - l))) & (ENTRIES - 1)
+    }
+
+    /// Entry `i` (0 if its leaf page was never allocated). Never allocates.
+    pub fn get(&self, i: u64) -> u64 {
+        if i >= self.entries() {
+            return 0;
+        }
+        let mut page = 0;
+        for l in 0..self.levels - 1 {
+            let e = u64::from_le(self.word(page, self.index_at(i, l)));
+            if e == 0 {
+                return 0;
+            }
+            page = (e & !(t::READ | t::WRITE)) / PAGE;
+        }
+        u64::from_le(self.word(page, self.index_at(i, self.levels - 1)))
+    }
+
+    /// Sets entry `i`; returns the previous value. Storing 0 into a missing page
+    /// allocates nothing; a leaf page left all clear is freed, then empty parents.
+    pub fn set(&mut self, i: u64, v: u64) -> Result<u64, TableError> {
+        if i >= self.entries() {
+            return Err(TableError::Host(format!("entry {i} outside the table")));
+        }
+        // Walk down, allocating only to store a non-zero value.
+        let mut path = Vec::with_capacity(self.levels as usize);
+        let mut page = 0u64;
+        for l in 0..self.levels - 1 {
+            let idx = self.index_at(i, l);
+            path.push((page, idx));
+            let e = u64::from_le(self.word(page, idx));
+            page = if e != 0 {
+                (e & !(t::READ | t::WRITE)) / PAGE
+            } else if v == 0 {
+                return Ok(0);
+            } else {
+                let child = self.alloc_page()?;
+                self.set_word(page, idx, (child * PAGE) | t::READ | t::WRITE);
+                self.used[page as usize] += 1;
+                child
+            };
+        }
+        let idx = self.index_at(i, self.levels - 1);
+        let old = u64::from_le(self.word(page, idx));
+        self.set_word(page, idx, v);
+        let used = &mut self.used[page as usize];
+        match (old != 0, v != 0) {
+            (false, true) => *used += 1,
+            (true, false) => *used -= 1,
+            _ => {}
+        }
+        // Free empty pages bottom-up (never the root).
+        let mut child = page;
+        while child != 0 && self.used.get(child as usize).copied() == Some(0) {
+            let Some((parent, pidx)) = path.pop() else { break };
+            self.set_word(parent, pidx, 0);
+            self.free_page(child);
+            if let Some(u) = self.used.get_mut(parent as usize) {
+                *u -= 1;
+            }
+            child = parent;
+        }
+        Ok(old)
+    }
+
+    /// Non-zero entries.
+    pub fn valid_entries(&self) -> u64 {
+        // Leaf pages' counts: the pages at the last level. Inner counts count children.
+        let mut n = 0;
+        self.walk_leaves(0, 0, &mut |_, v| {
+            if v != 0 {
+                n += 1
+            }
+        });
+        n
+    }
+
+    /// Every non-zero entry, in order: (index, value).
+    pub fn valid(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        self.walk_leaves(0, 0, &mut |i, v| {
+            if v != 0 {
+                out.push((i, v))
+            }
+        });
+        out
+    }
+
+    fn walk_leaves(&self, page: u64, level: u32, f: &mut impl FnMut(u64, u64)) {
+        self.walk(page, level, 0, f);
+    }
+
+    fn walk(&self, page: u64, level: u32, prefix: u64, f: &mut impl FnMut(u64, u64)) {
+        for idx in 0..ENTRIES {
+            let e = u64::from_le(self.word(page, idx));
+            if e == 0 {
+                continue;
+            }
+            let i = (prefix << LEVEL_BITS) | idx;
+            if level + 1 == self.levels {
+                if i < self.entries() {
+                    f(i, e);
+                }
+            } else {
+                self.walk((e & !(t::READ | t::WRITE)) / PAGE, level + 1, i, f);
+            }
+        }
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        self.release_reserve();
+        self.account.account().uncharge(self.bytes());
+        if let Ok(len) = usize::try_from(self.capacity) {
+            // SAFETY: the mapping made in `new`, of `len` bytes, used by nobody else now.
+            unsafe { libc::munmap(self.base.cast(), len) };
+        }
+    }
+}
+
+/// Reads entry `i` from a table's file the way a reader (tool, device process) would:
+/// mapped, walked from the root by the documented layout.
+pub fn read_mapped(fd: &File, entry_bits: u32, i: u64) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let levels = entry_bits.div_ceil(LEVEL_BITS).max(1);
+    let mut page = 0u64;
+    for l in 0..levels {
+        let idx = (i >> (LEVEL_BITS * (levels - 1 - l))) & (ENTRIES - 1);
+        let mut b = [0u8; 8];
+        fd.read_exact_at(&mut b, page * PAGE + idx * 8)?;
+        let e = u64::from_le_bytes(b);
+        if l + 1 == levels {
+            return Ok(e);
+        }
+        if e == 0 {
+            return Ok(0);
+        }
+        page = (e & !(t::READ | t::WRITE)) / PAGE;
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn account(limit: u64) -> Arc<VmDma> {
+        let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        VmDma::new(Arc::new(mem), dma::LockedMemory::new(limit))
+    }
+
+    #[test]
+    fn memory_follows_what_is_mapped_not_the_window() {
+        // 64 GiB window of 4 KiB pages: 2^24 entries, 3 levels.
+        let a = account(u64::MAX);
+        let mut t = Table::new(24, Arc::clone(&a)).unwrap();
+        assert_eq!((t.levels(), t.pages()), (3, 1), "only the root at creation");
+        // Map 1 GiB: 2^18 entries.
+        for i in 0..(1u64 << 18) {
+            t.set(i, (i << 12) | abi::tce::READ).unwrap();
+        }
+        // 512 leaf pages, 1 mid page, the root: about 2 MiB, not 128 MiB.
+        assert_eq!(t.pages(), 512 + 1 + 1);
+        assert_eq!(t.bytes(), 514 * 4096);
+        assert_eq!(a.account().charged(), t.bytes(), "charged as allocated");
+        for i in 0..(1u64 << 18) {
+            t.set(i, 0).unwrap();
+        }
+        assert_eq!(t.pages(), 1, "cleared pages freed bottom-up, the root kept");
+        assert_eq!(a.account().charged(), 4096);
+        drop(t);
+        assert_eq!(a.account().charged(), 0);
+    }
+
+    #[test]
+    fn reads_and_clears_never_allocate_and_the_limit_refuses_cleanly() {
+        let a = account(2 * 4096);
+        let mut t = Table::new(20, Arc::clone(&a)).unwrap(); // 3 levels: root + 2 pages for one entry
+        assert_eq!(t.get(12345), 0);
+        assert_eq!(t.set(12345, 0), Ok(0));
+        assert_eq!(t.pages(), 1);
+        let e = t.set(12345, 0x1000 | abi::tce::WRITE).unwrap_err();
+        assert!(matches!(e, TableError::NoMemory(_)), "{e}");
+        assert_eq!(t.get(12345), 0);
+        assert!(t.pages() <= 2, "an inner page may have been taken before the refusal");
+        assert_eq!(a.account().charged(), t.bytes(), "the charge equals what is held");
+    }
+
+    #[test]
+    fn too_many_levels_are_refused() {
+        assert_eq!(Table::new(46, account(u64::MAX)).unwrap_err(), TableError::TooLarge(46));
+        assert_eq!(Table::new(45, account(u64::MAX)).unwrap().levels(), 5);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        /// Against a flat model: every set/get agrees, the mapped file agrees, the page
+        /// count is exactly what the non-zero entries need.
+        #[test]
+        fn the_tree_behaves_as_a_flat_array(ops in proptest::collection::vec((0u64..1 << 14, 0u64..4), 1..400)) {
+            let mut t = Table::new(14, account(u64::MAX)).unwrap(); // 2 levels
+            let mut model: BTreeMap<u64, u64> = BTreeMap::new();
+            for (i, v) in ops {
+                let v = if v == 0 { 0 } else { (i << 12) | v };
+                let old = t.set(i, v).unwrap();
+                prop_assert_eq!(old, model.get(&i).copied().unwrap_or(0));
+                if v == 0 { model.remove(&i); } else { model.insert(i, v); }
+            }
+            for (i, v) in &model {
+                prop_assert_eq!(t.get(*i), *v);
+                prop_assert_eq!(read_mapped(t.fd(), 14, *i).unwrap(), *v);
+            }
+            prop_assert_eq!(t.valid(), model.iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>());
+            let leaves: std::collections::BTreeSet<u64> = model.keys().map(|i| i >> 9).collect();
+            prop_assert_eq!(t.pages(), 1 + leaves.len() as u64);
+        }
+    }
+}
