@@ -180,6 +180,33 @@ fn indirect_is_all_or_nothing_and_stuff_clears() {
 }
 
 #[test]
+fn the_default_window_geometry_is_configurable_and_reset_brings_it_back() {
+    let m = machine(u64::MAX);
+    let ep = Endpoint::new(&m.vm, "dev8");
+    let params = vec![("window".to_string(), "256M".to_string()), ("page".to_string(), "64K".to_string())];
+    m.tce.attach(&Device { id: 8, name: "dev8".into(), endpoint: ep, fail: Arc::new(|_| {}), params }).unwrap();
+    let (group, liobn) = m.group_of(8);
+    assert!(m.tce.info(&liobn.to_string()).unwrap().contains("page_shift=16 window_shift=28"));
+    assert_eq!(
+        m.code(t::PUT_TCE, [liobn, 0x1000, 0x10_0000 | t::READ, 0]),
+        t::H_PARAMETER,
+        "4 KiB-aligned, not 64 KiB"
+    );
+    m.ok(t::PUT_TCE, [liobn, 0x1_0000, 0x10_0000 | t::READ, 0]);
+    let (l2, _) = m.ok(t::RESET_WINDOWS, [group, 0, 0, 0]);
+    assert!(m.tce.info(&l2.to_string()).unwrap().contains("page_shift=16 window_shift=28"), "the configured default");
+    let bad = |params: Vec<(&str, &str)>| {
+        let ep = Endpoint::new(&m.vm, "x");
+        let params = params.into_iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        m.tce.attach(&Device { id: 99, name: "x".into(), endpoint: ep, fail: Arc::new(|_| {}), params }).unwrap_err()
+    };
+    assert!(bad(vec![("window", "3G")]).contains("power of two"));
+    let e = bad(vec![("page", "8K")]);
+    assert!(e.contains("page size must be"), "{e}");
+    assert!(bad(vec![("speed", "1")]).contains("not an option of dma=tce"));
+}
+
+#[test]
 fn directions_are_enforced() {
     let m = machine(u64::MAX);
     let ep = m.device(8, None);

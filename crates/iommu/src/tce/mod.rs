@@ -32,7 +32,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 /// `dma=tce`.
 pub const REGISTRATION: Registration = Registration {
     name: "tce",
-    help: "PAPR TCE tables: per-group DMA windows the guest programs by hypercalls (option group=N)",
+    help: "PAPR TCE tables: per-group DMA windows the guest programs by hypercalls (options group=N, window=SIZE, page=SIZE)",
     build: |ctx| {
         let f = Arc::new(Tce::new(ctx));
         ctx.hypercalls
@@ -40,7 +40,7 @@ pub const REGISTRATION: Registration = Registration {
             .map_err(|e| e.to_string())?;
         Ok(f as Arc<dyn Frontend>)
     },
-    params: &["group"],
+    params: &["group", "window", "page"],
 };
 
 /// A table and the windows (liobns) that use it.
@@ -61,6 +61,8 @@ struct Group {
     domain: Arc<Domain>,
     devices: BTreeMap<u16, Endpoint>,
     windows: Vec<u32>,
+    /// The default window's (page shift, window shift).
+    default: (u32, u32),
 }
 
 #[derive(Default)]
@@ -385,7 +387,9 @@ impl Tce {
                 for l in windows {
                     self.remove_window(&mut st, l)?;
                 }
-                self.add_window(&mut st, group, t::DEFAULT_PAGE_SHIFT, t::DEFAULT_WINDOW_SHIFT, None)
+                let (ps, ws) =
+                    st.groups.get(&group).map_or((t::DEFAULT_PAGE_SHIFT, t::DEFAULT_WINDOW_SHIFT), |g| g.default);
+                self.add_window(&mut st, group, ps, ws, None)
             }
             t::DEVICE_GROUP => {
                 let group = *st.devices.get(&u16::try_from(x0).map_err(|_| t::H_PARAMETER)?).ok_or(t::H_PARAMETER)?;
@@ -439,6 +443,17 @@ impl Tce {
     }
 }
 
+/// "1G", "64K", "4096" -> bytes.
+fn parse_size(v: &str) -> Option<u64> {
+    let (digits, shift) = match v.chars().last()? {
+        'K' | 'k' => (&v[..v.len() - 1], 10),
+        'M' | 'm' => (&v[..v.len() - 1], 20),
+        'G' | 'g' => (&v[..v.len() - 1], 30),
+        _ => (v, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
 impl vm_api::HypercallHandler for Tce {
     fn name(&self) -> &str {
         "tce"
@@ -465,17 +480,39 @@ impl Frontend for Tce {
                 g
             }
         };
-        if let Some((k, v)) = device.params.iter().find(|(k, _)| k != "group") {
-            return Err(format!("{k}={v} is not an option of dma=tce (it takes group=N)"));
+        let size = |key: &str, default: u32| -> Result<u32, String> {
+            match device.params.iter().find(|(k, _)| k == key) {
+                None => Ok(default),
+                Some((_, v)) => {
+                    let bytes = parse_size(v).ok_or_else(|| format!("{key}={v}: write a size, e.g. 1G or 64K"))?;
+                    if !bytes.is_power_of_two() {
+                        return Err(format!("{key}={v}: the size must be a power of two"));
+                    }
+                    Ok(bytes.trailing_zeros())
+                }
+            }
+        };
+        let default = (size("page", t::DEFAULT_PAGE_SHIFT)?, size("window", t::DEFAULT_WINDOW_SHIFT)?);
+        if let Some((k, v)) = device.params.iter().find(|(k, _)| !["group", "window", "page"].contains(&k.as_str())) {
+            return Err(format!("{k}={v} is not an option of dma=tce (it takes group=N, window=SIZE, page=SIZE)"));
+        }
+        if let Some(g) = st.groups.get(&group)
+            && g.default != default
+            && device.params.iter().any(|(k, _)| k == "window" || k == "page")
+        {
+            return Err(format!("group {group} already has another default window geometry"));
         }
         if let std::collections::btree_map::Entry::Vacant(e) = st.groups.entry(group) {
             let domain = self.dma.create_domain(&format!("tce-group-{group}"), Self::domain_config());
-            e.insert(Group { domain, devices: BTreeMap::new(), windows: Vec::new() });
-            if let Err(code) = self.add_window(&mut st, group, t::DEFAULT_PAGE_SHIFT, t::DEFAULT_WINDOW_SHIFT, None) {
+            e.insert(Group { domain, devices: BTreeMap::new(), windows: Vec::new(), default });
+            if let Err(code) = self.add_window(&mut st, group, default.0, default.1, None) {
                 st.groups.remove(&group);
-                return Err(format!(
-                    "creating group {group}'s default window: PAPR code {code} (locked-memory limit?)"
-                ));
+                let why = match code {
+                    t::H_RESOURCE => "over the locked-memory limit: raise --locked-memory",
+                    t::H_PARAMETER => "the page size must be 4K, 64K, 2M or 16M and the window at least a page",
+                    _ => "no window available",
+                };
+                return Err(format!("creating group {group}'s default window: {why}"));
             }
         }
         let g = st.groups.get_mut(&group).ok_or("group vanished")?;
