@@ -18,6 +18,7 @@ pub mod irq_watch;
 pub mod memory;
 pub mod memtype;
 pub mod qtest;
+pub mod run_control;
 pub mod vcpu;
 pub mod vm;
 

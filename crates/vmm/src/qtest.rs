@@ -53,8 +53,39 @@ impl IrqSink for Sink {
 /// Serves one session on `vm` until the input closes or the guest-visible exit port
 /// is written.
 pub fn serve(vm: &Vm, input: impl BufRead, out: SharedOut) -> std::io::Result<End> {
+    serve_lines(vm, input.lines(), out)
+}
+
+/// Serves one session whose lines come from `lines` (a reader thread owns the input),
+/// until the input closes, the exit port is written, or an exit is requested from
+/// elsewhere (the control API's `vm.shutdown`), which ends the session at once.
+pub fn serve_channel(
+    vm: &Vm,
+    lines: std::sync::mpsc::Receiver<std::io::Result<String>>,
+    out: SharedOut,
+) -> std::io::Result<End> {
+    let incoming = std::iter::from_fn(|| {
+        loop {
+            if vm.exit_status().is_some() {
+                return None;
+            }
+            match lines.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(line) => return Some(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    });
+    let end = serve_lines(vm, incoming, out)?;
+    Ok(match vm.exit_status() {
+        Some(status) => End::Exit(status),
+        None => end,
+    })
+}
+
+fn serve_lines(vm: &Vm, lines: impl Iterator<Item = std::io::Result<String>>, out: SharedOut) -> std::io::Result<End> {
     let mut session = Session { vm, out, intercepting: false };
-    let result = session.run(input);
+    let result = session.run(lines);
     if let Some(q) = vm.qtest() {
         q.set_sink(None);
     }
@@ -68,8 +99,8 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    fn run(&mut self, input: impl BufRead) -> std::io::Result<End> {
-        for line in input.lines() {
+    fn run(&mut self, lines: impl Iterator<Item = std::io::Result<String>>) -> std::io::Result<End> {
+        for line in lines {
             let line = line?;
             let words: Vec<&str> = line.split_whitespace().collect();
             if words.is_empty() {
@@ -311,6 +342,19 @@ impl Session<'_> {
                     })
                     .collect();
                 Ok(format!("OK {}", list.join(" ")))
+            }
+            "pause" => {
+                // passthru extension (QMP's stop): the vCPU, if any, parks.
+                self.vm.pause().map_err(|e| e.to_string())?;
+                Ok("OK".into())
+            }
+            "resume" => {
+                self.vm.resume().map_err(|e| e.to_string())?;
+                Ok("OK".into())
+            }
+            "run_state" => {
+                let (pauses, paused) = self.vm.run_control().pauses();
+                Ok(format!("OK {} pauses={pauses} paused_us={}", self.vm.run_control().state(), paused.as_micros()))
             }
             "device_del" => {
                 self.vm.detach_device(arg(w, 1)?).map_err(|e| e.to_string())?;

@@ -5,6 +5,7 @@
 use crate::accel::KvmAccel;
 use crate::boot::{Entry, entry_regs, long_mode_sregs};
 use crate::error::{Error, Result};
+use crate::run_control::ExitCounters;
 use crate::vm::Vm;
 use abi::hcall::Args;
 use abi::ports;
@@ -43,28 +44,45 @@ impl Vcpu {
     /// Runs until the guest writes the exit port (returns its status) or stops in a
     /// way the VMM cannot continue from (an error naming the reason).
     pub fn run(&mut self, vm: &Vm) -> Result<u8> {
+        /// Deregisters the vCPU thread from pause kicks however the loop ends.
+        struct Registered<'a>(&'a crate::run_control::RunControl);
+        impl Drop for Registered<'_> {
+            fn drop(&mut self) {
+                self.0.vcpu_stopped();
+            }
+        }
+        vm.run_control().vcpu_started();
+        let _registered = Registered(vm.run_control());
+        let exits = vm.exit_counters();
         loop {
+            // A pause parks here, between two guest instructions.
+            vm.run_control().checkpoint(|| vm.exit_status().is_some());
             if let Some(status) = vm.exit_status() {
                 return Ok(status);
             }
             let hcall_port = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if port == ports::HCALL {
+                        ExitCounters::bump(&exits.hypercall);
                         true
                     } else {
+                        ExitCounters::bump(&exits.io_out);
                         vm.pio_write(port, data);
                         false
                     }
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
+                    ExitCounters::bump(&exits.io_in);
                     vm.pio_read(port, data);
                     false
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    ExitCounters::bump(&exits.mmio_write);
                     vm.mmio_write(addr, data);
                     false
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
+                    ExitCounters::bump(&exits.mmio_read);
                     vm.mmio_read(addr, data);
                     false
                 }
@@ -90,7 +108,10 @@ impl Vcpu {
                     let what = format!("unexpected exit {other:?}");
                     return Err(self.crashed(&what));
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => false,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    ExitCounters::bump(&exits.interrupted);
+                    false
+                }
                 Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
             };
             if hcall_port {

@@ -112,6 +112,8 @@ pub struct Vm {
     memory_map: Arc<MemoryMap>,
     dma: Arc<VmDma>,
     noncoherent_reads: NonCoherentReads,
+    run: crate::run_control::RunControl,
+    exits: crate::run_control::ExitCounters,
     ram: GuestRam,
 }
 
@@ -237,6 +239,8 @@ impl Vm {
             memory_map,
             dma,
             noncoherent_reads: config.noncoherent_reads,
+            run: crate::run_control::RunControl::new(),
+            exits: crate::run_control::ExitCounters::default(),
             ram,
         })
     }
@@ -476,9 +480,31 @@ impl Vm {
         self.exit.status()
     }
 
-    /// Asks the machine to stop with `status` (as the exit port does).
+    /// Asks the machine to stop with `status` (as the exit port does); a running or
+    /// paused vCPU sees it at once.
     pub fn request_exit(&self, status: u8) {
         self.exit.request(status);
+        self.run.wake();
+    }
+
+    /// Pause and resume.
+    pub fn run_control(&self) -> &crate::run_control::RunControl {
+        &self.run
+    }
+
+    /// Stops the vCPU at an instruction boundary (see [`crate::run_control`]).
+    pub fn pause(&self) -> std::result::Result<(), crate::run_control::RunError> {
+        self.run.pause()
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) -> std::result::Result<(), crate::run_control::RunError> {
+        self.run.resume()
+    }
+
+    /// vCPU exits by kind.
+    pub fn exit_counters(&self) -> &crate::run_control::ExitCounters {
+        &self.exits
     }
 
     /// Forgets an exit request, so a driver may start another session on the machine.
