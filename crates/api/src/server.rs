@@ -1,0 +1,318 @@
+//! The API server: a Unix socket created with mode 0600 before it accepts anyone, an
+//! accept thread (`api`), and one thread per client (`api-client`, at most
+//! [`MAX_CLIENTS`]; more are answered 503 and closed). Every wait on a client has a
+//! deadline: a request must arrive whole within [`REQUEST_DEADLINE`] of its first
+//! byte, an idle connection is closed after [`IDLE_DEADLINE`], an answer must be taken
+//! within [`WRITE_DEADLINE`]. A request is carried out only once it is complete: a
+//! client that leaves mid-request changes nothing. Dropping the [`Server`] stops it,
+//! joins every thread and removes the socket file.
+
+use crate::command::decode;
+use crate::http::{Parsed, parse_request, response};
+use crate::{ApiError, Command};
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Clients served at once.
+pub const MAX_CLIENTS: usize = 16;
+/// A request must be complete this long after its first byte arrived.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// A connection with no request in progress is closed after this long.
+pub const IDLE_DEADLINE: Duration = Duration::from_secs(60);
+/// A client must take an answer within this long.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+/// How often blocked threads look at the stop flag.
+const TICK: Duration = Duration::from_millis(100);
+
+/// What carries out commands: the VMM.
+pub trait Handler: Send + Sync {
+    /// Carries out one command: a JSON answer, or an error answer (nothing changed).
+    fn handle(&self, command: Command) -> Result<serde_json::Value, ApiError>;
+}
+
+/// Counters of the server itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Connections accepted.
+    pub connections: u64,
+    /// Requests answered (any status).
+    pub requests: u64,
+    /// Of which with an error status.
+    pub errors: u64,
+    /// Connections refused because [`MAX_CLIENTS`] were being served.
+    pub refused: u64,
+    /// Connections closed by a deadline.
+    pub timed_out: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    connections: AtomicU64,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    refused: AtomicU64,
+    timed_out: AtomicU64,
+}
+
+/// A connected client: a handle to shut its connection down, and its thread.
+type Client = (UnixStream, JoinHandle<()>);
+
+struct Shared {
+    stop: AtomicBool,
+    handler: Arc<dyn Handler>,
+    /// Connected clients: a handle to shut each one down on stop, and its thread
+    /// (joined by `reap` once it has ended, or by `drop`).
+    clients: Mutex<HashMap<u64, Client>>,
+    counters: Counters,
+}
+
+/// A running API server.
+pub struct Server {
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+    wake: OwnedFd,
+    path: PathBuf,
+}
+
+impl Server {
+    /// Listens at `path` (mode 0600 from the start) and serves `handler`. A stale
+    /// socket file (nobody listening) is replaced; a live one or another file is an
+    /// error naming the fix.
+    pub fn start(path: &Path, handler: Arc<dyn Handler>) -> Result<Server, String> {
+        let listener = listen_private(path)?;
+        listener.set_nonblocking(true).map_err(|e| format!("API socket: {e}"))?;
+        // SAFETY: eventfd with valid flags; the result is checked before use.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(format!("API socket: eventfd: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh descriptor this function owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(raw) };
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            handler,
+            clients: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+        });
+        let (s, wake_fd) = (Arc::clone(&shared), wake.as_raw_fd());
+        let accept = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || accept_loop(&s, &listener, wake_fd))
+            .map_err(|e| format!("API socket: cannot start its thread: {e}"))?;
+        Ok(Server { shared, accept: Some(accept), wake, path: path.to_path_buf() })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The server's own counters.
+    pub fn stats(&self) -> ServerStats {
+        let c = &self.shared.counters;
+        ServerStats {
+            connections: c.connections.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            timed_out: c.timed_out.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to the eventfd this server owns.
+        let _ = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        let clients: Vec<_> = self.shared.clients.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        for (_, (stream, thread)) in clients {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Creates the listening socket: socket, bind, chmod 0600, then listen, so nobody can
+/// connect before the mode is set.
+fn listen_private(path: &Path) -> Result<UnixListener, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let shown = path.display();
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(format!("--api-socket {shown}: a file that is not a socket is there; pick another path"));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!("--api-socket {shown}: another process serves it; stop it or pick another path"));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("--api-socket {shown}: cannot replace the stale socket: {e}"))?;
+    }
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(format!("--api-socket {shown}: a socket path must be shorter than {} bytes", addr.sun_path.len()));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket creation; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("--api-socket {shown}: socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor owned from here on.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+    if unsafe { libc::bind(owned.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
+        return Err(format!("--api-socket {shown}: bind: {}", std::io::Error::last_os_error()));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        let _ = std::fs::remove_file(path);
+        return Err(format!("--api-socket {shown}: chmod 0600: {e}"));
+    }
+    // SAFETY: listen on the socket bound above.
+    if unsafe { libc::listen(owned.as_raw_fd(), 64) } != 0 {
+        let _ = std::fs::remove_file(path);
+        return Err(format!("--api-socket {shown}: listen: {}", std::io::Error::last_os_error()));
+    }
+    Ok(UnixListener::from(owned))
+}
+
+fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, wake: i32) {
+    let mut next_id = 0u64;
+    while !shared.stop.load(Ordering::SeqCst) {
+        let mut fds = [
+            libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: `fds` is a live array of 2 pollfd.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, TICK.as_millis() as i32) };
+        if n <= 0 || fds[1].revents != 0 {
+            reap(shared);
+            continue;
+        }
+        let Ok((stream, _)) = listener.accept() else { continue };
+        shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+        reap(shared);
+        let mut clients = shared.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if clients.len() >= MAX_CLIENTS {
+            drop(clients);
+            shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+            let e = ApiError { status: 503, message: format!("{MAX_CLIENTS} clients are being served; retry") };
+            let _ = stream.set_write_timeout(Some(TICK));
+            let _ = (&stream).write_all(&response(e.status, &e.body(), true));
+            continue;
+        }
+        let Ok(handle) = stream.try_clone() else { continue };
+        next_id += 1;
+        let (id, s) = (next_id, Arc::clone(shared));
+        // The entry (and the thread) is reaped once the thread has ended.
+        let thread = std::thread::Builder::new().name("api-client".into()).spawn(move || serve_client(&s, stream));
+        match thread {
+            Ok(t) => {
+                clients.insert(id, (handle, t));
+            }
+            Err(e) => tracing::warn!("API: cannot start a client thread: {e}"),
+        }
+    }
+}
+
+/// Joins and forgets the clients whose thread has ended.
+fn reap(shared: &Shared) {
+    let mut clients = shared.clients.lock().unwrap_or_else(|e| e.into_inner());
+    let done: Vec<u64> = clients.iter().filter(|(_, (_, t))| t.is_finished()).map(|(k, _)| *k).collect();
+    for id in done {
+        if let Some((_, t)) = clients.remove(&id) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_client(shared: &Shared, mut stream: UnixStream) {
+    let _ = stream.set_read_timeout(Some(TICK));
+    let _ = stream.set_write_timeout(Some(WRITE_DEADLINE));
+    let mut buf: Vec<u8> = Vec::new();
+    let (mut started, mut idle_since, mut sent_continue) = (None::<Instant>, Instant::now(), false);
+    let mut chunk = [0u8; 4096];
+    while !shared.stop.load(Ordering::SeqCst) {
+        match parse_request(&buf) {
+            Err(e) => {
+                answer(shared, &mut stream, e.status, &e.body(), true);
+                return;
+            }
+            Ok(Parsed::Complete(req, used)) => {
+                buf.drain(..used);
+                let result = decode(&req.method, &req.path, &req.body).and_then(|c| shared.handler.handle(c));
+                let (status, body) = match result {
+                    Ok(v) => (200, v.to_string()),
+                    Err(e) => (e.status, e.body()),
+                };
+                if !answer(shared, &mut stream, status, &body, !req.keep_alive) || !req.keep_alive {
+                    return;
+                }
+                started = (!buf.is_empty()).then(Instant::now);
+                idle_since = Instant::now();
+                sent_continue = false;
+                continue;
+            }
+            Ok(Parsed::Incomplete { expect_continue }) => {
+                if expect_continue && !sent_continue {
+                    if stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
+                        return;
+                    }
+                    sent_continue = true;
+                }
+            }
+        }
+        if started.is_some_and(|t| t.elapsed() > REQUEST_DEADLINE) {
+            shared.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+            let e =
+                ApiError { status: 408, message: format!("the request was not complete within {REQUEST_DEADLINE:?}") };
+            answer(shared, &mut stream, e.status, &e.body(), true);
+            return;
+        }
+        if started.is_none() && idle_since.elapsed() > IDLE_DEADLINE {
+            shared.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match stream.read(&mut chunk) {
+            // The client left: a partial request is dropped, nothing was done for it.
+            Ok(0) => return,
+            Ok(n) => {
+                if started.is_none() {
+                    started = Some(Instant::now());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Writes one answer; false if the client did not take it.
+fn answer(shared: &Shared, stream: &mut UnixStream, status: u16, body: &str, close: bool) -> bool {
+    shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+    if status >= 400 {
+        shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    stream.write_all(&response(status, body, close)).and_then(|()| stream.flush()).is_ok()
+}
