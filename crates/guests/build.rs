@@ -13,6 +13,10 @@ const PROGRAMS: &[(&str, &str)] = &[
         "the default demo: maps its own DMA by hypercalls, drives the first DMA engine on the PCI bus, checks results and isolation",
     ),
     ("hello", "prints one line and exits 0"),
+    (
+        "idle",
+        "stays up until stopped (control API vm.shutdown); scans the PCI bus every arg 0 ms (default 100) and prints functions that appear or leave",
+    ),
     ("interrupts", "counts MSIs injected through an irqfd; exits 0 when every one arrived"),
     ("panic", "panics on purpose (exit code 101, message on stderr)"),
     ("exits", "exit-cost probe behind `passthru bench exits`"),

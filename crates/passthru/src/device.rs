@@ -44,6 +44,13 @@ pub enum DeviceArg {
 }
 
 impl DeviceArg {
+    /// The DMA front-end's name.
+    pub fn frontend(&self) -> &str {
+        match self {
+            DeviceArg::DmaEngine { frontend, .. } | DeviceArg::VfioUser { frontend, .. } => frontend,
+        }
+    }
+
     /// A DMA engine with the default timeout.
     pub fn engine(mode: IommuMode, inline: bool, frontend: &str) -> DeviceArg {
         DeviceArg::DmaEngine {
@@ -135,7 +142,7 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
 }
 
 /// Attaches one device to `vm`, spawning its process if needed (the VMM owns it then).
-pub fn attach(vm: &Vm, arg: &DeviceArg) -> Result<(), String> {
+pub fn attach(vm: &Vm, arg: &DeviceArg) -> Result<std::sync::Arc<vmm::AssignedDevice>, String> {
     let (spec, what, frontend, options) = match arg {
         DeviceArg::DmaEngine { inline: true, frontend, options, .. } => {
             (DeviceSpec::Inline, "dma-engine in the VMM process".to_string(), frontend, options.clone())
@@ -166,7 +173,7 @@ pub fn attach(vm: &Vm, arg: &DeviceArg) -> Result<(), String> {
         id >> 16,
         dev.frontend().name()
     );
-    Ok(())
+    Ok(dev)
 }
 
 fn mode_name(m: IommuMode) -> &'static str {

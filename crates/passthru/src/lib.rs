@@ -2,6 +2,8 @@
 //! tests and embedding programs reach the same parsers and runners as the binary.
 
 pub mod bench;
+pub mod control;
+pub mod ctl;
 pub mod device;
 pub mod run;
 pub mod sandbox;

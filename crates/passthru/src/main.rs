@@ -2,7 +2,7 @@
 //! on KVM, or the qtest driver port), `passthru guests` lists the built-in guest
 //! programs, `passthru bench` measures.
 
-use passthru::{bench, device, run};
+use passthru::{bench, ctl, device, run};
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -25,6 +25,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run a device process (vfio-user server).
     Device(device::DeviceArgs),
+    /// Drive a running VM through its control API (`run --api-socket PATH`).
+    Ctl(ctl::CtlArgs),
+    /// Live statistics of a running VM, refreshed every second (as kvm_stat).
+    Stat(ctl::StatArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,8 @@ fn main() -> ExitCode {
         }
         Command::Bench(args) => bench::bench(args),
         Command::Device(args) => device::device(args),
+        Command::Ctl(args) => ctl::ctl(args),
+        Command::Stat(args) => ctl::stat(args),
     };
     match result {
         Ok(code) => code,

@@ -79,6 +79,10 @@ pub struct RunArgs {
     /// invalid arguments (by default it gets an error status and goes on).
     #[arg(long, alias = "pvdma-kill-on-misuse")]
     dma_kill_on_misuse: bool,
+    /// Serve the control API (HTTP/1.1, JSON) on a Unix socket at PATH, mode 0600:
+    /// `passthru ctl PATH ...` and `passthru stat PATH` talk to it.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -107,23 +111,41 @@ fn parse_irq_mode(s: &str) -> Result<irq::Mode, String> {
     s.parse()
 }
 
+/// The machine `args` describe.
+fn config(args: &RunArgs, accel: AccelKind) -> VmConfig {
+    let mut config = VmConfig::new(accel);
+    config.memory = args.memory;
+    config.irq_mode = args.irq_mode;
+    config.locked_memory = args.locked_memory;
+    config.dma_kill_on_misuse = args.dma_kill_on_misuse;
+    config.test_sources =
+        args.test_sources || (accel == AccelKind::Kvm && NEEDS_TEST_SOURCES.contains(&args.guest.as_str()));
+    if let Some(w) = &args.dma_window {
+        config.dma_window = w.clone();
+    }
+    config.noncoherent_reads = args.noncoherent_migration;
+    config
+}
+
+/// The control API server for `vm`, when `--api-socket` was given.
+fn start_api(args: &RunArgs, vm: &Arc<Vm>) -> Result<Option<api::Server>, String> {
+    let Some(path) = &args.api_socket else { return Ok(None) };
+    let server = api::Server::start(path, Arc::new(crate::control::Control::new(Arc::clone(vm))))?;
+    let _ = writeln!(
+        std::io::stderr(),
+        "passthru: control API on {} (passthru ctl {} info)",
+        path.display(),
+        path.display()
+    );
+    Ok(Some(server))
+}
+
 /// Runs a machine until its guest exits (KVM) or its driver leaves (qtest).
 pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     if args.qtest.is_some() || args.accel == Accel::Qtest {
         return run_qtest(&args);
     }
     let elf = load_guest(&args.guest)?;
-    let mut config = VmConfig::new(AccelKind::Kvm);
-    config.memory = args.memory;
-    config.irq_mode = args.irq_mode;
-    config.locked_memory = args.locked_memory;
-    config.dma_kill_on_misuse = args.dma_kill_on_misuse;
-    config.test_sources = args.test_sources || NEEDS_TEST_SOURCES.contains(&args.guest.as_str());
-    if let Some(w) = &args.dma_window {
-        config.dma_window = w.clone();
-    }
-    config.noncoherent_reads = args.noncoherent_migration;
-    let vm = Vm::new(config).map_err(|e| e.to_string())?;
     // The paravirtual DMA demo needs its device: give it the default one.
     let default_device;
     let devices = if args.devices.is_empty() && args.guest == DEFAULT_GUEST {
@@ -132,8 +154,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     } else {
         &args.devices[..]
     };
+    let vm = Arc::new(Vm::new(config(&args, AccelKind::Kvm)).map_err(|e| e.to_string())?);
     attach_devices(&vm, devices)?;
-    let status = vm.run_guest_with_args(&elf, &args.guest_args).map_err(|e| e.to_string())?;
+    let api = start_api(&args, &vm)?;
+    let status = vm.run_guest_with_args(&elf, &args.guest_args).map_err(|e| e.to_string());
+    drop(api); // no request runs after this
+    let status = status?;
     let _ = std::io::stdout().flush();
     report_test_sources(&vm);
     report_guest_throughput(&vm);
@@ -271,45 +297,65 @@ pub fn load_guest(name: &str) -> Result<Vec<u8>, String> {
 }
 
 fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
-    let mut config = VmConfig::new(AccelKind::Qtest);
-    config.memory = args.memory;
-    config.irq_mode = args.irq_mode;
-    config.locked_memory = args.locked_memory;
-    config.dma_kill_on_misuse = args.dma_kill_on_misuse;
-    config.test_sources = args.test_sources;
-    if let Some(w) = &args.dma_window {
-        config.dma_window = w.clone();
-    }
-    config.noncoherent_reads = args.noncoherent_migration;
+    let mut config = config(args, AccelKind::Qtest);
     let end = match &args.qtest {
         Some(path) => {
             let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
                 format!("cannot listen on {}: {e} (remove a stale socket file, or pick another path)", path.display())
             })?;
-            let vm = Vm::new(config).map_err(|e| e.to_string())?;
+            let vm = Arc::new(Vm::new(config).map_err(|e| e.to_string())?);
             attach_devices(&vm, &args.devices)?;
+            let api = start_api(args, &vm)?;
             let accepted = listener.accept();
             let _ = std::fs::remove_file(path);
             let (stream, _) = accepted.map_err(|e| format!("accepting on {}: {e}", path.display()))?;
             let writer = stream.try_clone().map_err(|e| e.to_string())?;
+            let reader = stream.try_clone().map_err(|e| e.to_string())?;
             let out: SharedOut = Arc::new(Mutex::new(Box::new(writer)));
-            let end = qtest::serve(&vm, BufReader::new(stream), out).map_err(|e| e.to_string())?;
+            let lines = read_lines(BufReader::new(reader))?;
+            let end = qtest::serve_channel(&vm, lines, out).map_err(|e| e.to_string());
+            // Ends the reader thread if the session ended by vm.shutdown.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            drop(api);
             drop(vm);
-            end
+            end?
         }
         None => {
             // Standard output carries the protocol: the guest console goes to stderr.
             config.serial_out = Box::new(std::io::stderr());
-            let vm = Vm::new(config).map_err(|e| e.to_string())?;
+            let vm = Arc::new(Vm::new(config).map_err(|e| e.to_string())?);
             attach_devices(&vm, &args.devices)?;
+            let api = start_api(args, &vm)?;
             let out: SharedOut = Arc::new(Mutex::new(Box::new(std::io::stdout())));
-            let end = qtest::serve(&vm, std::io::stdin().lock(), out).map_err(|e| e.to_string())?;
+            let lines = read_lines(BufReader::new(std::io::stdin()))?;
+            let end = qtest::serve_channel(&vm, lines, out).map_err(|e| e.to_string());
+            drop(api);
             drop(vm);
-            end
+            end?
         }
     };
     Ok(match end {
         End::Eof => ExitCode::SUCCESS,
         End::Exit(status) => ExitCode::from(status),
     })
+}
+
+/// A thread (`qtest-input`) that reads the driver's lines, so the session can also end
+/// on an exit requested through the control API while the driver is silent. It ends
+/// with its input; if the session ends first it stays blocked until process exit.
+fn read_lines(
+    input: impl std::io::BufRead + Send + 'static,
+) -> Result<std::sync::mpsc::Receiver<std::io::Result<String>>, String> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(64);
+    std::thread::Builder::new()
+        .name("qtest-input".into())
+        .spawn(move || {
+            for line in input.lines() {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the qtest input thread: {e}"))?;
+    Ok(rx)
 }

@@ -1,0 +1,282 @@
+//! The control API's VMM side: carries out [`api::Command`]s on a running [`Vm`] and
+//! describes it (`vm.info`, `vm.counters`) as JSON. Requests run on the API server's
+//! client threads, concurrently with the vCPU and with each other; every operation
+//! used here is safe to race (device attach and detach serialize in the device
+//! manager, interrupt modes in the registry, memory changes in the memory map).
+
+use api::{ApiError, Command, Handler};
+use serde_json::{Map, Value, json};
+use std::sync::Arc;
+use vmm::Vm;
+
+/// Most domain mappings listed per device in `vm.info` (the count is always given).
+pub const MAX_LISTED_MAPPINGS: usize = 256;
+
+/// The VMM as the API server's handler.
+pub struct Control {
+    vm: Arc<Vm>,
+}
+
+impl Control {
+    /// Serves `vm`.
+    pub fn new(vm: Arc<Vm>) -> Control {
+        Control { vm }
+    }
+}
+
+impl Handler for Control {
+    fn handle(&self, command: Command) -> Result<Value, ApiError> {
+        let vm = &self.vm;
+        match command {
+            Command::Info => Ok(info(vm)),
+            Command::Counters => Ok(counters(vm)),
+            Command::AddDevice { device } => {
+                let arg = crate::device::parse_device(&device)
+                    .map_err(|e| ApiError::bad_request(format!("\"device\": {e}")))?;
+                let dev = crate::device::attach(vm, &arg).map_err(ApiError::conflict)?;
+                Ok(json!({ "name": dev.name(), "bdf": dev.bdf_string(), "frontend": dev.frontend().name() }))
+            }
+            Command::RemoveDevice { name } => {
+                if vm.device(&name).is_none() {
+                    return Err(ApiError::not_found(format!("no device '{name}' (see vm.info)")));
+                }
+                vm.detach_device(&name).map_err(|e| ApiError::conflict(e.to_string()))?;
+                Ok(json!({ "removed": name }))
+            }
+            Command::Pause => {
+                let t = std::time::Instant::now();
+                vm.pause().map_err(run_error)?;
+                Ok(json!({ "state": "paused", "took_us": t.elapsed().as_micros() as u64 }))
+            }
+            Command::Resume => {
+                vm.resume().map_err(run_error)?;
+                Ok(json!({ "state": "running" }))
+            }
+            Command::Shutdown { status } => {
+                vm.request_exit(status);
+                Ok(json!({ "status": vm.exit_status().unwrap_or(status) }))
+            }
+            Command::IrqSetMode { device, index, sub, mode } => {
+                let mode: irq::Mode = mode.parse().map_err(ApiError::bad_request)?;
+                let id = irq::SourceId::new(&device, index, sub);
+                vm.irqs().set_mode(&id, mode).map_err(|e| match e {
+                    irq::IrqError::Unknown(_) => ApiError::not_found(format!("{e} (see vm.info's interrupt sources)")),
+                    other => ApiError::conflict(other.to_string()),
+                })?;
+                Ok(json!({ "source": id.to_string(), "mode": mode.to_string() }))
+            }
+            Command::MemoryAdd { gpa, size } => {
+                vm.add_ram(gpa, size).map_err(|e| ApiError::conflict(e.to_string()))?;
+                Ok(json!({ "gpa": gpa, "size": size }))
+            }
+            Command::MemoryRemove { gpa } => {
+                vm.remove_ram(gpa).map_err(|e| ApiError::conflict(e.to_string()))?;
+                Ok(json!({ "removed": gpa }))
+            }
+        }
+    }
+}
+
+fn run_error(e: vmm::run_control::RunError) -> ApiError {
+    match e {
+        vmm::run_control::RunError::Timeout(_) => ApiError::internal(e.to_string()),
+        _ => ApiError::conflict(e.to_string()),
+    }
+}
+
+/// `key=value` words (a front-end's statistics) as a JSON object; numbers stay
+/// numbers.
+pub fn words(line: &str) -> Value {
+    let mut m = Map::new();
+    for w in line.split_whitespace() {
+        if let Some((k, v)) = w.split_once('=') {
+            let v = v.parse::<u64>().map(Value::from).unwrap_or_else(|_| Value::from(v));
+            m.insert(k.to_string(), v);
+        }
+    }
+    Value::Object(m)
+}
+
+fn hex(v: u64) -> String {
+    format!("{v:#x}")
+}
+
+/// `vm.info`: the memory map, the devices and the run state.
+pub fn info(vm: &Vm) -> Value {
+    let memory: Vec<Value> = vm
+        .memory_types()
+        .into_iter()
+        .map(|(r, flagged, t)| {
+            let owner = match &r.kind {
+                vm_api::RegionKind::Ram => "ram".to_string(),
+                vm_api::RegionKind::RamDevice { device } => device.clone(),
+            };
+            json!({
+                "gpa": hex(r.gpa), "size": r.size, "owner": owner,
+                "noncoherent": flagged, "log_dirty": r.flags.log_dirty,
+                "memory_type": { "pat_wb": t[0].to_string(), "pat_wc": t[1].to_string(),
+                                 "vm_wide_kernel_pat_wb": t[2].to_string(), "vm_wide_kernel_pat_wc": t[3].to_string() },
+            })
+        })
+        .collect();
+    let sources = vm.irqs().sources();
+    let devices: Vec<Value> = vm
+        .devices()
+        .iter()
+        .map(|d| {
+            let f = d.function();
+            let domain = d.function().domain();
+            let mappings: Vec<Value> = domain
+                .as_ref()
+                .map(|dom| {
+                    dom.mappings()
+                        .iter()
+                        .take(MAX_LISTED_MAPPINGS)
+                        .map(|m| {
+                            let perm = match (m.perm.bits() & 1 != 0, m.perm.bits() & 2 != 0) {
+                                (true, true) => "rw",
+                                (true, false) => "r",
+                                (false, true) => "w",
+                                _ => "-",
+                            };
+                            json!({ "iova": hex(m.iova.0), "gpa": hex(m.gpa.0), "size": m.size, "perm": perm })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let prefix = format!("{}/", d.name());
+            let irqs: Vec<Value> = sources
+                .iter()
+                .filter(|id| id.to_string().starts_with(&prefix))
+                .filter_map(|id| vm.irqs().stats(id).map(|s| json!({ "source": id.to_string(), "mode": s.mode.to_string() })))
+                .collect();
+            let bars: Vec<Value> = d
+                .bars()
+                .iter()
+                .map(|b| json!({ "bar": b.bar, "io": b.io, "addr": hex(b.addr), "size": b.size, "mmapped": !b.mapped.is_empty() }))
+                .collect();
+            json!({
+                "name": d.name(),
+                "bdf": d.bdf_string(),
+                "gone": d.is_torn_down(),
+                "process": d.process().map(|p| p.pid()),
+                "frontend": d.frontend().name(),
+                "bus_master": f.bus_master(),
+                "irq_mode": f.irq_mode().to_string(),
+                "bars": bars,
+                "domain": domain.as_ref().map(|dom| json!({
+                    "name": dom.name(),
+                    "mapping_count": dom.mapping_count(),
+                    "mappings": mappings,
+                    "listed": mappings.len(),
+                })),
+                "interrupt_sources": irqs,
+            })
+        })
+        .collect();
+    let (pauses, paused) = vm.run_control().pauses();
+    json!({
+        "run": { "state": vm.run_control().state().to_string(), "pauses": pauses, "paused_us": paused.as_micros() as u64,
+                 "accel": if vm.kvm().is_some() { "kvm" } else { "qtest" } },
+        "memory": memory,
+        "devices": devices,
+        "frontends": vm.frontends().iter().map(|fe| fe.name().to_string()).collect::<Vec<_>>(),
+        "hotplug": "the guest learns of added and removed devices by polling the PCI bus (no hot-plug controller)",
+    })
+}
+
+/// `vm.counters`: every counter the VMM keeps.
+pub fn counters(vm: &Vm) -> Value {
+    let exits: Map<String, Value> =
+        vm.exit_counters().snapshot().iter().map(|(k, v)| ((*k).to_string(), Value::from(*v))).collect();
+    let hypercalls: Vec<Value> = vm
+        .hypercalls()
+        .counts()
+        .iter()
+        .map(|c| {
+            let status =
+                abi::hcall::Status::from_raw(c.status).map_or_else(|| c.status.to_string(), |s| format!("{s:?}"));
+            json!({ "nr": hex(c.nr), "frontend": c.owner, "status": status, "count": c.count })
+        })
+        .collect();
+    let frontends: Map<String, Value> =
+        vm.frontends().iter().map(|fe| (fe.name().to_string(), words(&fe.stats()))).collect();
+    let devices: Map<String, Value> = vm
+        .devices()
+        .iter()
+        .map(|d| {
+            let f = d.function();
+            let ep = d.endpoint();
+            // The device's domain, whether or not bus mastering lets it through now.
+            let domain = f.domain();
+            let (maps, unmaps) = domain.as_ref().map_or((0, 0), |dom| dom.counters());
+            let (err, req) = f.notifications();
+            let v = json!({
+                "dma_maps": maps, "dma_unmaps": unmaps,
+                "mappings": domain.as_ref().map_or(0, |dom| dom.mapping_count()),
+                "dma_enabled": ep.domain().is_some(),
+                "dma_faults": ep.faults().total(),
+                "bar_accesses": f.bar_accesses(),
+                "err_irqs": err, "req_irqs": req,
+                "gone": d.is_torn_down(),
+                "frontend": d.frontend().device_stats(d.bdf()).map_or(Value::Null, |s| words(&s)),
+            });
+            (d.name().to_string(), v)
+        })
+        .collect();
+    let interrupts: Map<String, Value> = vm
+        .irqs()
+        .sources()
+        .iter()
+        .filter_map(|id| {
+            vm.irqs().stats(id).map(|s| {
+                (
+                    id.to_string(),
+                    json!({ "mode": s.mode.to_string(), "vmm_delivered": s.vmm_delivered, "switches": s.switches }),
+                )
+            })
+        })
+        .collect();
+    let c = vm.irqs().counts();
+    let account = vm.dma().account();
+    let nc = vm.device_manager().noncoherent();
+    let (pauses, paused) = vm.run_control().pauses();
+    json!({
+        "exits": exits,
+        "hypercalls": hypercalls,
+        "hypercalls_unknown": vm.hypercalls().unknown_calls(),
+        "frontends": frontends,
+        "devices": devices,
+        "interrupts": interrupts,
+        "irq_resources": { "sources": c.sources, "forwarded": c.forwarded, "irqfds": c.irqfds, "watched": c.watched, "msi_routes": c.msi_routes },
+        "locked_memory": { "limit": account.limit(), "locked": account.locked(), "pinned": account.pinned(), "charged": account.charged() },
+        "noncoherent": { "devices": nc.count(), "transitions": nc.transitions(), "flushed_bytes": vmm::flush::flushed_bytes() },
+        "run": { "state": vm.run_control().state().to_string(), "pauses": pauses, "paused_us": paused.as_micros() as u64 },
+        "resources": resources(),
+    })
+}
+
+/// The process's descriptors and threads (leak checks): `{fds, eventfds, threads: {name: n}}`.
+pub fn resources() -> Value {
+    let links: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok().and_then(|e| std::fs::read_link(e.path()).ok()))
+                .map(|l| l.to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut threads = Map::new();
+    if let Ok(d) = std::fs::read_dir("/proc/self/task") {
+        for t in d.flatten() {
+            if let Ok(c) = std::fs::read_to_string(t.path().join("comm")) {
+                let n = threads.get(c.trim()).and_then(Value::as_u64).unwrap_or(0) + 1;
+                threads.insert(c.trim().to_string(), Value::from(n));
+            }
+        }
+    }
+    json!({
+        "fds": links.len(),
+        "eventfds": links.iter().filter(|l| l.contains("eventfd")).count(),
+        "threads": threads,
+    })
+}

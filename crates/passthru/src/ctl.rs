@@ -1,0 +1,315 @@
+//! `passthru ctl SOCKET COMMAND` (one request to the control API, readable output or
+//! `--json`) and `passthru stat SOCKET` (live counters, as `kvm_stat`).
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// How long `ctl` and `stat` wait for each read and write of an answer (a hot-plug
+/// that spawns a device process takes well under this).
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Args, Debug)]
+/// `passthru ctl` arguments.
+pub struct CtlArgs {
+    /// The API socket (`passthru run --api-socket PATH`).
+    socket: PathBuf,
+    /// Print the answer as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCommand {
+    /// Memory map, devices (BDF, BARs, DMA front-end, mappings, interrupt sources), run state.
+    Info,
+    /// Every counter the VMM keeps.
+    Counters,
+    /// Hot-plug a device: the --device syntax, e.g. dma-engine,dma=pvdma.
+    AddDevice {
+        /// The device specification.
+        spec: String,
+    },
+    /// Hot-unplug a device by name.
+    RemoveDevice {
+        /// Its name (see info).
+        name: String,
+    },
+    /// Stop the vCPU at an instruction boundary.
+    Pause,
+    /// Let a paused vCPU run again.
+    Resume,
+    /// Stop the VM; passthru exits with STATUS.
+    Shutdown {
+        /// Exit status.
+        #[arg(default_value_t = 0)]
+        status: u8,
+    },
+    /// Set who delivers one interrupt source: forwarded (KVM) or vmm.
+    IrqSetMode {
+        /// DEVICE/INDEX/SUB, e.g. dma0/2/0 (see info).
+        source: String,
+        /// forwarded or vmm.
+        mode: String,
+    },
+    /// Hot-add RAM at GPA (0x hexadecimal, or a size like 4G).
+    MemoryAdd {
+        /// Guest-physical start.
+        gpa: String,
+        /// Bytes (e.g. 256M).
+        size: String,
+    },
+    /// Hot-remove RAM added with memory-add.
+    MemoryRemove {
+        /// Guest-physical start.
+        gpa: String,
+    },
+}
+
+fn request(c: &CtlCommand) -> (&'static str, &'static str, Option<Value>) {
+    match c {
+        CtlCommand::Info => ("GET", "vm.info", None),
+        CtlCommand::Counters => ("GET", "vm.counters", None),
+        CtlCommand::AddDevice { spec } => ("PUT", "vm.add-device", Some(json!({ "device": spec }))),
+        CtlCommand::RemoveDevice { name } => ("PUT", "vm.remove-device", Some(json!({ "name": name }))),
+        CtlCommand::Pause => ("PUT", "vm.pause", None),
+        CtlCommand::Resume => ("PUT", "vm.resume", None),
+        CtlCommand::Shutdown { status } => ("PUT", "vm.shutdown", Some(json!({ "status": status }))),
+        CtlCommand::IrqSetMode { source, mode } => {
+            ("PUT", "irq.set-mode", Some(json!({ "source": source, "mode": mode })))
+        }
+        CtlCommand::MemoryAdd { gpa, size } => ("PUT", "memory.add", Some(json!({ "gpa": gpa, "size": size }))),
+        CtlCommand::MemoryRemove { gpa } => ("PUT", "memory.remove", Some(json!({ "gpa": gpa }))),
+    }
+}
+
+/// Runs `passthru ctl`: exit 0 on a 2xx answer, 1 with the server's message otherwise.
+pub fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
+    let (method, endpoint, body) = request(&args.command);
+    let body = body.map(|b| b.to_string());
+    let answer = api::client::call(&args.socket, method, endpoint, body.as_deref(), CLIENT_TIMEOUT)?;
+    if !(200..300).contains(&answer.status) {
+        return Err(format!("{endpoint}: {} ({})", answer.message(), answer.status));
+    }
+    let mut out = std::io::stdout().lock();
+    let text = if args.json {
+        serde_json::to_string_pretty(&answer.body).unwrap_or_default()
+    } else {
+        match &args.command {
+            CtlCommand::Info => human_info(&answer.body),
+            CtlCommand::Counters => human_counters(&answer.body, None, Duration::ZERO),
+            _ => format!("{endpoint}: ok {}", answer.body),
+        }
+    };
+    let _ = writeln!(out, "{}", text.trim_end());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn u(v: &Value, path: &[&str]) -> u64 {
+    let mut v = v;
+    for p in path {
+        v = &v[*p];
+    }
+    v.as_u64().unwrap_or(0)
+}
+
+fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or("-")
+}
+
+/// `ctl info` for a human.
+pub fn human_info(v: &Value) -> String {
+    let mut o = String::new();
+    let run = &v["run"];
+    o += &format!("VM {} on {} ({} pauses)\n", s(run, "state"), s(run, "accel"), u(run, &["pauses"]));
+    o += "memory:\n";
+    for r in v["memory"].as_array().into_iter().flatten() {
+        let flag = if r["noncoherent"].as_bool() == Some(true) { " non-coherent" } else { "" };
+        o += &format!(
+            "  {:>14} {:>10} KiB  {}{flag}  (PAT WB -> {})\n",
+            s(r, "gpa"),
+            u(r, &["size"]) >> 10,
+            s(r, "owner"),
+            s(&r["memory_type"], "pat_wb")
+        );
+    }
+    o += "devices:\n";
+    for d in v["devices"].as_array().into_iter().flatten() {
+        let gone = if d["gone"].as_bool() == Some(true) { " (gone)" } else { "" };
+        let process = d["process"].as_u64().map_or("in the VMM".to_string(), |p| format!("process {p}"));
+        o += &format!(
+            "  {} {}{gone}: {process}, DMA by {}, {} mappings, interrupts {}, bus master {}\n",
+            s(d, "name"),
+            s(d, "bdf"),
+            s(d, "frontend"),
+            u(d, &["domain", "mapping_count"]),
+            s(d, "irq_mode"),
+            d["bus_master"].as_bool().unwrap_or(false)
+        );
+        for b in d["bars"].as_array().into_iter().flatten() {
+            o += &format!(
+                "      BAR{} {} {} bytes{}\n",
+                u(b, &["bar"]),
+                s(b, "addr"),
+                u(b, &["size"]),
+                if b["mmapped"].as_bool() == Some(true) { " (mmapped)" } else { "" }
+            );
+        }
+        for i in d["interrupt_sources"].as_array().into_iter().flatten() {
+            o += &format!("      irq {} {}\n", s(i, "source"), s(i, "mode"));
+        }
+    }
+    o
+}
+
+/// The counters for a human: totals, and rates against `prev` taken `dt` earlier.
+pub fn human_counters(v: &Value, prev: Option<&Value>, dt: Duration) -> String {
+    let rate = |path: &[&str]| -> String {
+        match prev {
+            Some(p) if !dt.is_zero() => {
+                let d = u(v, path).saturating_sub(u(p, path));
+                format!("{:>10.0}", d as f64 / dt.as_secs_f64())
+            }
+            _ => format!("{:>10}", "-"),
+        }
+    };
+    let mut o = format!("{:<44} {:>14} {:>10}\n", "counter", "total", "per second");
+    let mut line = |name: String, path: Vec<&str>| {
+        o += &format!("{name:<44} {:>14} {}\n", u(v, &path), rate(&path));
+    };
+    for (k, _) in v["exits"].as_object().into_iter().flatten() {
+        line(format!("exits {k}"), vec!["exits", k]);
+    }
+    let mut calls: Vec<(String, u64)> = Vec::new();
+    for c in v["hypercalls"].as_array().into_iter().flatten() {
+        calls.push((format!("hypercall {} {} {}", s(c, "nr"), s(c, "frontend"), s(c, "status")), u(c, &["count"])));
+    }
+    for d in v["devices"].as_object().into_iter().flatten() {
+        for k in ["dma_maps", "dma_unmaps", "dma_faults", "mappings"] {
+            line(format!("device {} {k}", d.0), vec!["devices", d.0, k]);
+        }
+    }
+    for (id, i) in v["interrupts"].as_object().into_iter().flatten() {
+        line(format!("irq {id} ({}) by the VMM", s(i, "mode")), vec!["interrupts", id, "vmm_delivered"]);
+    }
+    for k in ["locked", "pinned", "charged", "limit"] {
+        line(format!("locked memory {k} (bytes)"), vec!["locked_memory", k]);
+    }
+    line("non-coherent devices".into(), vec!["noncoherent", "devices"]);
+    // Hypercalls are a list: rates by matching entries.
+    for (name, count) in calls {
+        let before = prev.and_then(|p| {
+            p["hypercalls"]
+                .as_array()?
+                .iter()
+                .find(|c| format!("hypercall {} {} {}", s(c, "nr"), s(c, "frontend"), s(c, "status")) == name)
+                .map(|c| u(c, &["count"]))
+        });
+        let r = match prev {
+            Some(_) if !dt.is_zero() => {
+                format!("{:>10.0}", count.saturating_sub(before.unwrap_or(0)) as f64 / dt.as_secs_f64())
+            }
+            _ => format!("{:>10}", "-"),
+        };
+        o += &format!("{name:<44} {count:>14} {r}\n");
+    }
+    o
+}
+
+#[derive(Args, Debug)]
+/// `passthru stat` arguments.
+pub struct StatArgs {
+    /// The API socket (`passthru run --api-socket PATH`).
+    socket: PathBuf,
+    /// Print one sample and exit.
+    #[arg(long)]
+    once: bool,
+    /// Print samples as JSON lines ({"counters": ..., "rates": ...}).
+    #[arg(long)]
+    json: bool,
+    /// Seconds between samples.
+    #[arg(long, default_value_t = 1.0)]
+    interval: f64,
+}
+
+/// Runs `passthru stat`: until the VM goes away (exit 0) or Ctrl-C.
+pub fn stat(args: StatArgs) -> Result<ExitCode, String> {
+    if !(args.interval > 0.0 && args.interval.is_finite()) {
+        return Err("--interval must be a positive number of seconds".into());
+    }
+    let interval = Duration::from_secs_f64(args.interval);
+    let terminal = std::io::stdout().is_terminal();
+    let mut prev: Option<(Value, Instant)> = None;
+    loop {
+        let answer = match api::client::call(&args.socket, "GET", "vm.counters", None, CLIENT_TIMEOUT) {
+            Ok(a) => a,
+            // The VM ended between two samples: that is the normal end of a session.
+            Err(_) if prev.is_some() => return Ok(ExitCode::SUCCESS),
+            Err(e) => return Err(e),
+        };
+        if answer.status != 200 {
+            return Err(format!("vm.counters: {} ({})", answer.message(), answer.status));
+        }
+        let now = Instant::now();
+        let dt = prev.as_ref().map_or(Duration::ZERO, |p| now.duration_since(p.1));
+        let mut out = std::io::stdout().lock();
+        let written = if args.json {
+            let rates = prev.as_ref().map(|p| rates(&answer.body, &p.0, dt));
+            writeln!(out, "{}", json!({ "counters": answer.body, "rates": rates }))
+        } else {
+            let clear = if terminal && !args.once { "\x1b[H\x1b[2J" } else { "" };
+            writeln!(out, "{clear}{}", human_counters(&answer.body, prev.as_ref().map(|p| &p.0), dt))
+        };
+        if written.and_then(|()| out.flush()).is_err() || args.once {
+            return Ok(ExitCode::SUCCESS);
+        }
+        prev = Some((answer.body, now));
+        std::thread::sleep(interval);
+    }
+}
+
+/// Per-second rates of every numeric counter that grew, as a flat object keyed by
+/// its path (`exits.io_out`, `devices.dma0.dma_maps`...).
+pub fn rates(now: &Value, before: &Value, dt: Duration) -> Value {
+    let mut out = serde_json::Map::new();
+    fn walk(n: &Value, b: &Value, path: String, dt: f64, out: &mut serde_json::Map<String, Value>) {
+        match n {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    walk(v, &b[k.as_str()], p, dt, out);
+                }
+            }
+            Value::Number(x) => {
+                if let (Some(x), Some(y)) = (x.as_u64(), b.as_u64())
+                    && x > y
+                    && dt > 0.0
+                {
+                    out.insert(path, json!((x - y) as f64 / dt));
+                }
+            }
+            _ => {}
+        }
+    }
+    walk(now, before, String::new(), dt.as_secs_f64(), &mut out);
+    Value::Object(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_deltas_per_second_of_counters_that_grew() {
+        let a = json!({ "exits": { "io_out": 10, "io_in": 5 }, "run": { "state": "running" } });
+        let b = json!({ "exits": { "io_out": 30, "io_in": 5 }, "run": { "state": "running" } });
+        assert_eq!(rates(&b, &a, Duration::from_secs(2)), json!({ "exits.io_out": 10.0 }));
+        let text = human_counters(&b, Some(&a), Duration::from_secs(2));
+        assert!(text.lines().any(|l| l.starts_with("exits io_out") && l.ends_with(" 10")), "{text}");
+    }
+}
