@@ -5,6 +5,7 @@ pub mod bench;
 pub mod control;
 pub mod ctl;
 pub mod device;
+pub mod memlock;
 pub mod run;
 pub mod sandbox;
 

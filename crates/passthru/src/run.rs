@@ -127,6 +127,26 @@ fn config(args: &RunArgs, accel: AccelKind) -> VmConfig {
     config
 }
 
+/// Without `--locked-memory`, raises RLIMIT_MEMLOCK to what the devices need when the
+/// process may (see [`crate::memlock`]).
+fn ensure_locked_memory(args: &RunArgs, devices: &[crate::device::DeviceArg]) {
+    if args.locked_memory.is_some() {
+        return;
+    }
+    let need = crate::memlock::needed(args.memory, devices, args.api_socket.is_some());
+    match crate::memlock::raise_to(need) {
+        Ok(Some(line)) => {
+            let _ = writeln!(std::io::stderr(), "{line}");
+        }
+        Ok(None) => {}
+        // Only an identity domain cannot work below the need; the others pin on demand.
+        Err(why) if devices.iter().any(|d| d.frontend() == "identity") => {
+            let _ = writeln!(std::io::stderr(), "passthru: {why}");
+        }
+        Err(_) => {}
+    }
+}
+
 /// The control API server for `vm`, when `--api-socket` was given.
 fn start_api(args: &RunArgs, vm: &Arc<Vm>) -> Result<Option<api::Server>, String> {
     let Some(path) = &args.api_socket else { return Ok(None) };
@@ -154,6 +174,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     } else {
         &args.devices[..]
     };
+    ensure_locked_memory(&args, devices);
     let vm = Arc::new(Vm::new(config(&args, AccelKind::Kvm)).map_err(|e| e.to_string())?);
     attach_devices(&vm, devices)?;
     let api = start_api(&args, &vm)?;
@@ -298,6 +319,7 @@ pub fn load_guest(name: &str) -> Result<Vec<u8>, String> {
 
 fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
     let mut config = config(args, AccelKind::Qtest);
+    ensure_locked_memory(args, &args.devices);
     let end = match &args.qtest {
         Some(path) => {
             let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
