@@ -50,6 +50,9 @@ enum BenchWhat {
         /// Also write the figures as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Also draw copy ratio against size per device mode as an SVG chart to FILE.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
     /// Paravirtual DMA: the VMM's own cost of MAP and UNMAP (no exit, through the qtest
     /// dispatch), per page inside a 512-page MAP_SG, and a guest's MAP hypercall end to
@@ -83,6 +86,9 @@ enum BenchWhat {
         /// Also write the figures as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Also draw the cost per entry against batch size as an SVG chart to FILE.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
     /// The DMA remapping core, in process: translate (IOTLB hit and miss), map+unmap,
     /// copy through a DmaSpace as a ratio of memcpy, translate cost as domains grow.
@@ -93,6 +99,9 @@ enum BenchWhat {
         /// Also write the figures as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Also draw translate miss against domain size as an SVG chart to FILE.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
 }
 
@@ -100,13 +109,28 @@ enum BenchWhat {
 pub fn bench(args: BenchArgs) -> Result<ExitCode, String> {
     match args.what {
         BenchWhat::Exits { iterations, json } => exits(iterations, json),
-        BenchWhat::Dma { quick, json } => dma_bench(quick, json),
+        BenchWhat::Dma { quick, json, plot } => dma_bench(quick, json, plot),
         BenchWhat::Noncoherent { mib, json } => noncoherent_bench(mib, json),
-        BenchWhat::Tce { rounds, json } => tce_bench(rounds, json),
+        BenchWhat::Tce { rounds, json, plot } => tce_bench(rounds, json, plot),
         BenchWhat::Irq { interrupts, json } => irq_bench(interrupts, json),
-        BenchWhat::Devices { bytes, reads, json } => devices_bench(bytes, reads, json),
+        BenchWhat::Devices { bytes, reads, json, plot } => devices_bench(bytes, reads, json, plot),
         BenchWhat::Pvdma { iterations, json } => pvdma_bench(iterations, json),
     }
+}
+
+/// A progress bar on standard error when it is a terminal (hidden otherwise, so logs
+/// and pipes stay clean).
+pub fn progress(steps: u64, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(steps);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
 }
 
 /// Writes `value` as pretty JSON to `path`, if one was given.
@@ -231,7 +255,7 @@ fn goal(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
 }
 
-fn dma_bench(quick: bool, json: Option<PathBuf>) -> Result<ExitCode, String> {
+fn dma_bench(quick: bool, json: Option<PathBuf>, plot: Option<PathBuf>) -> Result<ExitCode, String> {
     let k = if quick { 10 } else { 1 };
     let hit = dma::bench::translate_hit(2_000_000 / k);
     let hit_batched = dma::bench::translate_hit_batched(2_000_000 / k);
@@ -250,13 +274,17 @@ fn dma_bench(quick: bool, json: Option<PathBuf>) -> Result<ExitCode, String> {
             .collect();
     let mut scaling = Vec::new();
     let mut base = 0.0;
-    for n in [10usize, 100, 1_000, 10_000, 100_000] {
+    let sizes = [10usize, 100, 1_000, 10_000, 100_000];
+    let bar = progress(sizes.len() as u64, "translate miss as domains grow");
+    for n in sizes {
+        bar.inc(1);
         let ns = dma::bench::translate_miss(1_000_000 / k, n);
         if n == 10 {
             base = ns;
         }
         scaling.push(ScaleFigure { mappings: n, translate_miss_ns: ns, ratio_to_10: ns / base });
     }
+    bar.finish_and_clear();
     let r = DmaReport {
         translate_hit_ns: hit,
         translate_hit_batched_ns: hit_batched,
@@ -307,6 +335,19 @@ fn dma_bench(quick: bool, json: Option<PathBuf>) -> Result<ExitCode, String> {
         println!("{:<14} {:>14.1} {:>12.2}", s.mappings, s.translate_miss_ns, s.ratio_to_10);
     }
     write_json(json, &r)?;
+    if let Some(path) = plot {
+        let points = r.scaling.iter().map(|s| (s.mappings as f64, s.translate_miss_ns)).collect();
+        crate::plot::draw(
+            &path,
+            &crate::plot::Chart {
+                title: "translate, IOTLB miss, as the domain grows",
+                x: "mappings in the domain",
+                y: "ns per translate",
+                log_x: true,
+            },
+            &[crate::plot::Series { name: "IOTLB miss".into(), points }],
+        )?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -543,9 +584,17 @@ struct TceReport {
     table_bytes_one_group: u64,
     table_bytes_three_groups: u64,
     flat_bytes_three_groups: u64,
+    batches: Vec<BatchFigure>,
 }
 
-fn tce_bench(rounds: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
+#[derive(Serialize, Debug, Default)]
+struct BatchFigure {
+    entries: u64,
+    indirect_ns_per_entry: f64,
+    stuff_ns_per_entry: f64,
+}
+
+fn tce_bench(rounds: u64, json: Option<PathBuf>, plot: Option<PathBuf>) -> Result<ExitCode, String> {
     use crate::device::DeviceArg;
     use abi::hcall::Args;
     use abi::tce as t;
@@ -590,6 +639,21 @@ fn tce_bench(rounds: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
     }
     report.indirect_ns_per_entry = ind.as_nanos() as f64 / (rounds * 512) as f64;
     report.stuff_ns_per_entry = stuff.as_nanos() as f64 / (rounds * 512) as f64;
+    // The per-entry cost as batches grow (what batching buys).
+    for entries in [1u64, 8, 64, 512] {
+        let (mut ind, mut stuff) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        for r in 0..rounds {
+            let ioba = (r % 256) * 512 * 4096;
+            let t0 = Instant::now();
+            call(t::PUT_TCE_INDIRECT, [liobn, ioba, list, entries])?;
+            ind += t0.elapsed();
+            let t0 = Instant::now();
+            call(t::STUFF_TCE, [liobn, ioba, 0, entries])?;
+            stuff += t0.elapsed();
+        }
+        let per = |d: std::time::Duration| d.as_nanos() as f64 / (rounds * entries) as f64;
+        report.batches.push(BatchFigure { entries, indirect_ns_per_entry: per(ind), stuff_ns_per_entry: per(stuff) });
+    }
     let t0 = Instant::now();
     for r in 0..rounds {
         call(t::PUT_TCE, [liobn, (r % 512) * 4096, 0x100_0000 | t::READ, 0])?;
@@ -644,6 +708,12 @@ fn tce_bench(rounds: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
         goal(report.indirect_ns_per_entry <= 40.0)
     );
     println!("VMM work per entry of H_STUFF_TCE clearing 512: {:.1} ns", report.stuff_ns_per_entry);
+    for b in &report.batches {
+        println!(
+            "  batch of {:>3}: H_PUT_TCE_INDIRECT {:.1} ns/entry, H_STUFF_TCE {:.1} ns/entry",
+            b.entries, b.indirect_ns_per_entry, b.stuff_ns_per_entry
+        );
+    }
     if report.null_exit_ns > 0.0 {
         println!(
             "VMM work of one H_PUT_TCE: {:.0} ns = {:.3} of a null exit ({:.0} ns, same run)",
@@ -665,6 +735,25 @@ fn tce_bench(rounds: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
         report.flat_bytes_three_groups >> 10
     );
     write_json(json, &report)?;
+    if let Some(path) = plot {
+        let series = |name: &str, f: fn(&BatchFigure) -> f64| crate::plot::Series {
+            name: name.into(),
+            points: report.batches.iter().map(|b| (b.entries as f64, f(b))).collect(),
+        };
+        crate::plot::draw(
+            &path,
+            &crate::plot::Chart {
+                title: "TCE calls: VMM work per entry as batches grow",
+                x: "entries per call",
+                y: "ns per entry",
+                log_x: true,
+            },
+            &[
+                series("H_PUT_TCE_INDIRECT", |b| b.indirect_ns_per_entry),
+                series("H_STUFF_TCE", |b| b.stuff_ns_per_entry),
+            ],
+        )?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -825,7 +914,7 @@ fn register_reads(reads: u64) -> Result<Vec<ReadFigure>, String> {
     ])
 }
 
-fn devices_bench(bytes: u64, reads: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
+fn devices_bench(bytes: u64, reads: u64, json: Option<PathBuf>, plot: Option<PathBuf>) -> Result<ExitCode, String> {
     use crate::device::DeviceArg;
     use vmm::IommuMode;
     let backends = [
@@ -834,6 +923,7 @@ fn devices_bench(bytes: u64, reads: u64, json: Option<PathBuf>) -> Result<ExitCo
         ("vfio-user messages", DeviceArg::engine(IommuMode::Messages, false, "identity")),
     ];
     let mut figures = Vec::new();
+    let bar = progress(backends.len() as u64 * 3, "DMA engine copies");
     for (backend, arg) in backends {
         let mut config = VmConfig::new(AccelKind::Qtest);
         config.memory = 64 << 20;
@@ -842,6 +932,7 @@ fn devices_bench(bytes: u64, reads: u64, json: Option<PathBuf>) -> Result<ExitCo
         let vm = Vm::new(config).map_err(|e| e.to_string())?;
         crate::device::attach(&vm, &arg)?;
         for size in [4096u64, 64 << 10, 1 << 20] {
+            bar.inc(1);
             let copies = (bytes / size).max(1);
             drive_engine(&vm, size, copies.min(64))?; // warm up
             let dev = drive_engine(&vm, size, copies)?;
@@ -857,6 +948,7 @@ fn devices_bench(bytes: u64, reads: u64, json: Option<PathBuf>) -> Result<ExitCo
         }
         drop(vm);
     }
+    bar.finish_and_clear();
     println!("passthru bench devices: DMA engine COPY from a host-side driver (no vCPU), batches of {BATCH}, one run");
     println!(
         "{:<22} {:>9} {:>8} {:>14} {:>12} {:>10}",
@@ -908,6 +1000,29 @@ fn devices_bench(bytes: u64, reads: u64, json: Option<PathBuf>) -> Result<ExitCo
         println!("peer-to-peer / RAM at 1 MiB: {:.3} (goal >= 0.9: {})", f.ratio_to_ram, goal(f.ratio_to_ram >= 0.9));
     }
     println!("RAM hot-add of 1 GiB mapped for two devices in {hot_add_1g_ms:.1} ms");
+    if let Some(path) = &plot {
+        let series: Vec<crate::plot::Series> = ["in process", "vfio-user shared fd", "vfio-user messages"]
+            .iter()
+            .map(|b| crate::plot::Series {
+                name: (*b).to_string(),
+                points: figures
+                    .iter()
+                    .filter(|f| f.backend == *b)
+                    .map(|f| (f.size as f64, f.ratio_to_memcpy))
+                    .collect(),
+            })
+            .collect();
+        crate::plot::draw(
+            path,
+            &crate::plot::Chart {
+                title: "DMA engine COPY throughput as a fraction of memcpy",
+                x: "bytes per copy",
+                y: "x memcpy",
+                log_x: true,
+            },
+            &series,
+        )?;
+    }
     write_json(json, &DevicesReport { copies: figures, register_reads, p2p, hot_add_1g_ms })?;
     Ok(ExitCode::SUCCESS)
 }

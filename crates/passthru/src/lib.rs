@@ -6,6 +6,7 @@ pub mod control;
 pub mod ctl;
 pub mod device;
 pub mod memlock;
+pub mod plot;
 pub mod run;
 pub mod sandbox;
 

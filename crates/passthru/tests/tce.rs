@@ -76,7 +76,16 @@ fn qtest_shows_windows_and_peer_to_peer_goes_through_a_tce_window() {
 
 #[test]
 fn bench_tce_reports_every_figure() {
-    let (table, v) = bench_json(&["tce", "--rounds", "20"]);
+    let svg = std::env::temp_dir().join(format!("passthru-tce-{}.svg", std::process::id()));
+    let (table, v) = bench_json(&["tce", "--rounds", "20", "--plot", svg.to_str().unwrap()]);
+    // The chart holds both batched calls; the series it draws are the ones measured.
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    let _ = std::fs::remove_file(&svg);
+    assert!(chart.starts_with("<svg") && chart.contains("H_PUT_TCE_INDIRECT") && chart.contains("H_STUFF_TCE"));
+    let batches = v["batches"].as_array().unwrap();
+    assert_eq!(batches.iter().map(|b| b["entries"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 8, 64, 512]);
+    let per = |i: usize| batches[i]["indirect_ns_per_entry"].as_f64().unwrap();
+    assert!(per(0) > per(3), "one entry per call costs more per entry than 512: {table}");
     for key in [
         "indirect_ns_per_entry",
         "stuff_ns_per_entry",
