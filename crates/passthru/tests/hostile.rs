@@ -134,7 +134,8 @@ fn fake_server(how: Misbehaviour, tag: &str) -> (PathBuf, std::sync::mpsc::Sende
         let (stream, _) = listener.accept().unwrap();
         let server = Server::new(Endpoint::new(stream));
         let mut dev = Fake { how, ep: Arc::clone(server.endpoint()), hold };
-        server.serve(&mut dev);
+        // Handled on the reading thread: a stalled fake stops reading its socket.
+        server.serve_sequential(&mut dev);
     });
     (path, release)
 }

@@ -301,6 +301,34 @@ impl Client {
         self.ep.request_with_timeout(Command::DeviceReset, &[], &[], t).map(|_| ())
     }
 
+    /// DEVICE_FEATURE with `flags` and `data`, accepting a reply payload of `argsz`:
+    /// the reply's data.
+    pub fn device_feature(&self, flags: u32, data: &[u8], argsz: u32) -> Result<Vec<u8>, Error> {
+        let f = proto::DeviceFeature { argsz, flags, data: data.to_vec() };
+        let r = self.ep.request(Command::DeviceFeature, &f.encode(), &[])?;
+        Ok(proto::DeviceFeature::decode(&r.payload)?.data)
+    }
+
+    /// MIG_DATA_READ of at most `size` bytes (empty: no more data).
+    pub fn mig_data_read(&self, size: u32) -> Result<Vec<u8>, Error> {
+        let size = size.min(self.xfer() as u32);
+        let r = self.ep.request(Command::MigDataRead, &proto::MigData { argsz: 8 + size, size }.encode(&[]), &[])?;
+        let (m, data) = proto::MigData::decode(&r.payload, false)?;
+        // The size field counts the data; libvfio-user pads the payload.
+        data.get(..m.size as usize)
+            .map(<[u8]>::to_vec)
+            .ok_or(Error::Proto(proto::ProtoError::BadSize("MIG_DATA_READ reply shorter than its size")))
+    }
+
+    /// MIG_DATA_WRITE of `data` (in pieces of at most max_data_xfer_size).
+    pub fn mig_data_write(&self, data: &[u8]) -> Result<(), Error> {
+        for chunk in data.chunks(self.xfer().max(1)) {
+            let m = proto::MigData { argsz: 8 + chunk.len() as u32, size: chunk.len() as u32 };
+            self.ep.request(Command::MigDataWrite, &m.encode(chunk), &[])?;
+        }
+        Ok(())
+    }
+
     /// The endpoint (tests send hand-made messages through it).
     pub fn endpoint(&self) -> &Arc<Endpoint> {
         &self.ep

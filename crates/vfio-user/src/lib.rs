@@ -12,6 +12,8 @@
 //! - [`server`]: the device process's side: serve a [`server::Device`] until the VMM
 //!   goes away, keeping the protocol's rules (VERSION first, DMA window semantics),
 //!   and give the device a handle to reach guest memory in place or by messages.
+//! - [`migration`]: device migration (DEVICE_FEATURE, MIG_DATA_READ/WRITE), the state
+//!   machine both the server and the VMM's in-process devices use;
 //! - [`windows`]: the server's DMA windows, one mapping per distinct file;
 //!   [`mapping`]: those mappings, guarded against the file shrinking under them.
 //!
@@ -24,6 +26,7 @@
 pub mod client;
 pub mod endpoint;
 pub mod mapping;
+pub mod migration;
 pub mod proto;
 pub mod server;
 mod sys;

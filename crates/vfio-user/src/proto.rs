@@ -762,8 +762,114 @@ pub enum Request {
     DmaWrite(DmaAccess, Vec<u8>),
     /// DEVICE_RESET.
     DeviceReset,
+    /// DEVICE_FEATURE.
+    DeviceFeature(DeviceFeature),
+    /// MIG_DATA_READ of up to `size` bytes.
+    MigDataRead(MigData),
+    /// MIG_DATA_WRITE with its data.
+    MigDataWrite(MigData, Vec<u8>),
     /// A command this implementation does not serve.
     Unsupported(Command),
+}
+
+/// Migration (protocol 0.2, as linux's vfio.h and libvfio-user number them).
+pub mod mig {
+    /// DEVICE_FEATURE flags: the feature index.
+    pub const FEATURE_MASK: u32 = 0xffff;
+    /// DEVICE_FEATURE flags: read the feature.
+    pub const FEATURE_GET: u32 = 1 << 16;
+    /// DEVICE_FEATURE flags: set the feature.
+    pub const FEATURE_SET: u32 = 1 << 17;
+    /// DEVICE_FEATURE flags: ask whether the operation is supported.
+    pub const FEATURE_PROBE: u32 = 1 << 18;
+    /// Feature: migration support (GET: u64 flags).
+    pub const FEATURE_MIGRATION: u32 = 1;
+    /// Feature: the device's migration state (GET/SET: u32 state, u32 data_fd).
+    pub const FEATURE_MIG_DEVICE_STATE: u32 = 2;
+    /// MIGRATION flag: the STOP_COPY state (saving while stopped).
+    pub const MIGRATION_STOP_COPY: u64 = 1 << 0;
+    /// MIGRATION flag: the P2P states.
+    pub const MIGRATION_P2P: u64 = 1 << 1;
+    /// MIGRATION flag: the PRE_COPY states.
+    pub const MIGRATION_PRE_COPY: u64 = 1 << 2;
+    /// Device state: error (a failed transition; only reset leaves it).
+    pub const STATE_ERROR: u32 = 0;
+    /// Device state: stopped (no DMA, no interrupts, no state changes).
+    pub const STATE_STOP: u32 = 1;
+    /// Device state: running.
+    pub const STATE_RUNNING: u32 = 2;
+    /// Device state: stopped, its state readable with MIG_DATA_READ.
+    pub const STATE_STOP_COPY: u32 = 3;
+    /// Device state: stopped, taking a state through MIG_DATA_WRITE.
+    pub const STATE_RESUMING: u32 = 4;
+    /// Device state: running, P2P quiesced (unused in vfio-user).
+    pub const STATE_RUNNING_P2P: u32 = 5;
+    /// Device state: running, state readable before stopping.
+    pub const STATE_PRE_COPY: u32 = 6;
+    /// Device state: PRE_COPY with P2P quiesced (unused in vfio-user).
+    pub const STATE_PRE_COPY_P2P: u32 = 7;
+}
+
+/// DEVICE_FEATURE payload: argsz (the largest reply payload the client takes), flags,
+/// then the feature's data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceFeature {
+    /// Largest reply payload accepted.
+    pub argsz: u32,
+    /// Feature index and GET/SET/PROBE.
+    pub flags: u32,
+    /// The feature's data.
+    pub data: Vec<u8>,
+}
+
+impl DeviceFeature {
+    /// Fixed fields.
+    pub const SIZE: u32 = 8;
+    /// Encodes.
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::default().u32(self.argsz).u32(self.flags).bytes(&self.data).0
+    }
+    /// Decodes.
+    pub fn decode(b: &[u8]) -> Result<DeviceFeature, ProtoError> {
+        let mut r = Reader::new(b, "DEVICE_FEATURE");
+        let (argsz, flags) = (r.u32()?, r.u32()?);
+        let data = r.rest().to_vec();
+        let ops = mig::FEATURE_GET | mig::FEATURE_SET | mig::FEATURE_PROBE;
+        if flags & !(mig::FEATURE_MASK | ops) != 0 {
+            return Err(ProtoError::BadFlags { what: "DEVICE_FEATURE", flags });
+        }
+        Ok(DeviceFeature { argsz, flags, data })
+    }
+}
+
+/// MIG_DATA_READ / MIG_DATA_WRITE fixed fields: argsz, size (data follows for writes
+/// and read replies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MigData {
+    /// 8 + bytes of data.
+    pub argsz: u32,
+    /// Bytes of data (asked for, or carried).
+    pub size: u32,
+}
+
+impl MigData {
+    /// Encodes with `data` appended.
+    pub fn encode(&self, data: &[u8]) -> Vec<u8> {
+        Writer::default().u32(self.argsz).u32(self.size).bytes(data).0
+    }
+    /// Decodes; returns the data that follows (a write's must be exactly `size` bytes).
+    pub fn decode(b: &[u8], with_data: bool) -> Result<(MigData, &[u8]), ProtoError> {
+        let mut r = Reader::new(b, "MIG_DATA");
+        let m = MigData { argsz: r.u32()?, size: r.u32()? };
+        let data = r.rest();
+        if m.size as usize > MAX_DATA_XFER {
+            return Err(ProtoError::BadSize("migration data above max_data_xfer_size"));
+        }
+        if with_data && data.len() != m.size as usize {
+            return Err(ProtoError::BadSize("MIG_DATA_WRITE size differs from its data"));
+        }
+        Ok((m, data))
+    }
 }
 
 /// Decodes a command message's payload. Never panics.
@@ -797,6 +903,12 @@ pub fn decode_request(header: &Header, payload: &[u8]) -> Result<Request, ProtoE
             Request::DmaWrite(a, d.to_vec())
         }
         Command::DeviceReset => Request::DeviceReset,
+        Command::DeviceFeature => Request::DeviceFeature(DeviceFeature::decode(payload)?),
+        Command::MigDataRead => Request::MigDataRead(MigData::decode(payload, false)?.0),
+        Command::MigDataWrite => {
+            let (m, d) = MigData::decode(payload, true)?;
+            Request::MigDataWrite(m, d.to_vec())
+        }
         other => Request::Unsupported(other),
     })
 }
@@ -841,6 +953,19 @@ mod tests {
         assert!(RegionAccess::decode(&a.encode(&[1, 2, 3]), true).is_err());
         let d = DmaAccess { address: 0x1000, count: u64::MAX };
         assert!(DmaAccess::decode(&d.encode(&[]), false).is_err(), "count above the transfer limit");
+    }
+
+    #[test]
+    fn migration_messages_are_byte_exact_and_checked() {
+        let f = DeviceFeature { argsz: 16, flags: mig::FEATURE_GET | mig::FEATURE_MIG_DEVICE_STATE, data: vec![] };
+        assert_eq!(f.encode(), [16, 0, 0, 0, 2, 0, 1, 0]);
+        assert_eq!(DeviceFeature::decode(&f.encode()), Ok(f));
+        assert!(DeviceFeature::decode(&[8, 0, 0, 0, 2, 0, 0, 0x80]).is_err(), "undefined op bit");
+        let w = MigData { argsz: 11, size: 3 };
+        assert_eq!(w.encode(&[1, 2, 3]), [11, 0, 0, 0, 3, 0, 0, 0, 1, 2, 3]);
+        assert_eq!(MigData::decode(&w.encode(&[1, 2, 3]), true).unwrap().1, &[1, 2, 3]);
+        assert!(MigData::decode(&w.encode(&[1, 2]), true).is_err());
+        assert!(MigData::decode(&MigData { argsz: 8, size: u32::MAX }.encode(&[]), false).is_err());
     }
 
     #[test]

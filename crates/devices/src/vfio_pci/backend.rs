@@ -39,6 +39,12 @@ pub trait VfioDevice: Send + Sync {
     fn is_closed(&self) -> bool;
     /// Cuts the device off (a device process is disconnected).
     fn close(&self);
+    /// DEVICE_FEATURE (migration): the reply's data.
+    fn device_feature(&self, flags: u32, data: &[u8], argsz: u32) -> Result<Vec<u8>, Error>;
+    /// MIG_DATA_READ of at most `size` bytes (empty: the end).
+    fn mig_data_read(&self, size: u32) -> Result<Vec<u8>, Error>;
+    /// MIG_DATA_WRITE.
+    fn mig_data_write(&self, data: &[u8]) -> Result<(), Error>;
 }
 
 impl VfioDevice for Client {
@@ -90,11 +96,22 @@ impl VfioDevice for Client {
     fn close(&self) {
         Client::close(self)
     }
+    fn device_feature(&self, flags: u32, data: &[u8], argsz: u32) -> Result<Vec<u8>, Error> {
+        Client::device_feature(self, flags, data, argsz)
+    }
+    fn mig_data_read(&self, size: u32) -> Result<Vec<u8>, Error> {
+        Client::mig_data_read(self, size)
+    }
+    fn mig_data_write(&self, data: &[u8]) -> Result<(), Error> {
+        Client::mig_data_write(self, data)
+    }
 }
 
 /// A vfio-user device model run in the VMM: calls go straight to it, under a lock.
 pub struct LocalDevice {
     device: Mutex<Box<dyn Device>>,
+    /// Migration state, kept by the same rules as a server's.
+    migration: Mutex<vfio_user::migration::MigrationState>,
     info: DeviceInfo,
     regions: Vec<Option<RegionInfo>>,
     mmaps: Vec<Option<RegionMmap>>,
@@ -131,6 +148,7 @@ impl LocalDevice {
         let irqs = (0..info.num_irqs.min(16)).map(|i| device.irq_info(i)).collect();
         Ok(LocalDevice {
             device: Mutex::new(device),
+            migration: Mutex::new(vfio_user::migration::MigrationState::default()),
             info,
             regions,
             mmaps,
@@ -197,5 +215,29 @@ impl VfioDevice for LocalDevice {
     }
     fn close(&self) {
         self.closed.store(true, std::sync::atomic::Ordering::Release);
+    }
+    fn device_feature(&self, flags: u32, data: &[u8], argsz: u32) -> Result<Vec<u8>, Error> {
+        let mut dev = self.dev()?;
+        let f = vfio_user::proto::DeviceFeature { argsz, flags, data: data.to_vec() };
+        let reply =
+            self.migration.lock().unwrap_or_else(|e| e.into_inner()).feature(dev.migration(), &f).map_err(errno)?;
+        Ok(vfio_user::proto::DeviceFeature::decode(&reply).map_err(Error::Proto)?.data)
+    }
+    fn mig_data_read(&self, size: u32) -> Result<Vec<u8>, Error> {
+        let mut dev = self.dev()?;
+        let m = vfio_user::proto::MigData { argsz: 8 + size, size };
+        let reply =
+            self.migration.lock().unwrap_or_else(|e| e.into_inner()).read(dev.migration(), &m).map_err(errno)?;
+        Ok(reply.get(8..).unwrap_or_default().to_vec())
+    }
+    fn mig_data_write(&self, data: &[u8]) -> Result<(), Error> {
+        let mut dev = self.dev()?;
+        let m = vfio_user::proto::MigData { argsz: 8 + data.len() as u32, size: data.len() as u32 };
+        self.migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(dev.migration(), &m, data)
+            .map(|_| ())
+            .map_err(errno)
     }
 }
