@@ -73,11 +73,24 @@ struct State {
     regs: Regs,
     /// Bumped by reset: a worker mid-descriptor notices and drops its work.
     epoch: u64,
+    /// Stopped for migration: the worker takes no new descriptor.
+    stopped: bool,
+    /// The worker is between taking a descriptor and finishing it (completion written,
+    /// interrupt raised).
+    busy: bool,
 }
+
+/// Bytes of the engine's saved state ([`DmaEngine::save`]).
+pub const STATE_BYTES: usize = 4 + 4 + 8 + 4 * 4 + 4 * 4 + 8 + 8;
+/// First bytes of a saved state: "PTDE" and the layout version.
+const STATE_MAGIC: u32 = u32::from_le_bytes(*b"PTDE");
+const STATE_VERSION: u32 = 1;
 
 struct Shared {
     state: Mutex<State>,
     doorbell: Condvar,
+    /// Signalled when the worker finishes a descriptor (for `stop`).
+    idle: Condvar,
     /// The eventfd of each MSI-X vector, when the VMM gave one.
     irqs: Mutex<[Option<EventFd>; de::MSIX_VECTORS as usize]>,
     scratch: Scratch,
@@ -100,8 +113,9 @@ impl DmaEngine {
     /// An engine reaching guest memory through `memory`; its worker starts now.
     pub fn new(memory: Box<dyn DeviceMemory>) -> std::io::Result<DmaEngine> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { regs: Regs::default(), epoch: 0 }),
+            state: Mutex::new(State { regs: Regs::default(), epoch: 0, stopped: false, busy: false }),
             doorbell: Condvar::new(),
+            idle: Condvar::new(),
             irqs: Mutex::new(Default::default()),
             scratch: Scratch::new(de::SCRATCH_SIZE as usize)?,
             stop: AtomicBool::new(false),
@@ -170,6 +184,81 @@ impl DmaEngine {
         }
     }
 
+    /// Stops the engine for migration: waits (at most `deadline`) for the descriptor in
+    /// flight to finish, completion and interrupt included; no new one starts until
+    /// [`DmaEngine::start`]. On timeout the engine runs on and the error says so.
+    pub fn stop(&self, deadline: std::time::Duration) -> Result<(), String> {
+        let until = std::time::Instant::now() + deadline;
+        let mut st = self.lock();
+        st.stopped = true;
+        while st.busy {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                st.stopped = false;
+                return Err(format!("a descriptor did not finish within {deadline:?}"));
+            }
+            st = self.shared.idle.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        Ok(())
+    }
+
+    /// Lets a stopped engine run again.
+    pub fn start(&self) {
+        let mut st = self.lock();
+        st.stopped = false;
+        self.shared.doorbell.notify_all();
+    }
+
+    /// True while stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.lock().stopped
+    }
+
+    /// The register state, for migration (little-endian, versioned; pending
+    /// descriptors stay in the guest's ring, which HEAD and TAIL point into).
+    pub fn save(&self) -> Vec<u8> {
+        let r = self.lock().regs;
+        let mut b = Vec::with_capacity(STATE_BYTES);
+        b.extend_from_slice(&STATE_MAGIC.to_le_bytes());
+        b.extend_from_slice(&STATE_VERSION.to_le_bytes());
+        b.extend_from_slice(&r.ring_base.to_le_bytes());
+        for v in [r.ring_size, r.head, r.tail, r.status, r.irq_ctrl, r.errors, r.faults, 0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&r.last_fault.to_le_bytes());
+        b.extend_from_slice(&r.bytes.to_le_bytes());
+        b
+    }
+
+    /// Loads a state made by [`DmaEngine::save`]; a malformed one changes nothing.
+    pub fn load(&self, b: &[u8]) -> Result<(), String> {
+        if b.len() != STATE_BYTES {
+            return Err(format!("engine state of {} bytes, {STATE_BYTES} expected", b.len()));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| u64::from(u32_at(o)) | (u64::from(u32_at(o + 4)) << 32);
+        if u32_at(0) != STATE_MAGIC || u32_at(4) != STATE_VERSION {
+            return Err("not a DMA engine state of this version".into());
+        }
+        let r = Regs {
+            ring_base: u64_at(8),
+            ring_size: u32_at(16),
+            head: u32_at(20),
+            tail: u32_at(24),
+            status: u32_at(28),
+            irq_ctrl: u32_at(32),
+            errors: u32_at(36),
+            faults: u32_at(40),
+            last_fault: u64_at(48),
+            bytes: u64_at(56),
+        };
+        let mut st = self.lock();
+        st.regs = r;
+        st.epoch += 1;
+        self.shared.doorbell.notify_all();
+        Ok(())
+    }
+
     /// A read of BAR 1 (scratch memory). Out of range reads as zero.
     pub fn read_scratch(&self, offset: u64, data: &mut [u8]) {
         self.shared.scratch.read(offset, data);
@@ -199,12 +288,16 @@ fn run(shared: &Shared, mut memory: Box<dyn DeviceMemory>) {
     loop {
         let (regs, epoch) = {
             let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            // Whatever the last descriptor did (completed, faulted, dropped) is over.
+            st.busy = false;
+            shared.idle.notify_all();
             loop {
                 if shared.stop.load(Ordering::Acquire) {
                     return;
                 }
                 let r = st.regs;
-                let ready = r.status & status::ENABLED != 0
+                let ready = !st.stopped
+                    && r.status & status::ENABLED != 0
                     && r.status & status::RING_FAULT == 0
                     && r.head != r.tail
                     && r.ring_size.is_power_of_two()
@@ -214,6 +307,7 @@ fn run(shared: &Shared, mut memory: Box<dyn DeviceMemory>) {
                 }
                 st = shared.doorbell.wait(st).unwrap_or_else(|e| e.into_inner());
             }
+            st.busy = true;
             (st.regs, st.epoch)
         };
         let slot = u64::from(regs.head % regs.ring_size);

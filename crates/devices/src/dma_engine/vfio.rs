@@ -16,6 +16,7 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::sync::Mutex;
 use vfio_user::endpoint::Endpoint;
+use vfio_user::migration::Migration;
 use vfio_user::proto::{self, DeviceInfo, IrqInfo, RegionInfo, SetIrqs};
 use vfio_user::server::{Device, Server};
 use vmm_sys_util::eventfd::EventFd;
@@ -43,10 +44,17 @@ pub fn config_space() -> ConfigSpace {
     b.build()
 }
 
+/// How long a stop (RUNNING -> STOP) waits for the descriptor in flight.
+pub const STOP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The engine as a vfio-user device.
 pub struct EngineServer {
     engine: DmaEngine,
     config: Mutex<ConfigSpace>,
+    /// The state captured for STOP_COPY, read out by MIG_DATA_READ.
+    outgoing: Vec<u8>,
+    /// The state written during RESUMING, applied on RESUMING -> STOP.
+    incoming: Vec<u8>,
 }
 
 impl EngineServer {
@@ -55,7 +63,12 @@ impl EngineServer {
         let mut config = config_space();
         // The device keeps the command register (the VMM decides what it means).
         config.set_writable(reg::COMMAND, &[0x07, 0x04]);
-        Ok(EngineServer { engine: DmaEngine::new(memory)?, config: Mutex::new(config) })
+        Ok(EngineServer {
+            engine: DmaEngine::new(memory)?,
+            config: Mutex::new(config),
+            outgoing: Vec::new(),
+            incoming: Vec::new(),
+        })
     }
 
     /// An engine served by `server`: DMA through its windows, messages otherwise.
@@ -173,6 +186,71 @@ impl Device for EngineServer {
         self.engine.write_reg(de::regs::CONTROL, &de::control::RESET.to_le_bytes());
         let mut c = self.config.lock().unwrap_or_else(|e| e.into_inner());
         c.set_u16(reg::COMMAND, 0);
+        Ok(())
+    }
+
+    fn migration(&mut self) -> Option<&mut dyn Migration> {
+        Some(self)
+    }
+}
+
+/// The engine's migration stream: its registers ([`super::STATE_BYTES`]) and the
+/// command register it keeps. Scratch memory (BAR 1) is device memory the VMM maps and
+/// saves itself; descriptors not yet taken stay in the guest's ring.
+impl Migration for EngineServer {
+    fn transition(&mut self, from: u32, to: u32) -> Result<(), i32> {
+        use vfio_user::proto::mig::*;
+        match (from, to) {
+            (STATE_RUNNING, STATE_STOP) => self.engine.stop(STOP_DEADLINE).map_err(|e| {
+                tracing::warn!("dma-engine: cannot stop: {e}");
+                libc::ETIMEDOUT
+            }),
+            (STATE_STOP, STATE_RUNNING) => {
+                self.engine.start();
+                Ok(())
+            }
+            (STATE_STOP, STATE_STOP_COPY) => {
+                let command = self.config.lock().unwrap_or_else(|e| e.into_inner()).u16(reg::COMMAND);
+                self.outgoing = self.engine.save();
+                self.outgoing.extend_from_slice(&command.to_le_bytes());
+                Ok(())
+            }
+            (STATE_STOP_COPY, STATE_STOP) => {
+                self.outgoing.clear();
+                Ok(())
+            }
+            (STATE_STOP, STATE_RESUMING) => {
+                self.incoming.clear();
+                Ok(())
+            }
+            (STATE_RESUMING, STATE_STOP) => {
+                let b = std::mem::take(&mut self.incoming);
+                let (regs, command) = b.split_at_checked(super::STATE_BYTES).ok_or(libc::EINVAL)?;
+                let command: [u8; 2] = command.try_into().map_err(|_| libc::EINVAL)?;
+                self.engine.load(regs).map_err(|e| {
+                    tracing::warn!("dma-engine: refusing a state: {e}");
+                    libc::EINVAL
+                })?;
+                self.config
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set_u16(reg::COMMAND, u16::from_le_bytes(command));
+                Ok(())
+            }
+            _ => Err(libc::EINVAL),
+        }
+    }
+
+    fn read_data(&mut self, max: usize) -> Result<Vec<u8>, i32> {
+        let n = max.min(self.outgoing.len());
+        Ok(self.outgoing.drain(..n).collect())
+    }
+
+    fn write_data(&mut self, data: &[u8]) -> Result<(), i32> {
+        if self.incoming.len().saturating_add(data.len()) > super::STATE_BYTES + 2 {
+            return Err(libc::EINVAL);
+        }
+        self.incoming.extend_from_slice(data);
         Ok(())
     }
 }

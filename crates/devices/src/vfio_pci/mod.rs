@@ -31,6 +31,7 @@ pub mod bars;
 pub mod config;
 pub mod dma;
 pub mod irqs;
+pub mod migrate;
 pub mod notify;
 
 use crate::process::DeviceProcess;
