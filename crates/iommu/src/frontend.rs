@@ -90,6 +90,19 @@ pub trait Frontend: Send + Sync {
     fn info(&self, _arg: &str) -> Option<String> {
         None
     }
+
+    /// Device `id`'s state for a snapshot, as words the same front-end's
+    /// [`Frontend::restore`] takes back (None: nothing to save, e.g. a domain that
+    /// follows the memory map). An error refuses the snapshot, naming why.
+    fn save(&self, _id: u16) -> Result<Option<Vec<u64>>, String> {
+        Ok(None)
+    }
+
+    /// Restores what [`Frontend::save`] returned for device `id`, freshly attached:
+    /// its mappings (pinned and given to the device again) and counters.
+    fn restore(&self, _id: u16, _state: &[u64]) -> Result<(), String> {
+        Err(format!("DMA front-end {} keeps no state to restore", self.name()))
+    }
 }
 
 /// A front-end's name, a line of help, and how to build it for a VM.

@@ -142,6 +142,24 @@ impl IovaAllocator {
         self.insert_free(s, e);
     }
 
+    /// Takes exactly `[start, start + len)` out of the free space (a restore puts back
+    /// the allocations a snapshot recorded); false if any of it is not free.
+    pub fn take(&mut self, start: u64, len: u64) -> bool {
+        let Some(end) = start.checked_add(len) else { return false };
+        let Some((&s, &e)) = self.by_addr.range(..=start).next_back() else { return false };
+        if e < end || len == 0 {
+            return false;
+        }
+        self.remove_free(s);
+        if s < start {
+            self.insert_free(s, start);
+        }
+        if end < e {
+            self.insert_free(end, e);
+        }
+        true
+    }
+
     /// Bytes free (cached ranges included).
     pub fn free_bytes(&self) -> u64 {
         let tree: u64 = self.by_addr.iter().map(|(s, e)| e - s).sum();
@@ -153,6 +171,18 @@ impl IovaAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn take_carves_exact_ranges_and_refuses_what_is_not_free() {
+        let mut a = IovaAllocator::new(0x1000, 0x100000, 0x1000, &[]);
+        let free = a.free_bytes();
+        assert!(a.take(0x5000, 0x2000));
+        assert!(!a.take(0x6000, 0x1000), "taken already");
+        assert!(!a.take(0xff000, 0x2000), "past the end");
+        assert_eq!(a.free_bytes(), free - 0x2000);
+        a.free(0x5000, 0x2000);
+        assert_eq!(a.free_bytes(), free);
+    }
 
     const G: u64 = 4096;
 

@@ -306,6 +306,69 @@ impl PvDma {
         }
     }
 
+    /// Device `id`'s state for a snapshot: its counters, then its mappings (count, then
+    /// IOVA, guest-physical address, size and permission bits of each). The IOVA
+    /// allocator's state is those mappings: a restore takes the same ranges.
+    pub fn save_device(&self, id: u64) -> Option<Vec<u64>> {
+        let d = self.device(id)?;
+        let st = d.state.lock().unwrap_or_else(|e| e.into_inner());
+        let s = st.stats;
+        let mut w: Vec<u64> = s.calls.to_vec();
+        w.push(s.unknown);
+        w.extend_from_slice(&s.statuses);
+        w.extend_from_slice(&[s.pages.0, s.pages.1]);
+        let maps = d.domain.mappings();
+        w.push(maps.len() as u64);
+        for m in maps {
+            w.extend_from_slice(&[m.iova.0, m.gpa.0, m.size, u64::from(m.perm.bits())]);
+        }
+        Some(w)
+    }
+
+    /// Puts back what [`PvDma::save_device`] saved, on a device just attached: the same
+    /// IOVAs taken from its allocator and mapped (pinned, and given to the device).
+    /// Malformed state or a range that cannot be taken is an error; mappings made
+    /// before it are undone.
+    pub fn restore_device(&self, id: u64, w: &[u64]) -> Result<(), String> {
+        let d = self.device(id).ok_or_else(|| format!("device {id:#x} is not behind paravirtual DMA"))?;
+        let bad = || "malformed paravirtual DMA state".to_string();
+        let (counters, rest) = w.split_at_checked(SAVED_COUNTERS).ok_or_else(bad)?;
+        let (&n, maps) = rest.split_first().ok_or_else(bad)?;
+        if u64::try_from(maps.len()).ok() != n.checked_mul(4) {
+            return Err(bad());
+        }
+        let mut st = d.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut done = Vec::new();
+        for m in maps.chunks_exact(4) {
+            let (iova, gpa, size, bits) = (m[0], m[1], m[2], m[3]);
+            let perm = Perm::new(bits & 1 != 0, bits & 2 != 0);
+            let taken = st.alloc.rounded(size);
+            let r = if st.alloc.take(iova, taken) {
+                d.domain.map(Iova(iova), Gpa(gpa), size, perm).map_err(|e| {
+                    st.alloc.free(iova, taken);
+                    format!("restoring the mapping at IOVA {iova:#x}: {e}")
+                })
+            } else {
+                Err(format!("IOVA {iova:#x}+{size:#x} is not free in the restored allocator"))
+            };
+            if let Err(e) = r {
+                for (iova, size, taken) in done {
+                    let _ = d.domain.unmap(Iova(iova), size);
+                    st.alloc.free(iova, taken);
+                }
+                return Err(e);
+            }
+            done.push((iova, size, taken));
+        }
+        let mut s = StatsSnapshot::default();
+        s.calls.copy_from_slice(&counters[..5]);
+        s.unknown = counters[5];
+        s.statuses.copy_from_slice(&counters[6..16]);
+        s.pages = (counters[16], counters[17]);
+        st.stats = s;
+        Ok(())
+    }
+
     /// Device `id`.
     pub fn device(&self, id: u64) -> Option<Arc<PvDevice>> {
         self.devices.read().unwrap_or_else(|e| e.into_inner()).get(&id).cloned()
@@ -606,4 +669,16 @@ impl crate::frontend::Frontend for PvDmaFrontend {
     fn device_stats(&self, id: u16) -> Option<String> {
         self.pvdma.device(u64::from(id)).map(|d| format!("{} live_mappings={}", d.stats(), d.live_mappings()))
     }
+
+    fn save(&self, id: u16) -> Result<Option<Vec<u64>>, String> {
+        Ok(self.pvdma.save_device(u64::from(id)))
+    }
+
+    fn restore(&self, id: u16, state: &[u64]) -> Result<(), String> {
+        self.pvdma.restore_device(u64::from(id), state)
+    }
 }
+
+/// Words of a device's saved counters: calls, unknown, statuses, pages mapped and
+/// unmapped.
+const SAVED_COUNTERS: usize = 5 + 1 + 10 + 2;
