@@ -64,11 +64,15 @@ pub struct AttachOptions {
     pub enforce_snoop: bool,
     /// Options for the device's DMA front-end (`group=2` for tce).
     pub frontend_params: Vec<(String, String)>,
+    /// Its name (None: the next `dma<N>`/`vfu<N>`; a restore gives the saved one).
+    pub name: Option<String>,
+    /// Its slot (None: the first free one; a restore gives the saved one).
+    pub slot: Option<u8>,
 }
 
 impl Default for AttachOptions {
     fn default() -> AttachOptions {
-        AttachOptions { coherent: true, enforce_snoop: true, frontend_params: Vec::new() }
+        AttachOptions { coherent: true, enforce_snoop: true, frontend_params: Vec::new(), name: None, slot: None }
     }
 }
 
@@ -296,7 +300,14 @@ impl DeviceManager {
                 format!("no DMA front-end named '{frontend}'; use one of {}", iommu::frontend::names()),
             )
         })?;
-        let name = {
+        if let Some(n) = &options.name
+            && devices.iter().any(|d| &d.name == n)
+        {
+            return Err(Error::Device(n.clone(), "a device of that name is attached".into()));
+        }
+        let name = if let Some(n) = options.name.clone() {
+            n
+        } else {
             let mut n = self.next.lock().unwrap_or_else(|e| e.into_inner());
             let prefix = match &spec {
                 DeviceSpec::Remote(RemoteSpec { process: None, .. }) => "vfu",
@@ -306,6 +317,12 @@ impl DeviceManager {
             *n += 1;
             format!("{prefix}{}", *n - 1)
         };
+        // Names given (a restore) move the counter past them, so later hot-plugs do not
+        // reuse them.
+        if let Ok(k) = name.trim_start_matches(|c: char| c.is_ascii_alphabetic()).parse::<u32>() {
+            let mut n = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            *n = (*n).max(k + 1);
+        }
         let fail = |e: String| Error::Device(name.clone(), e);
         let endpoint = Endpoint::new(&self.dma, &name);
         let backend = match spec {
@@ -325,7 +342,11 @@ impl DeviceManager {
             AssignedFunction::attach(&name, backend, endpoint.clone(), services).map_err(|e| fail(e.to_string()))?;
         rollback.function = Some(Arc::clone(&function));
         self.inject(AttachStep::Function).map_err(fail)?;
-        let slot = self.root.plug(Arc::clone(&function) as Arc<dyn PciFunction>).map_err(|e| fail(e.to_string()))?;
+        let slot = match options.slot {
+            Some(n) => self.root.plug_at(n, Arc::clone(&function) as Arc<dyn PciFunction>).map(|()| n),
+            None => self.root.plug(Arc::clone(&function) as Arc<dyn PciFunction>),
+        }
+        .map_err(|e| fail(e.to_string()))?;
         rollback.slot = Some(slot);
         self.inject(AttachStep::Plug).map_err(fail)?;
         let bdf = abi::pci::bdf(0, slot, 0);

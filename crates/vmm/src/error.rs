@@ -83,4 +83,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A snapshot cannot be taken or restored.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }

@@ -19,6 +19,7 @@ pub mod memory;
 pub mod memtype;
 pub mod qtest;
 pub mod run_control;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

@@ -57,7 +57,13 @@ pub enum RunError {
     /// The vCPU did not stop in time (the pause was withdrawn).
     #[error("the vCPU did not stop within {0:?}; the VM goes on running")]
     Timeout(Duration),
+    /// No vCPU runs (qtest, or the guest has not started or has ended).
+    #[error("no vCPU is running")]
+    NoVcpu,
 }
+
+/// Work for the parked vCPU thread: it gets the vCPU (`kvm_ioctls::VcpuFd`) as `Any`.
+type Job = Box<dyn FnOnce(&mut dyn std::any::Any) + Send>;
 
 #[derive(Default)]
 struct State {
@@ -69,6 +75,8 @@ struct State {
     vcpu: Option<libc::pthread_t>,
     /// When the current pause took effect.
     since: Option<Instant>,
+    /// Work the parked vCPU runs on its own thread (saving its state).
+    jobs: Vec<Job>,
 }
 
 /// Pause and resume of the machine.
@@ -152,6 +160,29 @@ impl RunControl {
         kick(&s);
     }
 
+    /// Runs `f` on the parked vCPU's thread with the vCPU (as `Any`: a
+    /// `kvm_ioctls::VcpuFd`), and returns its result. The VM must be paused.
+    pub fn on_vcpu<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn std::any::Any) -> R + Send + 'static,
+    ) -> Result<R, RunError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut s = self.lock();
+            if !s.requested {
+                return Err(RunError::NotPaused);
+            }
+            if s.vcpu.is_none() {
+                return Err(RunError::NoVcpu);
+            }
+            s.jobs.push(Box::new(move |v| {
+                let _ = tx.send(f(v));
+            }));
+            self.changed.notify_all();
+        }
+        rx.recv_timeout(PAUSE_DEADLINE).map_err(|_| RunError::Timeout(PAUSE_DEADLINE))
+    }
+
     /// Called by the vCPU thread before it first enters the guest: kicks may now
     /// target it.
     pub(crate) fn vcpu_started(&self) {
@@ -175,8 +206,9 @@ impl RunControl {
     }
 
     /// The vCPU's check on every loop: parks while a pause is requested and `stop()`
-    /// is false. Costs one atomic load when no pause is pending.
-    pub(crate) fn checkpoint(&self, stop: impl Fn() -> bool) {
+    /// is false, running the jobs posted meanwhile with `vcpu`. Costs one atomic load
+    /// when no pause is pending.
+    pub(crate) fn checkpoint(&self, vcpu: &mut dyn std::any::Any, stop: impl Fn() -> bool) {
         if !self.pending.load(Ordering::Acquire) {
             return;
         }
@@ -184,6 +216,12 @@ impl RunControl {
         s.parked = true;
         self.changed.notify_all();
         while s.requested && !stop() {
+            if let Some(job) = s.jobs.pop() {
+                drop(s);
+                job(vcpu);
+                s = self.lock();
+                continue;
+            }
             s = self.changed.wait_timeout(s, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
         }
         s.parked = false;
@@ -267,7 +305,7 @@ mod tests {
             r.vcpu_started();
             tx.send(()).unwrap();
             while !s.load(Ordering::SeqCst) {
-                r.checkpoint(|| s.load(Ordering::SeqCst));
+                r.checkpoint(&mut (), || s.load(Ordering::SeqCst));
                 l.fetch_add(1, Ordering::SeqCst);
                 // As KVM_RUN: the guest runs a little, then the next exit.
                 std::thread::sleep(Duration::from_micros(20));
@@ -277,6 +315,9 @@ mod tests {
         rx.recv().unwrap();
         for _ in 0..200 {
             rc.pause().unwrap();
+            // Work posted to the parked vCPU runs on its thread.
+            let (ctx, thread) = rc.on_vcpu(|v| (v.is::<()>(), std::thread::current().id())).unwrap();
+            assert!(ctx && thread != std::thread::current().id(), "ran on the vCPU thread with its context");
             let frozen = loops.load(Ordering::SeqCst);
             std::thread::sleep(Duration::from_micros(200));
             assert_eq!(loops.load(Ordering::SeqCst), frozen, "the vCPU ran while paused");

@@ -56,7 +56,7 @@ impl Vcpu {
         let exits = vm.exit_counters();
         loop {
             // A pause parks here, between two guest instructions.
-            vm.run_control().checkpoint(|| vm.exit_status().is_some());
+            vm.run_control().checkpoint(&mut self.fd, || vm.exit_status().is_some());
             if let Some(status) = vm.exit_status() {
                 return Ok(status);
             }
@@ -118,6 +118,11 @@ impl Vcpu {
                 self.hypercall(vm)?;
             }
         }
+    }
+
+    /// Loads a saved state (a restore).
+    pub fn load(&mut self, state: &crate::snapshot::CpuState) -> Result<()> {
+        crate::snapshot::load_cpu(&mut self.fd, state)
     }
 
     fn hypercall(&mut self, vm: &Vm) -> Result<()> {

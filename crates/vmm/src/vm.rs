@@ -487,6 +487,11 @@ impl Vm {
         self.run.wake();
     }
 
+    /// What host-side reads of memory flagged non-coherent do.
+    pub fn noncoherent_reads(&self) -> NonCoherentReads {
+        self.noncoherent_reads
+    }
+
     /// Pause and resume.
     pub fn run_control(&self) -> &crate::run_control::RunControl {
         &self.run
@@ -597,6 +602,19 @@ impl Vm {
     /// exits; returns the guest's exit status. KVM only.
     pub fn run_guest(&self, elf: &[u8]) -> Result<u8> {
         self.run_guest_with_args(elf, &[])
+    }
+
+    /// Continues a restored guest: the vCPU gets the snapshot's state, the irqchip and
+    /// clock theirs, the devices run again, and the guest goes on from where it was
+    /// saved until it exits. KVM only; RAM and devices are restored first
+    /// ([`crate::snapshot::Snapshot::apply_ram`], `apply_devices`).
+    pub fn run_restored(&self, snap: &crate::snapshot::Snapshot) -> Result<u8> {
+        let kvm = self.kvm.as_ref().ok_or_else(|| Error::GuestCrashed("a restored guest needs --accel kvm".into()))?;
+        let cpu = snap.state.cpu.as_ref().ok_or_else(|| Error::Snapshot("the snapshot has no vCPU state".into()))?;
+        let mut vcpu = crate::vcpu::Vcpu::new(kvm, 0, crate::boot::Entry { rip: 0, image_end: 0 })?;
+        vcpu.load(cpu)?;
+        snap.start(self)?;
+        vcpu.run(self)
     }
 
     /// As [`Vm::run_guest`], passing up to [`layout::MAX_GUEST_ARGS`] program arguments.
