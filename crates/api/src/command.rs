@@ -60,6 +60,12 @@ pub const ENDPOINTS: &[Endpoint] = &[
         help: "hot-add RAM (the guest is not told)",
     },
     Endpoint {
+        name: "vm.snapshot",
+        method: "PUT",
+        body: r#"{"dir": "/path/to/snapshot"}"#,
+        help: "save the VM (vCPU, irqchip, RAM, devices and their DMA domains) to a directory, atomically; restore with passthru run --restore DIR",
+    },
+    Endpoint {
         name: "memory.remove",
         method: "PUT",
         body: r#"{"gpa": "0x100000000"}"#,
@@ -110,6 +116,11 @@ pub enum Command {
         gpa: u64,
         /// Bytes.
         size: u64,
+    },
+    /// `PUT vm.snapshot`.
+    Snapshot {
+        /// The directory to write (replaced atomically if it exists).
+        dir: String,
     },
     /// `PUT memory.remove`.
     MemoryRemove {
@@ -186,6 +197,12 @@ struct IrqBody {
 struct MemoryAddBody {
     gpa: Num,
     size: Num,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    dir: String,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +292,13 @@ pub fn decode(method: &str, path: &str, body: &[u8]) -> Result<Command, ApiError
             let b: MemoryAddBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
             Command::MemoryAdd { gpa: b.gpa.value("gpa")?, size: b.size.value("size")? }
         }
+        "vm.snapshot" => {
+            let b: SnapshotBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
+            if b.dir.trim().is_empty() {
+                return Err(ApiError::bad_request("\"dir\" is empty: give the snapshot's directory"));
+            }
+            Command::Snapshot { dir: b.dir }
+        }
         "memory.remove" => {
             let b: MemoryRemoveBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
             Command::MemoryRemove { gpa: b.gpa.value("gpa")? }
@@ -326,6 +350,7 @@ mod tests {
             Command::MemoryAdd { gpa: 4096, size: 8192 }
         );
         assert_eq!(ok("PUT", "memory.remove", r#"{"gpa":"4096"}"#), Command::MemoryRemove { gpa: 4096 });
+        assert_eq!(ok("PUT", "vm.snapshot", r#"{"dir":"/tmp/s"}"#), Command::Snapshot { dir: "/tmp/s".into() });
     }
 
     #[test]

@@ -90,6 +90,23 @@ enum BenchWhat {
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<PathBuf>,
     },
+    /// Snapshots: save and restore of a guest with touched RAM and a DMA engine, as
+    /// ratios of writing and reading the same bytes with plain file I/O (one run), and
+    /// the pause (vCPU and devices stopped to resumed) of the in-memory part.
+    Snapshot {
+        /// Guest RAM.
+        #[arg(long, default_value = "1G", value_parser = crate::parse_size)]
+        memory: u64,
+        /// Bytes of it the guest touched.
+        #[arg(long, default_value = "256M", value_parser = crate::parse_size)]
+        touched: u64,
+        /// Where to write (a directory made and removed; default: the temp directory).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Also write the figures as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
     /// The DMA remapping core, in process: translate (IOTLB hit and miss), map+unmap,
     /// copy through a DmaSpace as a ratio of memcpy, translate cost as domains grow.
     Dma {
@@ -115,6 +132,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode, String> {
         BenchWhat::Irq { interrupts, json } => irq_bench(interrupts, json),
         BenchWhat::Devices { bytes, reads, json, plot } => devices_bench(bytes, reads, json, plot),
         BenchWhat::Pvdma { iterations, json } => pvdma_bench(iterations, json),
+        BenchWhat::Snapshot { memory, touched, dir, json } => snapshot_bench(memory, touched, dir, json),
     }
 }
 
@@ -1024,6 +1042,111 @@ fn devices_bench(bytes: u64, reads: u64, json: Option<PathBuf>, plot: Option<Pat
         )?;
     }
     write_json(json, &DevicesReport { copies: figures, register_reads, p2p, hot_add_1g_ms })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize, Debug, Default)]
+struct SnapshotReport {
+    memory: u64,
+    touched: u64,
+    snapshot_bytes: u64,
+    save_ms: f64,
+    plain_write_ms: f64,
+    save_ratio: f64,
+    restore_ms: f64,
+    plain_read_ms: f64,
+    restore_ratio: f64,
+    pause_ms: f64,
+}
+
+fn snapshot_bench(memory: u64, touched: u64, dir: Option<PathBuf>, json: Option<PathBuf>) -> Result<ExitCode, String> {
+    use std::io::{Read, Write};
+    if touched > memory {
+        return Err("--touched must not exceed --memory".into());
+    }
+    let base = dir.unwrap_or_else(std::env::temp_dir).join(format!("passthru-bench-snapshot-{}", std::process::id()));
+    std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
+    let result = (|| -> Result<SnapshotReport, String> {
+        let bar = progress(4, "snapshot");
+        let build = || -> Result<Vm, String> {
+            let mut c = VmConfig::new(AccelKind::Qtest);
+            c.memory = memory;
+            c.locked_memory = Some(memory.saturating_mul(2));
+            c.serial_out = Box::new(std::io::sink());
+            Vm::new(c).map_err(|e| e.to_string())
+        };
+        let vm = build()?;
+        let spec = "dma-engine,process=inline,dma=identity";
+        crate::device::attach(&vm, &crate::device::parse_device(spec)?)?;
+        // The guest touched `touched` bytes (every page, varied contents).
+        let chunk: Vec<u8> = (0..(1u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let mut at = 0;
+        while at < touched {
+            let n = (touched - at).min(chunk.len() as u64) as usize;
+            vm.phys_write(0x100_0000 + at, &chunk[..n]);
+            at += n as u64;
+        }
+        bar.inc(1);
+        let snap_dir = base.join("snap");
+        let t = Instant::now();
+        let r = vmm::snapshot::save(&vm, &snap_dir, &|_| Some(spec.to_string())).map_err(|e| e.to_string())?;
+        let save_ms = t.elapsed().as_secs_f64() * 1e3;
+        bar.inc(1);
+        // The same bytes with plain file I/O: one write and a sync.
+        let plain = base.join("plain.bin");
+        let bytes = vec![0x5au8; r.bytes as usize];
+        let t = Instant::now();
+        let mut f = std::fs::File::create(&plain).map_err(|e| e.to_string())?;
+        f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(|e| e.to_string())?;
+        let plain_write_ms = t.elapsed().as_secs_f64() * 1e3;
+        drop(bytes);
+        bar.inc(1);
+        drop(vm);
+        let t = Instant::now();
+        let snap = vmm::snapshot::Snapshot::load(&snap_dir).map_err(|e| e.to_string())?;
+        let vm = build()?;
+        snap.apply_ram(&vm).map_err(|e| e.to_string())?;
+        let restore_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let mut back = Vec::new();
+        std::fs::File::open(&plain).and_then(|mut f| f.read_to_end(&mut back)).map_err(|e| e.to_string())?;
+        let plain_read_ms = t.elapsed().as_secs_f64() * 1e3;
+        std::hint::black_box(&back);
+        bar.finish_and_clear();
+        Ok(SnapshotReport {
+            memory,
+            touched,
+            snapshot_bytes: r.bytes,
+            save_ms,
+            plain_write_ms,
+            save_ratio: save_ms / plain_write_ms,
+            restore_ms,
+            plain_read_ms,
+            restore_ratio: restore_ms / plain_read_ms,
+            pause_ms: r.paused.as_secs_f64() * 1e3,
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&base);
+    let r = result?;
+    println!(
+        "passthru bench snapshot: {} MiB guest, {} MiB touched, one DMA engine, one run",
+        r.memory >> 20,
+        r.touched >> 20
+    );
+    println!("{:<44} {:>10} {:>10} {:>8}", "", "ms", "plain ms", "ratio");
+    println!(
+        "{:<44} {:>10.1} {:>10.1} {:>8.2}",
+        format!("save ({} MiB written)", r.snapshot_bytes >> 20),
+        r.save_ms,
+        r.plain_write_ms,
+        r.save_ratio
+    );
+    println!(
+        "{:<44} {:>10.1} {:>10.1} {:>8.2}",
+        "restore (checksums, RAM into a new VM)", r.restore_ms, r.plain_read_ms, r.restore_ratio
+    );
+    println!("pause, vCPU and devices stopped to resumed (in-memory part): {:.1} ms", r.pause_ms);
+    write_json(json, &r)?;
     Ok(ExitCode::SUCCESS)
 }
 

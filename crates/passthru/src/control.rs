@@ -12,15 +12,23 @@ use vmm::Vm;
 /// Most domain mappings listed per device in `vm.info` (the count is always given).
 pub const MAX_LISTED_MAPPINGS: usize = 256;
 
+/// Each attached device's `--device` text, by name (a snapshot records them).
+pub type Specs = Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>;
+
 /// The VMM as the API server's handler.
 pub struct Control {
     vm: Arc<Vm>,
+    specs: Specs,
 }
 
 impl Control {
-    /// Serves `vm`.
-    pub fn new(vm: Arc<Vm>) -> Control {
-        Control { vm }
+    /// Serves `vm`, whose devices were given as `specs` say.
+    pub fn new(vm: Arc<Vm>, specs: Specs) -> Control {
+        Control { vm, specs }
+    }
+
+    fn specs(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, String>> {
+        self.specs.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -34,6 +42,7 @@ impl Handler for Control {
                 let arg = crate::device::parse_device(&device)
                     .map_err(|e| ApiError::bad_request(format!("\"device\": {e}")))?;
                 let dev = crate::device::attach(vm, &arg).map_err(ApiError::conflict)?;
+                self.specs().insert(dev.name().to_string(), arg.spec());
                 Ok(json!({ "name": dev.name(), "bdf": dev.bdf_string(), "frontend": dev.frontend().name() }))
             }
             Command::RemoveDevice { name } => {
@@ -41,6 +50,7 @@ impl Handler for Control {
                     return Err(ApiError::not_found(format!("no device '{name}' (see vm.info)")));
                 }
                 vm.detach_device(&name).map_err(|e| ApiError::conflict(e.to_string()))?;
+                self.specs().remove(&name);
                 Ok(json!({ "removed": name }))
             }
             Command::Pause => {
@@ -68,6 +78,15 @@ impl Handler for Control {
             Command::MemoryAdd { gpa, size } => {
                 vm.add_ram(gpa, size).map_err(|e| ApiError::conflict(e.to_string()))?;
                 Ok(json!({ "gpa": gpa, "size": size }))
+            }
+            Command::Snapshot { dir } => {
+                let specs = self.specs().clone();
+                let r = vmm::snapshot::save(vm, std::path::Path::new(&dir), &|name| specs.get(name).cloned())
+                    .map_err(|e| ApiError::conflict(e.to_string()))?;
+                Ok(json!({
+                    "dir": dir, "bytes": r.bytes, "ram_bytes": r.ram_bytes, "device_memory_bytes": r.device_memory_bytes,
+                    "paused_us": r.paused.as_micros() as u64, "took_us": r.took.as_micros() as u64,
+                }))
             }
             Command::MemoryRemove { gpa } => {
                 vm.remove_ram(gpa).map_err(|e| ApiError::conflict(e.to_string()))?;

@@ -69,6 +69,11 @@ enum CtlCommand {
         /// Guest-physical start.
         gpa: String,
     },
+    /// Save the VM to DIR (restore with passthru run --restore DIR).
+    Snapshot {
+        /// The snapshot's directory (replaced atomically if it exists).
+        dir: String,
+    },
 }
 
 fn request(c: &CtlCommand) -> (&'static str, &'static str, Option<Value>) {
@@ -85,6 +90,11 @@ fn request(c: &CtlCommand) -> (&'static str, &'static str, Option<Value>) {
         }
         CtlCommand::MemoryAdd { gpa, size } => ("PUT", "memory.add", Some(json!({ "gpa": gpa, "size": size }))),
         CtlCommand::MemoryRemove { gpa } => ("PUT", "memory.remove", Some(json!({ "gpa": gpa }))),
+        CtlCommand::Snapshot { dir } => {
+            // The server resolves relative paths against its own directory: send ours.
+            let abs = std::path::absolute(dir).map_or_else(|_| dir.clone(), |p| p.display().to_string());
+            ("PUT", "vm.snapshot", Some(json!({ "dir": abs })))
+        }
     }
 }
 

@@ -51,6 +51,35 @@ impl DeviceArg {
         }
     }
 
+    /// The `--device` text that parses back to this (a snapshot records it to attach
+    /// the device again).
+    pub fn spec(&self) -> String {
+        let (mut out, mode, frontend, timeout, options) = match self {
+            DeviceArg::DmaEngine { mode, inline, frontend, timeout, options } => {
+                let kind = if *inline { "dma-engine,process=inline" } else { "dma-engine" };
+                (kind.to_string(), mode, frontend, timeout, options)
+            }
+            DeviceArg::VfioUser { socket, mode, frontend, timeout, options } => {
+                (format!("vfio-user,socket={}", socket.display()), mode, frontend, timeout, options)
+            }
+        };
+        out += &format!(",dma={frontend}");
+        if *mode == IommuMode::Messages {
+            out += ",iommu-mode=messages";
+        }
+        out += &format!(",timeout={}ms", timeout.as_millis());
+        if !options.coherent {
+            out += ",coherent=false";
+        }
+        if !options.enforce_snoop {
+            out += ",enforce-snoop=off";
+        }
+        for (k, v) in &options.frontend_params {
+            out += &format!(",{k}={v}");
+        }
+        out
+    }
+
     /// A DMA engine with the default timeout.
     pub fn engine(mode: IommuMode, inline: bool, frontend: &str) -> DeviceArg {
         DeviceArg::DmaEngine {
@@ -143,7 +172,17 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
 
 /// Attaches one device to `vm`, spawning its process if needed (the VMM owns it then).
 pub fn attach(vm: &Vm, arg: &DeviceArg) -> Result<std::sync::Arc<vmm::AssignedDevice>, String> {
-    let (spec, what, frontend, options) = match arg {
+    attach_as(vm, arg, None, None)
+}
+
+/// As [`attach`], with the device's name and slot given (a restore).
+pub fn attach_as(
+    vm: &Vm,
+    arg: &DeviceArg,
+    name: Option<&str>,
+    slot: Option<u8>,
+) -> Result<std::sync::Arc<vmm::AssignedDevice>, String> {
+    let (spec, what, frontend, mut options) = match arg {
         DeviceArg::DmaEngine { inline: true, frontend, options, .. } => {
             (DeviceSpec::Inline, "dma-engine in the VMM process".to_string(), frontend, options.clone())
         }
@@ -162,6 +201,8 @@ pub fn attach(vm: &Vm, arg: &DeviceArg) -> Result<std::sync::Arc<vmm::AssignedDe
             (DeviceSpec::Remote(spec), what, frontend, options.clone())
         }
     };
+    options.name = name.map(str::to_string);
+    options.slot = slot;
     let dev = vm.attach_device_with(spec, frontend, options).map_err(|e| e.to_string())?;
     let f = dev.function();
     let id = pci::read32(f.as_ref(), abi::pci::reg::VENDOR_ID);
@@ -337,6 +378,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_spec_parses_back_to_the_same_device() {
+        for text in [
+            "dma-engine",
+            "dma-engine,process=inline,dma=pvdma",
+            "dma-engine,iommu-mode=messages,timeout=250ms,coherent=false,enforce-snoop=off",
+            "dma-engine,dma=tce,group=3,window=512M",
+            "vfio-user,socket=/tmp/x.sock,dma=pvdma,timeout=2s",
+        ] {
+            let a = parse_device(text).unwrap();
+            assert_eq!(parse_device(&a.spec()), Ok(a.clone()), "{text} -> {}", a.spec());
+        }
+    }
+
+    #[test]
     fn device_specs_parse_and_bad_ones_name_the_fix() {
         let id = "identity";
         let engine = |mode, inline, frontend| Ok(DeviceArg::engine(mode, inline, frontend));
@@ -383,7 +438,7 @@ mod tests {
         assert!(parse_device("dma-engine,dma=magic").unwrap_err().contains("identity, pvdma"));
         match parse_device("dma-engine,coherent=false,enforce-snoop=off").unwrap() {
             DeviceArg::DmaEngine { options, .. } => {
-                assert_eq!(options, AttachOptions { coherent: false, enforce_snoop: false, frontend_params: vec![] })
+                assert_eq!(options, AttachOptions { coherent: false, enforce_snoop: false, ..AttachOptions::default() })
             }
             other => panic!("{other:?}"),
         }

@@ -24,7 +24,7 @@ pub enum Accel {
     Qtest,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 /// `passthru run` arguments.
 pub struct RunArgs {
     /// Guest program: a built-in name (see `passthru guests`) or the path of an ELF file.
@@ -83,6 +83,11 @@ pub struct RunArgs {
     /// `passthru ctl PATH ...` and `passthru stat PATH` talk to it.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Restore the VM saved in DIR (control API vm.snapshot) and let it go on from
+    /// where it was: its RAM, devices (attached again as recorded; --device, if
+    /// given, must list the same ones), DMA domains, interrupts and vCPU. KVM only.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["guest", "qtest", "memory"])]
+    restore: Option<PathBuf>,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -148,9 +153,10 @@ fn ensure_locked_memory(args: &RunArgs, devices: &[crate::device::DeviceArg]) {
 }
 
 /// The control API server for `vm`, when `--api-socket` was given.
-fn start_api(args: &RunArgs, vm: &Arc<Vm>) -> Result<Option<api::Server>, String> {
+fn start_api(args: &RunArgs, vm: &Arc<Vm>, specs: &crate::control::Specs) -> Result<Option<api::Server>, String> {
     let Some(path) = &args.api_socket else { return Ok(None) };
-    let server = api::Server::start(path, Arc::new(crate::control::Control::new(Arc::clone(vm))))?;
+    let control = crate::control::Control::new(Arc::clone(vm), Arc::clone(specs));
+    let server = api::Server::start(path, Arc::new(control))?;
     let _ = writeln!(
         std::io::stderr(),
         "passthru: control API on {} (passthru ctl {} info)",
@@ -162,6 +168,9 @@ fn start_api(args: &RunArgs, vm: &Arc<Vm>) -> Result<Option<api::Server>, String
 
 /// Runs a machine until its guest exits (KVM) or its driver leaves (qtest).
 pub fn run(args: RunArgs) -> Result<ExitCode, String> {
+    if let Some(dir) = &args.restore {
+        return run_restore(&args, dir);
+    }
     if args.qtest.is_some() || args.accel == Accel::Qtest {
         return run_qtest(&args);
     }
@@ -176,8 +185,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     };
     ensure_locked_memory(&args, devices);
     let vm = Arc::new(Vm::new(config(&args, AccelKind::Kvm)).map_err(|e| e.to_string())?);
-    attach_devices(&vm, devices)?;
-    let api = start_api(&args, &vm)?;
+    let specs = attach_devices(&vm, devices)?;
+    let api = start_api(&args, &vm, &specs)?;
     let status = vm.run_guest_with_args(&elf, &args.guest_args).map_err(|e| e.to_string());
     drop(api); // no request runs after this
     let status = status?;
@@ -188,6 +197,69 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         report_stats(&vm);
     }
     drop(vm); // devices removed, their processes reaped
+    Ok(ExitCode::from(status))
+}
+
+/// `passthru run --restore DIR`: everything is checked before the VM is built; the
+/// devices come back with their names and slots.
+fn run_restore(args: &RunArgs, dir: &Path) -> Result<ExitCode, String> {
+    let qtest = args.accel == Accel::Qtest || args.qtest.is_some();
+    let snap = vmm::snapshot::Snapshot::load(dir).map_err(|e| e.to_string())?;
+    let devices = snap
+        .state
+        .devices
+        .iter()
+        .map(|d| crate::device::parse_device(&d.spec).map_err(|e| format!("the snapshot's device {}: {e}", d.name)))
+        .collect::<Result<Vec<_>, String>>()?;
+    if !args.devices.is_empty() && args.devices != devices {
+        let list: Vec<String> = devices.iter().map(|d| d.spec()).collect();
+        return Err(format!(
+            "--device differs from the snapshot's devices ({}): drop --device, or give exactly those",
+            list.join("; ")
+        ));
+    }
+    if !qtest && snap.state.cpu.is_none() {
+        return Err(format!("{} holds no vCPU (saved under qtest): restore it with --accel qtest", dir.display()));
+    }
+    let mut cfg = config(args, if qtest { AccelKind::Qtest } else { AccelKind::Kvm });
+    cfg.memory = snap.state.memory;
+    if qtest && args.qtest.is_none() {
+        cfg.serial_out = Box::new(std::io::stderr());
+    }
+    let memory_args = RunArgs { memory: snap.state.memory, ..args.clone() };
+    ensure_locked_memory(&memory_args, &devices);
+    let vm = Arc::new(Vm::new(cfg).map_err(|e| e.to_string())?);
+    snap.apply_ram(&vm).map_err(|e| e.to_string())?;
+    let specs = crate::control::Specs::default();
+    for (d, arg) in snap.state.devices.iter().zip(&devices) {
+        crate::device::attach_as(&vm, arg, Some(&d.name), Some(d.slot))?;
+        specs.lock().unwrap_or_else(|e| e.into_inner()).insert(d.name.clone(), arg.spec());
+    }
+    snap.apply_devices(&vm).map_err(|e| e.to_string())?;
+    let _ = writeln!(std::io::stderr(), "passthru: restored {} ({} device(s))", dir.display(), devices.len());
+    let api = start_api(args, &vm, &specs)?;
+    if qtest {
+        // No vCPU: the devices run again and the driver takes over.
+        snap.start(&vm).map_err(|e| e.to_string())?;
+        let out: SharedOut = Arc::new(Mutex::new(Box::new(std::io::stdout())));
+        let lines = read_lines(BufReader::new(std::io::stdin()))?;
+        let end = qtest::serve_channel(&vm, lines, out).map_err(|e| e.to_string());
+        drop(api);
+        drop(vm);
+        return Ok(match end? {
+            End::Eof => ExitCode::SUCCESS,
+            End::Exit(status) => ExitCode::from(status),
+        });
+    }
+    let status = vm.run_restored(&snap).map_err(|e| e.to_string());
+    drop(api);
+    let status = status?;
+    let _ = std::io::stdout().flush();
+    report_guest_throughput(&vm);
+    if args.stats {
+        report_stats(&vm);
+    }
+    drop(vm);
     Ok(ExitCode::from(status))
 }
 
@@ -276,12 +348,15 @@ pub fn stats_report(vm: &Vm) -> String {
     String::from_utf8_lossy(&err).into_owned()
 }
 
-/// Attaches every `--device` (the VMM owns the processes it spawns).
-fn attach_devices(vm: &Vm, devices: &[crate::device::DeviceArg]) -> Result<(), String> {
+/// Attaches every `--device` (the VMM owns the processes it spawns); returns each
+/// one's name and `--device` text.
+fn attach_devices(vm: &Vm, devices: &[crate::device::DeviceArg]) -> Result<crate::control::Specs, String> {
+    let specs = crate::control::Specs::default();
     for d in devices {
-        crate::device::attach(vm, d)?;
+        let dev = crate::device::attach(vm, d)?;
+        specs.lock().unwrap_or_else(|e| e.into_inner()).insert(dev.name().to_string(), d.spec());
     }
-    Ok(())
+    Ok(specs)
 }
 
 /// Tells what the test interrupt sources did, when a guest used them (stderr, so the
@@ -326,8 +401,8 @@ fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
                 format!("cannot listen on {}: {e} (remove a stale socket file, or pick another path)", path.display())
             })?;
             let vm = Arc::new(Vm::new(config).map_err(|e| e.to_string())?);
-            attach_devices(&vm, &args.devices)?;
-            let api = start_api(args, &vm)?;
+            let specs = attach_devices(&vm, &args.devices)?;
+            let api = start_api(args, &vm, &specs)?;
             let accepted = listener.accept();
             let _ = std::fs::remove_file(path);
             let (stream, _) = accepted.map_err(|e| format!("accepting on {}: {e}", path.display()))?;
@@ -346,8 +421,8 @@ fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
             // Standard output carries the protocol: the guest console goes to stderr.
             config.serial_out = Box::new(std::io::stderr());
             let vm = Arc::new(Vm::new(config).map_err(|e| e.to_string())?);
-            attach_devices(&vm, &args.devices)?;
-            let api = start_api(args, &vm)?;
+            let specs = attach_devices(&vm, &args.devices)?;
+            let api = start_api(args, &vm, &specs)?;
             let out: SharedOut = Arc::new(Mutex::new(Box::new(std::io::stdout())));
             let lines = read_lines(BufReader::new(std::io::stdin()))?;
             let end = qtest::serve_channel(&vm, lines, out).map_err(|e| e.to_string());
