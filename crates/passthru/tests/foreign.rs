@@ -493,3 +493,32 @@ fn the_rust_vmm_client_drives_passthrus_device_server() {
     };
     assert_eq!(code, Some(0));
 }
+
+/// A device without vfio-user migration (the rust-vmm server knows no DEVICE_FEATURE)
+/// makes a snapshot refuse with a clear error naming it, and nothing is written; the
+/// device goes on working.
+#[test]
+fn a_snapshot_is_refused_for_a_device_without_migration() {
+    let (path, _state) = start_test_device("nomig");
+    let sock = std::env::temp_dir().join(format!("passthru-foreign-nomig-api-{}.sock", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("passthru-foreign-nomig-snap-{}", std::process::id()));
+    let dev = format!("vfio-user,socket={}", path.display());
+    let s = sock.to_str().unwrap();
+    let mut child =
+        spawn_piped(&[&["run", "--accel", "qtest", "--api-socket", s, "--device", &dev][..], &MEM].concat());
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20), "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let body = format!(r#"{{"dir": "{}"}}"#, dir.display());
+    let a = api::client::call(&sock, "PUT", "vm.snapshot", Some(&body), Duration::from_secs(30)).unwrap();
+    assert_eq!(a.status, 409, "{}", a.message());
+    assert!(a.message().contains("device vfu0 does not support migration"), "{}", a.message());
+    assert!(a.message().contains("nothing was written"), "{}", a.message());
+    assert!(!dir.exists());
+    let info = api::client::call(&sock, "GET", "vm.info", None, Duration::from_secs(30)).unwrap();
+    assert_eq!(info.body["devices"][0]["gone"], false, "the device is still there: {}", info.body);
+    drop(child.stdin.take());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
