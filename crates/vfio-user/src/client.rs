@@ -309,6 +309,32 @@ impl Client {
         Ok(proto::DeviceFeature::decode(&r.payload)?.data)
     }
 
+    /// DMA dirty logging on, `page` bytes per bit, over every window.
+    pub fn dma_logging_start(&self, page: u64) -> Result<(), Error> {
+        let data = [page.to_le_bytes().as_slice(), &0u64.to_le_bytes()].concat();
+        self.device_feature(proto::mig::FEATURE_SET | proto::mig::FEATURE_DMA_LOGGING_START, &data, 24).map(|_| ())
+    }
+
+    /// DMA dirty logging off.
+    pub fn dma_logging_stop(&self) -> Result<(), Error> {
+        self.device_feature(proto::mig::FEATURE_SET | proto::mig::FEATURE_DMA_LOGGING_STOP, &[], 8).map(|_| ())
+    }
+
+    /// The dirty bitmap of the window at `iova` over `len` bytes (`page` per bit, LSB
+    /// first); the device clears what it reports.
+    pub fn dma_logging_report(&self, iova: u64, len: u64, page: u64) -> Result<Vec<u64>, Error> {
+        let data = [iova.to_le_bytes(), len.to_le_bytes(), page.to_le_bytes()].concat();
+        let words = len.div_ceil(page.max(1)).div_ceil(64);
+        let argsz = u32::try_from(8 + 24 + 8 * words)
+            .map_err(|_| Error::Proto(proto::ProtoError::BadSize("range too large")))?;
+        let r = self.device_feature(proto::mig::FEATURE_GET | proto::mig::FEATURE_DMA_LOGGING_REPORT, &data, argsz)?;
+        Ok(r.get(24..)
+            .unwrap_or_default()
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect())
+    }
+
     /// MIG_DATA_READ of at most `size` bytes (empty: no more data).
     pub fn mig_data_read(&self, size: u32) -> Result<Vec<u8>, Error> {
         let size = size.min(self.xfer() as u32);

@@ -786,6 +786,14 @@ pub mod mig {
     pub const FEATURE_MIGRATION: u32 = 1;
     /// Feature: the device's migration state (GET/SET: u32 state, u32 data_fd).
     pub const FEATURE_MIG_DEVICE_STATE: u32 = 2;
+    /// Feature: DMA dirty logging on (SET: u64 page size, u32 ranges, u32 reserved,
+    /// ranges of u64 iova and length).
+    pub const FEATURE_DMA_LOGGING_START: u32 = 6;
+    /// Feature: DMA dirty logging off (SET).
+    pub const FEATURE_DMA_LOGGING_STOP: u32 = 7;
+    /// Feature: the dirty bitmap of a range (GET: u64 iova, length, page size; the
+    /// reply appends the bitmap).
+    pub const FEATURE_DMA_LOGGING_REPORT: u32 = 8;
     /// MIGRATION flag: the STOP_COPY state (saving while stopped).
     pub const MIGRATION_STOP_COPY: u64 = 1 << 0;
     /// MIGRATION flag: the P2P states.

@@ -210,6 +210,46 @@ impl Server {
         why
     }
 
+    /// DEVICE_FEATURE for DMA dirty logging (the server's windows log the device's
+    /// in-place writes).
+    fn dma_logging(&self, f: &proto::DeviceFeature) -> Result<Vec<u8>, i32> {
+        use proto::mig::*;
+        let index = f.flags & FEATURE_MASK;
+        let (get, set, probe) = (f.flags & FEATURE_GET != 0, f.flags & FEATURE_SET != 0, f.flags & FEATURE_PROBE != 0);
+        let report = index == FEATURE_DMA_LOGGING_REPORT;
+        if (report && set) || (!report && get) || !(get || set || probe) {
+            return Err(libc::EINVAL);
+        }
+        if probe {
+            return Ok(f.encode());
+        }
+        let u64_at = |o: usize| f.data.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+        match index {
+            FEATURE_DMA_LOGGING_START => {
+                self.windows.start_logging(u64_at(0).ok_or(libc::EINVAL)?)?;
+                Ok(f.encode())
+            }
+            FEATURE_DMA_LOGGING_STOP => {
+                self.windows.stop_logging();
+                Ok(f.encode())
+            }
+            _ => {
+                let (iova, len, page) =
+                    (u64_at(0).ok_or(libc::EINVAL)?, u64_at(8).ok_or(libc::EINVAL)?, u64_at(16).ok_or(libc::EINVAL)?);
+                let bits = self.windows.report(iova, len, page)?;
+                let mut data = f.data[..24].to_vec();
+                for w in bits {
+                    data.extend_from_slice(&w.to_le_bytes());
+                }
+                let argsz = proto::DeviceFeature::SIZE + data.len() as u32;
+                if f.argsz < argsz {
+                    return Err(libc::EINVAL);
+                }
+                Ok(proto::DeviceFeature { argsz, flags: f.flags, data }.encode())
+            }
+        }
+    }
+
     fn handle(&self, device: &mut dyn Device, negotiated: &mut bool, migration: &mut MigrationState, m: Message) {
         let h = m.header;
         let req = match proto::decode_request(&h, &m.payload) {
@@ -282,7 +322,10 @@ impl Server {
             Request::DmaUnmap(u) => self.windows.unmap(&u).map(|()| u.encode()),
             Request::DeviceSetIrqs(s) => device.set_irqs(&s, m.fds).map(|()| Vec::new()),
             Request::DeviceReset => device.reset().map(|()| Vec::new()),
-            Request::DeviceFeature(f) => migration.feature(device.migration(), &f),
+            Request::DeviceFeature(f) => match f.flags & proto::mig::FEATURE_MASK {
+                proto::mig::FEATURE_DMA_LOGGING_START..=proto::mig::FEATURE_DMA_LOGGING_REPORT => self.dma_logging(&f),
+                _ => migration.feature(device.migration(), &f),
+            },
             Request::MigDataRead(d) => migration.read(device.migration(), &d),
             Request::MigDataWrite(d, data) => migration.write(device.migration(), &d, &data),
             Request::DmaRead(_) | Request::DmaWrite(..) | Request::Unsupported(_) => Err(libc::ENOTSUP),

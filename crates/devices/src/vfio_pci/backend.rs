@@ -45,6 +45,13 @@ pub trait VfioDevice: Send + Sync {
     fn mig_data_read(&self, size: u32) -> Result<Vec<u8>, Error>;
     /// MIG_DATA_WRITE.
     fn mig_data_write(&self, data: &[u8]) -> Result<(), Error>;
+    /// DMA dirty logging on (4 KiB pages): true if the device logs its own writes;
+    /// false if every write it makes goes through the VMM, which logs it.
+    fn dirty_start(&self) -> Result<bool, Error>;
+    /// DMA dirty logging off.
+    fn dirty_stop(&self);
+    /// The device's dirty bits of `[iova, iova + len)` (4 KiB per bit), cleared.
+    fn dirty_report(&self, iova: u64, len: u64) -> Result<Vec<u64>, Error>;
 }
 
 impl VfioDevice for Client {
@@ -104,6 +111,15 @@ impl VfioDevice for Client {
     }
     fn mig_data_write(&self, data: &[u8]) -> Result<(), Error> {
         Client::mig_data_write(self, data)
+    }
+    fn dirty_start(&self) -> Result<bool, Error> {
+        Client::dma_logging_start(self, 4096).map(|()| true)
+    }
+    fn dirty_stop(&self) {
+        let _ = Client::dma_logging_stop(self);
+    }
+    fn dirty_report(&self, iova: u64, len: u64) -> Result<Vec<u64>, Error> {
+        Client::dma_logging_report(self, iova, len, 4096)
     }
 }
 
@@ -239,5 +255,12 @@ impl VfioDevice for LocalDevice {
             .write(dev.migration(), &m, data)
             .map(|_| ())
             .map_err(errno)
+    }
+    fn dirty_start(&self) -> Result<bool, Error> {
+        Ok(false) // an in-process model reaches memory through the VMM's DmaSpace
+    }
+    fn dirty_stop(&self) {}
+    fn dirty_report(&self, _iova: u64, _len: u64) -> Result<Vec<u64>, Error> {
+        Ok(Vec::new())
     }
 }

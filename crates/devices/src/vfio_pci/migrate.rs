@@ -60,6 +60,45 @@ impl AssignedFunction {
         self.set_migration_state(mig::STATE_STOP)
     }
 
+    /// Dirty logging on for the device's own writes (a device process writing guest
+    /// memory in place through a shared file: invisible to the VMM otherwise).
+    pub fn dirty_start(&self) -> Result<(), String> {
+        let own = self.backend.dirty_start().map_err(|e| format!("device {}: DMA_LOGGING_START: {e}", self.name))?;
+        self.dirty_logging.store(own, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Dirty logging off.
+    pub fn dirty_stop(&self) {
+        if self.dirty_logging.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            self.backend.dirty_stop();
+        }
+    }
+
+    /// The guest-physical pages (4 KiB) the device wrote in place since the last call,
+    /// through each mapping of its domain; the device clears what it reports.
+    pub fn dirty_take(&self, out: &mut Vec<u64>) -> Result<(), String> {
+        if !self.dirty_logging.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let Some(domain) = self.domain() else { return Ok(()) };
+        for m in domain.mappings() {
+            let bits = self
+                .backend
+                .dirty_report(m.iova.0, m.size)
+                .map_err(|e| format!("device {}: DMA_LOGGING_REPORT at {:#x}: {e}", self.name, m.iova.0))?;
+            for (i, w) in bits.iter().enumerate() {
+                let mut w = *w;
+                while w != 0 {
+                    let bit = u64::from(w.trailing_zeros());
+                    w &= w - 1;
+                    out.push(m.gpa.0 + ((i as u64 * 64 + bit) << 12));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The configuration space as the guest reads it.
     pub fn config_bytes(&self) -> Vec<u8> {
         let size = self.lock().config.size;

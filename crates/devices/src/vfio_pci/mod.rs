@@ -148,6 +148,8 @@ pub struct AssignedFunction {
     /// Told once when the device becomes non-coherent (the device manager counts it
     /// and flags its memory).
     on_noncoherent: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// The device logs its own writes for the VM's dirty bitmap (DMA dirty logging).
+    dirty_logging: AtomicBool,
     me: Weak<AssignedFunction>,
 }
 
@@ -339,6 +341,7 @@ impl AssignedFunction {
                 enforce_snoop: AtomicBool::new(true),
                 noncoherent: AtomicBool::new(false),
                 on_noncoherent: Mutex::new(None),
+                dirty_logging: AtomicBool::new(false),
                 me: me.clone(),
             }
         });
