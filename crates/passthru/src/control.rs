@@ -55,8 +55,8 @@ impl Handler for Control {
             }
             Command::Pause => {
                 let t = std::time::Instant::now();
-                vm.pause().map_err(run_error)?;
-                Ok(json!({ "state": "paused", "took_us": t.elapsed().as_micros() as u64 }))
+                let unquiesced = vm.pause().map_err(run_error)?;
+                Ok(json!({ "state": "paused", "took_us": t.elapsed().as_micros() as u64, "unquiesced": unquiesced }))
             }
             Command::Resume => {
                 vm.resume().map_err(run_error)?;

@@ -519,6 +519,11 @@ fn a_snapshot_is_refused_for_a_device_without_migration() {
     assert!(!dir.exists());
     let info = api::client::call(&sock, "GET", "vm.info", None, Duration::from_secs(30)).unwrap();
     assert_eq!(info.body["devices"][0]["gone"], false, "the device is still there: {}", info.body);
+    // A pause cannot quiesce it: it says so, and the device goes on.
+    let p = api::client::call(&sock, "PUT", "vm.pause", None, Duration::from_secs(30)).unwrap();
+    assert_eq!((p.status, p.body["unquiesced"].clone()), (200, serde_json::json!(["vfu0"])), "{}", p.body);
+    let r = api::client::call(&sock, "PUT", "vm.resume", None, Duration::from_secs(30)).unwrap();
+    assert_eq!(r.status, 200);
     drop(child.stdin.take());
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }

@@ -343,10 +343,32 @@ impl Session<'_> {
                     .collect();
                 Ok(format!("OK {}", list.join(" ")))
             }
+            "dirty_start" => {
+                // passthru extension: dirty tracking (vCPU, DMA core, device processes).
+                self.vm.dirty_start().map_err(|e| e.to_string())?;
+                Ok("OK".into())
+            }
+            "dirty_stop" => {
+                self.vm.dirty_stop().map_err(|e| e.to_string())?;
+                Ok("OK".into())
+            }
+            "dirty_take" => {
+                // The pages written since the last take, as runs: OK N 0xGPA+0xLEN,...
+                let pages = self.vm.dirty_take().map_err(|e| e.to_string())?;
+                let mut runs: Vec<(u64, u64)> = Vec::new();
+                for p in &pages {
+                    match runs.last_mut() {
+                        Some((s, l)) if *s + *l == *p => *l += 4096,
+                        _ => runs.push((*p, 4096)),
+                    }
+                }
+                let list: Vec<String> = runs.iter().map(|(s, l)| format!("{s:#x}+{l:#x}")).collect();
+                Ok(format!("OK {} {}", pages.len(), list.join(",")).trim_end().to_string())
+            }
             "pause" => {
                 // passthru extension (QMP's stop): the vCPU, if any, parks.
-                self.vm.pause().map_err(|e| e.to_string())?;
-                Ok("OK".into())
+                let left = self.vm.pause().map_err(|e| e.to_string())?;
+                Ok(if left.is_empty() { "OK".into() } else { format!("OK unquiesced={}", left.join(",")) })
             }
             "resume" => {
                 self.vm.resume().map_err(|e| e.to_string())?;

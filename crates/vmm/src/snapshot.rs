@@ -209,19 +209,22 @@ pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Resu
         let fs = d.frontend().save(d.bdf()).map_err(|e| err(format!("{e}; nothing was written")))?;
         frontend_states.push((spec, fs));
     }
-    // Pause the vCPU (if the operator has not) and stop every device.
+    // Pause the vCPU and stop every device (if the operator has not paused already;
+    // then a device hot-plugged since is stopped too, and stays so until resume).
     let was_paused = vm.run_control().state() == crate::run_control::RunState::Paused;
     let paused_at = Instant::now();
-    if !was_paused {
-        vm.pause().map_err(|e| err(e.to_string()))?;
-    }
-    let mut stopped: Vec<Arc<AssignedDevice>> = Vec::new();
-    let result = stop_all(&devices, &mut stopped).and_then(|()| collect(vm, &devices, frontend_states));
-    for d in &stopped {
-        if let Err(e) = d.function().set_migration_state(mig::STATE_RUNNING) {
-            tracing::error!("snapshot: {e}");
+    let result = if was_paused {
+        devices
+            .iter()
+            .try_for_each(|d| vm.quiesce(d).map_err(err))
+            .and_then(|()| collect(vm, &devices, frontend_states))
+    } else {
+        match vm.pause() {
+            Ok(left) if left.is_empty() => collect(vm, &devices, frontend_states),
+            Ok(left) => Err(err(format!("device(s) {} could not be stopped; nothing was written", left.join(", ")))),
+            Err(e) => Err(err(e.to_string())),
         }
-    }
+    };
     let paused = paused_at.elapsed();
     if !was_paused {
         let _ = vm.resume();
@@ -231,16 +234,6 @@ pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Resu
     report.paused = if was_paused { Duration::ZERO } else { paused };
     report.took = t0.elapsed();
     Ok(report)
-}
-
-/// Stops every device (no DMA in flight, no interrupt raised); `stopped` lists those
-/// stopped so far, to start again whatever happens.
-fn stop_all(devices: &[Arc<AssignedDevice>], stopped: &mut Vec<Arc<AssignedDevice>>) -> Result<()> {
-    for d in devices {
-        d.function().set_migration_state(mig::STATE_STOP).map_err(err)?;
-        stopped.push(Arc::clone(d));
-    }
-    Ok(())
 }
 
 /// Reads the state of the paused VM and its stopped devices.

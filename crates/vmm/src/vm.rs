@@ -112,7 +112,10 @@ pub struct Vm {
     memory_map: Arc<MemoryMap>,
     dma: Arc<VmDma>,
     noncoherent_reads: NonCoherentReads,
+    slots: Arc<MemslotListener>,
     run: crate::run_control::RunControl,
+    /// Devices stopped by a pause (or a snapshot of a paused VM), started by resume.
+    quiesced: Mutex<Vec<String>>,
     exits: crate::run_control::ExitCounters,
     ram: GuestRam,
 }
@@ -137,8 +140,8 @@ impl Vm {
         };
         let dma = VmDma::new(Arc::clone(ram.memory_arc()), account);
         let memory_map = Arc::new(MemoryMap::new());
-        let slots: Arc<dyn MemoryListener> = Arc::new(MemslotListener::new(Arc::clone(&accel)));
-        memory_map.add_listener(slots)?;
+        let slots = Arc::new(MemslotListener::new(Arc::clone(&accel)));
+        memory_map.add_listener(Arc::clone(&slots) as Arc<dyn MemoryListener>)?;
         for r in ram.regions() {
             memory_map.add_region(r)?;
         }
@@ -239,7 +242,9 @@ impl Vm {
             memory_map,
             dma,
             noncoherent_reads: config.noncoherent_reads,
+            slots,
             run: crate::run_control::RunControl::new(),
+            quiesced: Mutex::new(Vec::new()),
             exits: crate::run_control::ExitCounters::default(),
             ram,
         })
@@ -487,6 +492,74 @@ impl Vm {
         self.run.wake();
     }
 
+    /// Dirty tracking on (what live migration needs): KVM logs the vCPU's writes to
+    /// RAM (its slots get KVM_MEM_LOG_DIRTY_PAGES), the DMA core logs every write made
+    /// through a `DmaSpace` (in-process devices, and device processes' writes by
+    /// message), and each device process logs its own in-place writes (vfio-user DMA
+    /// dirty logging). [`Vm::dirty_take`] merges the three.
+    pub fn dirty_start(&self) -> Result<()> {
+        for r in self.memory_map.regions() {
+            if r.kind == vm_api::RegionKind::Ram && !r.flags.log_dirty {
+                self.memory_map
+                    .set_flags(r.gpa, vm_api::RegionFlags { log_dirty: true, ..r.flags })
+                    .map_err(Error::Memory)?;
+            }
+        }
+        let _ = self.dma.dirty().take();
+        for d in self.devices() {
+            d.function().dirty_start().map_err(|e| Error::Device(d.name().to_string(), e))?;
+        }
+        Ok(())
+    }
+
+    /// Dirty tracking off.
+    pub fn dirty_stop(&self) -> Result<()> {
+        for d in self.devices() {
+            d.function().dirty_stop();
+        }
+        for r in self.memory_map.regions() {
+            if r.kind == vm_api::RegionKind::Ram && r.flags.log_dirty {
+                self.memory_map
+                    .set_flags(r.gpa, vm_api::RegionFlags { log_dirty: false, ..r.flags })
+                    .map_err(Error::Memory)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The guest-physical pages (4 KiB) written since dirty tracking started or the
+    /// last call, by anyone: the vCPU, in-process devices, device processes. One sorted
+    /// list per VM; every source clears what it reports.
+    pub fn dirty_take(&self) -> Result<Vec<u64>> {
+        let mut pages = Vec::new();
+        if let Some(kvm) = &self.kvm {
+            let regions = self.memory_map.regions();
+            for (gpa, slot, flags) in self.slots.slots() {
+                let Some(r) = regions.iter().find(|r| r.gpa == gpa) else { continue };
+                if !flags.log_dirty {
+                    continue;
+                }
+                let size = usize::try_from(r.size).map_err(|_| Error::Memory("slot too large".into()))?;
+                let bits = kvm.vm().get_dirty_log(slot, size).map_err(|e| Error::Kvm("KVM_GET_DIRTY_LOG", e))?;
+                for (i, w) in bits.iter().enumerate() {
+                    let mut w = *w;
+                    while w != 0 {
+                        let bit = u64::from(w.trailing_zeros());
+                        w &= w - 1;
+                        pages.push(gpa + ((i as u64 * 64 + bit) << 12));
+                    }
+                }
+            }
+        }
+        pages.extend(self.dma.dirty().take());
+        for d in self.devices() {
+            d.function().dirty_take(&mut pages).map_err(|e| Error::Device(d.name().to_string(), e))?;
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        Ok(pages)
+    }
+
     /// What host-side reads of memory flagged non-coherent do.
     pub fn noncoherent_reads(&self) -> NonCoherentReads {
         self.noncoherent_reads
@@ -497,13 +570,49 @@ impl Vm {
         &self.run
     }
 
-    /// Stops the vCPU at an instruction boundary (see [`crate::run_control`]).
-    pub fn pause(&self) -> std::result::Result<(), crate::run_control::RunError> {
-        self.run.pause()
+    /// Stops the vCPU at an instruction boundary (see [`crate::run_control`]), then
+    /// quiesces every device that can be (vfio-user migration RUNNING -> STOP: no DMA
+    /// in flight, no interrupt raised). Returns the devices that could not be (no
+    /// migration support, or the stop failed): they go on running.
+    pub fn pause(&self) -> std::result::Result<Vec<String>, crate::run_control::RunError> {
+        self.run.pause()?;
+        let mut unquiesced = Vec::new();
+        for d in self.devices() {
+            if let Err(e) = self.quiesce(&d) {
+                tracing::warn!("pause: {e}");
+                unquiesced.push(d.name().to_string());
+            }
+        }
+        Ok(unquiesced)
     }
 
-    /// Lets a paused vCPU run again.
+    /// Stops device `d` (vfio-user migration STOP) until [`Vm::resume`].
+    pub(crate) fn quiesce(&self, d: &AssignedDevice) -> std::result::Result<(), String> {
+        let mut stopped = self.quiesced.lock().unwrap_or_else(|e| e.into_inner());
+        if stopped.iter().any(|n| n == d.name()) {
+            return Ok(());
+        }
+        if d.is_torn_down() || !d.function().migration_supported() {
+            return Err(format!("device {} cannot be quiesced (no vfio-user migration support)", d.name()));
+        }
+        d.function().set_migration_state(vfio_user::proto::mig::STATE_STOP)?;
+        stopped.push(d.name().to_string());
+        Ok(())
+    }
+
+    /// Lets the quiesced devices and the paused vCPU run again.
     pub fn resume(&self) -> std::result::Result<(), crate::run_control::RunError> {
+        if self.run.state() != crate::run_control::RunState::Paused {
+            return Err(crate::run_control::RunError::NotPaused);
+        }
+        let stopped = std::mem::take(&mut *self.quiesced.lock().unwrap_or_else(|e| e.into_inner()));
+        for name in stopped {
+            if let Some(d) = self.device(&name)
+                && let Err(e) = d.function().set_migration_state(vfio_user::proto::mig::STATE_RUNNING)
+            {
+                tracing::error!("resume: {e}");
+            }
+        }
         self.run.resume()
     }
 
