@@ -102,7 +102,23 @@ fn request(c: &CtlCommand) -> (&'static str, &'static str, Option<Value>) {
 pub fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
     let (method, endpoint, body) = request(&args.command);
     let body = body.map(|b| b.to_string());
-    let answer = api::client::call(&args.socket, method, endpoint, body.as_deref(), CLIENT_TIMEOUT)?;
+    // A snapshot takes a while: a spinner on a terminal (nothing otherwise).
+    let spinner = matches!(args.command, CtlCommand::Snapshot { .. }).then(|| {
+        use std::io::IsTerminal;
+        let s = if std::io::stderr().is_terminal() {
+            indicatif::ProgressBar::new_spinner()
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        s.set_message("saving the VM");
+        s.enable_steady_tick(Duration::from_millis(100));
+        s
+    });
+    let answer = api::client::call(&args.socket, method, endpoint, body.as_deref(), CLIENT_TIMEOUT);
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    let answer = answer?;
     if !(200..300).contains(&answer.status) {
         return Err(format!("{endpoint}: {} ({})", answer.message(), answer.status));
     }

@@ -204,7 +204,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
 /// devices come back with their names and slots.
 fn run_restore(args: &RunArgs, dir: &Path) -> Result<ExitCode, String> {
     let qtest = args.accel == Accel::Qtest || args.qtest.is_some();
+    // Progress on a terminal (hidden otherwise): check, RAM, devices.
+    let bar = crate::bench::progress(3, "restoring");
     let snap = vmm::snapshot::Snapshot::load(dir).map_err(|e| e.to_string())?;
+    bar.inc(1);
     let devices = snap
         .state
         .devices
@@ -230,12 +233,14 @@ fn run_restore(args: &RunArgs, dir: &Path) -> Result<ExitCode, String> {
     ensure_locked_memory(&memory_args, &devices);
     let vm = Arc::new(Vm::new(cfg).map_err(|e| e.to_string())?);
     snap.apply_ram(&vm).map_err(|e| e.to_string())?;
+    bar.inc(1);
     let specs = crate::control::Specs::default();
     for (d, arg) in snap.state.devices.iter().zip(&devices) {
         crate::device::attach_as(&vm, arg, Some(&d.name), Some(d.slot))?;
         specs.lock().unwrap_or_else(|e| e.into_inner()).insert(d.name.clone(), arg.spec());
     }
     snap.apply_devices(&vm).map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
     let _ = writeln!(std::io::stderr(), "passthru: restored {} ({} device(s))", dir.display(), devices.len());
     let api = start_api(args, &vm, &specs)?;
     if qtest {

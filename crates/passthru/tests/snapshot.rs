@@ -255,6 +255,38 @@ fn non_coherent_devices_are_flushed_before_a_snapshot_or_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A snapshot taken with a non-coherent device restores its memory byte for byte (the
+/// restore writes it back and flushes it for the non-snooping device).
+#[test]
+fn a_non_coherent_device_memory_restores_identical() {
+    let (sock, dir) = (tmp("ncr.sock"), tmp("ncr"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let s = sock.to_str().unwrap();
+    let nc = "dma-engine,coherent=false";
+    let mut q = Q::start(&["--api-socket", s, "--device", nc, "--locked-memory", "1G"]);
+    wait_for(&sock);
+    qpci::enable(&mut |c| q.cmd(c), 1);
+    let bar1 = qpci::bar(&mut |c| q.cmd(c), 1, 1);
+    let pattern: String = (0..4096u32).map(|i| format!("{:02x}", (i * 7 + 3) as u8)).collect();
+    q.ok(&format!("write {:#x} 4096 0x{pattern}", bar1 + 0x3000));
+    assert_eq!(snapshot(&sock, &dir).0, 200);
+    q.end();
+    let mut child = bin()
+        .args(["run", "--accel", "qtest", "--locked-memory", "1G", "--restore"])
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut q =
+        Q { stdin: child.stdin.take().unwrap(), out: std::io::BufReader::new(child.stdout.take().unwrap()), child };
+    assert_eq!(q.field("noncoherent", "count"), "1", "still counted after the restore");
+    assert_eq!(q.cmd(&format!("dump {:#x} 4096", bar1 + 0x3000)), format!("OK 0x{pattern}"));
+    q.end();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Dirty tracking, one list per VM: the pages a DMA engine wrote are in it whoever
 /// carried the writes — a device process writing in place through shared memory
 /// (only its own DMA dirty log sees them), a device process in message mode and one in
