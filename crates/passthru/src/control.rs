@@ -193,11 +193,29 @@ pub fn info(vm: &Vm) -> Value {
             })
         })
         .collect();
+    // The guest's own PAT and CR0.CD (read from the vCPU) give each slot's effective
+    // type per PAT entry; without a vCPU the reset PAT stands in.
+    let (pat, cd, source) = match vm.guest_cache_control() {
+        Some((pat, cd)) => (pat, cd, "guest"),
+        None => (vmm::memtype::PAT_RESET, false, "reset value (no vCPU running)"),
+    };
+    let by_entry: Vec<Value> = vm
+        .memory_types_for(pat, cd)
+        .iter()
+        .map(|(r, [slot, wide])| {
+            json!({
+                "gpa": hex(r.gpa),
+                "per_slot": slot.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+                "vm_wide_kernel": wide.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
     let (pauses, paused) = vm.run_control().pauses();
     json!({
         "run": { "state": vm.run_control().state().to_string(), "pauses": pauses, "paused_us": paused.as_micros() as u64,
                  "accel": if vm.kvm().is_some() { "kvm" } else { "qtest" } },
         "memory": memory,
+        "cache_control": { "pat": hex(pat), "cr0_cd": cd, "from": source, "memory_type_by_pat_entry": by_entry },
         "devices": devices,
         "frontends": vm.frontends().iter().map(|fe| fe.name().to_string()).collect::<Vec<_>>(),
         "hotplug": "the guest learns of added and removed devices by polling the PCI bus (no hot-plug controller)",

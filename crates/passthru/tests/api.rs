@@ -416,3 +416,33 @@ fn has_cap_sys_resource() -> bool {
     let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
     u64::from_str_radix(eff, 16).unwrap() & (1 << CAP_SYS_RESOURCE) != 0
 }
+
+/// vm.info reads the guest's own PAT and CR0.CD from the running vCPU and gives each
+/// slot's effective memory type per PAT entry; a non-coherent device's slot follows
+/// the guest's PAT (per-slot model) while RAM stays WB-forced.
+#[test]
+fn vm_info_reports_memory_types_for_the_guests_own_pat() {
+    vmm::require_kvm!();
+    let (mut child, path, rx) = start_kvm(
+        "pat",
+        &["--guest", "idle", "--device", "dma-engine,coherent=false,process=inline", "--locked-memory", "1G"],
+    );
+    wait_line(&rx, "idle: up");
+    let info = ok(&path, "GET", "vm.info", None);
+    let cc = &info["cache_control"];
+    assert_eq!(cc["from"], "guest", "{cc}");
+    assert_eq!(cc["pat"], "0x7040600070406", "the guest runs with the reset PAT: {cc}");
+    assert_eq!(cc["cr0_cd"], false);
+    let entries = cc["memory_type_by_pat_entry"].as_array().unwrap();
+    let ram = entries.iter().find(|e| e["gpa"] == "0x0").unwrap();
+    let all_wb: Vec<&str> = vec!["WB"; 8];
+    let got: Vec<&str> = ram["per_slot"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(got, all_wb, "RAM is coherent: WB whatever the PAT says");
+    let bar = info["memory"].as_array().unwrap().iter().find(|m| m["noncoherent"] == true).unwrap()["gpa"].clone();
+    let dev = entries.iter().find(|e| e["gpa"] == bar).unwrap();
+    let got: Vec<&str> = dev["per_slot"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(got, ["WB", "WT", "UC", "UC", "WB", "WT", "UC", "UC"], "the flagged slot honours the guest's PAT");
+    assert_eq!(info["run"]["state"], "running", "the read paused the vCPU only for itself");
+    ok(&path, "PUT", "vm.shutdown", None);
+    assert_eq!(wait_exit(&mut child), Some(0));
+}

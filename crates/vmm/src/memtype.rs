@@ -43,6 +43,26 @@ impl std::fmt::Display for MemType {
     }
 }
 
+/// The IA32_PAT MSR's index.
+pub const IA32_PAT: u32 = 0x277;
+/// IA32_PAT at reset (WB, WT, UC-, UC, repeated).
+pub const PAT_RESET: u64 = 0x0007_0406_0007_0406;
+
+/// The eight entries of an IA32_PAT value (UC- counts as UC; reserved encodings as UC).
+pub fn pat_entries(pat: u64) -> [MemType; 8] {
+    let mut out = [MemType::Uc; 8];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = match (pat >> (8 * i)) & 7 {
+            1 => MemType::Wc,
+            4 => MemType::Wt,
+            5 => MemType::Wp,
+            6 => MemType::Wb,
+            _ => MemType::Uc,
+        };
+    }
+    out
+}
+
 /// Which kernel's rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {

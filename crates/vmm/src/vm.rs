@@ -417,6 +417,53 @@ impl Vm {
             .collect()
     }
 
+    /// The guest's IA32_PAT and CR0.CD, read from the vCPU (paused for the read if it
+    /// runs, devices untouched). None without a running vCPU.
+    pub fn guest_cache_control(&self) -> Option<(u64, bool)> {
+        use crate::run_control::RunState;
+        let paused_here = self.run.state() == RunState::Running && self.run.pause().is_ok();
+        let r = self.run.on_vcpu(|v| {
+            let fd = v.downcast_mut::<kvm_ioctls::VcpuFd>()?;
+            let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+                index: crate::memtype::IA32_PAT,
+                ..Default::default()
+            }])
+            .ok()?;
+            let pat = (fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)?;
+            let cd = fd.get_sregs().ok()?.cr0 & (1 << 30) != 0;
+            Some((pat, cd))
+        });
+        if paused_here {
+            let _ = self.run.resume();
+        }
+        r.ok().flatten()
+    }
+
+    /// For each memory-map region: its flag and, for each of the guest's eight PAT
+    /// entries (`pat`, with CR0.CD `cd`), the effective memory type under passthru's
+    /// per-slot model and under today's VM-wide kernels.
+    pub fn memory_types_for(&self, pat: u64, cd: bool) -> Vec<(vm_api::Region, [[crate::memtype::MemType; 8]; 2])> {
+        use crate::memtype::{Kernel, Page, decide, pat_entries};
+        let vm_nc = self.devices.noncoherent().count() > 0;
+        let entries = pat_entries(pat);
+        self.memory_map
+            .regions()
+            .into_iter()
+            .map(|r| {
+                let page = Page {
+                    vm_noncoherent: vm_nc,
+                    slot_noncoherent: r.flags.noncoherent_dma,
+                    cr0_cd: cd,
+                    ..Page::default()
+                };
+                let t = |k, p| decide(k, &Page { guest_pat: p, ..page }).effective(p);
+                let per_slot = entries.map(|p| t(Kernel::PerSlot, p));
+                let vm_wide = entries.map(|p| t(Kernel::Current, p));
+                (r, [per_slot, vm_wide])
+            })
+            .collect()
+    }
+
     /// The VM's DMA front-ends, by name.
     pub fn frontends(&self) -> &iommu::Frontends {
         self.devices.frontends()
