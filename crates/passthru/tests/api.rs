@@ -446,3 +446,47 @@ fn vm_info_reports_memory_types_for_the_guests_own_pat() {
     ok(&path, "PUT", "vm.shutdown", None);
     assert_eq!(wait_exit(&mut child), Some(0));
 }
+
+/// Unplugging a device in the middle of its DMA is carried out safely: the answer
+/// comes, the VM goes on, and from the answer on the device writes nothing more.
+#[test]
+fn unplugging_a_device_mid_dma_is_safe_and_final() {
+    use abi::dma_engine::{self as de, Descriptor, op, regs as r};
+    let (mut q, path) = qtest_vm("middma", &["--device", "dma-engine,iommu-mode=messages"]);
+    common::qpci::enable(&mut |c| q.cmd(c), 1);
+    let bar0 = common::qpci::bar(&mut |c| q.cmd(c), 1, 0);
+    // 16 MiB filled by DMA messages: long enough to be cut in the middle.
+    let d = Descriptor {
+        op: op::FILL,
+        dst: 0x100_0000,
+        len: 16 << 20,
+        pattern: 0x77,
+        completion: 0x21_0000,
+        ..Default::default()
+    };
+    let hex: String = d.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    q.ok(&format!("write 0x200000 64 0x{hex}"));
+    q.ok(&format!("writel {:#x} {}", bar0 + r::CONTROL, de::control::RESET));
+    q.ok(&format!("writeq {:#x} 0x200000", bar0 + r::RING_BASE));
+    q.ok(&format!("writel {:#x} 1", bar0 + r::RING_SIZE));
+    q.ok(&format!("writel {:#x} {}", bar0 + r::CONTROL, de::control::ENABLE));
+    q.ok(&format!("writel {:#x} 1", bar0 + r::TAIL));
+    std::thread::sleep(Duration::from_millis(20));
+    ok(&path, "PUT", "vm.remove-device", Some(r#"{"name":"dma0"}"#));
+    // Nothing written after the answer: the filled prefix does not grow.
+    let filled = |q: &mut Q| {
+        // 256 KiB blocks whose first word the fill reached.
+        (0..256u64)
+            .filter(|b| common::qpci::value(&q.cmd(&format!("readq {:#x}", 0x100_0000 + b * 0x4_0000))) == 0x77)
+            .count()
+    };
+    let a = filled(&mut q);
+    assert!(a < 256, "the fill finished before the unplug: lengthen it");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(filled(&mut q), a, "the device wrote after it was unplugged");
+    let info = ok(&path, "GET", "vm.info", None);
+    assert!(info["devices"].as_array().unwrap().is_empty());
+    assert_eq!(info["memory"].as_array().unwrap().len(), 1, "its BAR memory left the map: {info}");
+    assert_eq!(q.cmd(&format!("readl {bar0:#x}")), "OK 0x00000000ffffffff", "the slot reads all-ones");
+    q.end();
+}
