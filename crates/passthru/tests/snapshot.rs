@@ -359,3 +359,40 @@ fn a_paused_vm_has_quiet_devices_until_resume() {
     assert_eq!(qpci::value(&q.cmd("readl 0x210000")) as u32, completion::SUCCESS);
     q.end();
 }
+
+/// RAM hot-added after boot is saved (its touched pages only) and comes back at the
+/// same address with the same bytes.
+#[test]
+fn hot_added_ram_is_saved_and_restored() {
+    let (sock, dir) = (tmp("hot.sock"), tmp("hot"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let s = sock.to_str().unwrap();
+    let mut q = Q::start(&["--api-socket", s, "--device", "dma-engine,process=inline", "--locked-memory", "1G"]);
+    wait_for(&sock);
+    let (status, _) = api(&sock, "PUT", "memory.add", Some(r#"{"gpa":"0x200000000","size":"2M"}"#));
+    assert_eq!(status, 200);
+    let pattern: String = (0..4096u32).map(|i| format!("{:02x}", (i * 13 + 1) as u8)).collect();
+    q.ok(&format!("write 0x200001000 4096 0x{pattern}"));
+    let mappings = q.field("dev_info dma0", "mappings");
+    let (status, r) = snapshot(&sock, &dir);
+    assert_eq!(status, 200, "{r}");
+    q.end();
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let hot = manifest["sections"].as_array().unwrap().iter().find(|s| s["name"] == "hotram").unwrap().clone();
+    assert_eq!(hot["bytes"], 8 + 16 + 4096, "only the touched page: {hot}");
+    let mut child = bin()
+        .args(["run", "--accel", "qtest", "--locked-memory", "1G", "--restore"])
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut q =
+        Q { stdin: child.stdin.take().unwrap(), out: std::io::BufReader::new(child.stdout.take().unwrap()), child };
+    assert!(q.cmd("memory_regions").contains("0x200000000+0x200000:ram"));
+    assert_eq!(q.cmd("read 0x200001000 4096"), format!("OK 0x{pattern}"));
+    assert_eq!(q.field("dev_info dma0", "mappings"), mappings, "the identity domain maps the hot RAM again");
+    q.end();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -147,6 +147,9 @@ pub struct VmState {
     pub devices: Vec<DeviceState>,
     /// Interrupt sources and who delivered them: (device, index, sub, mode).
     pub irq_modes: Vec<(String, u32, u32, String)>,
+    /// RAM hot-added since boot: (guest-physical start, size); contents in hotram.bin.
+    #[serde(default)]
+    pub hot_ram: Vec<(u64, u64)>,
 }
 
 /// What a snapshot took.
@@ -181,15 +184,6 @@ pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Resu
              nothing was written",
             nc.count(),
             nc.devices().join(", ")
-        )));
-    }
-    let boot = vm.ram().regions();
-    let regions = vm.memory_map().regions();
-    if let Some(r) = regions.iter().find(|r| r.kind == vm_api::RegionKind::Ram && !boot.iter().any(|b| b.gpa == r.gpa))
-    {
-        return Err(err(format!(
-            "hot-added RAM at {:#x} is not saved by snapshots yet: remove it (memory.remove) first; nothing was written",
-            r.gpa
         )));
     }
     let mut frontend_states = Vec::new();
@@ -291,23 +285,41 @@ fn collect(
     };
     // Guest RAM last, while everything is still stopped: copied to memory (the pause
     // lasts a memcpy of the touched pages; the file is written after resuming).
-    let ram = copy_ram(vm)?;
-    Ok((VmState { memory: vm.ram().size(), cpu, chip, devices: states, irq_modes }, devmem, ram))
+    let (ram, hot_ram) = copy_ram(vm)?;
+    Ok((VmState { memory: vm.ram().size(), cpu, chip, devices: states, irq_modes, hot_ram }, devmem, ram))
 }
 
-/// Touched guest RAM copied out: (memfd offset, bytes) per data extent.
-struct RamImage(Vec<(u64, Vec<u8>)>);
+/// Touched guest RAM copied out: (memfd offset, bytes) per data extent of boot RAM,
+/// and (guest-physical address, bytes) per data extent of hot-added RAM.
+struct RamImage(Vec<(u64, Vec<u8>)>, Vec<(u64, Vec<u8>)>);
 
-fn copy_ram(vm: &Vm) -> Result<RamImage> {
+fn copy_ram(vm: &Vm) -> Result<(RamImage, Vec<(u64, u64)>)> {
     use std::os::unix::fs::FileExt;
-    let memfd = vm.ram().memfd();
-    let mut out = Vec::new();
-    for (off, len) in ram_extents(memfd, vm.ram().size()) {
+    let read = |file: &std::fs::File, off: u64, len: u64| -> Result<Vec<u8>> {
         let mut buf = vec![0u8; usize::try_from(len).map_err(|_| err("RAM extent too large"))?];
-        memfd.read_exact_at(&mut buf, off).map_err(|e| err(format!("reading guest RAM: {e}")))?;
-        out.push((off, buf));
+        file.read_exact_at(&mut buf, off).map_err(|e| err(format!("reading guest RAM: {e}")))?;
+        Ok(buf)
+    };
+    let memfd = vm.ram().memfd();
+    let mut boot = Vec::new();
+    for (off, len) in ram_extents(memfd, 0, vm.ram().size()) {
+        boot.push((off, read(memfd, off, len)?));
     }
-    Ok(RamImage(out))
+    let boot_regions = vm.ram().regions();
+    let mut hot = Vec::new();
+    let mut hot_ram = Vec::new();
+    for r in vm.memory_map().regions() {
+        if r.kind != vm_api::RegionKind::Ram || boot_regions.iter().any(|b| b.gpa == r.gpa) {
+            continue;
+        }
+        let (file, base, _) =
+            vm.dma().backing_of(r.gpa).ok_or_else(|| err(format!("hot-added RAM at {:#x} has no file", r.gpa)))?;
+        for (off, len) in ram_extents(&file, base, base + r.size) {
+            hot.push((r.gpa + (off - base), read(&file, off, len)?));
+        }
+        hot_ram.push((r.gpa, r.size));
+    }
+    Ok((RamImage(boot, hot), hot_ram))
 }
 
 /// On the vCPU thread: completes pending I/O (KVM_RUN with immediate_exit), then reads
@@ -411,12 +423,12 @@ impl Out {
     }
 }
 
-/// Guest RAM's data extents (pages ever touched) in the memfd: (offset, length).
-fn ram_extents(memfd: &std::fs::File, size: u64) -> Vec<(u64, u64)> {
+/// The data extents (pages ever touched) of `[start, end)` of a memfd: (offset, length).
+fn ram_extents(memfd: &std::fs::File, start: u64, end: u64) -> Vec<(u64, u64)> {
     let fd = memfd.as_raw_fd();
     let mut out = Vec::new();
-    let mut at = 0i64;
-    let end = i64::try_from(size).unwrap_or(i64::MAX);
+    let mut at = i64::try_from(start).unwrap_or(i64::MAX);
+    let end = i64::try_from(end).unwrap_or(i64::MAX);
     while at < end {
         // SAFETY: lseek on a descriptor this VM owns; it only moves the file offset.
         let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
@@ -453,6 +465,15 @@ fn write_dir(dir: &Path, state: &VmState, devmem: &[u8], image: &RamImage) -> Re
             report.ram_bytes += bytes.len() as u64;
         }
         sections.push(ram.finish("ram", "ram.bin")?);
+        let mut hot = Out::create(&tmp.join("hotram.bin"))?;
+        hot.put(DATA_MAGIC)?;
+        for (gpa, bytes) in &image.1 {
+            hot.put(&gpa.to_le_bytes())?;
+            hot.put(&(bytes.len() as u64).to_le_bytes())?;
+            hot.put(bytes)?;
+            report.ram_bytes += bytes.len() as u64;
+        }
+        sections.push(hot.finish("hotram", "hotram.bin")?);
         let mut dm = Out::create(&tmp.join("devmem.bin"))?;
         dm.put(DATA_MAGIC)?;
         dm.put(devmem)?;
@@ -602,39 +623,50 @@ impl Snapshot {
         Ok(snap)
     }
 
-    fn ram_file(&self) -> Result<std::fs::File> {
-        let s = self.manifest.sections.iter().find(|s| s.name == "ram").ok_or_else(|| err("no 'ram' section"))?;
+    fn section_file(&self, name: &str) -> Result<Option<std::fs::File>> {
+        let Some(s) = self.manifest.sections.iter().find(|s| s.name == name) else { return Ok(None) };
         let path = self.dir.join(&s.file);
-        std::fs::File::open(&path).map_err(|e| err(format!("{}: {e}", path.display())))
+        std::fs::File::open(&path).map(Some).map_err(|e| err(format!("{}: {e}", path.display())))
+    }
+
+    fn ram_file(&self) -> Result<std::fs::File> {
+        self.section_file("ram")?.ok_or_else(|| err("no 'ram' section"))
     }
 
     /// Walks `ram.bin`'s records: `f(offset, len, file position of the bytes)`.
-    fn ram_records(&self, mut f: impl FnMut(u64, u64, u64) -> Result<()>) -> Result<()> {
-        let file = self.ram_file()?;
-        let size = file.metadata().map_err(|e| err(e.to_string()))?.len();
-        use std::os::unix::fs::FileExt;
-        let mut magic = [0u8; 8];
-        file.read_exact_at(&mut magic, 0).map_err(|_| err("ram.bin: too short"))?;
-        if &magic != DATA_MAGIC {
-            return Err(err("ram.bin: bad magic"));
-        }
-        let mut at = 8u64;
-        while at < size {
-            let mut h = [0u8; 16];
-            file.read_exact_at(&mut h, at).map_err(|_| err("ram.bin: a record is cut"))?;
-            let off = u64::from_le_bytes(h[..8].try_into().map_err(|_| err("ram.bin"))?);
-            let len = u64::from_le_bytes(h[8..].try_into().map_err(|_| err("ram.bin"))?);
-            let data = at + 16;
-            let end = data
-                .checked_add(len)
-                .filter(|e| *e <= size)
-                .ok_or_else(|| err("ram.bin: a record runs past the end"))?;
-            f(off, len, data)?;
-            at = end;
-        }
-        Ok(())
+    fn ram_records(&self, f: impl FnMut(u64, u64, u64) -> Result<()>) -> Result<()> {
+        records(&self.ram_file()?, "ram.bin", f)
     }
+}
 
+/// Walks a data file's records: `f(address, len, file position of the bytes)`.
+fn records(file: &std::fs::File, what: &str, mut f: impl FnMut(u64, u64, u64) -> Result<()>) -> Result<()> {
+    let size = file.metadata().map_err(|e| err(e.to_string()))?.len();
+    use std::os::unix::fs::FileExt;
+    let mut magic = [0u8; 8];
+    file.read_exact_at(&mut magic, 0).map_err(|_| err(format!("{what}: too short")))?;
+    if &magic != DATA_MAGIC {
+        return Err(err(format!("{what}: bad magic")));
+    }
+    let mut at = 8u64;
+    while at < size {
+        let mut h = [0u8; 16];
+        file.read_exact_at(&mut h, at).map_err(|_| err(format!("{what}: a record is cut")))?;
+        let (a, l) = h.split_at(8);
+        let addr = u64::from_le_bytes(a.try_into().map_err(|_| err(what.to_string()))?);
+        let len = u64::from_le_bytes(l.try_into().map_err(|_| err(what.to_string()))?);
+        let data = at + 16;
+        let end = data
+            .checked_add(len)
+            .filter(|e| *e <= size)
+            .ok_or_else(|| err(format!("{what}: a record runs past the end")))?;
+        f(addr, len, data)?;
+        at = end;
+    }
+    Ok(())
+}
+
+impl Snapshot {
     fn check_ram(&self) -> Result<()> {
         let size = self.state.memory;
         self.ram_records(|off, len, _| {
@@ -642,7 +674,20 @@ impl Snapshot {
                 return Err(err(format!("ram.bin: a record at {off:#x}+{len:#x} lies outside {size:#x} bytes of RAM")));
             }
             Ok(())
-        })
+        })?;
+        let hot = &self.state.hot_ram;
+        if let Some(f) = self.section_file("hotram")? {
+            records(&f, "hotram.bin", |gpa, len, _| {
+                let end = gpa.checked_add(len).ok_or_else(|| err("hotram.bin: address overflow"))?;
+                if !hot.iter().any(|&(g, s)| gpa >= g && end <= g.saturating_add(s)) {
+                    return Err(err(format!("hotram.bin: a record at {gpa:#x}+{len:#x} lies in no hot-added region")));
+                }
+                Ok(())
+            })?;
+        } else if !hot.is_empty() {
+            return Err(err("the snapshot lists hot-added RAM but has no hotram section"));
+        }
+        Ok(())
     }
 
     /// Writes the saved RAM into `vm`'s memfd (the VM has the snapshot's RAM size).
@@ -670,6 +715,18 @@ impl Snapshot {
             total += len;
             Ok(())
         })?;
+        for &(gpa, size) in &self.state.hot_ram {
+            vm.add_ram(gpa, size)?;
+        }
+        if let Some(f) = self.section_file("hotram")? {
+            records(&f, "hotram.bin", |gpa, len, at| {
+                let mut b = vec![0u8; usize::try_from(len).map_err(|_| err("hotram.bin: record too large"))?];
+                f.read_exact_at(&mut b, at).map_err(|e| err(format!("hotram.bin: {e}")))?;
+                vm.write_memory_for_host(gpa, &b)?;
+                total += len;
+                Ok(())
+            })?;
+        }
         Ok(total)
     }
 
