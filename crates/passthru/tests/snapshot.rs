@@ -150,24 +150,27 @@ fn pvdma_mappings_come_back_at_the_same_iovas_with_the_same_pins() {
 }
 
 /// What must be refused is refused with a clear error and nothing written or
-/// half-restored: a device without migration (a TCE front-end here: its state is not
-/// saved yet), a corrupted, a truncated and another version's snapshot. A refused
-/// snapshot leaves the previous one in place.
+/// half-restored: a snapshot the policy forbids (a non-coherent device under
+/// `--noncoherent-migration refuse`; a device without migration is in foreign.rs), a
+/// corrupted, a truncated and another version's snapshot. A refused snapshot leaves the
+/// previous one in place.
 #[test]
 fn refusals_are_clear_and_leave_nothing_half_done() {
     let (sock, dir) = (tmp("refuse.sock"), tmp("refuse"));
     let _ = std::fs::remove_dir_all(&dir);
     let s = sock.to_str().unwrap();
-    let q = Q::start(&["--api-socket", s, "--device", "dma-engine,process=inline", "--locked-memory", "1G"]);
+    let args = ["--api-socket", s, "--device", "dma-engine,process=inline", "--locked-memory", "1G"];
+    let q = Q::start(&[&args[..], &["--noncoherent-migration", "refuse"]].concat());
     wait_for(&sock);
     assert_eq!(snapshot(&sock, &dir).0, 200);
     let manifest = std::fs::read(dir.join("manifest.json")).unwrap();
-    let (status, _) = api(&sock, "PUT", "vm.add-device", Some(r#"{"device":"dma-engine,dma=tce,process=inline"}"#));
+    let (status, _) =
+        api(&sock, "PUT", "vm.add-device", Some(r#"{"device":"dma-engine,process=inline,coherent=false"}"#));
     assert_eq!(status, 200);
     let (status, e) = snapshot(&sock, &dir);
     assert_eq!(status, 409);
     let msg = e["error"].as_str().unwrap();
-    assert!(msg.contains("TCE") && msg.contains("nothing was written"), "{msg}");
+    assert!(msg.contains("--noncoherent-migration refuse") && msg.contains("nothing was written"), "{msg}");
     assert_eq!(std::fs::read(dir.join("manifest.json")).unwrap(), manifest, "the previous snapshot is intact");
     let leftovers: Vec<_> = std::fs::read_dir(dir.parent().unwrap())
         .unwrap()
@@ -393,6 +396,81 @@ fn hot_added_ram_is_saved_and_restored() {
     assert!(q.cmd("memory_regions").contains("0x200000000+0x200000:ram"));
     assert_eq!(q.cmd("read 0x200001000 4096"), format!("OK 0x{pattern}"));
     assert_eq!(q.field("dev_info dma0", "mappings"), mappings, "the identity domain maps the hot RAM again");
+    q.end();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// "OK STATUS R0 R1 R2" of a TCE call -> (PAPR code, r1, r2).
+fn papr(line: &str) -> (i64, u64, u64) {
+    let w: Vec<u64> =
+        line.split_whitespace().skip(1).map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).unwrap()).collect();
+    assert_eq!(w[0], 0, "the call reached the TCE block: {line}");
+    (w[1] as i64, w[2], w[3])
+}
+
+/// TCE groups, windows and tables come back: the same liobns and bus offsets, a table
+/// shared by two groups shared again (memory once), every entry, DMA through them.
+#[test]
+fn tce_windows_and_shared_tables_are_saved_and_restored() {
+    use abi::dma_engine::{Descriptor, completion, op};
+    use abi::tce as t;
+    let (sock, dir) = (tmp("tce.sock"), tmp("tce"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let s = sock.to_str().unwrap();
+    let tce = "dma-engine,dma=tce,process=inline";
+    let mut q = Q::start(&["--api-socket", s, "--device", tce, "--device", tce, "--locked-memory", "1G"]);
+    wait_for(&sock);
+    qpci::enable(&mut |c| q.cmd(c), 1);
+    let bar0 = qpci::bar(&mut |c| q.cmd(c), 1, 0);
+    let (code, ga, la) = papr(&q.cmd(&format!("hcall {:#x} {:#x}", t::DEVICE_GROUP, abi::pci::bdf(0, 1, 0))));
+    assert_eq!(code, t::H_SUCCESS);
+    let (_, gb, _) = papr(&q.cmd(&format!("hcall {:#x} {:#x}", t::DEVICE_GROUP, abi::pci::bdf(0, 2, 0))));
+    // A 4 GiB 64-bit window in A's group, shared by B's group.
+    let (code, l64, bus) = papr(&q.cmd(&format!("hcall {:#x} {ga:#x} 12 32 0", t::CREATE_WINDOW)));
+    assert_eq!((code, bus), (t::H_SUCCESS, t::WINDOW64_OFFSET));
+    let (code, lb, _) = papr(&q.cmd(&format!("hcall {:#x} {gb:#x} 12 32 {l64:#x}", t::CREATE_WINDOW)));
+    assert_eq!(code, t::H_SUCCESS);
+    let put = |q: &mut Q, liobn: u64, ioba: u64, tce: u64| {
+        papr(&q.cmd(&format!("hcall {:#x} {liobn:#x} {ioba:#x} {tce:#x}", t::PUT_TCE))).0
+    };
+    assert_eq!(put(&mut q, la, 0x0, 0x20_0000 | t::READ), t::H_SUCCESS); // ring
+    assert_eq!(put(&mut q, la, 0x1000, 0x21_0000 | t::WRITE), t::H_SUCCESS); // completion
+    assert_eq!(put(&mut q, l64, bus + 0x5000, 0x40_0000 | t::READ | t::WRITE), t::H_SUCCESS);
+    let info_before = q.cmd(&format!("tce_info {l64:#x}"));
+    let (status, r) = snapshot(&sock, &dir);
+    assert_eq!(status, 200, "{r}");
+    q.end();
+
+    let mut child = bin()
+        .args(["run", "--accel", "qtest", "--locked-memory", "1G", "--restore"])
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut q =
+        Q { stdin: child.stdin.take().unwrap(), out: std::io::BufReader::new(child.stdout.take().unwrap()), child };
+    assert_eq!(q.cmd(&format!("tce_info {l64:#x}")), info_before, "the same window, groups and table");
+    assert!(info_before.contains("valid=1"), "{info_before}");
+    let get = |q: &mut Q, liobn: u64, ioba: u64| papr(&q.cmd(&format!("hcall {:#x} {liobn:#x} {ioba:#x}", t::GET_TCE)));
+    assert_eq!(get(&mut q, lb, bus + 0x5000), (t::H_SUCCESS, 0x40_0000 | t::READ | t::WRITE, 0), "B still shares it");
+    assert_eq!(get(&mut q, la, 0x1000), (t::H_SUCCESS, 0x21_0000 | t::WRITE, 0));
+    // A fills through its 64-bit window after the restore.
+    let d = Descriptor {
+        op: op::FILL,
+        dst: bus + 0x5000,
+        len: 0x1000,
+        pattern: 0x3c3c_3c3c_3c3c_3c3c,
+        completion: 0x1000,
+        ..Default::default()
+    };
+    assert_eq!(q.run_descriptor(bar0, 0x20_0000, 0x0, 0x21_0000, d), completion::SUCCESS);
+    assert_eq!(q.cmd("readq 0x400ff8"), "OK 0x3c3c3c3c3c3c3c3c");
+    // A new window gets a liobn the restored ones do not use.
+    let (code, fresh, _) = papr(&q.cmd(&format!("hcall {:#x} {gb:#x} 12 30 0", t::CREATE_WINDOW)));
+    assert_eq!(code, t::H_HARDWARE, "B's group already has its two windows");
+    let _ = fresh;
     q.end();
     let _ = std::fs::remove_dir_all(&dir);
 }

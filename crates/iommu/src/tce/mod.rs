@@ -158,6 +158,23 @@ impl Tce {
     /// Adds a window of `2^window_shift` bytes in pages of `2^page_shift` to `group`,
     /// on a new table or on `alias`'s. Returns (liobn, bus offset).
     fn add_window(&self, st: &mut State, group: u32, page_shift: u32, window_shift: u32, alias: Option<u32>) -> Out {
+        self.add_window_as(st, group, page_shift, window_shift, alias, None)
+    }
+
+    /// As `add_window`, with the liobn and bus offset given (a restore) rather than the
+    /// next liobn and the offset of the group's next window.
+    fn add_window_as(
+        &self,
+        st: &mut State,
+        group: u32,
+        page_shift: u32,
+        window_shift: u32,
+        alias: Option<u32>,
+        given: Option<(u32, u64)>,
+    ) -> Out {
+        if given.is_some_and(|(l, b)| st.windows.contains_key(&l) || (b != 0 && b != t::WINDOW64_OFFSET)) {
+            return Err(t::H_PARAMETER);
+        }
         let supported = [12, 16, 21, 24];
         if !supported.contains(&page_shift) || window_shift < page_shift || window_shift > 58 {
             return Err(t::H_PARAMETER);
@@ -169,7 +186,11 @@ impl Tce {
         if g.windows.len() as u64 >= t::MAX_WINDOWS {
             return Err(t::H_HARDWARE);
         }
-        let bus_offset = if g.windows.is_empty() { 0 } else { t::WINDOW64_OFFSET };
+        let bus_offset = match given {
+            Some((_, b)) => b,
+            None if g.windows.is_empty() => 0,
+            None => t::WINDOW64_OFFSET,
+        };
         let domain = Arc::clone(&g.domain);
         let shared = match alias {
             Some(l) => {
@@ -206,8 +227,8 @@ impl Tce {
                 Arc::new(Mutex::new(Shared { table, page_shift, window_shift, windows: BTreeSet::new() }))
             }
         };
-        let liobn = st.next_liobn;
-        st.next_liobn += 1;
+        let liobn = given.map_or(st.next_liobn, |(l, _)| l);
+        st.next_liobn = st.next_liobn.max(liobn.saturating_add(1));
         shared.lock().unwrap_or_else(|e| e.into_inner()).windows.insert(liobn);
         st.windows.insert(liobn, Window { group, bus_offset, table: shared });
         if let Some(g) = st.groups.get_mut(&group) {
@@ -469,13 +490,77 @@ impl Frontend for Tce {
         REGISTRATION.name
     }
 
+    /// Words: the group; its windows (liobn, bus offset, page shift, window shift, the
+    /// other liobns sharing its table, its valid entries as index and value).
     fn save(&self, id: u16) -> Result<Option<Vec<u64>>, String> {
-        Err(format!(
-            "device {:02x}:{:02x}.{}: TCE tables and windows are not saved by snapshots yet (dma=tce)",
-            id >> 8,
-            (id >> 3) & 0x1f,
-            id & 7
-        ))
+        let st = self.lock();
+        let Some(&group) = st.devices.get(&id) else { return Ok(None) };
+        let g = st.groups.get(&group).ok_or("TCE: the device's group is gone")?;
+        let mut w = vec![u64::from(group), g.windows.len() as u64];
+        for l in &g.windows {
+            let win = st.windows.get(l).ok_or("TCE: a window of the group is gone")?;
+            let sh = win.table.lock().unwrap_or_else(|e| e.into_inner());
+            w.extend_from_slice(&[u64::from(*l), win.bus_offset, u64::from(sh.page_shift), u64::from(sh.window_shift)]);
+            let others: Vec<u64> = sh.windows.iter().filter(|o| *o != l).map(|o| u64::from(*o)).collect();
+            w.push(others.len() as u64);
+            w.extend_from_slice(&others);
+            let entries = sh.table.valid();
+            w.push(entries.len() as u64);
+            for (i, v) in entries {
+                w.extend_from_slice(&[i, v]);
+            }
+        }
+        Ok(Some(w))
+    }
+
+    /// Puts the device's group back as saved: the same liobns, bus offsets and
+    /// geometry, tables shared again with the windows already restored, entries put
+    /// (pinned and mapped for every group using the table). A second device of a group
+    /// already restored finds nothing to do.
+    fn restore(&self, id: u16, words: &[u64]) -> Result<(), String> {
+        let bad = || "malformed TCE state".to_string();
+        let mut it = words.iter().copied();
+        let mut next = || it.next().ok_or_else(bad);
+        let group = u32::try_from(next()?).map_err(|_| bad())?;
+        let mut st = self.lock();
+        let now = *st.devices.get(&id).ok_or("the device is not behind dma=tce")?;
+        if now != group {
+            return Err(format!(
+                "the device is in TCE group {now} here, {group} in the snapshot (give it group={group})"
+            ));
+        }
+        let n = next()?;
+        let mut windows = Vec::new();
+        for _ in 0..n {
+            let liobn = u32::try_from(next()?).map_err(|_| bad())?;
+            let (bus, ps, ws) = (next()?, next()?, next()?);
+            let shared: Vec<u32> = (0..next()?)
+                .map(|_| next().and_then(|v| u32::try_from(v).map_err(|_| bad())))
+                .collect::<Result<_, _>>()?;
+            let entries: Vec<(u64, u64)> =
+                (0..next()?).map(|_| Ok((next()?, next()?))).collect::<Result<_, String>>()?;
+            windows.push((liobn, bus, ps, ws, shared, entries));
+        }
+        let g = st.groups.get(&group).ok_or("TCE group missing")?;
+        if windows.iter().all(|w| g.windows.contains(&w.0)) && g.windows.len() == windows.len() {
+            return Ok(()); // restored with another device of the group
+        }
+        for l in g.windows.clone() {
+            let _ = self.remove_window(&mut st, l);
+        }
+        for (liobn, bus, ps, ws, shared, entries) in windows {
+            let (ps, ws) = (u32::try_from(ps).map_err(|_| bad())?, u32::try_from(ws).map_err(|_| bad())?);
+            let alias = shared.iter().copied().find(|o| st.windows.contains_key(o));
+            self.add_window_as(&mut st, group, ps, ws, alias, Some((liobn, bus)))
+                .map_err(|code| format!("restoring TCE window {liobn:#x}: PAPR code {code}"))?;
+            if alias.is_none() {
+                for (i, v) in entries {
+                    self.put(&st, liobn, i, &[v])
+                        .map_err(|code| format!("restoring TCE entry {i} of {liobn:#x}: PAPR code {code}"))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn attach(&self, device: &Device) -> Result<(), String> {
