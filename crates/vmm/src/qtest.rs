@@ -527,9 +527,14 @@ fn unhex(s: &str) -> Result<Vec<u8>, String> {
     if h.len() % 2 != 0 {
         return Err("hex data has an odd number of digits".into());
     }
-    (0..h.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).map_err(|_| format!("invalid hex data '{s}'")))
+    // Bytes, not string slices: the data may hold any UTF-8, not only hex digits.
+    let digit = |c: u8| char::from(c).to_digit(16);
+    h.as_bytes()
+        .chunks_exact(2)
+        .map(|p| match (digit(p[0]), digit(p[1])) {
+            (Some(a), Some(b)) => Ok((a * 16 + b) as u8),
+            _ => Err(format!("invalid hex data '{}'", s.chars().take(40).collect::<String>())),
+        })
         .collect()
 }
 
@@ -554,6 +559,7 @@ mod tests {
         assert!(unhex("00ff").is_err());
         assert!(unhex("0xabc").is_err());
         assert!(unhex("0xzz").is_err());
+        assert!(unhex("0x\u{d7bc}\u{d7bc}").is_err(), "multi-byte characters (a fuzzer's find) are errors, not panics");
     }
 
     #[test]
