@@ -47,15 +47,24 @@ struct Table {
     logging: Option<u64>,
 }
 
-fn bitmap(size: u64, page: u64) -> Arc<[AtomicU64]> {
-    let pages = size.div_ceil(page);
+/// Smallest and largest page size DMA dirty logging takes.
+pub const LOG_PAGE_MIN: u64 = 4096;
+/// See [`LOG_PAGE_MIN`].
+pub const LOG_PAGE_MAX: u64 = 1 << 30;
+
+/// A window's bitmap: one bit per `page`-aligned page it touches (bit 0 is the page
+/// holding its first byte), so bits line up with pages of the IOVA space.
+fn bitmap(start: u64, size: u64, page: u64) -> Arc<[AtomicU64]> {
+    let last = start.saturating_add(size.saturating_sub(1)) / page;
+    let pages = last - start / page + 1;
     (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()
 }
 
-/// Marks `[off, off + len)` of a window in its bitmap.
-fn mark(dirty: Option<&Arc<[AtomicU64]>>, page: u64, off: u64, len: u64) {
+/// Marks `[addr, addr + len)` dirty in the bitmap of the window starting at `start`.
+fn mark(dirty: Option<&Arc<[AtomicU64]>>, page: u64, start: u64, addr: u64, len: u64) {
     let (Some(bits), true) = (dirty, len > 0) else { return };
-    let (first, last) = (off / page, (off + len - 1) / page);
+    let base = start / page;
+    let (first, last) = (addr / page - base, addr.saturating_add(len - 1) / page - base);
     for p in first..=last {
         if let Some(w) = bits.get((p / 64) as usize) {
             w.fetch_or(1 << (p % 64), Ordering::Relaxed);
@@ -163,7 +172,7 @@ impl DmaWindows {
             Some(fd) => Some(Self::back(&mut t, m, &fd)?),
         };
         let dirty = match (&backing, t.logging) {
-            (Some(_), Some(page)) => Some(bitmap(m.size, page)),
+            (Some(_), Some(page)) => Some(bitmap(m.address, m.size, page)),
             _ => None,
         };
         t.windows.insert(m.address, Window { size: m.size, flags: m.flags, backing, dirty });
@@ -174,7 +183,7 @@ impl DmaWindows {
     /// those mapped later, logs the device's in-place writes. Again with the same
     /// size: nothing changes; another size: EINVAL (libvfio-user's rules).
     pub fn start_logging(&self, page: u64) -> Result<(), i32> {
-        if page == 0 || !page.is_power_of_two() {
+        if !page.is_power_of_two() || !(LOG_PAGE_MIN..=LOG_PAGE_MAX).contains(&page) {
             return Err(libc::EINVAL);
         }
         let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
@@ -184,9 +193,9 @@ impl DmaWindows {
             None => {}
         }
         t.logging = Some(page);
-        for w in t.windows.values_mut() {
+        for (start, w) in t.windows.iter_mut() {
             if w.backing.is_some() {
-                w.dirty = Some(bitmap(w.size, page));
+                w.dirty = Some(bitmap(*start, w.size, page));
             }
         }
         Ok(())
@@ -213,20 +222,28 @@ impl DmaWindows {
         }
         let end = iova.checked_add(len).ok_or(libc::EINVAL)?;
         let pages = len.div_ceil(page);
-        let mut out = vec![0u64; usize::try_from(pages.div_ceil(64)).map_err(|_| libc::EINVAL)?];
+        // The bitmap travels in one reply: at most max_data_xfer_size.
+        if pages.div_ceil(64).saturating_mul(8) > (crate::proto::MAX_DATA_XFER - 24) as u64 {
+            return Err(libc::EINVAL);
+        }
+        let mut out = vec![0u64; pages.div_ceil(64) as usize];
         let first = t.windows.range(..=iova).next_back().map_or(iova, |(a, _)| *a);
         for (&start, w) in t.windows.range(first..end) {
             let Some(bits) = &w.dirty else { continue };
-            let (lo, hi) = (start.max(iova), (start + w.size).min(end));
-            let mut at = lo;
-            while at < hi {
-                let (wp, op) = ((at - start) / page, (at - iova) / page);
+            let w_end = start.saturating_add(w.size);
+            let (lo, hi) = (start.max(iova) / page, (w_end.min(end) - 1) / page);
+            if start.max(iova) >= w_end.min(end) {
+                continue;
+            }
+            let base = start / page;
+            for p in lo..=hi {
+                let (wp, op) = (p - base, p - iova / page);
                 if let Some(word) = bits.get((wp / 64) as usize)
                     && word.fetch_and(!(1 << (wp % 64)), Ordering::AcqRel) & (1 << (wp % 64)) != 0
+                    && let Some(o) = out.get_mut((op / 64) as usize)
                 {
-                    out[(op / 64) as usize] |= 1 << (op % 64);
+                    *o |= 1 << (op % 64);
                 }
-                at += page;
             }
         }
         Ok(out)
@@ -361,7 +378,7 @@ impl DmaWindows {
             // SAFETY: as in `read`, for a window that allows writes (its mapping was
             // made writable: `back` refuses writable windows on read-only files).
             unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), p as *mut u8, chunk.len()) };
-            mark(dirty, t.logging.unwrap_or(4096), off, chunk.len() as u64);
+            mark(dirty, t.logging.unwrap_or(LOG_PAGE_MIN), at - off, at, chunk.len() as u64);
             if mapping.is_broken() {
                 return Local::Fault;
             }
@@ -387,7 +404,7 @@ impl DmaWindows {
             // SAFETY: both ranges checked inside live windows held by the read lock;
             // overlap is allowed (memmove semantics, as a device copy within memory).
             unsafe { std::ptr::copy(f as *const u8, d as *mut u8, n as usize) };
-            mark(dirty, t.logging.unwrap_or(4096), off, n);
+            mark(dirty, t.logging.unwrap_or(LOG_PAGE_MIN), dst.wrapping_add(done) - off, dst.wrapping_add(done), n);
             if fm.is_broken() || dm.is_broken() {
                 return Local::Fault;
             }

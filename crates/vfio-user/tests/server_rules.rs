@@ -249,3 +249,33 @@ fn a_sealed_memfd_cannot_shrink_under_its_windows() {
     let e = f.set_len(0x1000).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "F_SEAL_SHRINK holds");
 }
+
+/// DMA dirty logging in the windows: in-place writes and copies are logged per page of
+/// the IOVA space (windows not aligned to the page included), reports span windows and
+/// clear what they return; sizes and ranges a peer could abuse are refused.
+#[test]
+fn dma_dirty_logging_reports_every_written_page_once() {
+    let _s = serial();
+    let w = DmaWindows::new(16);
+    let f = memfd(0x10_0000, true);
+    let rw = DMA_READ_FLAG | DMA_WRITE_FLAG;
+    w.map(&DmaMap { flags: rw, offset: 0, address: 0x1000, size: 0x8000 }, Some(f.try_clone().unwrap())).unwrap();
+    w.map(&DmaMap { flags: rw, offset: 0x8000, address: 0x9000, size: 0x8000 }, Some(f)).unwrap();
+    assert_eq!(w.report(0, 0x10000, 4096), Err(libc::EINVAL), "logging is off");
+    assert_eq!(w.start_logging(512), Err(libc::EINVAL), "below 4 KiB");
+    w.start_logging(4096).unwrap();
+    assert_eq!(w.start_logging(8192), Err(libc::EINVAL), "another size while on");
+    assert_eq!(w.write(0x2ff8, &[1; 16]), Local::Done); // pages 2 and 3
+    assert_eq!(w.copy(0x1000, 0x9800, 0x1000), Local::Done); // pages 9 and 10
+    let bits = w.report(0, 0x11000, 4096).unwrap();
+    assert_eq!(bits, vec![(1 << 2) | (1 << 3) | (1 << 9) | (1 << 10)], "across both windows");
+    assert_eq!(w.report(0, 0x11000, 4096).unwrap(), vec![0], "a report clears");
+    // A 2 MiB logging page over windows that are not 2 MiB-aligned.
+    w.stop_logging();
+    w.start_logging(2 << 20).unwrap();
+    assert_eq!(w.write(0x9000, &[2; 8]), Local::Done);
+    assert_eq!(w.report(0, 2 << 20, 2 << 20).unwrap(), vec![1], "page 0 of the IOVA space");
+    // Bounds a peer could abuse.
+    assert_eq!(w.report(0, u64::MAX - 1, 2 << 20), Err(libc::EINVAL), "a bitmap over one reply");
+    assert_eq!(w.report(u64::MAX - (2 << 20) + 1, 2 << 20, 2 << 20), Err(libc::EINVAL), "misaligned");
+}
