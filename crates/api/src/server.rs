@@ -209,7 +209,11 @@ fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, wake: i32) {
             reap(shared);
             continue;
         }
-        let Ok((stream, _)) = listener.accept() else { continue };
+        let Ok((stream, _)) = listener.accept() else {
+            // Out of descriptors, say: the listener stays readable; do not spin.
+            std::thread::sleep(TICK);
+            continue;
+        };
         shared.counters.connections.fetch_add(1, Ordering::Relaxed);
         reap(shared);
         let mut clients = shared.clients.lock().unwrap_or_else(|e| e.into_inner());
@@ -308,11 +312,28 @@ fn serve_client(shared: &Shared, mut stream: UnixStream) {
     }
 }
 
-/// Writes one answer; false if the client did not take it.
+/// Writes one answer, all of it within [`WRITE_DEADLINE`] (a client reading slowly
+/// cannot hold its slot); false if the client did not take it in time.
 fn answer(shared: &Shared, stream: &mut UnixStream, status: u16, body: &str, close: bool) -> bool {
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
     if status >= 400 {
         shared.counters.errors.fetch_add(1, Ordering::Relaxed);
     }
-    stream.write_all(&response(status, body, close)).and_then(|()| stream.flush()).is_ok()
+    let bytes = response(status, body, close);
+    let deadline = Instant::now() + WRITE_DEADLINE;
+    let mut done = 0;
+    while done < bytes.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
+            shared.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        match stream.write(&bytes[done..]) {
+            Ok(0) => return false,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }

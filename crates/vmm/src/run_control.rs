@@ -145,6 +145,8 @@ impl RunControl {
         }
         s.requested = false;
         self.pending.store(false, Ordering::SeqCst);
+        // Work not run by now never will be: its callers stop waiting.
+        s.jobs.clear();
         if let Some(t) = s.since.take() {
             self.paused_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
@@ -180,20 +182,29 @@ impl RunControl {
             }));
             self.changed.notify_all();
         }
-        rx.recv_timeout(PAUSE_DEADLINE).map_err(|_| RunError::Timeout(PAUSE_DEADLINE))
+        match rx.recv_timeout(PAUSE_DEADLINE) {
+            Ok(r) => Ok(r),
+            // Dropped unrun: the pause ended or the vCPU left first.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(RunError::NotPaused),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(RunError::Timeout(PAUSE_DEADLINE)),
+        }
     }
 
     /// Called by the vCPU thread before it first enters the guest: kicks may now
     /// target it.
     pub(crate) fn vcpu_started(&self) {
         static HANDLER: std::sync::Once = std::sync::Once::new();
-        HANDLER.call_once(|| {
-            if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick) {
-                tracing::warn!("cannot install the vCPU kick handler ({e}): pause waits for the next exit");
-            }
+        static INSTALLED: AtomicBool = AtomicBool::new(false);
+        HANDLER.call_once(|| match vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick) {
+            Ok(()) => INSTALLED.store(true, Ordering::Release),
+            Err(e) => tracing::warn!("cannot install the vCPU kick handler ({e}): pauses wait for the next exit"),
         });
-        // SAFETY: pthread_self has no preconditions.
-        self.lock().vcpu = Some(unsafe { libc::pthread_self() });
+        // Without the handler a kick would kill the process: the thread is not
+        // registered then, and pauses take effect at the vCPU's next exit.
+        if INSTALLED.load(Ordering::Acquire) {
+            // SAFETY: pthread_self has no preconditions.
+            self.lock().vcpu = Some(unsafe { libc::pthread_self() });
+        }
     }
 
     /// Called by the vCPU thread as it leaves its loop (any way): no kick targets it
@@ -202,6 +213,7 @@ impl RunControl {
         let mut s = self.lock();
         s.vcpu = None;
         s.parked = false;
+        s.jobs.clear();
         self.changed.notify_all();
     }
 
@@ -225,6 +237,7 @@ impl RunControl {
             s = self.changed.wait_timeout(s, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
         }
         s.parked = false;
+        s.jobs.clear();
     }
 }
 

@@ -175,6 +175,9 @@ fn err(what: impl Into<String>) -> Error {
 /// again on restore). Refusals come before anything is written.
 pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Result<SaveReport> {
     let t0 = Instant::now();
+    // One pauser at a time (operator pause/resume, other snapshots, vm.info's PAT read).
+    let _pausers = vm.pause_lock();
+    check_target(dir)?;
     // Refusals first: nothing is stopped, nothing written.
     let devices = vm.devices();
     let nc = vm.device_manager().noncoherent();
@@ -200,29 +203,32 @@ pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Resu
         }
         let spec = specs(d.name())
             .ok_or_else(|| err(format!("device {}: its --device specification is unknown", d.name())))?;
-        let fs = d.frontend().save(d.bdf()).map_err(|e| err(format!("{e}; nothing was written")))?;
-        frontend_states.push((spec, fs));
+        // Refused now if it cannot be saved; saved for real once everything is stopped.
+        d.frontend().save(d.bdf()).map_err(|e| err(format!("{e}; nothing was written")))?;
+        frontend_states.push(spec);
     }
-    // Pause the vCPU and stop every device (if the operator has not paused already;
-    // then a device hot-plugged since is stopped too, and stays so until resume).
-    let was_paused = vm.run_control().state() == crate::run_control::RunState::Paused;
+    // Pause the vCPU and stop every device; if the operator paused already, stop any
+    // device hot-plugged since too (it stays so until their resume).
     let paused_at = Instant::now();
-    let result = if was_paused {
-        devices
-            .iter()
-            .try_for_each(|d| vm.quiesce(d).map_err(err))
-            .and_then(|()| collect(vm, &devices, frontend_states))
-    } else {
-        match vm.pause() {
-            Ok(left) if left.is_empty() => collect(vm, &devices, frontend_states),
-            Ok(left) => Err(err(format!("device(s) {} could not be stopped; nothing was written", left.join(", ")))),
-            Err(e) => Err(err(e.to_string())),
+    let (result, owned) = match vm.pause_unlocked() {
+        Ok(left) if left.is_empty() => (collect(vm, &devices, frontend_states), true),
+        Ok(left) => {
+            (Err(err(format!("device(s) {} could not be stopped; nothing was written", left.join(", ")))), true)
         }
+        Err(crate::run_control::RunError::AlreadyPaused) => {
+            let r = devices
+                .iter()
+                .try_for_each(|d| vm.quiesce(d).map_err(err))
+                .and_then(|()| collect(vm, &devices, frontend_states));
+            (r, false)
+        }
+        Err(e) => (Err(err(e.to_string())), false),
     };
     let paused = paused_at.elapsed();
-    if !was_paused {
-        let _ = vm.resume();
+    if owned {
+        let _ = vm.resume_unlocked();
     }
+    let was_paused = !owned;
     let (state, devmem, ram) = result?;
     let mut report = write_dir(dir, &state, &devmem, &ram)?;
     report.paused = if was_paused { Duration::ZERO } else { paused };
@@ -231,15 +237,13 @@ pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Resu
 }
 
 /// Reads the state of the paused VM and its stopped devices.
-fn collect(
-    vm: &Vm,
-    devices: &[Arc<AssignedDevice>],
-    frontend_states: Vec<(String, Option<Vec<u64>>)>,
-) -> Result<(VmState, Vec<u8>, RamImage)> {
+fn collect(vm: &Vm, devices: &[Arc<AssignedDevice>], specs: Vec<String>) -> Result<(VmState, Vec<u8>, RamImage)> {
     let mut devmem = Vec::new();
     let mut states = Vec::new();
-    for (d, (spec, frontend_state)) in devices.iter().zip(frontend_states) {
+    for (d, spec) in devices.iter().zip(specs) {
         let f = d.function();
+        // Read while the guest is stopped: its mappings cannot change under us.
+        let frontend_state = d.frontend().save(d.bdf()).map_err(err)?;
         let device = f.save_device_state().map_err(err)?;
         let mut memory = Vec::new();
         for w in d.bars() {
@@ -406,7 +410,13 @@ struct Out {
 
 impl Out {
     fn create(path: &Path) -> Result<Out> {
-        let file = std::fs::File::create(path).map_err(|e| err(format!("creating {}: {e}", path.display())))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| err(format!("creating {}: {e}", path.display())))?;
         Ok(Out { file, crc: 0, bytes: 0 })
     }
 
@@ -446,12 +456,31 @@ fn ram_extents(memfd: &std::fs::File, start: u64, end: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// A snapshot replaces only a snapshot: an existing `dir` must hold a passthru
+/// manifest (anything else is refused, never deleted).
+fn check_target(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let is_snapshot = std::fs::read(dir.join("manifest.json"))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<Manifest>(&t).ok())
+        .is_some_and(|m| m.format == FORMAT);
+    if is_snapshot {
+        Ok(())
+    } else {
+        Err(err(format!("{} exists and is not a passthru snapshot: pick another directory", dir.display())))
+    }
+}
+
 fn write_dir(dir: &Path, state: &VmState, devmem: &[u8], image: &RamImage) -> Result<SaveReport> {
     let name = dir.file_name().ok_or_else(|| err(format!("{}: not a directory name", dir.display())))?;
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| err(format!("creating {}: {e}", tmp.display())))?;
+    // Guest memory inside: private to the owner, as the API socket is.
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(|e| err(format!("creating {}: {e}", tmp.display())))?;
     let r = (|| {
         let mut report = SaveReport::default();
         let mut sections = Vec::new();
@@ -613,9 +642,24 @@ impl Snapshot {
         devmem.drain(..DATA_MAGIC.len());
         for d in &state.devices {
             for m in &d.memory {
-                if m.at.checked_add(m.len).is_none_or(|e| e > devmem.len() as u64) {
+                if m.at.checked_add(m.len).is_none_or(|e| e > devmem.len() as u64) || m.bar >= 6 {
                     return Err(err(format!("device {}: its memory lies outside devmem.bin", d.name)));
                 }
+            }
+            if !(0x40..=4096).contains(&d.config.len()) || d.slot == 0 || d.slot >= abi::pci::SLOTS {
+                return Err(err(format!("device {}: a malformed configuration space or slot", d.name)));
+            }
+            if let Some((bar, off, table)) = &d.msix
+                && (*bar >= 6 || table.len() > 2048 * 16 || off.checked_add(table.len() as u64).is_none())
+            {
+                return Err(err(format!("device {}: a malformed MSI-X table", d.name)));
+            }
+        }
+        let mut hot = state.hot_ram.clone();
+        hot.sort_unstable();
+        for w in hot.windows(2) {
+            if w[0].0.checked_add(w[0].1).is_none_or(|e| e > w[1].0) {
+                return Err(err("vm.json: hot-added RAM regions overlap"));
             }
         }
         let snap = Snapshot { dir: dir.to_path_buf(), manifest, state, devmem };

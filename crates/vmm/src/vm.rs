@@ -116,6 +116,9 @@ pub struct Vm {
     run: crate::run_control::RunControl,
     /// Devices stopped by a pause (or a snapshot of a paused VM), started by resume.
     quiesced: Mutex<Vec<String>>,
+    /// Held by whoever pauses or resumes (operator, snapshot, the PAT read), so one's
+    /// pause is never resumed by another.
+    pausers: Mutex<()>,
     exits: crate::run_control::ExitCounters,
     ram: GuestRam,
 }
@@ -245,6 +248,7 @@ impl Vm {
             slots,
             run: crate::run_control::RunControl::new(),
             quiesced: Mutex::new(Vec::new()),
+            pausers: Mutex::new(()),
             exits: crate::run_control::ExitCounters::default(),
             ram,
         })
@@ -420,8 +424,8 @@ impl Vm {
     /// The guest's IA32_PAT and CR0.CD, read from the vCPU (paused for the read if it
     /// runs, devices untouched). None without a running vCPU.
     pub fn guest_cache_control(&self) -> Option<(u64, bool)> {
-        use crate::run_control::RunState;
-        let paused_here = self.run.state() == RunState::Running && self.run.pause().is_ok();
+        let _pausers = self.pause_lock();
+        let paused_here = self.run.pause().is_ok();
         let r = self.run.on_vcpu(|v| {
             let fd = v.downcast_mut::<kvm_ioctls::VcpuFd>()?;
             let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
@@ -622,6 +626,17 @@ impl Vm {
     /// in flight, no interrupt raised). Returns the devices that could not be (no
     /// migration support, or the stop failed): they go on running.
     pub fn pause(&self) -> std::result::Result<Vec<String>, crate::run_control::RunError> {
+        let _pausers = self.pause_lock();
+        self.pause_unlocked()
+    }
+
+    /// One pauser at a time: held across a pause and what is done while paused.
+    pub(crate) fn pause_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.pausers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`Vm::pause`] for a holder of [`Vm::pause_lock`].
+    pub(crate) fn pause_unlocked(&self) -> std::result::Result<Vec<String>, crate::run_control::RunError> {
         self.run.pause()?;
         let mut unquiesced = Vec::new();
         for d in self.devices() {
@@ -649,6 +664,12 @@ impl Vm {
 
     /// Lets the quiesced devices and the paused vCPU run again.
     pub fn resume(&self) -> std::result::Result<(), crate::run_control::RunError> {
+        let _pausers = self.pause_lock();
+        self.resume_unlocked()
+    }
+
+    /// [`Vm::resume`] for a holder of [`Vm::pause_lock`].
+    pub(crate) fn resume_unlocked(&self) -> std::result::Result<(), crate::run_control::RunError> {
         if self.run.state() != crate::run_control::RunState::Paused {
             return Err(crate::run_control::RunError::NotPaused);
         }
