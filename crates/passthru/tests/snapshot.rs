@@ -474,3 +474,51 @@ fn tce_windows_and_shared_tables_are_saved_and_restored() {
     q.end();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A VMM killed in the middle of writing a snapshot leaves the previous snapshot at
+/// its place, whole: the new one is written beside it and swapped in at the end.
+#[test]
+fn a_crash_mid_snapshot_leaves_the_previous_snapshot_intact() {
+    let (sock, dir) = (tmp("crash.sock"), tmp("crash"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let s = sock.to_str().unwrap();
+    let mut q = Q::start(&["--api-socket", s, "--memory", "1G", "--locked-memory", "2G"]);
+    wait_for(&sock);
+    q.ok("memset 0x100000 0x1000 0x11");
+    assert_eq!(snapshot(&sock, &dir).0, 200);
+    let manifest = std::fs::read(dir.join("manifest.json")).unwrap();
+    // 256 MiB touched: the next snapshot takes a while to write.
+    for i in 0..16u64 {
+        q.ok(&format!("memset {:#x} 0x1000000 0x22", 0x100_0000 + i * 0x100_0000));
+    }
+    let (d, sk) = (dir.clone(), sock.clone());
+    let second = std::thread::spawn(move || {
+        let body = serde_json::json!({ "dir": d }).to_string();
+        api::client::call(&sk, "PUT", "vm.snapshot", Some(&body), Duration::from_secs(60)).map(|a| a.status)
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    q.child.kill().unwrap();
+    let _ = q.child.wait();
+    let finished = matches!(second.join().unwrap(), Ok(200));
+    if finished {
+        eprintln!("skipped: the second snapshot finished within 150 ms; nothing was cut");
+    } else {
+        assert_eq!(std::fs::read(dir.join("manifest.json")).unwrap(), manifest, "the previous manifest");
+    }
+    // Whichever snapshot is there, it is whole: it restores.
+    let out = bin()
+        .args(["run", "--accel", "qtest", "--locked-memory", "2G", "--restore"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Ok(entries) = std::fs::read_dir(dir.parent().unwrap()) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().contains(&format!("crash-{}.tmp", std::process::id())) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
