@@ -522,3 +522,16 @@ fn a_crash_mid_snapshot_leaves_the_previous_snapshot_intact() {
         }
     }
 }
+
+#[test]
+fn bench_snapshot_reports_every_figure() {
+    let (table, v) = common::bench_json(&["snapshot", "--memory", "64M", "--touched", "8M"]);
+    for key in
+        ["save_ms", "plain_write_ms", "restore_ms", "plain_read_ms", "pause_ms", "save_ms_64m_device_memory_flagged"]
+    {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {table}");
+    }
+    assert!(v["snapshot_bytes"].as_u64().unwrap() >= 8 << 20, "{table}");
+    assert_eq!(v["flushed_bytes_64m"].as_u64(), Some(64 << 20), "exactly the flagged 64 MiB flushed: {table}");
+    assert!(table.contains("with 64 MiB flagged"), "{table}");
+}
