@@ -524,6 +524,16 @@ fn a_snapshot_is_refused_for_a_device_without_migration() {
     assert_eq!((p.status, p.body["unquiesced"].clone()), (200, serde_json::json!(["vfu0"])), "{}", p.body);
     let r = api::client::call(&sock, "PUT", "vm.resume", None, Duration::from_secs(30)).unwrap();
     assert_eq!(r.status, 200);
+    // An external vfio-user device hot-plugged and unplugged through the API.
+    let (path2, _state2) = start_test_device("nomig-hotplug");
+    let body = format!(r#"{{"device": "vfio-user,socket={}"}}"#, path2.display());
+    let a = api::client::call(&sock, "PUT", "vm.add-device", Some(&body), Duration::from_secs(30)).unwrap();
+    assert_eq!((a.status, a.body["name"].as_str()), (200, Some("vfu1")), "{}", a.body);
+    let info = api::client::call(&sock, "GET", "vm.info", None, Duration::from_secs(30)).unwrap();
+    assert_eq!(info.body["devices"].as_array().unwrap().len(), 2);
+    let r = api::client::call(&sock, "PUT", "vm.remove-device", Some(r#"{"name":"vfu1"}"#), Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
     drop(child.stdin.take());
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
