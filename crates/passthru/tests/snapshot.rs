@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Q, bin, qpci, text};
+use common::{Q, bin, papr, qpci, text};
 use serde_json::Value;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -26,6 +26,21 @@ fn wait_for(path: &Path) {
 fn api(path: &Path, method: &str, endpoint: &str, body: Option<&str>) -> (u16, Value) {
     let a = api::client::call(path, method, endpoint, body, Duration::from_secs(60)).unwrap();
     (a.status, a.body)
+}
+
+/// A qtest session on `passthru run --accel qtest --restore DIR` (and `extra`).
+fn restored(dir: &Path, extra: &[&str]) -> Q {
+    let mut child = bin()
+        .args(["run", "--accel", "qtest", "--locked-memory", "1G"])
+        .args(extra)
+        .arg("--restore")
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Q { stdin: child.stdin.take().unwrap(), out: std::io::BufReader::new(child.stdout.take().unwrap()), child }
 }
 
 fn snapshot(sock: &Path, dir: &Path) -> (u16, Value) {
@@ -113,16 +128,7 @@ fn pvdma_mappings_come_back_at_the_same_iovas_with_the_same_pins() {
     assert_eq!(status, 200, "{r}");
     q.end();
 
-    let mut child = bin()
-        .args(["run", "--accel", "qtest", "--locked-memory", "1G", "--api-socket", s, "--restore"])
-        .arg(&dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut q =
-        Q { stdin: child.stdin.take().unwrap(), out: std::io::BufReader::new(child.stdout.take().unwrap()), child };
+    let mut q = restored(&dir, &["--api-socket", s]);
     wait_for(&sock);
     let after = api(&sock, "GET", "vm.counters", None).1;
     assert_eq!(after["locked_memory"]["pinned"], before["locked_memory"]["pinned"], "the same pins");
@@ -274,16 +280,7 @@ fn a_non_coherent_device_memory_restores_identical() {
     q.ok(&format!("write {:#x} 4096 0x{pattern}", bar1 + 0x3000));
     assert_eq!(snapshot(&sock, &dir).0, 200);
     q.end();
-    let mut child = bin()
-        .args(["run", "--accel", "qtest", "--locked-memory", "1G", "--restore"])
-        .arg(&dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut q =
-        Q { stdin: child.stdin.take().unwrap(), out: std::io::BufReader::new(child.stdout.take().unwrap()), child };
+    let mut q = restored(&dir, &[]);
     assert_eq!(q.field("noncoherent", "count"), "1", "still counted after the restore");
     assert_eq!(q.cmd(&format!("dump {:#x} 4096", bar1 + 0x3000)), format!("OK 0x{pattern}"));
     q.end();
@@ -383,29 +380,12 @@ fn hot_added_ram_is_saved_and_restored() {
     let manifest: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     let hot = manifest["sections"].as_array().unwrap().iter().find(|s| s["name"] == "hotram").unwrap().clone();
     assert_eq!(hot["bytes"], 8 + 16 + 4096, "only the touched page: {hot}");
-    let mut child = bin()
-        .args(["run", "--accel", "qtest", "--locked-memory", "1G", "--restore"])
-        .arg(&dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut q =
-        Q { stdin: child.stdin.take().unwrap(), out: std::io::BufReader::new(child.stdout.take().unwrap()), child };
+    let mut q = restored(&dir, &[]);
     assert!(q.cmd("memory_regions").contains("0x200000000+0x200000:ram"));
     assert_eq!(q.cmd("read 0x200001000 4096"), format!("OK 0x{pattern}"));
     assert_eq!(q.field("dev_info dma0", "mappings"), mappings, "the identity domain maps the hot RAM again");
     q.end();
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// "OK STATUS R0 R1 R2" of a TCE call -> (PAPR code, r1, r2).
-fn papr(line: &str) -> (i64, u64, u64) {
-    let w: Vec<u64> =
-        line.split_whitespace().skip(1).map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).unwrap()).collect();
-    assert_eq!(w[0], 0, "the call reached the TCE block: {line}");
-    (w[1] as i64, w[2], w[3])
 }
 
 /// TCE groups, windows and tables come back: the same liobns and bus offsets, a table
@@ -441,16 +421,7 @@ fn tce_windows_and_shared_tables_are_saved_and_restored() {
     assert_eq!(status, 200, "{r}");
     q.end();
 
-    let mut child = bin()
-        .args(["run", "--accel", "qtest", "--locked-memory", "1G", "--restore"])
-        .arg(&dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut q =
-        Q { stdin: child.stdin.take().unwrap(), out: std::io::BufReader::new(child.stdout.take().unwrap()), child };
+    let mut q = restored(&dir, &[]);
     assert_eq!(q.cmd(&format!("tce_info {l64:#x}")), info_before, "the same window, groups and table");
     assert!(info_before.contains("valid=1"), "{info_before}");
     let get = |q: &mut Q, liobn: u64, ioba: u64| papr(&q.cmd(&format!("hcall {:#x} {liobn:#x} {ioba:#x}", t::GET_TCE)));

@@ -23,14 +23,6 @@ fn the_tce_guest_passes_in_every_mode() {
     }
 }
 
-/// "OK 0x0 R1 R2 0x0" (hcall answer: status, PAPR code, results) -> (code, r1, r2).
-fn papr(line: &str) -> (i64, u64, u64) {
-    let w: Vec<u64> =
-        line.split_whitespace().skip(1).map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).unwrap()).collect();
-    assert_eq!(w[0], 0, "the call reached the TCE block: {line}");
-    (w[1] as i64, w[2], w[3])
-}
-
 #[test]
 fn qtest_shows_windows_and_peer_to_peer_goes_through_a_tce_window() {
     use abi::dma_engine::{Descriptor, completion, op};

@@ -190,3 +190,12 @@ impl Q {
         assert_eq!(self.child.wait().unwrap().code(), Some(0));
     }
 }
+
+/// The answer to a TCE hypercall through qtest, "OK 0x0 CODE R1 R2" (the status says
+/// the call reached the TCE block) -> (PAPR code, r1, r2).
+pub fn papr(line: &str) -> (i64, u64, u64) {
+    let w: Vec<u64> =
+        line.split_whitespace().skip(1).map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).unwrap()).collect();
+    assert_eq!(w[0], 0, "the call reached the TCE block: {line}");
+    (w[1] as i64, w[2], w[3])
+}
