@@ -295,25 +295,6 @@ pub fn counters(vm: &Vm) -> Value {
 
 /// The process's descriptors and threads (leak checks): `{fds, eventfds, threads: {name: n}}`.
 pub fn resources() -> Value {
-    let links: Vec<String> = std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.filter_map(|e| e.ok().and_then(|e| std::fs::read_link(e.path()).ok()))
-                .map(|l| l.to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut threads = Map::new();
-    if let Ok(d) = std::fs::read_dir("/proc/self/task") {
-        for t in d.flatten() {
-            if let Ok(c) = std::fs::read_to_string(t.path().join("comm")) {
-                let n = threads.get(c.trim()).and_then(Value::as_u64).unwrap_or(0) + 1;
-                threads.insert(c.trim().to_string(), Value::from(n));
-            }
-        }
-    }
-    json!({
-        "fds": links.len(),
-        "eventfds": links.iter().filter(|l| l.contains("eventfd")).count(),
-        "threads": threads,
-    })
+    let r = vmm::Resources::now();
+    json!({ "fds": r.fds, "eventfds": r.eventfds, "threads": r.threads })
 }

@@ -11,8 +11,6 @@ mod common;
 use common::*;
 
 use abi::dma_engine::{self as de, Descriptor, completion, op, regs};
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout};
 use std::time::{Duration, Instant};
 
 const MEM: [&str; 4] = ["--memory", "64M", "--locked-memory", "128M"];
@@ -23,74 +21,20 @@ const B_SCRATCH: u64 = 0xc040_0000;
 const RING: u64 = 0x20_0000;
 const DONE: u64 = 0x21_0000;
 
-struct Q {
-    child: Child,
-    stdin: ChildStdin,
-    out: BufReader<ChildStdout>,
+/// A qtest session with `devices` (the common driver, this file's memory sizes).
+fn start(devices: &[&str], extra: &[&str]) -> Q {
+    let mut args = Vec::new();
+    for d in devices {
+        args.extend(["--device", d]);
+    }
+    args.extend(MEM);
+    args.extend(extra);
+    Q::start(&args)
 }
 
-impl Q {
-    fn start(devices: &[&str], extra: &[&str]) -> Q {
-        let mut args = vec!["run", "--accel", "qtest"];
-        for d in devices {
-            args.extend(["--device", d]);
-        }
-        args.extend(MEM);
-        args.extend(extra);
-        let mut child = spawn_piped(&args);
-        let mut err = child.stderr.take().unwrap();
-        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-        let stdin = child.stdin.take().unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        Q { child, stdin, out }
-    }
-
-    fn cmd(&mut self, c: &str) -> String {
-        writeln!(self.stdin, "{c}").unwrap();
-        loop {
-            let mut l = String::new();
-            assert!(self.out.read_line(&mut l).unwrap() > 0, "the VMM closed its output");
-            if !l.starts_with("IRQ ") {
-                return l.trim_end().to_string();
-            }
-        }
-    }
-
-    fn ok(&mut self, c: &str) {
-        assert_eq!(self.cmd(c), "OK", "{c}");
-    }
-
-    fn field(&mut self, c: &str, key: &str) -> String {
-        let a = self.cmd(c);
-        a.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).unwrap_or_else(|| panic!("{a}")).into()
-    }
-
-    /// Runs one descriptor on A (ring of 1 at RING, record at DONE); returns its status.
-    fn run(&mut self, d: Descriptor) -> u32 {
-        let d = Descriptor { completion: DONE, ..d };
-        let hex: String = d.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
-        self.ok(&format!("write {RING:#x} 64 0x{hex}"));
-        self.ok(&format!("memset {DONE:#x} 32 0"));
-        self.ok(&format!("writel {:#x} {}", A_REGS + regs::CONTROL, de::control::RESET));
-        self.ok(&format!("writeq {:#x} {RING:#x}", A_REGS + regs::RING_BASE));
-        self.ok(&format!("writel {:#x} 1", A_REGS + regs::RING_SIZE));
-        self.ok(&format!("writel {:#x} {}", A_REGS + regs::CONTROL, de::control::ENABLE));
-        self.ok(&format!("writel {:#x} 1", A_REGS + regs::TAIL));
-        let t = Instant::now();
-        loop {
-            let s = qpci::value(&self.cmd(&format!("readl {DONE:#x}"))) as u32;
-            if s != completion::PENDING {
-                return s;
-            }
-            assert!(t.elapsed() < Duration::from_secs(10), "the descriptor never completed");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    fn end(mut self) {
-        drop(self.stdin);
-        assert_eq!(self.child.wait().unwrap().code(), Some(0));
-    }
+/// Runs one descriptor on A (ring of 1 at RING, record at DONE); returns its status.
+fn run(q: &mut Q, d: Descriptor) -> u32 {
+    q.run_descriptor(A_REGS, RING, RING, DONE, Descriptor { completion: DONE, ..d })
 }
 
 fn fill(dst: u64, len: u64, pattern: u64) -> Descriptor {
@@ -106,13 +50,13 @@ fn engine_a_reaches_engine_b_bar_memory_in_every_mode_and_faults_where_it_is_not
     let modes = ["dma-engine,process=inline", "dma-engine", "dma-engine,iommu-mode=messages"];
     for a in modes {
         for b in ["dma-engine,process=inline", "dma-engine"] {
-            let mut q = Q::start(&[a, b], &[]);
+            let mut q = start(&[a, b], &[]);
             let regions = q.cmd("memory_regions");
             assert!(regions.contains(&format!("{B_SCRATCH:#x}+{:#x}:dma1", de::SCRATCH_USABLE)), "{regions}");
             qpci::enable(&mut |c| q.cmd(c), 1);
             // A fills B's memory; the CPU reads it through B's BAR.
             assert_eq!(
-                q.run(fill(B_SCRATCH + 0x1000, 0x2000, 0x5a5a_5a5a_5a5a_5a5a)),
+                run(&mut q, fill(B_SCRATCH + 0x1000, 0x2000, 0x5a5a_5a5a_5a5a_5a5a)),
                 completion::SUCCESS,
                 "{a} -> {b}"
             );
@@ -120,11 +64,15 @@ fn engine_a_reaches_engine_b_bar_memory_in_every_mode_and_faults_where_it_is_not
             assert_eq!(q.cmd(&format!("readq {:#x}", B_SCRATCH + 0x3000)), "OK 0x0000000000000000", "exact length");
             // A copies B's memory into RAM.
             q.ok("memset 0x400000 0x2000 0");
-            assert_eq!(q.run(copy(B_SCRATCH + 0x1000, 0x40_0000, 0x2000)), completion::SUCCESS);
+            assert_eq!(run(&mut q, copy(B_SCRATCH + 0x1000, 0x40_0000, 0x2000)), completion::SUCCESS);
             assert_eq!(q.cmd("read 0x401ff8 8"), "OK 0x5a5a5a5a5a5a5a5a", "{a} -> {b}: copied back");
             // B's MSI-X page is trapped, not memory: peer-to-peer DMA there faults.
             let faults: u64 = q.field("dev_info dma0", "faults").parse().unwrap();
-            assert_eq!(q.run(fill(B_SCRATCH + de::MSIX_TABLE_OFFSET, 16, 1)), completion::DMA_FAULT, "{a} -> {b}");
+            assert_eq!(
+                run(&mut q, fill(B_SCRATCH + de::MSIX_TABLE_OFFSET, 16, 1)),
+                completion::DMA_FAULT,
+                "{a} -> {b}"
+            );
             let after: u64 = q.field("dev_info dma0", "faults").parse().unwrap();
             assert!(after > faults, "{a}: counted by the VMM ({faults} -> {after})");
             q.end();
@@ -134,7 +82,7 @@ fn engine_a_reaches_engine_b_bar_memory_in_every_mode_and_faults_where_it_is_not
 
 #[test]
 fn through_paravirtual_dma_the_guest_maps_b_bar_into_a_domain() {
-    let mut q = Q::start(&["dma-engine,dma=pvdma", "dma-engine,process=inline"], &[]);
+    let mut q = start(&["dma-engine,dma=pvdma", "dma-engine,process=inline"], &[]);
     qpci::enable(&mut |c| q.cmd(c), 1);
     let dev = qpci::FIRST_BDF;
     let map = |q: &mut Q, gpa: u64, dir: u64| {
@@ -164,7 +112,7 @@ fn through_paravirtual_dma_the_guest_maps_b_bar_into_a_domain() {
 
 #[test]
 fn a_bar_moved_while_a_writes_to_it_gets_nothing_at_its_old_address_after_the_move() {
-    let mut q = Q::start(&["dma-engine,process=inline", "dma-engine,process=inline"], &[]);
+    let mut q = start(&["dma-engine,process=inline", "dma-engine,process=inline"], &[]);
     qpci::enable(&mut |c| q.cmd(c), 1);
     // A ring of 64 FILLs of B's first page, completions ignored, kept busy.
     let ring: String = (0..64u64)
@@ -200,18 +148,18 @@ fn a_bar_moved_while_a_writes_to_it_gets_nothing_at_its_old_address_after_the_mo
 
 #[test]
 fn ram_hot_added_and_removed_with_devices_attached_is_mapped_and_unmapped_for_them() {
-    let mut q = Q::start(&["dma-engine", "dma-engine,process=inline"], &[]);
+    let mut q = start(&["dma-engine", "dma-engine,process=inline"], &[]);
     qpci::enable(&mut |c| q.cmd(c), 1);
     let regions: u64 = q.field("frontend_stats identity", "regions").parse().unwrap();
     q.ok("ram_add 0x100000000 0x200000");
     assert_eq!(q.field("frontend_stats identity", "regions").parse::<u64>().unwrap(), regions + 1);
     assert!(q.cmd("memory_regions").contains("0x100000000+0x200000:ram"));
     // The device process writes into the new RAM; the CPU reads it.
-    assert_eq!(q.run(fill(0x1_0000_1000, 0x1000, 0x3c3c_3c3c_3c3c_3c3c)), completion::SUCCESS);
+    assert_eq!(run(&mut q, fill(0x1_0000_1000, 0x1000, 0x3c3c_3c3c_3c3c_3c3c)), completion::SUCCESS);
     assert_eq!(q.cmd("readq 0x100001ff8"), "OK 0x3c3c3c3c3c3c3c3c");
     q.ok("ram_remove 0x100000000");
     assert_eq!(q.field("frontend_stats identity", "regions").parse::<u64>().unwrap(), regions);
-    assert_eq!(q.run(fill(0x1_0000_1000, 0x1000, 1)), completion::DMA_FAULT, "gone RAM faults");
+    assert_eq!(run(&mut q, fill(0x1_0000_1000, 0x1000, 1)), completion::DMA_FAULT, "gone RAM faults");
     assert!(q.cmd("ram_remove 0x0").contains("no hot-added RAM starts at 0x0"), "the boot RAM stays");
     q.end();
 }

@@ -44,24 +44,43 @@ macro_rules! require_kvm {
     };
 }
 
+/// The VMM process's descriptors and threads, for leak checks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// Open descriptors.
+    pub fds: usize,
+    /// Of which eventfds.
+    pub eventfds: usize,
+    /// Threads by name.
+    pub threads: std::collections::BTreeMap<String, usize>,
+}
+
+impl Resources {
+    /// What the process holds now (from /proc/self).
+    pub fn now() -> Resources {
+        let links: Vec<String> = std::fs::read_dir("/proc/self/fd")
+            .map(|d| {
+                d.filter_map(|e| e.ok().and_then(|e| std::fs::read_link(e.path()).ok()))
+                    .map(|l| l.to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut threads = std::collections::BTreeMap::<String, usize>::new();
+        if let Ok(d) = std::fs::read_dir("/proc/self/task") {
+            for t in d.flatten() {
+                if let Ok(c) = std::fs::read_to_string(t.path().join("comm")) {
+                    *threads.entry(c.trim().to_string()).or_default() += 1;
+                }
+            }
+        }
+        Resources { fds: links.len(), eventfds: links.iter().filter(|l| l.contains("eventfd")).count(), threads }
+    }
+}
+
 /// The VMM process's open eventfds and its threads by name, for leak checks:
 /// `eventfds=N threads=name:count,...` (names sorted).
 pub fn resources() -> String {
-    let eventfds = std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.filter_map(|e| e.ok().and_then(|e| std::fs::read_link(e.path()).ok()))
-                .filter(|l| l.to_string_lossy().contains("eventfd"))
-                .count()
-        })
-        .unwrap_or(0);
-    let mut threads = std::collections::BTreeMap::<String, usize>::new();
-    if let Ok(d) = std::fs::read_dir("/proc/self/task") {
-        for t in d.flatten() {
-            if let Ok(c) = std::fs::read_to_string(t.path().join("comm")) {
-                *threads.entry(c.trim().to_string()).or_default() += 1;
-            }
-        }
-    }
-    let list: Vec<String> = threads.iter().map(|(k, v)| format!("{k}:{v}")).collect();
-    format!("eventfds={eventfds} threads={}", list.join(","))
+    let r = Resources::now();
+    let list: Vec<String> = r.threads.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+    format!("eventfds={} threads={}", r.eventfds, list.join(","))
 }

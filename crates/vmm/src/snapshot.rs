@@ -225,8 +225,9 @@ pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Resu
         Err(e) => (Err(err(e.to_string())), false),
     };
     let paused = paused_at.elapsed();
-    if owned {
-        let _ = vm.resume_unlocked();
+    if owned && let Err(e) = vm.resume_unlocked() {
+        // Not the snapshot's failure, but the VM's: say so.
+        tracing::error!("snapshot: resuming the VM after saving it: {e}");
     }
     let was_paused = !owned;
     let (state, devmem, ram) = result?;
@@ -803,8 +804,12 @@ impl Snapshot {
         }
         for (device, index, sub, mode) in &self.state.irq_modes {
             let id = irq::SourceId::new(device, *index, *sub);
-            if let Ok(m) = mode.parse::<irq::Mode>() {
-                let _ = vm.irqs().set_mode(&id, m);
+            let m = mode.parse::<irq::Mode>().map_err(|e| err(format!("interrupt source {id}: {e}")))?;
+            // A source the restored devices did not bring back (the guest had not
+            // enabled it yet) has no mode to restore; any other failure is an error.
+            match vm.irqs().set_mode(&id, m) {
+                Ok(()) | Err(irq::IrqError::Unknown(_)) => {}
+                Err(e) => return Err(err(format!("interrupt source {id}: {e}"))),
             }
         }
         Ok(())
