@@ -11,6 +11,7 @@ pub mod process;
 pub mod serial;
 #[cfg(feature = "test-sources")]
 pub mod test_irq;
+pub mod test_irq_state;
 pub mod vfio_pci;
 
 pub use vm_api::bus::{Bus, BusDevice, BusError, SharedDevice};

@@ -17,13 +17,14 @@
 //! otherwise. [`TestSources`] answers the test calls of the core hypercall block.
 
 use crate::BusDevice;
+use crate::test_irq_state::{IntxSourceState, MsiSourceState, RunState, TestSourcesState};
 use abi::hcall::{self, Args, Ret, Status};
 use irq::{GuestIrq, IrqRegistry, IrqSource, Mode, MsiMessage, SourceId, Trigger};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vm_api::{IoAddr, IoEvents};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -71,6 +72,39 @@ impl TestSources {
         )
     }
 
+    /// Pauses both sources' runs (the VM is pausing): each parks between two steps,
+    /// and no acknowledgement deadline runs until [`TestSources::resume`].
+    pub fn pause(&self, deadline: Duration) -> Result<(), String> {
+        let r = self.msi.runner.pause(deadline).and_then(|()| self.intx.runner.pause(deadline));
+        if r.is_err() {
+            self.resume();
+        }
+        r
+    }
+
+    /// Lets both sources' runs go on.
+    pub fn resume(&self) {
+        self.msi.runner.resume();
+        self.intx.runner.resume();
+    }
+
+    /// Both sources' state (they must be paused).
+    pub fn save(&self) -> Result<TestSourcesState, String> {
+        Ok(TestSourcesState { msi: self.msi.save()?, intx: self.intx.save()? })
+    }
+
+    /// Brings both sources back as saved; their runs stay paused until
+    /// [`TestSources::resume`].
+    pub fn restore(&self, s: &TestSourcesState) -> Result<(), String> {
+        if let Some(m) = &s.msi {
+            self.msi.restore(m)?;
+        }
+        if let Some(i) = &s.intx {
+            self.intx.restore(i)?;
+        }
+        Ok(())
+    }
+
     /// One test call.
     pub fn call(&self, a: &Args) -> Ret {
         match a.nr {
@@ -107,13 +141,58 @@ pub struct TestIrqSummary {
 /// Progress of a firing run, shared with its thread.
 #[derive(Default)]
 struct Progress {
+    count: u64,
+    toggles: u64,
     fired: AtomicU64,
-    toggles: AtomicU64,
+    toggles_made: AtomicU64,
     resamples: AtomicU64,
     timed_out: AtomicBool,
     done: AtomicBool,
     stop: AtomicBool,
 }
+
+/// Pausing a firing run (the VM is paused): the source sets `paused`, its thread parks
+/// at the next step boundary and says where.
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default, Clone, Copy)]
+struct GateState {
+    paused: bool,
+    /// Where the firing thread is parked: `Some(true)` with an interrupt awaiting the
+    /// guest's acknowledgement, `Some(false)` before it fires the next one.
+    parked: Option<bool>,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// On the firing thread: waits while paused (or until `stop`). While it waits, no
+    /// acknowledgement deadline runs: the guest cannot acknowledge while paused.
+    fn hold(&self, in_flight: bool, stop: &AtomicBool) {
+        let mut s = self.lock();
+        while s.paused && !stop.load(Ordering::Acquire) {
+            s.parked = Some(in_flight);
+            self.changed.notify_all();
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.parked = None;
+    }
+
+    fn notify(&self) {
+        let _s = self.lock();
+        self.changed.notify_all();
+    }
+}
+
+/// One step of a run: make an interrupt (`fire`; else only wait for the one in flight)
+/// and wait for the guest. False: give up (timed out or stopped).
+type Step = dyn Fn(&Progress, &Gate, bool) -> bool + Send + 'static;
 
 /// The firing machinery both sources share.
 struct Runner {
@@ -125,7 +204,8 @@ struct Runner {
     thread: Mutex<Option<JoinHandle<()>>>,
     guest_counted: Mutex<Option<u64>>,
     abort: Mutex<Option<MsiMessage>>,
-    /// Written to wake a waiting firing thread when it must stop.
+    gate: Arc<Gate>,
+    /// Written to wake a waiting firing thread when it must stop or pause.
     wake: EventFd,
 }
 
@@ -143,26 +223,59 @@ impl Runner {
             thread: Mutex::new(None),
             guest_counted: Mutex::new(None),
             abort: Mutex::new(None),
+            gate: Arc::new(Gate::default()),
             wake: irq::eventfd()?,
         })
     }
 
+    fn progress(&self) -> Arc<Progress> {
+        Arc::clone(&self.progress.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     fn busy(&self) -> bool {
-        !self.progress.lock().unwrap_or_else(|e| e.into_inner()).done.load(Ordering::Acquire)
+        !self.progress().done.load(Ordering::Acquire)
     }
 
     /// Stops a run in progress and joins its thread.
     fn stop(&self) {
-        self.progress.lock().unwrap_or_else(|e| e.into_inner()).stop.store(true, Ordering::Release);
+        self.progress().stop.store(true, Ordering::Release);
         let _ = self.wake.write(1);
+        self.gate.notify();
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
         while self.wake.read().is_ok() {}
     }
 
-    /// Starts a run of `count` steps; `step` makes one interrupt and waits for the guest.
-    fn start(&self, count: u64, toggles: u64, step: impl Fn(&Progress) -> bool + Send + 'static) -> Ret {
+    /// Pauses the run: returns once its thread is parked between two steps (or the
+    /// run is over), or fails after `deadline`.
+    fn pause(&self, deadline: Duration) -> Result<(), String> {
+        self.gate.lock().paused = true;
+        let _ = self.wake.write(1);
+        let progress = self.progress();
+        let end = Instant::now() + deadline;
+        let mut s = self.gate.lock();
+        loop {
+            if s.parked.is_some() || progress.done.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= end {
+                return Err(format!("test source {}: its firing thread did not stop within {deadline:?}", self.id));
+            }
+            s = self.gate.changed.wait_timeout(s, end - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Lets a paused run go on.
+    fn resume(&self) {
+        self.gate.lock().paused = false;
+        self.gate.notify();
+    }
+
+    /// Starts a run of `count` steps (or goes on with a saved one, `from`: a restored
+    /// run starts paused when the source is).
+    fn start(&self, count: u64, toggles: u64, from: Option<RunState>, step: Box<Step>) -> Ret {
         if count == 0 || count > MAX_COUNT || toggles > count {
             return Ret::err(Status::InvalidArgument);
         }
@@ -170,42 +283,75 @@ impl Runner {
             return Ret::err(Status::Busy);
         }
         self.stop();
-        let progress = Arc::new(Progress::default());
+        let from = from.unwrap_or(RunState {
+            count,
+            toggles,
+            fired: 0,
+            toggled: 0,
+            resamples: 0,
+            in_flight: false,
+            done: false,
+            timed_out: false,
+            guest_counted: None,
+        });
+        let progress = Arc::new(Progress {
+            count,
+            toggles,
+            fired: AtomicU64::new(from.fired),
+            toggles_made: AtomicU64::new(from.toggled),
+            resamples: AtomicU64::new(from.resamples),
+            timed_out: AtomicBool::new(from.timed_out),
+            done: AtomicBool::new(from.done),
+            stop: AtomicBool::new(false),
+        });
         *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&progress);
-        *self.guest_counted.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let (irqs, id, accel) = (Arc::clone(&self.irqs), self.id.clone(), Arc::clone(&self.chip));
+        *self.guest_counted.lock().unwrap_or_else(|e| e.into_inner()) = from.guest_counted;
+        if from.done {
+            return Ret::ok(0, 0, 0);
+        }
+        let (irqs, id, accel, gate) =
+            (Arc::clone(&self.irqs), self.id.clone(), Arc::clone(&self.chip), Arc::clone(&self.gate));
         let abort = *self.abort.lock().unwrap_or_else(|e| e.into_inner());
         let interval = count.checked_div(toggles).unwrap_or(0).max(1);
         let body = move || {
-            for i in 0..count {
-                if progress.stop.load(Ordering::Acquire) {
+            let p = &*progress;
+            // A restored run first waits for the interrupt it had in flight.
+            let mut ok = if from.in_flight {
+                gate.hold(true, &p.stop);
+                step(p, &gate, false)
+            } else {
+                true
+            };
+            while ok {
+                gate.hold(false, &p.stop);
+                let n = p.fired.load(Ordering::Acquire);
+                if p.stop.load(Ordering::Acquire) || n >= count {
                     break;
                 }
-                progress.fired.fetch_add(1, Ordering::AcqRel);
+                p.fired.store(n + 1, Ordering::Release);
                 // Switch while this interrupt is in flight: the hard case.
-                if toggles > 0 && (i + 1) % interval == 0 && progress.toggles.load(Ordering::Acquire) < toggles {
+                if toggles > 0 && (n + 1).is_multiple_of(interval) && p.toggles_made.load(Ordering::Acquire) < toggles {
                     let next = match irqs.stats(&id).map(|s| s.mode) {
                         Some(Mode::Forwarded) => Mode::Vmm,
                         _ => Mode::Forwarded,
                     };
                     match irqs.set_mode(&id, next) {
                         Ok(()) => {
-                            progress.toggles.fetch_add(1, Ordering::AcqRel);
+                            p.toggles_made.fetch_add(1, Ordering::AcqRel);
                         }
                         Err(e) => tracing::error!("test source: switching to {next}: {e}"),
                     }
                 }
-                if !step(&progress) {
-                    if !progress.stop.load(Ordering::Acquire) {
-                        progress.timed_out.store(true, Ordering::Release);
-                        if let Some(m) = abort {
-                            let _ = accel.signal_msi(m);
-                        }
-                    }
-                    break;
+                ok = step(p, &gate, true);
+            }
+            if !ok && !p.stop.load(Ordering::Acquire) {
+                p.timed_out.store(true, Ordering::Release);
+                if let Some(m) = abort {
+                    let _ = accel.signal_msi(m);
                 }
             }
-            progress.done.store(true, Ordering::Release);
+            p.done.store(true, Ordering::Release);
+            gate.notify();
         };
         match std::thread::Builder::new().name(self.id.device.clone()).spawn(body) {
             Ok(t) => {
@@ -219,9 +365,36 @@ impl Runner {
         }
     }
 
+    /// The run, stopped between two steps: None if there never was one. Fails if the
+    /// run is going on (not paused).
+    fn save(&self) -> Result<Option<RunState>, String> {
+        let p = self.progress();
+        let done = p.done.load(Ordering::Acquire);
+        let fired = p.fired.load(Ordering::Acquire);
+        let guest_counted = *self.guest_counted.lock().unwrap_or_else(|e| e.into_inner());
+        if done && p.count == 0 {
+            return Ok(None);
+        }
+        let parked = self.gate.lock().parked;
+        if !done && parked.is_none() {
+            return Err(format!("test source {} is firing (not paused): it cannot be saved", self.id));
+        }
+        Ok(Some(RunState {
+            count: p.count,
+            toggles: p.toggles,
+            fired,
+            toggled: p.toggles_made.load(Ordering::Acquire),
+            resamples: p.resamples.load(Ordering::Acquire),
+            in_flight: !done && parked == Some(true),
+            done,
+            timed_out: p.timed_out.load(Ordering::Acquire),
+            guest_counted,
+        }))
+    }
+
     fn report(&self, counted: u64) -> Ret {
         *self.guest_counted.lock().unwrap_or_else(|e| e.into_inner()) = Some(counted);
-        let p = Arc::clone(&self.progress.lock().unwrap_or_else(|e| e.into_inner()));
+        let p = self.progress();
         Ret::ok(
             p.fired.load(Ordering::Acquire),
             u64::from(p.done.load(Ordering::Acquire)),
@@ -230,15 +403,27 @@ impl Runner {
     }
 
     fn summary(&self) -> TestIrqSummary {
-        let p = Arc::clone(&self.progress.lock().unwrap_or_else(|e| e.into_inner()));
+        let p = self.progress();
         TestIrqSummary {
             fired: p.fired.load(Ordering::Acquire),
             guest_counted: *self.guest_counted.lock().unwrap_or_else(|e| e.into_inner()),
             timed_out: p.timed_out.load(Ordering::Acquire),
-            toggles: p.toggles.load(Ordering::Acquire),
+            toggles: p.toggles_made.load(Ordering::Acquire),
             resamples: p.resamples.load(Ordering::Acquire),
         }
     }
+}
+
+/// A saved run that cannot be: more fired than asked, an in-flight interrupt before
+/// any was fired...
+fn check_run(r: &RunState) -> Result<(), String> {
+    let ok = r.count > 0
+        && r.count <= MAX_COUNT
+        && r.toggles <= r.count
+        && r.fired <= r.count
+        && r.toggled <= r.toggles
+        && (!r.in_flight || (r.fired > 0 && !r.done));
+    if ok { Ok(()) } else { Err(format!("a malformed test source run: {r:?}")) }
 }
 
 /// Waits until one of `fds` is readable; returns its index, or None on timeout.
@@ -262,6 +447,8 @@ fn wait_any(fds: &[&EventFd], timeout: Duration) -> Option<usize> {
 struct MsiWiring {
     trigger: Arc<EventFd>,
     ack: Arc<EventFd>,
+    vector: u8,
+    abort_vector: u8,
 }
 
 /// The MSI test source.
@@ -293,21 +480,15 @@ impl MsiTestSource {
 
     /// `TEST_IRQ_SETUP(vector, abort_vector)`.
     pub fn setup(&self, vector: u64, abort_vector: u64) -> Ret {
-        let (Some(vector), Some(abort)) = (msi_vector(vector), abort_msi(abort_vector, vector)) else {
-            return Ret::err(Status::InvalidArgument);
-        };
         if self.runner.busy() {
             return Ret::err(Status::Busy);
         }
-        self.runner.stop();
-        self.unwire();
-        match self.wire(MsiMessage::fixed(0, vector)) {
-            Ok(w) => {
-                *self.wiring.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
-                *self.runner.abort.lock().unwrap_or_else(|e| e.into_inner()) = abort;
+        match self.set_up(vector, abort_vector) {
+            Ok(Some(())) => {
                 let gsi = self.runner.irqs.msi_gsi(&Self::id()).unwrap_or(0);
                 Ret::ok(u64::from(gsi), 0, 0)
             }
+            Ok(None) => Ret::err(Status::InvalidArgument),
             Err(e) => {
                 tracing::error!("test-irq: set-up failed: {e}");
                 Ret::err(Status::Internal)
@@ -315,7 +496,20 @@ impl MsiTestSource {
         }
     }
 
-    fn wire(&self, msi: MsiMessage) -> Result<MsiWiring, String> {
+    /// Wires the source anew: Ok(None) for vectors that cannot be.
+    fn set_up(&self, vector: u64, abort_vector: u64) -> Result<Option<()>, String> {
+        let (Some(v), Some(abort)) = (msi_vector(vector), abort_msi(abort_vector, vector)) else {
+            return Ok(None);
+        };
+        self.runner.stop();
+        self.unwire();
+        let w = self.wire(MsiMessage::fixed(0, v), v, u8::try_from(abort_vector).unwrap_or(0))?;
+        *self.wiring.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
+        *self.runner.abort.lock().unwrap_or_else(|e| e.into_inner()) = abort;
+        Ok(Some(()))
+    }
+
+    fn wire(&self, msi: MsiMessage, vector: u8, abort_vector: u8) -> Result<MsiWiring, String> {
         let trigger = irq::eventfd().map_err(|e| e.to_string())?;
         let writer = Arc::new(trigger.try_clone().map_err(|e| e.to_string())?);
         let ack = Arc::new(irq::eventfd().map_err(|e| e.to_string())?);
@@ -326,7 +520,7 @@ impl MsiTestSource {
             let _ = self.runner.io.unregister_ioevent(&ack, port);
             return Err(e.to_string());
         }
-        Ok(MsiWiring { trigger: writer, ack })
+        Ok(MsiWiring { trigger: writer, ack, vector, abort_vector })
     }
 
     fn unwire(&self) {
@@ -338,28 +532,49 @@ impl MsiTestSource {
 
     /// `TEST_IRQ_FIRE(count, toggles)`.
     pub fn fire(&self, count: u64, toggles: u64) -> Ret {
+        self.run(count, toggles, None)
+    }
+
+    fn run(&self, count: u64, toggles: u64, from: Option<RunState>) -> Ret {
         let wiring = self.wiring.lock().unwrap_or_else(|e| e.into_inner());
         let Some(w) = wiring.as_ref() else {
             return Ret::err(Status::NotFound);
         };
-        while w.ack.read().is_ok() {} // forget acknowledgements of an earlier run
+        if from.is_none() {
+            while w.ack.read().is_ok() {} // forget acknowledgements of an earlier run
+        }
         let (trigger, ack, wake) = (Arc::clone(&w.trigger), Arc::clone(&w.ack), self.runner.wake.try_clone());
         let Ok(wake) = wake else {
             return Ret::err(Status::Internal);
         };
         drop(wiring);
-        self.runner.start(count, toggles, move |_p| {
-            if trigger.write(1).is_err() {
-                return false;
-            }
-            match wait_any(&[&ack, &wake], ACK_TIMEOUT) {
-                Some(0) => {
-                    let _ = ack.read();
-                    true
+        self.runner.start(
+            count,
+            toggles,
+            from,
+            Box::new(move |p: &Progress, gate: &Gate, fire: bool| {
+                if fire && trigger.write(1).is_err() {
+                    return false;
                 }
-                _ => false,
-            }
-        })
+                loop {
+                    match wait_any(&[&ack, &wake], ACK_TIMEOUT) {
+                        Some(0) => {
+                            let _ = ack.read();
+                            return true;
+                        }
+                        Some(1) => {
+                            let _ = wake.read();
+                            if p.stop.load(Ordering::Acquire) {
+                                return false;
+                            }
+                            // Paused: wait for the guest afresh once resumed.
+                            gate.hold(true, &p.stop);
+                        }
+                        _ => return false,
+                    }
+                }
+            }),
+        )
     }
 
     /// `TEST_IRQ_REPORT(counted)`.
@@ -370,6 +585,34 @@ impl MsiTestSource {
     /// What the source did.
     pub fn summary(&self) -> TestIrqSummary {
         self.runner.summary()
+    }
+
+    /// The source's set-up and run (paused, see [`TestSources::pause`]).
+    pub fn save(&self) -> Result<Option<MsiSourceState>, String> {
+        let Some((vector, abort_vector)) =
+            self.wiring.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|w| (w.vector, w.abort_vector))
+        else {
+            return Ok(None);
+        };
+        Ok(Some(MsiSourceState { vector, abort_vector, run: self.runner.save()? }))
+    }
+
+    /// Brings a saved source back: wired again, its run paused where it stopped.
+    pub fn restore(&self, s: &MsiSourceState) -> Result<(), String> {
+        if let Some(r) = &s.run {
+            check_run(r)?;
+        }
+        if self.set_up(u64::from(s.vector), u64::from(s.abort_vector))?.is_none() {
+            return Err(format!("test-irq: vectors {} and {} cannot be set up", s.vector, s.abort_vector));
+        }
+        if let Some(r) = s.run {
+            self.runner.gate.lock().paused = true;
+            let ret = self.run(r.count, r.toggles, Some(r));
+            if ret.status != Status::Success {
+                return Err(format!("test-irq: its run could not be restored ({:?})", ret.status));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -420,6 +663,8 @@ impl BusDevice for StatusPort {
 struct IntxWiring {
     trigger: Arc<EventFd>,
     resample: Arc<EventFd>,
+    gsi: u32,
+    abort_vector: u8,
 }
 
 /// The level-triggered (INTx) test source.
@@ -457,26 +702,12 @@ impl IntxTestSource {
 
     /// `TEST_INTX_SETUP(gsi, abort_vector)`.
     pub fn setup(&self, gsi: u64, abort_vector: u64) -> Ret {
-        let Some(abort) = abort_msi(abort_vector, 0) else {
-            return Ret::err(Status::InvalidArgument);
-        };
-        let Some(gsi) =
-            u32::try_from(gsi).ok().filter(|g| *g < abi::layout::IOAPIC_PINS && *g != abi::ports::SERIAL_GSI)
-        else {
-            return Ret::err(Status::InvalidArgument);
-        };
         if self.runner.busy() {
             return Ret::err(Status::Busy);
         }
-        self.runner.stop();
-        self.unwire();
-        self.line.asserted.store(false, Ordering::Release);
-        match self.wire(gsi) {
-            Ok(w) => {
-                *self.wiring.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
-                *self.runner.abort.lock().unwrap_or_else(|e| e.into_inner()) = abort;
-                Ret::ok(u64::from(gsi), 0, 0)
-            }
+        match self.set_up(gsi, abort_vector) {
+            Ok(Some(gsi)) => Ret::ok(u64::from(gsi), 0, 0),
+            Ok(None) => Ret::err(Status::InvalidArgument),
             Err(e) => {
                 tracing::error!("test-intx: set-up failed: {e}");
                 Ret::err(Status::Internal)
@@ -484,12 +715,33 @@ impl IntxTestSource {
         }
     }
 
-    fn wire(&self, gsi: u32) -> Result<IntxWiring, String> {
+    /// Wires the source anew: Ok(None) for a pin or vector that cannot be.
+    fn set_up(&self, gsi: u64, abort_vector: u64) -> Result<Option<u32>, String> {
+        let Some(abort) = abort_msi(abort_vector, 0) else {
+            return Ok(None);
+        };
+        let Some(gsi) =
+            u32::try_from(gsi).ok().filter(|g| *g < abi::layout::IOAPIC_PINS && *g != abi::ports::SERIAL_GSI)
+        else {
+            return Ok(None);
+        };
+        self.runner.stop();
+        self.unwire();
+        self.line.asserted.store(false, Ordering::Release);
+        let w = self.wire(gsi, u8::try_from(abort_vector).unwrap_or(0))?;
+        *self.wiring.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
+        *self.runner.abort.lock().unwrap_or_else(|e| e.into_inner()) = abort;
+        Ok(Some(gsi))
+    }
+
+    fn wire(&self, gsi: u32, abort_vector: u8) -> Result<IntxWiring, String> {
         let trigger = irq::eventfd().map_err(|e| e.to_string())?;
         let resample = irq::eventfd().map_err(|e| e.to_string())?;
         let w = IntxWiring {
             trigger: Arc::new(trigger.try_clone().map_err(|e| e.to_string())?),
             resample: Arc::new(resample.try_clone().map_err(|e| e.to_string())?),
+            gsi,
+            abort_vector,
         };
         let source = IrqSource { id: Self::id(), trigger: Trigger::Level { trigger, resample } };
         self.runner.irqs.attach(source, GuestIrq::Level(gsi), self.device.clone()).map_err(|e| e.to_string())?;
@@ -504,6 +756,10 @@ impl IntxTestSource {
 
     /// `TEST_INTX_FIRE(count, toggles)`.
     pub fn fire(&self, count: u64, toggles: u64) -> Ret {
+        self.run(count, toggles, None)
+    }
+
+    fn run(&self, count: u64, toggles: u64, from: Option<RunState>) -> Ret {
         let wiring = self.wiring.lock().unwrap_or_else(|e| e.into_inner());
         let Some(w) = wiring.as_ref() else {
             return Ret::err(Status::NotFound);
@@ -513,35 +769,53 @@ impl IntxTestSource {
             return Ret::err(Status::Internal);
         };
         drop(wiring);
-        while line.acked.read().is_ok() {}
-        self.runner.start(count, toggles, move |p| {
-            line.asserted.store(true, Ordering::Release);
-            if trigger.write(1).is_err() {
-                return false;
-            }
-            // Until the guest deasserts, re-raise the line on every resample that finds
-            // it still asserted. KVM signals the resample at every EOI of the pin and
-            // lowers the line there, whichever assertion the EOI belonged to, so no
-            // resample may be ignored (VFIO unmasks INTx the same way); the price is an
-            // occasional spurious interrupt that finds the line already deasserted.
-            loop {
-                match wait_any(&[&line.acked, &resample, &wake], ACK_TIMEOUT) {
-                    Some(0) => {
-                        let _ = line.acked.read();
-                        return true;
-                    }
-                    Some(1) => {
-                        // The count is the number of EOIs (and switch re-checks) since the
-                        // last read.
-                        p.resamples.fetch_add(resample.read().unwrap_or(0), Ordering::AcqRel);
-                        if line.asserted.load(Ordering::Acquire) && trigger.write(1).is_err() {
-                            return false;
-                        }
-                    }
-                    _ => return false,
+        if from.is_none() {
+            while line.acked.read().is_ok() {}
+        }
+        self.runner.start(
+            count,
+            toggles,
+            from,
+            Box::new(move |p: &Progress, gate: &Gate, fire: bool| {
+                if fire {
+                    line.asserted.store(true, Ordering::Release);
                 }
-            }
-        })
+                // A restored line still asserted is raised again on the new irqchip.
+                if (fire || line.asserted.load(Ordering::Acquire)) && trigger.write(1).is_err() {
+                    return false;
+                }
+                // Until the guest deasserts, re-raise the line on every resample that
+                // finds it still asserted. KVM signals the resample at every EOI of the
+                // pin and lowers the line there, whichever assertion the EOI belonged
+                // to, so no resample may be ignored (VFIO unmasks INTx the same way);
+                // the price is an occasional spurious interrupt that finds the line
+                // already deasserted.
+                loop {
+                    match wait_any(&[&line.acked, &resample, &wake], ACK_TIMEOUT) {
+                        Some(0) => {
+                            let _ = line.acked.read();
+                            return true;
+                        }
+                        Some(1) => {
+                            // The count is the number of EOIs (and switch re-checks)
+                            // since the last read.
+                            p.resamples.fetch_add(resample.read().unwrap_or(0), Ordering::AcqRel);
+                            if line.asserted.load(Ordering::Acquire) && trigger.write(1).is_err() {
+                                return false;
+                            }
+                        }
+                        Some(2) => {
+                            let _ = wake.read();
+                            if p.stop.load(Ordering::Acquire) {
+                                return false;
+                            }
+                            gate.hold(true, &p.stop);
+                        }
+                        _ => return false,
+                    }
+                }
+            }),
+        )
     }
 
     /// `TEST_INTX_REPORT(counted)`.
@@ -552,6 +826,38 @@ impl IntxTestSource {
     /// What the source did.
     pub fn summary(&self) -> TestIrqSummary {
         self.runner.summary()
+    }
+
+    /// The source's set-up, line and run (paused, see [`TestSources::pause`]).
+    pub fn save(&self) -> Result<Option<IntxSourceState>, String> {
+        let Some((gsi, abort_vector)) =
+            self.wiring.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|w| (w.gsi, w.abort_vector))
+        else {
+            return Ok(None);
+        };
+        let run = self.runner.save()?;
+        Ok(Some(IntxSourceState { gsi, abort_vector, asserted: self.line.asserted.load(Ordering::Acquire), run }))
+    }
+
+    /// Brings a saved source back: wired again, its line as it was, its run paused
+    /// where it stopped (the line is raised again when it goes on).
+    pub fn restore(&self, s: &IntxSourceState) -> Result<(), String> {
+        if let Some(r) = &s.run {
+            check_run(r)?;
+        }
+        if self.set_up(u64::from(s.gsi), u64::from(s.abort_vector))?.is_none() {
+            return Err(format!("test-intx: pin {} and vector {} cannot be set up", s.gsi, s.abort_vector));
+        }
+        self.line.asserted.store(s.asserted, Ordering::Release);
+        // A line the guest cleared completed its step (its acknowledgement is that).
+        if let Some(r) = s.run.map(|r| RunState { in_flight: r.in_flight && s.asserted, ..r }) {
+            self.runner.gate.lock().paused = true;
+            let ret = self.run(r.count, r.toggles, Some(r));
+            if ret.status != Status::Success {
+                return Err(format!("test-intx: its run could not be restored ({:?})", ret.status));
+            }
+        }
+        Ok(())
     }
 }
 

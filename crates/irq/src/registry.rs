@@ -319,6 +319,39 @@ impl IrqRegistry {
         }
     }
 
+    /// Makes every edge or MSI interrupt signalled before the call reach the irqchip
+    /// (a paused VM's local APIC is read next): what VMM-delivered sources have pending
+    /// is injected now, and an injection the delivery thread has in flight is waited
+    /// for; forwarded sources have their irqfd deassigned and assigned again, which
+    /// waits for KVM's injection work (a count left in between is injected at
+    /// assignment, as in a switch). Level lines are states the devices keep, not
+    /// events: they are left alone.
+    pub fn settle(&self) {
+        let mut st = self.lock();
+        for entry in st.entries.values_mut() {
+            if matches!(entry.guest, GuestIrq::Level(_)) {
+                continue;
+            }
+            if entry.mode == Mode::Forwarded && !entry.parked {
+                self.stop_forwarded(entry);
+                if let Err(e) = self.start_forwarded(entry) {
+                    tracing::error!(
+                        "IRQ source {}: forwarding again after settling failed ({e}); the VMM delivers it",
+                        entry.source.id
+                    );
+                    entry.mode = Mode::Vmm;
+                    if let Err(e) = self.start_vmm(entry) {
+                        tracing::error!("IRQ source {}: {e}; polling it", entry.source.id);
+                        self.shared.poll_fallback(&entry.source.id);
+                    }
+                }
+            } else {
+                delivery::deliver_pending(&self.shared, entry);
+            }
+        }
+        drop(self.shared.injecting());
+    }
+
     /// Masks or unmasks `id` (an MSI-X vector's mask bit, an MSI mask bit, INTx
     /// disable). While masked nothing is injected and an interrupt that arrives is kept
     /// pending; unmasking delivers a pending one. A forwarded source is watched by the

@@ -426,3 +426,53 @@ fn a_masked_source_keeps_one_interrupt_pending_and_delivers_it_at_unmask() {
     chip.stop.store(true, Ordering::Relaxed);
     t.join().unwrap();
 }
+
+/// `settle` is the barrier a snapshot needs before it reads the local APIC: every
+/// interrupt signalled before it returns has reached the irqchip, whether the VMM or
+/// KVM (the mock's lagging poller) delivers it, and whatever the source did between.
+#[test]
+fn settle_returns_only_when_every_signalled_interrupt_reached_the_chip() {
+    let _s = serial();
+    let (chip, t) = MockChip::start();
+    let reg = IrqRegistry::new(chip.clone(), Mode::Vmm).unwrap();
+    let (vmm_src, vmm_writer) = msi_source("settle-vmm");
+    reg.attach(vmm_src, GuestIrq::Msi(MsiMessage::fixed(0, 0x40)), Arc::new(Device)).unwrap();
+    let (kvm_src, kvm_writer) = msi_source("settle-kvm");
+    let kvm_id = kvm_src.id.clone();
+    reg.attach(kvm_src, GuestIrq::Msi(MsiMessage::fixed(0, 0x41)), Arc::new(Device)).unwrap();
+    reg.set_mode(&kvm_id, Mode::Forwarded).unwrap();
+    for i in 1..=2000u64 {
+        vmm_writer.write(1).unwrap();
+        kvm_writer.write(1).unwrap();
+        reg.settle();
+        assert_eq!(chip.vmm_msis.load(Ordering::Relaxed), i, "a VMM-delivered interrupt was still on its way");
+        assert_eq!(chip.kvm_delivered.load(Ordering::Relaxed), i, "a forwarded interrupt was still on its way");
+    }
+    assert_eq!(reg.stats(&kvm_id).unwrap().mode, Mode::Forwarded, "settling changed the mode");
+    assert_eq!(reg.stats(&kvm_id).unwrap().switches, 1, "settling counted as switches");
+    drop(reg);
+    chip.stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+}
+
+#[test]
+fn settle_waits_for_an_injection_in_flight() {
+    let _s = serial();
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let inner = Arc::new(MockChip::default());
+    let chip =
+        Arc::new(SlowChip { inner: inner.clone(), entered: Mutex::new(entered_tx), release: Mutex::new(release_rx) });
+    let reg = Arc::new(IrqRegistry::new(chip, Mode::Vmm).unwrap());
+    let (src, writer) = msi_source("slow-settle");
+    reg.attach(src, GuestIrq::Msi(MsiMessage::fixed(0, 0x40)), Arc::new(Device)).unwrap();
+    writer.write(1).unwrap();
+    entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    let r = Arc::clone(&reg);
+    let settle = std::thread::spawn(move || r.settle());
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!settle.is_finished(), "settle returned with an injection still in flight");
+    release.send(()).unwrap();
+    settle.join().unwrap();
+    assert_eq!(inner.vmm_msis.load(Ordering::Relaxed), 1);
+}

@@ -226,6 +226,7 @@ fn run_restore(args: &RunArgs, dir: &Path) -> Result<ExitCode, String> {
     }
     let mut cfg = config(args, if qtest { AccelKind::Qtest } else { AccelKind::Kvm });
     cfg.memory = snap.state.memory;
+    cfg.test_sources |= snap.state.test_sources.is_some();
     if qtest && args.qtest.is_none() {
         cfg.serial_out = Box::new(std::io::stderr());
     }
@@ -260,6 +261,7 @@ fn run_restore(args: &RunArgs, dir: &Path) -> Result<ExitCode, String> {
     drop(api);
     let status = status?;
     let _ = std::io::stdout().flush();
+    report_test_sources(&vm);
     report_guest_throughput(&vm);
     if args.stats {
         report_stats(&vm);

@@ -150,6 +150,9 @@ pub struct VmState {
     /// RAM hot-added since boot: (guest-physical start, size); contents in hotram.bin.
     #[serde(default)]
     pub hot_ram: Vec<(u64, u64)>,
+    /// The test interrupt sources (a VM built with them), their runs paused mid-way.
+    #[serde(default)]
+    pub test_sources: Option<devices::test_irq_state::TestSourcesState>,
 }
 
 /// What a snapshot took.
@@ -290,8 +293,12 @@ fn collect(vm: &Vm, devices: &[Arc<AssignedDevice>], specs: Vec<String>) -> Resu
     };
     // Guest RAM last, while everything is still stopped: copied to memory (the pause
     // lasts a memcpy of the touched pages; the file is written after resuming).
+    #[cfg(feature = "test-sources")]
+    let test_sources = vm.test_sources().map(|t| t.save()).transpose().map_err(err)?;
+    #[cfg(not(feature = "test-sources"))]
+    let test_sources = None;
     let (ram, hot_ram) = copy_ram(vm)?;
-    Ok((VmState { memory: vm.ram().size(), cpu, chip, devices: states, irq_modes, hot_ram }, devmem, ram))
+    Ok((VmState { memory: vm.ram().size(), cpu, chip, devices: states, irq_modes, hot_ram, test_sources }, devmem, ram))
 }
 
 /// Touched guest RAM copied out: (memfd offset, bytes) per data extent of boot RAM,
@@ -802,6 +809,9 @@ impl Snapshot {
             dev.function().set_migration_state(mig::STATE_STOP).map_err(err)?;
             dev.function().load_device_state(&d.device).map_err(err)?;
         }
+        if let Some(ts) = &self.state.test_sources {
+            restore_test_sources(vm, ts)?;
+        }
         for (device, index, sub, mode) in &self.state.irq_modes {
             let id = irq::SourceId::new(device, *index, *sub);
             let m = mode.parse::<irq::Mode>().map_err(|e| err(format!("interrupt source {id}: {e}")))?;
@@ -825,8 +835,26 @@ impl Snapshot {
                 dev.function().set_migration_state(mig::STATE_RUNNING).map_err(err)?;
             }
         }
+        #[cfg(feature = "test-sources")]
+        if let Some(t) = vm.test_sources() {
+            t.resume();
+        }
         Ok(())
     }
+}
+
+/// The test interrupt sources wired again, their runs paused where they stopped.
+#[cfg(feature = "test-sources")]
+fn restore_test_sources(vm: &Vm, s: &devices::test_irq_state::TestSourcesState) -> Result<()> {
+    let t = vm
+        .test_sources()
+        .ok_or_else(|| err("the snapshot has test interrupt sources: restore it with --test-sources"))?;
+    t.restore(s).map_err(err)
+}
+
+#[cfg(not(feature = "test-sources"))]
+fn restore_test_sources(_vm: &Vm, _s: &devices::test_irq_state::TestSourcesState) -> Result<()> {
+    Err(err("the snapshot has test interrupt sources, and this passthru was built without them"))
 }
 
 /// Replays a device's saved configuration through the guest-visible interface, in an

@@ -645,6 +645,16 @@ impl Vm {
                 unquiesced.push(d.name().to_string());
             }
         }
+        #[cfg(feature = "test-sources")]
+        if let Some(t) = self.test_sources()
+            && let Err(e) = t.pause(crate::run_control::PAUSE_DEADLINE)
+        {
+            tracing::warn!("pause: {e}");
+            unquiesced.push("test-sources".to_string());
+        }
+        // What the devices signalled before they stopped reaches the irqchip before
+        // anyone reads the vCPU's local APIC.
+        self.irqs.settle();
         Ok(unquiesced)
     }
 
@@ -680,6 +690,10 @@ impl Vm {
             {
                 tracing::error!("resume: {e}");
             }
+        }
+        #[cfg(feature = "test-sources")]
+        if let Some(t) = self.test_sources() {
+            t.resume();
         }
         self.run.resume()
     }

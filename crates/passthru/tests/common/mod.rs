@@ -9,6 +9,46 @@ pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_passthru"))
 }
 
+/// Runs `cmd` to completion within `within`; past it the process is killed and the
+/// test fails with what it printed (a hung guest must not hang the test suite).
+pub fn output_within(cmd: &mut Command, within: std::time::Duration) -> Output {
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_within(child, within)
+}
+
+/// Waits for `child` (its standard output and error piped) within `within`, as
+/// [`output_within`] does.
+pub fn wait_within(mut child: Child, within: std::time::Duration) -> Output {
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let o = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut b);
+        b
+    });
+    let e = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut b);
+        b
+    });
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if t.elapsed() > within {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (stdout, stderr) = (o.join().unwrap(), e.join().unwrap());
+    let Some(status) = status else {
+        panic!("still running after {within:?}, killed: {}{}", text(&stdout), text(&stderr));
+    };
+    Output { status, stdout, stderr }
+}
+
 /// Runs `passthru` with `args` to completion.
 pub fn passthru(args: &[&str]) -> Output {
     bin().args(args).output().unwrap()
