@@ -173,6 +173,16 @@ impl LocalDevice {
         })
     }
 
+    /// A stopped device (migration STOP, STOP_COPY) takes no interrupt or reset
+    /// change, as a vfio-user server refuses them: EINVAL.
+    fn check_allowed(&self, req: &vfio_user::proto::Request) -> Result<(), Error> {
+        if self.migration.lock().unwrap_or_else(|e| e.into_inner()).allows(req) {
+            Ok(())
+        } else {
+            Err(errno(libc::EINVAL))
+        }
+    }
+
     fn dev(&self) -> Result<std::sync::MutexGuard<'_, Box<dyn Device>>, Error> {
         if self.closed.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Error::Closed);
@@ -204,6 +214,7 @@ impl VfioDevice for LocalDevice {
         self.region_write(index, offset, data)
     }
     fn set_irqs(&self, irqs: SetIrqs, fds: &[RawFd]) -> Result<(), Error> {
+        self.check_allowed(&vfio_user::proto::Request::DeviceSetIrqs(irqs))?;
         let mut files = Vec::with_capacity(fds.len());
         for &fd in fds {
             // Our own copy of each descriptor, as a device process would receive it.
@@ -218,6 +229,7 @@ impl VfioDevice for LocalDevice {
         self.dev()?.set_irqs(&irqs, files).map_err(errno)
     }
     fn reset(&self) -> Result<(), Error> {
+        self.check_allowed(&vfio_user::proto::Request::DeviceReset)?;
         self.dev()?.reset().map_err(errno)
     }
     fn limits(&self) -> Limits {
@@ -262,5 +274,48 @@ impl VfioDevice for LocalDevice {
     fn dirty_stop(&self) {}
     fn dirty_report(&self, _iova: u64, _len: u64) -> Result<Vec<u64>, Error> {
         Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::dma_engine::{DeviceMemory, MemFault};
+    use vfio_user::proto::{self, mig};
+
+    /// An engine that reaches no memory: only its interrupts and resets matter here.
+    struct NoMemory;
+
+    impl DeviceMemory for NoMemory {
+        fn read(&mut self, iova: u64, _buf: &mut [u8]) -> Result<(), MemFault> {
+            Err(MemFault { iova })
+        }
+        fn write(&mut self, iova: u64, _data: &[u8]) -> Result<(), MemFault> {
+            Err(MemFault { iova })
+        }
+    }
+
+    fn set_state(d: &LocalDevice, state: u32) {
+        let data = [state.to_le_bytes(), u32::MAX.to_le_bytes()].concat();
+        d.device_feature(mig::FEATURE_SET | mig::FEATURE_MIG_DEVICE_STATE, &data, 16).unwrap();
+    }
+
+    #[test]
+    fn a_stopped_local_device_refuses_interrupt_changes_and_resets_as_a_server_does() {
+        let engine = crate::dma_engine::vfio::EngineServer::new(Box::new(NoMemory)).unwrap();
+        let local = LocalDevice::new(Box::new(engine)).unwrap();
+        let index = (0..local.info().num_irqs).find(|&i| local.irq(i).is_some_and(|q| q.count > 0)).unwrap();
+        let off =
+            SetIrqs { flags: proto::IRQ_SET_DATA_NONE | proto::IRQ_SET_ACTION_TRIGGER, index, start: 0, count: 0 };
+        local.set_irqs(off, &[]).unwrap();
+        local.reset().unwrap();
+        set_state(&local, mig::STATE_STOP);
+        for r in [local.set_irqs(off, &[]), local.reset()] {
+            assert!(matches!(r, Err(Error::Remote { errno: libc::EINVAL, .. })), "{r:?}");
+        }
+        set_state(&local, mig::STATE_RUNNING);
+        local.set_irqs(off, &[]).unwrap();
+        local.reset().unwrap();
     }
 }
