@@ -267,14 +267,21 @@ impl LockedMemory {
 /// Joins ranges that touch end to start (sorted by address); overlapping ranges stay
 /// apart, so every byte keeps the number of references the caller asked for. One
 /// range comes back borrowed.
-fn coalesce(ranges: &[(u64, u64)]) -> std::borrow::Cow<'_, [(u64, u64)]> {
+pub(crate) fn coalesce(ranges: &[(u64, u64)]) -> std::borrow::Cow<'_, [(u64, u64)]> {
     if ranges.len() < 2 {
         return std::borrow::Cow::Borrowed(ranges);
     }
-    let mut v: Vec<(u64, u64)> = ranges.to_vec();
-    v.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
-    for (a, len) in v {
+    let sorted;
+    let v: &[(u64, u64)] = if ranges.is_sorted() {
+        ranges // the common case (a batch in address order): no copy
+    } else {
+        let mut c = ranges.to_vec();
+        c.sort_unstable();
+        sorted = c;
+        &sorted
+    };
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(a, len) in v {
         match out.last_mut() {
             Some((pa, plen)) if *pa + *plen == a => *plen += len,
             _ => out.push((a, len)),

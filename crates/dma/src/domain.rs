@@ -178,7 +178,13 @@ impl Domain {
     /// (0 for a charge over the limit or a refusing observer) and nothing stays mapped.
     pub fn map_many(&self, maps: &[Mapping]) -> Result<(), (usize, MapError)> {
         for (i, m) in maps.iter().enumerate() {
-            self.check_map(m.iova, m.gpa, m.size, m.perm).map_err(|e| (i, e))?;
+            self.check_shape(m.iova, m.gpa, m.size, m.perm).map_err(|e| (i, e))?;
+        }
+        // Guest memory under one reading of the map (a batch of 512 pages).
+        if let Some(i) = self.vm.first_not_guest_memory(maps.iter().map(|m| (m.gpa.0, m.size)))
+            && let Some(m) = maps.get(i)
+        {
+            return Err((i, MapError::BadAddress { gpa: m.gpa.0, size: m.size }));
         }
         self.publish(maps)
     }
@@ -196,7 +202,22 @@ impl Domain {
                     tree.remove(&m.iova.0);
                 }
             };
+            // A batch in IOVA order over a range nothing is mapped in (a TCE put after
+            // its old entries left) needs one look at the tree, not one per mapping.
+            let ordered = maps.windows(2).all(|w| w[0].end() <= w[1].iova.0);
+            let (lo, hi) = (maps[0].iova.0, maps[maps.len() - 1].end());
+            let free = ordered && tree.range(..hi).next_back().is_none_or(|(_, x)| x.end() <= lo);
+            if free && tree.len().saturating_add(maps.len()) > self.config.max_mappings {
+                return Err((
+                    self.config.max_mappings.saturating_sub(tree.len()),
+                    MapError::NoSpace { max: self.config.max_mappings },
+                ));
+            }
             for (i, m) in maps.iter().enumerate() {
+                if free {
+                    tree.insert(m.iova.0, *m);
+                    continue;
+                }
                 let clash = tree.range(..m.end()).next_back().is_some_and(|(_, x)| x.end() > m.iova.0);
                 let full = tree.len() >= self.config.max_mappings;
                 if clash || full {
@@ -254,6 +275,15 @@ impl Domain {
     /// Checks a map request on its own (alignment, permission, aperture, reserved
     /// regions, guest memory); returns the end IOVA.
     fn check_map(&self, iova: Iova, gpa: Gpa, size: u64, perm: Perm) -> Result<u64, MapError> {
+        let end = self.check_shape(iova, gpa, size, perm)?;
+        if !self.vm.is_guest_memory(gpa.0, size) {
+            return Err(MapError::BadAddress { gpa: gpa.0, size });
+        }
+        Ok(end)
+    }
+
+    /// [`Domain::check_map`] but for guest memory.
+    fn check_shape(&self, iova: Iova, gpa: Gpa, size: u64, perm: Perm) -> Result<u64, MapError> {
         let end = self.check_range(iova.0, size)?;
         if perm.is_none() {
             return Err(MapError::InvalidArgument("no permission"));
@@ -266,9 +296,6 @@ impl Domain {
         }
         if self.config.reserved.iter().any(|r| iova.0 < r.end && r.start < end) {
             return Err(MapError::InvalidArgument("overlaps a reserved IOVA region"));
-        }
-        if !self.vm.is_guest_memory(gpa.0, size) {
-            return Err(MapError::BadAddress { gpa: gpa.0, size });
         }
         Ok(end)
     }

@@ -111,16 +111,19 @@ impl VmDma {
 
     /// Pins the guest RAM in `ranges` (device memory is skipped); all or nothing.
     pub(crate) fn pin(&self, ranges: &[(u64, u64)]) -> Result<(), MapError> {
-        match self.pinnable(ranges) {
-            None => self.account.pin(ranges),
+        // Contiguous pages (a TCE batch) become one range before anything looks at them.
+        let ranges = crate::account::coalesce(ranges);
+        match self.pinnable(&ranges) {
+            None => self.account.pin(&ranges),
             Some(r) => self.account.pin(&r),
         }
     }
 
     /// Releases what [`VmDma::pin`] pinned for `ranges`.
     pub(crate) fn unpin(&self, ranges: &[(u64, u64)]) {
-        match self.pinnable(ranges) {
-            None => self.account.unpin(ranges),
+        let ranges = crate::account::coalesce(ranges);
+        match self.pinnable(&ranges) {
+            None => self.account.unpin(&ranges),
             Some(r) => self.account.unpin(&r),
         }
     }
@@ -213,14 +216,28 @@ impl VmDma {
             return false;
         };
         let spans = self.spans.read().unwrap_or_else(|e| e.into_inner());
-        let mut at = gpa;
-        while at < end {
-            match spans.iter().find(|s| at >= s.gpa && at - s.gpa < s.size) {
-                Some(s) => at = s.gpa + s.size,
-                None => return false,
+        covered(&spans, gpa, end)
+    }
+
+    /// The index of the first of `ranges` (guest-physical start, length) that is not
+    /// all guest memory, if any: [`VmDma::is_guest_memory`] for a batch, under one
+    /// reading of the memory map.
+    pub fn first_not_guest_memory(&self, ranges: impl IntoIterator<Item = (u64, u64)>) -> Option<usize> {
+        let spans = self.spans.read().unwrap_or_else(|e| e.into_inner());
+        // Consecutive pages mostly fall in the span the previous one did.
+        let mut last: Option<&Span> = None;
+        ranges.into_iter().position(|(gpa, len)| {
+            let Some(end) = gpa.checked_add(len) else { return true };
+            if let Some(s) = last
+                && gpa >= s.gpa
+                && end <= s.gpa + s.size
+            {
+                return false;
             }
-        }
-        true
+            let i = spans.partition_point(|s| s.gpa <= gpa);
+            last = i.checked_sub(1).and_then(|i| spans.get(i)).filter(|s| end - s.gpa <= s.size);
+            last.is_none() && !covered(&spans, gpa, end)
+        })
     }
 
     /// Host address of `gpa` and the guest-physical bounds of its host-contiguous
@@ -277,4 +294,17 @@ impl vm_api::MemoryListener for VmDma {
             self.invalidate_endpoints();
         }
     }
+}
+
+/// True if the sorted, disjoint `spans` cover every byte of `[gpa, end)`.
+fn covered(spans: &[Span], gpa: u64, end: u64) -> bool {
+    let mut at = gpa;
+    while at < end {
+        let i = spans.partition_point(|s| s.gpa <= at);
+        match i.checked_sub(1).and_then(|i| spans.get(i)).filter(|s| at - s.gpa < s.size) {
+            Some(s) => at = s.gpa + s.size,
+            None => return false,
+        }
+    }
+    true
 }

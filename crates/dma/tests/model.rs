@@ -16,18 +16,59 @@ const LIMIT_PAGES: u64 = 40;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Map { iova: u64, gpa: u64, pages: u64, perm: u8 },
-    Unmap { iova: u64, pages: u64 },
+    Map {
+        iova: u64,
+        gpa: u64,
+        pages: u64,
+        perm: u8,
+    },
+    /// A batch (iova, gpa, pages, perm), all or nothing.
+    MapMany {
+        maps: Vec<(u64, u64, u64, u8)>,
+    },
+    Unmap {
+        iova: u64,
+        pages: u64,
+    },
     UnmapAll,
-    Read { dev: usize, iova: u64, len: u64 },
-    Write { dev: usize, iova: u64, len: u64, seed: u8 },
-    Translate { dev: usize, iova: u64, len: u64, write: bool },
+    Read {
+        dev: usize,
+        iova: u64,
+        len: u64,
+    },
+    Write {
+        dev: usize,
+        iova: u64,
+        len: u64,
+        seed: u8,
+    },
+    Translate {
+        dev: usize,
+        iova: u64,
+        len: u64,
+        write: bool,
+    },
     TakeDirty,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..40u64, 0..70u64, 0..6u64, 0..4u8).prop_map(|(i, g, n, p)| Op::Map { iova: i * P, gpa: g * P, pages: n, perm: p }),
+        // Batches: in IOVA order one after another (a TCE put) or anywhere.
+        2 => (0..40u64, any::<bool>(), prop::collection::vec((0..3u64, 0..70u64, 0..4u64, 0..4u8), 1..6)).prop_map(
+            |(start, ordered, v)| {
+                let mut at = start;
+                let maps = v
+                    .into_iter()
+                    .map(|(gap, g, n, p)| {
+                        let iova = if ordered { at + gap } else { (at * 7 + gap * 13 + g) % 40 };
+                        at = iova + n;
+                        (iova * P, g * P, n, p)
+                    })
+                    .collect();
+                Op::MapMany { maps }
+            }
+        ),
         2 => (0..44u64, 0..10u64).prop_map(|(i, n)| Op::Unmap { iova: i * P, pages: n }),
         1 => Just(Op::UnmapAll),
         4 => (0..2usize, 0..42 * P, 0..3 * P).prop_map(|(dev, iova, len)| Op::Read { dev, iova, len }),
@@ -77,6 +118,36 @@ impl Model {
         let after = Self::pinned_pages(&with).len() as u64 * P;
         if after > LIMIT_PAGES * P {
             return Err(MapError::NoMemory { locked, wanted: after - locked, limit: LIMIT_PAGES * P });
+        }
+        self.maps = with;
+        Ok(())
+    }
+
+    /// A batch as `Domain::map_many` checks it: shapes first, then guest memory, then
+    /// each mapping against what is mapped (earlier ones of the batch included) and
+    /// the mapping limit, then the pins of the whole batch (index 0).
+    fn map_many(&mut self, maps: &[(u64, u64, u64, u8)]) -> Result<(), (usize, MapError)> {
+        if let Some(i) = maps.iter().position(|&(_, _, n, p)| n == 0 || p == 0) {
+            return Err((i, MapError::InvalidArgument("any")));
+        }
+        if let Some(i) = maps.iter().position(|&(_, g, n, _)| g + n * P > RAM_PAGES * P) {
+            return Err((i, MapError::BadAddress { gpa: maps[i].1, size: maps[i].2 * P }));
+        }
+        let mut with = self.maps.clone();
+        for (i, &(iova, gpa, n, perm)) in maps.iter().enumerate() {
+            let size = n * P;
+            if with.iter().any(|m| iova < m.iova + m.size && m.iova < iova + size) {
+                return Err((i, MapError::Exists { iova: Iova(iova) }));
+            }
+            if with.len() >= MAX_MAPPINGS {
+                return Err((i, MapError::NoSpace { max: MAX_MAPPINGS }));
+            }
+            with.push(M { iova, gpa, size, perm });
+        }
+        let locked = Self::pinned_pages(&self.maps).len() as u64 * P;
+        let after = Self::pinned_pages(&with).len() as u64 * P;
+        if after > LIMIT_PAGES * P {
+            return Err((0, MapError::NoMemory { locked, wanted: after - locked, limit: LIMIT_PAGES * P }));
         }
         self.maps = with;
         Ok(())
@@ -140,6 +211,26 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     (Ok(()), Ok(())) => {}
                     (Err(g), Err(w)) => {
                         prop_assert!(same_kind(g, w), "{op:?}: got {g:?} want {w:?}")
+                    }
+                    _ => prop_assert!(false, "{op:?}: got {got:?} want {want:?}"),
+                }
+            }
+            Op::MapMany { ref maps } => {
+                let want = model.map_many(maps);
+                let batch: Vec<dma::Mapping> = maps
+                    .iter()
+                    .map(|&(iova, gpa, n, p)| dma::Mapping {
+                        iova: Iova(iova),
+                        gpa: Gpa(gpa),
+                        size: n * P,
+                        perm: Perm::new(p & 1 != 0, p & 2 != 0),
+                    })
+                    .collect();
+                let got = d.map_many(&batch);
+                match (&got, &want) {
+                    (Ok(()), Ok(())) => {}
+                    (Err((gi, g)), Err((wi, w))) => {
+                        prop_assert!(gi == wi && same_kind(g, w), "{op:?}: got {got:?} want {want:?}")
                     }
                     _ => prop_assert!(false, "{op:?}: got {got:?} want {want:?}"),
                 }
