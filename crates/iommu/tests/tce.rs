@@ -271,8 +271,12 @@ fn the_locked_memory_limit_refuses_cleanly_and_recovers_after_a_free() {
     assert_eq!(m.code(t::PUT_TCE, [liobn, P, 0x20_0000 | t::READ, 0]), t::H_RESOURCE, "a second pin is over");
     assert_eq!(m.get(liobn, P), 0);
     m.ok(t::PUT_TCE, [liobn, 0, 0, 0]);
-    assert_eq!(acct(), (P, 0), "the leaf page freed, the pin released");
+    assert_eq!(acct(), (2 * P, 0), "the pin released, the leaf page kept as a spare (still charged)");
     m.ok(t::PUT_TCE, [liobn, P, 0x20_0000 | t::READ, 0]);
+    assert_eq!(acct(), (2 * P, P), "the spare page reused: no new charge");
+    m.ok(t::PUT_TCE, [liobn, P, 0, 0]);
+    m.ok(t::REMOVE_WINDOW, [liobn, 0, 0, 0]);
+    assert_eq!(acct(), (0, 0), "the table and its spare pages released with the window");
 }
 
 proptest! {

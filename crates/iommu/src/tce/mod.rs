@@ -274,13 +274,14 @@ impl Tce {
         let mut s = w.table.lock().unwrap_or_else(|e| e.into_inner());
         let ps = s.page_shift;
         let page = 1u64 << ps;
-        for v in values {
-            let addr = v & !(t::READ | t::WRITE);
-            if valid(*v) && (!addr.is_multiple_of(page) || !self.dma.is_guest_memory(addr, page)) {
-                return Err(t::H_PARAMETER);
-            }
+        let addr = |v: &u64| v & !(t::READ | t::WRITE);
+        if values.iter().any(|v| valid(*v) && !addr(v).is_multiple_of(page))
+            || self.dma.first_not_guest_memory(values.iter().filter(|v| valid(**v)).map(|v| (addr(v), page))).is_some()
+        {
+            return Err(t::H_PARAMETER);
         }
-        let old: Vec<u64> = (0..values.len() as u64).map(|k| s.table.get(first + k)).collect();
+        let mut old = vec![0u64; values.len()];
+        s.table.get_run(first, &mut old);
         // Clears never allocate: only a batch with a value to store reserves table pages.
         if values.iter().any(|v| *v != 0) {
             s.table.reserve_for(first, values.len() as u64).map_err(|_| t::H_RESOURCE)?;
@@ -298,10 +299,13 @@ impl Tce {
                 })
                 .collect()
         };
+        let any_old = old.iter().any(|v| valid(*v));
         let mut done: Vec<(Arc<Domain>, u64)> = Vec::new();
         for (d, bus) in &targets {
-            let olds: Vec<Iova> = maps(*bus, &old).iter().map(|m| m.iova).collect();
-            d.unmap_exact(&olds);
+            if any_old {
+                let olds: Vec<Iova> = maps(*bus, &old).iter().map(|m| m.iova).collect();
+                d.unmap_exact(&olds);
+            }
             let new = maps(*bus, values);
             if !new.is_empty()
                 && let Err((_, e)) = d.map_many(&new)
@@ -320,10 +324,8 @@ impl Tce {
             }
             done.push((Arc::clone(d), *bus));
         }
-        for (k, v) in values.iter().enumerate() {
-            if let Err(e) = s.table.set(first + k as u64, *v) {
-                tracing::error!("TCE table of liobn {liobn:#x}: {e} despite the reservation");
-            }
+        if let Err(e) = s.table.set_run(first, values) {
+            tracing::error!("TCE table of liobn {liobn:#x}: {e} despite the reservation");
         }
         s.table.release_reserve();
         Ok((0, 0))

@@ -10,7 +10,11 @@
 //!
 //! Pages are charged to the VM's locked-memory account when allocated and released
 //! when freed: a leaf page whose entries are all clear is freed (hole punched), and an
-//! inner page whose children are all gone too. Reads and clears never allocate.
+//! inner page whose children are all gone too. Reads and clears never allocate. A
+//! table keeps up to [`SPARE_PAGES`] freed pages (all zeros, still charged) for its
+//! next allocations, so mapping and clearing across a leaf boundary does not pay a
+//! hole punch and a page fault each time (that cycle was most of a single
+//! H_PUT_TCE's cost).
 
 use abi::tce as t;
 use dma::{MapError, VmDma};
@@ -20,6 +24,8 @@ use std::sync::Arc;
 
 /// Bytes of one table page.
 pub const PAGE: u64 = 4096;
+/// Freed pages a table keeps (zeroed, charged) for reuse.
+pub const SPARE_PAGES: usize = 4;
 /// Most table pages one table can hold at once (64 GiB of pages).
 const MAX_TABLE_PAGES: u64 = 1 << 24;
 /// Most index bits a table has (5 levels of 9 bits).
@@ -58,8 +64,10 @@ pub struct Table {
     /// Non-zero entries per page, by page number (0 for free pages).
     used: Vec<u32>,
     account: Arc<VmDma>,
-    /// Pages allocated now (the root included).
+    /// Pages in the tree now (the root included).
     pages: u64,
+    /// Freed pages kept for reuse: all zeros, resident and still charged.
+    spare: Vec<u64>,
     /// Pages already charged for allocations to come ([`Table::reserve_for`]).
     reserved: u64,
 }
@@ -135,6 +143,7 @@ impl Table {
             used: Vec::new(),
             account,
             pages: 0,
+            spare: Vec::new(),
             reserved: 0,
         };
         let root = table.alloc_page()?;
@@ -152,14 +161,14 @@ impl Table {
         self.levels
     }
 
-    /// Table pages allocated now.
+    /// Table pages in the tree now.
     pub fn pages(&self) -> u64 {
         self.pages
     }
 
-    /// Bytes of table memory charged now.
+    /// Bytes of table memory charged now (the tree's pages and the spare ones).
     pub fn bytes(&self) -> u64 {
-        self.pages * PAGE
+        (self.pages + self.spare.len() as u64) * PAGE
     }
 
     /// The file the tree lives in (for mmap).
@@ -192,6 +201,8 @@ impl Table {
             let shift = LEVEL_BITS * (self.levels - l);
             pages += (last >> shift) - (first >> shift) + 1;
         }
+        // Spare pages are charged already and taken first.
+        let pages = pages.saturating_sub(self.spare.len() as u64);
         self.account.account().charge(pages * PAGE).map_err(|e: MapError| TableError::NoMemory(e.to_string()))?;
         self.reserved += pages;
         Ok(())
@@ -204,6 +215,14 @@ impl Table {
     }
 
     fn alloc_page(&mut self) -> Result<u64, TableError> {
+        if let Some(page) = self.spare.pop() {
+            // Zeroed and charged already.
+            self.pages += 1;
+            if let Some(u) = self.used.get_mut(page as usize) {
+                *u = 0;
+            }
+            return Ok(page);
+        }
         if self.reserved > 0 {
             self.reserved -= 1;
         } else {
@@ -232,6 +251,15 @@ impl Table {
     }
 
     fn free_page(&mut self, page: u64) {
+        // A page is freed only when it holds nothing: all zeros, reusable as it is.
+        if self.spare.len() < SPARE_PAGES {
+            if let Some(u) = self.used.get_mut(page as usize) {
+                *u = 0;
+            }
+            self.spare.push(page);
+            self.pages -= 1;
+            return;
+        }
         // SAFETY: fallocate on our own memfd, inside the file: the page becomes a hole
         // (zeros, no memory).
         unsafe {
@@ -257,37 +285,94 @@ impl Table {
 
     /// Entry `i` (0 if its leaf page was never allocated). Never allocates.
     pub fn get(&self, i: u64) -> u64 {
+        let mut v = [0];
+        self.get_run(i, &mut v);
+        v[0]
+    }
+
+    /// Entries `first..first + out.len()` into `out` (0 where no leaf page exists or
+    /// past the window). One walk per leaf page. Never allocates.
+    pub fn get_run(&self, first: u64, out: &mut [u64]) {
+        let mut k = 0usize;
+        while k < out.len() {
+            let i = first.saturating_add(k as u64);
+            let n = (ENTRIES - (i & (ENTRIES - 1))).min((out.len() - k) as u64) as usize;
+            let chunk = &mut out[k..k + n];
+            match self.leaf_of(i) {
+                Some(page) => {
+                    let at = self.index_at(i, self.levels - 1);
+                    for (j, o) in chunk.iter_mut().enumerate() {
+                        *o = u64::from_le(self.word(page, at + j as u64));
+                    }
+                }
+                None => chunk.fill(0),
+            }
+            k += n;
+        }
+    }
+
+    /// The leaf page holding entry `i`, if allocated.
+    fn leaf_of(&self, i: u64) -> Option<u64> {
         if i >= self.entries() {
-            return 0;
+            return None;
         }
         let mut page = 0;
         for l in 0..self.levels - 1 {
             let e = u64::from_le(self.word(page, self.index_at(i, l)));
             if e == 0 {
-                return 0;
+                return None;
             }
             page = (e & !(t::READ | t::WRITE)) / PAGE;
         }
-        u64::from_le(self.word(page, self.index_at(i, self.levels - 1)))
+        Some(page)
     }
 
     /// Sets entry `i`; returns the previous value. Storing 0 into a missing page
     /// allocates nothing; a leaf page left all clear is freed, then empty parents.
     pub fn set(&mut self, i: u64, v: u64) -> Result<u64, TableError> {
-        if i >= self.entries() {
-            return Err(TableError::Host(format!("entry {i} outside the table")));
+        let old = self.get(i);
+        self.set_run(i, &[v])?;
+        Ok(old)
+    }
+
+    /// Sets entries `first..` to `values`, one walk per leaf page (as [`Table::set`]
+    /// for each). A page it would need but cannot allocate fails the call with the
+    /// entries of earlier leaf pages set (reserve with [`Table::reserve_for`] first
+    /// for all or nothing).
+    pub fn set_run(&mut self, first: u64, values: &[u64]) -> Result<(), TableError> {
+        let last = first.checked_add(values.len() as u64);
+        if last.is_none_or(|l| l > self.entries()) {
+            return Err(TableError::Host(format!("entries {first}+{} outside the table", values.len())));
         }
-        // Walk down, allocating only to store a non-zero value.
-        let mut path = Vec::with_capacity(self.levels as usize);
+        let mut k = 0usize;
+        while k < values.len() {
+            let i = first + k as u64;
+            let n = (ENTRIES - (i & (ENTRIES - 1))).min((values.len() - k) as u64) as usize;
+            self.set_in_leaf(i, &values[k..k + n])?;
+            k += n;
+        }
+        Ok(())
+    }
+
+    /// Sets `vals` from entry `i` on, all in `i`'s leaf page.
+    fn set_in_leaf(&mut self, i: u64, vals: &[u64]) -> Result<(), TableError> {
+        let storing = vals.iter().any(|v| *v != 0);
+        // Walk down, allocating only to store a non-zero value (the path on the stack:
+        // this runs for every put).
+        let mut path = [(0u64, 0u64); t::MAX_LEVELS as usize];
+        let mut depth = 0;
         let mut page = 0u64;
         for l in 0..self.levels - 1 {
             let idx = self.index_at(i, l);
-            path.push((page, idx));
+            if let Some(p) = path.get_mut(depth) {
+                *p = (page, idx);
+                depth += 1;
+            }
             let e = u64::from_le(self.word(page, idx));
             page = if e != 0 {
                 (e & !(t::READ | t::WRITE)) / PAGE
-            } else if v == 0 {
-                return Ok(0);
+            } else if !storing {
+                return Ok(());
             } else {
                 let child = self.alloc_page()?;
                 self.set_word(page, idx, (child * PAGE) | t::READ | t::WRITE);
@@ -295,19 +380,25 @@ impl Table {
                 child
             };
         }
-        let idx = self.index_at(i, self.levels - 1);
-        let old = u64::from_le(self.word(page, idx));
-        self.set_word(page, idx, v);
-        let used = &mut self.used[page as usize];
-        match (old != 0, v != 0) {
-            (false, true) => *used += 1,
-            (true, false) => *used -= 1,
-            _ => {}
+        let at = self.index_at(i, self.levels - 1);
+        let mut used = self.used[page as usize];
+        for (j, v) in vals.iter().enumerate() {
+            let idx = at + j as u64;
+            let old = u64::from_le(self.word(page, idx));
+            self.set_word(page, idx, *v);
+            match (old != 0, *v != 0) {
+                (false, true) => used += 1,
+                (true, false) => used -= 1,
+                _ => {}
+            }
         }
+        self.used[page as usize] = used;
         // Free empty pages bottom-up (never the root).
         let mut child = page;
         while child != 0 && self.used.get(child as usize).copied() == Some(0) {
-            let Some((parent, pidx)) = path.pop() else { break };
+            let Some(d) = depth.checked_sub(1) else { break };
+            depth = d;
+            let (parent, pidx) = path[d];
             self.set_word(parent, pidx, 0);
             self.free_page(child);
             if let Some(u) = self.used.get_mut(parent as usize) {
@@ -315,7 +406,7 @@ impl Table {
             }
             child = parent;
         }
-        Ok(old)
+        Ok(())
     }
 
     /// Non-zero entries.
@@ -425,7 +516,14 @@ mod tests {
             t.set(i, 0).unwrap();
         }
         assert_eq!(t.pages(), 1, "cleared pages freed bottom-up, the root kept");
-        assert_eq!(a.account().charged(), 4096);
+        assert_eq!(a.account().charged(), (1 + SPARE_PAGES as u64) * 4096, "the root and the spare pages");
+        assert_eq!(a.account().charged(), t.bytes());
+        // Mapping again reuses the spare pages: no new charge until they are used up.
+        t.set(0, 0x1000 | abi::tce::READ).unwrap();
+        assert_eq!((t.pages(), a.account().charged()), (3, (1 + SPARE_PAGES as u64) * 4096));
+        assert_eq!(t.get(0), 0x1000 | abi::tce::READ);
+        assert_eq!(read_mapped(t.fd(), 24, 0).unwrap(), 0x1000 | abi::tce::READ, "a reused page reads right");
+        assert_eq!(t.valid(), vec![(0, 0x1000 | abi::tce::READ)], "a reused page holds nothing stale");
         drop(t);
         assert_eq!(a.account().charged(), 0);
     }
