@@ -40,6 +40,17 @@ pub fn call(
     body: Option<&str>,
     timeout: Duration,
 ) -> Result<Answer, String> {
+    call_with_files(socket, method, endpoint, body, timeout).map(|(a, _)| a)
+}
+
+/// [`call`], also taking the files the server passed with its answer (SCM_RIGHTS).
+pub fn call_with_files(
+    socket: &Path,
+    method: &str,
+    endpoint: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<(Answer, Vec<std::fs::File>), String> {
     let shown = socket.display();
     let mut s = UnixStream::connect(socket).map_err(|e| {
         format!("cannot connect to the API socket {shown}: {e} (is passthru running with --api-socket?)")
@@ -53,9 +64,21 @@ pub fn call(
         body.len()
     );
     s.write_all(req.as_bytes()).map_err(|e| format!("sending to {shown}: {e}"))?;
-    let mut raw = Vec::new();
-    s.take(MAX_ANSWER as u64 + 1).read_to_end(&mut raw).map_err(|e| format!("reading the answer from {shown}: {e}"))?;
-    parse_answer(&raw)
+    // The first read takes the files passed with the answer's first bytes.
+    let mut first = vec![0u8; 64 << 10];
+    let (n, file) = {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        s.recv_with_fd(&mut first).map_err(|e| format!("reading the answer from {shown}: {e}"))?
+    };
+    first.truncate(n);
+    let mut raw = first;
+    if n > 0 {
+        (&mut s)
+            .take(MAX_ANSWER as u64 + 1)
+            .read_to_end(&mut raw)
+            .map_err(|e| format!("reading the answer from {shown}: {e}"))?;
+    }
+    Ok((parse_answer(&raw)?, file.into_iter().collect()))
 }
 
 /// Parses a whole answer (head and Content-Length body).

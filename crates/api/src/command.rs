@@ -66,6 +66,12 @@ pub const ENDPOINTS: &[Endpoint] = &[
         help: "save the VM (vCPU, irqchip, RAM, devices and their DMA domains) to a directory, atomically; restore with passthru run --restore DIR",
     },
     Endpoint {
+        name: "tce.table",
+        method: "PUT",
+        body: r#"{"liobn": "0x1000"}"#,
+        help: "hand out the TCE table behind a liobn: its geometry, and its file (a memfd, passed with SCM_RIGHTS on this connection) to map read-only and walk (layout: abi::tce::layout)",
+    },
+    Endpoint {
         name: "memory.remove",
         method: "PUT",
         body: r#"{"gpa": "0x100000000"}"#,
@@ -126,6 +132,11 @@ pub enum Command {
     MemoryRemove {
         /// Guest-physical start of a region added with `memory.add`.
         gpa: u64,
+    },
+    /// `PUT tce.table`: the table's geometry, and its file with the answer.
+    TceTable {
+        /// The window's liobn.
+        liobn: u32,
     },
 }
 
@@ -190,6 +201,12 @@ struct ShutdownBody {
 struct IrqBody {
     source: String,
     mode: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TceTableBody {
+    liobn: Num,
 }
 
 #[derive(Deserialize)]
@@ -292,6 +309,12 @@ pub fn decode(method: &str, path: &str, body: &[u8]) -> Result<Command, ApiError
             let b: MemoryAddBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
             Command::MemoryAdd { gpa: b.gpa.value("gpa")?, size: b.size.value("size")? }
         }
+        "tce.table" => {
+            let b: TceTableBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
+            let liobn = u32::try_from(b.liobn.value("liobn")?)
+                .map_err(|_| ApiError::bad_request("\"liobn\" is a 32-bit logical I/O bus number"))?;
+            Command::TceTable { liobn }
+        }
         "vm.snapshot" => {
             let b: SnapshotBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
             if b.dir.trim().is_empty() {
@@ -351,6 +374,15 @@ mod tests {
         );
         assert_eq!(ok("PUT", "memory.remove", r#"{"gpa":"4096"}"#), Command::MemoryRemove { gpa: 4096 });
         assert_eq!(ok("PUT", "vm.snapshot", r#"{"dir":"/tmp/s"}"#), Command::Snapshot { dir: "/tmp/s".into() });
+    }
+
+    #[test]
+    fn tce_table_takes_a_32_bit_liobn() {
+        assert_eq!(ok("PUT", "tce.table", r#"{"liobn": "0x1000"}"#), Command::TceTable { liobn: 0x1000 });
+        assert_eq!(ok("PUT", "tce.table", r#"{"liobn": 4097}"#), Command::TceTable { liobn: 4097 });
+        let e = err("PUT", &format!("{PREFIX}tce.table"), r#"{"liobn": "0x100000000"}"#);
+        assert!(e.status == 400 && e.message.contains("32-bit"), "{}", e.message);
+        assert_eq!(err("PUT", &format!("{PREFIX}tce.table"), "").status, 400);
     }
 
     #[test]

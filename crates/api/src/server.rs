@@ -35,6 +35,13 @@ const TICK: Duration = Duration::from_millis(100);
 pub trait Handler: Send + Sync {
     /// Carries out one command: a JSON answer, or an error answer (nothing changed).
     fn handle(&self, command: Command) -> Result<serde_json::Value, ApiError>;
+
+    /// As [`Handler::handle`], with files to hand to the client along with the answer
+    /// (passed with SCM_RIGHTS on the connection; a client that does not take them,
+    /// e.g. curl, has them closed by the kernel).
+    fn handle_with_files(&self, command: Command) -> Result<(serde_json::Value, Vec<std::fs::File>), ApiError> {
+        self.handle(command).map(|v| (v, Vec::new()))
+    }
 }
 
 /// Counters of the server itself.
@@ -264,12 +271,13 @@ fn serve_client(shared: &Shared, mut stream: UnixStream) {
             }
             Ok(Parsed::Complete(req, used)) => {
                 buf.drain(..used);
-                let result = decode(&req.method, &req.path, &req.body).and_then(|c| shared.handler.handle(c));
-                let (status, body) = match result {
-                    Ok(v) => (200, v.to_string()),
-                    Err(e) => (e.status, e.body()),
+                let result =
+                    decode(&req.method, &req.path, &req.body).and_then(|c| shared.handler.handle_with_files(c));
+                let (status, body, files) = match result {
+                    Ok((v, files)) => (200, v.to_string(), files),
+                    Err(e) => (e.status, e.body(), Vec::new()),
                 };
-                if !answer(shared, &mut stream, status, &body, !req.keep_alive) || !req.keep_alive {
+                if !answer_with(shared, &mut stream, status, &body, !req.keep_alive, &files) || !req.keep_alive {
                     return;
                 }
                 started = (!buf.is_empty()).then(Instant::now);
@@ -315,6 +323,18 @@ fn serve_client(shared: &Shared, mut stream: UnixStream) {
 /// Writes one answer, all of it within [`WRITE_DEADLINE`] (a client reading slowly
 /// cannot hold its slot); false if the client did not take it in time.
 fn answer(shared: &Shared, stream: &mut UnixStream, status: u16, body: &str, close: bool) -> bool {
+    answer_with(shared, stream, status, body, close, &[])
+}
+
+/// [`answer`], `files` passed with its first bytes.
+fn answer_with(
+    shared: &Shared,
+    stream: &mut UnixStream,
+    status: u16,
+    body: &str,
+    close: bool,
+    files: &[std::fs::File],
+) -> bool {
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
     if status >= 400 {
         shared.counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -322,13 +342,20 @@ fn answer(shared: &Shared, stream: &mut UnixStream, status: u16, body: &str, clo
     let bytes = response(status, body, close);
     let deadline = Instant::now() + WRITE_DEADLINE;
     let mut done = 0;
+    let fds: Vec<std::os::fd::RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
     while done < bytes.len() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
             shared.counters.timed_out.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        match stream.write(&bytes[done..]) {
+        let sent = if done == 0 && !fds.is_empty() {
+            use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+            stream.send_with_fds(&[&bytes[..]], &fds).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        } else {
+            stream.write(&bytes[done..])
+        };
+        match sent {
             Ok(0) => return false,
             Ok(n) => done += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}

@@ -66,6 +66,24 @@ impl std::fmt::Debug for Device {
     }
 }
 
+/// A translation table as an outside reader gets it: its file (mmap it read-only;
+/// layout in `abi::tce::layout`) and geometry.
+#[derive(Clone, Debug)]
+pub struct TableView {
+    /// The table's file (a memfd).
+    pub file: Arc<std::fs::File>,
+    /// log2 of the entries in the window.
+    pub entry_bits: u32,
+    /// Levels of the tree.
+    pub levels: u32,
+    /// log2 of the IOMMU page size.
+    pub page_shift: u32,
+    /// The window's bus offset (entry i translates IOBA bus_offset + i << page_shift).
+    pub bus_offset: u64,
+    /// The group whose window this is.
+    pub group: u32,
+}
+
 /// A front-end of one VM.
 pub trait Frontend: Send + Sync {
     /// Its registered name.
@@ -88,6 +106,12 @@ pub trait Frontend: Send + Sync {
 
     /// A front-end's own query (qtest `NAME_info ARG`, e.g. `tce_info LIOBN`).
     fn info(&self, _arg: &str) -> Option<String> {
+        None
+    }
+
+    /// A table the front-end hands to outside readers for `arg` (TCE: the table behind
+    /// a liobn), with what a reader needs to walk it.
+    fn table_view(&self, _arg: &str) -> Option<TableView> {
         None
     }
 

@@ -92,7 +92,42 @@ impl Handler for Control {
                 vm.remove_ram(gpa).map_err(|e| ApiError::conflict(e.to_string()))?;
                 Ok(json!({ "removed": gpa }))
             }
+            Command::TceTable { liobn } => self.table_view(liobn).map(|(v, _)| v),
         }
+    }
+
+    fn handle_with_files(&self, command: Command) -> Result<(Value, Vec<std::fs::File>), ApiError> {
+        match command {
+            Command::TceTable { liobn } => self.table_view(liobn),
+            other => self.handle(other).map(|v| (v, Vec::new())),
+        }
+    }
+}
+
+impl Control {
+    /// `tce.table`: the geometry of the table behind `liobn`, and a descriptor of its
+    /// file for the client to map.
+    fn table_view(&self, liobn: u32) -> Result<(Value, Vec<std::fs::File>), ApiError> {
+        let fe = self
+            .vm
+            .frontends()
+            .get("tce")
+            .ok_or_else(|| ApiError::not_found("no TCE front-end: no device was given with dma=tce"))?;
+        let v = fe
+            .table_view(&format!("{liobn:#x}"))
+            .ok_or_else(|| ApiError::not_found(format!("no TCE window with liobn {liobn:#x} (see vm.info)")))?;
+        let file = v.file.try_clone().map_err(|e| ApiError::conflict(format!("duplicating the table's file: {e}")))?;
+        let answer = json!({
+            "liobn": liobn,
+            "group": v.group,
+            "bus_offset": format!("{:#x}", v.bus_offset),
+            "page_shift": v.page_shift,
+            "entry_bits": v.entry_bits,
+            "levels": v.levels,
+            "layout": "abi::tce::layout: the root page at offset 0; an inner entry is the file offset of the next level's page | READ | WRITE (0: none); a leaf entry is the TCE; 4 KiB pages of 512 little-endian words",
+            "files": 1,
+        });
+        Ok((answer, vec![file]))
     }
 }
 

@@ -74,6 +74,15 @@ enum CtlCommand {
         /// The snapshot's directory (replaced atomically if it exists).
         dir: String,
     },
+    /// Map the TCE table behind LIOBN (its file passed by the VMM) and list its valid
+    /// entries, read from the mapping as a tool would.
+    TceTable {
+        /// The window's liobn (0x hexadecimal or decimal).
+        liobn: String,
+        /// Most entries listed.
+        #[arg(long, default_value_t = 4096)]
+        max: usize,
+    },
 }
 
 fn request(c: &CtlCommand) -> (&'static str, &'static str, Option<Value>) {
@@ -90,6 +99,7 @@ fn request(c: &CtlCommand) -> (&'static str, &'static str, Option<Value>) {
         }
         CtlCommand::MemoryAdd { gpa, size } => ("PUT", "memory.add", Some(json!({ "gpa": gpa, "size": size }))),
         CtlCommand::MemoryRemove { gpa } => ("PUT", "memory.remove", Some(json!({ "gpa": gpa }))),
+        CtlCommand::TceTable { liobn, .. } => ("PUT", "tce.table", Some(json!({ "liobn": liobn }))),
         CtlCommand::Snapshot { dir } => {
             // The server resolves relative paths against its own directory: send ours.
             let abs = std::path::absolute(dir).map_or_else(|_| dir.clone(), |p| p.display().to_string());
@@ -114,13 +124,16 @@ pub fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
         s.enable_steady_tick(Duration::from_millis(100));
         s
     });
-    let answer = api::client::call(&args.socket, method, endpoint, body.as_deref(), CLIENT_TIMEOUT);
+    let answer = api::client::call_with_files(&args.socket, method, endpoint, body.as_deref(), CLIENT_TIMEOUT);
     if let Some(s) = spinner {
         s.finish_and_clear();
     }
-    let answer = answer?;
+    let (mut answer, files) = answer?;
     if !(200..300).contains(&answer.status) {
         return Err(format!("{endpoint}: {} ({})", answer.message(), answer.status));
+    }
+    if let CtlCommand::TceTable { max, .. } = &args.command {
+        answer.body = tce_entries(answer.body, files.first(), *max)?;
     }
     let mut out = std::io::stdout().lock();
     let text = if args.json {
@@ -129,11 +142,46 @@ pub fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
         match &args.command {
             CtlCommand::Info => human_info(&answer.body),
             CtlCommand::Counters => human_counters(&answer.body, None, Duration::ZERO),
+            CtlCommand::TceTable { .. } => human_tce(&answer.body),
             _ => format!("{endpoint}: ok {}", answer.body),
         }
     };
     let _ = writeln!(out, "{}", text.trim_end());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Adds the table's valid entries, read through a read-only mapping of the file the
+/// VMM passed, to its `tce.table` answer: `entries` as [index, IOBA, TCE].
+fn tce_entries(mut v: Value, file: Option<&std::fs::File>, max: usize) -> Result<Value, String> {
+    let file = file.ok_or("tce.table: the VMM passed no file with its answer")?;
+    let bits = u32::try_from(u(&v, &["entry_bits"])).map_err(|_| "tce.table: a malformed answer")?;
+    let shift = u(&v, &["page_shift"]);
+    let bus = v["bus_offset"].as_str().and_then(api::command::parse_number).unwrap_or(0);
+    let entries = iommu::tce::table::mapped_entries(file, bits, max).map_err(|e| format!("tce.table: {e}"))?;
+    v["entries"] = entries
+        .iter()
+        .map(|&(i, tce)| json!([i, format!("{:#x}", bus.saturating_add(i << shift.min(63))), format!("{tce:#x}")]))
+        .collect();
+    Ok(v)
+}
+
+/// `ctl tce-table` for a human.
+fn human_tce(v: &Value) -> String {
+    let mut o = format!(
+        "liobn {:#x}, group {}, bus offset {}, 2^{} entries of 2^{}-byte pages, {} levels\n",
+        u(v, &["liobn"]),
+        u(v, &["group"]),
+        s(v, "bus_offset"),
+        u(v, &["entry_bits"]),
+        u(v, &["page_shift"]),
+        u(v, &["levels"])
+    );
+    let entries = v["entries"].as_array().cloned().unwrap_or_default();
+    o += &format!("{} valid entries (index, IOBA, TCE):\n", entries.len());
+    for e in entries {
+        o += &format!("  {:>8} {:>18} {}\n", e[0], e[1].as_str().unwrap_or("-"), e[2].as_str().unwrap_or("-"));
+    }
+    o
 }
 
 fn u(v: &Value, path: &[&str]) -> u64 {

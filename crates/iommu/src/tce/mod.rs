@@ -655,10 +655,29 @@ impl Frontend for Tce {
     }
 
     fn info(&self, arg: &str) -> Option<String> {
-        let liobn = match arg.strip_prefix("0x") {
-            Some(h) => u32::from_str_radix(h, 16).ok()?,
-            None => arg.parse().ok()?,
-        };
-        self.window_info(liobn)
+        self.window_info(parse_liobn(arg)?)
+    }
+
+    fn table_view(&self, arg: &str) -> Option<crate::frontend::TableView> {
+        let liobn = parse_liobn(arg)?;
+        let st = self.lock();
+        let w = st.windows.get(&liobn)?;
+        let s = w.table.lock().unwrap_or_else(|e| e.into_inner());
+        Some(crate::frontend::TableView {
+            file: Arc::clone(s.table.fd()),
+            entry_bits: s.window_shift - s.page_shift,
+            levels: s.table.levels(),
+            page_shift: s.page_shift,
+            bus_offset: w.bus_offset,
+            group: w.group,
+        })
+    }
+}
+
+/// A liobn as written to `tce_info` or the API: `0x` hexadecimal or decimal.
+fn parse_liobn(arg: &str) -> Option<u32> {
+    match arg.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16).ok(),
+        None => arg.parse().ok(),
     }
 }

@@ -465,6 +465,76 @@ impl Drop for Table {
     }
 }
 
+/// The valid (non-zero) entries of a table's file, `(index, TCE)` in index order, at
+/// most `max` of them: the file mapped read-only and walked from the root by the
+/// documented layout, as an outside tool does. The file is not trusted: an inner entry
+/// pointing outside it or at a misaligned offset is an error, and every word is read
+/// once with a volatile load (the VMM may be writing the table meanwhile).
+pub fn mapped_entries(file: &File, entry_bits: u32, max: usize) -> std::io::Result<Vec<(u64, u64)>> {
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let levels = entry_bits.div_ceil(LEVEL_BITS).max(1);
+    if levels > t::MAX_LEVELS {
+        return Err(bad(format!("a window of 2^{entry_bits} entries")));
+    }
+    let len = file.metadata()?.len();
+    if len < PAGE {
+        return Err(bad("the file holds no root page".into()));
+    }
+    let map_len = usize::try_from(len).map_err(|_| bad("the file is too large to map".into()))?;
+    // SAFETY: a new read-only shared mapping of the whole file; nothing else uses this
+    // address range; it is unmapped below before returning.
+    let p =
+        unsafe { libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let words = len / 8;
+    let word = |at: u64| -> u64 {
+        debug_assert!(at < words);
+        // SAFETY: `at < words`: inside the mapping made above, 8-byte aligned.
+        u64::from_le(unsafe { std::ptr::read_volatile(p.cast::<u64>().add(at as usize)) })
+    };
+    let mut out = Vec::new();
+    // Depth-first, in index order: (page, level, index prefix).
+    let mut stack = vec![(0u64, 0u32, 0u64)];
+    let mut result = Ok(());
+    while let Some((page, level, prefix)) = stack.pop() {
+        let leaf = level + 1 == levels;
+        let mut children = Vec::new();
+        for idx in 0..ENTRIES {
+            let e = word(page * ENTRIES + idx);
+            if e == 0 {
+                continue;
+            }
+            let i = (prefix << LEVEL_BITS) | idx;
+            if leaf {
+                if out.len() >= max {
+                    break;
+                }
+                out.push((i, e));
+            } else {
+                let off = e & !(t::READ | t::WRITE);
+                if !off.is_multiple_of(PAGE) || off.checked_add(PAGE).is_none_or(|end| end > len) || off == 0 {
+                    result = Err(bad(format!("an inner entry {e:#x} at level {level} points outside the table")));
+                    break;
+                }
+                children.push((off / PAGE, level + 1, i));
+            }
+        }
+        if result.is_err() || out.len() >= max {
+            break;
+        }
+        stack.extend(children.into_iter().rev());
+        if stack.len() > 1 << 20 {
+            result = Err(bad("the table has more pages than any window".into()));
+            break;
+        }
+    }
+    // SAFETY: the mapping made above, of `map_len` bytes, used by nothing now.
+    unsafe { libc::munmap(p, map_len) };
+    result.map(|()| out)
+}
+
 /// Reads entry `i` from a table's file the way a reader (tool, device process) would:
 /// mapped, walked from the root by the documented layout.
 pub fn read_mapped(fd: &File, entry_bits: u32, i: u64) -> std::io::Result<u64> {
@@ -567,6 +637,11 @@ mod tests {
                 prop_assert_eq!(read_mapped(t.fd(), 14, *i).unwrap(), *v);
             }
             prop_assert_eq!(t.valid(), model.iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>());
+            prop_assert_eq!(
+                mapped_entries(t.fd(), 14, usize::MAX).unwrap(),
+                model.iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>(),
+                "the mapped file, walked as a reader does"
+            );
             let leaves: std::collections::BTreeSet<u64> = model.keys().map(|i| i >> 9).collect();
             prop_assert_eq!(t.pages(), 1 + leaves.len() as u64);
         }
