@@ -38,11 +38,23 @@ impl Extents {
     /// newly-referenced sub-range.
     fn add(&mut self, start: u64, end: u64, mut fresh: impl FnMut(u64, u64)) {
         // Fast path: nothing overlaps (the common case: a buffer pinned once).
-        let before = self.0.range(..end).next_back().map(|(s, (e, _))| (*s, *e));
-        if before.is_none_or(|(_, e)| e <= start) {
-            self.0.insert(start, (end, 1));
+        let before = self.0.range(..end).next_back().map(|(s, (e, c))| (*s, *e, *c));
+        if before.is_none_or(|(_, e, _)| e <= start) {
             fresh(start, end);
-            self.merge_around(start, end);
+            // Join the neighbours it touches that are referenced once too (a look at
+            // each, not a walk: scattered pages pinned one by one stay cheap).
+            let (mut s0, mut e0) = (start, end);
+            if let Some((ps, pe, 1)) = before
+                && pe == start
+            {
+                self.0.remove(&ps);
+                s0 = ps;
+            }
+            if let Some(&(ne, 1)) = self.0.get(&end) {
+                self.0.remove(&end);
+                e0 = ne;
+            }
+            self.0.insert(s0, (e0, 1));
             return;
         }
         self.split_at(start);

@@ -10,8 +10,8 @@ use crate::endpoint::Inner as EndpointInner;
 use crate::error::MapError;
 use crate::faults::FaultLog;
 use crate::pagesize::PageSizes;
+use crate::store::Store;
 use crate::vmdma::VmDma;
-use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
@@ -89,7 +89,8 @@ pub struct Domain {
     config: DomainConfig,
     pub(crate) vm: Arc<VmDma>,
     ops: Mutex<()>,
-    pub(crate) tree: RwLock<BTreeMap<u64, Mapping>>,
+    /// The mappings (runs of contiguous ones share an entry, see [`crate::store`]).
+    tree: RwLock<Store>,
     /// The endpoints translating through this domain: an unmap invalidates each one
     /// (IOTLBs dropped, in-flight accesses waited for).
     endpoints: RwLock<Vec<Weak<EndpointInner>>>,
@@ -112,7 +113,7 @@ impl Domain {
             config,
             vm,
             ops: Mutex::new(()),
-            tree: RwLock::new(BTreeMap::new()),
+            tree: RwLock::new(Store::default()),
             endpoints: RwLock::new(Vec::new()),
             faults: FaultLog::default(),
             maps: AtomicU64::new(0),
@@ -151,7 +152,7 @@ impl Domain {
         self.ops.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn tree_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, Mapping>> {
+    fn tree_mut(&self) -> std::sync::RwLockWriteGuard<'_, Store> {
         self.tree.write().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -197,39 +198,32 @@ impl Domain {
         let _update = self.update();
         {
             let mut tree = self.tree_mut();
-            let undo = |tree: &mut BTreeMap<u64, Mapping>, n: usize| {
-                for m in &maps[..n] {
-                    tree.remove(&m.iova.0);
-                }
-            };
+            let iovas = |n: usize| -> Vec<Iova> { maps[..n].iter().map(|m| m.iova).collect() };
             // A batch in IOVA order over a range nothing is mapped in (a TCE put after
             // its old entries left) needs one look at the tree, not one per mapping.
             let ordered = maps.windows(2).all(|w| w[0].end() <= w[1].iova.0);
             let (lo, hi) = (maps[0].iova.0, maps[maps.len() - 1].end());
-            let free = ordered && tree.range(..hi).next_back().is_none_or(|(_, x)| x.end() <= lo);
-            if free && tree.len().saturating_add(maps.len()) > self.config.max_mappings {
-                return Err((
-                    self.config.max_mappings.saturating_sub(tree.len()),
-                    MapError::NoSpace { max: self.config.max_mappings },
-                ));
-            }
-            for (i, m) in maps.iter().enumerate() {
-                if free {
-                    tree.insert(m.iova.0, *m);
-                    continue;
+            if ordered && !tree.overlaps(lo, hi) {
+                let room = self.config.max_mappings.saturating_sub(tree.len());
+                if maps.len() > room {
+                    return Err((room, MapError::NoSpace { max: self.config.max_mappings }));
                 }
-                let clash = tree.range(..m.end()).next_back().is_some_and(|(_, x)| x.end() > m.iova.0);
-                let full = tree.len() >= self.config.max_mappings;
-                if clash || full {
-                    undo(&mut tree, i);
-                    let e = if clash {
-                        MapError::Exists { iova: m.iova }
-                    } else {
-                        MapError::NoSpace { max: self.config.max_mappings }
-                    };
-                    return Err((i, e));
+                tree.insert(maps);
+            } else {
+                for (i, m) in maps.iter().enumerate() {
+                    let clash = tree.overlaps(m.iova.0, m.end());
+                    let full = tree.len() >= self.config.max_mappings;
+                    if clash || full {
+                        tree.remove(&iovas(i));
+                        let e = if clash {
+                            MapError::Exists { iova: m.iova }
+                        } else {
+                            MapError::NoSpace { max: self.config.max_mappings }
+                        };
+                        return Err((i, e));
+                    }
+                    tree.insert(std::slice::from_ref(m));
                 }
-                tree.insert(m.iova.0, *m);
             }
             let pinned = if let [m] = maps {
                 self.vm.pin(&[(m.gpa.0, m.size)])
@@ -238,7 +232,7 @@ impl Domain {
                 self.vm.pin(&ranges)
             };
             if let Err(e) = pinned {
-                undo(&mut tree, maps.len());
+                tree.remove(&iovas(maps.len()));
                 return Err((0, e));
             }
         }
@@ -255,10 +249,8 @@ impl Domain {
         for (oi, o) in observers.iter().enumerate() {
             if let Err(reason) = o.mapped(maps) {
                 {
-                    let mut tree = self.tree_mut();
-                    for m in maps {
-                        tree.remove(&m.iova.0);
-                    }
+                    let iovas: Vec<Iova> = maps.iter().map(|m| m.iova).collect();
+                    self.tree_mut().remove(&iovas);
                 }
                 self.invalidate_endpoints();
                 for done in observers[..oi].iter().rev() {
@@ -309,25 +301,22 @@ impl Domain {
         let removed = {
             let mut tree = self.tree_mut();
             // Fast path: the range is exactly one mapping (the common unmap).
-            if let Some(m) = tree.get(&iova.0).copied()
+            if let Some(m) = tree.lookup(iova.0)
+                && m.iova == iova
                 && m.end() == end
             {
-                tree.remove(&iova.0);
+                tree.remove(&[iova]);
                 drop(tree);
                 return Ok(self.retire(&[m]));
             }
-            if let Some((_, m)) = tree.range(..iova.0).next_back()
-                && m.end() > iova.0
-            {
+            if tree.lookup(iova.0).is_some_and(|m| m.iova.0 < iova.0) {
                 return Err(MapError::InvalidArgument("unmap would split a mapping"));
             }
-            if let Some((_, m)) = tree.range(..end).next_back()
-                && m.end() > end
-            {
+            if tree.lookup(end - 1).is_some_and(|m| m.end() > end) {
                 return Err(MapError::InvalidArgument("unmap would split a mapping"));
             }
-            let keys: Vec<u64> = tree.range(iova.0..end).map(|(k, _)| *k).collect();
-            keys.iter().filter_map(|k| tree.remove(k)).collect::<Vec<_>>()
+            let starts: Vec<Iova> = tree.starting_in(iova.0, end).iter().map(|m| m.iova).collect();
+            tree.remove(&starts)
         };
         Ok(self.retire(&removed))
     }
@@ -337,17 +326,14 @@ impl Domain {
     /// pins. Unknown IOVAs are skipped. Returns the bytes removed.
     pub fn unmap_exact(&self, iovas: &[Iova]) -> u64 {
         let _update = self.update();
-        let removed: Vec<Mapping> = {
-            let mut tree = self.tree_mut();
-            iovas.iter().filter_map(|i| tree.remove(&i.0)).collect()
-        };
+        let removed = self.tree_mut().remove(iovas);
         self.retire(&removed)
     }
 
     /// Removes every mapping; returns the bytes removed.
     pub fn unmap_all(&self) -> u64 {
         let _update = self.update();
-        let removed: Vec<Mapping> = std::mem::take(&mut *self.tree_mut()).into_values().collect();
+        let removed = self.tree_mut().take_all();
         self.retire(&removed)
     }
 
@@ -401,18 +387,23 @@ impl Domain {
 
     /// The mapping covering `iova`, if any.
     pub fn lookup(&self, iova: Iova) -> Option<Mapping> {
-        let tree = self.tree.read().unwrap_or_else(|e| e.into_inner());
-        tree.range(..=iova.0).next_back().map(|(_, m)| *m).filter(|m| m.end() > iova.0)
+        self.tree.read().unwrap_or_else(|e| e.into_inner()).lookup(iova.0)
     }
 
     /// All mappings, by IOVA.
     pub fn mappings(&self) -> Vec<Mapping> {
-        self.tree.read().unwrap_or_else(|e| e.into_inner()).values().copied().collect()
+        self.tree.read().unwrap_or_else(|e| e.into_inner()).iter().collect()
     }
 
     /// Number of mappings.
     pub fn mapping_count(&self) -> usize {
         self.tree.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Entries the mappings take in the domain's tree: contiguous mappings of one size
+    /// and permission share one (see the `store` module).
+    pub fn stored_runs(&self) -> usize {
+        self.tree.read().unwrap_or_else(|e| e.into_inner()).runs()
     }
 
     /// Page-table entries the mappings take with the domain's page sizes (large pages
@@ -422,7 +413,7 @@ impl Domain {
         self.tree
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .values()
+            .iter()
             .map(|m| ps.count_pages(m.iova.0, m.gpa.0, m.size))
             .sum()
     }
@@ -480,8 +471,8 @@ impl Domain {
 impl Drop for Domain {
     fn drop(&mut self) {
         // Pins die with the domain: nothing can access it any more.
-        let tree = std::mem::take(self.tree.get_mut().unwrap_or_else(|e| e.into_inner()));
-        let ranges: Vec<(u64, u64)> = tree.values().map(|m| (m.gpa.0, m.size)).collect();
+        let all = self.tree.get_mut().unwrap_or_else(|e| e.into_inner()).take_all();
+        let ranges: Vec<(u64, u64)> = all.iter().map(|m| (m.gpa.0, m.size)).collect();
         self.vm.unpin(&ranges);
     }
 }

@@ -22,6 +22,7 @@ mod faults;
 mod pagesize;
 mod readers;
 mod space;
+mod store;
 mod vmdma;
 
 pub use account::LockedMemory;

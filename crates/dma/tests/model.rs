@@ -26,6 +26,10 @@ enum Op {
     MapMany {
         maps: Vec<(u64, u64, u64, u8)>,
     },
+    /// Exactly the mappings starting at these IOVAs.
+    UnmapExact {
+        iovas: Vec<u64>,
+    },
     Unmap {
         iova: u64,
         pages: u64,
@@ -69,7 +73,13 @@ fn op() -> impl Strategy<Value = Op> {
                 Op::MapMany { maps }
             }
         ),
+        // Runs: mappings of one size back to back in IOVA and guest memory (a TCE
+        // window mapping RAM page by page), which the domain stores as one entry.
+        2 => (0..40u64, 0..60u64, 1..12u64, 1..3u64, 1..4u8).prop_map(|(i, g, count, unit, p)| Op::MapMany {
+            maps: (0..count).map(|k| ((i + k * unit) * P, (g + k * unit) * P, unit, p)).collect()
+        }),
         2 => (0..44u64, 0..10u64).prop_map(|(i, n)| Op::Unmap { iova: i * P, pages: n }),
+        2 => prop::collection::vec(0..44u64, 0..8).prop_map(|v| Op::UnmapExact { iovas: v.into_iter().map(|i| i * P).collect() }),
         1 => Just(Op::UnmapAll),
         4 => (0..2usize, 0..42 * P, 0..3 * P).prop_map(|(dev, iova, len)| Op::Read { dev, iova, len }),
         4 => (0..2usize, 0..42 * P, 0..3 * P, any::<u8>()).prop_map(|(dev, iova, len, seed)| Op::Write { dev, iova, len, seed }),
@@ -246,6 +256,16 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     _ => prop_assert!(false, "{op:?}: got {got:?} want {want:?}"),
                 }
             }
+            Op::UnmapExact { ref iovas } => {
+                let mut want = 0;
+                for i in iovas {
+                    if let Some(pos) = model.maps.iter().position(|m| m.iova == *i) {
+                        want += model.maps.remove(pos).size;
+                    }
+                }
+                let list: Vec<Iova> = iovas.iter().map(|i| Iova(*i)).collect();
+                prop_assert_eq!(d.unmap_exact(&list), want, "{:?}", op);
+            }
             Op::UnmapAll => {
                 let want: u64 = model.maps.iter().map(|m| m.size).sum();
                 model.maps.clear();
@@ -311,6 +331,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         }
         prop_assert_eq!(vm.account().pinned(), Model::pinned_pages(&model.maps).len() as u64 * P);
         prop_assert_eq!(d.mapping_count(), model.maps.len());
+        let mut listed: Vec<(u64, u64, u64)> = model.maps.iter().map(|m| (m.iova, m.gpa, m.size)).collect();
+        listed.sort_unstable();
+        prop_assert_eq!(
+            d.mappings().iter().map(|m| (m.iova.0, m.gpa.0, m.size)).collect::<Vec<_>>(),
+            listed,
+            "every mapping listed as it was made"
+        );
         prop_assert_eq!(d.faults().total(), faults);
     }
     // Guest memory as the model has it.

@@ -592,8 +592,12 @@ fn noncoherent_bench(mib: u64, json: Option<PathBuf>) -> Result<ExitCode, String
 #[derive(Serialize, Debug, Default)]
 struct TceReport {
     rounds: u64,
+    /// 512 entries mapping contiguous guest pages (as Linux maps RAM into a window).
     indirect_ns_per_entry: f64,
     stuff_ns_per_entry: f64,
+    /// 512 entries of which no two guest pages are contiguous (the worst case).
+    indirect_scattered_ns_per_entry: f64,
+    stuff_scattered_ns_per_entry: f64,
     put_ns: f64,
     /// A guest's null hypercall-port exit in the same run (0 without KVM).
     null_exit_ns: f64,
@@ -657,6 +661,23 @@ fn tce_bench(rounds: u64, json: Option<PathBuf>, plot: Option<PathBuf>) -> Resul
     }
     report.indirect_ns_per_entry = ind.as_nanos() as f64 / (rounds * 512) as f64;
     report.stuff_ns_per_entry = stuff.as_nanos() as f64 / (rounds * 512) as f64;
+    // The same with every other guest page: each entry is a mapping of its own.
+    let scattered_list: u64 = list + 0x1000;
+    let scattered: Vec<u8> =
+        (0..512u64).flat_map(|i| ((0x100_0000 + i * 2 * 4096) | t::READ | t::WRITE).to_le_bytes()).collect();
+    vm.phys_write(scattered_list, &scattered);
+    let (mut ind, mut stuff) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+    for r in 0..rounds {
+        let ioba = (r % 256) * 512 * 4096;
+        let t0 = Instant::now();
+        call(t::PUT_TCE_INDIRECT, [liobn, ioba, scattered_list, 512])?;
+        ind += t0.elapsed();
+        let t0 = Instant::now();
+        call(t::STUFF_TCE, [liobn, ioba, 0, 512])?;
+        stuff += t0.elapsed();
+    }
+    report.indirect_scattered_ns_per_entry = ind.as_nanos() as f64 / (rounds * 512) as f64;
+    report.stuff_scattered_ns_per_entry = stuff.as_nanos() as f64 / (rounds * 512) as f64;
     // The per-entry cost as batches grow (what batching buys).
     for entries in [1u64, 8, 64, 512] {
         let (mut ind, mut stuff) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
@@ -720,12 +741,18 @@ fn tce_bench(rounds: u64, json: Option<PathBuf>, plot: Option<PathBuf>) -> Resul
     report.table_bytes_three_groups = bytes(l64);
     report.flat_bytes_three_groups = 3 * ((1u64 << 24) * 8);
     println!("passthru bench tce: {rounds} rounds, one run");
+    // Linux builds every INDIRECT list from one physically contiguous buffer
+    // (tce_buildmulti_pSeriesLP, tce_setrange_multi_pSeriesLP): the goal is for those.
     println!(
-        "VMM work per entry of H_PUT_TCE_INDIRECT of 512: {:.1} ns (goal <= 40 ns: {})",
+        "VMM work per entry of H_PUT_TCE_INDIRECT of 512: {:.1} ns for contiguous guest pages as Linux lists them (goal <= 40 ns: {}); {:.1} ns scattered",
         report.indirect_ns_per_entry,
-        goal(report.indirect_ns_per_entry <= 40.0)
+        goal(report.indirect_ns_per_entry <= 40.0),
+        report.indirect_scattered_ns_per_entry,
     );
-    println!("VMM work per entry of H_STUFF_TCE clearing 512: {:.1} ns", report.stuff_ns_per_entry);
+    println!(
+        "VMM work per entry of H_STUFF_TCE clearing 512: {:.1} ns contiguous, {:.1} ns scattered",
+        report.stuff_ns_per_entry, report.stuff_scattered_ns_per_entry
+    );
     for b in &report.batches {
         println!(
             "  batch of {:>3}: H_PUT_TCE_INDIRECT {:.1} ns/entry, H_STUFF_TCE {:.1} ns/entry",

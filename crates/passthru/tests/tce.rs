@@ -81,6 +81,8 @@ fn bench_tce_reports_every_figure() {
     for key in [
         "indirect_ns_per_entry",
         "stuff_ns_per_entry",
+        "indirect_scattered_ns_per_entry",
+        "stuff_scattered_ns_per_entry",
         "table_bytes_one_group",
         "table_bytes_three_groups",
         "flat_bytes_three_groups",

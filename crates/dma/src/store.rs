@@ -1,0 +1,239 @@
+//! A domain's mappings, kept as runs: a run is `count` mappings of `unit` bytes each,
+//! back to back in IOVA and in guest-physical address, with one permission. Every
+//! mapping stays a mapping of its own (looked up, listed, unmapped exactly as it was
+//! made); only the storage is shared, so a TCE window mapping guest RAM page by page
+//! costs one tree entry per contiguous stretch instead of one per page.
+
+use crate::addr::{Gpa, Iova, Perm};
+use crate::domain::Mapping;
+use std::collections::BTreeMap;
+
+/// `count` mappings of `unit` bytes from `iova` -> `gpa`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    iova: u64,
+    gpa: u64,
+    unit: u64,
+    count: u64,
+    perm: Perm,
+}
+
+impl Run {
+    fn of(m: &Mapping) -> Run {
+        Run { iova: m.iova.0, gpa: m.gpa.0, unit: m.size, count: 1, perm: m.perm }
+    }
+
+    fn end(&self) -> u64 {
+        self.iova + self.unit * self.count
+    }
+
+    /// Mapping `k` of the run.
+    fn mapping(&self, k: u64) -> Mapping {
+        Mapping {
+            iova: Iova(self.iova + k * self.unit),
+            gpa: Gpa(self.gpa + k * self.unit),
+            size: self.unit,
+            perm: self.perm,
+        }
+    }
+
+    /// `m` continues the run.
+    fn continued_by(&self, m: &Mapping) -> bool {
+        m.size == self.unit
+            && m.perm == self.perm
+            && m.iova.0 == self.end()
+            && m.gpa.0 == self.gpa + self.unit * self.count
+    }
+
+    /// The run from mapping `from` on, `count` of them.
+    fn slice(&self, from: u64, count: u64) -> Run {
+        Run { iova: self.iova + from * self.unit, gpa: self.gpa + from * self.unit, count, ..*self }
+    }
+}
+
+/// The mappings of one domain.
+#[derive(Debug, Default)]
+pub(crate) struct Store {
+    runs: BTreeMap<u64, Run>,
+    mappings: usize,
+}
+
+impl Store {
+    /// Number of mappings.
+    pub(crate) fn len(&self) -> usize {
+        self.mappings
+    }
+
+    /// The run holding `iova`.
+    fn run_at(&self, iova: u64) -> Option<&Run> {
+        self.runs.range(..=iova).next_back().map(|(_, r)| r).filter(|r| r.end() > iova)
+    }
+
+    /// The mapping covering `iova`.
+    pub(crate) fn lookup(&self, iova: u64) -> Option<Mapping> {
+        self.run_at(iova).map(|r| r.mapping((iova - r.iova) / r.unit))
+    }
+
+    /// True if a mapping covers any of `[start, end)`.
+    pub(crate) fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.runs.range(..end).next_back().is_some_and(|(_, r)| r.end() > start)
+    }
+
+    /// Adds mappings that overlap nothing mapped nor each other (the caller checked),
+    /// joining each to the run it continues.
+    pub(crate) fn insert(&mut self, maps: &[Mapping]) {
+        let mut pending: Option<Run> = None;
+        for m in maps {
+            match &mut pending {
+                Some(r) if r.continued_by(m) => r.count += 1,
+                _ => {
+                    if let Some(r) = pending.take() {
+                        self.put(r);
+                    }
+                    pending = Some(Run::of(m));
+                }
+            }
+        }
+        if let Some(r) = pending {
+            self.put(r);
+        }
+        self.mappings += maps.len();
+    }
+
+    /// Puts a run in the tree, joined to the run before and after it where it continues
+    /// them.
+    fn put(&mut self, mut r: Run) {
+        if let Some((_, next)) = self.runs.range(r.end()..).next()
+            && next.iova == r.end()
+            && r.continued_by(&next.mapping(0))
+        {
+            let next = *next;
+            self.runs.remove(&next.iova);
+            r.count += next.count;
+        }
+        if let Some((_, prev)) = self.runs.range_mut(..r.iova).next_back()
+            && prev.continued_by(&r.mapping(0))
+        {
+            prev.count += r.count;
+            return;
+        }
+        self.runs.insert(r.iova, r);
+    }
+
+    /// Removes the mappings that start at each of `iovas` (others are skipped), and
+    /// returns them in the order found.
+    pub(crate) fn remove(&mut self, iovas: &[Iova]) -> Vec<Mapping> {
+        let mut sorted: Vec<u64> = iovas.iter().map(|i| i.0).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut out = Vec::with_capacity(sorted.len());
+        let mut i = 0;
+        while i < sorted.len() {
+            let Some(run) = self.run_at(sorted[i]).copied() else {
+                i += 1;
+                continue;
+            };
+            // Every requested start inside this run, as mapping indexes.
+            let mut gone: Vec<u64> = Vec::new();
+            while let Some(&a) = sorted.get(i)
+                && a < run.end()
+            {
+                if (a - run.iova).is_multiple_of(run.unit) {
+                    gone.push((a - run.iova) / run.unit);
+                }
+                i += 1;
+            }
+            if gone.is_empty() {
+                continue;
+            }
+            self.runs.remove(&run.iova);
+            let mut from = 0;
+            for &k in &gone {
+                if k > from {
+                    self.runs.insert(run.iova + from * run.unit, run.slice(from, k - from));
+                }
+                out.push(run.mapping(k));
+                from = k + 1;
+            }
+            if from < run.count {
+                self.runs.insert(run.iova + from * run.unit, run.slice(from, run.count - from));
+            }
+            self.mappings -= gone.len();
+        }
+        out
+    }
+
+    /// The mappings starting in `[start, end)`, by IOVA.
+    pub(crate) fn starting_in(&self, start: u64, end: u64) -> Vec<Mapping> {
+        let first = self.run_at(start).map_or(start, |r| r.iova);
+        let mut out = Vec::new();
+        for r in self.runs.range(first..end).map(|(_, r)| r) {
+            for k in 0..r.count {
+                let m = r.mapping(k);
+                if m.iova.0 >= start && m.iova.0 < end {
+                    out.push(m);
+                }
+            }
+        }
+        out
+    }
+
+    /// Every mapping, by IOVA.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Mapping> + '_ {
+        self.runs.values().flat_map(|r| (0..r.count).map(move |k| r.mapping(k)))
+    }
+
+    /// Removes and returns every mapping.
+    pub(crate) fn take_all(&mut self) -> Vec<Mapping> {
+        let all = self.iter().collect();
+        self.runs.clear();
+        self.mappings = 0;
+        all
+    }
+
+    /// Tree entries (runs) held: what the storage costs.
+    pub(crate) fn runs(&self) -> usize {
+        self.runs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = 4096;
+
+    fn m(iova: u64, gpa: u64, pages: u64) -> Mapping {
+        Mapping { iova: Iova(iova * P), gpa: Gpa(gpa * P), size: pages * P, perm: Perm::READ }
+    }
+
+    #[test]
+    fn contiguous_mappings_share_a_run_and_stay_mappings_of_their_own() {
+        let mut s = Store::default();
+        let batch: Vec<Mapping> = (0..512).map(|i| m(i, 100 + i, 1)).collect();
+        s.insert(&batch);
+        assert_eq!((s.len(), s.runs()), (512, 1));
+        assert_eq!(s.lookup(7 * P + 5), Some(m(7, 107, 1)));
+        // A mapping of another size, or not contiguous in guest memory, starts a run.
+        s.insert(&[m(512, 612, 2), m(514, 999, 1)]);
+        assert_eq!((s.len(), s.runs()), (514, 3));
+        // Removing from the middle splits the run; a start that is not a mapping's is
+        // skipped.
+        let gone = s.remove(&[Iova(10 * P), Iova(11 * P), Iova(513 * P)]);
+        assert_eq!(gone, vec![m(10, 110, 1), m(11, 111, 1)]);
+        assert_eq!((s.len(), s.runs()), (512, 4));
+        assert_eq!(s.lookup(10 * P), None);
+        assert_eq!(s.lookup(12 * P), Some(m(12, 112, 1)));
+        // Filling the hole joins the pieces again.
+        s.insert(&[m(10, 110, 1), m(11, 111, 1)]);
+        assert_eq!(s.runs(), 3);
+        assert_eq!(s.iter().count(), 514);
+        assert_eq!(
+            s.starting_in(509 * P, 514 * P),
+            vec![m(509, 609, 1), m(510, 610, 1), m(511, 611, 1), m(512, 612, 2)]
+        );
+        assert!(s.overlaps(513 * P, 514 * P) && !s.overlaps(515 * P, 600 * P));
+        assert_eq!(s.take_all().len(), 514);
+        assert_eq!((s.len(), s.runs()), (0, 0));
+    }
+}
