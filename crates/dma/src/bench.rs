@@ -80,14 +80,17 @@ pub fn translate_hit_batched(iters: u64) -> f64 {
 }
 
 /// `translate` of 64 bytes that misses the IOTLB (the accessor cycles through more
-/// mappings than it caches), in a domain of `mappings` 4 KiB mappings.
+/// mappings than it caches), in a domain of `mappings` 4 KiB mappings (alternating
+/// permissions, so that no two share a tree entry: the tree really has `mappings`).
 pub fn translate_miss(iters: u64, mappings: usize) -> f64 {
     let fx = Fixture::new(mappings.max(16));
     let pages = (FIXTURE_RAM / 4096 - 1) as usize;
     for i in 0..mappings {
         let gpa = ((i % pages) as u64 + 1) * 4096;
-        fx.domain.map(Iova(BUF_IOVA + i as u64 * 4096), Gpa(gpa), 4096, Perm::READ).expect("map");
+        let perm = if i % 2 == 0 { Perm::READ } else { Perm::READ_WRITE };
+        fx.domain.map(Iova(BUF_IOVA + i as u64 * 4096), Gpa(gpa), 4096, perm).expect("map");
     }
+    debug_assert_eq!(fx.domain.stored_runs(), mappings);
     let dev = DmaSpace::new(fx.domain.clone(), "bench");
     // A fixed pseudo-random visiting order over all mappings (an LCG permutation).
     let order: Vec<u64> = (0..mappings as u64).map(|i| (i * 2_654_435_761) % mappings as u64).collect();

@@ -203,7 +203,14 @@ impl Domain {
             // its old entries left) needs one look at the tree, not one per mapping.
             let ordered = maps.windows(2).all(|w| w[0].end() <= w[1].iova.0);
             let (lo, hi) = (maps[0].iova.0, maps[maps.len() - 1].end());
-            if ordered && !tree.overlaps(lo, hi) {
+            if let [m] = maps {
+                let full = tree.len() >= self.config.max_mappings;
+                match tree.insert_one(m, full) {
+                    Ok(()) => {}
+                    Err(true) => return Err((0, MapError::Exists { iova: m.iova })),
+                    Err(false) => return Err((0, MapError::NoSpace { max: self.config.max_mappings })),
+                }
+            } else if ordered && !tree.overlaps(lo, hi) {
                 let room = self.config.max_mappings.saturating_sub(tree.len());
                 if maps.len() > room {
                     return Err((room, MapError::NoSpace { max: self.config.max_mappings }));
@@ -301,13 +308,13 @@ impl Domain {
         let removed = {
             let mut tree = self.tree_mut();
             // Fast path: the range is exactly one mapping (the common unmap).
-            if let Some(m) = tree.lookup(iova.0)
-                && m.iova == iova
-                && m.end() == end
-            {
-                tree.remove(&[iova]);
-                drop(tree);
-                return Ok(self.retire(&[m]));
+            if let Some(m) = tree.remove_one(iova.0, size) {
+                if m.end() == end {
+                    drop(tree);
+                    return Ok(self.retire(&[m]));
+                }
+                // Smaller than the range: put back, and go the general way.
+                tree.insert(&[m]);
             }
             if tree.lookup(iova.0).is_some_and(|m| m.iova.0 < iova.0) {
                 return Err(MapError::InvalidArgument("unmap would split a mapping"));

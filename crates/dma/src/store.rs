@@ -8,23 +8,29 @@ use crate::addr::{Gpa, Iova, Perm};
 use crate::domain::Mapping;
 use std::collections::BTreeMap;
 
-/// `count` mappings of `unit` bytes from `iova` -> `gpa`.
+/// `n` mappings of `unit` bytes from `iova` -> `gpa` (32 bytes: a tree of them is as
+/// small as one of plain mappings).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Run {
     iova: u64,
     gpa: u64,
     unit: u64,
-    count: u64,
+    n: u32,
     perm: Perm,
 }
 
 impl Run {
     fn of(m: &Mapping) -> Run {
-        Run { iova: m.iova.0, gpa: m.gpa.0, unit: m.size, count: 1, perm: m.perm }
+        Run { iova: m.iova.0, gpa: m.gpa.0, unit: m.size, n: 1, perm: m.perm }
+    }
+
+    /// Mappings in the run.
+    fn count(&self) -> u64 {
+        u64::from(self.n)
     }
 
     fn end(&self) -> u64 {
-        self.iova + self.unit * self.count
+        self.iova + self.unit * self.count()
     }
 
     /// Mapping `k` of the run.
@@ -39,15 +45,17 @@ impl Run {
 
     /// `m` continues the run.
     fn continued_by(&self, m: &Mapping) -> bool {
-        m.size == self.unit
+        self.n < u32::MAX
+            && m.size == self.unit
             && m.perm == self.perm
             && m.iova.0 == self.end()
-            && m.gpa.0 == self.gpa + self.unit * self.count
+            && m.gpa.0 == self.gpa + self.unit * self.count()
     }
 
-    /// The run from mapping `from` on, `count` of them.
+    /// The run from mapping `from` on, `count` of them (at most the run's own).
     fn slice(&self, from: u64, count: u64) -> Run {
-        Run { iova: self.iova + from * self.unit, gpa: self.gpa + from * self.unit, count, ..*self }
+        let n = u32::try_from(count).unwrap_or(self.n).min(self.n);
+        Run { iova: self.iova + from * self.unit, gpa: self.gpa + from * self.unit, n, ..*self }
     }
 }
 
@@ -66,7 +74,11 @@ impl Store {
 
     /// The run holding `iova`.
     fn run_at(&self, iova: u64) -> Option<&Run> {
-        self.runs.range(..=iova).next_back().map(|(_, r)| r).filter(|r| r.end() > iova)
+        // A run starting right there (an unmap of what a map made) needs no range walk.
+        if let Some(r) = self.runs.get(&iova) {
+            return Some(r);
+        }
+        self.runs.range(..iova).next_back().map(|(_, r)| r).filter(|r| r.end() > iova)
     }
 
     /// The mapping covering `iova`.
@@ -85,7 +97,7 @@ impl Store {
         let mut pending: Option<Run> = None;
         for m in maps {
             match &mut pending {
-                Some(r) if r.continued_by(m) => r.count += 1,
+                Some(r) if r.continued_by(m) => r.n += 1,
                 _ => {
                     if let Some(r) = pending.take() {
                         self.put(r);
@@ -100,21 +112,38 @@ impl Store {
         self.mappings += maps.len();
     }
 
-    /// Puts a run in the tree, joined to the run before and after it where it continues
-    /// them.
-    fn put(&mut self, mut r: Run) {
-        if let Some((_, next)) = self.runs.range(r.end()..).next()
-            && next.iova == r.end()
-            && r.continued_by(&next.mapping(0))
-        {
-            let next = *next;
-            self.runs.remove(&next.iova);
-            r.count += next.count;
+    /// Adds one mapping if it overlaps nothing (false, nothing changed, if it does):
+    /// the overlap check and the join with the run before share one look at the tree
+    /// (a paravirtual DMA MAP's path).
+    /// With `full`, nothing is added: `Err(true)` if it overlaps, `Err(false)` if not.
+    pub(crate) fn insert_one(&mut self, m: &Mapping, full: bool) -> Result<(), bool> {
+        let end = m.end();
+        let prev = self.runs.range_mut(..end).next_back().map(|(_, r)| r);
+        if prev.as_ref().is_some_and(|p| p.end() > m.iova.0) {
+            return Err(true);
         }
+        if full {
+            return Err(false);
+        }
+        match prev {
+            Some(p) if p.continued_by(m) => p.n += 1,
+            _ => {
+                self.runs.insert(m.iova.0, Run::of(m));
+            }
+        }
+        self.mappings += 1;
+        Ok(())
+    }
+
+    /// Puts a run in the tree, joined to the run before it where it continues it
+    /// (mappings made in ascending order, the common case, join as they come; the
+    /// store stays correct, only larger, when they do not).
+    fn put(&mut self, r: Run) {
         if let Some((_, prev)) = self.runs.range_mut(..r.iova).next_back()
             && prev.continued_by(&r.mapping(0))
+            && let Some(n) = prev.n.checked_add(r.n)
         {
-            prev.count += r.count;
+            prev.n = n;
             return;
         }
         self.runs.insert(r.iova, r);
@@ -123,6 +152,9 @@ impl Store {
     /// Removes the mappings that start at each of `iovas` (others are skipped), and
     /// returns them in the order found.
     pub(crate) fn remove(&mut self, iovas: &[Iova]) -> Vec<Mapping> {
+        if let [one] = iovas {
+            return self.remove_one(one.0, u64::MAX).into_iter().collect();
+        }
         let mut sorted: Vec<u64> = iovas.iter().map(|i| i.0).collect();
         sorted.sort_unstable();
         sorted.dedup();
@@ -155,12 +187,38 @@ impl Store {
                 out.push(run.mapping(k));
                 from = k + 1;
             }
-            if from < run.count {
-                self.runs.insert(run.iova + from * run.unit, run.slice(from, run.count - from));
+            if from < run.count() {
+                self.runs.insert(run.iova + from * run.unit, run.slice(from, run.count() - from));
             }
             self.mappings -= gone.len();
         }
         out
+    }
+
+    /// Removes the mapping starting at `iova`, if there is one and it is at most
+    /// `size` bytes (an unmap of exactly one mapping passes its size).
+    pub(crate) fn remove_one(&mut self, iova: u64, size: u64) -> Option<Mapping> {
+        let run = *self.run_at(iova)?;
+        let off = iova - run.iova;
+        if !off.is_multiple_of(run.unit) || run.unit > size {
+            return None;
+        }
+        let k = off / run.unit;
+        if run.count() == 1 {
+            self.runs.remove(&run.iova);
+        } else if k == 0 {
+            self.runs.remove(&run.iova);
+            self.runs.insert(iova + run.unit, run.slice(1, run.count() - 1));
+        } else {
+            if let Some(r) = self.runs.get_mut(&run.iova) {
+                r.n = u32::try_from(k).unwrap_or(r.n);
+            }
+            if k + 1 < run.count() {
+                self.runs.insert(iova + run.unit, run.slice(k + 1, run.count() - k - 1));
+            }
+        }
+        self.mappings -= 1;
+        Some(run.mapping(k))
     }
 
     /// The mappings starting in `[start, end)`, by IOVA.
@@ -168,7 +226,7 @@ impl Store {
         let first = self.run_at(start).map_or(start, |r| r.iova);
         let mut out = Vec::new();
         for r in self.runs.range(first..end).map(|(_, r)| r) {
-            for k in 0..r.count {
+            for k in 0..r.count() {
                 let m = r.mapping(k);
                 if m.iova.0 >= start && m.iova.0 < end {
                     out.push(m);
@@ -180,7 +238,7 @@ impl Store {
 
     /// Every mapping, by IOVA.
     pub(crate) fn iter(&self) -> impl Iterator<Item = Mapping> + '_ {
-        self.runs.values().flat_map(|r| (0..r.count).map(move |k| r.mapping(k)))
+        self.runs.values().flat_map(|r| (0..r.count()).map(move |k| r.mapping(k)))
     }
 
     /// Removes and returns every mapping.
@@ -224,9 +282,10 @@ mod tests {
         assert_eq!((s.len(), s.runs()), (512, 4));
         assert_eq!(s.lookup(10 * P), None);
         assert_eq!(s.lookup(12 * P), Some(m(12, 112, 1)));
-        // Filling the hole joins the pieces again.
+        // Filling the hole joins the refill to the piece before it.
         s.insert(&[m(10, 110, 1), m(11, 111, 1)]);
-        assert_eq!(s.runs(), 3);
+        assert_eq!(s.runs(), 4);
+        assert_eq!(s.lookup(11 * P), Some(m(11, 111, 1)));
         assert_eq!(s.iter().count(), 514);
         assert_eq!(
             s.starting_in(509 * P, 514 * P),

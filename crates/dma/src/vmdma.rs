@@ -112,6 +112,9 @@ impl VmDma {
     /// Pins the guest RAM in `ranges` (device memory is skipped); all or nothing.
     pub(crate) fn pin(&self, ranges: &[(u64, u64)]) -> Result<(), MapError> {
         // Contiguous pages (a TCE batch) become one range before anything looks at them.
+        if !self.has_device_memory.load(std::sync::atomic::Ordering::Acquire) {
+            return self.account.pin(ranges);
+        }
         let ranges = crate::account::coalesce(ranges);
         match self.pinnable(&ranges) {
             None => self.account.pin(&ranges),
@@ -121,6 +124,9 @@ impl VmDma {
 
     /// Releases what [`VmDma::pin`] pinned for `ranges`.
     pub(crate) fn unpin(&self, ranges: &[(u64, u64)]) {
+        if !self.has_device_memory.load(std::sync::atomic::Ordering::Acquire) {
+            return self.account.unpin(ranges);
+        }
         let ranges = crate::account::coalesce(ranges);
         match self.pinnable(&ranges) {
             None => self.account.unpin(&ranges),
