@@ -71,6 +71,13 @@ pub fn call_with_files(
         s.recv_with_fd(&mut first).map_err(|e| format!("reading the answer from {shown}: {e}"))?
     };
     first.truncate(n);
+    if let Some(f) = &file {
+        use std::os::fd::AsRawFd;
+        // recvmsg without MSG_CMSG_CLOEXEC: close it on exec ourselves (a child the
+        // caller spawns must not inherit the table).
+        // SAFETY: F_SETFD on a descriptor we own; no memory is passed.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     let mut raw = first;
     if n > 0 {
         (&mut s)

@@ -589,12 +589,25 @@ impl MsiTestSource {
 
     /// The source's set-up and run (paused, see [`TestSources::pause`]).
     pub fn save(&self) -> Result<Option<MsiSourceState>, String> {
-        let Some((vector, abort_vector)) =
-            self.wiring.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|w| (w.vector, w.abort_vector))
+        let Some((vector, abort_vector, ack)) = self
+            .wiring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|w| (w.vector, w.abort_vector, Arc::clone(&w.ack)))
         else {
             return Ok(None);
         };
-        Ok(Some(MsiSourceState { vector, abort_vector, run: self.runner.save()? }))
+        let mut run = self.runner.save()?;
+        // Parked with an interrupt in flight, but the guest acknowledged it before it
+        // stopped (the thread had not looked yet): that step is complete.
+        if let Some(r) = run.as_mut()
+            && r.in_flight
+            && wait_any(&[&ack], Duration::ZERO) == Some(0)
+        {
+            r.in_flight = false;
+        }
+        Ok(Some(MsiSourceState { vector, abort_vector, run }))
     }
 
     /// Brings a saved source back: wired again, its run paused where it stopped.

@@ -178,14 +178,20 @@ impl Domain {
     /// one batch to observers. On failure returns the index of the mapping that failed
     /// (0 for a charge over the limit or a refusing observer) and nothing stays mapped.
     pub fn map_many(&self, maps: &[Mapping]) -> Result<(), (usize, MapError)> {
-        for (i, m) in maps.iter().enumerate() {
-            self.check_shape(m.iova, m.gpa, m.size, m.perm).map_err(|e| (i, e))?;
-        }
-        // Guest memory under one reading of the map (a batch of 512 pages).
-        if let Some(i) = self.vm.first_not_guest_memory(maps.iter().map(|m| (m.gpa.0, m.size)))
+        // The first mapping that fails, as checking each in turn would find it: its
+        // shape, then its guest memory (read for the batch under one reading of the map).
+        let shape = maps
+            .iter()
+            .enumerate()
+            .find_map(|(i, m)| self.check_shape(m.iova, m.gpa, m.size, m.perm).err().map(|e| (i, e)));
+        let checked = shape.as_ref().map_or(maps.len(), |(i, _)| *i);
+        if let Some(i) = self.vm.first_not_guest_memory(maps[..checked].iter().map(|m| (m.gpa.0, m.size)))
             && let Some(m) = maps.get(i)
         {
             return Err((i, MapError::BadAddress { gpa: m.gpa.0, size: m.size }));
+        }
+        if let Some(e) = shape {
+            return Err(e);
         }
         self.publish(maps)
     }

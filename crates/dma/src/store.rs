@@ -226,12 +226,11 @@ impl Store {
         let first = self.run_at(start).map_or(start, |r| r.iova);
         let mut out = Vec::new();
         for r in self.runs.range(first..end).map(|(_, r)| r) {
-            for k in 0..r.count() {
-                let m = r.mapping(k);
-                if m.iova.0 >= start && m.iova.0 < end {
-                    out.push(m);
-                }
-            }
+            // The run's mappings whose start is in the range, by index (a long run
+            // costs what it contributes, not its length).
+            let lo = start.saturating_sub(r.iova).div_ceil(r.unit);
+            let hi = end.saturating_sub(r.iova).div_ceil(r.unit).min(r.count());
+            out.extend((lo..hi).map(|k| r.mapping(k)));
         }
         out
     }

@@ -133,15 +133,18 @@ impl Model {
         Ok(())
     }
 
-    /// A batch as `Domain::map_many` checks it: shapes first, then guest memory, then
-    /// each mapping against what is mapped (earlier ones of the batch included) and
+    /// A batch as `Domain::map_many` checks it: each mapping's shape and guest memory
+    /// in turn, then each mapping against what is mapped (earlier ones of the batch included) and
     /// the mapping limit, then the pins of the whole batch (index 0).
     fn map_many(&mut self, maps: &[(u64, u64, u64, u8)]) -> Result<(), (usize, MapError)> {
-        if let Some(i) = maps.iter().position(|&(_, _, n, p)| n == 0 || p == 0) {
-            return Err((i, MapError::InvalidArgument("any")));
-        }
-        if let Some(i) = maps.iter().position(|&(_, g, n, _)| g + n * P > RAM_PAGES * P) {
-            return Err((i, MapError::BadAddress { gpa: maps[i].1, size: maps[i].2 * P }));
+        // Each mapping in turn: its shape, then its guest memory.
+        for (i, &(_, g, n, p)) in maps.iter().enumerate() {
+            if n == 0 || p == 0 {
+                return Err((i, MapError::InvalidArgument("any")));
+            }
+            if g + n * P > RAM_PAGES * P {
+                return Err((i, MapError::BadAddress { gpa: g, size: n * P }));
+            }
         }
         let mut with = self.maps.clone();
         for (i, &(iova, gpa, n, perm)) in maps.iter().enumerate() {

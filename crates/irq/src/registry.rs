@@ -340,6 +340,7 @@ impl IrqRegistry {
                         entry.source.id
                     );
                     entry.mode = Mode::Vmm;
+                    entry.switches += 1;
                     if let Err(e) = self.start_vmm(entry) {
                         tracing::error!("IRQ source {}: {e}; polling it", entry.source.id);
                         self.shared.poll_fallback(&entry.source.id);

@@ -92,22 +92,22 @@ impl Handler for Control {
                 vm.remove_ram(gpa).map_err(|e| ApiError::conflict(e.to_string()))?;
                 Ok(json!({ "removed": gpa }))
             }
-            Command::TceTable { liobn } => self.table_view(liobn).map(|(v, _)| v),
+            Command::TceTable { liobn } => self.table_view(liobn, false).map(|(v, _)| v),
         }
     }
 
     fn handle_with_files(&self, command: Command) -> Result<(Value, Vec<std::fs::File>), ApiError> {
         match command {
-            Command::TceTable { liobn } => self.table_view(liobn),
+            Command::TceTable { liobn } => self.table_view(liobn, true),
             other => self.handle(other).map(|v| (v, Vec::new())),
         }
     }
 }
 
 impl Control {
-    /// `tce.table`: the geometry of the table behind `liobn`, and a descriptor of its
-    /// file for the client to map.
-    fn table_view(&self, liobn: u32) -> Result<(Value, Vec<std::fs::File>), ApiError> {
+    /// `tce.table`: the geometry of the table behind `liobn`, and (`with_file`) a
+    /// read-only descriptor of its file for the client to map.
+    fn table_view(&self, liobn: u32, with_file: bool) -> Result<(Value, Vec<std::fs::File>), ApiError> {
         let fe = self
             .vm
             .frontends()
@@ -116,8 +116,7 @@ impl Control {
         let v = fe
             .table_view(&format!("{liobn:#x}"))
             .ok_or_else(|| ApiError::not_found(format!("no TCE window with liobn {liobn:#x} (see vm.info)")))?;
-        let file = v.file.try_clone().map_err(|e| ApiError::conflict(format!("duplicating the table's file: {e}")))?;
-        let answer = json!({
+        let mut answer = json!({
             "liobn": liobn,
             "group": v.group,
             "bus_offset": format!("{:#x}", v.bus_offset),
@@ -125,8 +124,16 @@ impl Control {
             "entry_bits": v.entry_bits,
             "levels": v.levels,
             "layout": "abi::tce::layout: the root page at offset 0; an inner entry is the file offset of the next level's page | READ | WRITE (0: none); a leaf entry is the TCE; 4 KiB pages of 512 little-endian words",
-            "files": 1,
         });
+        if !with_file {
+            return Ok((answer, Vec::new()));
+        }
+        // A new open file description, read-only: the reader can map and read the
+        // table, never write it (a dup would share the VMM's read-write one).
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(format!("/proc/self/fd/{}", v.file.as_raw_fd()))
+            .map_err(|e| ApiError::conflict(format!("opening the table's file read-only: {e}")))?;
+        answer["files"] = json!(1);
         Ok((answer, vec![file]))
     }
 }

@@ -153,6 +153,20 @@ fn a_tool_reads_a_table_through_its_file_as_h_get_tce_does() {
         let out = passthru(&["ctl", sock.to_str().unwrap(), "tce-table", &format!("{l:#x}")]);
         assert!(text(&out.stdout).contains(&format!("{} valid entries", expected.len())), "{}", text(&out.stdout));
     }
+    // The descriptor a client gets is read-only and the file cannot be resized: the
+    // table cannot be written or truncated through it.
+    let (a, files) = api::client::call_with_files(
+        &sock,
+        "PUT",
+        "tce.table",
+        Some(&format!("{{\"liobn\": {liobn}}}")),
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!((a.status, files.len()), (200, 1), "{a:?}");
+    use std::os::unix::fs::FileExt;
+    assert!(files[0].write_at(&[0xff; 8], 0).is_err(), "written through the reader's descriptor");
+    assert!(files[0].set_len(0).is_err(), "truncated through the reader's descriptor");
     // An unknown liobn is a clear error; a client that takes no file (curl) gets the JSON.
     let out = passthru(&["ctl", sock.to_str().unwrap(), "tce-table", "0x7777"]);
     assert_eq!(out.status.code(), Some(1));

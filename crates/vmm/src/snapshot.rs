@@ -219,10 +219,11 @@ pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Resu
             (Err(err(format!("device(s) {} could not be stopped; nothing was written", left.join(", ")))), true)
         }
         Err(crate::run_control::RunError::AlreadyPaused) => {
-            let r = devices
-                .iter()
-                .try_for_each(|d| vm.quiesce(d).map_err(err))
-                .and_then(|()| collect(vm, &devices, frontend_states));
+            let r = devices.iter().try_for_each(|d| vm.quiesce(d).map_err(err)).and_then(|()| {
+                // What a device stopped just now signalled reaches the irqchip first.
+                vm.irqs().settle();
+                collect(vm, &devices, frontend_states)
+            });
             (r, false)
         }
         Err(e) => (Err(err(e.to_string())), false),

@@ -109,13 +109,22 @@ impl Table {
         // capped (64 GiB of table pages: more than any locked-memory limit allows).
         let capacity = capacity_pages.min(MAX_TABLE_PAGES) * PAGE;
         // SAFETY: memfd_create with a NUL-terminated name; the descriptor is owned at once.
-        let fd = unsafe { libc::memfd_create(c"passthru-tce".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(c"passthru-tce".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if fd < 0 {
             return Err(host(std::io::Error::last_os_error()));
         }
         // SAFETY: a fresh descriptor owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(capacity).map_err(host)?;
+        // Its size is fixed: whoever else holds the file (a reader given it through the
+        // control API) cannot truncate it under the VMM's mapping. Punching holes
+        // (freeing pages) stays allowed.
+        // SAFETY: F_ADD_SEALS on a memfd we own; no memory is passed.
+        if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL) }
+            < 0
+        {
+            return Err(host(std::io::Error::last_os_error()));
+        }
         let len = usize::try_from(capacity).map_err(host)?;
         // SAFETY: a new shared mapping of the whole (sparse) file; nothing else maps
         // this address range. Untouched pages cost nothing (shmem holes).
@@ -322,9 +331,16 @@ impl Table {
             if e == 0 {
                 return None;
             }
-            page = (e & !(t::READ | t::WRITE)) / PAGE;
+            page = self.child(e)?;
         }
         Some(page)
+    }
+
+    /// The page an inner entry points to: only a page the table allocated (the VMM is
+    /// the only writer, but a page number is never used unchecked).
+    fn child(&self, e: u64) -> Option<u64> {
+        let page = (e & !(t::READ | t::WRITE)) / PAGE;
+        (page != 0 && page < self.next_page).then_some(page)
     }
 
     /// Sets entry `i`; returns the previous value. Storing 0 into a missing page
@@ -370,7 +386,7 @@ impl Table {
             }
             let e = u64::from_le(self.word(page, idx));
             page = if e != 0 {
-                (e & !(t::READ | t::WRITE)) / PAGE
+                self.child(e).ok_or_else(|| TableError::Host(format!("a corrupted inner entry {e:#x}")))?
             } else if !storing {
                 return Ok(());
             } else {
@@ -447,8 +463,8 @@ impl Table {
                 if i < self.entries() {
                     f(i, e);
                 }
-            } else {
-                self.walk((e & !(t::READ | t::WRITE)) / PAGE, level + 1, i, f);
+            } else if let Some(child) = self.child(e) {
+                self.walk(child, level + 1, i, f);
             }
         }
     }
@@ -495,8 +511,11 @@ pub fn mapped_entries(file: &File, entry_bits: u32, max: usize) -> std::io::Resu
         u64::from_le(unsafe { std::ptr::read_volatile(p.cast::<u64>().add(at as usize)) })
     };
     let mut out = Vec::new();
-    // Depth-first, in index order: (page, level, index prefix).
+    // Depth-first, in index order: (page, level, index prefix). A tree reaches every
+    // page once: a page reached twice (a crafted file) ends the walk.
     let mut stack = vec![(0u64, 0u32, 0u64)];
+    let mut seen = vec![false; usize::try_from(len / PAGE).unwrap_or(usize::MAX).min(MAX_TABLE_PAGES as usize)];
+    seen[0] = true;
     let mut result = Ok(());
     while let Some((page, level, prefix)) = stack.pop() {
         let leaf = level + 1 == levels;
@@ -508,7 +527,7 @@ pub fn mapped_entries(file: &File, entry_bits: u32, max: usize) -> std::io::Resu
             }
             let i = (prefix << LEVEL_BITS) | idx;
             if leaf {
-                if out.len() >= max {
+                if out.len() >= max || i >> entry_bits != 0 {
                     break;
                 }
                 out.push((i, e));
@@ -518,6 +537,13 @@ pub fn mapped_entries(file: &File, entry_bits: u32, max: usize) -> std::io::Resu
                     result = Err(bad(format!("an inner entry {e:#x} at level {level} points outside the table")));
                     break;
                 }
+                match seen.get_mut((off / PAGE) as usize) {
+                    Some(s) if !*s => *s = true,
+                    _ => {
+                        result = Err(bad(format!("the page at {off:#x} is reached twice: not a tree")));
+                        break;
+                    }
+                }
                 children.push((off / PAGE, level + 1, i));
             }
         }
@@ -525,10 +551,6 @@ pub fn mapped_entries(file: &File, entry_bits: u32, max: usize) -> std::io::Resu
             break;
         }
         stack.extend(children.into_iter().rev());
-        if stack.len() > 1 << 20 {
-            result = Err(bad("the table has more pages than any window".into()));
-            break;
-        }
     }
     // SAFETY: the mapping made above, of `map_len` bytes, used by nothing now.
     unsafe { libc::munmap(p, map_len) };
@@ -610,6 +632,45 @@ mod tests {
         assert_eq!(t.get(12345), 0);
         assert!(t.pages() <= 2, "an inner page may have been taken before the refusal");
         assert_eq!(a.account().charged(), t.bytes(), "the charge equals what is held");
+    }
+
+    #[test]
+    fn a_reader_refuses_a_crafted_file_instead_of_looping() {
+        use std::os::unix::fs::FileExt;
+        // Five pages, every inner entry of each pointing at the next: 512^4 paths.
+        let f = tempfile_in_memory();
+        f.set_len(5 * PAGE).unwrap();
+        for p in 0..4u64 {
+            let e = (((p + 1) * PAGE) | t::READ | t::WRITE).to_le_bytes();
+            for idx in 0..ENTRIES {
+                f.write_all_at(&e, p * PAGE + idx * 8).unwrap();
+            }
+        }
+        let e = mapped_entries(&f, 45, usize::MAX).unwrap_err();
+        assert!(e.to_string().contains("reached twice"), "{e}");
+        // An entry pointing past the file.
+        f.write_all_at(&((64 * PAGE) | t::READ).to_le_bytes(), 0).unwrap();
+        assert!(mapped_entries(&f, 45, usize::MAX).unwrap_err().to_string().contains("outside"));
+    }
+
+    fn tempfile_in_memory() -> File {
+        // SAFETY: memfd_create with a NUL-terminated name; the descriptor is owned at once.
+        let fd = unsafe { libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor owned by nobody else.
+        unsafe { File::from_raw_fd(fd) }
+    }
+
+    #[test]
+    fn the_file_cannot_be_resized_by_another_holder() {
+        let t = Table::new(14, account(u64::MAX)).unwrap();
+        let other = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/fd/{}", t.fd().as_raw_fd()))
+            .unwrap();
+        assert!(other.set_len(0).is_err(), "a shrink would make the VMM's mapping fault");
+        assert!(other.set_len(1 << 40).is_err());
     }
 
     #[test]
