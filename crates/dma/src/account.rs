@@ -200,23 +200,33 @@ impl LockedMemory {
     pub fn pin(&self, ranges: &[(u64, u64)]) -> Result<(), MapError> {
         let ranges = coalesce(ranges);
         let mut s = self.lock();
-        let wanted: u64 = if ranges.len() < 2 {
-            ranges.iter().map(|&(a, len)| s.pinned.uncovered(a, a + len)).sum()
-        } else {
-            union(&ranges).iter().map(|&(a, len)| s.pinned.uncovered(a, a + len)).sum()
-        };
-        let locked = s.pinned_bytes + s.charged;
-        if wanted > 0 && locked.saturating_add(wanted) > s.limit {
-            return Err(MapError::NoMemory { locked, wanted, limit: s.limit });
-        }
         let st = &mut *s;
+        // One pass: take the references, adding up what is newly pinned; over the
+        // limit, give them back (the rare path) — nothing was locked yet.
+        let mut wanted = 0u64;
+        let mut fresh: Vec<(u64, u64)> = Vec::new();
+        let keep = self.mlock_base.is_some();
         for &(a, len) in ranges.iter() {
             st.pinned.add(a, a + len, |fs, fe| {
-                st.pinned_bytes += fe - fs;
-                self.mlock(fs, fe, true);
+                wanted += fe - fs;
+                if keep {
+                    fresh.push((fs, fe));
+                }
             });
         }
-        debug_assert_eq!(s.pinned_bytes, s.pinned.covered_bytes());
+        let locked = st.pinned_bytes + st.charged;
+        if wanted > 0 && locked.saturating_add(wanted) > st.limit {
+            for &(a, len) in ranges.iter() {
+                st.pinned.remove(a, a + len, |_, _| {});
+            }
+            debug_assert_eq!(st.pinned_bytes, st.pinned.covered_bytes());
+            return Err(MapError::NoMemory { locked, wanted, limit: st.limit });
+        }
+        st.pinned_bytes += wanted;
+        for (fs, fe) in fresh {
+            self.mlock(fs, fe, true);
+        }
+        debug_assert_eq!(st.pinned_bytes, st.pinned.covered_bytes());
         Ok(())
     }
 
@@ -300,18 +310,6 @@ pub(crate) fn coalesce(ranges: &[(u64, u64)]) -> std::borrow::Cow<'_, [(u64, u64
         }
     }
     std::borrow::Cow::Owned(out)
-}
-
-/// The union of sorted ranges (overlaps merged): what pinning them would cover.
-fn union(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for &(a, len) in ranges {
-        match out.last_mut() {
-            Some((pa, plen)) if a <= *pa + *plen => *plen = (*plen).max(a + len - *pa),
-            _ => out.push((a, len)),
-        }
-    }
-    out
 }
 
 /// The soft RLIMIT_MEMLOCK of this process (u64::MAX when unlimited).

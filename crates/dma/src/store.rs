@@ -93,23 +93,34 @@ impl Store {
 
     /// Adds mappings that overlap nothing mapped nor each other (the caller checked),
     /// joining each to the run it continues.
+    /// `maps` are in IOVA order: only the first run can join one already in the tree
+    /// (each later one follows a run of this batch that it did not continue).
     pub(crate) fn insert(&mut self, maps: &[Mapping]) {
         let mut pending: Option<Run> = None;
+        let mut first = true;
         for m in maps {
             match &mut pending {
                 Some(r) if r.continued_by(m) => r.n += 1,
                 _ => {
                     if let Some(r) = pending.take() {
-                        self.put(r);
+                        self.place(r, std::mem::take(&mut first));
                     }
                     pending = Some(Run::of(m));
                 }
             }
         }
         if let Some(r) = pending {
-            self.put(r);
+            self.place(r, first);
         }
         self.mappings += maps.len();
+    }
+
+    fn place(&mut self, r: Run, may_join: bool) {
+        if may_join {
+            self.put(r);
+        } else {
+            self.runs.insert(r.iova, r);
+        }
     }
 
     /// Adds one mapping if it overlaps nothing (false, nothing changed, if it does):
