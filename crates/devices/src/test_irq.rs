@@ -184,6 +184,18 @@ impl Gate {
         s.parked = None;
     }
 
+    /// On the firing thread, woken by the source's wake eventfd (read here): false
+    /// if the run must stop, else true once not paused (holding with the interrupt in
+    /// flight meanwhile); the caller waits for the guest afresh.
+    fn woken(&self, wake: &EventFd, stop: &AtomicBool) -> bool {
+        let _ = wake.read();
+        if stop.load(Ordering::Acquire) {
+            return false;
+        }
+        self.hold(true, stop);
+        true
+    }
+
     fn notify(&self) {
         let _s = self.lock();
         self.changed.notify_all();
@@ -362,6 +374,18 @@ impl Runner {
                 tracing::error!("test source: {e}");
                 Ret::err(Status::Internal)
             }
+        }
+    }
+
+    /// Starts the saved run `r` paused, with `run` (the source's own start), to go on
+    /// at [`Runner::resume`].
+    fn go_on(&self, r: RunState, run: impl FnOnce(RunState) -> Ret) -> Result<(), String> {
+        self.gate.lock().paused = true;
+        let ret = run(r);
+        if ret.status == Status::Success {
+            Ok(())
+        } else {
+            Err(format!("test source {}: its run could not be restored ({:?})", self.id, ret.status))
         }
     }
 
@@ -562,14 +586,7 @@ impl MsiTestSource {
                             let _ = ack.read();
                             return true;
                         }
-                        Some(1) => {
-                            let _ = wake.read();
-                            if p.stop.load(Ordering::Acquire) {
-                                return false;
-                            }
-                            // Paused: wait for the guest afresh once resumed.
-                            gate.hold(true, &p.stop);
-                        }
+                        Some(1) if gate.woken(&wake, &p.stop) => {}
                         _ => return false,
                     }
                 }
@@ -618,14 +635,10 @@ impl MsiTestSource {
         if self.set_up(u64::from(s.vector), u64::from(s.abort_vector))?.is_none() {
             return Err(format!("test-irq: vectors {} and {} cannot be set up", s.vector, s.abort_vector));
         }
-        if let Some(r) = s.run {
-            self.runner.gate.lock().paused = true;
-            let ret = self.run(r.count, r.toggles, Some(r));
-            if ret.status != Status::Success {
-                return Err(format!("test-irq: its run could not be restored ({:?})", ret.status));
-            }
+        match s.run {
+            Some(r) => self.runner.go_on(r, |r| self.run(r.count, r.toggles, Some(r))),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -817,13 +830,7 @@ impl IntxTestSource {
                                 return false;
                             }
                         }
-                        Some(2) => {
-                            let _ = wake.read();
-                            if p.stop.load(Ordering::Acquire) {
-                                return false;
-                            }
-                            gate.hold(true, &p.stop);
-                        }
+                        Some(2) if gate.woken(&wake, &p.stop) => {}
                         _ => return false,
                     }
                 }
@@ -863,14 +870,10 @@ impl IntxTestSource {
         }
         self.line.asserted.store(s.asserted, Ordering::Release);
         // A line the guest cleared completed its step (its acknowledgement is that).
-        if let Some(r) = s.run.map(|r| RunState { in_flight: r.in_flight && s.asserted, ..r }) {
-            self.runner.gate.lock().paused = true;
-            let ret = self.run(r.count, r.toggles, Some(r));
-            if ret.status != Status::Success {
-                return Err(format!("test-intx: its run could not be restored ({:?})", ret.status));
-            }
+        match s.run.map(|r| RunState { in_flight: r.in_flight && s.asserted, ..r }) {
+            Some(r) => self.runner.go_on(r, |r| self.run(r.count, r.toggles, Some(r))),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 

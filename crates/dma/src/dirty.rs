@@ -107,12 +107,8 @@ impl DirtyLog {
             let Some(words) = cell.get() else { continue };
             let base = (c as u64) << CHUNK_SHIFT;
             for (i, w) in words.iter().enumerate() {
-                let mut v = w.swap(0, Ordering::AcqRel);
-                while v != 0 {
-                    let bit = u64::from(v.trailing_zeros());
-                    v &= v - 1;
-                    out.push(base + ((i as u64 * 64 + bit) << PAGE_SHIFT));
-                }
+                let v = w.swap(0, Ordering::AcqRel);
+                pages_of_bits(base + ((i as u64 * 64) << PAGE_SHIFT), &[v], u64::MAX, &mut out);
             }
         }
         out
@@ -129,9 +125,35 @@ impl DirtyLog {
     }
 }
 
+/// Appends the 4 KiB page of each bit set in `bits` (bit `i`, LSB first, is the page
+/// at `base + i * 4 KiB`), ignoring bits at or past `limit` (a bitmap from a device or
+/// the kernel covers a whole last word: its spare bits must not name pages beyond the
+/// range asked for).
+pub fn pages_of_bits(base: u64, bits: &[u64], limit: u64, out: &mut Vec<u64>) {
+    for (i, w) in bits.iter().enumerate() {
+        let mut w = *w;
+        while w != 0 {
+            let bit = (i as u64) * 64 + u64::from(w.trailing_zeros());
+            w &= w - 1;
+            if bit >= limit {
+                return;
+            }
+            out.push(base.saturating_add(bit << PAGE_SHIFT));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bitmap_names_pages_of_its_range_only() {
+        let mut out = Vec::new();
+        // Bits 0, 2, 65, and bits 66.. set (a bitmap's spare bits): a range of 66 pages.
+        pages_of_bits(0x10_0000, &[0b101, !0b1], 66, &mut out);
+        assert_eq!(out, vec![0x10_0000, 0x10_2000, 0x10_0000 + 65 * 4096]);
+    }
 
     #[test]
     fn marks_every_touched_page_and_take_clears() {

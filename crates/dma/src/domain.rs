@@ -314,13 +314,9 @@ impl Domain {
         let removed = {
             let mut tree = self.tree_mut();
             // Fast path: the range is exactly one mapping (the common unmap).
-            if let Some(m) = tree.remove_one(iova.0, size) {
-                if m.end() == end {
-                    drop(tree);
-                    return Ok(self.retire(&[m]));
-                }
-                // Smaller than the range: put back, and go the general way.
-                tree.insert(&[m]);
+            if let Some(m) = tree.remove_one(iova.0, Some(size)) {
+                drop(tree);
+                return Ok(self.retire(&[m]));
             }
             if tree.lookup(iova.0).is_some_and(|m| m.iova.0 < iova.0) {
                 return Err(MapError::InvalidArgument("unmap would split a mapping"));

@@ -164,7 +164,7 @@ impl Store {
     /// returns them in the order found.
     pub(crate) fn remove(&mut self, iovas: &[Iova]) -> Vec<Mapping> {
         if let [one] = iovas {
-            return self.remove_one(one.0, u64::MAX).into_iter().collect();
+            return self.remove_one(one.0, None).into_iter().collect();
         }
         let mut sorted: Vec<u64> = iovas.iter().map(|i| i.0).collect();
         sorted.sort_unstable();
@@ -206,12 +206,12 @@ impl Store {
         out
     }
 
-    /// Removes the mapping starting at `iova`, if there is one and it is at most
-    /// `size` bytes (an unmap of exactly one mapping passes its size).
-    pub(crate) fn remove_one(&mut self, iova: u64, size: u64) -> Option<Mapping> {
+    /// Removes the mapping starting at `iova`, if there is one (and, with `size`, it
+    /// is of that size: an unmap of exactly one mapping).
+    pub(crate) fn remove_one(&mut self, iova: u64, size: Option<u64>) -> Option<Mapping> {
         let run = *self.run_at(iova)?;
         let off = iova - run.iova;
-        if !off.is_multiple_of(run.unit) || run.unit > size {
+        if !off.is_multiple_of(run.unit) || size.is_some_and(|s| s != run.unit) {
             return None;
         }
         let k = off / run.unit;

@@ -156,8 +156,7 @@ impl VmDma {
     /// from this table, so it can be asked from inside a memory-map listener.
     pub fn backing_of(&self, gpa: u64) -> Option<(Arc<std::fs::File>, u64, u64)> {
         let spans = self.spans.read().unwrap_or_else(|e| e.into_inner());
-        let i = spans.partition_point(|s| s.gpa <= gpa).checked_sub(1)?;
-        let s = spans.get(i).filter(|s| gpa - s.gpa < s.size)?;
+        let s = span_at(&spans, gpa)?;
         let b = s.region.as_ref()?.backing.as_ref()?;
         Some((Arc::clone(&b.fd), b.offset + (gpa - s.gpa), s.gpa + s.size - gpa))
     }
@@ -240,8 +239,7 @@ impl VmDma {
             {
                 return false;
             }
-            let i = spans.partition_point(|s| s.gpa <= gpa);
-            last = i.checked_sub(1).and_then(|i| spans.get(i)).filter(|s| end - s.gpa <= s.size);
+            last = span_at(&spans, gpa).filter(|s| end - s.gpa <= s.size);
             last.is_none() && !covered(&spans, gpa, end)
         })
     }
@@ -250,10 +248,8 @@ impl VmDma {
     /// region.
     pub(crate) fn host_span(&self, gpa: u64) -> Option<(usize, u64, u64)> {
         let spans = self.spans.read().unwrap_or_else(|e| e.into_inner());
-        let i = spans.partition_point(|s| s.gpa <= gpa).checked_sub(1)?;
-        let s = spans.get(i)?;
-        let off = gpa - s.gpa;
-        (off < s.size).then(|| (s.host + off as usize, s.gpa, s.gpa + s.size))
+        let s = span_at(&spans, gpa)?;
+        Some((s.host + (gpa - s.gpa) as usize, s.gpa, s.gpa + s.size))
     }
 }
 
@@ -302,12 +298,17 @@ impl vm_api::MemoryListener for VmDma {
     }
 }
 
+/// The span of the sorted, disjoint `spans` holding `gpa`.
+fn span_at(spans: &[Span], gpa: u64) -> Option<&Span> {
+    let i = spans.partition_point(|s| s.gpa <= gpa).checked_sub(1)?;
+    spans.get(i).filter(|s| gpa - s.gpa < s.size)
+}
+
 /// True if the sorted, disjoint `spans` cover every byte of `[gpa, end)`.
 fn covered(spans: &[Span], gpa: u64, end: u64) -> bool {
     let mut at = gpa;
     while at < end {
-        let i = spans.partition_point(|s| s.gpa <= at);
-        match i.checked_sub(1).and_then(|i| spans.get(i)).filter(|s| at - s.gpa < s.size) {
+        match span_at(spans, at) {
             Some(s) => at = s.gpa + s.size,
             None => return false,
         }

@@ -139,6 +139,31 @@ pub struct StatsSnapshot {
     pub pages: (u64, u64),
 }
 
+impl StatsSnapshot {
+    /// Words of [`StatsSnapshot::to_words`].
+    const WORDS: usize = 5 + 1 + 10 + 2;
+
+    /// The counters as words (a snapshot's): calls, unknown, statuses, pages mapped
+    /// and unmapped.
+    fn to_words(self) -> Vec<u64> {
+        let mut w = self.calls.to_vec();
+        w.push(self.unknown);
+        w.extend_from_slice(&self.statuses);
+        w.extend_from_slice(&[self.pages.0, self.pages.1]);
+        debug_assert_eq!(w.len(), Self::WORDS);
+        w
+    }
+
+    /// The counters from [`StatsSnapshot::to_words`] (None: not that many words).
+    fn from_words(w: &[u64]) -> Option<StatsSnapshot> {
+        let (calls, w) = w.split_first_chunk::<5>()?;
+        let (&unknown, w) = w.split_first()?;
+        let (statuses, w) = w.split_first_chunk::<10>()?;
+        let [mapped, unmapped] = *w else { return None };
+        Some(StatsSnapshot { calls: *calls, unknown, statuses: *statuses, pages: (mapped, unmapped) })
+    }
+}
+
 const CALL_NAMES: [&str; 5] = ["query", "map", "map_sg", "unmap", "unmap_sg"];
 
 impl Stats {
@@ -312,11 +337,7 @@ impl PvDma {
     pub fn save_device(&self, id: u64) -> Option<Vec<u64>> {
         let d = self.device(id)?;
         let st = d.state.lock().unwrap_or_else(|e| e.into_inner());
-        let s = st.stats;
-        let mut w: Vec<u64> = s.calls.to_vec();
-        w.push(s.unknown);
-        w.extend_from_slice(&s.statuses);
-        w.extend_from_slice(&[s.pages.0, s.pages.1]);
+        let mut w = st.stats.to_words();
         let maps = d.domain.mappings();
         w.push(maps.len() as u64);
         for m in maps {
@@ -332,7 +353,8 @@ impl PvDma {
     pub fn restore_device(&self, id: u64, w: &[u64]) -> Result<(), String> {
         let d = self.device(id).ok_or_else(|| format!("device {id:#x} is not behind paravirtual DMA"))?;
         let bad = || "malformed paravirtual DMA state".to_string();
-        let (counters, rest) = w.split_at_checked(SAVED_COUNTERS).ok_or_else(bad)?;
+        let (counters, rest) = w.split_at_checked(StatsSnapshot::WORDS).ok_or_else(bad)?;
+        let stats = StatsSnapshot::from_words(counters).ok_or_else(bad)?;
         let (&n, maps) = rest.split_first().ok_or_else(bad)?;
         if u64::try_from(maps.len()).ok() != n.checked_mul(4) {
             return Err(bad());
@@ -360,12 +382,7 @@ impl PvDma {
             }
             done.push((iova, size, taken));
         }
-        let mut s = StatsSnapshot::default();
-        s.calls.copy_from_slice(&counters[..5]);
-        s.unknown = counters[5];
-        s.statuses.copy_from_slice(&counters[6..16]);
-        s.pages = (counters[16], counters[17]);
-        st.stats = s;
+        st.stats = stats;
         Ok(())
     }
 
@@ -678,7 +695,3 @@ impl crate::frontend::Frontend for PvDmaFrontend {
         self.pvdma.restore_device(u64::from(id), state)
     }
 }
-
-/// Words of a device's saved counters: calls, unknown, statuses, pages mapped and
-/// unmapped.
-const SAVED_COUNTERS: usize = 5 + 1 + 10 + 2;

@@ -334,18 +334,7 @@ impl IrqRegistry {
             }
             if entry.mode == Mode::Forwarded && !entry.parked {
                 self.stop_forwarded(entry);
-                if let Err(e) = self.start_forwarded(entry) {
-                    tracing::error!(
-                        "IRQ source {}: forwarding again after settling failed ({e}); the VMM delivers it",
-                        entry.source.id
-                    );
-                    entry.mode = Mode::Vmm;
-                    entry.switches += 1;
-                    if let Err(e) = self.start_vmm(entry) {
-                        tracing::error!("IRQ source {}: {e}; polling it", entry.source.id);
-                        self.shared.poll_fallback(&entry.source.id);
-                    }
-                }
+                self.forward_or_fall_back(entry, "settling");
             } else {
                 delivery::deliver_pending(&self.shared, entry);
             }
@@ -392,14 +381,7 @@ impl IrqRegistry {
         if entry.parked {
             entry.parked = false;
             self.stop_vmm(entry);
-            if let Err(e) = self.start_forwarded(entry) {
-                tracing::error!("IRQ source {id}: forwarding again after unmask failed ({e}); the VMM delivers it");
-                entry.mode = Mode::Vmm;
-                if let Err(e) = self.start_vmm(entry) {
-                    tracing::error!("IRQ source {id}: {e}; polling it");
-                    self.shared.poll_fallback(id);
-                }
-            }
+            self.forward_or_fall_back(entry, "unmask");
         }
         // A level line still asserted is raised again on the path now in use.
         kick_resample(entry);
@@ -502,6 +484,21 @@ impl IrqRegistry {
             .assign_irqfd(entry.source.trigger_fd(), gsi, entry.source.resample_fd())
             .map_err(Self::chip_err(&id, "assigning the irqfd"))?;
         Ok(())
+    }
+
+    /// Forwards a source that nobody delivers right now (after `after`); if KVM
+    /// refuses, the VMM delivers it (a switch), or polls it if it cannot watch it: the
+    /// source never goes silent.
+    fn forward_or_fall_back(&self, entry: &mut Entry, after: &str) {
+        let Err(e) = self.start_forwarded(entry) else { return };
+        let id = entry.source.id.clone();
+        tracing::error!("IRQ source {id}: forwarding again after {after} failed ({e}); the VMM delivers it");
+        entry.mode = Mode::Vmm;
+        entry.switches += 1;
+        if let Err(e) = self.start_vmm(entry) {
+            tracing::error!("IRQ source {id}: {e}; polling it");
+            self.shared.poll_fallback(&id);
+        }
     }
 
     fn stop_forwarded(&self, entry: &mut Entry) {

@@ -288,20 +288,28 @@ impl IrqChip for SlowChip {
     }
 }
 
-#[test]
-fn the_registry_answers_while_an_injection_is_in_flight_and_detach_waits_for_it() {
-    let _s = serial();
+/// A registry over a [`SlowChip`] with one VMM-delivered MSI source `dev` whose first
+/// interrupt is being injected (blocked in the chip) when this returns: the registry,
+/// the chip's counters, the source's id and the sender that lets the injection finish.
+fn injection_in_flight(dev: &str) -> (Arc<IrqRegistry>, Arc<MockChip>, SourceId, std::sync::mpsc::Sender<()>) {
     let (entered_tx, entered) = std::sync::mpsc::channel();
     let (release, release_rx) = std::sync::mpsc::channel();
     let inner = Arc::new(MockChip::default());
     let chip =
         Arc::new(SlowChip { inner: inner.clone(), entered: Mutex::new(entered_tx), release: Mutex::new(release_rx) });
     let reg = Arc::new(IrqRegistry::new(chip, Mode::Vmm).unwrap());
-    let (src, writer) = msi_source("slow");
+    let (src, writer) = msi_source(dev);
     let id = src.id.clone();
     reg.attach(src, GuestIrq::Msi(MsiMessage::fixed(0, 0x40)), Arc::new(Device)).unwrap();
     writer.write(1).unwrap();
-    entered.recv_timeout(Duration::from_secs(10)).unwrap(); // the injection is in flight
+    entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    (reg, inner, id, release)
+}
+
+#[test]
+fn the_registry_answers_while_an_injection_is_in_flight_and_detach_waits_for_it() {
+    let _s = serial();
+    let (reg, inner, id, release) = injection_in_flight("slow");
     // Registry calls from other threads (a vCPU reprogramming an MSI) still complete.
     let r = Arc::clone(&reg);
     let i = id.clone();
@@ -458,16 +466,7 @@ fn settle_returns_only_when_every_signalled_interrupt_reached_the_chip() {
 #[test]
 fn settle_waits_for_an_injection_in_flight() {
     let _s = serial();
-    let (entered_tx, entered) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel();
-    let inner = Arc::new(MockChip::default());
-    let chip =
-        Arc::new(SlowChip { inner: inner.clone(), entered: Mutex::new(entered_tx), release: Mutex::new(release_rx) });
-    let reg = Arc::new(IrqRegistry::new(chip, Mode::Vmm).unwrap());
-    let (src, writer) = msi_source("slow-settle");
-    reg.attach(src, GuestIrq::Msi(MsiMessage::fixed(0, 0x40)), Arc::new(Device)).unwrap();
-    writer.write(1).unwrap();
-    entered.recv_timeout(Duration::from_secs(10)).unwrap();
+    let (reg, inner, _, release) = injection_in_flight("slow-settle");
     let r = Arc::clone(&reg);
     let settle = std::thread::spawn(move || r.settle());
     std::thread::sleep(Duration::from_millis(50));

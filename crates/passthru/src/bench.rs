@@ -649,37 +649,9 @@ fn tce_bench(rounds: u64, json: Option<PathBuf>, plot: Option<PathBuf>) -> Resul
         (0..512u64).flat_map(|i| ((0x100_0000 + i * 4096) | t::READ | t::WRITE).to_le_bytes()).collect();
     vm.phys_write(list, &entries);
     let mut report = TceReport { rounds, ..TceReport::default() };
-    let (mut ind, mut stuff) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-    for r in 0..rounds {
-        let ioba = (r % 256) * 512 * 4096;
-        let t0 = Instant::now();
-        call(t::PUT_TCE_INDIRECT, [liobn, ioba, list, 512])?;
-        ind += t0.elapsed();
-        let t0 = Instant::now();
-        call(t::STUFF_TCE, [liobn, ioba, 0, 512])?;
-        stuff += t0.elapsed();
-    }
-    report.indirect_ns_per_entry = ind.as_nanos() as f64 / (rounds * 512) as f64;
-    report.stuff_ns_per_entry = stuff.as_nanos() as f64 / (rounds * 512) as f64;
-    // The same with every other guest page: each entry is a mapping of its own.
-    let scattered_list: u64 = list + 0x1000;
-    let scattered: Vec<u8> =
-        (0..512u64).flat_map(|i| ((0x100_0000 + i * 2 * 4096) | t::READ | t::WRITE).to_le_bytes()).collect();
-    vm.phys_write(scattered_list, &scattered);
-    let (mut ind, mut stuff) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-    for r in 0..rounds {
-        let ioba = (r % 256) * 512 * 4096;
-        let t0 = Instant::now();
-        call(t::PUT_TCE_INDIRECT, [liobn, ioba, scattered_list, 512])?;
-        ind += t0.elapsed();
-        let t0 = Instant::now();
-        call(t::STUFF_TCE, [liobn, ioba, 0, 512])?;
-        stuff += t0.elapsed();
-    }
-    report.indirect_scattered_ns_per_entry = ind.as_nanos() as f64 / (rounds * 512) as f64;
-    report.stuff_scattered_ns_per_entry = stuff.as_nanos() as f64 / (rounds * 512) as f64;
-    // The per-entry cost as batches grow (what batching buys).
-    for entries in [1u64, 8, 64, 512] {
+    // `rounds` of H_PUT_TCE_INDIRECT of `entries` from `list`, each cleared by
+    // H_STUFF_TCE: the VMM's ns per entry of each call.
+    let put_and_clear = |list: u64, entries: u64| -> Result<(f64, f64), String> {
         let (mut ind, mut stuff) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         for r in 0..rounds {
             let ioba = (r % 256) * 512 * 4096;
@@ -691,7 +663,19 @@ fn tce_bench(rounds: u64, json: Option<PathBuf>, plot: Option<PathBuf>) -> Resul
             stuff += t0.elapsed();
         }
         let per = |d: std::time::Duration| d.as_nanos() as f64 / (rounds * entries) as f64;
-        report.batches.push(BatchFigure { entries, indirect_ns_per_entry: per(ind), stuff_ns_per_entry: per(stuff) });
+        Ok((per(ind), per(stuff)))
+    };
+    (report.indirect_ns_per_entry, report.stuff_ns_per_entry) = put_and_clear(list, 512)?;
+    // The same with every other guest page: each entry is a mapping of its own.
+    let scattered_list: u64 = list + 0x1000;
+    let scattered: Vec<u8> =
+        (0..512u64).flat_map(|i| ((0x100_0000 + i * 2 * 4096) | t::READ | t::WRITE).to_le_bytes()).collect();
+    vm.phys_write(scattered_list, &scattered);
+    (report.indirect_scattered_ns_per_entry, report.stuff_scattered_ns_per_entry) = put_and_clear(scattered_list, 512)?;
+    // The per-entry cost as batches grow (what batching buys).
+    for entries in [1u64, 8, 64, 512] {
+        let (indirect_ns_per_entry, stuff_ns_per_entry) = put_and_clear(list, entries)?;
+        report.batches.push(BatchFigure { entries, indirect_ns_per_entry, stuff_ns_per_entry });
     }
     let t0 = Instant::now();
     for r in 0..rounds {

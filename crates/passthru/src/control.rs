@@ -205,10 +205,9 @@ pub fn info(vm: &Vm) -> Value {
                         .collect()
                 })
                 .unwrap_or_default();
-            let prefix = format!("{}/", d.name());
             let irqs: Vec<Value> = sources
                 .iter()
-                .filter(|id| id.to_string().starts_with(&prefix))
+                .filter(|id| id.device == d.name())
                 .filter_map(|id| vm.irqs().stats(id).map(|s| json!({ "source": id.to_string(), "mode": s.mode.to_string() })))
                 .collect();
             let bars: Vec<Value> = d

@@ -10,17 +10,11 @@ pub mod plot;
 pub mod run;
 pub mod sandbox;
 
-/// Parses a memory size: bytes, or a number with a K, M or G suffix (powers of 1024).
+/// Parses a memory size: bytes (decimal or `0x` hexadecimal), or a number with a K, M
+/// or G suffix (powers of 1024) — the control API's numbers.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&t[..i], 10),
-        Some((i, 'M' | 'm')) => (&t[..i], 20),
-        Some((i, 'G' | 'g')) => (&t[..i], 30),
-        _ => (t, 0),
-    };
-    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size; write e.g. 256M, 1G or 33554432"))?;
-    n.checked_mul(1 << shift).ok_or_else(|| format!("'{s}' is too large"))
+    api::command::parse_number(s)
+        .ok_or_else(|| format!("'{s}' is not a size; write e.g. 256M, 1G or 33554432 (below 16 EiB)"))
 }
 
 #[cfg(test)]

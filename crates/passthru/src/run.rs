@@ -24,7 +24,7 @@ pub enum Accel {
     Qtest,
 }
 
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug)]
 /// `passthru run` arguments.
 pub struct RunArgs {
     /// Guest program: a built-in name (see `passthru guests`) or the path of an ELF file.
@@ -91,11 +91,7 @@ pub struct RunArgs {
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
-    let r = match s.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => s.parse(),
-    };
-    r.map_err(|_| format!("'{s}' is not a number"))
+    api::command::parse_number(s).ok_or_else(|| format!("'{s}' is not a number"))
 }
 
 fn parse_window(s: &str) -> Result<std::ops::Range<u64>, String> {
@@ -132,13 +128,13 @@ fn config(args: &RunArgs, accel: AccelKind) -> VmConfig {
     config
 }
 
-/// Without `--locked-memory`, raises RLIMIT_MEMLOCK to what the devices need when the
-/// process may (see [`crate::memlock`]).
-fn ensure_locked_memory(args: &RunArgs, devices: &[crate::device::DeviceArg]) {
+/// Without `--locked-memory`, raises RLIMIT_MEMLOCK to what `memory` bytes of RAM and
+/// the devices need, when the process may (see [`crate::memlock`]).
+fn ensure_locked_memory(args: &RunArgs, memory: u64, devices: &[crate::device::DeviceArg]) {
     if args.locked_memory.is_some() {
         return;
     }
-    let need = crate::memlock::needed(args.memory, devices, args.api_socket.is_some());
+    let need = crate::memlock::needed(memory, devices, args.api_socket.is_some());
     match crate::memlock::raise_to(need) {
         Ok(Some(line)) => {
             let _ = writeln!(std::io::stderr(), "{line}");
@@ -183,7 +179,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     } else {
         &args.devices[..]
     };
-    ensure_locked_memory(&args, devices);
+    ensure_locked_memory(&args, args.memory, devices);
     let vm = Arc::new(Vm::new(config(&args, AccelKind::Kvm)).map_err(|e| e.to_string())?);
     let specs = attach_devices(&vm, devices)?;
     let api = start_api(&args, &vm, &specs)?;
@@ -230,8 +226,7 @@ fn run_restore(args: &RunArgs, dir: &Path) -> Result<ExitCode, String> {
     if qtest && args.qtest.is_none() {
         cfg.serial_out = Box::new(std::io::stderr());
     }
-    let memory_args = RunArgs { memory: snap.state.memory, ..args.clone() };
-    ensure_locked_memory(&memory_args, &devices);
+    ensure_locked_memory(args, snap.state.memory, &devices);
     let vm = Arc::new(Vm::new(cfg).map_err(|e| e.to_string())?);
     snap.apply_ram(&vm).map_err(|e| e.to_string())?;
     bar.inc(1);
@@ -401,7 +396,7 @@ pub fn load_guest(name: &str) -> Result<Vec<u8>, String> {
 
 fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
     let mut config = config(args, AccelKind::Qtest);
-    ensure_locked_memory(args, &args.devices);
+    ensure_locked_memory(args, args.memory, &args.devices);
     let end = match &args.qtest {
         Some(path) => {
             let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {

@@ -43,6 +43,21 @@ fn restored(dir: &Path, extra: &[&str]) -> Q {
     Q { stdin: child.stdin.take().unwrap(), out: std::io::BufReader::new(child.stdout.take().unwrap()), child }
 }
 
+/// A socket path and a snapshot directory for test `tag` (a directory left by an
+/// earlier run removed).
+fn paths(tag: &str) -> (PathBuf, PathBuf) {
+    let dir = tmp(tag);
+    let _ = std::fs::remove_dir_all(&dir);
+    (tmp(&format!("{tag}.sock")), dir)
+}
+
+/// A qtest session with its control API on `sock` and `args`, once the socket answers.
+fn q_with_api(sock: &Path, args: &[&str]) -> Q {
+    let q = Q::start(&[&["--api-socket", sock.to_str().unwrap()][..], args].concat());
+    wait_for(sock);
+    q
+}
+
 fn snapshot(sock: &Path, dir: &Path) -> (u16, Value) {
     api(sock, "PUT", "vm.snapshot", Some(&serde_json::json!({ "dir": dir }).to_string()))
 }
@@ -59,8 +74,7 @@ fn the_dma_guest_saved_mid_run_finishes_after_a_restore_in_every_device_mode() {
         ("child", "dma-engine"),
         ("messages", "dma-engine,iommu-mode=messages"),
     ] {
-        let (sock, dir) = (tmp(&format!("{tag}.sock")), tmp(tag));
-        let _ = std::fs::remove_dir_all(&dir);
+        let (sock, dir) = paths(tag);
         let rounds = "300";
         let mut child = bin()
             .args(["run", "--guest", "dma", "--guest-arg", rounds, "--device", device, "--locked-memory", "1G"])
@@ -115,8 +129,7 @@ fn interrupt_storms_saved_mid_storm_count_every_interrupt_after_a_restore() {
     .into_iter()
     .enumerate()
     {
-        let (sock, dir) = (tmp(&format!("storm{round}.sock")), tmp(&format!("storm{round}")));
-        let _ = std::fs::remove_dir_all(&dir);
+        let (sock, dir) = paths(&format!("storm{round}"));
         let child = bin()
             .args(["run", "--guest", guest, "--guest-arg", &n.to_string(), "--guest-arg", &m.to_string()])
             .arg("--api-socket")
@@ -164,11 +177,8 @@ fn interrupt_storms_saved_mid_storm_count_every_interrupt_after_a_restore() {
 #[test]
 fn pvdma_mappings_come_back_at_the_same_iovas_with_the_same_pins() {
     use abi::dma_engine::{Descriptor, completion, op};
-    let (sock, dir) = (tmp("pvdma.sock"), tmp("pvdma"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let s = sock.to_str().unwrap();
-    let mut q = Q::start(&["--api-socket", s, "--device", "dma-engine,dma=pvdma", "--locked-memory", "1G"]);
-    wait_for(&sock);
+    let (sock, dir) = paths("pvdma");
+    let mut q = q_with_api(&sock, &["--device", "dma-engine,dma=pvdma", "--locked-memory", "1G"]);
     qpci::enable(&mut |c| q.cmd(c), 1);
     let bar0 = qpci::bar(&mut |c| q.cmd(c), 1, 0);
     let map = |q: &mut Q, gpa: u64, len: u64, dir: u64| {
@@ -197,7 +207,7 @@ fn pvdma_mappings_come_back_at_the_same_iovas_with_the_same_pins() {
     assert_eq!(status, 200, "{r}");
     q.end();
 
-    let mut q = restored(&dir, &["--api-socket", s]);
+    let mut q = restored(&dir, &["--api-socket", sock.to_str().unwrap()]);
     wait_for(&sock);
     let after = api(&sock, "GET", "vm.counters", None).1;
     assert_eq!(after["locked_memory"]["pinned"], before["locked_memory"]["pinned"], "the same pins");
@@ -231,12 +241,11 @@ fn pvdma_mappings_come_back_at_the_same_iovas_with_the_same_pins() {
 /// previous one in place.
 #[test]
 fn refusals_are_clear_and_leave_nothing_half_done() {
-    let (sock, dir) = (tmp("refuse.sock"), tmp("refuse"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let s = sock.to_str().unwrap();
-    let args = ["--api-socket", s, "--device", "dma-engine,process=inline", "--locked-memory", "1G"];
-    let q = Q::start(&[&args[..], &["--noncoherent-migration", "refuse"]].concat());
-    wait_for(&sock);
+    let (sock, dir) = paths("refuse");
+    let q = q_with_api(
+        &sock,
+        &["--device", "dma-engine,process=inline", "--locked-memory", "1G", "--noncoherent-migration", "refuse"],
+    );
     assert_eq!(snapshot(&sock, &dir).0, 200);
     let manifest = std::fs::read(dir.join("manifest.json")).unwrap();
     let (status, _) =
@@ -307,20 +316,15 @@ fn refusals_are_clear_and_leave_nothing_half_done() {
 /// first (the bytes flushed grow by exactly what was read of flagged memory).
 #[test]
 fn non_coherent_devices_are_flushed_before_a_snapshot_or_refused() {
-    let (sock, dir) = (tmp("nc.sock"), tmp("nc"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let s = sock.to_str().unwrap();
+    let (sock, dir) = paths("nc");
     let nc = "dma-engine,process=inline,coherent=false";
-    let q =
-        Q::start(&["--api-socket", s, "--device", nc, "--locked-memory", "1G", "--noncoherent-migration", "refuse"]);
-    wait_for(&sock);
+    let q = q_with_api(&sock, &["--device", nc, "--locked-memory", "1G", "--noncoherent-migration", "refuse"]);
     let (status, e) = snapshot(&sock, &dir);
     assert_eq!(status, 409);
     assert!(e["error"].as_str().unwrap().contains("--noncoherent-migration refuse"), "{e}");
     assert!(!dir.exists(), "nothing written");
     q.end();
-    let mut q = Q::start(&["--api-socket", s, "--device", nc, "--locked-memory", "1G"]);
-    wait_for(&sock);
+    let mut q = q_with_api(&sock, &["--device", nc, "--locked-memory", "1G"]);
     qpci::enable(&mut |c| q.cmd(c), 1); // the BARs decode: the scratch memory is mapped
     let flushed = |q: &mut Q| q.field("noncoherent", "flushed").parse::<u64>().unwrap();
     let before = flushed(&mut q);
@@ -337,12 +341,9 @@ fn non_coherent_devices_are_flushed_before_a_snapshot_or_refused() {
 /// restore writes it back and flushes it for the non-snooping device).
 #[test]
 fn a_non_coherent_device_memory_restores_identical() {
-    let (sock, dir) = (tmp("ncr.sock"), tmp("ncr"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let s = sock.to_str().unwrap();
+    let (sock, dir) = paths("ncr");
     let nc = "dma-engine,coherent=false";
-    let mut q = Q::start(&["--api-socket", s, "--device", nc, "--locked-memory", "1G"]);
-    wait_for(&sock);
+    let mut q = q_with_api(&sock, &["--device", nc, "--locked-memory", "1G"]);
     qpci::enable(&mut |c| q.cmd(c), 1);
     let bar1 = qpci::bar(&mut |c| q.cmd(c), 1, 1);
     let pattern: String = (0..4096u32).map(|i| format!("{:02x}", (i * 7 + 3) as u8)).collect();
@@ -433,11 +434,8 @@ fn a_paused_vm_has_quiet_devices_until_resume() {
 /// same address with the same bytes.
 #[test]
 fn hot_added_ram_is_saved_and_restored() {
-    let (sock, dir) = (tmp("hot.sock"), tmp("hot"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let s = sock.to_str().unwrap();
-    let mut q = Q::start(&["--api-socket", s, "--device", "dma-engine,process=inline", "--locked-memory", "1G"]);
-    wait_for(&sock);
+    let (sock, dir) = paths("hot");
+    let mut q = q_with_api(&sock, &["--device", "dma-engine,process=inline", "--locked-memory", "1G"]);
     let (status, _) = api(&sock, "PUT", "memory.add", Some(r#"{"gpa":"0x200000000","size":"2M"}"#));
     assert_eq!(status, 200);
     let pattern: String = (0..4096u32).map(|i| format!("{:02x}", (i * 13 + 1) as u8)).collect();
@@ -463,12 +461,9 @@ fn hot_added_ram_is_saved_and_restored() {
 fn tce_windows_and_shared_tables_are_saved_and_restored() {
     use abi::dma_engine::{Descriptor, completion, op};
     use abi::tce as t;
-    let (sock, dir) = (tmp("tce.sock"), tmp("tce"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let s = sock.to_str().unwrap();
+    let (sock, dir) = paths("tce");
     let tce = "dma-engine,dma=tce,process=inline";
-    let mut q = Q::start(&["--api-socket", s, "--device", tce, "--device", tce, "--locked-memory", "1G"]);
-    wait_for(&sock);
+    let mut q = q_with_api(&sock, &["--device", tce, "--device", tce, "--locked-memory", "1G"]);
     qpci::enable(&mut |c| q.cmd(c), 1);
     let bar0 = qpci::bar(&mut |c| q.cmd(c), 1, 0);
     let (code, ga, la) = papr(&q.cmd(&format!("hcall {:#x} {:#x}", t::DEVICE_GROUP, abi::pci::bdf(0, 1, 0))));
@@ -519,11 +514,8 @@ fn tce_windows_and_shared_tables_are_saved_and_restored() {
 /// its place, whole: the new one is written beside it and swapped in at the end.
 #[test]
 fn a_crash_mid_snapshot_leaves_the_previous_snapshot_intact() {
-    let (sock, dir) = (tmp("crash.sock"), tmp("crash"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let s = sock.to_str().unwrap();
-    let mut q = Q::start(&["--api-socket", s, "--memory", "1G", "--locked-memory", "2G"]);
-    wait_for(&sock);
+    let (sock, dir) = paths("crash");
+    let mut q = q_with_api(&sock, &["--memory", "1G", "--locked-memory", "2G"]);
     q.ok("memset 0x100000 0x1000 0x11");
     assert_eq!(snapshot(&sock, &dir).0, 200);
     let manifest = std::fs::read(dir.join("manifest.json")).unwrap();

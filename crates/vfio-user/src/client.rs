@@ -328,11 +328,12 @@ impl Client {
         let argsz = u32::try_from(8 + 24 + 8 * words)
             .map_err(|_| Error::Proto(proto::ProtoError::BadSize("range too large")))?;
         let r = self.device_feature(proto::mig::FEATURE_GET | proto::mig::FEATURE_DMA_LOGGING_REPORT, &data, argsz)?;
-        Ok(r.get(24..)
-            .unwrap_or_default()
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
-            .collect())
+        // A short or long bitmap would read as clean pages: refuse it.
+        let bitmap = r
+            .get(24..)
+            .filter(|b| b.len() as u64 == 8 * words)
+            .ok_or(Error::Proto(proto::ProtoError::BadSize("DMA logging report of the wrong size")))?;
+        Ok(bitmap.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect())
     }
 
     /// MIG_DATA_READ of at most `size` bytes (empty: no more data).

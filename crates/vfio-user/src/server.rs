@@ -189,7 +189,11 @@ impl Server {
             });
             let why = match handler {
                 Ok(_) => self.ep.run(|m| {
-                    let _ = tx.send(m);
+                    // The handler is gone (the device panicked): stop reading at once
+                    // rather than drop requests until the peer's deadline.
+                    if tx.send(m).is_err() {
+                        self.ep.shutdown();
+                    }
                 }),
                 Err(e) => Error::Io(e),
             };

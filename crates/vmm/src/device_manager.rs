@@ -321,7 +321,7 @@ impl DeviceManager {
         // reuse them.
         if let Ok(k) = name.trim_start_matches(|c: char| c.is_ascii_alphabetic()).parse::<u32>() {
             let mut n = self.next.lock().unwrap_or_else(|e| e.into_inner());
-            *n = (*n).max(k + 1);
+            *n = (*n).max(k.saturating_add(1));
         }
         let fail = |e: String| Error::Device(name.clone(), e);
         let endpoint = Endpoint::new(&self.dma, &name);

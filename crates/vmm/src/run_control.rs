@@ -1,7 +1,7 @@
 //! Pause and resume, and the vCPU exit counters.
 //!
 //! `pause` asks the vCPU to stop and kicks it out of KVM_RUN with a signal
-//! ([`KICK_SIGNAL`], a no-op handler: KVM_RUN returns EINTR); the vCPU parks at the
+//! ([`kick_signal`], SIGRTMIN+2 with a no-op handler: KVM_RUN returns EINTR); the vCPU parks at the
 //! top of its loop, between two guest instructions, and acknowledges. A signal that
 //! lands just before the vCPU enters KVM_RUN would be lost, so the kick repeats until
 //! the acknowledgement or [`PAUSE_DEADLINE`]. The vCPU thread registers itself while it
@@ -23,9 +23,6 @@ const KICK_INTERVAL: Duration = Duration::from_millis(2);
 pub fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN() + 2
 }
-
-/// For documentation: [`kick_signal`].
-pub const KICK_SIGNAL: &str = "SIGRTMIN+2";
 
 /// Whether the machine runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,6 +214,11 @@ impl RunControl {
         self.changed.notify_all();
     }
 
+    /// True while a pause is requested (one atomic load: the vCPU's check per exit).
+    pub(crate) fn pause_pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
     /// The vCPU's check on every loop: parks while a pause is requested and `stop()`
     /// is false, running the jobs posted meanwhile with `vcpu`. Costs one atomic load
     /// when no pause is pending.
@@ -282,9 +284,11 @@ impl ExitCounters {
         ]
     }
 
-    /// Adds one to `c` (the vCPU is the only writer; a relaxed add suffices).
+    /// Adds one to `c`. The vCPU thread is the only writer, so a plain load and store
+    /// suffice (no locked read-modify-write on every exit); readers see a count that is
+    /// at most one behind.
     pub(crate) fn bump(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+        c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
     }
 }
 

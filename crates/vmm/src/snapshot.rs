@@ -178,8 +178,10 @@ fn err(what: impl Into<String>) -> Error {
 /// again on restore). Refusals come before anything is written.
 pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Result<SaveReport> {
     let t0 = Instant::now();
-    // One pauser at a time (operator pause/resume, other snapshots, vm.info's PAT read).
-    let _pausers = vm.pause_lock();
+    let _one = vm.snapshot_lock();
+    // One pauser at a time (operator pause/resume, vm.info's PAT read): until the VM
+    // runs again, not while the files are written.
+    let pausers = vm.pause_lock();
     check_target(dir)?;
     // Refusals first: nothing is stopped, nothing written.
     let devices = vm.devices();
@@ -233,6 +235,7 @@ pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Resu
         // Not the snapshot's failure, but the VM's: say so.
         tracing::error!("snapshot: resuming the VM after saving it: {e}");
     }
+    drop(pausers);
     let was_paused = !owned;
     let (state, devmem, ram) = result?;
     let mut report = write_dir(dir, &state, &devmem, &ram)?;
@@ -335,15 +338,10 @@ fn copy_ram(vm: &Vm) -> Result<(RamImage, Vec<(u64, u64)>)> {
     Ok((RamImage(boot, hot), hot_ram))
 }
 
-/// On the vCPU thread: completes pending I/O (KVM_RUN with immediate_exit), then reads
-/// every piece of state.
+/// On the parked vCPU thread (its last exit completed before it parked, see
+/// `Vcpu::run`): reads every piece of state.
 fn save_cpu(v: &mut dyn std::any::Any, msr_indexes: &[u32]) -> Result<CpuState> {
     let fd = v.downcast_mut::<kvm_ioctls::VcpuFd>().ok_or_else(|| err("the vCPU job got no vCPU"))?;
-    // A pending MMIO or port read completes (and sync-register writes land) on the
-    // next KVM_RUN; with immediate_exit it returns at once, before any guest code.
-    fd.set_kvm_immediate_exit(1);
-    let _ = fd.run();
-    fd.set_kvm_immediate_exit(0);
     let k = |what, e| Error::Kvm(what, e);
     let mut msrs = Vec::new();
     let mut rest: Vec<u32> = msr_indexes.to_vec();
@@ -493,25 +491,20 @@ fn write_dir(dir: &Path, state: &VmState, devmem: &[u8], image: &RamImage) -> Re
     let r = (|| {
         let mut report = SaveReport::default();
         let mut sections = Vec::new();
-        // RAM: the memfd's data extents, as (offset, length, bytes) records.
-        let mut ram = Out::create(&tmp.join("ram.bin"))?;
-        ram.put(DATA_MAGIC)?;
-        for (off, bytes) in &image.0 {
-            ram.put(&off.to_le_bytes())?;
-            ram.put(&(bytes.len() as u64).to_le_bytes())?;
-            ram.put(bytes)?;
-            report.ram_bytes += bytes.len() as u64;
+        // RAM: the memfd's data extents as (offset, length, bytes) records; hot-added
+        // RAM likewise with guest-physical addresses.
+        for (name, records) in [("ram", &image.0), ("hotram", &image.1)] {
+            let file = format!("{name}.bin");
+            let mut out = Out::create(&tmp.join(&file))?;
+            out.put(DATA_MAGIC)?;
+            for (at, bytes) in records {
+                out.put(&at.to_le_bytes())?;
+                out.put(&(bytes.len() as u64).to_le_bytes())?;
+                out.put(bytes)?;
+                report.ram_bytes += bytes.len() as u64;
+            }
+            sections.push(out.finish(name, &file)?);
         }
-        sections.push(ram.finish("ram", "ram.bin")?);
-        let mut hot = Out::create(&tmp.join("hotram.bin"))?;
-        hot.put(DATA_MAGIC)?;
-        for (gpa, bytes) in &image.1 {
-            hot.put(&gpa.to_le_bytes())?;
-            hot.put(&(bytes.len() as u64).to_le_bytes())?;
-            hot.put(bytes)?;
-            report.ram_bytes += bytes.len() as u64;
-        }
-        sections.push(hot.finish("hotram", "hotram.bin")?);
         let mut dm = Out::create(&tmp.join("devmem.bin"))?;
         dm.put(DATA_MAGIC)?;
         dm.put(devmem)?;
@@ -633,7 +626,9 @@ impl Snapshot {
                 .find(|s| s.name == n)
                 .ok_or_else(|| err(format!("the manifest has no '{n}' section")))
         };
-        for s in &manifest.sections {
+        // Every section checked whole; vm.json and devmem.bin are checked as they are
+        // read below.
+        for s in manifest.sections.iter().filter(|s| s.name != "vm" && s.name != "devmem") {
             read_section(dir, s)?;
         }
         let mut vm_json = Vec::new();
@@ -773,9 +768,14 @@ impl Snapshot {
         }
         if let Some(f) = self.section_file("hotram")? {
             records(&f, "hotram.bin", |gpa, len, at| {
-                let mut b = vec![0u8; usize::try_from(len).map_err(|_| err("hotram.bin: record too large"))?];
-                f.read_exact_at(&mut b, at).map_err(|e| err(format!("hotram.bin: {e}")))?;
-                vm.write_memory_for_host(gpa, &b)?;
+                // Through the same bounded buffer as boot RAM.
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(buf.len() as u64) as usize;
+                    f.read_exact_at(&mut buf[..n], at + done).map_err(|e| err(format!("hotram.bin: {e}")))?;
+                    vm.write_memory_for_host(gpa + done, &buf[..n])?;
+                    done += n as u64;
+                }
                 total += len;
                 Ok(())
             })?;

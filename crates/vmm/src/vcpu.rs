@@ -54,9 +54,18 @@ impl Vcpu {
         vm.run_control().vcpu_started();
         let _registered = Registered(vm.run_control());
         let exits = vm.exit_counters();
+        // A pause asked: the last exit's completion (a port or MMIO read's data, a
+        // hypercall's results, the rest of a string I/O) is landed by one more KVM_RUN
+        // with immediate_exit before the vCPU parks, so its saved registers are whole.
+        let mut settled = false;
         loop {
-            // A pause parks here, between two guest instructions.
-            vm.run_control().checkpoint(&mut self.fd, || vm.exit_status().is_some());
+            if vm.run_control().pause_pending() && !settled {
+                self.fd.set_kvm_immediate_exit(1);
+            } else {
+                // A pause parks here, between two guest instructions.
+                vm.run_control().checkpoint(&mut self.fd, || vm.exit_status().is_some());
+                settled = false;
+            }
             if let Some(status) = vm.exit_status() {
                 return Ok(status);
             }
@@ -110,6 +119,11 @@ impl Vcpu {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     ExitCounters::bump(&exits.interrupted);
+                    if vm.run_control().pause_pending() {
+                        // Nothing left to complete: park at the next checkpoint.
+                        self.fd.set_kvm_immediate_exit(0);
+                        settled = true;
+                    }
                     false
                 }
                 Err(e) => return Err(Error::Kvm("KVM_RUN", e)),

@@ -119,6 +119,10 @@ pub struct Vm {
     /// Held by whoever pauses or resumes (operator, snapshot, the PAT read), so one's
     /// pause is never resumed by another.
     pausers: Mutex<()>,
+    /// Held across a whole snapshot (one at a time: they share the temporary
+    /// directory's name); taken before `pausers`, which a snapshot lets go once the VM
+    /// runs again, while the files are written.
+    snapshots: Mutex<()>,
     exits: crate::run_control::ExitCounters,
     ram: GuestRam,
 }
@@ -249,6 +253,7 @@ impl Vm {
             run: crate::run_control::RunControl::new(),
             quiesced: Mutex::new(Vec::new()),
             pausers: Mutex::new(()),
+            snapshots: Mutex::new(()),
             exits: crate::run_control::ExitCounters::default(),
             ram,
         })
@@ -401,22 +406,12 @@ impl Vm {
     /// under today's VM-wide kernels: `(region, flagged, [per-slot WB, per-slot WC,
     /// VM-wide WB, VM-wide WC])`.
     pub fn memory_types(&self) -> Vec<(vm_api::Region, bool, [crate::memtype::MemType; 4])> {
-        use crate::memtype::{Kernel, MemType, Page, decide};
-        let vm_nc = self.devices.noncoherent().count() > 0;
-        self.memory_map
-            .regions()
+        // A PAT whose entry 0 is WB (6) and entry 1 WC (1), caches enabled.
+        self.memory_types_for(0x0106, false)
             .into_iter()
-            .map(|r| {
-                let page = Page { vm_noncoherent: vm_nc, slot_noncoherent: r.flags.noncoherent_dma, ..Page::default() };
-                let t = |k, pat| decide(k, &Page { guest_pat: pat, ..page }).effective(pat);
-                let types = [
-                    t(Kernel::PerSlot, MemType::Wb),
-                    t(Kernel::PerSlot, MemType::Wc),
-                    t(Kernel::Current, MemType::Wb),
-                    t(Kernel::Current, MemType::Wc),
-                ];
+            .map(|(r, [per_slot, vm_wide])| {
                 let flagged = r.flags.noncoherent_dma;
-                (r, flagged, types)
+                (r, flagged, [per_slot[0], per_slot[1], vm_wide[0], vm_wide[1]])
             })
             .collect()
     }
@@ -565,8 +560,12 @@ impl Vm {
 
     /// Dirty tracking off.
     pub fn dirty_stop(&self) -> Result<()> {
+        // Every source is stopped; the first device that refused is reported.
+        let mut refused = None;
         for d in self.devices() {
-            d.function().dirty_stop();
+            if let Err(e) = d.function().dirty_stop() {
+                refused.get_or_insert(Error::Device(d.name().to_string(), e));
+            }
         }
         for r in self.memory_map.regions() {
             if r.kind == vm_api::RegionKind::Ram && r.flags.log_dirty {
@@ -575,7 +574,7 @@ impl Vm {
                     .map_err(Error::Memory)?;
             }
         }
-        Ok(())
+        refused.map_or(Ok(()), Err)
     }
 
     /// The guest-physical pages (4 KiB) written since dirty tracking started or the
@@ -592,14 +591,7 @@ impl Vm {
                 }
                 let size = usize::try_from(r.size).map_err(|_| Error::Memory("slot too large".into()))?;
                 let bits = kvm.vm().get_dirty_log(slot, size).map_err(|e| Error::Kvm("KVM_GET_DIRTY_LOG", e))?;
-                for (i, w) in bits.iter().enumerate() {
-                    let mut w = *w;
-                    while w != 0 {
-                        let bit = u64::from(w.trailing_zeros());
-                        w &= w - 1;
-                        pages.push(gpa + ((i as u64 * 64 + bit) << 12));
-                    }
-                }
+                dma::pages_of_bits(gpa, &bits, r.size.div_ceil(4096), &mut pages);
             }
         }
         pages.extend(self.dma.dirty().take());
@@ -628,6 +620,11 @@ impl Vm {
     pub fn pause(&self) -> std::result::Result<Vec<String>, crate::run_control::RunError> {
         let _pausers = self.pause_lock();
         self.pause_unlocked()
+    }
+
+    /// One snapshot at a time (see the field).
+    pub(crate) fn snapshot_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.snapshots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// One pauser at a time: held across a pause and what is done while paused.

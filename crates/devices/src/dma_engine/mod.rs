@@ -209,11 +209,6 @@ impl DmaEngine {
         self.shared.doorbell.notify_all();
     }
 
-    /// True while stopped.
-    pub fn is_stopped(&self) -> bool {
-        self.lock().stopped
-    }
-
     /// The register state, for migration (little-endian, versioned; pending
     /// descriptors stay in the guest's ring, which HEAD and TAIL point into).
     pub fn save(&self) -> Vec<u8> {
@@ -290,7 +285,11 @@ fn run(shared: &Shared, mut memory: Box<dyn DeviceMemory>) {
             let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             // Whatever the last descriptor did (completed, faulted, dropped) is over.
             st.busy = false;
-            shared.idle.notify_all();
+            // Only a stop waits for idle (it sets `stopped` first, under this lock): no
+            // wake-up per descriptor otherwise.
+            if st.stopped {
+                shared.idle.notify_all();
+            }
             loop {
                 if shared.stop.load(Ordering::Acquire) {
                     return;

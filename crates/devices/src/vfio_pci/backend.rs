@@ -49,7 +49,7 @@ pub trait VfioDevice: Send + Sync {
     /// false if every write it makes goes through the VMM, which logs it.
     fn dirty_start(&self) -> Result<bool, Error>;
     /// DMA dirty logging off.
-    fn dirty_stop(&self);
+    fn dirty_stop(&self) -> Result<(), Error>;
     /// The device's dirty bits of `[iova, iova + len)` (4 KiB per bit), cleared.
     fn dirty_report(&self, iova: u64, len: u64) -> Result<Vec<u64>, Error>;
 }
@@ -115,8 +115,8 @@ impl VfioDevice for Client {
     fn dirty_start(&self) -> Result<bool, Error> {
         Client::dma_logging_start(self, 4096).map(|()| true)
     }
-    fn dirty_stop(&self) {
-        let _ = Client::dma_logging_stop(self);
+    fn dirty_stop(&self) -> Result<(), Error> {
+        Client::dma_logging_stop(self)
     }
     fn dirty_report(&self, iova: u64, len: u64) -> Result<Vec<u64>, Error> {
         Client::dma_logging_report(self, iova, len, 4096)
@@ -271,7 +271,9 @@ impl VfioDevice for LocalDevice {
     fn dirty_start(&self) -> Result<bool, Error> {
         Ok(false) // an in-process model reaches memory through the VMM's DmaSpace
     }
-    fn dirty_stop(&self) {}
+    fn dirty_stop(&self) -> Result<(), Error> {
+        Ok(())
+    }
     fn dirty_report(&self, _iova: u64, _len: u64) -> Result<Vec<u64>, Error> {
         Ok(Vec::new())
     }

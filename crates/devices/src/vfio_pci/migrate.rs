@@ -68,11 +68,12 @@ impl AssignedFunction {
         Ok(())
     }
 
-    /// Dirty logging off.
-    pub fn dirty_stop(&self) {
+    /// Dirty logging off (logging is off on the VMM's side even if the device refuses).
+    pub fn dirty_stop(&self) -> Result<(), String> {
         if self.dirty_logging.swap(false, std::sync::atomic::Ordering::AcqRel) {
-            self.backend.dirty_stop();
+            self.backend.dirty_stop().map_err(|e| format!("device {}: DMA_LOGGING_STOP: {e}", self.name))?;
         }
+        Ok(())
     }
 
     /// The guest-physical pages (4 KiB) the device wrote in place since the last call,
@@ -87,14 +88,8 @@ impl AssignedFunction {
                 .backend
                 .dirty_report(m.iova.0, m.size)
                 .map_err(|e| format!("device {}: DMA_LOGGING_REPORT at {:#x}: {e}", self.name, m.iova.0))?;
-            for (i, w) in bits.iter().enumerate() {
-                let mut w = *w;
-                while w != 0 {
-                    let bit = u64::from(w.trailing_zeros());
-                    w &= w - 1;
-                    out.push(m.gpa.0 + ((i as u64 * 64 + bit) << 12));
-                }
-            }
+            // The device's bits name pages of this mapping only.
+            dma::pages_of_bits(m.gpa.0, &bits, m.size.div_ceil(4096), out);
         }
         Ok(())
     }

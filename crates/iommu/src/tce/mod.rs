@@ -556,9 +556,20 @@ impl Frontend for Tce {
             self.add_window_as(&mut st, group, ps, ws, alias, Some((liobn, bus)))
                 .map_err(|code| format!("restoring TCE window {liobn:#x}: PAPR code {code}"))?;
             if alias.is_none() {
-                for (i, v) in entries {
-                    self.put(&st, liobn, i, &[v])
-                        .map_err(|code| format!("restoring TCE entry {i} of {liobn:#x}: PAPR code {code}"))?;
+                // Entries through the hypercall path's checks (index in the window), in
+                // runs of consecutive indexes: one put each.
+                let mut k = 0;
+                while let Some(&(first, _)) = entries.get(k) {
+                    let ioba = first.checked_mul(1u64 << ps).and_then(|o| o.checked_add(bus)).ok_or_else(bad)?;
+                    let mut run = 1;
+                    while entries.get(k + run).is_some_and(|e| Some(e.0) == first.checked_add(run as u64)) {
+                        run += 1;
+                    }
+                    let values: Vec<u64> = entries[k..k + run].iter().map(|e| e.1).collect();
+                    Self::index(&st, u64::from(liobn), ioba, run as u64)
+                        .and_then(|(l, i)| self.put(&st, l, i, &values))
+                        .map_err(|code| format!("restoring TCE entries {first}.. of {liobn:#x}: PAPR code {code}"))?;
+                    k += run;
                 }
             }
         }
