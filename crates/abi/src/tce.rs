@@ -13,9 +13,14 @@
 
 /// First call number of the block.
 pub const BASE: u64 = 0x200;
-/// H_PUT_TCE(liobn, ioba, tce): sets one entry.
+/// H_PUT_TCE(liobn, ioba, tce): sets one entry. An entry with neither [`READ`] nor
+/// [`WRITE`] clears it and is stored as 0 (the kernel keeps such a "poison" value as
+/// written; passthru does not, so a clear never needs table memory and never fails for
+/// it). A put that fails leaves the entry as it was, except when a device refuses the
+/// new mapping after letting go of the old one: the entry is then clear (as the kernel
+/// clears an entry whose map failed).
 pub const PUT_TCE: u64 = BASE;
-/// H_GET_TCE(liobn, ioba) -> the entry (result 1); 0 for an entry never set.
+/// H_GET_TCE(liobn, ioba) -> the entry (result 1); 0 for an entry never set or cleared.
 pub const GET_TCE: u64 = BASE + 1;
 /// H_PUT_TCE_INDIRECT(liobn, ioba, list_gpa, count): `count` <= [`MAX_INDIRECT`] entries
 /// from a 4 KiB-aligned list in guest memory (little-endian u64s). Every entry is
@@ -25,7 +30,8 @@ pub const PUT_TCE_INDIRECT: u64 = BASE + 2;
 /// clearing values (neither [`READ`] nor [`WRITE`]) are accepted, as the kernel does.
 pub const STUFF_TCE: u64 = BASE + 3;
 /// ibm,query-pe-dma-window(group) -> windows available (result 1), largest window in
-/// 4 KiB pages (result 2). The page sizes: [`QUERY_PAGE_SIZES`].
+/// 4 KiB pages (result 2: [`LARGEST_WINDOW_PAGES`], which CREATE accepts at every page
+/// size). The page sizes: [`QUERY_PAGE_SIZES`].
 pub const QUERY_WINDOW: u64 = BASE + 4;
 /// ibm,create-pe-dma-window(group, page_shift, window_shift, alias_liobn) -> liobn
 /// (result 1), bus offset (result 2). `alias_liobn` 0 makes a new table; a live liobn of
@@ -34,11 +40,15 @@ pub const QUERY_WINDOW: u64 = BASE + 4;
 pub const CREATE_WINDOW: u64 = BASE + 5;
 /// ibm,remove-pe-dma-window(liobn): any window, the default one included.
 pub const REMOVE_WINDOW: u64 = BASE + 6;
-/// ibm,reset-pe-dma-window(group): every window removed, the default one back.
+/// ibm,reset-pe-dma-window(group) -> the default window's liobn (result 1), its bus
+/// offset 0 (result 2): every window removed, the default one back with the liobn it
+/// had (the one [`DEVICE_GROUP`] names).
 pub const RESET_WINDOWS: u64 = BASE + 7;
 /// The group of device `bdf` (a requester id) -> group (result 1), its default window's
-/// liobn (result 2); [`H_PARAMETER`] for a device not on TCE. (On POWER the device tree
-/// says this.)
+/// liobn (result 2, the same for the group's life, also while the guest has removed
+/// that window); [`H_PARAMETER`] for a device not on TCE. (On POWER the device tree
+/// says this.) Groups an operator names (`group=N`) are 0..=0xffff; a device given no
+/// group gets one of its own from [`AUTO_GROUP_BASE`] up.
 pub const DEVICE_GROUP: u64 = BASE + 8;
 /// The page sizes a window may use (group) -> a mask of [`pagesize`] bits (result 1).
 pub const QUERY_PAGE_SIZES: u64 = BASE + 9;
@@ -61,6 +71,16 @@ pub const WRITE: u64 = 0x2;
 pub const MAX_INDIRECT: u64 = 512;
 /// Most levels of a table.
 pub const MAX_LEVELS: u32 = 5;
+/// Most entries of a window: 2^45 (five levels of 512).
+pub const MAX_ENTRY_BITS: u32 = MAX_LEVELS * layout::LEVEL_BITS;
+/// Largest window CREATE accepts, log2 of bytes: 2^58 (at 4 KiB pages the entry limit
+/// makes it 2^57).
+pub const MAX_WINDOW_SHIFT: u32 = 58;
+/// The largest window QUERY_WINDOW advertises, in 4 KiB pages: 2^45, i.e. 2^57 bytes,
+/// accepted at every page size (4 KiB pages: 2^45 entries; larger pages: fewer).
+pub const LARGEST_WINDOW_PAGES: u64 = 1 << MAX_ENTRY_BITS;
+/// The first group number given to a device that names none.
+pub const AUTO_GROUP_BASE: u32 = 0x1_0000;
 /// Windows a group may have at once.
 pub const MAX_WINDOWS: u64 = 2;
 

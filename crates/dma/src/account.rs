@@ -243,6 +243,56 @@ impl LockedMemory {
         }
     }
 
+    /// Drops one reference from each of `unpin` and pins `pin`, as one step: what the
+    /// first releases counts toward the second (replacing a page by another never
+    /// needs room for both). Over the limit nothing changes.
+    pub fn repin(&self, unpin: &[(u64, u64)], pin: &[(u64, u64)]) -> Result<(), MapError> {
+        let (unpin, pin) = (coalesce(unpin), coalesce(pin));
+        let mut s = self.lock();
+        let st = &mut *s;
+        let keep = self.mlock_base.is_some();
+        let (mut released, mut wanted) = (0u64, 0u64);
+        let mut freed: Vec<(u64, u64)> = Vec::new();
+        let mut fresh: Vec<(u64, u64)> = Vec::new();
+        for &(a, len) in unpin.iter() {
+            st.pinned.remove(a, a + len, |fs, fe| {
+                released += fe - fs;
+                if keep {
+                    freed.push((fs, fe));
+                }
+            });
+        }
+        for &(a, len) in pin.iter() {
+            st.pinned.add(a, a + len, |fs, fe| {
+                wanted += fe - fs;
+                if keep {
+                    fresh.push((fs, fe));
+                }
+            });
+        }
+        let locked = st.pinned_bytes - released + st.charged;
+        if wanted > released && locked.saturating_add(wanted) > st.limit {
+            // Back as it was: the new references go, the old ones come back.
+            for &(a, len) in pin.iter() {
+                st.pinned.remove(a, a + len, |_, _| {});
+            }
+            for &(a, len) in unpin.iter() {
+                st.pinned.add(a, a + len, |_, _| {});
+            }
+            debug_assert_eq!(st.pinned_bytes, st.pinned.covered_bytes());
+            return Err(MapError::NoMemory { locked, wanted, limit: st.limit });
+        }
+        st.pinned_bytes = st.pinned_bytes - released + wanted;
+        for (fs, fe) in freed {
+            self.mlock(fs, fe, false);
+        }
+        for (fs, fe) in fresh {
+            self.mlock(fs, fe, true);
+        }
+        debug_assert_eq!(st.pinned_bytes, st.pinned.covered_bytes());
+        Ok(())
+    }
+
     /// Charges `bytes` of other locked memory (e.g. TCE tables); all or nothing.
     pub fn charge(&self, bytes: u64) -> Result<(), MapError> {
         let mut s = self.lock();
@@ -371,6 +421,25 @@ mod tests {
         a.pin(&pages).unwrap();
         assert_eq!(a.pinned(), 512 * P);
         a.unpin(&pages);
+        assert_eq!(a.pinned(), 0);
+    }
+
+    #[test]
+    fn a_repin_counts_what_it_releases_toward_what_it_pins() {
+        let a = LockedMemory::new(2 * P);
+        a.pin(&[(0, P), (P, P)]).unwrap();
+        // At the limit: replacing page 1 by page 5 fits (page 1 is released first).
+        a.repin(&[(P, P)], &[(5 * P, P)]).unwrap();
+        assert_eq!(a.pinned(), 2 * P);
+        assert!(a.is_pinned(5 * P, P) && !a.is_pinned(P, P));
+        // Replacing one page by two does not: nothing changes.
+        let e = a.repin(&[(5 * P, P)], &[(7 * P, 2 * P)]).unwrap_err();
+        assert!(matches!(e, MapError::NoMemory { .. }), "{e}");
+        assert_eq!(a.pinned(), 2 * P);
+        assert!(a.is_pinned(5 * P, P) && !a.is_pinned(7 * P, 2 * P), "the old reference is back");
+        // A page replaced by itself keeps its single reference.
+        a.repin(&[(0, P)], &[(0, P)]).unwrap();
+        a.unpin(&[(0, P), (5 * P, P)]);
         assert_eq!(a.pinned(), 0);
     }
 

@@ -178,8 +178,14 @@ impl Domain {
     /// one batch to observers. On failure returns the index of the mapping that failed
     /// (0 for a charge over the limit or a refusing observer) and nothing stays mapped.
     pub fn map_many(&self, maps: &[Mapping]) -> Result<(), (usize, MapError)> {
-        // The first mapping that fails, as checking each in turn would find it: its
-        // shape, then its guest memory (read for the batch under one reading of the map).
+        self.check_batch(maps)?;
+        self.publish(maps)
+    }
+
+    /// The first mapping of a batch that fails on its own, as checking each in turn
+    /// would find it: its shape, then its guest memory (read for the batch under one
+    /// reading of the map).
+    fn check_batch(&self, maps: &[Mapping]) -> Result<(), (usize, MapError)> {
         let shape = maps
             .iter()
             .enumerate()
@@ -190,10 +196,7 @@ impl Domain {
         {
             return Err((i, MapError::BadAddress { gpa: m.gpa.0, size: m.size }));
         }
-        if let Some(e) = shape {
-            return Err(e);
-        }
-        self.publish(maps)
+        shape.map_or(Ok(()), Err)
     }
 
     /// Inserts checked mappings, pins them and tells observers, all or nothing.
@@ -204,53 +207,102 @@ impl Domain {
         let _update = self.update();
         {
             let mut tree = self.tree_mut();
-            let iovas = |n: usize| -> Vec<Iova> { maps[..n].iter().map(|m| m.iova).collect() };
-            // A batch in IOVA order over a range nothing is mapped in (a TCE put after
-            // its old entries left) needs one look at the tree, not one per mapping.
-            let ordered = maps.windows(2).all(|w| w[0].end() <= w[1].iova.0);
-            let (lo, hi) = (maps[0].iova.0, maps[maps.len() - 1].end());
-            if let [m] = maps {
-                let full = tree.len() >= self.config.max_mappings;
-                match tree.insert_one(m, full) {
-                    Ok(()) => {}
-                    Err(true) => return Err((0, MapError::Exists { iova: m.iova })),
-                    Err(false) => return Err((0, MapError::NoSpace { max: self.config.max_mappings })),
-                }
-            } else if ordered && !tree.overlaps(lo, hi) {
-                let room = self.config.max_mappings.saturating_sub(tree.len());
-                if maps.len() > room {
-                    return Err((room, MapError::NoSpace { max: self.config.max_mappings }));
-                }
-                tree.insert(maps);
-            } else {
-                for (i, m) in maps.iter().enumerate() {
-                    let clash = tree.overlaps(m.iova.0, m.end());
-                    let full = tree.len() >= self.config.max_mappings;
-                    if clash || full {
-                        tree.remove(&iovas(i));
-                        let e = if clash {
-                            MapError::Exists { iova: m.iova }
-                        } else {
-                            MapError::NoSpace { max: self.config.max_mappings }
-                        };
-                        return Err((i, e));
-                    }
-                    tree.insert(std::slice::from_ref(m));
-                }
-            }
+            self.insert_checked(&mut tree, maps)?;
             let pinned = if let [m] = maps {
                 self.vm.pin(&[(m.gpa.0, m.size)])
             } else {
-                let ranges: Vec<(u64, u64)> = maps.iter().map(|m| (m.gpa.0, m.size)).collect();
-                self.vm.pin(&ranges)
+                self.vm.pin(&ranges_of(maps))
             };
             if let Err(e) = pinned {
-                tree.remove(&iovas(maps.len()));
+                tree.remove(&iovas_of(maps));
                 return Err((0, e));
             }
         }
         self.notify_mapped(maps).map_err(|e| (0, e))?;
         self.maps.fetch_add(maps.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Puts checked mappings in the tree if none overlaps a mapping there and they fit
+    /// under the domain's limit; otherwise changes nothing and names the first that
+    /// does not go in.
+    fn insert_checked(&self, tree: &mut Store, maps: &[Mapping]) -> Result<(), (usize, MapError)> {
+        let max = self.config.max_mappings;
+        // A batch in IOVA order over a range nothing is mapped in (a TCE put after its
+        // old entries left) needs one look at the tree, not one per mapping.
+        let ordered = maps.windows(2).all(|w| w[0].end() <= w[1].iova.0);
+        match maps {
+            [] => Ok(()),
+            [m] => match tree.insert_one(m, tree.len() >= max) {
+                Ok(()) => Ok(()),
+                Err(true) => Err((0, MapError::Exists { iova: m.iova })),
+                Err(false) => Err((0, MapError::NoSpace { max })),
+            },
+            [first, .., last] if ordered && !tree.overlaps(first.iova.0, last.end()) => {
+                let room = max.saturating_sub(tree.len());
+                if maps.len() > room {
+                    return Err((room, MapError::NoSpace { max }));
+                }
+                tree.insert(maps);
+                Ok(())
+            }
+            _ => {
+                for (i, m) in maps.iter().enumerate() {
+                    let clash = tree.overlaps(m.iova.0, m.end());
+                    if clash || tree.len() >= max {
+                        tree.remove(&iovas_of(&maps[..i]));
+                        let e = if clash { MapError::Exists { iova: m.iova } } else { MapError::NoSpace { max } };
+                        return Err((i, e));
+                    }
+                    tree.insert(std::slice::from_ref(m));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Replaces the mappings starting at each of `old` (unknown IOVAs are skipped) by
+    /// `new`, as one change: the new ones are checked as [`Domain::map_many`] checks
+    /// them, beside what stays, and the pins the old ones release count toward the new
+    /// ones (a TCE entry rewritten in place never needs room for both pages). A refusal
+    /// (a new mapping that does not fit, the locked-memory limit) changes nothing, and
+    /// devices never see the old mappings missing meanwhile. Only an observer refusing
+    /// the new mappings, after the old ones left, leaves neither
+    /// ([`ReplaceError::lost_old`]).
+    pub fn replace(&self, old: &[Iova], new: &[Mapping]) -> Result<(), ReplaceError> {
+        let refused = |(index, error): (usize, MapError)| ReplaceError { index, error, lost_old: false };
+        if new.is_empty() {
+            self.unmap_exact(old);
+            return Ok(());
+        }
+        self.check_batch(new).map_err(refused)?;
+        let _update = self.update();
+        let removed = {
+            // Under the tree's write lock throughout: an accessor missing its IOTLB
+            // waits, and never finds an old mapping gone before a refusal puts it back.
+            let mut tree = self.tree_mut();
+            let removed = tree.remove(old);
+            if let Err(e) = self.insert_checked(&mut tree, new) {
+                tree.insert(&removed);
+                return Err(refused(e));
+            }
+            if let Err(e) = self.vm.repin(&ranges_of(&removed), &ranges_of(new)) {
+                tree.remove(&iovas_of(new));
+                tree.insert(&removed);
+                return Err(refused((0, e)));
+            }
+            removed
+        };
+        if !removed.is_empty() {
+            self.invalidate_endpoints();
+            let observers = self.observers.read().unwrap_or_else(|e| e.into_inner()).clone();
+            for o in observers.iter().rev() {
+                o.unmapped(&removed);
+            }
+            self.unmaps.fetch_add(1, Ordering::Relaxed);
+        }
+        self.notify_mapped(new).map_err(|error| ReplaceError { index: 0, error, lost_old: !removed.is_empty() })?;
+        self.maps.fetch_add(new.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -261,16 +313,12 @@ impl Domain {
         let observers = self.observers.read().unwrap_or_else(|e| e.into_inner()).clone();
         for (oi, o) in observers.iter().enumerate() {
             if let Err(reason) = o.mapped(maps) {
-                {
-                    let iovas: Vec<Iova> = maps.iter().map(|m| m.iova).collect();
-                    self.tree_mut().remove(&iovas);
-                }
+                self.tree_mut().remove(&iovas_of(maps));
                 self.invalidate_endpoints();
                 for done in observers[..oi].iter().rev() {
                     done.unmapped(maps);
                 }
-                let ranges: Vec<(u64, u64)> = maps.iter().map(|m| (m.gpa.0, m.size)).collect();
-                self.vm.unpin(&ranges);
+                self.vm.unpin(&ranges_of(maps));
                 return Err(MapError::Rejected(reason));
             }
         }
@@ -360,8 +408,7 @@ impl Domain {
         if let [m] = removed {
             self.vm.unpin(&[(m.gpa.0, m.size)]);
         } else {
-            let ranges: Vec<(u64, u64)> = removed.iter().map(|m| (m.gpa.0, m.size)).collect();
-            self.vm.unpin(&ranges);
+            self.vm.unpin(&ranges_of(removed));
         }
         self.unmaps.fetch_add(1, Ordering::Relaxed);
         removed.iter().map(|m| m.size).sum()
@@ -475,6 +522,30 @@ impl Domain {
         let _update = self.update();
         f(&self.mappings())
     }
+}
+
+/// The guest-physical ranges of `maps`.
+fn ranges_of(maps: &[Mapping]) -> Vec<(u64, u64)> {
+    maps.iter().map(|m| (m.gpa.0, m.size)).collect()
+}
+
+/// The first IOVAs of `maps`.
+fn iovas_of(maps: &[Mapping]) -> Vec<Iova> {
+    maps.iter().map(|m| m.iova).collect()
+}
+
+/// Why [`Domain::replace`] did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{error}")]
+pub struct ReplaceError {
+    /// The new mapping that failed, as [`Domain::map_many`] reports it (0 for the
+    /// locked-memory limit or an observer).
+    pub index: usize,
+    /// Why.
+    pub error: MapError,
+    /// The old mappings are gone and the new ones were not made (an observer refused
+    /// them); otherwise nothing changed.
+    pub lost_old: bool,
 }
 
 impl Drop for Domain {

@@ -28,7 +28,7 @@ mod vmdma;
 pub use account::LockedMemory;
 pub use addr::{Access, Gpa, Iova, Perm};
 pub use dirty::{DirtyLog, pages_of_bits};
-pub use domain::{Domain, DomainConfig, MSI_WINDOW, MapObserver, Mapping};
+pub use domain::{Domain, DomainConfig, MSI_WINDOW, MapObserver, Mapping, ReplaceError};
 pub use endpoint::Endpoint;
 pub use error::{FaultReason, MapError};
 pub use faults::{Fault, FaultLog};

@@ -122,6 +122,17 @@ impl VmDma {
         }
     }
 
+    /// Releases what [`VmDma::pin`] pinned for `unpin` and pins `pin`, as one step
+    /// ([`LockedMemory::repin`]).
+    pub(crate) fn repin(&self, unpin: &[(u64, u64)], pin: &[(u64, u64)]) -> Result<(), MapError> {
+        if !self.has_device_memory.load(std::sync::atomic::Ordering::Acquire) {
+            return self.account.repin(unpin, pin);
+        }
+        let (unpin, pin) = (crate::account::coalesce(unpin), crate::account::coalesce(pin));
+        let (u, p) = (self.pinnable(&unpin), self.pinnable(&pin));
+        self.account.repin(u.as_deref().unwrap_or(&unpin), p.as_deref().unwrap_or(&pin))
+    }
+
     /// Releases what [`VmDma::pin`] pinned for `ranges`.
     pub(crate) fn unpin(&self, ranges: &[(u64, u64)]) {
         if !self.has_device_memory.load(std::sync::atomic::Ordering::Acquire) {

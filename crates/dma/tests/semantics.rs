@@ -306,6 +306,35 @@ fn observers_see_every_map_and_unmap_and_a_refusal_undoes_the_map() {
 }
 
 #[test]
+fn replace_counts_released_pins_and_a_refusal_changes_nothing() {
+    let vm = vm(2 * PAGE);
+    let d = vm.create_domain("d", DomainConfig { max_mappings: 3, ..Default::default() });
+    let m = |iova: u64, gpa: u64| dma::Mapping { iova: Iova(iova), gpa: Gpa(gpa), size: PAGE, perm: Perm::READ };
+    d.map_many(&[m(0x1000, 0x1000), m(0x2000, 0x2000)]).unwrap();
+    // At the limit, an entry rewritten to another page fits: the old pin is released first.
+    d.replace(&[Iova(0x2000)], &[m(0x2000, 0x7000)]).unwrap();
+    assert_eq!(d.lookup(Iova(0x2000)).map(|x| x.gpa), Some(Gpa(0x7000)));
+    assert_eq!(vm.account().pinned(), 2 * PAGE);
+    // Two pages for one: over the limit, nothing changes.
+    let e = d.replace(&[Iova(0x2000)], &[m(0x2000, 0x8000), m(0x3000, 0x9000)]).unwrap_err();
+    assert!(matches!(e.error, MapError::NoMemory { .. }) && !e.lost_old, "{e:?}");
+    assert_eq!(d.mappings(), vec![m(0x1000, 0x1000), m(0x2000, 0x7000)]);
+    // A new mapping overlapping one that stays: nothing changes.
+    let e = d.replace(&[Iova(0x2000)], &[m(0x1000, 0x7000)]).unwrap_err();
+    assert_eq!((e.index, e.error, e.lost_old), (0, MapError::Exists { iova: Iova(0x1000) }, false));
+    assert_eq!(d.mappings(), vec![m(0x1000, 0x1000), m(0x2000, 0x7000)]);
+    assert_eq!(vm.account().pinned(), 2 * PAGE);
+    // An observer refusing the new mapping after the old one left: neither stays.
+    let rec = std::sync::Arc::new(Recorder { refuse_iova: Some(0x4000), ..Default::default() });
+    d.add_observer(rec.clone()).unwrap();
+    let e = d.replace(&[Iova(0x2000)], &[m(0x4000, 0x1000)]).unwrap_err();
+    assert!(e.lost_old, "{e:?}");
+    assert_eq!(d.mappings(), vec![m(0x1000, 0x1000)]);
+    assert_eq!(vm.account().pinned(), PAGE, "the old pin and the new one both released");
+    assert_eq!(*rec.log.lock().unwrap(), vec!["+0x1000", "+0x2000", "-0x2000"]);
+}
+
+#[test]
 fn map_many_is_all_or_nothing_and_unmap_exact_removes_only_what_it_names() {
     let vm = vm(8 * PAGE);
     let d = vm.create_domain("d", DomainConfig::default());

@@ -43,6 +43,22 @@ pub struct Context {
 /// longer give the device the memory it must reach.
 pub type FailDevice = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// Fails devices on a thread of its own: a device's teardown comes back to its
+/// front-end (`detach`) and to the memory map, which the caller may hold now.
+pub fn fail_later(hooks: Vec<FailDevice>, why: String) {
+    if hooks.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("dma-fail".into()).spawn(move || {
+        for fail in hooks {
+            fail(&why);
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!("DMA front-end: could not fail the devices ({e})");
+    }
+}
+
 /// A device as its front-end sees it.
 #[derive(Clone)]
 pub struct Device {

@@ -111,16 +111,7 @@ impl Identity {
     /// teardown goes back to the memory map (and to this front-end), so it runs on a
     /// thread of its own once the change is done.
     fn fail_all(&self, why: &str) {
-        let hooks: Vec<FailDevice> = self.devices().values().cloned().collect();
-        let why = why.to_string();
-        let spawned = std::thread::Builder::new().name("identity-fail".into()).spawn(move || {
-            for fail in hooks {
-                fail(&why);
-            }
-        });
-        if let Err(e) = spawned {
-            tracing::error!("identity DMA: could not fail the devices ({e})");
-        }
+        crate::frontend::fail_later(self.devices().values().cloned().collect(), why.to_string());
     }
 
     fn locked_memory_hint(&self, e: &MapError) -> String {

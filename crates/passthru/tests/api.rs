@@ -363,6 +363,30 @@ fn pause_freezes_a_running_guest_and_resume_lets_it_finish() {
     assert_eq!(wait_exit(&mut child), Some(0), "the dma guest checks every result: it must finish cleanly");
 }
 
+/// A guest clearing the largest TCE window whole, over and over, cannot stall the VM:
+/// each clear costs what is mapped, so pauses land within their deadline and the TCE
+/// statistics answer meanwhile.
+#[test]
+fn a_guest_clearing_the_largest_tce_window_cannot_stall_pause_or_the_api() {
+    vmm::require_kvm!();
+    let (mut child, path, rx) = start_kvm(
+        "stuff",
+        &["--guest", "tce", "--guest-arg", "1", "--device", "dma-engine,dma=tce,process=inline", "--memory", "64M"],
+    );
+    wait_line(&rx, "clearing a window of 2^45 entries");
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        ok(&path, "PUT", "vm.pause", None);
+        assert!(t0.elapsed() < vmm::run_control::PAUSE_DEADLINE, "the pause took {:?}", t0.elapsed());
+        let c = ok(&path, "GET", "vm.counters", None);
+        assert!(c.to_string().contains("stuff_tce"), "{c}");
+        ok(&path, "PUT", "vm.resume", None);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ok(&path, "PUT", "vm.shutdown", None);
+    assert_eq!(wait_exit(&mut child), Some(0));
+}
+
 #[test]
 fn ctl_reports_a_server_error_and_a_missing_socket_clearly() {
     let (q, path) = qtest_vm("ctl", &[]);

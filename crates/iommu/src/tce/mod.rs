@@ -19,13 +19,13 @@
 
 pub mod table;
 
-use crate::frontend::{Context, Device, Frontend, Registration};
+use crate::frontend::{Context, Device, FailDevice, Frontend, Registration, fail_later};
 use abi::hcall::{Args, Ret};
 use abi::tce as t;
 use dma::{Domain, DomainConfig, Endpoint, Gpa, Iova, Mapping, PageSizes, Perm, VmDma};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use table::Table;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -59,11 +59,17 @@ struct Window {
 
 struct Group {
     domain: Arc<Domain>,
-    devices: BTreeMap<u16, Endpoint>,
+    /// Its devices, with how to fail each (a domain that cannot agree with its table).
+    devices: BTreeMap<u16, (Endpoint, FailDevice)>,
     windows: Vec<u32>,
     /// The default window's (page shift, window shift).
     default: (u32, u32),
+    /// The default window's liobn: kept across RESET (on POWER the device tree names
+    /// it, and guests cache it).
+    default_liobn: u32,
 }
+
+
 
 #[derive(Default)]
 struct State {
@@ -71,7 +77,6 @@ struct State {
     devices: BTreeMap<u16, u32>,
     windows: BTreeMap<u32, Window>,
     next_liobn: u32,
-    next_auto_group: u32,
 }
 
 /// Call names for the counters, by call number offset.
@@ -100,7 +105,9 @@ struct Stats {
 pub struct Tce {
     dma: Arc<VmDma>,
     memory: Arc<GuestMemoryMmap>,
-    state: Mutex<State>,
+    /// A fair lock: a long guest call (STUFF) hands it to a waiting control-path
+    /// caller between leaf pages instead of starving it.
+    state: parking_lot::Mutex<State>,
     stats: Stats,
 }
 
@@ -120,6 +127,20 @@ fn valid(tce: u64) -> bool {
     tce & (t::READ | t::WRITE) != 0
 }
 
+/// The entry a table holds for `tce`: a clearing value (neither READ nor WRITE) is
+/// stored as 0, so a clear never needs table memory (see `abi::tce::PUT_TCE`).
+fn stored(tce: u64) -> u64 {
+    if valid(tce) { tce } else { 0 }
+}
+
+/// The entry a domain's mapping at `iova` stands for (0: none starts there).
+fn entry_in(domain: &Domain, iova: u64) -> u64 {
+    match domain.lookup(Iova(iova)) {
+        Some(m) if m.iova.0 == iova => m.gpa.0 | u64::from(m.perm.bits()),
+        _ => 0,
+    }
+}
+
 impl Tce {
     /// The front-end for the VM of `ctx` (its hypercall block registered by
     /// [`REGISTRATION`]).
@@ -127,13 +148,13 @@ impl Tce {
         Tce {
             dma: Arc::clone(&ctx.dma),
             memory: Arc::clone(&ctx.memory),
-            state: Mutex::new(State { next_liobn: 0x1000, ..State::default() }),
+            state: parking_lot::Mutex::new(State { next_liobn: 0x1000, ..State::default() }),
             stats: Stats::default(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// The file of the table behind `liobn` (for mmap; layout in `abi::tce::layout`) and
@@ -176,7 +197,7 @@ impl Tce {
             return Err(t::H_PARAMETER);
         }
         let supported = [12, 16, 21, 24];
-        if !supported.contains(&page_shift) || window_shift < page_shift || window_shift > 58 {
+        if !supported.contains(&page_shift) || window_shift < page_shift || window_shift > t::MAX_WINDOW_SHIFT {
             return Err(t::H_PARAMETER);
         }
         if window_shift - page_shift > table::MAX_ENTRY_BITS {
@@ -257,18 +278,27 @@ impl Tce {
         Ok((0, 0))
     }
 
-    /// Every (group domain, bus offset) a table's entries reach.
-    fn targets(st: &State, s: &Shared) -> Vec<(Arc<Domain>, u64)> {
+    /// Every (group, its domain, bus offset) a table's entries reach.
+    fn targets(st: &State, s: &Shared) -> Vec<(u32, Arc<Domain>, u64)> {
         s.windows
             .iter()
             .filter_map(|l| st.windows.get(l))
-            .filter_map(|w| st.groups.get(&w.group).map(|g| (Arc::clone(&g.domain), w.bus_offset)))
+            .filter_map(|w| st.groups.get(&w.group).map(|g| (w.group, Arc::clone(&g.domain), w.bus_offset)))
             .collect()
     }
 
     /// Sets entries `first..` of the table behind `liobn` to `values`, all or nothing:
-    /// table memory reserved first, then every group domain updated (old mappings out,
-    /// new ones in as one batch), then the table.
+    /// exactly the table pages the call needs charged first, then every group domain
+    /// updated (the changed entries' old mappings replaced by the new ones as one step
+    /// each), then the table. A clearing value is stored as 0 and never fails for
+    /// memory.
+    ///
+    /// If a domain refuses, the domains already changed are put back and the table
+    /// follows the domain that refused: the old entries, or no entry where a device
+    /// refused the new mappings after the old ones had left it (as the kernel clears an
+    /// entry whose map failed). A group whose domain still disagrees with the table is
+    /// failed (its devices are surprise-removed): a mapping the guest believes gone
+    /// must not stay reachable.
     fn put(&self, st: &State, liobn: u32, first: u64, values: &[u64]) -> Out {
         let w = st.windows.get(&liobn).ok_or(t::H_PARAMETER)?;
         let mut s = w.table.lock().unwrap_or_else(|e| e.into_inner());
@@ -280,55 +310,80 @@ impl Tce {
         {
             return Err(t::H_PARAMETER);
         }
+        let values: Vec<u64> = values.iter().map(|v| stored(*v)).collect();
         let mut old = vec![0u64; values.len()];
         s.table.get_run(first, &mut old);
-        // Clears never allocate: only a batch with a value to store reserves table pages.
-        if values.iter().any(|v| *v != 0) {
-            s.table.reserve_for(first, values.len() as u64).map_err(|_| t::H_RESOURCE)?;
+        let changed: Vec<usize> = (0..values.len()).filter(|&k| old[k] != values[k]).collect();
+        if changed.is_empty() {
+            return Ok((0, 0));
         }
-        let targets = Self::targets(st, &s);
+        let need = s.table.pages_needed(first, &values);
+        s.table.reserve(need).map_err(|_| t::H_RESOURCE)?;
+        let iova = |bus: u64, k: usize| bus + ((first + k as u64) << ps);
         let maps = |bus: u64, vals: &[u64]| -> Vec<Mapping> {
-            vals.iter()
-                .enumerate()
-                .filter(|(_, v)| valid(**v))
-                .map(|(k, v)| Mapping {
-                    iova: Iova(bus + ((first + k as u64) << ps)),
-                    gpa: Gpa(v & !(page - 1)),
-                    size: page,
-                    perm: perm_of(*v),
-                })
+            changed
+                .iter()
+                .filter(|&&k| valid(vals[k]))
+                .map(|&k| Mapping { iova: Iova(iova(bus, k)), gpa: Gpa(addr(&vals[k])), size: page, perm: perm_of(vals[k]) })
                 .collect()
         };
-        let any_old = old.iter().any(|v| valid(*v));
-        let mut done: Vec<(Arc<Domain>, u64)> = Vec::new();
-        for (d, bus) in &targets {
-            if any_old {
-                let olds: Vec<Iova> = maps(*bus, &old).iter().map(|m| m.iova).collect();
-                d.unmap_exact(&olds);
+        let iovas = |bus: u64, vals: &[u64]| -> Vec<Iova> {
+            changed.iter().filter(|&&k| valid(vals[k])).map(|&k| Iova(iova(bus, k))).collect()
+        };
+        let targets = Self::targets(st, &s);
+        let failed = targets.iter().enumerate().find_map(|(n, (_, d, bus))| {
+            d.replace(&iovas(*bus, &old), &maps(*bus, &values)).err().map(|e| (n, e))
+        });
+        let Some((n, e)) = failed else {
+            if let Err(e) = s.table.set_run(first, &values) {
+                tracing::error!("TCE table of liobn {liobn:#x}: {e} despite the reservation");
             }
-            let new = maps(*bus, values);
-            if !new.is_empty()
-                && let Err((_, e)) = d.map_many(&new)
-            {
-                tracing::debug!("TCE put on liobn {liobn:#x}: {e}");
-                // Put every domain back as it was.
-                let back = maps(*bus, &old);
-                let _ = d.map_many(&back);
-                for (d2, bus2) in &done {
-                    let undo: Vec<Iova> = maps(*bus2, values).iter().map(|m| m.iova).collect();
-                    d2.unmap_exact(&undo);
-                    let _ = d2.map_many(&maps(*bus2, &old));
-                }
-                s.table.release_reserve();
-                return Err(t::H_RESOURCE);
+            s.table.release_reserve();
+            return Ok((0, 0));
+        };
+        tracing::debug!("TCE put on liobn {liobn:#x}: {e}");
+        for (_, d, bus) in &targets[..n] {
+            if let Err(e) = d.replace(&iovas(*bus, &values), &maps(*bus, &old)) {
+                tracing::warn!("TCE put on liobn {liobn:#x}: putting a domain back: {e}");
             }
-            done.push((Arc::clone(d), *bus));
         }
-        if let Err(e) = s.table.set_run(first, values) {
-            tracing::error!("TCE table of liobn {liobn:#x}: {e} despite the reservation");
+        let mut truth = old;
+        if e.lost_old {
+            let (_, d, bus) = &targets[n];
+            for &k in &changed {
+                truth[k] = entry_in(d, iova(*bus, k));
+            }
+            // Only clears: no table page needed.
+            if let Err(e) = s.table.set_run(first, &truth) {
+                tracing::error!("TCE table of liobn {liobn:#x}: {e}");
+            }
         }
         s.table.release_reserve();
-        Ok((0, 0))
+        // Every other domain drops what the table no longer holds (an unmap never fails).
+        let cleared: Vec<usize> = changed.iter().copied().filter(|&k| truth[k] == 0).collect();
+        if !cleared.is_empty() {
+            for (k, (_, d, bus)) in targets.iter().enumerate() {
+                if k != n {
+                    d.unmap_exact(&cleared.iter().map(|&c| Iova(iova(*bus, c))).collect::<Vec<_>>());
+                }
+            }
+        }
+        let broken: Vec<u32> = targets
+            .iter()
+            .filter(|(_, d, bus)| changed.iter().any(|&k| entry_in(d, iova(*bus, k)) != truth[k]))
+            .map(|(g, _, _)| *g)
+            .collect();
+        if !broken.is_empty() {
+            let hooks: Vec<FailDevice> = broken
+                .iter()
+                .filter_map(|g| st.groups.get(g))
+                .flat_map(|g| g.devices.values().map(|(_, f)| Arc::clone(f)))
+                .collect();
+            let why = format!("its TCE group's DMA domain could not follow liobn {liobn:#x}'s table ({})", e.error);
+            tracing::error!("{why}: groups {broken:?} failed");
+            fail_later(hooks, why);
+        }
+        Err(t::H_RESOURCE)
     }
 
     /// The entry index of `ioba` in `liobn`'s window, checking `count` entries fit.
@@ -378,19 +433,12 @@ impl Tce {
                     return Err(t::H_PARAMETER);
                 }
                 let (liobn, i) = Self::index(&st, x0, x1, x3)?;
-                // In runs, so a huge count does not allocate a huge vector.
-                let mut done = 0;
-                while done < x3 {
-                    let n = (x3 - done).min(4096);
-                    self.put(&st, liobn, i + done, &vec![x2; n as usize])?;
-                    done += n;
-                }
-                Ok((0, 0))
+                drop(st);
+                self.clear(liobn, i, i.saturating_add(x3))
             }
             t::QUERY_WINDOW => {
                 let g = st.groups.get(&u32::try_from(x0).map_err(|_| t::H_PARAMETER)?).ok_or(t::H_PARAMETER)?;
-                let largest = 1u64 << (58 - 12);
-                Ok((t::MAX_WINDOWS - g.windows.len() as u64, largest))
+                Ok((t::MAX_WINDOWS - g.windows.len() as u64, t::LARGEST_WINDOW_PAGES))
             }
             t::QUERY_PAGE_SIZES => {
                 st.groups.get(&u32::try_from(x0).map_err(|_| t::H_PARAMETER)?).ok_or(t::H_PARAMETER)?;
@@ -410,17 +458,39 @@ impl Tce {
                 for l in windows {
                     self.remove_window(&mut st, l)?;
                 }
-                let (ps, ws) =
-                    st.groups.get(&group).map_or((t::DEFAULT_PAGE_SHIFT, t::DEFAULT_WINDOW_SHIFT), |g| g.default);
-                self.add_window(&mut st, group, ps, ws, None)
+                let g = st.groups.get(&group).ok_or(t::H_PARAMETER)?;
+                let ((ps, ws), liobn) = (g.default, g.default_liobn);
+                self.add_window_as(&mut st, group, ps, ws, None, Some((liobn, 0)))
             }
             t::DEVICE_GROUP => {
                 let group = *st.devices.get(&u16::try_from(x0).map_err(|_| t::H_PARAMETER)?).ok_or(t::H_PARAMETER)?;
-                let default = st.groups.get(&group).and_then(|g| g.windows.first().copied()).unwrap_or(0);
+                let default = st.groups.get(&group).map_or(0, |g| g.default_liobn);
                 Ok((u64::from(group), u64::from(default)))
             }
             _ => Err(t::H_PARAMETER),
         }
+    }
+
+    /// H_STUFF_TCE's clear of entries `from..end` of `liobn`'s window. Walks only
+    /// the leaf pages present (the cost follows what is mapped, not the count), one
+    /// leaf page per holding of the front-end's lock, so the control path (statistics,
+    /// snapshots, hot-plug) never waits behind a long clear.
+    fn clear(&self, liobn: u32, from: u64, end: u64) -> Out {
+        let zeros = [0u64; table::ENTRIES as usize];
+        let mut at = from;
+        let mut st = self.lock();
+        while at < end {
+            // The window may have gone meanwhile (its group's last device unplugged).
+            let w = st.windows.get(&liobn).ok_or(t::H_PARAMETER)?;
+            let Some(i) = w.table.lock().unwrap_or_else(|e| e.into_inner()).table.next_present(at, end) else {
+                break;
+            };
+            let n = (table::ENTRIES - i % table::ENTRIES).min(end - i);
+            self.put(&st, liobn, i, &zeros[..n as usize])?;
+            at = i + n;
+            parking_lot::MutexGuard::bump(&mut st);
+        }
+        Ok((0, 0))
     }
 
     /// One hypercall of the block.
@@ -463,6 +533,22 @@ impl Tce {
             s.table.bytes(),
             s.table.valid_entries()
         ))
+    }
+}
+
+impl Tce {
+    /// Gives group `from` the number `to` (free): its devices and windows follow.
+    fn renumber(st: &mut State, from: u32, to: u32) {
+        let Some(g) = st.groups.remove(&from) else { return };
+        for id in g.devices.keys() {
+            st.devices.insert(*id, to);
+        }
+        for l in &g.windows {
+            if let Some(w) = st.windows.get_mut(l) {
+                w.group = to;
+            }
+        }
+        st.groups.insert(to, g);
     }
 }
 
@@ -512,6 +598,8 @@ impl Frontend for Tce {
                 w.extend_from_slice(&[i, v]);
             }
         }
+        // Last, so a snapshot without it (older) still reads: the default liobn.
+        w.push(u64::from(g.default_liobn));
         Ok(Some(w))
     }
 
@@ -527,9 +615,15 @@ impl Frontend for Tce {
         let mut st = self.lock();
         let now = *st.devices.get(&id).ok_or("the device is not behind dma=tce")?;
         if now != group {
-            return Err(format!(
-                "the device is in TCE group {now} here, {group} in the snapshot (give it group={group})"
-            ));
+            // A group of its own (numbered as devices came and went): it takes the
+            // saved number. A group the operator named must be named the same.
+            if now < t::AUTO_GROUP_BASE || group < t::AUTO_GROUP_BASE || st.groups.contains_key(&group) {
+                return Err(format!(
+                    "the device is in TCE group {now} here, {group} in the snapshot{}",
+                    if group < t::AUTO_GROUP_BASE { format!(" (give it group={group})") } else { String::new() }
+                ));
+            }
+            Self::renumber(&mut st, now, group);
         }
         let n = next()?;
         let mut windows = Vec::new();
@@ -543,7 +637,18 @@ impl Frontend for Tce {
                 (0..next()?).map(|_| Ok((next()?, next()?))).collect::<Result<_, String>>()?;
             windows.push((liobn, bus, ps, ws, shared, entries));
         }
-        let g = st.groups.get(&group).ok_or("TCE group missing")?;
+        let default_liobn = match it.next() {
+            Some(l) => Some(u32::try_from(l).map_err(|_| bad())?),
+            None => None,
+        };
+        if it.next().is_some() {
+            return Err("malformed TCE state: words left over".into());
+        }
+        let g = st.groups.get_mut(&group).ok_or("TCE group missing")?;
+        // Older snapshots do not name it: the window at bus offset 0, if any.
+        if let Some(l) = default_liobn.or_else(|| windows.iter().find(|w| w.1 == 0).map(|w| w.0)) {
+            g.default_liobn = l;
+        }
         if windows.iter().all(|w| g.windows.contains(&w.0)) && g.windows.len() == windows.len() {
             return Ok(()); // restored with another device of the group
         }
@@ -579,13 +684,20 @@ impl Frontend for Tce {
     fn attach(&self, device: &Device) -> Result<(), String> {
         let mut st = self.lock();
         let group = match device.params.iter().find(|(k, _)| k == "group") {
-            Some((_, v)) => v.parse::<u32>().map_err(|_| format!("group={v}: a group is a number"))?,
-            None => {
-                // One group per device by default, numbered above any explicit one.
-                let g = 0x1_0000 + st.next_auto_group;
-                st.next_auto_group += 1;
-                g
-            }
+            Some((_, v)) => match v.parse::<u32>() {
+                Ok(g) if g < t::AUTO_GROUP_BASE => g,
+                _ => {
+                    return Err(format!(
+                        "group={v}: a group is a number from 0 to {} (larger ones are given to devices that name none)",
+                        t::AUTO_GROUP_BASE - 1
+                    ));
+                }
+            },
+            // One group per device by default: the first number free above every group
+            // an operator can name.
+            None => (t::AUTO_GROUP_BASE..=u32::MAX)
+                .find(|g| !st.groups.contains_key(g))
+                .ok_or("no TCE group number left")?,
         };
         let size = |key: &str, default: u32| -> Result<u32, String> {
             match device.params.iter().find(|(k, _)| k == key) {
@@ -611,8 +723,12 @@ impl Frontend for Tce {
         }
         if let std::collections::btree_map::Entry::Vacant(e) = st.groups.entry(group) {
             let domain = self.dma.create_domain(&format!("tce-group-{group}"), Self::domain_config());
-            e.insert(Group { domain, devices: BTreeMap::new(), windows: Vec::new(), default });
-            if let Err(code) = self.add_window(&mut st, group, default.0, default.1, None) {
+            e.insert(Group { domain, devices: BTreeMap::new(), windows: Vec::new(), default, default_liobn: 0 });
+            let added = self.add_window(&mut st, group, default.0, default.1, None);
+            if let (Ok((liobn, _)), Some(g)) = (added, st.groups.get_mut(&group)) {
+                g.default_liobn = u32::try_from(liobn).unwrap_or(0);
+            }
+            if let Err(code) = added {
                 st.groups.remove(&group);
                 let why = match code {
                     t::H_RESOURCE => "over the locked-memory limit: raise --locked-memory",
@@ -624,7 +740,7 @@ impl Frontend for Tce {
         }
         let g = st.groups.get_mut(&group).ok_or("group vanished")?;
         device.endpoint.attach(Some(Arc::clone(&g.domain))).map_err(|e| e.to_string())?;
-        g.devices.insert(device.id, device.endpoint.clone());
+        g.devices.insert(device.id, (device.endpoint.clone(), Arc::clone(&device.fail)));
         st.devices.insert(device.id, group);
         Ok(())
     }

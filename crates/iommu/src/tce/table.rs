@@ -29,16 +29,16 @@ pub const SPARE_PAGES: usize = 4;
 /// Most table pages one table can hold at once (64 GiB of pages).
 const MAX_TABLE_PAGES: u64 = 1 << 24;
 /// Most index bits a table has (5 levels of 9 bits).
-pub const MAX_ENTRY_BITS: u32 = LEVEL_BITS * abi::tce::MAX_LEVELS;
+pub const MAX_ENTRY_BITS: u32 = t::MAX_ENTRY_BITS;
 /// Levels of the tree of a window of `2^entry_bits` entries.
 fn levels_for(entry_bits: u32) -> u32 {
     entry_bits.div_ceil(LEVEL_BITS).max(1)
 }
 
 /// Entries per table page.
-const ENTRIES: u64 = PAGE / 8;
+pub const ENTRIES: u64 = PAGE / 8;
 /// Index bits per level.
-const LEVEL_BITS: u32 = 9;
+const LEVEL_BITS: u32 = t::layout::LEVEL_BITS;
 
 /// Why a table cannot be made or written.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -203,24 +203,80 @@ impl Table {
         unsafe { std::ptr::write_volatile(self.base.add((page * ENTRIES + index) as usize), v.to_le()) }
     }
 
-    /// Charges, now, every page that setting `count` entries from `first` could need,
-    /// so the sets cannot fail for memory (a batch is all or nothing). Undo with
-    /// [`Table::release_reserve`], which returns what the sets did not use.
-    pub fn reserve_for(&mut self, first: u64, count: u64) -> Result<(), TableError> {
-        if count == 0 {
+    /// Table pages that setting entries `first..` to `values` would allocate: the
+    /// missing pages on the paths to the leaves that get a non-zero value, each
+    /// counted once (clears never allocate).
+    pub fn pages_needed(&self, first: u64, values: &[u64]) -> u64 {
+        let mut need = 0;
+        // The last missing page counted at each level (by the index bits above it):
+        // consecutive leaves under one missing parent share it.
+        let mut counted = [u64::MAX; t::MAX_LEVELS as usize];
+        let mut k = 0usize;
+        while k < values.len() {
+            let i = first.saturating_add(k as u64);
+            let n = (ENTRIES - (i & (ENTRIES - 1))).min((values.len() - k) as u64) as usize;
+            if values[k..k + n].iter().any(|v| *v != 0) {
+                let mut page = Some(0u64);
+                for l in 0..self.levels - 1 {
+                    if let Some(p) = page {
+                        let e = u64::from_le(self.word(p, self.index_at(i, l)));
+                        page = if e == 0 { None } else { self.child(e) };
+                        if page.is_some() {
+                            continue;
+                        }
+                    }
+                    // The page at level l + 1 holding entry i is missing.
+                    let prefix = i >> (LEVEL_BITS * (self.levels - 1 - l));
+                    if let Some(c) = counted.get_mut(l as usize + 1)
+                        && *c != prefix
+                    {
+                        *c = prefix;
+                        need += 1;
+                    }
+                }
+            }
+            k += n;
+        }
+        need
+    }
+
+    /// Charges, now, `pages` table pages for the sets to come, beyond the spare pages
+    /// (charged already, taken first), so those sets cannot fail for memory (a batch
+    /// is all or nothing). Undo with [`Table::release_reserve`], which returns what the
+    /// sets did not use.
+    pub fn reserve(&mut self, pages: u64) -> Result<(), TableError> {
+        let pages = pages.saturating_sub(self.spare.len() as u64);
+        if pages == 0 {
             return Ok(());
         }
-        let last = first.saturating_add(count - 1).min(self.entries() - 1);
-        let mut pages = 0;
-        for l in 1..self.levels {
-            let shift = LEVEL_BITS * (self.levels - l);
-            pages += (last >> shift) - (first >> shift) + 1;
-        }
-        // Spare pages are charged already and taken first.
-        let pages = pages.saturating_sub(self.spare.len() as u64);
         self.account.account().charge(pages * PAGE).map_err(|e: MapError| TableError::NoMemory(e.to_string()))?;
         self.reserved += pages;
         Ok(())
+    }
+
+    /// The first index in `from..end` whose leaf page exists (entries elsewhere are
+    /// all clear). Skips missing subtrees whole: the cost follows the pages present,
+    /// not the range.
+    pub fn next_present(&self, from: u64, end: u64) -> Option<u64> {
+        let end = end.min(self.entries());
+        let mut i = from;
+        'next: while i < end {
+            let mut page = 0;
+            for l in 0..self.levels - 1 {
+                let e = u64::from_le(self.word(page, self.index_at(i, l)));
+                match (e != 0).then(|| self.child(e)).flatten() {
+                    Some(c) => page = c,
+                    None => {
+                        // Past the subtree this entry would hold.
+                        let span = LEVEL_BITS * (self.levels - 1 - l);
+                        i = ((i >> span) + 1).checked_shl(span).filter(|n| *n > i)?;
+                        continue 'next;
+                    }
+                }
+            }
+            return Some(i);
+        }
+        None
     }
 
     /// Returns the unused part of a reservation.
@@ -695,6 +751,33 @@ mod tests {
             );
             let leaves: std::collections::BTreeSet<u64> = model.keys().map(|i| i >> 9).collect();
             prop_assert_eq!(t.pages(), 1 + leaves.len() as u64);
+            // The first index from `from` whose leaf is present: the start of the next
+            // leaf holding an entry, or `from` itself inside one.
+            for from in [0u64, 1, 511, 512, 4000, 9000, 16383] {
+                let want = leaves.iter().find(|l| **l >= from >> 9).map(|l| (l << 9).max(from));
+                prop_assert_eq!(t.next_present(from, 1 << 14), want);
+            }
+        }
+
+        /// `pages_needed` is exactly what storing a batch then allocates (3 levels: a
+        /// batch can need inner and leaf pages, shared by neighbours).
+        #[test]
+        fn pages_needed_is_what_a_put_allocates(
+            before in proptest::collection::vec(0u64..1 << 20, 0..20),
+            first in 0u64..(1 << 20) - 2048,
+            bits in proptest::collection::vec(0u64..4, 1..2048),
+        ) {
+            let mut t = Table::new(20, account(u64::MAX)).unwrap();
+            for i in before {
+                t.set(i, (i << 12) | 1).unwrap();
+            }
+            let values: Vec<u64> = bits.iter().enumerate().map(|(k, b)| if *b == 0 { 0 } else { ((first + k as u64) << 12) | b }).collect();
+            let had = t.pages();
+            let need = t.pages_needed(first, &values);
+            // Clears only free pages; count what the stores add: set the stores alone.
+            let stores: Vec<u64> = values.iter().zip(0..).map(|(v, k)| if *v == 0 { t.get(first + k) } else { *v }).collect();
+            t.set_run(first, &stores).unwrap();
+            prop_assert_eq!(t.pages() - had, need);
         }
     }
 }

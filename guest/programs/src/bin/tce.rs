@@ -5,6 +5,9 @@
 //! H_GET_TCE, clears the destination with H_STUFF_TCE and checks DMA there faults; then
 //! a second engine's group creates a window on the same table (one table, two groups)
 //! and reads the same buffer through it.
+//! With argument 1 it instead creates the largest window QUERY advertises and clears it
+//! whole with H_STUFF_TCE, over and over, until the VM is stopped (a guest that tries to
+//! stall the VMM: each clear costs what is mapped, 3 entries, not 2^45).
 //! Exit: 0 ok, 1 wrong, 2 missing engine, 3 a call failed.
 #![no_std]
 #![no_main]
@@ -51,7 +54,33 @@ fn run(e: &mut Engine, d: Descriptor) -> (u32, u64) {
     e.wait(seq).map(|r| (r.0, r.2)).unwrap_or((0, 0))
 }
 
-fn main(_boot: &BootInfo) -> u8 {
+/// Argument 1: clear the largest window whole, forever.
+fn stuff_forever(group: u64) -> u8 {
+    let (_, _, largest) = tce(t::QUERY_WINDOW, [group, 0, 0, 0]);
+    let shift = 12 + u64::from(largest.trailing_zeros());
+    let (code, liobn, bus) = tce(t::CREATE_WINDOW, [group, 12, shift, 0]);
+    if code != t::H_SUCCESS {
+        println!("tce: CREATE of the largest window (2^{} bytes) answered {}", Dec(shift), Dec(code as u64));
+        return 3;
+    }
+    let mut rounds = 0u64;
+    loop {
+        for ioba in [bus, bus + (largest / 2) * P, bus + (largest - 1) * P] {
+            if tce(t::PUT_TCE, [liobn, ioba, SRC | t::READ, 0]).0 != t::H_SUCCESS {
+                return 3;
+            }
+        }
+        if tce(t::STUFF_TCE, [liobn, bus, 0, largest]).0 != t::H_SUCCESS {
+            return 3;
+        }
+        rounds += 1;
+        if rounds == 1 {
+            println!("tce: clearing a window of 2^{} entries, over and over", Dec(u64::from(largest.trailing_zeros())));
+        }
+    }
+}
+
+fn main(boot: &BootInfo) -> u8 {
     let Some(fa) = Engine::find(0) else {
         println!("tce: no DMA engine");
         return 2;
@@ -60,6 +89,9 @@ fn main(_boot: &BootInfo) -> u8 {
     if code != t::H_SUCCESS {
         println!("tce: the engine is not on TCE (code {})", Dec(code as u64));
         return 3;
+    }
+    if boot.arg_count > 0 && boot.args[0] == 1 {
+        return stuff_forever(group);
     }
     let (_, avail, _) = tce(t::QUERY_WINDOW, [group, 0, 0, 0]);
     let (code, liobn, bus) = tce(t::CREATE_WINDOW, [group, 12, 32, 0]);
