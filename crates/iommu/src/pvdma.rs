@@ -189,23 +189,36 @@ impl Stats {
 }
 
 impl StatsSnapshot {
+    // Counters wrap (as hardware counters do): one restored from a snapshot may be
+    // anywhere, and a counter must never end the VMM.
     fn record(&mut self, call: usize, status: Status) {
         if let Some(c) = self.calls.get_mut(call) {
-            *c += 1;
+            *c = c.wrapping_add(1);
         }
-        self.statuses[status as usize % 10] += 1;
+        let s = &mut self.statuses[status as usize % 10];
+        *s = s.wrapping_add(1);
     }
 
     fn add(&mut self, o: &StatsSnapshot) {
         for (a, b) in self.calls.iter_mut().zip(o.calls) {
-            *a += b;
+            *a = a.wrapping_add(b);
         }
-        self.unknown += o.unknown;
+        self.unknown = self.unknown.wrapping_add(o.unknown);
         for (a, b) in self.statuses.iter_mut().zip(o.statuses) {
-            *a += b;
+            *a = a.wrapping_add(b);
         }
-        self.pages.0 += o.pages.0;
-        self.pages.1 += o.pages.1;
+        self.pages.0 = self.pages.0.wrapping_add(o.pages.0);
+        self.pages.1 = self.pages.1.wrapping_add(o.pages.1);
+    }
+
+    /// Whether a device's counters (from a snapshot) hold together: every call has one
+    /// status, no unknown call reached a device, and the pages mapped and not unmapped
+    /// are those of its live mappings.
+    fn consistent(&self, live_pages: u64) -> bool {
+        let sum = |v: &[u64]| v.iter().try_fold(0u64, |a, b| a.checked_add(*b));
+        self.unknown == 0
+            && sum(&self.calls).is_some_and(|c| Some(c) == sum(&self.statuses))
+            && self.pages.0.checked_sub(self.pages.1) == Some(live_pages)
     }
 
     /// Calls of one kind by name ("map", ...).
@@ -322,13 +335,17 @@ impl PvDma {
         self.devices.write().unwrap_or_else(|e| e.into_inner()).insert(id, Arc::new(dev));
     }
 
-    /// Forgets device `id` (removed or dead): its calls answer `NotAssigned`; what it
+    /// Forgets device `id` (removed or dead): its calls answer `NotAssigned`, the
+    /// mappings it still held are released (and counted as unmapped pages), and what it
     /// counted stays in the VM-wide totals.
     pub fn remove_device(&self, id: u64) {
-        let mut devices = self.devices.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = devices.remove(&id) {
-            self.retired.lock().unwrap_or_else(|e| e.into_inner()).add(&d.stats());
-        }
+        let removed = self.devices.write().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        let Some(d) = removed else { return };
+        // No call of the device runs now (each holds the table's read lock throughout).
+        let released = d.domain.unmap_all() / d.domain.granule();
+        let mut st = d.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.stats.pages.1 = st.stats.pages.1.wrapping_add(released);
+        self.retired.lock().unwrap_or_else(|e| e.into_inner()).add(&st.stats);
     }
 
     /// Device `id`'s state for a snapshot: its counters, then its mappings (count, then
@@ -358,6 +375,11 @@ impl PvDma {
         let (&n, maps) = rest.split_first().ok_or_else(bad)?;
         if u64::try_from(maps.len()).ok() != n.checked_mul(4) {
             return Err(bad());
+        }
+        let g = d.domain.granule();
+        let live = maps.chunks_exact(4).try_fold(0u64, |a, m| a.checked_add(m[2] / g));
+        if !live.is_some_and(|live| stats.consistent(live)) {
+            return Err("paravirtual DMA state: the counters do not match the mappings".into());
         }
         let mut st = d.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut done = Vec::new();
@@ -487,7 +509,7 @@ impl PvDma {
             st.alloc.free(iova, taken);
             return Err(status_of(&e));
         }
-        st.stats.pages.0 += size / g;
+        st.stats.pages.0 = st.stats.pages.0.wrapping_add(size / g);
         Ok(iova + (gpa - start))
     }
 
@@ -504,7 +526,7 @@ impl PvDma {
         }
         d.domain.unmap(Iova(start), m.size).map_err(|e| status_of(&e))?;
         st.alloc.free(start, st.alloc.rounded(m.size));
-        st.stats.pages.1 += m.size / g;
+        st.stats.pages.1 = st.stats.pages.1.wrapping_add(m.size / g);
         Ok(())
     }
 
@@ -567,7 +589,7 @@ impl PvDma {
             }
             return Err(Status::InvalidArgument);
         }
-        st.stats.pages.0 += maps.iter().map(|m| m.size / g).sum::<u64>();
+        st.stats.pages.0 = st.stats.pages.0.wrapping_add(maps.iter().map(|m| m.size / g).sum::<u64>());
         Ok(count)
     }
 
@@ -603,7 +625,7 @@ impl PvDma {
         d.domain.unmap_exact(&iovas);
         for (i, size) in &valid {
             st.alloc.free(i.0, st.alloc.rounded(*size));
-            st.stats.pages.1 += size / g;
+            st.stats.pages.1 = st.stats.pages.1.wrapping_add(size / g);
         }
         if bad {
             Err(Status::InvalidArgument)
@@ -673,10 +695,7 @@ impl crate::frontend::Frontend for PvDmaFrontend {
     }
 
     fn detach(&self, id: u16) {
-        if let Some(d) = self.pvdma.device(u64::from(id)) {
-            self.pvdma.remove_device(u64::from(id));
-            d.domain.unmap_all();
-        }
+        self.pvdma.remove_device(u64::from(id));
     }
 
     fn stats(&self) -> String {

@@ -237,6 +237,52 @@ fn unknown_call_numbers_are_counted_as_unknown_and_totals_survive_a_device() {
     assert_eq!(pv.stats().calls_named("map"), 2);
 }
 
+#[test]
+fn a_device_that_goes_with_mappings_counts_them_unmapped() {
+    let (vm, pv) = setup(1 << 20, 64);
+    for k in 0..3 {
+        assert_eq!(call(&pv, pv::MAP, [0, 0x1000 + k * 2 * P, 2 * P, dir::TO_DEVICE, 0]).status, Status::Success);
+    }
+    assert_eq!(pv.stats().pages, (6, 0));
+    pv.remove_device(0); // unplugged with 3 mappings of 2 pages
+    assert_eq!(pv.stats().pages, (6, 6), "the totals add up once the device is gone");
+    assert_eq!(vm.account().pinned(), 0);
+}
+
+#[test]
+fn restored_counters_are_checked_and_counters_wrap_instead_of_panicking() {
+    let (vm, pv) = setup(1 << 20, 64);
+    let r = call(&pv, pv::MAP, [0, 0x1000, P, dir::TO_DEVICE, 0]);
+    assert_eq!(r.status, Status::Success);
+    let saved = pv.save_device(0).unwrap();
+    let fresh = |pv: &PvDma| {
+        pv.remove_device(0);
+        pv.add_device(0, "dma0", vm.create_domain("dma0", DomainConfig::default()), true);
+    };
+    // Counters at the top of their range (a crafted snapshot, checksums and all).
+    let mut top = saved.clone();
+    top[1] = u64::MAX; // MAP calls
+    top[6 + Status::Success as usize] = u64::MAX - 1; // and their status (QUERY's 0 + MAP's)
+    let (_, pv2) = setup(1 << 20, 64);
+    fresh(&pv2);
+    let e = pv2.restore_device(0, &top).unwrap_err();
+    assert!(e.contains("do not match"), "{e}");
+    top[6 + Status::Success as usize] = u64::MAX; // consistent now: 1 call more wraps
+    let mut top_ok = top.clone();
+    top_ok[0] = 0;
+    fresh(&pv2);
+    pv2.restore_device(0, &top_ok).unwrap();
+    assert_eq!(call(&pv2, pv::MAP, [0, 0x3000, P, dir::TO_DEVICE, 0]).status, Status::Success);
+    assert_eq!(pv2.device(0).unwrap().stats().calls_named("map"), 0, "wrapped, not a panic");
+    // Pages mapped and not unmapped must be the live mappings' pages.
+    let mut pages = saved.clone();
+    pages[16] += 5;
+    fresh(&pv2);
+    assert!(pv2.restore_device(0, &pages).is_err());
+    fresh(&pv2);
+    pv2.restore_device(0, &saved).unwrap();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
     /// Arbitrary registers and arbitrary list contents: no panic, every status is one

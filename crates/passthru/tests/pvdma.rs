@@ -89,6 +89,23 @@ fn statuses_through_the_qtest_dispatch_and_the_counters() {
     assert!(lines[10].starts_with("OK query=1 map=2 ") && lines[10].ends_with("live_mappings=0"), "{}", lines[10]);
 }
 
+/// Counters add up on every path: a device's mappings show while bus mastering is off,
+/// and the pages it still held when unplugged count as unmapped.
+#[test]
+fn counters_add_up_with_bus_mastering_off_and_after_an_unplug() {
+    let args = ["--device", "dma-engine,dma=pvdma,process=inline"];
+    let script = "hcall 0x101 8 0x100000 0x3000 1
+                  dev_info dma0
+                  device_del dma0
+                  frontend_stats pvdma
+";
+    let (code, lines) = qtest(&args, script);
+    assert_eq!(code, Some(0));
+    assert!(lines[1].contains("bus_master=0") && lines[1].contains(" mappings=1 "), "{}", lines[1]);
+    assert!(lines[1].contains("frontend.live_mappings=1"), "{}", lines[1]);
+    assert!(lines[3].contains("pages_mapped=3 pages_unmapped=3"), "{}", lines[3]);
+}
+
 #[test]
 fn the_kill_policy_ends_the_vm_on_misuse_and_is_off_by_default() {
     let dev = ["--device", "dma-engine,dma=pvdma,process=inline"];

@@ -251,7 +251,8 @@ impl Session<'_> {
                     u8::from(f.bus_master()),
                     f.irq_mode(),
                     bars(&dev.bars()),
-                    ep.domain().map_or(0, |d| d.mapping_count()),
+                    // The device's domain, whether or not bus mastering lets it through.
+                    f.domain().map_or(0, |d| d.mapping_count()),
                     ep.faults().total(),
                     f.bar_accesses(),
                     f.notifications().0,
