@@ -35,6 +35,9 @@ enum Misbehaviour {
     FloodDmaReads,
     /// Offers a million MSI-X vectors.
     AbsurdIrqs,
+    /// Well-behaved, but writes a counter at IOVA 0x100000 every millisecond through
+    /// whatever DMA windows it holds, for as long as the test runs.
+    KeepsWriting,
 }
 
 /// A PCI device shaped like the DMA engine (BAR0, BAR1, configuration space, one MSI)
@@ -133,6 +136,15 @@ fn fake_server(how: Misbehaviour, tag: &str) -> (PathBuf, std::sync::mpsc::Sende
     std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         let server = Server::new(Endpoint::new(stream));
+        if how == Misbehaviour::KeepsWriting {
+            let dma = server.dma();
+            std::thread::spawn(move || {
+                for n in 1..60_000u64 {
+                    let _ = dma.windows().write(0x10_0000, &n.to_le_bytes());
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
         let mut dev = Fake { how, ep: Arc::clone(server.endpoint()), hold };
         // Handled on the reading thread: a stalled fake stops reading its socket.
         server.serve_sequential(&mut dev);
@@ -376,6 +388,36 @@ fn a_spawned_device_that_does_not_acknowledge_dma_unmap_is_killed_and_reaped_bef
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("did not acknowledge DMA_UNMAP"), "{stderr}");
     assert_gone_once("dma0", &stderr);
+}
+
+/// An external device declared gone (here: a RAM hot-add its identity domain cannot
+/// map, over the locked-memory limit) loses its connection before the death returns,
+/// and with it its DMA windows: its writes into guest memory stop.
+#[test]
+fn an_external_device_declared_gone_is_cut_off_and_its_writes_stop() {
+    let (path, _release) = fake_server(Misbehaviour::KeepsWriting, "writes");
+    let mut vmm = Vmm::start(&format!("vfio-user,socket={},dma=identity", path.display()));
+    vmm.enable();
+    let counter = |vmm: &mut Vmm| vmm.cmd("readq 0x100000");
+    let t = Instant::now();
+    let first = counter(&mut vmm);
+    while counter(&mut vmm) == first {
+        assert!(t.elapsed() < SLACK, "the device never wrote guest memory");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // 64 MiB of RAM pinned already, at the 64 MiB limit: the next 64 MiB cannot be.
+    let r = vmm.cmd("ram_add 0x100000000 0x4000000");
+    assert!(r.starts_with("OK"), "{r}");
+    assert!(vmm.wait_stderr("device vfu0 is gone", SLACK), "{}", vmm.stderr());
+    vmm.wait_torn_down("vfu0");
+    // The server has seen its connection close and dropped its windows: nothing moves.
+    std::thread::sleep(Duration::from_millis(100));
+    let a = counter(&mut vmm);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(counter(&mut vmm), a, "a device declared gone still writes guest memory");
+    let (code, _, stderr) = vmm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_gone_once("vfu0", &stderr);
 }
 
 #[test]

@@ -424,9 +424,16 @@ impl AssignedFunction {
             return;
         }
         self.gone.store(true, Ordering::Release);
+        // A device declared gone may still hold guest memory: a process of ours is
+        // ended; any other server loses its connection, and with it (as the protocol
+        // asks of a server whose client went away) every DMA window, before this
+        // returns. (A server that keeps the memfd mapped anyway is outside what a VMM
+        // can revoke: run servers you do not trust in message mode.)
         if let Some(p) = &self.process {
-            // A device whose connection is gone may still hold guest memory: end it.
             p.kill_and_reap(Duration::from_secs(5));
+        }
+        if let Some(c) = &self.client {
+            c.endpoint().declare_dead(why);
         }
         if !self.reported.swap(true, Ordering::AcqRel) {
             let how = self.process.as_ref().and_then(|p| p.status()).map(|s| format!("; process {}", describe(s)));
