@@ -222,8 +222,11 @@ fn copy_desc(src: u64, dst: u64, len: u64, completion: u64, flags: u32) -> Strin
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// An IOVA never exported by DMA_MAP is refused in the device process itself: the
+/// spec allows DMA_READ / DMA_WRITE only of exported ranges, so the VMM is not asked
+/// (and logs no fault of its own).
 #[test]
-fn in_message_mode_an_unmapped_iova_is_refused_by_the_vmm_and_nothing_is_written() {
+fn in_message_mode_an_iova_never_exported_is_refused_by_the_device_and_nothing_is_written() {
     let mut s = Session::new("dma-engine,iommu-mode=messages");
     s.enable();
     assert_eq!(s.cmd("memset 0x400000 4096 0x33"), "OK");
@@ -239,14 +242,13 @@ fn in_message_mode_an_unmapped_iova_is_refused_by_the_vmm_and_nothing_is_written
     }
     assert_eq!(s.cmd("readl 0x210000"), "OK 0x0000000000000002", "completion status DMA_FAULT");
     assert_eq!(s.cmd("read 0x400000 8"), "OK 0x3333333333333333", "the target is untouched");
-    assert_eq!(s.field("dev_info dma0", "last_fault"), "0xe0000000", "the VMM refused and logged it");
-    assert!(s.field("dev_info dma0", "faults").parse::<u64>().unwrap() >= 1);
+    assert_eq!(s.field("dev_info dma0", "faults"), "0", "the VMM was never asked");
     drop(s.stdin);
     assert_eq!(s.vmm.wait().unwrap().code(), Some(0));
 }
 
 #[test]
-fn with_bus_mastering_off_every_dma_faults_and_is_counted_in_every_mode() {
+fn with_bus_mastering_off_every_dma_faults_in_every_mode() {
     for mode in ["dma-engine,process=inline", "dma-engine", "dma-engine,iommu-mode=messages"] {
         let mut s = Session::new(mode);
         assert!(s.cmd("dev_info dma0").contains("bus_master=0"), "{mode}: off at reset");
@@ -263,8 +265,14 @@ fn with_bus_mastering_off_every_dma_faults_and_is_counted_in_every_mode() {
             assert!(t.elapsed() < Duration::from_secs(10), "{mode}: no ring fault: {}", s.cmd("readl 0xc000001c"));
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(s.field("dev_info dma0", "last_fault"), "0x200000", "{mode}: the VMM refused the ring fetch");
-        assert!(s.field("dev_info dma0", "faults").parse::<u64>().unwrap() >= 1, "{mode}");
+        if mode.contains("inline") {
+            assert_eq!(s.field("dev_info dma0", "last_fault"), "0x200000", "{mode}: the VMM refused the ring fetch");
+            assert!(s.field("dev_info dma0", "faults").parse::<u64>().unwrap() >= 1, "{mode}");
+        } else {
+            // A device process holds no window while gated: it refuses the fetch itself
+            // (nothing was exported to ask the VMM about).
+            assert_eq!(s.field("dev_info dma0", "faults"), "0", "{mode}: the VMM was not asked");
+        }
         assert_eq!(s.cmd("read 0x400000 8"), "OK 0x3333333333333333", "{mode}: nothing written");
         // Bus mastering on: the same descriptor goes through.
         s.enable();

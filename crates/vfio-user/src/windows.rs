@@ -79,7 +79,9 @@ pub enum Local {
     Done,
     /// Refused: the window does not allow it, or its file shrank under it.
     Fault,
-    /// Not covered by one file-backed window: ask the client (messages).
+    /// Exported by DMA_MAP, but not reachable in place (a window without a file, a
+    /// permission the window lacks, a range across windows): ask the client
+    /// (messages), which checks it and records a fault.
     NotHere,
 }
 
@@ -332,12 +334,34 @@ impl DmaWindows {
         Ok((mapping.addr(base + off), mapping, w.dirty.as_ref(), off))
     }
 
-    /// Where a whole access would go: one file-backed window must cover all of it.
+    /// Where a whole access would go: in place when one file-backed window covers all
+    /// of it; to the client when windows cover it otherwise; refused here when some
+    /// byte of it was never exported by DMA_MAP (the spec allows DMA_READ / DMA_WRITE
+    /// only of exported ranges).
     fn whole(&self, iova: u64, len: u64, flag: u32) -> Local {
-        match Self::find(&self.read_table(), iova, len, flag) {
+        let t = self.read_table();
+        match Self::find(&t, iova, len, flag) {
             Ok(_) => Local::Done,
+            Err(Local::NotHere) if !Self::exported(&t, iova, len) => Local::Fault,
             Err(why) => why,
         }
+    }
+
+    /// True if windows cover every byte of `[iova, iova + len)`.
+    fn exported(t: &Table, iova: u64, len: u64) -> bool {
+        let Some(end) = iova.checked_add(len) else { return false };
+        let mut at = iova;
+        let first = t.windows.range(..=iova).next_back().map_or(iova, |(a, _)| *a);
+        for (&start, w) in t.windows.range(first..end) {
+            if start > at {
+                return false;
+            }
+            at = at.max(start.saturating_add(w.size));
+            if at >= end {
+                return true;
+            }
+        }
+        at >= end && len > 0
     }
 
     /// Reads in place if one window covers the range. Longer than [`ACCESS_CHUNK`]:
@@ -389,10 +413,10 @@ impl DmaWindows {
     /// Copies in place if the source and the destination each lie in one window
     /// (chunked as `read`).
     pub fn copy(&self, src: u64, dst: u64, len: u64) -> Local {
-        for w in [self.whole(src, len, DMA_READ_FLAG), self.whole(dst, len, DMA_WRITE_FLAG)] {
-            if w != Local::Done {
-                return w;
-            }
+        match (self.whole(src, len, DMA_READ_FLAG), self.whole(dst, len, DMA_WRITE_FLAG)) {
+            (Local::Done, Local::Done) => {}
+            (Local::Fault, _) | (_, Local::Fault) => return Local::Fault,
+            _ => return Local::NotHere,
         }
         let mut done = 0u64;
         while done < len {

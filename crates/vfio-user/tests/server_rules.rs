@@ -220,6 +220,39 @@ fn a_window_allows_only_what_its_flags_say() {
     assert_eq!(w.map(&m, Some(ro_fd)), Err(libc::EACCES), "a writable window on a read-only descriptor");
 }
 
+/// DMA_READ / DMA_WRITE only of what DMA_MAP exported (the spec: the address "must
+/// have been previously exported"): an access to an address no window covers fails in
+/// the device, and the client is never asked.
+#[test]
+fn the_client_is_asked_only_for_exported_ranges() {
+    let _s = serial();
+    let w = DmaWindows::new(16);
+    let mut b = [0u8; 8];
+    assert_eq!(w.read(0x5000, &mut b), Local::Fault, "nothing exported");
+    assert_eq!(w.write(0x5000, &b), Local::Fault);
+    w.map(&DmaMap { flags: DMA_READ_FLAG | DMA_WRITE_FLAG, offset: 0, address: 0x5000, size: 0x1000 }, None).unwrap();
+    assert_eq!(w.read(0x5000, &mut b), Local::NotHere, "exported without a file: by messages");
+    assert_eq!(w.read(0x5ffc, &mut b), Local::Fault, "runs past the window into nothing");
+    assert_eq!(w.copy(0x5000, 0x9000, 8), Local::Fault, "the target was never exported");
+    w.map(&DmaMap { flags: DMA_READ_FLAG, offset: 0, address: 0x6000, size: 0x1000 }, None).unwrap();
+    assert_eq!(w.read(0x5ffc, &mut b), Local::NotHere, "across two exported windows: the client decides");
+    // Through a server: the client (this test) sees no request for an unexported range.
+    let (a, c) = UnixStream::pair().unwrap();
+    let server = Server::new(Endpoint::new(c));
+    let dma = server.dma();
+    let _serving = std::thread::spawn(move || server.serve(&mut Nothing));
+    let ep = Endpoint::new(a);
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (e, n) = (Arc::clone(&ep), Arc::clone(&asked));
+    let _reader = std::thread::spawn(move || e.run(move |_| drop(n.fetch_add(1, std::sync::atomic::Ordering::SeqCst))));
+    let t = std::time::Instant::now();
+    assert_eq!(dma.read(0x7000, &mut b), Err(DmaFault));
+    assert_eq!(dma.write(0x7000, &b), Err(DmaFault));
+    assert!(t.elapsed() < std::time::Duration::from_secs(1), "refused at once, not after a deadline");
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0, "the client was never asked");
+    ep.shutdown();
+}
+
 #[test]
 fn a_file_shrunk_under_a_window_faults_the_access_and_the_device_lives() {
     let _s = serial();
