@@ -34,8 +34,9 @@ struct Window {
     flags: u32,
     /// The file mapping and the window's offset in it; None: reached by messages.
     backing: Option<(Arc<FileMapping>, u64)>,
-    /// While DMA dirty logging is on: one bit per logged page of the window, set by
-    /// in-place writes (writes by messages are the client's to log).
+    /// While DMA dirty logging is on: the log of the window's file (one bit per
+    /// [`LOG_GRAIN`] of the file, shared by every window into it), set by in-place
+    /// writes (writes by messages are the client's to log).
     dirty: Option<Arc<[AtomicU64]>>,
 }
 
@@ -45,6 +46,8 @@ struct Table {
     files: HashMap<(u64, u64), Vec<Weak<FileMapping>>>,
     /// DMA dirty logging's page size, while it is on.
     logging: Option<u64>,
+    /// While logging: one log per mapped file (however many windows point into it).
+    logs: Vec<(Weak<FileMapping>, Arc<[AtomicU64]>)>,
 }
 
 /// Smallest and largest page size DMA dirty logging takes.
@@ -52,24 +55,42 @@ pub const LOG_PAGE_MIN: u64 = 4096;
 /// See [`LOG_PAGE_MIN`].
 pub const LOG_PAGE_MAX: u64 = 1 << 30;
 
-/// A window's bitmap: one bit per `page`-aligned page it touches (bit 0 is the page
-/// holding its first byte), so bits line up with pages of the IOVA space.
-fn bitmap(start: u64, size: u64, page: u64) -> Arc<[AtomicU64]> {
-    let last = start.saturating_add(size.saturating_sub(1)) / page;
-    let pages = last - start / page + 1;
-    (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()
-}
+/// Bytes of guest memory one bit of a file's dirty log covers. Logged windows are
+/// aligned to it (address, file offset, size), so every bit lies under one IOVA page.
+pub const LOG_GRAIN: u64 = 4096;
+/// Most bytes all the dirty logs of a device take: 64 MiB logs 2 TiB of files. Past
+/// it, DMA_LOGGING_START (or a DMA_MAP of a new file while logging) fails with ENOMEM.
+pub const MAX_LOG_BYTES: u64 = 64 << 20;
 
-/// Marks `[addr, addr + len)` dirty in the bitmap of the window starting at `start`.
-fn mark(dirty: Option<&Arc<[AtomicU64]>>, page: u64, start: u64, addr: u64, len: u64) {
-    let (Some(bits), true) = (dirty, len > 0) else { return };
-    let base = start / page;
-    let (first, last) = (addr / page - base, addr.saturating_add(len - 1) / page - base);
-    for p in first..=last {
-        if let Some(w) = bits.get((p / 64) as usize) {
-            w.fetch_or(1 << (p % 64), Ordering::Relaxed);
+/// Marks `[offset, offset + len)` of a file dirty in its log.
+fn mark(log: Option<&Arc<[AtomicU64]>>, offset: u64, len: u64) {
+    let (Some(bits), true) = (log, len > 0) else { return };
+    for g in offset / LOG_GRAIN..=offset.saturating_add(len - 1) / LOG_GRAIN {
+        if let Some(w) = bits.get((g / 64) as usize) {
+            w.fetch_or(1 << (g % 64), Ordering::Relaxed);
         }
     }
+}
+
+/// Clears bits `first..first + count` of a log; true if any was set.
+fn take_bits(bits: &[AtomicU64], first: u64, count: u64) -> bool {
+    let mut any = false;
+    let (mut g, end) = (first, first.saturating_add(count));
+    while g < end {
+        let (word, bit) = ((g / 64) as usize, g % 64);
+        let n = (64 - bit).min(end - g);
+        let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
+        if let Some(w) = bits.get(word) {
+            any |= w.fetch_and(!mask, Ordering::AcqRel) & mask != 0;
+        }
+        g += n;
+    }
+    any
+}
+
+/// A window can be logged: aligned to [`LOG_GRAIN`] in IOVA, file offset and size.
+fn loggable(address: u64, offset: u64, size: u64) -> bool {
+    address.is_multiple_of(LOG_GRAIN) && offset.is_multiple_of(LOG_GRAIN) && size.is_multiple_of(LOG_GRAIN)
 }
 
 /// What a local access found.
@@ -169,21 +190,44 @@ impl DmaWindows {
         if t.windows.len() >= self.max {
             return Err(libc::ENOSPC);
         }
+        if fd.is_some() && t.logging.is_some() && !loggable(m.address, m.offset, m.size) {
+            return Err(libc::EINVAL); // it could not be logged
+        }
         let backing = match fd {
             None => None,
             Some(fd) => Some(Self::back(&mut t, m, &fd)?),
         };
         let dirty = match (&backing, t.logging) {
-            (Some(_), Some(page)) => Some(bitmap(m.address, m.size, page)),
+            (Some((mapping, _)), Some(_)) => Some(Self::log_of(&mut t, mapping)?),
             _ => None,
         };
         t.windows.insert(m.address, Window { size: m.size, flags: m.flags, backing, dirty });
         Ok(())
     }
 
-    /// DMA dirty logging on, with `page` bytes per bit: every file-backed window, and
-    /// those mapped later, logs the device's in-place writes. Again with the same
-    /// size: nothing changes; another size: EINVAL (libvfio-user's rules).
+    /// The dirty log of `mapping`'s file, made if it has none yet (within
+    /// [`MAX_LOG_BYTES`] for all of them).
+    fn log_of(t: &mut Table, mapping: &Arc<FileMapping>) -> Result<Arc<[AtomicU64]>, i32> {
+        t.logs.retain(|(m, _)| m.strong_count() > 0);
+        if let Some((_, log)) = t.logs.iter().find(|(m, _)| std::ptr::eq(m.as_ptr(), Arc::as_ptr(mapping))) {
+            return Ok(Arc::clone(log));
+        }
+        let words = (mapping.len() as u64).div_ceil(LOG_GRAIN).div_ceil(64);
+        let held: u64 = t.logs.iter().map(|(_, l)| l.len() as u64 * 8).sum();
+        if held.saturating_add(words.saturating_mul(8)) > MAX_LOG_BYTES {
+            return Err(libc::ENOMEM);
+        }
+        let log: Arc<[AtomicU64]> = (0..words).map(|_| AtomicU64::new(0)).collect();
+        t.logs.push((Arc::downgrade(mapping), Arc::clone(&log)));
+        Ok(log)
+    }
+
+    /// DMA dirty logging on, with `page` bytes per bit of a report: every
+    /// file-backed window, and those mapped later, logs the device's in-place writes.
+    /// The logs are kept per file, not per window ([`LOG_GRAIN`] per bit, at most
+    /// [`MAX_LOG_BYTES`] in all: ENOMEM beyond), so windows into one file cost one log
+    /// however many or large they are. Again with the same size: nothing changes;
+    /// another size, or a file-backed window not aligned to [`LOG_GRAIN`]: EINVAL.
     pub fn start_logging(&self, page: u64) -> Result<(), i32> {
         if !page.is_power_of_two() || !(LOG_PAGE_MIN..=LOG_PAGE_MAX).contains(&page) {
             return Err(libc::EINVAL);
@@ -194,29 +238,54 @@ impl DmaWindows {
             Some(_) => return Err(libc::EINVAL),
             None => {}
         }
-        t.logging = Some(page);
-        for (start, w) in t.windows.iter_mut() {
-            if w.backing.is_some() {
-                w.dirty = Some(bitmap(*start, w.size, page));
+        let backed: Vec<(u64, Arc<FileMapping>)> = t
+            .windows
+            .iter()
+            .filter_map(|(a, w)| w.backing.as_ref().map(|(m, off)| (a, m, off, w.size)))
+            .map(|(a, m, off, size)| if loggable(*a, *off, size) { Ok((*a, Arc::clone(m))) } else { Err(libc::EINVAL) })
+            .collect::<Result<_, _>>()?;
+        let mut logs = Vec::new();
+        for (a, m) in backed {
+            match Self::log_of(&mut t, &m) {
+                Ok(log) => logs.push((a, log)),
+                Err(e) => {
+                    t.logs.clear();
+                    return Err(e);
+                }
             }
         }
+        for (a, log) in logs {
+            if let Some(w) = t.windows.get_mut(&a) {
+                w.dirty = Some(log);
+            }
+        }
+        t.logging = Some(page);
         Ok(())
     }
 
-    /// DMA dirty logging off: the bitmaps go.
+    /// DMA dirty logging off: the logs go.
     pub fn stop_logging(&self) {
         let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
         t.logging = None;
+        t.logs.clear();
         for w in t.windows.values_mut() {
             w.dirty = None;
         }
+    }
+
+    /// Bytes the dirty logs take now.
+    pub fn log_bytes(&self) -> u64 {
+        self.read_table().logs.iter().map(|(_, l)| l.len() as u64 * 8).sum()
     }
 
     /// The dirty bits of `[iova, iova + len)`, `page` bytes per bit, LSB first in u64
     /// words; reading clears them. The range may span windows (libvfio-user asks for
     /// one window's start; its FIXME says any range should work, and here it does);
     /// pages in no logged window read as clean (writes by messages are the client's
-    /// to log). Logging off, another page size or a zero length: EINVAL.
+    /// to log). A page is dirty if the device wrote the file behind it through any
+    /// window (logs are per file: two windows onto one page share its bit, and the
+    /// first report of either takes it). Logging off, another page size or a zero
+    /// length: EINVAL.
     pub fn report(&self, iova: u64, len: u64, page: u64) -> Result<Vec<u64>, i32> {
         let t = self.read_table();
         if t.logging != Some(page) || len < page || !iova.is_multiple_of(page) {
@@ -231,21 +300,21 @@ impl DmaWindows {
         let mut out = vec![0u64; pages.div_ceil(64) as usize];
         let first = t.windows.range(..=iova).next_back().map_or(iova, |(a, _)| *a);
         for (&start, w) in t.windows.range(first..end) {
-            let Some(bits) = &w.dirty else { continue };
-            let w_end = start.saturating_add(w.size);
-            let (lo, hi) = (start.max(iova) / page, (w_end.min(end) - 1) / page);
-            if start.max(iova) >= w_end.min(end) {
-                continue;
-            }
-            let base = start / page;
-            for p in lo..=hi {
-                let (wp, op) = (p - base, p - iova / page);
-                if let Some(word) = bits.get((wp / 64) as usize)
-                    && word.fetch_and(!(1 << (wp % 64)), Ordering::AcqRel) & (1 << (wp % 64)) != 0
+            let (Some(bits), Some((_, base))) = (&w.dirty, &w.backing) else { continue };
+            let (lo, hi) = (start.max(iova), start.saturating_add(w.size).min(end));
+            let mut at = lo;
+            while at < hi {
+                // The part of IOVA page `p` inside the window, as file grains.
+                let p = at / page;
+                let next = p.saturating_add(1).saturating_mul(page).min(hi);
+                let (g0, g1) = ((base + (at - start)) / LOG_GRAIN, (base + (next - start)).div_ceil(LOG_GRAIN));
+                let op = p - iova / page;
+                if take_bits(bits, g0, g1 - g0)
                     && let Some(o) = out.get_mut((op / 64) as usize)
                 {
                     *o |= 1 << (op % 64);
                 }
+                at = next;
             }
         }
         Ok(out)
@@ -311,7 +380,8 @@ impl DmaWindows {
         Self::find_window(t, iova, len, flag).map(|(p, m, _, _)| (p, m))
     }
 
-    /// As `find`, with the window's dirty bitmap and the offset in the window.
+    /// As `find`, with the dirty log of the window's file and the access's offset in
+    /// that file.
     #[allow(clippy::type_complexity)]
     fn find_window(
         t: &Table,
@@ -331,7 +401,7 @@ impl DmaWindows {
         if mapping.is_broken() {
             return Err(Local::Fault);
         }
-        Ok((mapping.addr(base + off), mapping, w.dirty.as_ref(), off))
+        Ok((mapping.addr(base + off), mapping, w.dirty.as_ref(), base + off))
     }
 
     /// Where a whole access would go: in place when one file-backed window covers all
@@ -402,7 +472,7 @@ impl DmaWindows {
             // SAFETY: as in `read`, for a window that allows writes (its mapping was
             // made writable: `back` refuses writable windows on read-only files).
             unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), p as *mut u8, chunk.len()) };
-            mark(dirty, t.logging.unwrap_or(LOG_PAGE_MIN), at - off, at, chunk.len() as u64);
+            mark(dirty, off, chunk.len() as u64);
             if mapping.is_broken() {
                 return Local::Fault;
             }
@@ -428,7 +498,7 @@ impl DmaWindows {
             // SAFETY: both ranges checked inside live windows held by the read lock;
             // overlap is allowed (memmove semantics, as a device copy within memory).
             unsafe { std::ptr::copy(f as *const u8, d as *mut u8, n as usize) };
-            mark(dirty, t.logging.unwrap_or(LOG_PAGE_MIN), dst.wrapping_add(done) - off, dst.wrapping_add(done), n);
+            mark(dirty, off, n);
             if fm.is_broken() || dm.is_broken() {
                 return Local::Fault;
             }

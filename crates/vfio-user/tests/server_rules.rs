@@ -312,3 +312,42 @@ fn dma_dirty_logging_reports_every_written_page_once() {
     assert_eq!(w.report(0, u64::MAX - 1, 2 << 20), Err(libc::EINVAL), "a bitmap over one reply");
     assert_eq!(w.report(u64::MAX - (2 << 20) + 1, 2 << 20, 2 << 20), Err(libc::EINVAL), "misaligned");
 }
+
+/// Dirty logs are kept per file, not per window: a guest mapping one 1 GiB file 2,048
+/// times costs one 32 KiB log; two windows onto one page share its bit; logs larger
+/// than the bound, and windows that could not be logged, are refused.
+#[test]
+fn dma_dirty_logs_are_per_file_and_bounded() {
+    use vfio_user::windows::{LOG_GRAIN, MAX_LOG_BYTES};
+    let _s = serial();
+    let w = DmaWindows::new(4096);
+    let f = memfd(1 << 30, true);
+    let rw = DMA_READ_FLAG | DMA_WRITE_FLAG;
+    for k in 0..2048u64 {
+        let m = DmaMap { flags: rw, offset: 0, address: (k + 1) << 30, size: 1 << 30 };
+        w.map(&m, Some(f.try_clone().unwrap())).unwrap();
+    }
+    w.start_logging(4096).unwrap();
+    assert_eq!(w.log_bytes(), (1u64 << 30) / LOG_GRAIN / 8, "one log for the file, not one per window");
+    // Written through window 7, reported through window 3 (the same page of the file).
+    assert_eq!(w.write((7 << 30) + 0x5000, &[1; 8]), Local::Done);
+    assert_eq!(w.report(3 << 30, 0x10000, 4096).unwrap(), vec![1 << 5]);
+    assert_eq!(w.report(7 << 30, 0x10000, 4096).unwrap(), vec![0], "taken by the first report");
+    // A window not aligned to the log's grain cannot be logged.
+    let g = memfd(0x10000, true);
+    let odd = DmaMap { flags: rw, offset: 0x800, address: 0x1000, size: 0x1000 };
+    assert_eq!(w.map(&odd, Some(g.try_clone().unwrap())), Err(libc::EINVAL));
+    w.stop_logging();
+    assert_eq!(w.log_bytes(), 0);
+    w.map(&odd, Some(g)).unwrap();
+    assert_eq!(w.start_logging(4096), Err(libc::EINVAL), "a window that could not be logged");
+    // Files whose logs would pass the bound: refused whole, nothing kept.
+    let w = DmaWindows::new(16);
+    let big = (MAX_LOG_BYTES * 8 * LOG_GRAIN) / 2 + (1 << 30); // each file's log: just over half the bound
+    for k in 0..2u64 {
+        let h = memfd(big, true);
+        w.map(&DmaMap { flags: rw, offset: 0, address: k << 44, size: big }, Some(h)).unwrap();
+    }
+    assert_eq!(w.start_logging(4096), Err(libc::ENOMEM));
+    assert_eq!(w.log_bytes(), 0);
+}
