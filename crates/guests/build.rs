@@ -12,7 +12,7 @@ const PROGRAMS: &[(&str, &str)] = &[
         "pvdma",
         "the default demo: maps its own DMA by hypercalls, drives the first DMA engine on the PCI bus, checks results and isolation",
     ),
-    ("hello", "prints one line and exits 0"),
+    ("hello", "prints one line and exits 0; with arg N first writes N KiB to the error console by string I/O"),
     (
         "idle",
         "stays up until stopped (control API vm.shutdown); scans the PCI bus every arg 0 ms (default 100) and prints functions that appear or leave",
@@ -34,7 +34,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ),
     (
         "tce",
-        "DMA through TCE tables: a 64-bit window, INDIRECT, GET, STUFF, a table shared by two groups (needs --device dma-engine,dma=tce twice)",
+        "DMA through TCE tables: a 64-bit window, INDIRECT, GET, STUFF, a table shared by two groups (needs --device dma-engine,dma=tce twice); arg 1: clears the largest window whole, forever",
     ),
     (
         "p2p",

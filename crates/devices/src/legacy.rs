@@ -72,13 +72,15 @@ impl BusDevice for ErrConsole {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
+    /// A byte per `out`; string I/O (`rep outsb`) brings many in one write.
     fn write(&mut self, _offset: u64, data: &[u8]) {
-        let Some(&b) = data.first() else { return };
-        self.line.push(b);
-        if b == b'\n' || self.line.len() >= MAX_LINE {
-            let _ = self.out.write_all(&self.line);
-            let _ = self.out.flush();
-            self.line.clear();
+        for &b in data {
+            self.line.push(b);
+            if b == b'\n' || self.line.len() >= MAX_LINE {
+                let _ = self.out.write_all(&self.line);
+                let _ = self.out.flush();
+                self.line.clear();
+            }
         }
     }
 }

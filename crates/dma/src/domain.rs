@@ -208,11 +208,7 @@ impl Domain {
         {
             let mut tree = self.tree_mut();
             self.insert_checked(&mut tree, maps)?;
-            let pinned = if let [m] = maps {
-                self.vm.pin(&[(m.gpa.0, m.size)])
-            } else {
-                self.vm.pin(&ranges_of(maps))
-            };
+            let pinned = if let [m] = maps { self.vm.pin(&[(m.gpa.0, m.size)]) } else { self.vm.pin(&ranges_of(maps)) };
             if let Err(e) = pinned {
                 tree.remove(&iovas_of(maps));
                 return Err((0, e));

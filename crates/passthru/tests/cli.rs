@@ -17,6 +17,17 @@ fn the_hello_guest_prints_its_line_and_exits_0() {
     assert!(text(&out.stdout).contains("Hello from a passthru guest (256 MiB of RAM"), "{}", text(&out.stdout));
 }
 
+/// String I/O (`rep outsb`, a page of bytes per exit) to the error console: every byte
+/// reaches standard error.
+#[test]
+fn string_io_to_the_error_console_loses_no_byte() {
+    vmm::require_kvm!();
+    let out = passthru(&["run", "--guest", "hello", "--guest-arg", "128"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let dots = out.stderr.iter().filter(|b| **b == b'.').count();
+    assert_eq!(dots, 128 * 1024 / 64 * 63, "every byte of 128 KiB written (63 dots a line)");
+}
+
 #[test]
 fn memory_option_reaches_the_guest() {
     vmm::require_kvm!();

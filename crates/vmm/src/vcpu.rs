@@ -59,9 +59,11 @@ impl Vcpu {
         // with immediate_exit before the vCPU parks, so its saved registers are whole.
         let mut settled = false;
         loop {
-            if vm.run_control().pause_pending() && !settled {
-                self.fd.set_kvm_immediate_exit(1);
-            } else {
+            // Set afresh before every KVM_RUN: a pause withdrawn (timed out) after the
+            // flag was set must not leave it set, or KVM_RUN returns EINTR forever.
+            let settle = settle_first(vm.run_control().pause_pending(), settled);
+            self.fd.set_kvm_immediate_exit(u8::from(settle));
+            if !settle {
                 // A pause parks here, between two guest instructions.
                 vm.run_control().checkpoint(&mut self.fd, || vm.exit_status().is_some());
                 settled = false;
@@ -119,11 +121,9 @@ impl Vcpu {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     ExitCounters::bump(&exits.interrupted);
-                    if vm.run_control().pause_pending() {
-                        // Nothing left to complete: park at the next checkpoint.
-                        self.fd.set_kvm_immediate_exit(0);
-                        settled = true;
-                    }
+                    // Nothing left to complete: park at the next checkpoint if the pause
+                    // still stands.
+                    settled = vm.run_control().pause_pending();
                     false
                 }
                 Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
@@ -167,5 +167,29 @@ impl Vcpu {
     fn crashed(&self, what: &str) -> Error {
         let rip = self.fd.get_regs().map(|r| format!(" at rip {:#x}", r.rip)).unwrap_or_default();
         Error::GuestCrashed(format!("{what}{rip}"))
+    }
+}
+
+/// Whether the next KVM_RUN only completes the last exit (`immediate_exit`) instead of
+/// the vCPU parking at its checkpoint: while a pause is pending and that completion
+/// has not happened yet. Decided before every KVM_RUN, from the pause as it stands.
+fn settle_first(pause_pending: bool, settled: bool) -> bool {
+    pause_pending && !settled
+}
+
+#[cfg(test)]
+mod tests {
+    use super::settle_first;
+
+    /// immediate_exit follows the pause as it stands at each KVM_RUN: set to complete
+    /// the last exit while a pause is pending, clear once that is done (the vCPU
+    /// parks), and clear when the pause was withdrawn meanwhile (the guest runs on:
+    /// a flag left set would make every KVM_RUN return EINTR).
+    #[test]
+    fn immediate_exit_follows_the_pause_as_it_stands() {
+        assert!(settle_first(true, false), "a pause asked: complete the last exit first");
+        assert!(!settle_first(true, true), "completed: park");
+        assert!(!settle_first(false, false), "withdrawn before the completion: run the guest");
+        assert!(!settle_first(false, true), "withdrawn after it: run the guest");
     }
 }

@@ -69,8 +69,6 @@ struct Group {
     default_liobn: u32,
 }
 
-
-
 #[derive(Default)]
 struct State {
     groups: BTreeMap<u32, Group>,
@@ -324,16 +322,22 @@ impl Tce {
             changed
                 .iter()
                 .filter(|&&k| valid(vals[k]))
-                .map(|&k| Mapping { iova: Iova(iova(bus, k)), gpa: Gpa(addr(&vals[k])), size: page, perm: perm_of(vals[k]) })
+                .map(|&k| Mapping {
+                    iova: Iova(iova(bus, k)),
+                    gpa: Gpa(addr(&vals[k])),
+                    size: page,
+                    perm: perm_of(vals[k]),
+                })
                 .collect()
         };
         let iovas = |bus: u64, vals: &[u64]| -> Vec<Iova> {
             changed.iter().filter(|&&k| valid(vals[k])).map(|&k| Iova(iova(bus, k))).collect()
         };
         let targets = Self::targets(st, &s);
-        let failed = targets.iter().enumerate().find_map(|(n, (_, d, bus))| {
-            d.replace(&iovas(*bus, &old), &maps(*bus, &values)).err().map(|e| (n, e))
-        });
+        let failed = targets
+            .iter()
+            .enumerate()
+            .find_map(|(n, (_, d, bus))| d.replace(&iovas(*bus, &old), &maps(*bus, &values)).err().map(|e| (n, e)));
         let Some((n, e)) = failed else {
             if let Err(e) = s.table.set_run(first, &values) {
                 tracing::error!("TCE table of liobn {liobn:#x}: {e} despite the reservation");
