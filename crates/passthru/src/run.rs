@@ -208,7 +208,19 @@ fn run_restore(args: &RunArgs, dir: &Path) -> Result<ExitCode, String> {
         .state
         .devices
         .iter()
-        .map(|d| crate::device::parse_device(&d.spec).map_err(|e| format!("the snapshot's device {}: {e}", d.name)))
+        .map(|d| {
+            let arg =
+                crate::device::parse_device(&d.spec).map_err(|e| format!("the snapshot's device {}: {e}", d.name))?;
+            if arg.frontend() != d.frontend {
+                return Err(format!(
+                    "the snapshot's device {}: its DMA front-end is {} by its specification, {} in its state",
+                    d.name,
+                    arg.frontend(),
+                    d.frontend
+                ));
+            }
+            Ok(arg)
+        })
         .collect::<Result<Vec<_>, String>>()?;
     if !args.devices.is_empty() && args.devices != devices {
         let list: Vec<String> = devices.iter().map(|d| d.spec()).collect();

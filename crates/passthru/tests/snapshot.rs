@@ -302,10 +302,10 @@ fn refusals_are_clear_and_leave_nothing_half_done() {
     assert!(code == Some(1) && err.contains("devmem.bin") && err.contains("truncated"), "{err}");
     // Another version.
     let c = copy("version");
-    let m = std::fs::read_to_string(c.join("manifest.json")).unwrap().replace("\"version\": 1", "\"version\": 2");
+    let m = std::fs::read_to_string(c.join("manifest.json")).unwrap().replace("\"version\": 2", "\"version\": 1");
     std::fs::write(c.join("manifest.json"), m).unwrap();
     let (code, err) = restore(&c);
-    assert!(code == Some(1) && err.contains("version 2") && err.contains("reads version 1"), "{err}");
+    assert!(code == Some(1) && err.contains("version 1") && err.contains("reads version 2"), "{err}");
     for t in ["intact", "corrupt", "truncated", "version", "refuse"] {
         let _ = std::fs::remove_dir_all(tmp(t));
     }
@@ -574,4 +574,174 @@ fn bench_snapshot_reports_every_figure() {
     assert!(v["snapshot_bytes"].as_u64().unwrap() >= 8 << 20, "{table}");
     assert_eq!(v["flushed_bytes_64m"].as_u64(), Some(64 << 20), "exactly the flagged 64 MiB flushed: {table}");
     assert!(table.contains("with 64 MiB flagged"), "{table}");
+}
+
+/// The VMM's peak resident memory (VmHWM) in KiB.
+fn peak_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A snapshot streams guest RAM and device memory to its files: the VMM's peak memory
+/// grows by its bounded buffers, not by the RAM it saves.
+#[test]
+fn a_snapshot_streams_guest_memory_instead_of_copying_it() {
+    let (sock, dir) = paths("stream");
+    let mut q = q_with_api(&sock, &["--memory", "512M", "--locked-memory", "1G"]);
+    // 256 MiB of guest RAM touched (resident in the VMM too: it maps guest RAM).
+    for mib in 0..256u64 {
+        q.ok(&format!("memset {:#x} 0x100000 0x{:02x}", 0x100_0000 + mib * 0x10_0000, mib & 0xff));
+    }
+    let before = peak_kib(q.child.id());
+    let (status, r) = snapshot(&sock, &dir);
+    assert_eq!(status, 200, "{r}");
+    let grew = peak_kib(q.child.id()).saturating_sub(before);
+    assert!(grew < 64 << 10, "saving 256 MiB of RAM grew the VMM by {} MiB", grew >> 10);
+    assert!(r["ram_bytes"].as_u64().unwrap() >= 256 << 20, "{r}");
+    q.end();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Rewrites a snapshot's section file and its manifest entry (size and checksum), as
+/// a crafted snapshot would: only the content's checks can refuse it.
+fn forge(dir: &Path, file: &str, bytes: &[u8]) {
+    std::fs::write(dir.join(file), bytes).unwrap();
+    let mpath = dir.join("manifest.json");
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    for s in m["sections"].as_array_mut().unwrap() {
+        if s["file"] == file {
+            s["bytes"] = Value::from(bytes.len() as u64);
+            s["crc32c"] = Value::from(crc32c::crc32c(bytes));
+        }
+    }
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+/// Crafted snapshots are refused with one line, quickly, before anything is built: a
+/// FIFO or a symlink in place of a section, a RAM file of empty records, a section
+/// listed twice, an unknown field, an interrupt source of no device.
+#[test]
+fn crafted_snapshots_are_refused_quickly_and_clearly() {
+    let (sock, dir) = paths("crafted");
+    let q = q_with_api(&sock, &["--device", "dma-engine,process=inline", "--locked-memory", "1G"]);
+    assert_eq!(snapshot(&sock, &dir).0, 200);
+    q.end();
+    let restore = |d: &Path| {
+        let mut c = bin();
+        c.args(["run", "--accel", "qtest", "--locked-memory", "1G", "--restore"]).arg(d).stdin(Stdio::null());
+        let out = output_within(&mut c, Duration::from_secs(30));
+        (out.status.code(), text(&out.stderr))
+    };
+    let copy = |tag: &str| {
+        let c = tmp(tag);
+        let _ = std::fs::remove_dir_all(&c);
+        std::fs::create_dir_all(&c).unwrap();
+        for f in std::fs::read_dir(&dir).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), c.join(f.file_name())).unwrap();
+        }
+        c
+    };
+    let refused = |c: &Path, what: &str| {
+        let t = Instant::now();
+        let (code, err) = restore(c);
+        assert!(code == Some(1) && err.contains(what), "expected '{what}': {err}");
+        assert!(!err.contains("passthru: device"), "nothing was attached: {err}");
+        assert!(t.elapsed() < Duration::from_secs(10), "refused only after {:?}", t.elapsed());
+    };
+    // A FIFO in place of ram.bin: refused, not waited on.
+    let c = copy("fifo");
+    std::fs::remove_file(c.join("ram.bin")).unwrap();
+    let path = std::ffi::CString::new(c.join("ram.bin").to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    refused(&c, "not a regular file");
+    // A symlink to a file outside the directory.
+    let c = copy("symlink");
+    let outside = tmp("outside-ram.bin");
+    std::fs::copy(c.join("ram.bin"), &outside).unwrap();
+    std::fs::remove_file(c.join("ram.bin")).unwrap();
+    std::os::unix::fs::symlink(&outside, c.join("ram.bin")).unwrap();
+    refused(&c, "symbolic link");
+    // 64 MiB of empty records, checksum and all.
+    let c = copy("empty");
+    let mut ram = b"PTDATA1\0".to_vec();
+    ram.resize(8 + (64 << 20), 0);
+    forge(&c, "ram.bin", &ram);
+    refused(&c, "a record of 0 bytes");
+    // A section listed twice.
+    let c = copy("twice");
+    let mpath = c.join("manifest.json");
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    let first = m["sections"][0].clone();
+    m["sections"].as_array_mut().unwrap().push(first);
+    std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+    refused(&c, "twice");
+    // vm.json with a field no passthru wrote, and with an interrupt source of no device.
+    let vm: Value = serde_json::from_slice(&std::fs::read(dir.join("vm.json")).unwrap()).unwrap();
+    let c = copy("field");
+    let mut v = vm.clone();
+    v["devices"][0]["frontend_sate"] = Value::from("pvdma");
+    forge(&c, "vm.json", &serde_json::to_vec(&v).unwrap());
+    refused(&c, "unknown field");
+    let c = copy("irq");
+    let mut v = vm.clone();
+    v["irq_modes"].as_array_mut().unwrap().push(serde_json::json!(["ghost", 2, 0, "forwarded"]));
+    forge(&c, "vm.json", &serde_json::to_vec(&v).unwrap());
+    refused(&c, "unknown device 'ghost'");
+    let c = copy("frontend");
+    let mut v = vm.clone();
+    v["devices"][0]["frontend"] = Value::from("tce");
+    forge(&c, "vm.json", &serde_json::to_vec(&v).unwrap());
+    refused(&c, "its DMA front-end is identity by its specification, tce in its state");
+    for t in ["fifo", "symlink", "empty", "twice", "field", "irq", "frontend", "crafted"] {
+        let _ = std::fs::remove_dir_all(tmp(t));
+    }
+    let _ = std::fs::remove_file(outside);
+}
+
+/// The vCPU's CPUID is saved and set again before anything else on restore; a
+/// snapshot asking for a CPU feature this host does not give is refused with a line
+/// naming the leaf.
+#[test]
+fn cpuid_is_saved_and_a_restore_needing_a_feature_the_host_lacks_is_refused() {
+    vmm::require_kvm!();
+    let (sock, dir) = paths("cpuid");
+    let mut child = bin()
+        .args(["run", "--guest", "idle", "--api-socket"])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&sock);
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, r) = snapshot(&sock, &dir);
+    assert_eq!(status, 200, "{r}");
+    child.kill().unwrap();
+    let _ = child.wait();
+    let vm: Value = serde_json::from_slice(&std::fs::read(dir.join("vm.json")).unwrap()).unwrap();
+    // Each entry is kvm_cpuid_entry2's bytes: function, index, flags, eax, ebx, ...
+    let word = |e: &Value, at: usize| -> u32 {
+        u32::from_le_bytes(std::array::from_fn(|i| e[at + i].as_u64().unwrap() as u8))
+    };
+    let leaves = vm["cpu"]["cpuid"].as_array().unwrap();
+    assert!(leaves.iter().any(|e| word(e, 0) == 7), "the CPUID is saved: {} leaves", leaves.len());
+    // Leaf 0x7.0 EBX asking for every feature there is.
+    let mut v = vm.clone();
+    for e in v["cpu"]["cpuid"].as_array_mut().unwrap() {
+        if word(e, 0) == 7 && word(e, 4) == 0 {
+            for i in 16..20 {
+                e[i] = Value::from(0xffu8);
+            }
+        }
+    }
+    forge(&dir, "vm.json", &serde_json::to_vec(&v).unwrap());
+    let mut c = bin();
+    c.args(["run", "--restore"]).arg(&dir);
+    let out = output_within(&mut c, Duration::from_secs(30));
+    let err = text(&out.stderr);
+    assert!(out.status.code() == Some(1) && err.contains("CPUID 0x7.0 ebx"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -244,7 +244,11 @@ fn the_client_is_asked_only_for_exported_ranges() {
     let ep = Endpoint::new(a);
     let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (e, n) = (Arc::clone(&ep), Arc::clone(&asked));
-    let _reader = std::thread::spawn(move || e.run(move |_| drop(n.fetch_add(1, std::sync::atomic::Ordering::SeqCst))));
+    let _reader = std::thread::spawn(move || {
+        e.run(move |_| {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+    });
     let t = std::time::Instant::now();
     assert_eq!(dma.read(0x7000, &mut b), Err(DmaFault));
     assert_eq!(dma.write(0x7000, &b), Err(DmaFault));

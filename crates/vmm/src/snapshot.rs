@@ -15,9 +15,14 @@
 //! that cannot save, hot-added RAM, the non-coherent policy) is checked before a byte
 //! is written. Then the vCPU is paused (parked between two instructions, its pending
 //! I/O completed), every device stopped (no DMA in flight, no interrupt raised:
-//! vfio-user RUNNING -> STOP), the state read, and everything resumed.
+//! vfio-user RUNNING -> STOP), the state read, guest RAM and device memory streamed
+//! to the files in 4 MiB pieces (the VMM never holds a copy of guest memory; the pause
+//! lasts that write), and everything resumed.
 //!
-//! Restoring ([`Snapshot::load`] checks every section before anything is applied):
+//! Restoring ([`Snapshot::load`] checks every section before anything is applied;
+//! sections are opened once, as regular files only, never through a symlink or a
+//! FIFO, and what is applied is checksummed again as it is read from those same
+//! descriptors):
 //! RAM is written into the new VM's memfd, the devices are attached with their saved
 //! names and slots, their configuration is replayed through the guest-visible
 //! interface (BARs, command, MSI-X table and capabilities: the routes and irqfds
@@ -29,8 +34,8 @@ use crate::device_manager::AssignedDevice;
 use crate::error::{Error, Result};
 use crate::vm::Vm;
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -42,15 +47,23 @@ use vfio_user::proto::mig;
 
 /// The format's name in every manifest.
 pub const FORMAT: &str = "passthru-snapshot";
-/// The format's version: a snapshot of another version is refused.
-pub const VERSION: u32 = 1;
+/// The format's version: a snapshot of another version is refused. Version 2 saves
+/// the vCPU's CPUID.
+pub const VERSION: u32 = 2;
 /// First bytes of `ram.bin` and `devmem.bin`.
 const DATA_MAGIC: &[u8; 8] = b"PTDATA1\0";
 /// Largest `vm.json` accepted.
 const MAX_STATE_JSON: u64 = 256 << 20;
+/// Largest `manifest.json` accepted.
+const MAX_MANIFEST: u64 = 1 << 20;
+/// Bytes moved at a time between guest memory and the files.
+const CHUNK: usize = 4 << 20;
+/// The sections a snapshot holds; `hotram` may be absent.
+const SECTIONS: [&str; 4] = ["vm", "ram", "hotram", "devmem"];
 
 /// The manifest: what the directory holds.
 #[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// [`FORMAT`].
     pub format: String,
@@ -64,6 +77,7 @@ pub struct Manifest {
 
 /// One file of the snapshot.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct Section {
     /// `vm`, `ram`, `devmem`.
     pub name: String,
@@ -77,7 +91,11 @@ pub struct Section {
 
 /// A vCPU's state.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CpuState {
+    /// What the guest was told of the CPU: set again before anything else on restore
+    /// (a guest must not see its CPU change under it).
+    cpuid: Vec<kvm_cpuid_entry2>,
     regs: kvm_regs,
     sregs: kvm_sregs,
     xsave: kvm_xsave,
@@ -91,6 +109,7 @@ pub struct CpuState {
 
 /// The in-kernel irqchip (PIC master, PIC slave, IOAPIC) and the clock.
 #[derive(Serialize, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
 pub struct ChipState {
     chips: Vec<kvm_irqchip>,
     clock: kvm_clock_data,
@@ -98,6 +117,7 @@ pub struct ChipState {
 
 /// A piece of a device's mmapped BAR memory, its bytes in `devmem.bin`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct DeviceMemory {
     /// BAR index.
     pub bar: u8,
@@ -111,6 +131,7 @@ pub struct DeviceMemory {
 
 /// One assigned device.
 #[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
 pub struct DeviceState {
     /// Its name (`dma0`...).
     pub name: String,
@@ -136,6 +157,7 @@ pub struct DeviceState {
 
 /// Everything but RAM and device memory.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmState {
     /// Boot RAM bytes.
     pub memory: u64,
@@ -212,11 +234,12 @@ pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Resu
         d.frontend().save(d.bdf()).map_err(|e| err(format!("{e}; nothing was written")))?;
         frontend_states.push(spec);
     }
+    let tmp = TempDir::beside(dir)?;
     // Pause the vCPU and stop every device; if the operator paused already, stop any
     // device hot-plugged since too (it stays so until their resume).
     let paused_at = Instant::now();
     let (result, owned) = match vm.pause_unlocked() {
-        Ok(left) if left.is_empty() => (collect(vm, &devices, frontend_states), true),
+        Ok(left) if left.is_empty() => (collect(vm, &devices, frontend_states, &tmp.path), true),
         Ok(left) => {
             (Err(err(format!("device(s) {} could not be stopped; nothing was written", left.join(", ")))), true)
         }
@@ -224,7 +247,7 @@ pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Resu
             let r = devices.iter().try_for_each(|d| vm.quiesce(d).map_err(err)).and_then(|()| {
                 // What a device stopped just now signalled reaches the irqchip first.
                 vm.irqs().settle();
-                collect(vm, &devices, frontend_states)
+                collect(vm, &devices, frontend_states, &tmp.path)
             });
             (r, false)
         }
@@ -237,16 +260,26 @@ pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Resu
     }
     drop(pausers);
     let was_paused = !owned;
-    let (state, devmem, ram) = result?;
-    let mut report = write_dir(dir, &state, &devmem, &ram)?;
+    let (state, sections, mut report) = result?;
+    finish_dir(&tmp.path, &state, sections, &mut report)?;
+    tmp.swap_into(dir)?;
     report.paused = if was_paused { Duration::ZERO } else { paused };
     report.took = t0.elapsed();
     Ok(report)
 }
 
-/// Reads the state of the paused VM and its stopped devices.
-fn collect(vm: &Vm, devices: &[Arc<AssignedDevice>], specs: Vec<String>) -> Result<(VmState, Vec<u8>, RamImage)> {
-    let mut devmem = Vec::new();
+/// Reads the state of the paused VM and its stopped devices, streaming guest RAM and
+/// device memory into `tmp` (the sections `ram`, `hotram`, `devmem`).
+fn collect(
+    vm: &Vm,
+    devices: &[Arc<AssignedDevice>],
+    specs: Vec<String>,
+    tmp: &Path,
+) -> Result<(VmState, Vec<Section>, SaveReport)> {
+    let mut report = SaveReport::default();
+    let mut buf = vec![0u8; CHUNK];
+    let mut dm = Out::create(&tmp.join("devmem.bin"))?;
+    dm.put(DATA_MAGIC)?;
     let mut states = Vec::new();
     for (d, spec) in devices.iter().zip(specs) {
         let f = d.function();
@@ -257,10 +290,16 @@ fn collect(vm: &Vm, devices: &[Arc<AssignedDevice>], specs: Vec<String>) -> Resu
         for w in d.bars() {
             for (offset, region) in &w.mapped {
                 let gpa = w.addr.checked_add(*offset).ok_or_else(|| err("BAR address overflow"))?;
-                let mut buf = vec![0u8; usize::try_from(region.size).map_err(|_| err("BAR too large"))?];
-                vm.read_memory_for_host(gpa, &mut buf)?;
-                memory.push(DeviceMemory { bar: w.bar, offset: *offset, len: region.size, at: devmem.len() as u64 });
-                devmem.extend_from_slice(&buf);
+                let at = dm.bytes - DATA_MAGIC.len() as u64;
+                let mut done = 0u64;
+                while done < region.size {
+                    let n = (region.size - done).min(CHUNK as u64) as usize;
+                    vm.read_memory_for_host(gpa + done, &mut buf[..n])?;
+                    dm.put(&buf[..n])?;
+                    done += n as u64;
+                }
+                memory.push(DeviceMemory { bar: w.bar, offset: *offset, len: region.size, at });
+                report.device_memory_bytes += region.size;
             }
         }
         states.push(DeviceState {
@@ -276,6 +315,7 @@ fn collect(vm: &Vm, devices: &[Arc<AssignedDevice>], specs: Vec<String>) -> Resu
             noncoherent: f.is_noncoherent(),
         });
     }
+    let mut sections = vec![dm.finish("devmem", "devmem.bin")?];
     let irqs = vm.irqs();
     let irq_modes = irqs
         .sources()
@@ -295,34 +335,44 @@ fn collect(vm: &Vm, devices: &[Arc<AssignedDevice>], specs: Vec<String>) -> Resu
         }
         None => (None, None),
     };
-    // Guest RAM last, while everything is still stopped: copied to memory (the pause
-    // lasts a memcpy of the touched pages; the file is written after resuming).
     #[cfg(feature = "test-sources")]
     let test_sources = vm.test_sources().map(|t| t.save()).transpose().map_err(err)?;
     #[cfg(not(feature = "test-sources"))]
     let test_sources = None;
-    let (ram, hot_ram) = copy_ram(vm)?;
-    Ok((VmState { memory: vm.ram().size(), cpu, chip, devices: states, irq_modes, hot_ram, test_sources }, devmem, ram))
+    // Guest RAM last, while everything is still stopped.
+    let SavedRam { ram, hotram, hot_ram } = write_ram(vm, tmp, &mut buf, &mut report)?;
+    sections.extend([ram, hotram]);
+    let state = VmState { memory: vm.ram().size(), cpu, chip, devices: states, irq_modes, hot_ram, test_sources };
+    Ok((state, sections, report))
 }
 
-/// Touched guest RAM copied out: (memfd offset, bytes) per data extent of boot RAM,
-/// and (guest-physical address, bytes) per data extent of hot-added RAM.
-struct RamImage(Vec<(u64, Vec<u8>)>, Vec<(u64, Vec<u8>)>);
-
-fn copy_ram(vm: &Vm) -> Result<(RamImage, Vec<(u64, u64)>)> {
+/// Streams the touched pages of guest RAM (the memfds' data extents) into `ram.bin`
+/// (records by memfd offset) and `hotram.bin` (hot-added RAM, by guest-physical
+/// address); returns both sections and the hot-added regions.
+fn write_ram(vm: &Vm, tmp: &Path, buf: &mut [u8], report: &mut SaveReport) -> Result<SavedRam> {
     use std::os::unix::fs::FileExt;
-    let read = |file: &std::fs::File, off: u64, len: u64| -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; usize::try_from(len).map_err(|_| err("RAM extent too large"))?];
-        file.read_exact_at(&mut buf, off).map_err(|e| err(format!("reading guest RAM: {e}")))?;
-        Ok(buf)
+    let mut put_extent = |out: &mut Out, file: &std::fs::File, addr: u64, off: u64, len: u64| -> Result<()> {
+        out.put(&addr.to_le_bytes())?;
+        out.put(&len.to_le_bytes())?;
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], off + done).map_err(|e| err(format!("reading guest RAM: {e}")))?;
+            out.put(&buf[..n])?;
+            done += n as u64;
+        }
+        report.ram_bytes += len;
+        Ok(())
     };
+    let mut ram = Out::create(&tmp.join("ram.bin"))?;
+    ram.put(DATA_MAGIC)?;
     let memfd = vm.ram().memfd();
-    let mut boot = Vec::new();
     for (off, len) in ram_extents(memfd, 0, vm.ram().size()) {
-        boot.push((off, read(memfd, off, len)?));
+        put_extent(&mut ram, memfd, off, off, len)?;
     }
+    let mut hot = Out::create(&tmp.join("hotram.bin"))?;
+    hot.put(DATA_MAGIC)?;
     let boot_regions = vm.ram().regions();
-    let mut hot = Vec::new();
     let mut hot_ram = Vec::new();
     for r in vm.memory_map().regions() {
         if r.kind != vm_api::RegionKind::Ram || boot_regions.iter().any(|b| b.gpa == r.gpa) {
@@ -331,11 +381,18 @@ fn copy_ram(vm: &Vm) -> Result<(RamImage, Vec<(u64, u64)>)> {
         let (file, base, _) =
             vm.dma().backing_of(r.gpa).ok_or_else(|| err(format!("hot-added RAM at {:#x} has no file", r.gpa)))?;
         for (off, len) in ram_extents(&file, base, base + r.size) {
-            hot.push((r.gpa + (off - base), read(&file, off, len)?));
+            put_extent(&mut hot, &file, r.gpa + (off - base), off, len)?;
         }
         hot_ram.push((r.gpa, r.size));
     }
-    Ok((RamImage(boot, hot), hot_ram))
+    Ok(SavedRam { ram: ram.finish("ram", "ram.bin")?, hotram: hot.finish("hotram", "hotram.bin")?, hot_ram })
+}
+
+/// What [`write_ram`] wrote: its two sections and the hot-added regions.
+struct SavedRam {
+    ram: Section,
+    hotram: Section,
+    hot_ram: Vec<(u64, u64)>,
 }
 
 /// On the parked vCPU thread (its last exit completed before it parked, see
@@ -355,6 +412,11 @@ fn save_cpu(v: &mut dyn std::any::Any, msr_indexes: &[u32]) -> Result<CpuState> 
         rest = rest.split_off((n + 1).min(rest.len()));
     }
     Ok(CpuState {
+        cpuid: fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| k("KVM_GET_CPUID2", e))?
+            .as_slice()
+            .to_vec(),
         regs: fd.get_regs().map_err(|e| k("KVM_GET_REGS", e))?,
         sregs: fd.get_sregs().map_err(|e| k("KVM_GET_SREGS", e))?,
         xsave: fd.get_xsave().map_err(|e| k("KVM_GET_XSAVE", e))?,
@@ -367,9 +429,63 @@ fn save_cpu(v: &mut dyn std::any::Any, msr_indexes: &[u32]) -> Result<CpuState> 
     })
 }
 
-/// Loads a vCPU's state (into a vCPU created for it).
+/// CPUID leaves whose registers are feature bits a guest may rely on, with the bits
+/// KVM changes at run time (OSXSAVE, OSPKE: they follow the guest's CR4) left out:
+/// (function, index, [eax, ebx, ecx, edx] masks).
+const FEATURE_LEAVES: [(u32, u32, [u32; 4]); 6] = [
+    (0x1, 0, [0, 0, !(1 << 27), u32::MAX]),
+    (0x7, 0, [0, u32::MAX, !(1 << 4), u32::MAX]),
+    (0x7, 1, [u32::MAX, 0, 0, 0]),
+    (0xd, 1, [u32::MAX, 0, 0, 0]),
+    (0x8000_0001, 0, [0, 0, u32::MAX, u32::MAX]),
+    (0x4000_0001, 0, [u32::MAX, 0, 0, 0]),
+];
+
+/// Checks that this host can give the saved CPUID: every saved feature of
+/// [`FEATURE_LEAVES`] is one a fresh vCPU here has (`given`), and every saved leaf
+/// exists here.
+pub fn check_cpuid(given: &[kvm_cpuid_entry2], saved: &[kvm_cpuid_entry2]) -> Result<()> {
+    let supported = given;
+    let find = |list: &[kvm_cpuid_entry2], f: u32, i: u32| {
+        list.iter()
+            .find(|e| e.function == f && (e.index == i || e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0))
+            .copied()
+    };
+    for e in saved {
+        if find(supported, e.function, e.index).is_none() {
+            return Err(err(format!(
+                "the snapshot's CPUID leaf {:#x}.{} does not exist on this host: restore it where KVM offers it",
+                e.function, e.index
+            )));
+        }
+    }
+    for (f, i, masks) in FEATURE_LEAVES {
+        let (Some(want), Some(have)) = (find(saved, f, i), find(supported, f, i)) else { continue };
+        let regs = |e: kvm_cpuid_entry2| [e.eax, e.ebx, e.ecx, e.edx];
+        for ((w, h), (m, name)) in
+            regs(want).into_iter().zip(regs(have)).zip(masks.into_iter().zip(["eax", "ebx", "ecx", "edx"]))
+        {
+            let missing = w & m & !h;
+            if missing != 0 {
+                return Err(err(format!(
+                    "the snapshot's vCPU has CPUID {f:#x}.{i} {name} features this host's KVM does not offer \
+                     (bits {missing:#x}): restore it on a host that has them"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads a vCPU's state (into a vCPU created for it and never run): its CPUID first
+/// (XSAVE and MSRs depend on it), checked against what the fresh vCPU has: all this
+/// host gives (KVM's supported CPUID, as this hypervisor reports it back).
 pub fn load_cpu(fd: &mut kvm_ioctls::VcpuFd, c: &CpuState) -> Result<()> {
     let k = |what, e| Error::Kvm(what, e);
+    let given = fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(|e| k("KVM_GET_CPUID2", e))?;
+    check_cpuid(given.as_slice(), &c.cpuid)?;
+    let cpuid = kvm_bindings::CpuId::from_entries(&c.cpuid).map_err(|_| err("too many CPUID entries"))?;
+    fd.set_cpuid2(&cpuid).map_err(|e| k("KVM_SET_CPUID2", e))?;
     fd.set_sregs(&c.sregs).map_err(|e| k("KVM_SET_SREGS", e))?;
     fd.set_regs(&c.regs).map_err(|e| k("KVM_SET_REGS", e))?;
     // SAFETY: `c.xsave` is a whole kvm_xsave as KVM_GET_XSAVE returned it; passthru
@@ -480,84 +596,73 @@ fn check_target(dir: &Path) -> Result<()> {
     }
 }
 
-fn write_dir(dir: &Path, state: &VmState, devmem: &[u8], image: &RamImage) -> Result<SaveReport> {
-    let name = dir.file_name().ok_or_else(|| err(format!("{}: not a directory name", dir.display())))?;
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    // Guest memory inside: private to the owner, as the API socket is.
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(|e| err(format!("creating {}: {e}", tmp.display())))?;
-    let r = (|| {
-        let mut report = SaveReport::default();
-        let mut sections = Vec::new();
-        // RAM: the memfd's data extents as (offset, length, bytes) records; hot-added
-        // RAM likewise with guest-physical addresses.
-        for (name, records) in [("ram", &image.0), ("hotram", &image.1)] {
-            let file = format!("{name}.bin");
-            let mut out = Out::create(&tmp.join(&file))?;
-            out.put(DATA_MAGIC)?;
-            for (at, bytes) in records {
-                out.put(&at.to_le_bytes())?;
-                out.put(&(bytes.len() as u64).to_le_bytes())?;
-                out.put(bytes)?;
-                report.ram_bytes += bytes.len() as u64;
-            }
-            sections.push(out.finish(name, &file)?);
-        }
-        let mut dm = Out::create(&tmp.join("devmem.bin"))?;
-        dm.put(DATA_MAGIC)?;
-        dm.put(devmem)?;
-        report.device_memory_bytes = devmem.len() as u64;
-        sections.push(dm.finish("devmem", "devmem.bin")?);
-        let json = serde_json::to_vec(state).map_err(|e| err(format!("encoding the VM state: {e}")))?;
-        let mut v = Out::create(&tmp.join("vm.json"))?;
-        v.put(&json)?;
-        sections.push(v.finish("vm", "vm.json")?);
-        report.bytes = sections.iter().map(|s| s.bytes).sum();
-        let manifest =
-            Manifest { format: FORMAT.into(), version: VERSION, writer: env!("CARGO_PKG_VERSION").into(), sections };
-        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| err(e.to_string()))?;
-        let mut m = Out::create(&tmp.join("manifest.json"))?;
-        m.put(&text)?;
-        m.finish("manifest", "manifest.json")?;
-        std::fs::File::open(&tmp)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| err(format!("syncing {}: {e}", tmp.display())))?;
-        Ok(report)
-    })();
-    let report = match r {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    swap_in(&tmp, dir)?;
-    Ok(report)
+/// The directory a snapshot is written to, beside its target (`.NAME.tmp-PID`,
+/// 0700): removed on drop unless swapped in.
+struct TempDir {
+    path: PathBuf,
+    kept: bool,
 }
 
-/// Puts `tmp` at `dir` in one step: a plain rename if `dir` does not exist, else an
-/// atomic exchange (the old snapshot, now at `tmp`, is then removed).
-fn swap_in(tmp: &Path, dir: &Path) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| err("a path with a NUL byte"));
-    let (a, b) = (c(tmp)?, c(dir)?);
-    let flags = if dir.exists() { libc::RENAME_EXCHANGE } else { libc::RENAME_NOREPLACE };
-    // SAFETY: two valid NUL-terminated paths; renameat2 only renames.
-    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        let _ = std::fs::remove_dir_all(tmp);
-        return Err(err(format!("putting the snapshot at {}: {e}", dir.display())));
+impl TempDir {
+    fn beside(dir: &Path) -> Result<TempDir> {
+        let name = dir.file_name().ok_or_else(|| err(format!("{}: not a directory name", dir.display())))?;
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let path = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        // Guest memory inside: private to the owner, as the API socket is.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| err(format!("creating {}: {e}", path.display())))?;
+        Ok(TempDir { path, kept: false })
     }
-    if flags == libc::RENAME_EXCHANGE {
-        let _ = std::fs::remove_dir_all(tmp);
+
+    /// Puts the directory at `dir` in one step: a plain rename if `dir` does not
+    /// exist, else an atomic exchange (the old snapshot, now here, is then removed).
+    fn swap_into(mut self, dir: &Path) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| err("a path with a NUL byte"));
+        let (a, b) = (c(&self.path)?, c(dir)?);
+        let flags = if dir.exists() { libc::RENAME_EXCHANGE } else { libc::RENAME_NOREPLACE };
+        // SAFETY: two valid NUL-terminated paths; renameat2 only renames.
+        let rc = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(err(format!("putting the snapshot at {}: {e}", dir.display())));
+        }
+        // After an exchange this directory holds the old snapshot: drop removes it.
+        self.kept = flags != libc::RENAME_EXCHANGE;
+        if let Some(p) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = std::fs::File::open(p).and_then(|d| d.sync_all());
+        }
+        Ok(())
     }
-    if let Some(p) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        let _ = std::fs::File::open(p).and_then(|d| d.sync_all());
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
     }
-    Ok(())
+}
+
+/// Writes `vm.json` and the manifest beside the data sections already in `tmp`, and
+/// syncs the directory.
+fn finish_dir(tmp: &Path, state: &VmState, mut sections: Vec<Section>, report: &mut SaveReport) -> Result<()> {
+    let json = serde_json::to_vec(state).map_err(|e| err(format!("encoding the VM state: {e}")))?;
+    let mut v = Out::create(&tmp.join("vm.json"))?;
+    v.put(&json)?;
+    sections.push(v.finish("vm", "vm.json")?);
+    report.bytes = sections.iter().map(|s| s.bytes).sum();
+    let manifest =
+        Manifest { format: FORMAT.into(), version: VERSION, writer: env!("CARGO_PKG_VERSION").into(), sections };
+    let text = serde_json::to_vec_pretty(&manifest).map_err(|e| err(e.to_string()))?;
+    let mut m = Out::create(&tmp.join("manifest.json"))?;
+    m.put(&text)?;
+    m.finish("manifest", "manifest.json")?;
+    std::fs::File::open(tmp).and_then(|d| d.sync_all()).map_err(|e| err(format!("syncing {}: {e}", tmp.display())))
 }
 
 /// A snapshot read back and checked.
@@ -568,44 +673,193 @@ pub struct Snapshot {
     pub manifest: Manifest,
     /// Its state.
     pub state: VmState,
-    /// Device memory bytes.
-    pub devmem: Vec<u8>,
+    /// The data sections, opened once (regular files only) and checked: what a
+    /// restore applies is read from these very descriptors, and checksummed again.
+    files: Vec<(Section, std::fs::File)>,
 }
 
-fn read_section(dir: &Path, s: &Section) -> Result<std::fs::File> {
-    if s.file.contains('/') || s.file.starts_with('.') {
-        return Err(err(format!("section {}: file name '{}' is not allowed", s.name, s.file)));
+/// Opens `path` for reading only if it is a regular file, not through a symlink, and
+/// without blocking (a FIFO put in its place would block `open` forever).
+fn open_regular(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
+            |e| match e.raw_os_error() {
+                Some(libc::ELOOP) => err(format!("{}: a symbolic link; a snapshot holds only files", path.display())),
+                _ => err(format!("{}: {e}", path.display())),
+            },
+        )?;
+    let meta = f.metadata().map_err(|e| err(format!("{}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(err(format!("{}: not a regular file", path.display())));
     }
-    let path = dir.join(&s.file);
-    let mut f = std::fs::File::open(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
-    let len = f.metadata().map_err(|e| err(e.to_string()))?.len();
-    if len != s.bytes {
-        return Err(err(format!("{}: {len} bytes, the manifest says {} (truncated or altered)", s.file, s.bytes)));
-    }
-    let mut crc = 0u32;
-    let mut buf = vec![0u8; 4 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| err(format!("{}: {e}", path.display())))?;
-        if n == 0 {
-            break;
-        }
-        crc = crc32c::crc32c_append(crc, &buf[..n]);
-    }
-    if crc != s.crc32c {
-        return Err(err(format!("{}: checksum {crc:#010x}, the manifest says {:#010x} (corrupted)", s.file, s.crc32c)));
-    }
-    use std::io::Seek;
-    f.rewind().map_err(|e| err(e.to_string()))?;
     Ok(f)
 }
 
+/// Where bytes read from a section go: `(offset in the piece being passed, bytes)`.
+type Sink<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<()>;
+/// Where a record's bytes go: `(the record's address, offset in it, bytes)`.
+type RecordSink<'a> = &'a mut dyn FnMut(u64, u64, &[u8]) -> Result<()>;
+
+/// Reads a section's file front to back through a bounded buffer, checksumming every
+/// byte: what is parsed and applied is exactly what was checked.
+struct Checked<'a> {
+    file: &'a std::fs::File,
+    section: &'a Section,
+    buf: Vec<u8>,
+    /// Unread bytes of `buf`: `buf[at..len]`.
+    at: usize,
+    len: usize,
+    pos: u64,
+    crc: u32,
+}
+
+impl<'a> Checked<'a> {
+    fn new(file: &'a std::fs::File, section: &'a Section) -> Checked<'a> {
+        Checked { file, section, buf: vec![0; 1 << 20], at: 0, len: 0, pos: 0, crc: 0 }
+    }
+
+    /// Bytes not read yet.
+    fn left(&self) -> u64 {
+        self.section.bytes - self.pos
+    }
+
+    /// The next bytes, at most `max` of them (empty only at the end).
+    fn next(&mut self, max: usize) -> Result<&[u8]> {
+        use std::os::unix::fs::FileExt;
+        if self.at == self.len {
+            let want = (self.left().min(self.buf.len() as u64)) as usize;
+            let n = self
+                .file
+                .read_at(&mut self.buf[..want], self.pos)
+                .map_err(|e| err(format!("{}: {e}", self.section.file)))?;
+            if n == 0 && want > 0 {
+                return Err(err(format!(
+                    "{}: shorter than the manifest says (truncated or altered)",
+                    self.section.file
+                )));
+            }
+            self.crc = crc32c::crc32c_append(self.crc, &self.buf[..n]);
+            (self.at, self.len) = (0, n);
+        }
+        let n = max.min(self.len - self.at);
+        let out = &self.buf[self.at..self.at + n];
+        self.at += n;
+        self.pos += n as u64;
+        Ok(out)
+    }
+
+    /// Exactly `out.len()` bytes.
+    fn read_exact(&mut self, out: &mut [u8]) -> Result<()> {
+        let mut done = 0;
+        while done < out.len() {
+            let b = self.next(out.len() - done)?;
+            if b.is_empty() {
+                return Err(err(format!("{}: a record is cut", self.section.file)));
+            }
+            out[done..done + b.len()].copy_from_slice(b);
+            done += b.len();
+        }
+        Ok(())
+    }
+
+    /// Passes the next `len` bytes to `sink` in pieces (None: read and checksum only).
+    fn pass(&mut self, len: u64, mut sink: Option<Sink<'_>>) -> Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            let b = self.next((len - done).min(CHUNK as u64) as usize)?;
+            if b.is_empty() {
+                return Err(err(format!("{}: a record runs past the end", self.section.file)));
+            }
+            let n = b.len() as u64;
+            if let Some(f) = sink.as_deref_mut() {
+                f(done, b)?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The whole file was read and its checksum is the manifest's.
+    fn finish(mut self) -> Result<()> {
+        if self.left() != 0 || !self.next(1)?.is_empty() {
+            return Err(err(format!("{}: longer than the manifest says (altered)", self.section.file)));
+        }
+        let size = self.file.metadata().map_err(|e| err(e.to_string()))?.len();
+        if size != self.section.bytes {
+            return Err(err(format!(
+                "{}: {size} bytes, the manifest says {} (truncated or altered)",
+                self.section.file, self.section.bytes
+            )));
+        }
+        if self.crc != self.section.crc32c {
+            return Err(err(format!(
+                "{}: checksum {:#010x}, the manifest says {:#010x} (corrupted)",
+                self.section.file, self.crc, self.section.crc32c
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Walks a data section's records (`address, length, bytes`), all checksummed:
+/// `record(address, len)` checks each header, then `data(address, offset, bytes)` gets
+/// its bytes in pieces (None: checked only). A record of no bytes is refused.
+fn walk_records(
+    file: &std::fs::File,
+    section: &Section,
+    mut record: impl FnMut(u64, u64) -> Result<()>,
+    mut data: Option<RecordSink<'_>>,
+) -> Result<()> {
+    let mut r = Checked::new(file, section);
+    let parsed = (|| {
+        let mut magic = [0u8; 8];
+        r.read_exact(&mut magic).map_err(|_| err(format!("{}: too short", section.file)))?;
+        if &magic != DATA_MAGIC {
+            return Err(err(format!("{}: bad magic", section.file)));
+        }
+        while r.left() > 0 {
+            let mut h = [0u8; 16];
+            r.read_exact(&mut h)?;
+            let (a, l) = h.split_at(8);
+            let addr = u64::from_le_bytes(a.try_into().map_err(|_| err("a record header"))?);
+            let len = u64::from_le_bytes(l.try_into().map_err(|_| err("a record header"))?);
+            if len == 0 || len > r.left() {
+                return Err(err(format!(
+                    "{}: a record of {len} bytes at {addr:#x} (empty or past the end)",
+                    section.file
+                )));
+            }
+            record(addr, len)?;
+            match data.as_deref_mut() {
+                Some(d) => r.pass(len, Some(&mut |off, b| d(addr, off, b)))?,
+                None => r.pass(len, None)?,
+            }
+        }
+        Ok(())
+    })();
+    match parsed {
+        Ok(()) => r.finish(),
+        // A file that does not parse is most often a corrupted one: say so if it is.
+        Err(e) => {
+            let left = r.left();
+            r.pass(left, None).and_then(|()| r.finish()).and(Err(e))
+        }
+    }
+}
+
 impl Snapshot {
-    /// Reads `dir` and checks it whole: format and version, every section's size and
-    /// checksum, the state's shape. Nothing is applied anywhere.
+    /// Reads `dir` and checks it whole: format and version, the sections (each once,
+    /// none unknown), every section's size and checksum, every record's bounds, the
+    /// state's shape. Nothing is applied anywhere.
     pub fn load(dir: &Path) -> Result<Snapshot> {
         let mpath = dir.join("manifest.json");
-        let text = std::fs::read(&mpath)
-            .map_err(|e| err(format!("{}: {e} (not a passthru snapshot directory?)", mpath.display())))?;
+        let mut text = Vec::new();
+        open_regular(&mpath)
+            .map_err(|e| err(format!("{e} (not a passthru snapshot directory?)")))?
+            .take(MAX_MANIFEST)
+            .read_to_end(&mut text)
+            .map_err(|e| err(format!("{}: {e}", mpath.display())))?;
         let manifest: Manifest = serde_json::from_slice(&text)
             .map_err(|e| err(format!("{}: not a snapshot manifest: {e}", mpath.display())))?;
         if manifest.format != FORMAT {
@@ -619,36 +873,74 @@ impl Snapshot {
                 manifest.writer
             )));
         }
-        let find = |n: &str| {
-            manifest
-                .sections
-                .iter()
-                .find(|s| s.name == n)
-                .ok_or_else(|| err(format!("the manifest has no '{n}' section")))
-        };
-        // Every section checked whole; vm.json and devmem.bin are checked as they are
-        // read below.
-        for s in manifest.sections.iter().filter(|s| s.name != "vm" && s.name != "devmem") {
-            read_section(dir, s)?;
+        let mut files = Vec::new();
+        for s in &manifest.sections {
+            if !SECTIONS.contains(&s.name.as_str()) {
+                return Err(err(format!("the manifest lists an unknown section '{}'", s.name)));
+            }
+            if files.iter().any(|(o, _): &(Section, std::fs::File)| o.name == s.name) {
+                return Err(err(format!("the manifest lists section '{}' twice", s.name)));
+            }
+            if s.file.contains('/') || s.file.starts_with('.') {
+                return Err(err(format!("section {}: file name '{}' is not allowed", s.name, s.file)));
+            }
+            let f = open_regular(&dir.join(&s.file))?;
+            let size = f.metadata().map_err(|e| err(format!("{}: {e}", s.file)))?.len();
+            if size != s.bytes {
+                return Err(err(format!(
+                    "{}: {size} bytes, the manifest says {} (truncated or altered)",
+                    s.file, s.bytes
+                )));
+            }
+            files.push((s.clone(), f));
         }
-        let mut vm_json = Vec::new();
-        let vs = find("vm")?;
+        for need in ["vm", "ram", "devmem"] {
+            if !files.iter().any(|(s, _)| s.name == need) {
+                return Err(err(format!("the manifest has no '{need}' section")));
+            }
+        }
+        let section = |n: &str| files.iter().find(|(s, _)| s.name == n);
+        // The state first (its records' bounds check the data sections).
+        let (vs, vf) = section("vm").ok_or_else(|| err("no 'vm' section"))?;
         if vs.bytes > MAX_STATE_JSON {
             return Err(err("vm.json is too large"));
         }
-        read_section(dir, vs)?.read_to_end(&mut vm_json).map_err(|e| err(e.to_string()))?;
+        let mut vm_json = Vec::new();
+        let mut r = Checked::new(vf, vs);
+        r.pass(
+            vs.bytes,
+            Some(&mut |_, b| {
+                vm_json.extend_from_slice(b);
+                Ok(())
+            }),
+        )?;
+        r.finish()?;
         let state: VmState = serde_json::from_slice(&vm_json).map_err(|e| err(format!("vm.json: {e}")))?;
-        let mut devmem = Vec::new();
-        read_section(dir, find("devmem")?)?.read_to_end(&mut devmem).map_err(|e| err(e.to_string()))?;
-        if !devmem.starts_with(DATA_MAGIC) {
-            return Err(err("devmem.bin: bad magic"));
-        }
-        devmem.drain(..DATA_MAGIC.len());
-        for d in &state.devices {
+        let snap = Snapshot { dir: dir.to_path_buf(), manifest: manifest.clone(), state, files };
+        snap.check_state()?;
+        snap.check_data()?;
+        Ok(snap)
+    }
+
+    fn file(&self, name: &str) -> Option<(&Section, &std::fs::File)> {
+        self.files.iter().find(|(s, _)| s.name == name).map(|(s, f)| (s, f))
+    }
+
+    /// The state's shape: devices, their memory records, interrupt sources, hot RAM.
+    fn check_state(&self) -> Result<()> {
+        let st = &self.state;
+        let devmem_len = self.file("devmem").map_or(0, |(s, _)| s.bytes.saturating_sub(DATA_MAGIC.len() as u64));
+        let mut names = std::collections::BTreeSet::new();
+        let mut pieces: Vec<(u64, u64)> = Vec::new();
+        for d in &st.devices {
+            if !names.insert(d.name.as_str()) {
+                return Err(err(format!("device {} is listed twice", d.name)));
+            }
             for m in &d.memory {
-                if m.at.checked_add(m.len).is_none_or(|e| e > devmem.len() as u64) || m.bar >= 6 {
+                if m.len == 0 || m.at.checked_add(m.len).is_none_or(|e| e > devmem_len) || m.bar >= 6 {
                     return Err(err(format!("device {}: its memory lies outside devmem.bin", d.name)));
                 }
+                pieces.push((m.at, m.len));
             }
             if !(0x40..=4096).contains(&d.config.len()) || d.slot == 0 || d.slot >= abi::pci::SLOTS {
                 return Err(err(format!("device {}: a malformed configuration space or slot", d.name)));
@@ -659,87 +951,87 @@ impl Snapshot {
                 return Err(err(format!("device {}: a malformed MSI-X table", d.name)));
             }
         }
-        let mut hot = state.hot_ram.clone();
+        // Device memory is applied front to back: its pieces must not overlap.
+        pieces.sort_unstable();
+        if pieces.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(err("devmem.bin: two devices' memory overlap"));
+        }
+        // The VM's own sources, and the test sources of a VM built with them.
+        let own = |n: &str| n == crate::vm::SERIAL_SOURCE || (st.test_sources.is_some() && n.starts_with("test-"));
+        let mut seen = std::collections::BTreeSet::new();
+        for (device, index, sub, mode) in &st.irq_modes {
+            if !names.contains(device.as_str()) && !own(device) {
+                return Err(err(format!("an interrupt source of an unknown device '{device}'")));
+            }
+            if !seen.insert((device, index, sub)) {
+                return Err(err(format!("interrupt source {device}/{index}/{sub} is listed twice")));
+            }
+            mode.parse::<irq::Mode>().map_err(|e| err(format!("interrupt source {device}/{index}/{sub}: {e}")))?;
+        }
+        let mut hot = st.hot_ram.clone();
         hot.sort_unstable();
+        if hot.iter().any(|(g, s)| *s == 0 || g.checked_add(*s).is_none()) {
+            return Err(err("vm.json: a malformed hot-added RAM region"));
+        }
         for w in hot.windows(2) {
-            if w[0].0.checked_add(w[0].1).is_none_or(|e| e > w[1].0) {
+            if w[0].0 + w[0].1 > w[1].0 {
                 return Err(err("vm.json: hot-added RAM regions overlap"));
             }
-        }
-        let snap = Snapshot { dir: dir.to_path_buf(), manifest, state, devmem };
-        snap.check_ram()?;
-        Ok(snap)
-    }
-
-    fn section_file(&self, name: &str) -> Result<Option<std::fs::File>> {
-        let Some(s) = self.manifest.sections.iter().find(|s| s.name == name) else { return Ok(None) };
-        let path = self.dir.join(&s.file);
-        std::fs::File::open(&path).map(Some).map_err(|e| err(format!("{}: {e}", path.display())))
-    }
-
-    fn ram_file(&self) -> Result<std::fs::File> {
-        self.section_file("ram")?.ok_or_else(|| err("no 'ram' section"))
-    }
-
-    /// Walks `ram.bin`'s records: `f(offset, len, file position of the bytes)`.
-    fn ram_records(&self, f: impl FnMut(u64, u64, u64) -> Result<()>) -> Result<()> {
-        records(&self.ram_file()?, "ram.bin", f)
-    }
-}
-
-/// Walks a data file's records: `f(address, len, file position of the bytes)`.
-fn records(file: &std::fs::File, what: &str, mut f: impl FnMut(u64, u64, u64) -> Result<()>) -> Result<()> {
-    let size = file.metadata().map_err(|e| err(e.to_string()))?.len();
-    use std::os::unix::fs::FileExt;
-    let mut magic = [0u8; 8];
-    file.read_exact_at(&mut magic, 0).map_err(|_| err(format!("{what}: too short")))?;
-    if &magic != DATA_MAGIC {
-        return Err(err(format!("{what}: bad magic")));
-    }
-    let mut at = 8u64;
-    while at < size {
-        let mut h = [0u8; 16];
-        file.read_exact_at(&mut h, at).map_err(|_| err(format!("{what}: a record is cut")))?;
-        let (a, l) = h.split_at(8);
-        let addr = u64::from_le_bytes(a.try_into().map_err(|_| err(what.to_string()))?);
-        let len = u64::from_le_bytes(l.try_into().map_err(|_| err(what.to_string()))?);
-        let data = at + 16;
-        let end = data
-            .checked_add(len)
-            .filter(|e| *e <= size)
-            .ok_or_else(|| err(format!("{what}: a record runs past the end")))?;
-        f(addr, len, data)?;
-        at = end;
-    }
-    Ok(())
-}
-
-impl Snapshot {
-    fn check_ram(&self) -> Result<()> {
-        let size = self.state.memory;
-        self.ram_records(|off, len, _| {
-            if off.checked_add(len).is_none_or(|e| e > size) {
-                return Err(err(format!("ram.bin: a record at {off:#x}+{len:#x} lies outside {size:#x} bytes of RAM")));
-            }
-            Ok(())
-        })?;
-        let hot = &self.state.hot_ram;
-        if let Some(f) = self.section_file("hotram")? {
-            records(&f, "hotram.bin", |gpa, len, _| {
-                let end = gpa.checked_add(len).ok_or_else(|| err("hotram.bin: address overflow"))?;
-                if !hot.iter().any(|&(g, s)| gpa >= g && end <= g.saturating_add(s)) {
-                    return Err(err(format!("hotram.bin: a record at {gpa:#x}+{len:#x} lies in no hot-added region")));
-                }
-                Ok(())
-            })?;
-        } else if !hot.is_empty() {
-            return Err(err("the snapshot lists hot-added RAM but has no hotram section"));
         }
         Ok(())
     }
 
-    /// Writes the saved RAM into `vm`'s memfd (the VM has the snapshot's RAM size).
+    /// Every data section checksummed whole and every record within its memory.
+    fn check_data(&self) -> Result<()> {
+        let size = self.state.memory;
+        let (rs, rf) = self.file("ram").ok_or_else(|| err("no 'ram' section"))?;
+        walk_records(
+            rf,
+            rs,
+            |off, len| {
+                if off.checked_add(len).is_none_or(|e| e > size) {
+                    return Err(err(format!(
+                        "ram.bin: a record at {off:#x}+{len:#x} lies outside {size:#x} bytes of RAM"
+                    )));
+                }
+                Ok(())
+            },
+            None,
+        )?;
+        let hot = &self.state.hot_ram;
+        match self.file("hotram") {
+            Some((hs, hf)) => walk_records(
+                hf,
+                hs,
+                |gpa, len| {
+                    let end = gpa.checked_add(len).ok_or_else(|| err("hotram.bin: address overflow"))?;
+                    if !hot.iter().any(|&(g, s)| gpa >= g && end <= g.saturating_add(s)) {
+                        return Err(err(format!(
+                            "hotram.bin: a record at {gpa:#x}+{len:#x} lies in no hot-added region"
+                        )));
+                    }
+                    Ok(())
+                },
+                None,
+            )?,
+            None if !hot.is_empty() => return Err(err("the snapshot lists hot-added RAM but has no hotram section")),
+            None => {}
+        }
+        let (ds, df) = self.file("devmem").ok_or_else(|| err("no 'devmem' section"))?;
+        let mut r = Checked::new(df, ds);
+        let mut magic = [0u8; 8];
+        r.read_exact(&mut magic).map_err(|_| err("devmem.bin: too short"))?;
+        if &magic != DATA_MAGIC {
+            return Err(err("devmem.bin: bad magic"));
+        }
+        r.pass(r.left(), None)?;
+        r.finish()
+    }
+
+    /// Writes the saved RAM into `vm`'s memfd (the VM has the snapshot's RAM size), and
+    /// hot-added RAM into regions added again; every byte checksummed as it goes.
     pub fn apply_ram(&self, vm: &Vm) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
         if vm.ram().size() != self.state.memory {
             return Err(err(format!(
                 "the snapshot has {} bytes of RAM, the VM {}",
@@ -747,40 +1039,66 @@ impl Snapshot {
                 vm.ram().size()
             )));
         }
-        let file = self.ram_file()?;
         let memfd = vm.ram().memfd();
-        let mut buf = vec![0u8; 4 << 20];
         let mut total = 0;
-        use std::os::unix::fs::FileExt;
-        self.ram_records(|off, len, at| {
-            let mut done = 0u64;
-            while done < len {
-                let n = (len - done).min(buf.len() as u64) as usize;
-                file.read_exact_at(&mut buf[..n], at + done).map_err(|e| err(format!("ram.bin: {e}")))?;
-                memfd.write_all_at(&buf[..n], off + done).map_err(|e| err(format!("guest RAM: {e}")))?;
-                done += n as u64;
-            }
-            total += len;
-            Ok(())
-        })?;
+        let (rs, rf) = self.file("ram").ok_or_else(|| err("no 'ram' section"))?;
+        walk_records(
+            rf,
+            rs,
+            |off, len| {
+                total += len;
+                // Checked at load; checked again: the bytes come from the file as it is now.
+                if off.checked_add(len).is_none_or(|e| e > self.state.memory) {
+                    return Err(err("ram.bin: a record outside RAM"));
+                }
+                Ok(())
+            },
+            Some(&mut |off, at, b| memfd.write_all_at(b, off + at).map_err(|e| err(format!("guest RAM: {e}")))),
+        )?;
         for &(gpa, size) in &self.state.hot_ram {
             vm.add_ram(gpa, size)?;
         }
-        if let Some(f) = self.section_file("hotram")? {
-            records(&f, "hotram.bin", |gpa, len, at| {
-                // Through the same bounded buffer as boot RAM.
-                let mut done = 0u64;
-                while done < len {
-                    let n = (len - done).min(buf.len() as u64) as usize;
-                    f.read_exact_at(&mut buf[..n], at + done).map_err(|e| err(format!("hotram.bin: {e}")))?;
-                    vm.write_memory_for_host(gpa + done, &buf[..n])?;
-                    done += n as u64;
-                }
-                total += len;
-                Ok(())
-            })?;
+        if let Some((hs, hf)) = self.file("hotram") {
+            let hot = &self.state.hot_ram;
+            walk_records(
+                hf,
+                hs,
+                |gpa, len| {
+                    total += len;
+                    let end = gpa.checked_add(len).ok_or_else(|| err("hotram.bin: address overflow"))?;
+                    if !hot.iter().any(|&(g, s)| gpa >= g && end <= g.saturating_add(s)) {
+                        return Err(err("hotram.bin: a record outside hot-added RAM"));
+                    }
+                    Ok(())
+                },
+                Some(&mut |gpa, at, b| vm.write_memory_for_host(gpa + at, b)),
+            )?;
         }
         Ok(total)
+    }
+
+    /// Writes each device's saved BAR memory back, front to back through devmem.bin
+    /// (checksummed as it goes).
+    fn apply_device_memory(&self, vm: &Vm) -> Result<()> {
+        let mut pieces: Vec<(&DeviceState, &DeviceMemory)> =
+            self.state.devices.iter().flat_map(|d| d.memory.iter().map(move |m| (d, m))).collect();
+        pieces.sort_by_key(|(_, m)| m.at);
+        let (ds, df) = self.file("devmem").ok_or_else(|| err("no 'devmem' section"))?;
+        let mut r = Checked::new(df, ds);
+        let mut magic = [0u8; 8];
+        r.read_exact(&mut magic)?;
+        let mut at = 0u64;
+        for (d, m) in pieces {
+            r.pass(m.at - at, None)?;
+            let dev = vm.device(&d.name).ok_or_else(|| err(format!("device {} was not attached", d.name)))?;
+            let base =
+                dev.bar(m.bar).ok_or_else(|| err(format!("device {}: BAR {} does not decode", d.name, m.bar)))?;
+            let gpa = base.checked_add(m.offset).ok_or_else(|| err("BAR address overflow"))?;
+            r.pass(m.len, Some(&mut |off, b| vm.write_memory_for_host(gpa + off, b)))?;
+            at = m.at + m.len;
+        }
+        r.pass(r.left(), None)?;
+        r.finish()
     }
 
     /// Brings the attached devices (`vm.device(name)` for each saved one) back to
@@ -793,14 +1111,19 @@ impl Snapshot {
             if dev.slot() != d.slot {
                 return Err(err(format!("device {} is in slot {}, the snapshot has {}", d.name, dev.slot(), d.slot)));
             }
-            replay_config(vm, &dev, d)?;
-            for m in &d.memory {
-                let base =
-                    dev.bar(m.bar).ok_or_else(|| err(format!("device {}: BAR {} does not decode", d.name, m.bar)))?;
-                let gpa = base.checked_add(m.offset).ok_or_else(|| err("BAR address overflow"))?;
-                let (at, len) = (m.at as usize, m.len as usize);
-                vm.write_memory_for_host(gpa, &self.devmem[at..at + len])?;
+            if dev.frontend().name() != d.frontend {
+                return Err(err(format!(
+                    "device {}: its DMA front-end is {} here, {} in the snapshot",
+                    d.name,
+                    dev.frontend().name(),
+                    d.frontend
+                )));
             }
+            replay_config(vm, &dev, d)?;
+        }
+        self.apply_device_memory(vm)?;
+        for d in &self.state.devices {
+            let dev = vm.device(&d.name).ok_or_else(|| err(format!("device {} was not attached", d.name)))?;
             if let Some(fs) = &d.frontend_state {
                 dev.frontend().restore(dev.bdf(), fs).map_err(|e| err(format!("device {}: {e}", d.name)))?;
             }
@@ -816,12 +1139,9 @@ impl Snapshot {
         for (device, index, sub, mode) in &self.state.irq_modes {
             let id = irq::SourceId::new(device, *index, *sub);
             let m = mode.parse::<irq::Mode>().map_err(|e| err(format!("interrupt source {id}: {e}")))?;
-            // A source the restored devices did not bring back (the guest had not
-            // enabled it yet) has no mode to restore; any other failure is an error.
-            match vm.irqs().set_mode(&id, m) {
-                Ok(()) | Err(irq::IrqError::Unknown(_)) => {}
-                Err(e) => return Err(err(format!("interrupt source {id}: {e}"))),
-            }
+            // Every saved source is back: the devices' configuration replayed enabled
+            // exactly what the guest had enabled.
+            vm.irqs().set_mode(&id, m).map_err(|e| err(format!("interrupt source {id}: {e}")))?;
         }
         Ok(())
     }
@@ -888,4 +1208,26 @@ fn replay_config(vm: &Vm, dev: &AssignedDevice, d: &DeviceState) -> Result<()> {
     }
     pci.config_write(slot, reg::COMMAND, &cmd.to_le_bytes());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+        let [eax, ebx, ecx, edx] = regs;
+        kvm_cpuid_entry2 { function, index, eax, ebx, ecx, edx, ..Default::default() }
+    }
+
+    #[test]
+    fn a_saved_cpuid_must_be_one_the_host_gives() {
+        let host = [leaf(1, 0, [0x906a3, 0, 0x8000_0001, 0xff]), leaf(7, 0, [0, 0x1, 0, 0])];
+        check_cpuid(&host, &host).unwrap();
+        // OSXSAVE follows the guest's CR4: not a feature the host must offer.
+        check_cpuid(&host, &[leaf(1, 0, [0, 0, 0x8800_0001, 0xff])]).unwrap();
+        let e = check_cpuid(&host, &[leaf(7, 0, [0, 0x3, 0, 0])]).unwrap_err().to_string();
+        assert!(e.contains("0x7.0 ebx") && e.contains("0x2"), "{e}");
+        let e = check_cpuid(&host, &[leaf(0xd, 0, [0; 4])]).unwrap_err().to_string();
+        assert!(e.contains("0xd.0 does not exist"), "{e}");
+    }
 }

@@ -134,7 +134,7 @@ impl Vcpu {
         }
     }
 
-    /// Loads a saved state (a restore).
+    /// Loads a saved state (a restore), its CPUID first.
     pub fn load(&mut self, state: &crate::snapshot::CpuState) -> Result<()> {
         crate::snapshot::load_cpu(&mut self.fd, state)
     }

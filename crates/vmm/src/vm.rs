@@ -20,6 +20,9 @@ use vm_api::HypercallRegistry;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+/// The interrupt source of the serial port (COM1), the VM's own.
+pub const SERIAL_SOURCE: &str = "serial";
+
 /// How to build a machine.
 pub struct VmConfig {
     /// Bytes of guest RAM.
@@ -162,7 +165,7 @@ impl Vm {
         let irqs = Arc::new(IrqRegistry::new(chip, config.irq_mode).map_err(Error::EventFd)?);
         let serial_irq = irq::eventfd().map_err(Error::EventFd)?;
         let serial_source = IrqSource {
-            id: SourceId::new("serial", 0, 0),
+            id: SourceId::new(SERIAL_SOURCE, 0, 0),
             trigger: Trigger::Edge(serial_irq.try_clone().map_err(Error::EventFd)?),
         };
         irqs.attach(serial_source, GuestIrq::Edge(ports::SERIAL_GSI), Arc::new(()))
