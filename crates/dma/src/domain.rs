@@ -447,6 +447,11 @@ impl Domain {
         self.tree.read().unwrap_or_else(|e| e.into_inner()).iter().collect()
     }
 
+    /// The first `max` mappings, by IOVA (the tree's lock held for those only).
+    pub fn mappings_upto(&self, max: usize) -> Vec<Mapping> {
+        self.tree.read().unwrap_or_else(|e| e.into_inner()).iter().take(max).collect()
+    }
+
     /// Number of mappings.
     pub fn mapping_count(&self) -> usize {
         self.tree.read().unwrap_or_else(|e| e.into_inner()).len()

@@ -360,6 +360,8 @@ fn map_many_is_all_or_nothing_and_unmap_exact_removes_only_what_it_names() {
     assert_eq!(d.unmap_exact(&[Iova(0x10000), Iova(0x30000), Iova(0x20000)]), 4 * PAGE, "unknown IOVAs skipped");
     assert_eq!(d.mappings(), vec![m(0x50000, 0x50000, 1)]);
     assert_eq!(vm.account().pinned(), PAGE);
+    d.map_many(&[m(0x10000, 0x10000, 1), m(0x20000, 0x20000, 1)]).unwrap();
+    assert_eq!(d.mappings_upto(2), vec![m(0x10000, 0x10000, 1), m(0x20000, 0x20000, 1)], "the first two by IOVA");
 }
 
 #[test]

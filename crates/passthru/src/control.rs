@@ -190,9 +190,8 @@ pub fn info(vm: &Vm) -> Value {
             let mappings: Vec<Value> = domain
                 .as_ref()
                 .map(|dom| {
-                    dom.mappings()
+                    dom.mappings_upto(MAX_LISTED_MAPPINGS)
                         .iter()
-                        .take(MAX_LISTED_MAPPINGS)
                         .map(|m| {
                             let perm = match (m.perm.bits() & 1 != 0, m.perm.bits() & 2 != 0) {
                                 (true, true) => "rw",

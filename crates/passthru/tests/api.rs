@@ -467,6 +467,10 @@ fn vm_info_reports_memory_types_for_the_guests_own_pat() {
     let got: Vec<&str> = dev["per_slot"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(got, ["WB", "WT", "UC", "UC", "WB", "WT", "UC", "UC"], "the flagged slot honours the guest's PAT");
     assert_eq!(info["run"]["state"], "running", "the read paused the vCPU only for itself");
+    for _ in 0..3 {
+        assert_eq!(ok(&path, "GET", "vm.info", None)["cache_control"]["from"], "guest");
+    }
+    assert_eq!(ok(&path, "GET", "vm.info", None)["run"]["pauses"], 0, "reading the PAT pauses nothing");
     ok(&path, "PUT", "vm.shutdown", None);
     assert_eq!(wait_exit(&mut child), Some(0));
 }

@@ -74,6 +74,9 @@ struct State {
     since: Option<Instant>,
     /// Work the parked vCPU runs on its own thread (saving its state).
     jobs: Vec<Job>,
+    /// Quick work the running vCPU does between two KVM_RUNs without parking (a
+    /// register read for `vm.info`): no pause, no device stopped.
+    asks: Vec<Job>,
 }
 
 /// Pause and resume of the machine.
@@ -83,6 +86,8 @@ pub struct RunControl {
     changed: Condvar,
     /// Mirrors `state.requested` for the vCPU's lock-free check on every exit.
     pending: AtomicBool,
+    /// True while `state.asks` holds work (the vCPU's other lock-free check).
+    asked: AtomicBool,
     pauses: AtomicU64,
     paused_ns: AtomicU64,
 }
@@ -187,6 +192,63 @@ impl RunControl {
         }
     }
 
+    /// Runs `f` on the vCPU's thread with the vCPU between two of its KVM_RUNs, without
+    /// a pause (nothing parks, no device stops, no pause is counted): for quick reads
+    /// of vCPU state. Waits at most `within` (a vCPU busy in a device call does not
+    /// hold the caller); a paused vCPU runs it while parked.
+    pub fn ask<R: Send + 'static>(
+        &self,
+        within: Duration,
+        f: impl FnOnce(&mut dyn std::any::Any) -> R + Send + 'static,
+    ) -> Result<R, RunError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let job: Job = Box::new(move |v| {
+            let _ = tx.send(f(v));
+        });
+        let deadline = Instant::now() + within;
+        {
+            let mut s = self.lock();
+            if s.vcpu.is_none() {
+                return Err(RunError::NoVcpu);
+            }
+            if s.requested {
+                s.jobs.push(job);
+                self.changed.notify_all();
+            } else {
+                s.asks.push(job);
+                self.asked.store(true, Ordering::SeqCst);
+                kick(&s);
+            }
+        }
+        loop {
+            // A kick that landed just before KVM_RUN is lost: repeat it.
+            match rx.recv_timeout(KICK_INTERVAL.min(deadline.saturating_duration_since(Instant::now()))) {
+                Ok(r) => return Ok(r),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(RunError::NoVcpu),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                    return Err(RunError::Timeout(within));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => kick(&self.lock()),
+            }
+        }
+    }
+
+    /// The vCPU's other check on every loop: runs the work [`RunControl::ask`] posted.
+    /// One atomic load when there is none.
+    pub(crate) fn serve_asks(&self, vcpu: &mut dyn std::any::Any) {
+        if !self.asked.load(Ordering::Acquire) {
+            return;
+        }
+        let asks = {
+            let mut s = self.lock();
+            self.asked.store(false, Ordering::SeqCst);
+            std::mem::take(&mut s.asks)
+        };
+        for job in asks {
+            job(vcpu);
+        }
+    }
+
     /// Called by the vCPU thread before it first enters the guest: kicks may now
     /// target it.
     pub(crate) fn vcpu_started(&self) {
@@ -211,6 +273,8 @@ impl RunControl {
         s.vcpu = None;
         s.parked = false;
         s.jobs.clear();
+        s.asks.clear();
+        self.asked.store(false, Ordering::SeqCst);
         self.changed.notify_all();
     }
 

@@ -59,6 +59,8 @@ impl Vcpu {
         // with immediate_exit before the vCPU parks, so its saved registers are whole.
         let mut settled = false;
         loop {
+            // Quick reads asked of the running vCPU (no pause).
+            vm.run_control().serve_asks(&mut self.fd);
             // Set afresh before every KVM_RUN: a pause withdrawn (timed out) after the
             // flag was set must not leave it set, or KVM_RUN returns EINTR forever.
             let settle = settle_first(vm.run_control().pause_pending(), settled);

@@ -419,26 +419,24 @@ impl Vm {
             .collect()
     }
 
-    /// The guest's IA32_PAT and CR0.CD, read from the vCPU (paused for the read if it
-    /// runs, devices untouched). None without a running vCPU.
+    /// The guest's IA32_PAT and CR0.CD, read on the vCPU's thread between two of its
+    /// KVM_RUNs (no pause, no device stopped; see [`crate::run_control::RunControl::ask`]). None without a
+    /// running vCPU, or one busy for longer than 200 ms (in a device's call).
     pub fn guest_cache_control(&self) -> Option<(u64, bool)> {
-        let _pausers = self.pause_lock();
-        let paused_here = self.run.pause().is_ok();
-        let r = self.run.on_vcpu(|v| {
-            let fd = v.downcast_mut::<kvm_ioctls::VcpuFd>()?;
-            let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-                index: crate::memtype::IA32_PAT,
-                ..Default::default()
-            }])
-            .ok()?;
-            let pat = (fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)?;
-            let cd = fd.get_sregs().ok()?.cr0 & (1 << 30) != 0;
-            Some((pat, cd))
-        });
-        if paused_here {
-            let _ = self.run.resume();
-        }
-        r.ok().flatten()
+        self.run
+            .ask(std::time::Duration::from_millis(200), |v| {
+                let fd = v.downcast_mut::<kvm_ioctls::VcpuFd>()?;
+                let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+                    index: crate::memtype::IA32_PAT,
+                    ..Default::default()
+                }])
+                .ok()?;
+                let pat = (fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)?;
+                let cd = fd.get_sregs().ok()?.cr0 & (1 << 30) != 0;
+                Some((pat, cd))
+            })
+            .ok()
+            .flatten()
     }
 
     /// For each memory-map region: its flag and, for each of the guest's eight PAT
