@@ -1,9 +1,12 @@
 //! The API server: a Unix socket created with mode 0600 before it accepts anyone, an
 //! accept thread (`api`), and one thread per client (`api-client`, at most
-//! [`MAX_CLIENTS`]; more are answered 503 and closed). Every wait on a client has a
-//! deadline: a request must arrive whole within [`REQUEST_DEADLINE`] of its first
-//! byte, an idle connection is closed after [`IDLE_DEADLINE`], an answer must be taken
-//! within [`WRITE_DEADLINE`]. A request is carried out only once it is complete: a
+//! [`MAX_CLIENTS`]). Every wait on a client has a deadline: a request must arrive whole
+//! within [`REQUEST_DEADLINE`] of its first byte, a connection with no request in
+//! progress (just connected, or between keep-alive requests) is closed after
+//! [`IDLE_DEADLINE`], an answer must be taken within [`WRITE_DEADLINE`]. Idle
+//! connections hold no slot against a client with a request: when all slots are
+//! taken, an idle one is closed for the newcomer; only when every client is in the
+//! middle of a request is a newcomer answered 503. A request is carried out only once it is complete: a
 //! client that leaves mid-request changes nothing. Dropping the [`Server`] stops it,
 //! joins every thread and removes the socket file.
 
@@ -24,8 +27,9 @@ use std::time::{Duration, Instant};
 pub const MAX_CLIENTS: usize = 16;
 /// A request must be complete this long after its first byte arrived.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
-/// A connection with no request in progress is closed after this long.
-pub const IDLE_DEADLINE: Duration = Duration::from_secs(60);
+/// A connection with no request in progress (no byte of one yet) is closed after this
+/// long: as tight as an active request's deadline.
+pub const IDLE_DEADLINE: Duration = REQUEST_DEADLINE;
 /// A client must take an answer within this long.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
 /// How often blocked threads look at the stop flag.
@@ -57,6 +61,8 @@ pub struct ServerStats {
     pub refused: u64,
     /// Connections closed by a deadline.
     pub timed_out: u64,
+    /// Idle connections closed to make room for a new client.
+    pub evicted: u64,
 }
 
 #[derive(Default)]
@@ -66,10 +72,16 @@ struct Counters {
     errors: AtomicU64,
     refused: AtomicU64,
     timed_out: AtomicU64,
+    evicted: AtomicU64,
 }
 
-/// A connected client: a handle to shut its connection down, and its thread.
-type Client = (UnixStream, JoinHandle<()>);
+/// A connected client: a handle to shut its connection down, its thread, and whether
+/// it has a request in progress (the rest of the time it is idle).
+struct Client {
+    stream: UnixStream,
+    thread: JoinHandle<()>,
+    busy: Arc<AtomicBool>,
+}
 
 struct Shared {
     stop: AtomicBool,
@@ -130,6 +142,7 @@ impl Server {
             errors: c.errors.load(Ordering::Relaxed),
             refused: c.refused.load(Ordering::Relaxed),
             timed_out: c.timed_out.load(Ordering::Relaxed),
+            evicted: c.evicted.load(Ordering::Relaxed),
         }
     }
 }
@@ -144,9 +157,9 @@ impl Drop for Server {
             let _ = t.join();
         }
         let clients: Vec<_> = self.shared.clients.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
-        for (_, (stream, thread)) in clients {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
-            let _ = thread.join();
+        for (_, c) in clients {
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            let _ = c.thread.join();
         }
         let _ = std::fs::remove_file(&self.path);
     }
@@ -225,21 +238,39 @@ fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, wake: i32) {
         reap(shared);
         let mut clients = shared.clients.lock().unwrap_or_else(|e| e.into_inner());
         if clients.len() >= MAX_CLIENTS {
-            drop(clients);
-            shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-            let e = ApiError { status: 503, message: format!("{MAX_CLIENTS} clients are being served; retry") };
-            let _ = stream.set_write_timeout(Some(TICK));
-            let _ = (&stream).write_all(&response(e.status, &e.body(), true));
-            continue;
+            // An idle connection gives its slot up; clients in the middle of a request
+            // keep theirs.
+            let idle = clients.iter().find(|(_, c)| !c.busy.load(Ordering::Acquire)).map(|(k, _)| *k);
+            match idle.and_then(|k| clients.remove(&k)) {
+                Some(c) => {
+                    let _ = c.stream.shutdown(std::net::Shutdown::Both);
+                    let _ = c.thread.join(); // it sees the shutdown within a tick
+                    shared.counters.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {
+                    drop(clients);
+                    shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    let e = ApiError {
+                        status: 503,
+                        message: format!("{MAX_CLIENTS} clients are in the middle of requests; retry"),
+                    };
+                    let _ = stream.set_write_timeout(Some(TICK));
+                    let _ = (&stream).write_all(&response(e.status, &e.body(), true));
+                    continue;
+                }
+            }
         }
         let Ok(handle) = stream.try_clone() else { continue };
         next_id += 1;
         let (id, s) = (next_id, Arc::clone(shared));
+        let busy = Arc::new(AtomicBool::new(false));
+        let b = Arc::clone(&busy);
         // The entry (and the thread) is reaped once the thread has ended.
-        let thread = std::thread::Builder::new().name("api-client".into()).spawn(move || serve_client(&s, stream));
+        let thread =
+            std::thread::Builder::new().name("api-client".into()).spawn(move || serve_client(&s, stream, &b));
         match thread {
-            Ok(t) => {
-                clients.insert(id, (handle, t));
+            Ok(thread) => {
+                clients.insert(id, Client { stream: handle, thread, busy });
             }
             Err(e) => tracing::warn!("API: cannot start a client thread: {e}"),
         }
@@ -249,15 +280,15 @@ fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, wake: i32) {
 /// Joins and forgets the clients whose thread has ended.
 fn reap(shared: &Shared) {
     let mut clients = shared.clients.lock().unwrap_or_else(|e| e.into_inner());
-    let done: Vec<u64> = clients.iter().filter(|(_, (_, t))| t.is_finished()).map(|(k, _)| *k).collect();
+    let done: Vec<u64> = clients.iter().filter(|(_, c)| c.thread.is_finished()).map(|(k, _)| *k).collect();
     for id in done {
-        if let Some((_, t)) = clients.remove(&id) {
-            let _ = t.join();
+        if let Some(c) = clients.remove(&id) {
+            let _ = c.thread.join();
         }
     }
 }
 
-fn serve_client(shared: &Shared, mut stream: UnixStream) {
+fn serve_client(shared: &Shared, mut stream: UnixStream, busy: &AtomicBool) {
     let _ = stream.set_read_timeout(Some(TICK));
     let _ = stream.set_write_timeout(Some(WRITE_DEADLINE));
     let mut buf: Vec<u8> = Vec::new();
@@ -281,6 +312,7 @@ fn serve_client(shared: &Shared, mut stream: UnixStream) {
                     return;
                 }
                 started = (!buf.is_empty()).then(Instant::now);
+                busy.store(started.is_some(), Ordering::Release);
                 idle_since = Instant::now();
                 sent_continue = false;
                 continue;
@@ -311,6 +343,7 @@ fn serve_client(shared: &Shared, mut stream: UnixStream) {
             Ok(n) => {
                 if started.is_none() {
                     started = Some(Instant::now());
+                    busy.store(true, Ordering::Release);
                 }
                 buf.extend_from_slice(&chunk[..n]);
             }
