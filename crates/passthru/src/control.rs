@@ -59,8 +59,9 @@ impl Handler for Control {
                 Ok(json!({ "state": "paused", "took_us": t.elapsed().as_micros() as u64, "unquiesced": unquiesced }))
             }
             Command::Resume => {
-                vm.resume().map_err(run_error)?;
-                Ok(json!({ "state": "running" }))
+                let failed = vm.resume().map_err(run_error)?;
+                // A device that did not run again is gone (surprise removal): say so.
+                Ok(json!({ "state": "running", "failed": failed }))
             }
             Command::Shutdown { status } => {
                 vm.request_exit(status);
@@ -328,7 +329,8 @@ pub fn counters(vm: &Vm) -> Value {
         "irq_resources": { "sources": c.sources, "forwarded": c.forwarded, "irqfds": c.irqfds, "watched": c.watched, "msi_routes": c.msi_routes },
         "locked_memory": { "limit": account.limit(), "locked": account.locked(), "pinned": account.pinned(), "charged": account.charged() },
         "noncoherent": { "devices": nc.count(), "transitions": nc.transitions(), "flushed_bytes": vmm::flush::flushed_bytes() },
-        "run": { "state": vm.run_control().state().to_string(), "pauses": pauses, "paused_us": paused.as_micros() as u64 },
+        "run": { "state": vm.run_control().state().to_string(), "pauses": pauses, "paused_us": paused.as_micros() as u64,
+                 "resume_failures": vm.resume_failures() },
         "resources": resources(),
     })
 }

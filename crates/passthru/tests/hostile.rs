@@ -38,6 +38,8 @@ enum Misbehaviour {
     /// Well-behaved, but writes a counter at IOVA 0x100000 every millisecond through
     /// whatever DMA windows it holds, for as long as the test runs.
     KeepsWriting,
+    /// Offers migration, stops, and refuses to run again (STOP -> RUNNING).
+    NoRestart,
 }
 
 /// A PCI device shaped like the DMA engine (BAR0, BAR1, configuration space, one MSI)
@@ -123,6 +125,21 @@ impl Device for Fake {
         Ok(())
     }
     fn reset(&mut self) -> Result<(), i32> {
+        Ok(())
+    }
+    fn migration(&mut self) -> Option<&mut dyn vfio_user::migration::Migration> {
+        (self.how == Misbehaviour::NoRestart).then_some(self as &mut dyn vfio_user::migration::Migration)
+    }
+}
+
+impl vfio_user::migration::Migration for Fake {
+    fn transition(&mut self, from: u32, to: u32) -> Result<(), i32> {
+        if (from, to) == (proto::mig::STATE_STOP, proto::mig::STATE_RUNNING) { Err(libc::EIO) } else { Ok(()) }
+    }
+    fn read_data(&mut self, _max: usize) -> Result<Vec<u8>, i32> {
+        Ok(Vec::new())
+    }
+    fn write_data(&mut self, _data: &[u8]) -> Result<(), i32> {
         Ok(())
     }
 }
@@ -418,6 +435,21 @@ fn an_external_device_declared_gone_is_cut_off_and_its_writes_stop() {
     let (code, _, stderr) = vmm.finish();
     assert_eq!(code, Some(0), "{stderr}");
     assert_gone_once("vfu0", &stderr);
+}
+
+/// A device that stops for a pause and then refuses to run again is not left stopped
+/// under a running guest: the resume says so, and the device is gone (counted).
+#[test]
+fn a_device_that_does_not_run_again_after_a_pause_is_declared_gone() {
+    let (path, _release) = fake_server(Misbehaviour::NoRestart, "norestart");
+    let mut vmm = Vmm::start(&format!("vfio-user,socket={}", path.display()));
+    assert_eq!(vmm.cmd("pause"), "OK", "the device stopped");
+    assert_eq!(vmm.cmd("resume"), "OK failed=vfu0");
+    assert!(vmm.cmd("dev_info vfu0").contains("dead=1"));
+    assert_eq!(vmm.cmd("run_state").split_whitespace().nth(1), Some("running"));
+    let (code, _, stderr) = vmm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("device vfu0 is gone (it did not run again after a pause"), "{stderr}");
 }
 
 #[test]

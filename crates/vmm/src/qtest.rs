@@ -372,8 +372,8 @@ impl Session<'_> {
                 Ok(if left.is_empty() { "OK".into() } else { format!("OK unquiesced={}", left.join(",")) })
             }
             "resume" => {
-                self.vm.resume().map_err(|e| e.to_string())?;
-                Ok("OK".into())
+                let failed = self.vm.resume().map_err(|e| e.to_string())?;
+                Ok(if failed.is_empty() { "OK".into() } else { format!("OK failed={}", failed.join(",")) })
             }
             "run_state" => {
                 let (pauses, paused) = self.vm.run_control().pauses();

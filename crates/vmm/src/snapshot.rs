@@ -254,9 +254,15 @@ pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Resu
         Err(e) => (Err(err(e.to_string())), false),
     };
     let paused = paused_at.elapsed();
-    if owned && let Err(e) = vm.resume_unlocked() {
+    if owned {
         // Not the snapshot's failure, but the VM's: say so.
-        tracing::error!("snapshot: resuming the VM after saving it: {e}");
+        match vm.resume_unlocked() {
+            Ok(failed) if !failed.is_empty() => {
+                tracing::error!("snapshot: device(s) {} did not run again and are gone", failed.join(", "));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("snapshot: resuming the VM after saving it: {e}"),
+        }
     }
     drop(pausers);
     let was_paused = !owned;

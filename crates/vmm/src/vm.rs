@@ -119,6 +119,8 @@ pub struct Vm {
     run: crate::run_control::RunControl,
     /// Devices stopped by a pause (or a snapshot of a paused VM), started by resume.
     quiesced: Mutex<Vec<String>>,
+    /// Devices declared gone because they did not run again after a pause.
+    resume_failures: std::sync::atomic::AtomicU64,
     /// Held by whoever pauses or resumes (operator, snapshot, the PAT read), so one's
     /// pause is never resumed by another.
     pausers: Mutex<()>,
@@ -255,6 +257,7 @@ impl Vm {
             slots,
             run: crate::run_control::RunControl::new(),
             quiesced: Mutex::new(Vec::new()),
+            resume_failures: std::sync::atomic::AtomicU64::new(0),
             pausers: Mutex::new(()),
             snapshots: Mutex::new(()),
             exits: crate::run_control::ExitCounters::default(),
@@ -670,30 +673,42 @@ impl Vm {
         Ok(())
     }
 
-    /// Lets the quiesced devices and the paused vCPU run again.
-    pub fn resume(&self) -> std::result::Result<(), crate::run_control::RunError> {
+    /// Lets the quiesced devices and the paused vCPU run again. Returns the devices
+    /// that could not run again (STOP -> RUNNING refused or unanswered): each is
+    /// declared gone (a surprise removal, counted), since a device left stopped under a
+    /// running guest would be a device that silently does nothing.
+    pub fn resume(&self) -> std::result::Result<Vec<String>, crate::run_control::RunError> {
         let _pausers = self.pause_lock();
         self.resume_unlocked()
     }
 
     /// [`Vm::resume`] for a holder of [`Vm::pause_lock`].
-    pub(crate) fn resume_unlocked(&self) -> std::result::Result<(), crate::run_control::RunError> {
+    pub(crate) fn resume_unlocked(&self) -> std::result::Result<Vec<String>, crate::run_control::RunError> {
         if self.run.state() != crate::run_control::RunState::Paused {
             return Err(crate::run_control::RunError::NotPaused);
         }
         let stopped = std::mem::take(&mut *self.quiesced.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut failed = Vec::new();
         for name in stopped {
             if let Some(d) = self.device(&name)
                 && let Err(e) = d.function().set_migration_state(vfio_user::proto::mig::STATE_RUNNING)
             {
-                tracing::error!("resume: {e}");
+                tracing::error!("resume: device {name}: {e}");
+                d.function().died(&format!("it did not run again after a pause: {e}"));
+                self.resume_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                failed.push(name);
             }
         }
         #[cfg(feature = "test-sources")]
         if let Some(t) = self.test_sources() {
             t.resume();
         }
-        self.run.resume()
+        self.run.resume().map(|()| failed)
+    }
+
+    /// Devices declared gone because they did not run again after a pause.
+    pub fn resume_failures(&self) -> u64 {
+        self.resume_failures.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// vCPU exits by kind.

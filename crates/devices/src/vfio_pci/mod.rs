@@ -432,9 +432,6 @@ impl AssignedFunction {
         if let Some(p) = &self.process {
             p.kill_and_reap(Duration::from_secs(5));
         }
-        if let Some(c) = &self.client {
-            c.endpoint().declare_dead(why);
-        }
         if !self.reported.swap(true, Ordering::AcqRel) {
             let how = self.process.as_ref().and_then(|p| p.status()).map(|s| format!("; process {}", describe(s)));
             eprintln!(
@@ -442,6 +439,10 @@ impl AssignedFunction {
                 self.name,
                 how.unwrap_or_default()
             );
+        }
+        // After the line (its closing runs this again with a reason of its own).
+        if let Some(c) = &self.client {
+            c.endpoint().declare_dead(why);
         }
         self.teardown();
     }
