@@ -249,9 +249,8 @@ impl Frontend for Identity {
             }
         };
         if let Err(e) = device.endpoint.attach(Some(domain)) {
-            drop(s);
             if self.devices().is_empty() {
-                self.release();
+                self.release(&mut s);
             }
             return Err(format!("attaching it to the identity domain: {e}"));
         }
@@ -260,12 +259,16 @@ impl Frontend for Identity {
     }
 
     fn detach(&self, id: u16) {
+        // "The last device left" is decided and acted on under `shared`, the lock an
+        // attach joins the domain under: a device attaching meanwhile either comes
+        // before (and there is no last device) or after (and builds a new domain).
+        let mut s = self.lock();
         let last = {
             let mut d = self.devices();
             d.remove(&id).is_some() && d.is_empty()
         };
         if last {
-            self.release();
+            self.release(&mut s);
         }
     }
 
@@ -302,16 +305,13 @@ impl Frontend for Identity {
 }
 
 impl Identity {
-    /// The last device left: stop following the map and unpin everything.
-    fn release(&self) {
-        let (listener, domain) = {
-            let mut s = self.lock();
-            (s.listener.take(), s.domain.take())
-        };
-        if let Some(l) = listener {
+    /// The last device left: stop following the map and unpin everything (with
+    /// `shared` held: lock order shared -> the memory map).
+    fn release(&self, s: &mut Shared) {
+        if let Some(l) = s.listener.take() {
             self.memory_map.remove_listener(&l);
         }
-        if let Some(d) = domain {
+        if let Some(d) = s.domain.take() {
             d.unmap_all();
         }
         self.counters.mapped_regions.store(0, Ordering::Relaxed);
