@@ -66,18 +66,8 @@ pub fn call_with_files(
     s.write_all(req.as_bytes()).map_err(|e| format!("sending to {shown}: {e}"))?;
     // The first read takes the files passed with the answer's first bytes.
     let mut first = vec![0u8; 64 << 10];
-    let (n, file) = {
-        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-        s.recv_with_fd(&mut first).map_err(|e| format!("reading the answer from {shown}: {e}"))?
-    };
+    let (n, file) = recv_with_file(&s, &mut first).map_err(|e| format!("reading the answer from {shown}: {e}"))?;
     first.truncate(n);
-    if let Some(f) = &file {
-        use std::os::fd::AsRawFd;
-        // recvmsg without MSG_CMSG_CLOEXEC: close it on exec ourselves (a child the
-        // caller spawns must not inherit the table).
-        // SAFETY: F_SETFD on a descriptor we own; no memory is passed.
-        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
     let mut raw = first;
     if n > 0 {
         (&mut s)
@@ -131,5 +121,85 @@ mod tests {
         let full = crate::http::response(200, "{\"a\":1}", true);
         assert!(parse_answer(&full[..full.len() - 1]).unwrap_err().contains("cut"));
         assert!(parse_answer(b"HTTP/1.1 200 OK\r\n").is_err());
+    }
+}
+
+/// Receives into `buf` with at most one descriptor, installed close-on-exec by the
+/// kernel as it arrives (`MSG_CMSG_CLOEXEC`: no window in which a child the caller
+/// spawns could inherit it). More descriptors than one: the message is refused.
+fn recv_with_file(s: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Option<std::fs::File>)> {
+    use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // A u64 array keeps the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain data; zero is a valid "no name, no control" value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let n = loop {
+        // SAFETY: `msg` points at live buffers (iov -> buf, control) for the call.
+        let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let mut file = None;
+    // SAFETY: the kernel filled msg_control/msg_controllen and the CMSG_* walk stays
+    // inside them; an SCM_RIGHTS entry's descriptors are new and ours, each taken over
+    // exactly once.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let count = ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                let p = libc::CMSG_DATA(c).cast::<RawFd>();
+                for i in 0..count {
+                    let f = std::fs::File::from_raw_fd(std::ptr::read_unaligned(p.add(i)));
+                    if file.is_none() {
+                        file = Some(f);
+                    }
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the answer carried more than one descriptor",
+        ));
+    }
+    Ok((n, file))
+}
+
+#[cfg(test)]
+mod fd_tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// A descriptor passed with an answer arrives close-on-exec (set by the kernel as
+    /// it is installed, not afterwards); a second one is refused.
+    #[test]
+    fn a_passed_descriptor_arrives_close_on_exec() {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = std::fs::File::open("/dev/null").unwrap();
+        a.send_with_fd(b"HTTP/1.1 200 OK\r\n".as_slice(), f.as_raw_fd()).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, got) = recv_with_file(&b, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"HTTP/1.1 200 OK\r\n");
+        let got = got.unwrap();
+        // SAFETY: F_GETFD on a descriptor we own.
+        let flags = unsafe { libc::fcntl(got.as_raw_fd(), libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        a.send_with_fds(&[b"x".as_slice()], &[f.as_raw_fd(), f.as_raw_fd()]).unwrap();
+        assert!(recv_with_file(&b, &mut buf).is_err(), "two descriptors: refused");
     }
 }

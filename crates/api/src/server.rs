@@ -266,8 +266,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, wake: i32) {
         let busy = Arc::new(AtomicBool::new(false));
         let b = Arc::clone(&busy);
         // The entry (and the thread) is reaped once the thread has ended.
-        let thread =
-            std::thread::Builder::new().name("api-client".into()).spawn(move || serve_client(&s, stream, &b));
+        let thread = std::thread::Builder::new().name("api-client".into()).spawn(move || serve_client(&s, stream, &b));
         match thread {
             Ok(thread) => {
                 clients.insert(id, Client { stream: handle, thread, busy });

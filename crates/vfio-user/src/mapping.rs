@@ -37,9 +37,32 @@ const FREE: Slot = Slot {
 static SLOTS: [Slot; MAX_GUARDED] = [FREE; MAX_GUARDED];
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
-/// SIGBUS handler. Only async-signal-safe work: atomic loads and stores, `mmap`,
-/// `sigaction`.
+/// SIGBUS handler. Async-signal-safe: it takes no lock and allocates nothing; it does
+/// lock-free atomic loads and stores on static slots, reads `PREVIOUS` (set before the
+/// handler is installed: a plain atomic load), and makes two system calls, `mmap` and
+/// `sigaction` (raw kernel calls in glibc, no user-space state). It keeps `errno` as
+/// the interrupted code left it. If the repair itself fails, SIGBUS's default action is
+/// restored, so the re-executed access kills the process (a device that dies is
+/// handled by the VMM) instead of faulting forever.
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: __errno_location returns this thread's errno; reading it is async-signal-safe.
+    let saved = unsafe { *libc::__errno_location() };
+    handle_sigbus(sig, info, ctx);
+    // SAFETY: as above; restores what the interrupted code had.
+    unsafe { *libc::__errno_location() = saved };
+}
+
+/// Restores SIGBUS's default action: the faulting access, run again, kills.
+fn default_sigbus() {
+    // SAFETY: a zeroed sigaction with SIG_DFL is valid.
+    unsafe {
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut());
+    }
+}
+
+fn handle_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
     let addr = unsafe { (*info).si_addr() } as usize;
     for slot in &SLOTS {
@@ -49,7 +72,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
             // SAFETY: [start, start + len) is a mapping this module made and still owns
             // (the slot is released before it is unmapped); replacing it with private
             // anonymous memory of the same size keeps every pointer into it valid.
-            unsafe {
+            let p = unsafe {
                 libc::mmap(
                     start as *mut libc::c_void,
                     len,
@@ -57,9 +80,12 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
                     -1,
                     0,
-                );
-            }
+                )
+            };
             slot.broken.store(true, Ordering::Release);
+            if p == libc::MAP_FAILED {
+                default_sigbus();
+            }
             return;
         }
     }
@@ -76,15 +102,8 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
             let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(prev.sa_sigaction) };
             f(sig);
         }
-        _ => {
-            // Default action: restore it; returning re-raises the fault, which kills.
-            // SAFETY: a zeroed sigaction with SIG_DFL is valid.
-            unsafe {
-                let mut dfl: libc::sigaction = std::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut());
-            }
-        }
+        // Default action: restore it; returning re-raises the fault, which kills.
+        _ => default_sigbus(),
     }
 }
 
