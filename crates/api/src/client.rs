@@ -150,7 +150,7 @@ fn recv_with_file(s: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Opt
             return Err(e);
         }
     };
-    let mut file = None;
+    let (mut file, mut received) = (None, 0usize);
     // SAFETY: the kernel filled msg_control/msg_controllen and the CMSG_* walk stays
     // inside them; an SCM_RIGHTS entry's descriptors are new and ours, each taken over
     // exactly once.
@@ -161,7 +161,9 @@ fn recv_with_file(s: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Opt
                 let count = ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
                 let p = libc::CMSG_DATA(c).cast::<RawFd>();
                 for i in 0..count {
+                    // Each one is ours to close: an extra one closes when dropped here.
                     let f = std::fs::File::from_raw_fd(std::ptr::read_unaligned(p.add(i)));
+                    received += 1;
                     if file.is_none() {
                         file = Some(f);
                     }
@@ -170,7 +172,7 @@ fn recv_with_file(s: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Opt
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+    if received > 1 || msg.msg_flags & libc::MSG_CTRUNC != 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             "the answer carried more than one descriptor",
