@@ -295,6 +295,7 @@ pub fn counters(vm: &Vm) -> Value {
                 "dma_enabled": ep.domain().is_some(),
                 "dma_faults": ep.faults().total(),
                 "bar_accesses": f.bar_accesses(),
+                "protocol_violations": f.violations(),
                 "err_irqs": err, "req_irqs": req,
                 "gone": d.is_torn_down(),
                 "frontend": d.frontend().device_stats(d.bdf()).map_or(Value::Null, |s| words(&s)),

@@ -40,6 +40,10 @@ enum Misbehaviour {
     KeepsWriting,
     /// Offers migration, stops, and refuses to run again (STOP -> RUNNING).
     NoRestart,
+    /// An MSI-X capability whose 2048-entry table (32 KiB) lies in its 4 KiB BAR 0.
+    MsixTooBig,
+    /// An MSI-X capability whose table lies in BAR 3, which it does not have.
+    MsixNoBar,
 }
 
 /// A PCI device shaped like the DMA engine (BAR0, BAR1, configuration space, one MSI)
@@ -81,10 +85,24 @@ impl Device for Fake {
     }
     fn region_read(&mut self, region: u32, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
         if region == proto::PCI_CONFIG {
-            // A plain header: ids, class, two 32-bit memory BARs, no capability.
+            // A plain header: ids, class, two 32-bit memory BARs, no capability (or the
+            // impossible MSI-X one).
             let mut cfg = [0u8; 256];
             cfg[0..4].copy_from_slice(&0xfa4e_1234u32.to_le_bytes());
             cfg[0x0a..0x0c].copy_from_slice(&0x0880u16.to_le_bytes());
+            let table_bir = match self.how {
+                Misbehaviour::MsixTooBig => Some(0u32),
+                Misbehaviour::MsixNoBar => Some(3),
+                _ => None,
+            };
+            if let Some(bir) = table_bir {
+                cfg[0x06] = 0x10; // status: capability list
+                cfg[0x34] = 0x40;
+                cfg[0x40] = abi::pci::cap::MSIX;
+                cfg[0x42..0x44].copy_from_slice(&2047u16.to_le_bytes()); // 2048 vectors
+                cfg[0x44..0x48].copy_from_slice(&bir.to_le_bytes()); // table at offset 0
+                cfg[0x48..0x4c].copy_from_slice(&(1u32).to_le_bytes()); // PBA in BAR 1
+            }
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
             }
@@ -450,6 +468,92 @@ fn a_device_that_does_not_run_again_after_a_pause_is_declared_gone() {
     let (code, _, stderr) = vmm.finish();
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("device vfu0 is gone (it did not run again after a pause"), "{stderr}");
+}
+
+/// Impossible MSI-X capabilities are refused at attach with one line naming the
+/// problem, as the other malformations are.
+#[test]
+fn a_device_with_an_impossible_msix_capability_is_refused_with_one_clear_line() {
+    for (how, tag, want) in [
+        (
+            Misbehaviour::MsixTooBig,
+            "msixbig",
+            "its table (2048 vectors, 32768 bytes at offset 0x0) does not fit in BAR 0",
+        ),
+        (Misbehaviour::MsixNoBar, "msixnobar", "its table (2048 vectors) lies in BAR 3, which is not a memory BAR"),
+    ] {
+        let (path, _release) = fake_server(how, tag);
+        let out = bin()
+            .args(["run", "--accel", "qtest", "--device", &format!("vfio-user,socket={}", path.display())])
+            .args(MEM)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("its MSI-X capability is impossible") && err.contains(want), "{err}");
+        assert_eq!(err.lines().filter(|l| l.contains("error")).count(), 1, "one line: {err}");
+    }
+}
+
+/// Relays a vfio-user connection, cutting one byte off every REGION_READ reply of a
+/// BAR: the server behind it is fine, the device the VMM sees breaks the protocol.
+fn shortening_proxy(upstream: PathBuf, tag: &str) -> PathBuf {
+    use vfio_user::proto::{FLAG_REPLY, FLAG_TYPE_MASK};
+    let path = std::env::temp_dir().join(format!("passthru-proxy-{tag}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let (vmm, _) = listener.accept().unwrap();
+        let dev = std::os::unix::net::UnixStream::connect(&upstream).unwrap();
+        let (mut vmm_r, mut dev_w) = (vmm.try_clone().unwrap(), dev.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut vmm_r, &mut dev_w));
+        let (mut dev_r, mut vmm_w) = (dev, vmm);
+        loop {
+            let mut h = [0u8; HEADER_SIZE];
+            if dev_r.read_exact(&mut h).is_err() {
+                return;
+            }
+            let mut hd = Header::from_bytes(&h).unwrap();
+            let mut body = vec![0u8; hd.size as usize - HEADER_SIZE];
+            if dev_r.read_exact(&mut body).is_err() {
+                return;
+            }
+            let reply = hd.flags & FLAG_TYPE_MASK == FLAG_REPLY;
+            let region = body.get(8..12).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+            if reply && hd.command == Command::RegionRead as u16 && body.len() > 16 && region != Some(proto::PCI_CONFIG)
+            {
+                body.pop();
+                hd.size -= 1;
+            }
+            if vmm_w.write_all(&hd.to_bytes()).is_err() || vmm_w.write_all(&body).is_err() {
+                return;
+            }
+        }
+    });
+    path
+}
+
+/// A device that answers BAR reads with the wrong length reads all-ones, and past a
+/// bound of such replies it is declared gone rather than kept forever.
+#[test]
+fn a_device_answering_reads_with_the_wrong_length_is_declared_gone_past_a_bound() {
+    let (upstream, _release) = fake_server(Misbehaviour::KeepsWriting, "shortreads");
+    let path = shortening_proxy(upstream, "shortreads");
+    let mut vmm = Vmm::start(&format!("vfio-user,socket={},iommu-mode=messages", path.display()));
+    vmm.enable();
+    let bar0 = qpci::bar(&mut |c| vmm.cmd(c), 1, 0);
+    for _ in 0..devices::vfio_pci::MAX_VIOLATIONS {
+        assert_eq!(vmm.cmd(&format!("readl {bar0:#x}")), "OK 0x00000000ffffffff");
+    }
+    assert!(
+        vmm.wait_stderr("device vfu0 is gone (it broke the vfio-user protocol 16 times", SLACK),
+        "{}",
+        vmm.stderr()
+    );
+    vmm.wait_torn_down("vfu0");
+    let (code, _, stderr) = vmm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
 }
 
 #[test]

@@ -244,7 +244,7 @@ impl Session<'_> {
                 let last = ep.faults().recent().last().map(|f| f.iova.0).unwrap_or(0);
                 Ok(format!(
                     "OK bdf={} dead={} frontend={} bus_master={} irq={} bars={} mappings={} faults={} \
-                     last_fault={last:#x} bar_accesses={} err_irqs={} req_irqs={}",
+                     last_fault={last:#x} bar_accesses={} err_irqs={} req_irqs={} violations={}",
                     dev.bdf_string(),
                     u8::from(dev.is_torn_down()),
                     dev.frontend().name(),
@@ -256,7 +256,8 @@ impl Session<'_> {
                     ep.faults().total(),
                     f.bar_accesses(),
                     f.notifications().0,
-                    f.notifications().1
+                    f.notifications().1,
+                    f.violations()
                 ) + &dev
                     .frontend()
                     .device_stats(dev.bdf())

@@ -31,6 +31,30 @@ pub enum ConfigError {
     /// The device does not answer.
     #[error("reading its configuration space: {0}")]
     Read(String),
+    /// Its MSI-X capability names a table or pending-bit array that cannot exist.
+    #[error("its MSI-X capability is impossible: {0}")]
+    Msix(String),
+}
+
+/// An MSI-X table and pending-bit array must each lie whole in a memory BAR the device
+/// has.
+fn check_msix(m: &MsixCap, bars: &[BarSpec]) -> Result<(), ConfigError> {
+    let pba_size = u64::from(m.vectors).div_ceil(64) * 8;
+    for (what, (bar, offset), size) in [("table", m.table, m.table_size()), ("pending-bit array", m.pba, pba_size)] {
+        let Some(b) = bars.iter().find(|b| b.index == bar && !matches!(b.kind, BarKind::Io)) else {
+            return Err(ConfigError::Msix(format!(
+                "its {what} ({} vectors) lies in BAR {bar}, which is not a memory BAR of the device",
+                m.vectors
+            )));
+        };
+        if offset.checked_add(size).is_none_or(|end| end > b.size) {
+            return Err(ConfigError::Msix(format!(
+                "its {what} ({} vectors, {size} bytes at offset {offset:#x}) does not fit in BAR {bar} ({} bytes)",
+                m.vectors, b.size
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The virtualized configuration space.
@@ -137,6 +161,9 @@ impl VirtConfig {
         let msix = space
             .find_capability(cap::MSIX)
             .map(|o| MsixCap::decode(o, space.u16(o + 2), space.u32(o + 4), space.u32(o + 8)));
+        if let Some(m) = &msix {
+            check_msix(m, &specs)?;
+        }
         let exp = space.find_capability(cap::EXP);
         if let Some(m) = &msi {
             emulate(&mut emulated, m.offset, m.size());

@@ -77,6 +77,9 @@ pub enum AttachError {
     Setup(String),
 }
 
+/// Replies breaking the protocol a device may send before it is declared gone.
+pub const MAX_VIOLATIONS: u64 = 16;
+
 /// Most vectors accepted per IRQ index: INTx, MSI (the capability's limit), MSI-X,
 /// ERR, REQ.
 const MAX_VECTORS: [u32; 5] = [1, 32, 2048, 1, 1];
@@ -138,6 +141,9 @@ pub struct AssignedFunction {
     gone_hooks: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
     /// Trapped BAR accesses and device accesses refused while bus mastering was off.
     bar_accesses: AtomicU64,
+    /// Replies that broke the protocol (a region read of the wrong size, a malformed
+    /// reply): past [`MAX_VIOLATIONS`] the device is declared gone.
+    violations: AtomicU64,
     /// The device's ERR and REQ notifications (dropped, so stopped, at teardown).
     notifications: Mutex<Option<notify::Notifications>>,
     /// The domain does not enforce snooping (an IOMMU without snoop control): the
@@ -337,6 +343,7 @@ impl AssignedFunction {
                 removing: AtomicBool::new(false),
                 gone_hooks: Mutex::new(Vec::new()),
                 bar_accesses: AtomicU64::new(0),
+                violations: AtomicU64::new(0),
                 notifications: Mutex::new(Some(notifications)),
                 enforce_snoop: AtomicBool::new(true),
                 noncoherent: AtomicBool::new(false),
@@ -536,6 +543,22 @@ impl AssignedFunction {
         self.bar_accesses.load(Ordering::Relaxed)
     }
 
+    /// Counts a reply that broke the protocol; past [`MAX_VIOLATIONS`] the device is
+    /// declared gone (a device whose every read is all-ones is of no use to the guest,
+    /// and one that cannot keep the protocol cannot be trusted with its DMA).
+    fn violation(&self, e: &vfio_user::endpoint::Error) {
+        let n = self.violations.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!("device {}: {e} ({n} protocol violations)", self.name);
+        if n == MAX_VIOLATIONS {
+            self.died(&format!("it broke the vfio-user protocol {n} times (last: {e})"));
+        }
+    }
+
+    /// Replies that broke the protocol so far.
+    pub fn violations(&self) -> u64 {
+        self.violations.load(Ordering::Relaxed)
+    }
+
     /// What the guest's COMMAND change means: decoding (the root re-reads windows),
     /// bus mastering (DMA attached or blocked), INTx disable (masked).
     fn apply_command(&self, st: &mut State, before: u16, after: u16) {
@@ -732,8 +755,11 @@ impl PciFunction for AssignedFunction {
             return;
         }
         // No lock held across the exchange: a slow device delays only this access.
-        if self.backend.region_read(u32::from(bar), offset, data).is_err() {
+        if let Err(e) = self.backend.region_read(u32::from(bar), offset, data) {
             data.fill(0xff);
+            if matches!(e, vfio_user::endpoint::Error::Proto(_)) {
+                self.violation(&e);
+            }
         }
     }
 
