@@ -109,7 +109,21 @@ fn request(c: &CtlCommand) -> (&'static str, &'static str, Option<Value>) {
 }
 
 /// Runs `passthru ctl`: exit 0 on a 2xx answer, 1 with the server's message otherwise.
+/// Ctrl-C (or SIGTERM, SIGHUP) ends it with 128 + N, saying what the VMM goes on doing:
+/// no request of the API can be cancelled once sent (a snapshot finishes, or fails
+/// leaving the previous one whole).
 pub fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
+    crate::signals::block();
+    let what = match &args.command {
+        CtlCommand::Snapshot { dir } => {
+            format!("the VMM goes on writing the snapshot to {dir} (a snapshot cannot be cancelled)")
+        }
+        _ => "the request was sent; the VMM carries it out".to_string(),
+    };
+    crate::signals::watch("", Vec::new(), move |status| {
+        eprintln!("passthru ctl: interrupted: {what}");
+        std::process::exit(i32::from(status));
+    })?;
     let (method, endpoint, body) = request(&args.command);
     let body = body.map(|b| b.to_string());
     // A snapshot takes a while: a spinner on a terminal (nothing otherwise).

@@ -315,6 +315,8 @@ pub fn device(args: DeviceArgs) -> Result<ExitCode, String> {
         (None, None) => return Err("pass --socket PATH".into()),
     };
     if spawned {
+        // Its VMM ends it: a terminal's Ctrl-C reaching the whole group does not.
+        crate::signals::ignore_terminal_signals();
         // One malloc arena: glibc opens /proc/sys/vm/overcommit_memory when it trims a
         // thread's own arena, and the sandbox allows no open. The device's few threads
         // do not contend on the allocator.

@@ -9,6 +9,7 @@ pub mod memlock;
 pub mod plot;
 pub mod run;
 pub mod sandbox;
+pub mod signals;
 
 /// Parses a memory size: bytes (decimal or `0x` hexadecimal), or a number with a K, M
 /// or G suffix (powers of 1024) — the control API's numbers.

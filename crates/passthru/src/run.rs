@@ -162,13 +162,49 @@ fn start_api(args: &RunArgs, vm: &Arc<Vm>, specs: &crate::control::Specs) -> Res
     Ok(Some(server))
 }
 
-/// Runs a machine until its guest exits (KVM) or its driver leaves (qtest).
+/// Where the signal thread finds the VM to stop (none yet: it exits at once).
+#[derive(Clone, Default)]
+struct StopSlot(Arc<Mutex<Option<std::sync::Weak<Vm>>>>);
+
+impl StopSlot {
+    /// From now on a signal stops `vm` in order.
+    fn set(&self, vm: &Arc<Vm>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(vm));
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP stop the VM in order (see [`crate::signals`]); before
+/// the VM exists, at once.
+fn watch_signals(args: &RunArgs) -> Result<StopSlot, String> {
+    crate::signals::block();
+    let slot = StopSlot::default();
+    // The socket files this process made, removed by a stop at once.
+    let files: Vec<PathBuf> = args.api_socket.iter().chain(&args.qtest).cloned().collect();
+    let (s, remove) = (slot.clone(), files.clone());
+    crate::signals::watch("stopping the VM in order", files, move |status| {
+        let vm = s.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(std::sync::Weak::upgrade);
+        match vm {
+            Some(vm) => vm.request_exit(status),
+            None => {
+                for p in &remove {
+                    let _ = std::fs::remove_file(p);
+                }
+                std::process::exit(i32::from(status));
+            }
+        }
+    })?;
+    Ok(slot)
+}
+
+/// Runs a machine until its guest exits (KVM) or its driver leaves (qtest), or a
+/// signal stops it.
 pub fn run(args: RunArgs) -> Result<ExitCode, String> {
+    let stop = watch_signals(&args)?;
     if let Some(dir) = &args.restore {
-        return run_restore(&args, dir);
+        return run_restore(&args, dir, &stop);
     }
     if args.qtest.is_some() || args.accel == Accel::Qtest {
-        return run_qtest(&args);
+        return run_qtest(&args, &stop);
     }
     let elf = load_guest(&args.guest)?;
     // The paravirtual DMA demo needs its device: give it the default one.
@@ -181,6 +217,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     };
     ensure_locked_memory(&args, args.memory, devices);
     let vm = Arc::new(Vm::new(config(&args, AccelKind::Kvm)).map_err(|e| e.to_string())?);
+    stop.set(&vm);
     let specs = attach_devices(&vm, devices)?;
     let api = start_api(&args, &vm, &specs)?;
     let status = vm.run_guest_with_args(&elf, &args.guest_args).map_err(|e| e.to_string());
@@ -198,7 +235,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
 
 /// `passthru run --restore DIR`: everything is checked before the VM is built; the
 /// devices come back with their names and slots.
-fn run_restore(args: &RunArgs, dir: &Path) -> Result<ExitCode, String> {
+fn run_restore(args: &RunArgs, dir: &Path, stop: &StopSlot) -> Result<ExitCode, String> {
     let qtest = args.accel == Accel::Qtest || args.qtest.is_some();
     // Progress on a terminal (hidden otherwise): check, RAM, devices.
     let bar = crate::bench::progress(3, "restoring");
@@ -240,6 +277,7 @@ fn run_restore(args: &RunArgs, dir: &Path) -> Result<ExitCode, String> {
     }
     ensure_locked_memory(args, snap.state.memory, &devices);
     let vm = Arc::new(Vm::new(cfg).map_err(|e| e.to_string())?);
+    stop.set(&vm);
     snap.apply_ram(&vm).map_err(|e| e.to_string())?;
     bar.inc(1);
     let specs = crate::control::Specs::default();
@@ -406,7 +444,7 @@ pub fn load_guest(name: &str) -> Result<Vec<u8>, String> {
     Err(format!("unknown guest '{name}': it is neither a built-in program ({}) nor an existing file", names.join(", ")))
 }
 
-fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
+fn run_qtest(args: &RunArgs, stop: &StopSlot) -> Result<ExitCode, String> {
     let mut config = config(args, AccelKind::Qtest);
     ensure_locked_memory(args, args.memory, &args.devices);
     let end = match &args.qtest {
@@ -417,7 +455,10 @@ fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
             let vm = Arc::new(Vm::new(config).map_err(|e| e.to_string())?);
             let specs = attach_devices(&vm, &args.devices)?;
             let api = start_api(args, &vm, &specs)?;
+            // Until a driver connects, a signal ends the process at once (the main
+            // thread waits in accept).
             let accepted = listener.accept();
+            stop.set(&vm);
             let _ = std::fs::remove_file(path);
             let (stream, _) = accepted.map_err(|e| format!("accepting on {}: {e}", path.display()))?;
             let writer = stream.try_clone().map_err(|e| e.to_string())?;
@@ -435,6 +476,7 @@ fn run_qtest(args: &RunArgs) -> Result<ExitCode, String> {
             // Standard output carries the protocol: the guest console goes to stderr.
             config.serial_out = Box::new(std::io::stderr());
             let vm = Arc::new(Vm::new(config).map_err(|e| e.to_string())?);
+            stop.set(&vm);
             let specs = attach_devices(&vm, &args.devices)?;
             let api = start_api(args, &vm, &specs)?;
             let out: SharedOut = Arc::new(Mutex::new(Box::new(std::io::stdout())));

@@ -1,0 +1,156 @@
+//! The operator's side: signals stop a VM in order (a second one at once), and `ctl`
+//! says what an interrupted request leaves behind.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+fn sock(tag: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("passthru-op-{tag}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+fn wait_socket(p: &Path) {
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(p).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20), "{} never answered", p.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) to a process this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+}
+
+/// The pids of `parent`'s children.
+fn children(parent: u32) -> Vec<u32> {
+    let p = format!("/proc/{parent}/task/{parent}/children");
+    std::fs::read_to_string(p).unwrap_or_default().split_whitespace().filter_map(|w| w.parse().ok()).collect()
+}
+
+fn spawn(args: &[&str]) -> Child {
+    bin().args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// SIGTERM (and SIGINT, SIGHUP) stop a VM in order: one line, its device process
+/// reaped, its API socket removed, exit 128 + N.
+#[test]
+fn a_signal_stops_the_vm_in_order_with_128_plus_its_number() {
+    vmm::require_kvm!();
+    for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130), (libc::SIGHUP, 129)] {
+        let s = sock("term");
+        let child = spawn(&[
+            "run",
+            "--guest",
+            "idle",
+            "--device",
+            "dma-engine",
+            "--locked-memory",
+            "1G",
+            "--api-socket",
+            s.to_str().unwrap(),
+        ]);
+        wait_socket(&s);
+        let device = children(child.id());
+        assert_eq!(device.len(), 1, "the engine's process");
+        signal(child.id(), sig);
+        let out = wait_within(child, Duration::from_secs(20));
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{err}");
+        assert_eq!(err.matches("stopping the VM in order").count(), 1, "one line: {err}");
+        assert!(!err.contains("is gone"), "an orderly stop, not a death: {err}");
+        assert!(!s.exists(), "the API socket is removed");
+        assert!(!Path::new(&format!("/proc/{}", device[0])).exists(), "the device process is reaped");
+    }
+}
+
+/// The same under qtest: the session ends, exit 130.
+#[test]
+fn sigint_ends_a_qtest_session_in_order() {
+    let s = sock("qtest");
+    let mut child = bin()
+        .args(["run", "--accel", "qtest", "--api-socket", s.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _stdin = child.stdin.take();
+    wait_socket(&s);
+    signal(child.id(), libc::SIGINT);
+    let out = wait_within(child, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    assert!(!s.exists());
+}
+
+/// A second signal does not wait for an orderly stop that takes long (a device that
+/// does not answer its DMA_UNMAP, given 20 s to): the process ends at once.
+#[test]
+fn a_second_signal_stops_at_once() {
+    let dev = std::env::temp_dir().join(format!("passthru-op-dev-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&dev);
+    let mut server = spawn(&["device", "dma-engine", "--socket", dev.to_str().unwrap()]);
+    let t = Instant::now();
+    while !dev.exists() {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = sock("twice");
+    let spec = format!("vfio-user,socket={},timeout=20s", dev.display());
+    let mut child = bin()
+        .args(["run", "--accel", "qtest", "--locked-memory", "1G", "--device", &spec])
+        .args(["--api-socket", s.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bus mastering on: the device holds DMA windows the stop must take back.
+    let (mut stdin, mut out) = (child.stdin.take().unwrap(), std::io::BufReader::new(child.stdout.take().unwrap()));
+    qpci::enable(
+        &mut |c| {
+            use std::io::{BufRead, Write};
+            writeln!(stdin, "{c}").unwrap();
+            let mut l = String::new();
+            out.read_line(&mut l).unwrap();
+            l.trim_end().to_string()
+        },
+        1,
+    );
+    wait_socket(&s);
+    signal(server.id(), libc::SIGSTOP); // its unmaps will not be answered
+    signal(child.id(), libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    signal(child.id(), libc::SIGINT);
+    let out = {
+        // Its standard output was taken above: wait for the status and stderr alone.
+        let mut err = child.stderr.take().unwrap();
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "still running");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut e = Vec::new();
+        std::io::Read::read_to_end(&mut err, &mut e).unwrap();
+        std::process::Output { status, stdout: Vec::new(), stderr: e }
+    };
+    drop(stdin);
+    signal(server.id(), libc::SIGCONT);
+    let _ = server.kill();
+    let _ = server.wait();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("SIGINT again: stopping at once"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "it took {:?}", t.elapsed());
+    assert!(!s.exists(), "the API socket is removed");
+}
