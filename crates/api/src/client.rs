@@ -78,6 +78,61 @@ pub fn call_with_files(
     Ok((parse_answer(&raw)?, file.into_iter().collect()))
 }
 
+/// Follows `GET /api/v1/events`: calls `line` with each event (a JSON line) as it
+/// comes, until the server ends the stream (the VM ended: Ok) or `line` returns
+/// false. No deadline on waiting for events (a quiet VM sends none); a broken stream
+/// is an error.
+pub fn follow_events(socket: &Path, mut line: impl FnMut(&str) -> bool) -> Result<(), String> {
+    use std::io::BufRead;
+    let shown = socket.display();
+    let mut s = UnixStream::connect(socket).map_err(|e| {
+        format!("cannot connect to the API socket {shown}: {e} (is passthru running with --api-socket?)")
+    })?;
+    s.write_all(format!("GET {PREFIX}events HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| format!("sending to {shown}: {e}"))?;
+    let mut r = std::io::BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l).map_err(|e| format!("reading from {shown}: {e}"))? == 0 {
+            return Err(format!("{shown}: the server closed the connection before answering"));
+        }
+        if l == "\r\n" {
+            break;
+        }
+        head.push_str(&l);
+    }
+    if !head.starts_with("HTTP/1.1 200") {
+        let mut rest = Vec::new();
+        let _ = r.take(MAX_ANSWER as u64).read_to_end(&mut rest);
+        let mut raw = head.into_bytes();
+        raw.extend_from_slice(b"\r\n");
+        raw.extend_from_slice(&rest);
+        let a = parse_answer(&raw)?;
+        return Err(format!("events: {} ({})", a.message(), a.status));
+    }
+    // Chunked: a size line, the chunk (one event and its newline), CRLF; size 0 ends.
+    loop {
+        let mut size = String::new();
+        if r.read_line(&mut size).map_err(|e| format!("reading events: {e}"))? == 0 {
+            return Err("the event stream was cut".into());
+        }
+        let n = usize::from_str_radix(size.trim(), 16).map_err(|_| "a malformed event stream".to_string())?;
+        if n == 0 {
+            return Ok(());
+        }
+        if n > MAX_ANSWER {
+            return Err("an event over the answer limit".into());
+        }
+        let mut chunk = vec![0u8; n + 2];
+        r.read_exact(&mut chunk).map_err(|e| format!("reading events: {e}"))?;
+        let text = String::from_utf8_lossy(&chunk[..n]);
+        if !line(text.trim_end()) {
+            return Ok(());
+        }
+    }
+}
+
 /// Parses a whole answer (head and Content-Length body).
 pub fn parse_answer(raw: &[u8]) -> Result<Answer, String> {
     if raw.len() > MAX_ANSWER {

@@ -72,6 +72,12 @@ pub const ENDPOINTS: &[Endpoint] = &[
         help: "hand out the TCE table behind a liobn: its geometry, and its file (a memfd, passed with SCM_RIGHTS on this connection) to map read-only and walk (layout: abi::tce::layout)",
     },
     Endpoint {
+        name: "events",
+        method: "GET",
+        body: "",
+        help: "the VM's event stream: one JSON object per line (chunked), {\"ts\", \"event\", ...}, until the client leaves or the VM ends",
+    },
+    Endpoint {
         name: "memory.remove",
         method: "PUT",
         body: r#"{"gpa": "0x100000000"}"#,
@@ -138,6 +144,8 @@ pub enum Command {
         /// The window's liobn.
         liobn: u32,
     },
+    /// `GET events`: a stream of JSON lines, not one answer.
+    Events,
 }
 
 /// A number in a body: a JSON number, or a string (`0x` hexadecimal, decimal, or a
@@ -266,6 +274,7 @@ pub fn decode(method: &str, path: &str, body: &[u8]) -> Result<Command, ApiError
     Ok(match endpoint.name {
         "vm.info" => no_body().map(|()| Command::Info)?,
         "vm.counters" => no_body().map(|()| Command::Counters)?,
+        "events" => no_body().map(|()| Command::Events)?,
         "vm.pause" => no_body().map(|()| Command::Pause)?,
         "vm.resume" => no_body().map(|()| Command::Resume)?,
         "vm.shutdown" => {

@@ -46,6 +46,12 @@ pub trait Handler: Send + Sync {
     fn handle_with_files(&self, command: Command) -> Result<(serde_json::Value, Vec<std::fs::File>), ApiError> {
         self.handle(command).map(|v| (v, Vec::new()))
     }
+
+    /// `GET events`: a subscription to the VM's events, one JSON line each; the
+    /// stream ends when the sender is dropped (the VM ended).
+    fn events(&self) -> Result<std::sync::mpsc::Receiver<String>, ApiError> {
+        Err(ApiError::not_found("this server has no event stream"))
+    }
 }
 
 /// Counters of the server itself.
@@ -157,8 +163,17 @@ impl Drop for Server {
             let _ = t.join();
         }
         let clients: Vec<_> = self.shared.clients.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        // Every client thread sees the stop flag within a tick (an event stream ends
+        // properly then); a request in progress finishes first. Then whatever is left
+        // is shut down.
+        let deadline = Instant::now() + 3 * TICK;
+        while Instant::now() < deadline && clients.iter().any(|(_, c)| !c.thread.is_finished()) {
+            std::thread::sleep(TICK / 10);
+        }
         for (_, c) in clients {
-            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            if !c.thread.is_finished() {
+                let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            }
             let _ = c.thread.join();
         }
         let _ = std::fs::remove_file(&self.path);
@@ -301,6 +316,10 @@ fn serve_client(shared: &Shared, mut stream: UnixStream, busy: &AtomicBool) {
             }
             Ok(Parsed::Complete(req, used)) => {
                 buf.drain(..used);
+                if let Ok(Command::Events) = decode(&req.method, &req.path, &req.body) {
+                    stream_events(shared, &mut stream);
+                    return;
+                }
                 let result =
                     decode(&req.method, &req.path, &req.body).and_then(|c| shared.handler.handle_with_files(c));
                 let (status, body, files) = match result {
@@ -350,6 +369,57 @@ fn serve_client(shared: &Shared, mut stream: UnixStream, busy: &AtomicBool) {
             Err(_) => return,
         }
     }
+}
+
+/// Streams the VM's events to the client, chunked (one JSON line per chunk), until it
+/// leaves, the server stops, or the VM ends. A client that does not take a chunk
+/// within [`WRITE_DEADLINE`] is cut off (it cannot slow the VM: events it does not
+/// take are dropped from its queue).
+fn stream_events(shared: &Shared, stream: &mut UnixStream) {
+    let rx = match shared.handler.events() {
+        Ok(rx) => rx,
+        Err(e) => {
+            answer(shared, stream, e.status, &e.body(), true);
+            return;
+        }
+    };
+    shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\
+                Connection: close\r\n\r\n";
+    if stream.write_all(head.as_bytes()).is_err() {
+        return;
+    }
+    let chunk = |s: &mut UnixStream, line: &str| -> bool {
+        let body = format!("{line}\n");
+        s.write_all(format!("{:x}\r\n{body}\r\n", body.len()).as_bytes()).is_ok()
+    };
+    while !shared.stop.load(Ordering::SeqCst) {
+        match rx.recv_timeout(TICK) {
+            Ok(line) => {
+                if !chunk(stream, &line) {
+                    return;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // A client that left is noticed here: a read returns 0.
+                let mut b = [0u8; 64];
+                let _ = stream.set_nonblocking(true);
+                let gone = matches!(stream.read(&mut b), Ok(0));
+                let _ = stream.set_nonblocking(false);
+                if gone {
+                    return;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    // What was published before the end (the VM stopping) still goes out.
+    while let Ok(line) = rx.try_recv() {
+        if !chunk(stream, &line) {
+            return;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n");
 }
 
 /// Writes one answer, all of it within [`WRITE_DEADLINE`] (a client reading slowly

@@ -145,6 +145,13 @@ impl VmDma {
         }
     }
 
+    /// Faults recorded so far through the endpoints that exist now (refused device
+    /// accesses, all devices of the VM).
+    pub fn faults_total(&self) -> u64 {
+        let eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        eps.iter().filter_map(Weak::upgrade).map(|e| e.faults.total()).sum()
+    }
+
     /// Remembers an endpoint (it is invalidated when memory leaves the map).
     pub(crate) fn register_endpoint(&self, ep: &Arc<EndpointInner>) {
         let mut eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());

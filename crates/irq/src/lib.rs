@@ -22,7 +22,7 @@ mod registry;
 mod source;
 
 pub use chip::{GuestIrq, IrqChip, MsiMessage};
-pub use registry::{IrqCounts, IrqError, IrqRegistry, Mode, SourceStats};
+pub use registry::{IrqCounts, IrqError, IrqRegistry, Mode, SourceStats, SwitchHook};
 pub use source::{IrqSource, SourceId, Trigger};
 
 /// A non-blocking, close-on-exec eventfd: every eventfd of the VMM is created this way,

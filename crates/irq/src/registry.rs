@@ -158,7 +158,12 @@ pub struct IrqRegistry {
     default_mode: Mode,
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
+    /// Told of every switch of a source's mode (after it happened, no lock held).
+    on_switch: std::sync::RwLock<Option<SwitchHook>>,
 }
+
+/// What [`IrqRegistry::on_switch`] calls: the source and its new mode.
+pub type SwitchHook = Arc<dyn Fn(&SourceId, Mode) + Send + Sync>;
 
 impl IrqRegistry {
     /// A registry over `chip`; sources attach in `default_mode` unless told otherwise.
@@ -168,7 +173,21 @@ impl IrqRegistry {
         shared.watch(stop.as_raw_fd(), Token::Stop)?;
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new().name("irq-delivery".into()).spawn(move || delivery::run(&s))?;
-        Ok(IrqRegistry { shared, default_mode, stop, thread: Some(thread) })
+        Ok(IrqRegistry { shared, default_mode, stop, thread: Some(thread), on_switch: std::sync::RwLock::new(None) })
+    }
+
+    /// Calls `hook` after every switch of a source between forwarded and VMM delivery
+    /// (an operator's, a restore's, a test source's), with no registry lock held. It
+    /// must not block.
+    pub fn on_switch(&self, hook: SwitchHook) {
+        *self.on_switch.write().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    fn switched(&self, id: &SourceId, mode: Mode) {
+        let hook = self.on_switch.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(h) = hook {
+            h(id, mode);
+        }
     }
 
     /// The mode sources attach in by default.
@@ -254,6 +273,12 @@ impl IrqRegistry {
 
     /// Hands `id` to KVM. Forwarding twice, or an unknown source, is an error.
     pub fn forward(&self, id: &SourceId) -> Result<(), IrqError> {
+        self.forward_locked(id)?;
+        self.switched(id, Mode::Forwarded);
+        Ok(())
+    }
+
+    fn forward_locked(&self, id: &SourceId) -> Result<(), IrqError> {
         let mut st = self.lock();
         let entry = st.entries.get_mut(id).ok_or_else(|| IrqError::Unknown(id.clone()))?;
         if entry.mode == Mode::Forwarded {
@@ -283,17 +308,25 @@ impl IrqRegistry {
     /// Hands `id` back to the VMM. An unknown source is an error; for a known one this
     /// cannot fail (a source already with the VMM stays there).
     pub fn unforward(&self, id: &SourceId) -> Result<(), IrqError> {
+        if self.unforward_locked(id)? {
+            self.switched(id, Mode::Vmm);
+        }
+        Ok(())
+    }
+
+    /// True if it switched.
+    fn unforward_locked(&self, id: &SourceId) -> Result<bool, IrqError> {
         let mut st = self.lock();
         let entry = st.entries.get_mut(id).ok_or_else(|| IrqError::Unknown(id.clone()))?;
         if entry.mode == Mode::Vmm {
-            return Ok(());
+            return Ok(false);
         }
         if entry.parked {
             // Masked: already watched by the VMM.
             entry.parked = false;
             entry.mode = Mode::Vmm;
             entry.switches += 1;
-            return Ok(());
+            return Ok(true);
         }
         self.stop_forwarded(entry);
         if let Err(e) = self.start_vmm(entry) {
@@ -305,7 +338,7 @@ impl IrqRegistry {
         entry.mode = Mode::Vmm;
         entry.switches += 1;
         kick_resample(entry);
-        Ok(())
+        Ok(true)
     }
 
     /// Switches `id` to `mode`. A source already in `mode` is left alone.

@@ -33,6 +33,10 @@ impl Control {
 }
 
 impl Handler for Control {
+    fn events(&self) -> Result<std::sync::mpsc::Receiver<String>, ApiError> {
+        Ok(self.vm.subscribe_events())
+    }
+
     fn handle(&self, command: Command) -> Result<Value, ApiError> {
         let vm = &self.vm;
         match command {
@@ -94,6 +98,8 @@ impl Handler for Control {
                 Ok(json!({ "removed": gpa }))
             }
             Command::TceTable { liobn } => self.table_view(liobn, false).map(|(v, _)| v),
+            // Served as a stream by the server (see `events`), never as one answer.
+            Command::Events => Err(ApiError::bad_request("events is a stream: GET it on a connection of its own")),
         }
     }
 

@@ -74,6 +74,9 @@ enum CtlCommand {
         /// The snapshot's directory (replaced atomically if it exists).
         dir: String,
     },
+    /// Follow the VM's events (run state, devices added, removed and gone, interrupt
+    /// forwarding switched, snapshots, DMA faults per second) until it ends or Ctrl-C.
+    Events,
     /// Map the TCE table behind LIOBN (its file passed by the VMM) and list its valid
     /// entries, read from the mapping as a tool would.
     TceTable {
@@ -88,6 +91,7 @@ enum CtlCommand {
 fn request(c: &CtlCommand) -> (&'static str, &'static str, Option<Value>) {
     match c {
         CtlCommand::Info => ("GET", "vm.info", None),
+        CtlCommand::Events => ("GET", "events", None),
         CtlCommand::Counters => ("GET", "vm.counters", None),
         CtlCommand::AddDevice { spec } => ("PUT", "vm.add-device", Some(json!({ "device": spec }))),
         CtlCommand::RemoveDevice { name } => ("PUT", "vm.remove-device", Some(json!({ "name": name }))),
@@ -118,12 +122,22 @@ pub fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
         CtlCommand::Snapshot { dir } => {
             format!("the VMM goes on writing the snapshot to {dir} (a snapshot cannot be cancelled)")
         }
+        CtlCommand::Events => "no longer following the events; the VM goes on".to_string(),
         _ => "the request was sent; the VMM carries it out".to_string(),
     };
     crate::signals::watch("", Vec::new(), move |status| {
         eprintln!("passthru ctl: interrupted: {what}");
         std::process::exit(i32::from(status));
     })?;
+    if let CtlCommand::Events = args.command {
+        let json = args.json;
+        api::client::follow_events(&args.socket, |line| {
+            let text = if json { line.to_string() } else { human_event(line) };
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{text}").and_then(|()| out.flush()).is_ok()
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let (method, endpoint, body) = request(&args.command);
     let body = body.map(|b| b.to_string());
     // A snapshot takes a while: a spinner on a terminal (nothing otherwise).
@@ -162,6 +176,21 @@ pub fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
     };
     let _ = writeln!(out, "{}", text.trim_end());
     Ok(ExitCode::SUCCESS)
+}
+
+/// One event for a human: `   12.345 s  device-gone dma0: why`.
+pub fn human_event(line: &str) -> String {
+    let Ok(Value::Object(mut m)) = serde_json::from_str::<Value>(line) else { return line.to_string() };
+    let ts = m.remove("ts").and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let event = m.remove("event").and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    let rest: Vec<String> = m
+        .iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => format!("{k}={s}"),
+            other => format!("{k}={other}"),
+        })
+        .collect();
+    format!("{ts:>10.3} s  {event:<14} {}", rest.join(" ")).trim_end().to_string()
 }
 
 /// Adds the table's valid entries, read through a read-only mapping of the file the

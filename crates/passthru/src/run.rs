@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// `passthru ctl PATH ...` and `passthru stat PATH` talk to it.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Write the VM's events (as `GET /api/v1/events` streams them: one JSON object per
+    /// line) to PATH (appended), or to descriptor N with fd=N.
+    #[arg(long, value_name = "PATH|fd=N")]
+    event_monitor: Option<String>,
     /// Restore the VM saved in DIR (control API vm.snapshot) and let it go on from
     /// where it was: its RAM, devices (attached again as recorded; --device, if
     /// given, must list the same ones), DMA domains, interrupts and vCPU. KVM only.
@@ -196,6 +200,56 @@ fn watch_signals(args: &RunArgs) -> Result<StopSlot, String> {
     Ok(slot)
 }
 
+/// The `--event-monitor` thread: dropping this waits (at most a second) for it to have
+/// written the last events (it ends once the VM is gone).
+struct Monitor(Option<std::sync::mpsc::Receiver<()>>);
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            let _ = done.recv_timeout(std::time::Duration::from_secs(1));
+        }
+    }
+}
+
+/// With `--event-monitor`: a thread (`event-monitor`) writing every event of `vm` as a
+/// JSON line, from the moment it is called (start it right after the VM is built).
+fn start_event_monitor(args: &RunArgs, vm: &Vm) -> Result<Monitor, String> {
+    use std::os::fd::FromRawFd;
+    let Some(to) = &args.event_monitor else { return Ok(Monitor(None)) };
+    let mut out: std::fs::File = match to.strip_prefix("fd=") {
+        Some(n) => {
+            let fd: i32 = n.parse().map_err(|_| format!("--event-monitor {to}: fd=N takes a descriptor number"))?;
+            // SAFETY: F_GETFD only asks whether the descriptor is open.
+            if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(format!("--event-monitor {to}: descriptor {fd} is not open (or is a standard one)"));
+            }
+            // SAFETY: an open descriptor the operator handed to this process for this use;
+            // it is owned from here on.
+            unsafe { std::fs::File::from_raw_fd(fd) }
+        }
+        None => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(to)
+            .map_err(|e| format!("--event-monitor {to}: {e}"))?,
+    };
+    let rx = vm.subscribe_events();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("event-monitor".into())
+        .spawn(move || {
+            for line in rx {
+                if writeln!(out, "{line}").is_err() {
+                    break;
+                }
+            }
+            let _ = done.send(());
+        })
+        .map(|_| Monitor(Some(finished)))
+        .map_err(|e| format!("--event-monitor: cannot start its thread: {e}"))
+}
+
 /// Runs a machine until its guest exits (KVM) or its driver leaves (qtest), or a
 /// signal stops it.
 pub fn run(args: RunArgs) -> Result<ExitCode, String> {
@@ -218,6 +272,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     ensure_locked_memory(&args, args.memory, devices);
     let vm = Arc::new(Vm::new(config(&args, AccelKind::Kvm)).map_err(|e| e.to_string())?);
     stop.set(&vm);
+    let _monitor = start_event_monitor(&args, &vm)?;
     let specs = attach_devices(&vm, devices)?;
     let api = start_api(&args, &vm, &specs)?;
     let status = vm.run_guest_with_args(&elf, &args.guest_args).map_err(|e| e.to_string());
@@ -278,6 +333,7 @@ fn run_restore(args: &RunArgs, dir: &Path, stop: &StopSlot) -> Result<ExitCode, 
     ensure_locked_memory(args, snap.state.memory, &devices);
     let vm = Arc::new(Vm::new(cfg).map_err(|e| e.to_string())?);
     stop.set(&vm);
+    let _monitor = start_event_monitor(args, &vm)?;
     snap.apply_ram(&vm).map_err(|e| e.to_string())?;
     bar.inc(1);
     let specs = crate::control::Specs::default();
@@ -286,7 +342,9 @@ fn run_restore(args: &RunArgs, dir: &Path, stop: &StopSlot) -> Result<ExitCode, 
         specs.lock().unwrap_or_else(|e| e.into_inner()).insert(d.name.clone(), arg.spec());
     }
     snap.apply_devices(&vm).map_err(|e| e.to_string())?;
+    bar.inc(1);
     bar.finish_and_clear();
+    vm.events().publish(vmm::events::Event::Restored { dir: dir.display().to_string() });
     let _ = writeln!(std::io::stderr(), "passthru: restored {} ({} device(s))", dir.display(), devices.len());
     let api = start_api(args, &vm, &specs)?;
     if qtest {
@@ -295,6 +353,7 @@ fn run_restore(args: &RunArgs, dir: &Path, stop: &StopSlot) -> Result<ExitCode, 
         let out: SharedOut = Arc::new(Mutex::new(Box::new(std::io::stdout())));
         let lines = read_lines(BufReader::new(std::io::stdin()))?;
         let end = qtest::serve_channel(&vm, lines, out).map_err(|e| e.to_string());
+        stopping(&vm, &end);
         drop(api);
         drop(vm);
         return Ok(match end? {
@@ -453,6 +512,7 @@ fn run_qtest(args: &RunArgs, stop: &StopSlot) -> Result<ExitCode, String> {
                 format!("cannot listen on {}: {e} (remove a stale socket file, or pick another path)", path.display())
             })?;
             let vm = Arc::new(Vm::new(config).map_err(|e| e.to_string())?);
+            let _monitor = start_event_monitor(args, &vm)?;
             let specs = attach_devices(&vm, &args.devices)?;
             let api = start_api(args, &vm, &specs)?;
             // Until a driver connects, a signal ends the process at once (the main
@@ -466,6 +526,7 @@ fn run_qtest(args: &RunArgs, stop: &StopSlot) -> Result<ExitCode, String> {
             let out: SharedOut = Arc::new(Mutex::new(Box::new(writer)));
             let lines = read_lines(BufReader::new(reader))?;
             let end = qtest::serve_channel(&vm, lines, out).map_err(|e| e.to_string());
+            stopping(&vm, &end);
             // Ends the reader thread if the session ended by vm.shutdown.
             let _ = stream.shutdown(std::net::Shutdown::Both);
             drop(api);
@@ -477,11 +538,13 @@ fn run_qtest(args: &RunArgs, stop: &StopSlot) -> Result<ExitCode, String> {
             config.serial_out = Box::new(std::io::stderr());
             let vm = Arc::new(Vm::new(config).map_err(|e| e.to_string())?);
             stop.set(&vm);
+            let _monitor = start_event_monitor(args, &vm)?;
             let specs = attach_devices(&vm, &args.devices)?;
             let api = start_api(args, &vm, &specs)?;
             let out: SharedOut = Arc::new(Mutex::new(Box::new(std::io::stdout())));
             let lines = read_lines(BufReader::new(std::io::stdin()))?;
             let end = qtest::serve_channel(&vm, lines, out).map_err(|e| e.to_string());
+            stopping(&vm, &end);
             drop(api);
             drop(vm);
             end?
@@ -491,6 +554,16 @@ fn run_qtest(args: &RunArgs, stop: &StopSlot) -> Result<ExitCode, String> {
         End::Eof => ExitCode::SUCCESS,
         End::Exit(status) => ExitCode::from(status),
     })
+}
+
+/// Says the VM stops as the qtest session ended (its status, or 0 at the end of the
+/// driver's input).
+fn stopping(vm: &Vm, end: &Result<End, String>) {
+    match end {
+        Ok(End::Exit(status)) => vm.stopping(*status),
+        Ok(End::Eof) => vm.stopping(0),
+        Err(_) => vm.stopping(1),
+    }
 }
 
 /// A thread (`qtest-input`) that reads the driver's lines, so the session can also end

@@ -154,3 +154,76 @@ fn a_second_signal_stops_at_once() {
     assert!(t.elapsed() < Duration::from_secs(5), "it took {:?}", t.elapsed());
     assert!(!s.exists(), "the API socket is removed");
 }
+
+/// The event stream, through `--event-monitor` and `passthru ctl PATH events` alike:
+/// devices added, removed and gone (with why), interrupt forwarding switched, a
+/// snapshot, DMA faults per second, pause and resume, and the VM stopping.
+#[test]
+fn the_event_stream_tells_what_happens() {
+    let s = sock("events");
+    let log = std::env::temp_dir().join(format!("passthru-op-events-{}.log", std::process::id()));
+    let snap = std::env::temp_dir().join(format!("passthru-op-events-snap-{}", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_dir_all(&snap);
+    let mut q = Q::start(&[
+        "--locked-memory",
+        "1G",
+        "--device",
+        "dma-engine,process=inline",
+        "--api-socket",
+        s.to_str().unwrap(),
+        "--event-monitor",
+        log.to_str().unwrap(),
+    ]);
+    wait_socket(&s);
+    let follower = bin()
+        .args(["ctl", s.to_str().unwrap(), "events"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let ctl = |args: &[&str]| {
+        let out = bin().arg("ctl").arg(&s).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out.stderr));
+    };
+    ctl(&["add-device", "dma-engine,dma=pvdma"]);
+    ctl(&["irq-set-mode", "serial/0/0", "vmm"]);
+    ctl(&["snapshot", snap.to_str().unwrap()]);
+    ctl(&["remove-device", "dma1"]);
+    // A device process that dies: its death, and why.
+    ctl(&["add-device", "dma-engine"]);
+    let info: serde_json::Value =
+        serde_json::from_slice(&bin().arg("ctl").arg("--json").arg(&s).arg("info").output().unwrap().stdout).unwrap();
+    let pid = info["devices"].as_array().unwrap().iter().find_map(|d| d["process"].as_u64()).unwrap();
+    signal(pid as u32, libc::SIGKILL);
+    // The engine in the VMM, bus mastering off: its ring fetch faults (counted per second).
+    let ring = "writeq 0xc0000008 0x200000";
+    for c in [ring, "writel 0xc0000010 16", "writel 0xc0000024 1", "writel 0xc0000018 1"] {
+        assert_eq!(q.cmd(c), "OK");
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(q.cmd("pause").starts_with("OK"), "paused (the dead device cannot be stopped)");
+    q.ok("resume");
+    q.end(); // the driver leaves: the VM stops
+    let followed = wait_within(follower, Duration::from_secs(20));
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let events: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let has = |name: &str, f: &dyn Fn(&serde_json::Value) -> bool| events.iter().any(|e| e["event"] == name && f(e));
+    assert!(has("device-added", &|e| e["name"] == "dma1" && e["frontend"] == "pvdma"), "{lines}");
+    assert!(has("irq-mode", &|e| e["source"] == "serial/0/0" && e["mode"] == "vmm"), "{lines}");
+    assert!(has("snapshot", &|e| e["phase"] == "started") && has("snapshot", &|e| e["phase"] == "done"), "{lines}");
+    assert!(has("device-removed", &|e| e["name"] == "dma1"), "{lines}");
+    assert!(has("device-gone", &|e| e["name"] == "dma2" && e["why"].as_str().unwrap().contains("closed")), "{lines}");
+    assert!(has("dma-faults", &|e| e["per_second"].as_u64().unwrap() >= 1), "{lines}");
+    assert!(has("vm-paused", &|_| true) && has("vm-resumed", &|_| true), "{lines}");
+    assert_eq!(events.last().unwrap()["event"], "vm-stopping", "{lines}");
+    // ctl events saw the same stream, in its human form.
+    assert_eq!(followed.status.code(), Some(0), "the stream ended with the VM: {}", text(&followed.stderr));
+    let human = text(&followed.stdout);
+    for name in ["device-added", "irq-mode", "snapshot", "device-removed", "device-gone", "vm-stopping"] {
+        assert!(human.contains(name), "ctl events: {human}");
+    }
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_dir_all(&snap);
+}

@@ -232,6 +232,8 @@ pub struct DeviceManager {
     next: Mutex<u32>,
     /// A step made to fail (rollback tests).
     fail_at: Mutex<Option<AttachStep>>,
+    /// Where devices added, removed and gone are told.
+    events: Arc<crate::events::Events>,
 }
 
 /// Steps of an attach (for the rollback tests).
@@ -247,8 +249,15 @@ pub enum AttachStep {
 
 impl DeviceManager {
     /// A manager plugging into `root`, handing devices to `frontends`.
-    pub fn new(root: Arc<PciRoot>, frontends: Frontends, irqs: Arc<IrqRegistry>, dma: Arc<VmDma>) -> DeviceManager {
+    pub fn new(
+        root: Arc<PciRoot>,
+        frontends: Frontends,
+        irqs: Arc<IrqRegistry>,
+        dma: Arc<VmDma>,
+        events: Arc<crate::events::Events>,
+    ) -> DeviceManager {
         DeviceManager {
+            events,
             root,
             frontends,
             irqs,
@@ -373,7 +382,12 @@ impl DeviceManager {
         // manager lock.
         let root = Arc::downgrade(&self.root);
         let (nc, gone_name) = (Arc::downgrade(&self.noncoherent), name.clone());
+        let (events, gone_fn) = (Arc::downgrade(&self.events), Arc::downgrade(&function));
         function.on_gone(Box::new(move || {
+            // A death (not an unplug, which tears down with no reason recorded).
+            if let (Some(e), Some(why)) = (events.upgrade(), gone_fn.upgrade().and_then(|f| f.death_reason())) {
+                e.publish(crate::events::Event::DeviceGone { name: gone_name.clone(), why });
+            }
             undo_frontend();
             if let Some(n) = nc.upgrade() {
                 n.remove(&gone_name);
@@ -400,6 +414,11 @@ impl DeviceManager {
         rollback.armed = false;
         let dev = Arc::new(AssignedDevice { name, slot, function, frontend: fe, root: Arc::clone(&self.root) });
         devices.push(Arc::clone(&dev));
+        self.events.publish(crate::events::Event::DeviceAdded {
+            name: dev.name.clone(),
+            bdf: dev.bdf_string(),
+            frontend: dev.frontend.name().to_string(),
+        });
         Ok(dev)
     }
 
@@ -414,6 +433,7 @@ impl DeviceManager {
         let dev = devices.remove(i);
         drop(devices);
         self.remove(&dev);
+        self.events.publish(crate::events::Event::DeviceRemoved { name: dev.name.clone() });
         Ok(())
     }
 

@@ -13,6 +13,7 @@ pub mod boot;
 pub mod core_calls;
 pub mod device_manager;
 pub mod error;
+pub mod events;
 pub mod flush;
 pub mod irq_watch;
 pub mod memory;

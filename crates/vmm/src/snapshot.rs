@@ -199,6 +199,21 @@ fn err(what: impl Into<String>) -> Error {
 /// Saves `vm` to `dir`. `specs` gives each device's `--device` text (to attach it
 /// again on restore). Refusals come before anything is written.
 pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Result<SaveReport> {
+    use crate::events::Event;
+    let shown = dir.display().to_string();
+    let r = save_inner(vm, dir, specs, &|| {
+        vm.events().publish(Event::Snapshot { phase: "started".into(), dir: shown.clone(), bytes: None, error: None })
+    });
+    let event = match &r {
+        Ok(report) => Event::Snapshot { phase: "done".into(), dir: shown, bytes: Some(report.bytes), error: None },
+        Err(e) => Event::Snapshot { phase: "failed".into(), dir: shown, bytes: None, error: Some(e.to_string()) },
+    };
+    vm.events().publish(event);
+    r
+}
+
+/// [`save`], calling `started` once the refusals are past.
+fn save_inner(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>, started: &dyn Fn()) -> Result<SaveReport> {
     let t0 = Instant::now();
     let _one = vm.snapshot_lock();
     // One pauser at a time (operator pause/resume, vm.info's PAT read): until the VM
@@ -235,6 +250,7 @@ pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Resu
         frontend_states.push(spec);
     }
     let tmp = TempDir::beside(dir)?;
+    started();
     // Pause the vCPU and stop every device; if the operator paused already, stop any
     // device hot-plugged since too (it stays so until their resume).
     let paused_at = Instant::now();

@@ -117,6 +117,10 @@ pub struct Vm {
     noncoherent_reads: NonCoherentReads,
     slots: Arc<MemslotListener>,
     run: crate::run_control::RunControl,
+    /// What an operator watches happen (see [`crate::events`]).
+    events: Arc<crate::events::Events>,
+    /// The VM said it is stopping (once).
+    stopping: std::sync::atomic::AtomicBool,
     /// Devices stopped by a pause (or a snapshot of a paused VM), started by resume.
     quiesced: Mutex<Vec<String>>,
     /// Devices declared gone because they did not run again after a pause.
@@ -216,7 +220,14 @@ impl Vm {
         .map_err(|e| Error::Device("-".into(), e))?;
         let root = pci::PciRoot::new(Arc::clone(&mmio), Arc::clone(&pio), Arc::clone(&memory_map))
             .map_err(|e| Error::Device("pci".into(), e.to_string()))?;
-        let devices = DeviceManager::new(root, frontends, Arc::clone(&irqs), Arc::clone(&dma));
+        let events = Arc::new(crate::events::Events::new());
+        let e = Arc::downgrade(&events);
+        irqs.on_switch(Arc::new(move |id, mode| {
+            if let Some(e) = e.upgrade() {
+                e.publish(crate::events::Event::IrqMode { source: id.to_string(), mode: mode.to_string() });
+            }
+        }));
+        let devices = DeviceManager::new(root, frontends, Arc::clone(&irqs), Arc::clone(&dma), Arc::clone(&events));
         let (nc, map) = (Arc::clone(devices.noncoherent()), Arc::downgrade(&memory_map));
         let _ = core.noncoherent.set(Box::new(move |gpa| {
             use crate::memtype::{Kernel, MemType, Page, decide};
@@ -256,6 +267,8 @@ impl Vm {
             noncoherent_reads: config.noncoherent_reads,
             slots,
             run: crate::run_control::RunControl::new(),
+            events,
+            stopping: std::sync::atomic::AtomicBool::new(false),
             quiesced: Mutex::new(Vec::new()),
             resume_failures: std::sync::atomic::AtomicU64::new(0),
             pausers: Mutex::new(()),
@@ -539,7 +552,29 @@ impl Vm {
     /// paused vCPU sees it at once.
     pub fn request_exit(&self, status: u8) {
         self.exit.request(status);
+        self.stopping(self.exit_status().unwrap_or(status));
         self.run.wake();
+    }
+
+    /// The VM's event stream (see [`crate::events`]).
+    pub fn events(&self) -> &Arc<crate::events::Events> {
+        &self.events
+    }
+
+    /// A new subscriber to the event stream; the per-second DMA fault count runs
+    /// while someone subscribes.
+    pub fn subscribe_events(&self) -> std::sync::mpsc::Receiver<String> {
+        let rx = self.events.subscribe();
+        let dma = Arc::downgrade(&self.dma);
+        self.events.tick_faults(move || dma.upgrade().map(|d| d.faults_total()));
+        rx
+    }
+
+    /// Says, once, that the VM is stopping with `status`.
+    pub fn stopping(&self, status: u8) {
+        if !self.stopping.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.events.publish(crate::events::Event::VmStopping { status });
+        }
     }
 
     /// Dirty tracking on (what live migration needs): KVM logs the vCPU's writes to
@@ -639,6 +674,7 @@ impl Vm {
     /// [`Vm::pause`] for a holder of [`Vm::pause_lock`].
     pub(crate) fn pause_unlocked(&self) -> std::result::Result<Vec<String>, crate::run_control::RunError> {
         self.run.pause()?;
+        self.events.publish(crate::events::Event::VmPaused);
         let mut unquiesced = Vec::new();
         for d in self.devices() {
             if let Err(e) = self.quiesce(&d) {
@@ -703,7 +739,9 @@ impl Vm {
         if let Some(t) = self.test_sources() {
             t.resume();
         }
-        self.run.resume().map(|()| failed)
+        self.run.resume()?;
+        self.events.publish(crate::events::Event::VmResumed { failed: failed.clone() });
+        Ok(failed)
     }
 
     /// Devices declared gone because they did not run again after a pause.
@@ -818,7 +856,10 @@ impl Vm {
         let mut vcpu = crate::vcpu::Vcpu::new(kvm, 0, crate::boot::Entry { rip: 0, image_end: 0 })?;
         vcpu.load(cpu)?;
         snap.start(self)?;
-        vcpu.run(self)
+        self.events.publish(crate::events::Event::VmRunning);
+        let status = vcpu.run(self)?;
+        self.stopping(status);
+        Ok(status)
     }
 
     /// As [`Vm::run_guest`], passing up to [`layout::MAX_GUEST_ARGS`] program arguments.
@@ -843,7 +884,10 @@ impl Vm {
         };
         crate::boot::write_boot_structures(self.memory(), &info)?;
         let mut vcpu = crate::vcpu::Vcpu::new(kvm, 0, entry)?;
-        vcpu.run(self)
+        self.events.publish(crate::events::Event::VmRunning);
+        let status = vcpu.run(self)?;
+        self.stopping(status);
+        Ok(status)
     }
 }
 

@@ -144,6 +144,8 @@ pub struct AssignedFunction {
     /// Replies that broke the protocol (a region read of the wrong size, a malformed
     /// reply): past [`MAX_VIOLATIONS`] the device is declared gone.
     violations: AtomicU64,
+    /// Why the device was declared gone (the first reason).
+    death: Mutex<Option<String>>,
     /// The device's ERR and REQ notifications (dropped, so stopped, at teardown).
     notifications: Mutex<Option<notify::Notifications>>,
     /// The domain does not enforce snooping (an IOMMU without snoop control): the
@@ -344,6 +346,7 @@ impl AssignedFunction {
                 gone_hooks: Mutex::new(Vec::new()),
                 bar_accesses: AtomicU64::new(0),
                 violations: AtomicU64::new(0),
+                death: Mutex::new(None),
                 notifications: Mutex::new(Some(notifications)),
                 enforce_snoop: AtomicBool::new(true),
                 noncoherent: AtomicBool::new(false),
@@ -426,6 +429,7 @@ impl AssignedFunction {
     /// Says so once, and only for a device that had come up; the line is written
     /// before the teardown runs, so a VMM ending at that moment still reports it.
     pub fn died(&self, why: &str) {
+        self.death.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| why.to_string());
         if !self.up.load(Ordering::Acquire) || self.removing.load(Ordering::Acquire) {
             self.gone.store(true, Ordering::Release);
             return;
@@ -536,6 +540,11 @@ impl AssignedFunction {
         if let Some(p) = &self.process {
             p.reap(Duration::from_secs(5));
         }
+    }
+
+    /// Why the device was declared gone, if it was.
+    pub fn death_reason(&self) -> Option<String> {
+        self.death.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Trapped BAR accesses so far.
