@@ -320,12 +320,16 @@ fn serve_client(shared: &Shared, mut stream: UnixStream, busy: &AtomicBool) {
                     stream_events(shared, &mut stream);
                     return;
                 }
+                let t0 = Instant::now();
+                let span = tracing::debug_span!("api", method = %req.method, path = %req.path).entered();
                 let result =
                     decode(&req.method, &req.path, &req.body).and_then(|c| shared.handler.handle_with_files(c));
                 let (status, body, files) = match result {
                     Ok((v, files)) => (200, v.to_string(), files),
                     Err(e) => (e.status, e.body(), Vec::new()),
                 };
+                tracing::debug!(status, us = t0.elapsed().as_micros() as u64, "request");
+                drop(span);
                 if !answer_with(shared, &mut stream, status, &body, !req.keep_alive, &files) || !req.keep_alive {
                     return;
                 }

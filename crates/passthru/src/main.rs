@@ -11,6 +11,11 @@ use std::process::ExitCode;
 #[derive(Parser, Debug)]
 #[command(name = "passthru", version, about)]
 struct Cli {
+    /// Write the log to PATH (appended) instead of standard error, at level info
+    /// unless PASSTHRU_LOG says otherwise (e.g. PASSTHRU_LOG=debug: every control
+    /// request, with its status and duration).
+    #[arg(long, global = true, value_name = "PATH")]
+    log_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,14 +37,25 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PASSTHRU_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = |default: &str| {
+        tracing_subscriber::EnvFilter::try_from_env("PASSTHRU_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+    };
+    match &cli.log_file {
+        Some(path) => match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            Ok(file) => tracing_subscriber::fmt()
+                .with_env_filter(filter("info"))
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init(),
+            Err(e) => {
+                eprintln!("passthru: error: --log-file {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => tracing_subscriber::fmt().with_env_filter(filter("warn")).with_writer(std::io::stderr).init(),
+    }
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Guests => {

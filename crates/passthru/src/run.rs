@@ -291,6 +291,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
 /// `passthru run --restore DIR`: everything is checked before the VM is built; the
 /// devices come back with their names and slots.
 fn run_restore(args: &RunArgs, dir: &Path, stop: &StopSlot) -> Result<ExitCode, String> {
+    let span = tracing::info_span!("restore", dir = %dir.display()).entered();
     let qtest = args.accel == Accel::Qtest || args.qtest.is_some();
     // Progress on a terminal (hidden otherwise): check, RAM, devices.
     let bar = crate::bench::progress(3, "restoring");
@@ -345,6 +346,8 @@ fn run_restore(args: &RunArgs, dir: &Path, stop: &StopSlot) -> Result<ExitCode, 
     bar.inc(1);
     bar.finish_and_clear();
     vm.events().publish(vmm::events::Event::Restored { dir: dir.display().to_string() });
+    tracing::info!(devices = devices.len(), "restored");
+    drop(span);
     let _ = writeln!(std::io::stderr(), "passthru: restored {} ({} device(s))", dir.display(), devices.len());
     let api = start_api(args, &vm, &specs)?;
     if qtest {

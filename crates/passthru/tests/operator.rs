@@ -227,3 +227,37 @@ fn the_event_stream_tells_what_happens() {
     let _ = std::fs::remove_file(&log);
     let _ = std::fs::remove_dir_all(&snap);
 }
+
+/// `--log-file` with PASSTHRU_LOG=debug: the request-level trail (method, path,
+/// status, duration), attaches and detaches, a device's death with its cause.
+#[test]
+fn the_log_file_keeps_the_request_level_trail() {
+    let s = sock("log");
+    let log = std::env::temp_dir().join(format!("passthru-op-log-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let mut child = bin()
+        .args(["--log-file", log.to_str().unwrap(), "run", "--accel", "qtest", "--api-socket", s.to_str().unwrap()])
+        .env("PASSTHRU_LOG", "debug")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take();
+    wait_socket(&s);
+    for args in
+        [vec!["info"], vec!["add-device", "dma-engine,dma=pvdma"], vec!["remove-device", "dma0"], vec!["resume"]]
+    {
+        let _ = bin().arg("ctl").arg(&s).args(&args).output().unwrap();
+    }
+    drop(stdin);
+    let out = wait_within(child, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let has = |a: &str, b: &str| text.lines().any(|l| l.contains(a) && l.contains(b));
+    assert!(has("path=/api/v1/vm.info", "status=200"), "{text}");
+    assert!(has("path=/api/v1/vm.resume", "status=409"), "an error answer too: {text}");
+    assert!(text.lines().any(|l| l.contains("path=/api/v1/vm.info") && l.contains(" us=")), "its duration: {text}");
+    assert!(has("attach", "attached") && has("detach", "detached"), "{text}");
+    let _ = std::fs::remove_file(&log);
+}

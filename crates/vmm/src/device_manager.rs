@@ -302,6 +302,16 @@ impl DeviceManager {
 
     /// As [`DeviceManager::attach`], with options (coherency).
     pub fn attach_with(&self, spec: DeviceSpec, frontend: &str, options: AttachOptions) -> Result<Arc<AssignedDevice>> {
+        let _span = tracing::info_span!("attach", frontend).entered();
+        let r = self.attach_inner(spec, frontend, options);
+        match &r {
+            Ok(d) => tracing::info!(device = %d.name, bdf = %d.bdf_string(), "attached"),
+            Err(e) => tracing::info!("refused: {e}"),
+        }
+        r
+    }
+
+    fn attach_inner(&self, spec: DeviceSpec, frontend: &str, options: AttachOptions) -> Result<Arc<AssignedDevice>> {
         let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
         let fe = self.frontends.get(frontend).cloned().ok_or_else(|| {
             Error::Device(
@@ -425,6 +435,7 @@ impl DeviceManager {
     /// Detaches device `name` (hot-unplug): its slot empties, its front-end forgets it,
     /// its process is reaped.
     pub fn detach(&self, name: &str) -> Result<()> {
+        let _span = tracing::info_span!("detach", device = name).entered();
         let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
         let i = devices
             .iter()
@@ -433,6 +444,7 @@ impl DeviceManager {
         let dev = devices.remove(i);
         drop(devices);
         self.remove(&dev);
+        tracing::info!("detached");
         self.events.publish(crate::events::Event::DeviceRemoved { name: dev.name.clone() });
         Ok(())
     }

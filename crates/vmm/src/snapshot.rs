@@ -201,9 +201,14 @@ fn err(what: impl Into<String>) -> Error {
 pub fn save(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>) -> Result<SaveReport> {
     use crate::events::Event;
     let shown = dir.display().to_string();
+    let _span = tracing::info_span!("snapshot", dir = %shown).entered();
     let r = save_inner(vm, dir, specs, &|| {
         vm.events().publish(Event::Snapshot { phase: "started".into(), dir: shown.clone(), bytes: None, error: None })
     });
+    match &r {
+        Ok(report) => tracing::info!(bytes = report.bytes, paused_us = report.paused.as_micros() as u64, "saved"),
+        Err(e) => tracing::info!("refused or failed: {e}"),
+    }
     let event = match &r {
         Ok(report) => Event::Snapshot { phase: "done".into(), dir: shown, bytes: Some(report.bytes), error: None },
         Err(e) => Event::Snapshot { phase: "failed".into(), dir: shown, bytes: None, error: Some(e.to_string()) },

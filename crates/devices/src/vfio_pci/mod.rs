@@ -445,6 +445,7 @@ impl AssignedFunction {
         }
         if !self.reported.swap(true, Ordering::AcqRel) {
             let how = self.process.as_ref().and_then(|p| p.status()).map(|s| format!("; process {}", describe(s)));
+            tracing::warn!(device = %self.name, why, process = how.as_deref().unwrap_or(""), "device gone");
             eprintln!(
                 "passthru: device {} is gone ({why}{}); its BARs now read all-ones",
                 self.name,
