@@ -337,7 +337,8 @@ pub fn counters(vm: &Vm) -> Value {
         "locked_memory": { "limit": account.limit(), "locked": account.locked(), "pinned": account.pinned(), "charged": account.charged() },
         "noncoherent": { "devices": nc.count(), "transitions": nc.transitions(), "flushed_bytes": vmm::flush::flushed_bytes() },
         "run": { "state": vm.run_control().state().to_string(), "pauses": pauses, "paused_us": paused.as_micros() as u64,
-                 "resume_failures": vm.resume_failures() },
+                 "resume_failures": vm.resume_failures(), "pid": std::process::id(),
+                 "uptime_us": vm.events().uptime().as_micros() as u64 },
         "resources": resources(),
     })
 }

@@ -284,58 +284,181 @@ pub fn human_info(v: &Value) -> String {
     o
 }
 
-/// The counters for a human: totals, and rates against `prev` taken `dt` earlier.
-pub fn human_counters(v: &Value, prev: Option<&Value>, dt: Duration) -> String {
-    let rate = |path: &[&str]| -> String {
-        match prev {
-            Some(p) if !dt.is_zero() => {
-                let d = u(v, path).saturating_sub(u(p, path));
-                format!("{:>10.0}", d as f64 / dt.as_secs_f64())
-            }
-            _ => format!("{:>10}", "-"),
+/// One line of the counters: a counter (its rate shown) or a gauge (a level: none).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    /// What it counts.
+    pub name: String,
+    /// Its value now.
+    pub total: u64,
+    /// Per second since the previous sample (None: a gauge, or no previous sample).
+    pub rate: Option<f64>,
+}
+
+/// How `passthru stat` orders its rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sort {
+    /// Fastest-growing first (then by total).
+    Rate,
+    /// Largest total first.
+    Total,
+    /// By name.
+    Name,
+}
+
+/// The rows of a `vm.counters` answer, rates against `prev` taken `dt` earlier.
+pub fn rows(v: &Value, prev: Option<&Value>, dt: Duration) -> Vec<Row> {
+    let rate = |now: u64, before: Option<u64>| -> Option<f64> {
+        match (prev, before) {
+            (Some(_), Some(b)) if !dt.is_zero() => Some(now.saturating_sub(b) as f64 / dt.as_secs_f64()),
+            _ => None,
         }
     };
-    let mut o = format!("{:<44} {:>14} {:>10}\n", "counter", "total", "per second");
-    let mut line = |name: String, path: Vec<&str>| {
-        o += &format!("{name:<44} {:>14} {}\n", u(v, &path), rate(&path));
+    let mut out = Vec::new();
+    let mut counter = |name: String, path: Vec<&str>| {
+        let now = u(v, &path);
+        let before = prev.map(|p| u(p, &path));
+        out.push(Row { name, total: now, rate: rate(now, before) });
     };
     for (k, _) in v["exits"].as_object().into_iter().flatten() {
-        line(format!("exits {k}"), vec!["exits", k]);
-    }
-    let mut calls: Vec<(String, u64)> = Vec::new();
-    for c in v["hypercalls"].as_array().into_iter().flatten() {
-        calls.push((format!("hypercall {} {} {}", s(c, "nr"), s(c, "frontend"), s(c, "status")), u(c, &["count"])));
+        counter(format!("exits {k}"), vec!["exits", k]);
     }
     for d in v["devices"].as_object().into_iter().flatten() {
-        for k in ["dma_maps", "dma_unmaps", "dma_faults", "mappings"] {
-            line(format!("device {} {k}", d.0), vec!["devices", d.0, k]);
+        for k in ["dma_maps", "dma_unmaps", "dma_faults", "bar_accesses"] {
+            counter(format!("device {} {k}", d.0), vec!["devices", d.0, k]);
         }
     }
     for (id, i) in v["interrupts"].as_object().into_iter().flatten() {
-        line(format!("irq {id} ({}) by the VMM", s(i, "mode")), vec!["interrupts", id, "vmm_delivered"]);
+        counter(format!("irq {id} ({}) by the VMM", s(i, "mode")), vec!["interrupts", id, "vmm_delivered"]);
+    }
+    // Hypercalls are a list: rates by matching entries.
+    let key = |c: &Value| format!("hypercall {} {} {}", s(c, "nr"), s(c, "frontend"), s(c, "status"));
+    for c in v["hypercalls"].as_array().into_iter().flatten() {
+        let name = key(c);
+        let before =
+            prev.and_then(|p| p["hypercalls"].as_array()?.iter().find(|b| key(b) == name).map(|b| u(b, &["count"])));
+        let now = u(c, &["count"]);
+        out.push(Row { name, total: now, rate: rate(now, before.or(prev.map(|_| 0))) });
+    }
+    // Levels, not counts: no rate.
+    let mut gauge = |name: String, path: Vec<&str>| out.push(Row { name, total: u(v, &path), rate: None });
+    for d in v["devices"].as_object().into_iter().flatten() {
+        gauge(format!("device {} mappings", d.0), vec!["devices", d.0, "mappings"]);
     }
     for k in ["locked", "pinned", "charged", "limit"] {
-        line(format!("locked memory {k} (bytes)"), vec!["locked_memory", k]);
+        gauge(format!("locked memory {k} (bytes)"), vec!["locked_memory", k]);
     }
-    line("non-coherent devices".into(), vec!["noncoherent", "devices"]);
-    // Hypercalls are a list: rates by matching entries.
-    for (name, count) in calls {
-        let before = prev.and_then(|p| {
-            p["hypercalls"]
-                .as_array()?
-                .iter()
-                .find(|c| format!("hypercall {} {} {}", s(c, "nr"), s(c, "frontend"), s(c, "status")) == name)
-                .map(|c| u(c, &["count"]))
-        });
-        let r = match prev {
-            Some(_) if !dt.is_zero() => {
-                format!("{:>10.0}", count.saturating_sub(before.unwrap_or(0)) as f64 / dt.as_secs_f64())
-            }
-            _ => format!("{:>10}", "-"),
-        };
-        o += &format!("{name:<44} {count:>14} {r}\n");
+    gauge("non-coherent devices".into(), vec!["noncoherent", "devices"]);
+    out
+}
+
+/// Orders `rows` by `sort` and keeps those whose name contains `filter`.
+pub fn arrange(mut rows: Vec<Row>, sort: Sort, filter: Option<&str>) -> Vec<Row> {
+    if let Some(f) = filter {
+        rows.retain(|r| r.name.contains(f));
+    }
+    match sort {
+        Sort::Rate => rows.sort_by(|a, b| {
+            let (x, y) = (a.rate.unwrap_or(-1.0), b.rate.unwrap_or(-1.0));
+            y.total_cmp(&x).then(b.total.cmp(&a.total)).then(a.name.cmp(&b.name))
+        }),
+        Sort::Total => rows.sort_by(|a, b| b.total.cmp(&a.total).then(a.name.cmp(&b.name))),
+        Sort::Name => rows.sort_by(|a, b| a.name.cmp(&b.name)),
+    }
+    rows
+}
+
+/// Rows as a table.
+fn table(rows: &[Row]) -> String {
+    let mut o = format!("{:<48} {:>16} {:>12}\n", "counter", "total", "per second");
+    for r in rows {
+        let rate = r.rate.map_or_else(|| format!("{:>12}", "-"), |x| format!("{x:>12.0}"));
+        o += &format!("{:<48} {:>16} {rate}\n", r.name, r.total);
     }
     o
+}
+
+/// The counters for a human: totals, and rates against `prev` taken `dt` earlier
+/// (gauges have none), in `ctl counters`' order.
+pub fn human_counters(v: &Value, prev: Option<&Value>, dt: Duration) -> String {
+    table(&rows(v, prev, dt))
+}
+
+/// `passthru stat`'s header: which VM, its process, state, uptime and devices.
+fn stat_header(socket: &std::path::Path, v: &Value, sort: Sort, filter: Option<&str>, keys: bool) -> String {
+    let run = &v["run"];
+    let up = Duration::from_micros(u(run, &["uptime_us"]));
+    let devices = v["devices"].as_object().map_or(0, |d| d.len());
+    let mut h = format!(
+        "VM {} — pid {}, {}, up {:.1} s, {devices} device(s); sorted by {}",
+        socket.display(),
+        u(run, &["pid"]),
+        s(run, "state"),
+        up.as_secs_f64(),
+        format!("{sort:?}").to_lowercase()
+    );
+    if let Some(f) = filter {
+        h += &format!(", only \"{f}\"");
+    }
+    if keys {
+        h += " (keys: r rate, t total, n name, q quit)";
+    }
+    h
+}
+
+/// Standard input in non-canonical, no-echo mode while `passthru stat` runs on a
+/// terminal (single keys change the sort); restored on drop.
+struct Keys(Option<libc::termios>);
+
+impl Keys {
+    fn raw() -> Keys {
+        if !std::io::stdin().is_terminal() {
+            return Keys(None);
+        }
+        // SAFETY: tcgetattr fills a termios we own; tcsetattr applies a copy with
+        // ICANON and ECHO cleared to our own standard input.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return Keys(None);
+            }
+            let mut raw = t;
+            raw.c_lflag &= !(libc::ICANON | libc::ECHO);
+            raw.c_cc[libc::VMIN] = 0;
+            raw.c_cc[libc::VTIME] = 0;
+            libc::tcsetattr(0, libc::TCSANOW, &raw);
+            Keys(Some(t))
+        }
+    }
+
+    /// Waits up to `d` for a key; the key, if one came.
+    fn wait(&self, d: Duration) -> Option<u8> {
+        if self.0.is_none() {
+            std::thread::sleep(d);
+            return None;
+        }
+        let mut p = libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 };
+        let ms = libc::c_int::try_from(d.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd; then a one-byte read into a live buffer.
+        unsafe {
+            if libc::poll(&mut p, 1, ms) > 0 {
+                let mut b = 0u8;
+                if libc::read(0, (&raw mut b).cast(), 1) == 1 {
+                    return Some(b);
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        if let Some(t) = self.0 {
+            // SAFETY: restores the saved attributes of our standard input.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -352,6 +475,12 @@ pub struct StatArgs {
     /// Seconds between samples.
     #[arg(long, default_value_t = 1.0)]
     interval: f64,
+    /// Order of the rows (on a terminal, keys r, t and n change it).
+    #[arg(long, value_enum, default_value_t = Sort::Rate)]
+    sort: Sort,
+    /// Only the rows whose name contains TEXT (e.g. dma0, exits, hypercall).
+    #[arg(long, value_name = "TEXT")]
+    filter: Option<String>,
 }
 
 /// Runs `passthru stat`: until the VM goes away (exit 0) or Ctrl-C.
@@ -361,6 +490,8 @@ pub fn stat(args: StatArgs) -> Result<ExitCode, String> {
     }
     let interval = Duration::from_secs_f64(args.interval);
     let terminal = std::io::stdout().is_terminal();
+    let keys = if terminal && !args.once && !args.json { Keys::raw() } else { Keys(None) };
+    let mut sort = args.sort;
     let mut prev: Option<(Value, Instant)> = None;
     loop {
         let answer = match api::client::call(&args.socket, "GET", "vm.counters", None, CLIENT_TIMEOUT) {
@@ -374,19 +505,40 @@ pub fn stat(args: StatArgs) -> Result<ExitCode, String> {
         }
         let now = Instant::now();
         let dt = prev.as_ref().map_or(Duration::ZERO, |p| now.duration_since(p.1));
-        let mut out = std::io::stdout().lock();
-        let written = if args.json {
-            let rates = prev.as_ref().map(|p| rates(&answer.body, &p.0, dt));
-            writeln!(out, "{}", json!({ "counters": answer.body, "rates": rates }))
-        } else {
-            let clear = if terminal && !args.once { "\x1b[H\x1b[2J" } else { "" };
-            writeln!(out, "{clear}{}", human_counters(&answer.body, prev.as_ref().map(|p| &p.0), dt))
+        let sample = rows(&answer.body, prev.as_ref().map(|p| &p.0), dt);
+        let draw = |sort: Sort| -> std::io::Result<()> {
+            let mut out = std::io::stdout().lock();
+            if args.json {
+                let rates = prev.as_ref().map(|p| rates(&answer.body, &p.0, dt));
+                writeln!(out, "{}", json!({ "counters": answer.body, "rates": rates }))?;
+            } else {
+                let clear = if terminal && !args.once { "\x1b[H\x1b[2J" } else { "" };
+                let filter = args.filter.as_deref();
+                let header = stat_header(&args.socket, &answer.body, sort, filter, keys.0.is_some());
+                let rows = arrange(sample.clone(), sort, filter);
+                writeln!(out, "{clear}{header}\n\n{}", table(&rows).trim_end())?;
+            }
+            out.flush()
         };
-        if written.and_then(|()| out.flush()).is_err() || args.once {
+        if draw(sort).is_err() || args.once {
             return Ok(ExitCode::SUCCESS);
         }
+        // Until the next sample: keys change the order of this one.
+        let until = Instant::now() + interval;
+        while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+            let new = match keys.wait(left) {
+                Some(b'q') => return Ok(ExitCode::SUCCESS),
+                Some(b'r') => Sort::Rate,
+                Some(b't') => Sort::Total,
+                Some(b'n') => Sort::Name,
+                _ => continue,
+            };
+            sort = new;
+            if draw(sort).is_err() {
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
         prev = Some((answer.body, now));
-        std::thread::sleep(interval);
     }
 }
 
@@ -428,5 +580,22 @@ mod tests {
         assert_eq!(rates(&b, &a, Duration::from_secs(2)), json!({ "exits.io_out": 10.0 }));
         let text = human_counters(&b, Some(&a), Duration::from_secs(2));
         assert!(text.lines().any(|l| l.starts_with("exits io_out") && l.ends_with(" 10")), "{text}");
+    }
+
+    #[test]
+    fn gauges_have_no_rate_and_rows_sort_and_filter() {
+        let a = json!({ "exits": { "io_out": 10, "io_in": 5, "mmio_read": 0 },
+                        "locked_memory": { "limit": 100, "locked": 10 } });
+        let b = json!({ "exits": { "io_out": 30, "io_in": 25, "mmio_read": 1 },
+                        "locked_memory": { "limit": 100, "locked": 50 } });
+        let r = rows(&b, Some(&a), Duration::from_secs(1));
+        let limit = r.iter().find(|x| x.name == "locked memory limit (bytes)").unwrap();
+        assert_eq!((limit.total, limit.rate), (100, None), "a level, not a count: no rate");
+        let names = |v: Vec<Row>| v.into_iter().map(|x| x.name).collect::<Vec<_>>();
+        let by_rate = names(arrange(r.clone(), Sort::Rate, Some("exits")));
+        assert_eq!(by_rate, ["exits io_out", "exits io_in", "exits mmio_read"], "equal rates: the larger total first");
+        let by_name = names(arrange(r.clone(), Sort::Name, Some("exits")));
+        assert_eq!(by_name, ["exits io_in", "exits io_out", "exits mmio_read"]);
+        assert_eq!(names(arrange(r, Sort::Total, Some("locked"))).len(), 4);
     }
 }

@@ -405,8 +405,14 @@ fn report_stats(vm: &Vm) {
 /// interrupts.
 pub fn stats_report(vm: &Vm) -> String {
     let mut err = Vec::new();
+    let mut quiet = Vec::new();
     for fe in vm.frontends().iter() {
         let stats = fe.stats();
+        // A front-end nothing used (every counter 0) gets a name in one line, not a row of zeros.
+        if stats.split_whitespace().all(|w| w.split_once('=').is_some_and(|(_, v)| v == "0")) {
+            quiet.push(fe.name().to_string());
+            continue;
+        }
         let _ = writeln!(err, "passthru: DMA front-end {}: {stats}", fe.name());
         if stats.split(' ').any(|w| w.starts_with("over_locked_limit=")) {
             let limit = vm.dma().account().limit();
@@ -417,6 +423,9 @@ pub fn stats_report(vm: &Vm) -> String {
                 limit >> 10
             );
         }
+    }
+    if !quiet.is_empty() {
+        let _ = writeln!(err, "passthru: DMA front-ends unused: {}", quiet.join(", "));
     }
     for d in vm.devices() {
         let ep = d.endpoint();

@@ -261,3 +261,28 @@ fn the_log_file_keeps_the_request_level_trail() {
     assert!(has("attach", "attached") && has("detach", "detached"), "{text}");
     let _ = std::fs::remove_file(&log);
 }
+
+/// `passthru stat` opens with a header naming the VM, its process, state, uptime and
+/// devices; `--filter` and `--sort` choose its rows; gauges show no rate.
+#[test]
+fn stat_has_a_header_sorts_filters_and_shows_no_rate_for_gauges() {
+    let s = sock("stat");
+    let q = Q::start(&["--device", "dma-engine,dma=pvdma,process=inline", "--api-socket", s.to_str().unwrap()]);
+    wait_socket(&s);
+    let out =
+        bin().args(["stat", s.to_str().unwrap(), "--once", "--sort", "name", "--filter", "locked"]).output().unwrap();
+    let text = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let header = text.lines().next().unwrap();
+    let pid = q.child.id();
+    assert!(
+        header.contains(&format!("pid {pid}")) && header.contains("running") && header.contains("1 device(s)"),
+        "{header}"
+    );
+    assert!(header.contains("sorted by name") && header.contains("only \"locked\""), "{header}");
+    let rows: Vec<&str> = text.lines().skip(3).collect();
+    assert_eq!(rows.len(), 4, "only the locked-memory rows: {text}");
+    assert!(rows.windows(2).all(|w| w[0] <= w[1]), "sorted by name: {text}");
+    assert!(rows.iter().all(|r| r.trim_end().ends_with('-')), "gauges: no rate: {text}");
+    q.end();
+}

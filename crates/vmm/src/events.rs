@@ -152,6 +152,11 @@ impl Events {
         rx
     }
 
+    /// Time since the VM was built.
+    pub fn uptime(&self) -> Duration {
+        self.start.elapsed()
+    }
+
     /// Subscribers now.
     pub fn subscribers(&self) -> usize {
         self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).len()
