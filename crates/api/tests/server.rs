@@ -95,3 +95,28 @@ fn a_live_socket_is_not_taken_over_and_a_stale_one_is_replaced() {
     assert!(e.contains("not a socket"), "{e}");
     std::fs::remove_file(&p).unwrap();
 }
+
+/// docs/openapi.json describes exactly the endpoints the server decodes: every path
+/// and method there is one of `ENDPOINTS`, and every endpoint is there.
+#[test]
+fn the_openapi_document_lists_every_route_and_only_those() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json")).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            assert!(op["summary"].as_str().is_some_and(|s| !s.is_empty()), "{path} {method}: a summary");
+            documented.push((path.clone(), method.to_uppercase()));
+        }
+    }
+    let mut served: Vec<(String, String)> =
+        api::command::ENDPOINTS.iter().map(|e| (format!("{}{}", api::PREFIX, e.name), e.method.to_string())).collect();
+    documented.sort();
+    served.sort();
+    assert_eq!(documented, served);
+    // A PUT that takes a body documents it; one that takes none does not.
+    for e in api::command::ENDPOINTS {
+        let op = &doc["paths"][format!("{}{}", api::PREFIX, e.name)][e.method.to_lowercase()];
+        assert_eq!(op.get("requestBody").is_some(), !e.body.is_empty(), "{}: request body", e.name);
+    }
+}

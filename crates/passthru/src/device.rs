@@ -103,6 +103,40 @@ fn parse_duration(v: &str) -> Result<Duration, String> {
     if d.is_zero() || d > Duration::from_secs(3600) { Err(bad()) } else { Ok(d) }
 }
 
+/// `passthru run --device help`: every device kind and option, with its default, and
+/// every DMA front-end with the options it takes.
+pub fn help() -> String {
+    let mut o = String::from(
+        "Devices (--device KIND[,OPTION=VALUE]...; repeat --device for more):\n\
+         \n  dma-engine                 passthru's DMA engine (COPY, FILL, CRC32C, MSI-X): in a sandboxed\n\
+         \x20                            process of its own (default) or in the VMM\n\
+         \x20   process=child|inline     where it runs (default: child)\n\
+         \x20   iommu-mode=shared|messages  how a device process reaches guest memory: the memfd\n\
+         \x20                            (default: shared) or every access a checked message\n\
+         \n  vfio-user,socket=PATH      any running vfio-user server (libvfio-user, SPDK, passthru device)\n\
+         \x20   iommu-mode=shared|messages  as above (default: shared)\n\
+         \nOptions of both:\n\
+         \x20   dma=FRONTEND             who programs its DMA domain (default: identity; see below)\n\
+         \x20   timeout=T                deadline of every exchange with a device process, e.g. 500ms, 5s\n\
+         \x20                            (default: 5s); past it the device is declared gone\n\
+         \x20   coherent=true|false      false: it does not snoop CPU caches (default: true)\n\
+         \x20   enforce-snoop=on|off     off: the guest's No Snoop makes it non-coherent (default: on)\n\
+         \nDMA front-ends (dma=NAME):\n",
+    );
+    for r in iommu::frontend::registered() {
+        o += &format!("\n  {:<26} {}\n", r.name, r.help);
+        if !r.params.is_empty() && !r.help.contains("option") {
+            o += &format!("  {:<26} options: {}\n", "", r.params.join(", "));
+        }
+    }
+    o += "\nExamples:\n\
+          \x20 --device dma-engine                           identity DMA, in its own process\n\
+          \x20 --device dma-engine,dma=pvdma,process=inline  the guest maps its DMA, engine in the VMM\n\
+          \x20 --device dma-engine,dma=tce,group=1,window=4G a TCE group with a 4 GiB default window\n\
+          \x20 --device vfio-user,socket=/tmp/gpio.sock,iommu-mode=messages\n";
+    o
+}
+
 /// Parses a `--device` value.
 pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
     let mut parts = s.split(',');

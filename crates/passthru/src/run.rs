@@ -50,9 +50,10 @@ pub struct RunArgs {
     #[arg(long = "guest-arg", value_name = "N", value_parser = parse_u64)]
     guest_args: Vec<u64>,
     /// Assign a PCI device: dma-engine[,dma=FRONTEND][,iommu-mode=shared|messages]
-    /// [,process=child|inline][,timeout=T], or vfio-user,socket=PATH[,dma=...]
-    /// [,iommu-mode=...][,timeout=T] for a running server. FRONTEND: identity
-    /// (default) or pvdma. Repeatable.
+    /// [,process=child|inline][,timeout=T][,coherent=false][,enforce-snoop=off], or
+    /// vfio-user,socket=PATH[,...] for a running server; FRONTEND: identity (default),
+    /// pvdma, tce (with group=N, window=SIZE, page=SIZE). `--device help` lists every
+    /// kind and option with its default. Repeatable.
     #[arg(long = "device", value_name = "SPEC", value_parser = crate::device::parse_device)]
     devices: Vec<crate::device::DeviceArg>,
     /// Locked-memory limit for memory pinned for DMA (default: RLIMIT_MEMLOCK).
@@ -89,7 +90,8 @@ pub struct RunArgs {
     event_monitor: Option<String>,
     /// Restore the VM saved in DIR (control API vm.snapshot) and let it go on from
     /// where it was: its RAM, devices (attached again as recorded; --device, if
-    /// given, must list the same ones), DMA domains, interrupts and vCPU. KVM only.
+    /// given, must list the same ones), DMA domains, interrupts and vCPU. With
+    /// --accel qtest, a snapshot saved under qtest (no vCPU) is driven again.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["guest", "qtest", "memory"])]
     restore: Option<PathBuf>,
 }

@@ -286,3 +286,32 @@ fn stat_has_a_header_sorts_filters_and_shows_no_rate_for_gauges() {
     assert!(rows.iter().all(|r| r.trim_end().ends_with('-')), "gauges: no rate: {text}");
     q.end();
 }
+
+/// Discoverability: examples in every --help, `--device help` listing every device
+/// kind, option and front-end, completions and a manual page from the definitions.
+#[test]
+fn help_lists_examples_devices_completions_and_a_manual_page() {
+    for sub in ["run", "ctl", "stat", "bench", "device", "guests", "completions", "man"] {
+        let out = passthru(&[sub, "--help"]);
+        assert!(text(&out.stdout).contains("Example"), "{sub} --help: {}", text(&out.stdout));
+    }
+    let run = text(&passthru(&["run", "--help"]).stdout);
+    assert!(run.contains("tce (with group=N") && run.contains("--event-monitor"), "{run}");
+    assert!(!run.contains("KVM only"), "--restore works under qtest too: {run}");
+    let out = passthru(&["run", "--device", "help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let devices = text(&out.stdout);
+    for word in ["dma-engine", "vfio-user,socket=PATH", "timeout=T", "(default: 5s)", "coherent=", "enforce-snoop="] {
+        assert!(devices.contains(word), "{word}: {devices}");
+    }
+    for fe in ["identity", "pvdma", "tce"] {
+        assert!(devices.lines().any(|l| l.trim_start().starts_with(fe)), "front-end {fe}: {devices}");
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let out = passthru(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0));
+        assert!(text(&out.stdout).contains("passthru") && text(&out.stdout).contains("snapshot"), "{shell}");
+    }
+    let man = text(&passthru(&["man"]).stdout);
+    assert!(man.contains(".TH passthru 1") && man.contains("device assignment"), "{man}");
+}
