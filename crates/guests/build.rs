@@ -10,7 +10,7 @@ use std::process::Command;
 const PROGRAMS: &[(&str, &str)] = &[
     (
         "pvdma",
-        "the default demo: maps its own DMA by hypercalls, drives the first DMA engine on the PCI bus, checks results and isolation",
+        "the default demo: maps its own DMA by hypercalls, drives the first DMA engine on the PCI bus, checks results and isolation (needs --device dma-engine,dma=pvdma: given by default)",
     ),
     ("hello", "prints one line and exits 0; with arg N first writes N KiB to the error console by string I/O"),
     (
@@ -19,14 +19,17 @@ const PROGRAMS: &[(&str, &str)] = &[
     ),
     ("interrupts", "counts MSIs injected through an irqfd; exits 0 when every one arrived"),
     ("panic", "panics on purpose (exit code 101, message on stderr)"),
-    ("exits", "exit-cost probe behind `passthru bench exits`"),
+    (
+        "exits",
+        "exit-cost probe behind `passthru bench exits` (arg 1: register reads of two DMA engines, needs --device dma-engine twice)",
+    ),
     (
         "irqstorm",
         "N MSIs while the VMM switches forwarding M times; exits 0 when all N arrived (args: N=100000 M=10000)",
     ),
     (
         "dma",
-        "drives the first DMA engine on the PCI bus: FILL, COPY, CRC32C of 4 KiB..1 MiB, all checked; a copy past RAM must fault (args: rounds=1)",
+        "drives the first DMA engine on the PCI bus: FILL, COPY, CRC32C of 4 KiB..1 MiB, all checked; a copy past RAM must fault (needs --device dma-engine; args: rounds=1)",
     ),
     (
         "noncoherent",
@@ -38,11 +41,11 @@ const PROGRAMS: &[(&str, &str)] = &[
     ),
     (
         "p2p",
-        "peer-to-peer DMA between two DMA engines: A fills B's BAR, checksums match, B's BAR moved, trapped pages fault",
+        "peer-to-peer DMA between two DMA engines: A fills B's BAR, checksums match, B's BAR moved, trapped pages fault (needs --device dma-engine twice)",
     ),
     (
         "pci",
-        "lists the PCI functions it finds through ECAM, one line each (arg 0); or drives the INTx test device: registers, N interrupts, reset (args: 1 N=100)",
+        "lists the PCI functions it finds through ECAM, one line each (arg 0); or drives the INTx test device: registers, N interrupts, reset (args: 1 N=100; needs --device intx-test)",
     ),
     ("intx", "level-triggered INTx with resample: one interrupt per assertion (args: N=1000 M=0 switches)"),
 ];

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod dma_engine;
+pub mod intx_test;
 pub mod legacy;
 pub mod process;
 pub mod serial;

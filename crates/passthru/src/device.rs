@@ -28,6 +28,13 @@ pub enum DeviceArg {
         /// Coherency (`coherent=`, `enforce-snoop=`).
         options: AttachOptions,
     },
+    /// `intx-test[,dma=FRONTEND]`: the INTx test device (`abi::test_device`), a model in
+    /// the VMM; it does no DMA (its front-end defaults to pvdma: an empty domain, no
+    /// pins).
+    IntxTest {
+        /// The DMA front-end its endpoint is handed to.
+        frontend: String,
+    },
     /// `vfio-user,socket=PATH[,dma=...][,iommu-mode=shared|messages][,timeout=T]`: a running server.
     VfioUser {
         /// The server's socket.
@@ -47,7 +54,9 @@ impl DeviceArg {
     /// The DMA front-end's name.
     pub fn frontend(&self) -> &str {
         match self {
-            DeviceArg::DmaEngine { frontend, .. } | DeviceArg::VfioUser { frontend, .. } => frontend,
+            DeviceArg::DmaEngine { frontend, .. }
+            | DeviceArg::VfioUser { frontend, .. }
+            | DeviceArg::IntxTest { frontend } => frontend,
         }
     }
 
@@ -55,6 +64,7 @@ impl DeviceArg {
     /// the device again).
     pub fn spec(&self) -> String {
         let (mut out, mode, frontend, timeout, options) = match self {
+            DeviceArg::IntxTest { frontend } => return format!("intx-test,dma={frontend}"),
             DeviceArg::DmaEngine { mode, inline, frontend, timeout, options } => {
                 let kind = if *inline { "dma-engine,process=inline" } else { "dma-engine" };
                 (kind.to_string(), mode, frontend, timeout, options)
@@ -115,7 +125,10 @@ pub fn help() -> String {
          \x20                            (default: shared) or every access a checked message\n\
          \n  vfio-user,socket=PATH      any running vfio-user server (libvfio-user, SPDK, passthru device)\n\
          \x20   iommu-mode=shared|messages  as above (default: shared)\n\
-         \nOptions of both:\n\
+         \n  intx-test                  the INTx test device (abi::test_device: a level-triggered line,\n\
+         \x20                            function-level reset) in the VMM; takes dma= only (default:\n\
+         \x20                            pvdma: it does no DMA, so nothing is pinned)\n\
+         \nOptions of dma-engine and vfio-user:\n\
          \x20   dma=FRONTEND             who programs its DMA domain (default: identity; see below)\n\
          \x20   timeout=T                deadline of every exchange with a device process, e.g. 500ms, 5s\n\
          \x20                            (default: 5s); past it the device is declared gone\n\
@@ -141,6 +154,16 @@ pub fn help() -> String {
 pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
     let mut parts = s.split(',');
     let kind = parts.next().unwrap_or_default();
+    if kind == "intx-test" {
+        let mut frontend = "pvdma".to_string();
+        for p in parts {
+            match p.split_once('=') {
+                Some(("dma", v)) => frontend = iommu::frontend::parse_name(v)?,
+                _ => return Err(format!("intx-test takes dma=FRONTEND only, not '{p}'")),
+            }
+        }
+        return Ok(DeviceArg::IntxTest { frontend });
+    }
     let (mut mode, mut inline, mut socket) = (IommuMode::SharedFd, false, None);
     let mut frontend = iommu::frontend::default_name().to_string();
     let mut timeout = DEFAULT_DEVICE_TIMEOUT;
@@ -200,7 +223,9 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
         "dma-engine" => {
             Err("dma-engine takes no socket; for a running server use --device vfio-user,socket=PATH".into())
         }
-        other => Err(format!("unknown device '{other}': use dma-engine or vfio-user,socket=PATH")),
+        other => Err(format!(
+            "unknown device '{other}': use dma-engine, intx-test or vfio-user,socket=PATH (see --device help)"
+        )),
     }
 }
 
@@ -217,6 +242,12 @@ pub fn attach_as(
     slot: Option<u8>,
 ) -> Result<std::sync::Arc<vmm::AssignedDevice>, String> {
     let (spec, what, frontend, mut options) = match arg {
+        DeviceArg::IntxTest { frontend } => (
+            DeviceSpec::Local(Box::new(devices::intx_test::IntxTest::new())),
+            "INTx test device in the VMM process".to_string(),
+            frontend,
+            AttachOptions::default(),
+        ),
         DeviceArg::DmaEngine { inline: true, frontend, options, .. } => {
             (DeviceSpec::Inline, "dma-engine in the VMM process".to_string(), frontend, options.clone())
         }

@@ -118,6 +118,64 @@ fn parse_irq_mode(s: &str) -> Result<irq::Mode, String> {
     s.parse()
 }
 
+/// A device a built-in guest program cannot do its job without.
+struct Need {
+    /// The `--device` that gives it.
+    device: &'static str,
+    /// How many.
+    count: usize,
+    /// Whether a given `--device` is one (a `vfio-user` server could be any device:
+    /// one whose front-end fits counts).
+    fits: fn(&crate::device::DeviceArg) -> bool,
+}
+
+/// What built-in guest `guest` run with `args` needs (nothing for a program of the
+/// user's own: passthru cannot know).
+fn needs(guest: &str, args: &[u64]) -> Vec<Need> {
+    use crate::device::DeviceArg as D;
+    fn engine_on(d: &D, fe: &str) -> bool {
+        matches!(d, D::DmaEngine { .. } | D::VfioUser { .. }) && d.frontend() == fe
+    }
+    let arg0 = args.first().copied().unwrap_or(0);
+    let one = |device, fits| vec![Need { device, count: 1, fits }];
+    match guest {
+        "pvdma" => one("dma-engine,dma=pvdma", |d| engine_on(d, "pvdma")),
+        "dma" => one("dma-engine", |d| engine_on(d, "identity")),
+        "noncoherent" => one("dma-engine,enforce-snoop=off", |d| match d {
+            D::DmaEngine { options, .. } | D::VfioUser { options, .. } => !options.enforce_snoop,
+            D::IntxTest { .. } => false,
+        }),
+        "tce" => one("dma-engine,dma=tce", |d| engine_on(d, "tce")),
+        "p2p" => vec![Need { device: "dma-engine", count: 2, fits: |d| engine_on(d, "identity") }],
+        "exits" if arg0 == 1 => {
+            vec![Need {
+                device: "dma-engine",
+                count: 2,
+                fits: |d| matches!(d, D::DmaEngine { .. } | D::VfioUser { .. }),
+            }]
+        }
+        "pci" if arg0 == 1 => one("intx-test", |d| matches!(d, D::IntxTest { .. } | D::VfioUser { .. })),
+        _ => Vec::new(),
+    }
+}
+
+/// Checks that `devices` give built-in guest `guest` what it needs: an error naming the
+/// `--device` to add otherwise.
+fn check_needs(guest: &str, args: &[u64], devices: &[crate::device::DeviceArg]) -> Result<(), String> {
+    for n in needs(guest, args) {
+        let have = devices.iter().filter(|d| (n.fits)(d)).count();
+        if have < n.count {
+            let times = if n.count > 1 { format!("{} of ", n.count) } else { String::new() };
+            return Err(format!(
+                "the {guest} guest needs {times}--device {} (it has {have}): add it (passthru guests says what each \
+                 program needs)",
+                n.device
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The machine `args` describe.
 fn config(args: &RunArgs, accel: AccelKind) -> VmConfig {
     let mut config = VmConfig::new(accel);
@@ -271,6 +329,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     } else {
         &args.devices[..]
     };
+    // A built-in program that would only fail after booting: say what to add, exit 2.
+    if let Err(why) = check_needs(&args.guest, &args.guest_args, devices) {
+        eprintln!("passthru: error: {why}");
+        return Ok(ExitCode::from(2));
+    }
     ensure_locked_memory(&args, args.memory, devices);
     let vm = Arc::new(Vm::new(config(&args, AccelKind::Kvm)).map_err(|e| e.to_string())?);
     stop.set(&vm);

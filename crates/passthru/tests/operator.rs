@@ -315,3 +315,29 @@ fn help_lists_examples_devices_completions_and_a_manual_page() {
     let man = text(&passthru(&["man"]).stdout);
     assert!(man.contains(".TH passthru 1") && man.contains("device assignment"), "{man}");
 }
+
+/// A built-in guest that needs a device says which `--device` to add and exits 2
+/// before booting; the INTx test device is a built-in device.
+#[test]
+fn a_guest_without_the_device_it_needs_says_which_to_add() {
+    for (args, want) in [
+        (vec!["--guest", "dma"], "needs --device dma-engine (it has 0)"),
+        (vec!["--guest", "p2p", "--device", "dma-engine"], "needs 2 of --device dma-engine (it has 1)"),
+        (vec!["--guest", "tce", "--device", "dma-engine"], "needs --device dma-engine,dma=tce"),
+        (vec!["--guest", "noncoherent", "--device", "dma-engine"], "needs --device dma-engine,enforce-snoop=off"),
+        (vec!["--guest", "pci", "--guest-arg", "1"], "needs --device intx-test"),
+    ] {
+        let out = bin().arg("run").args(&args).output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want) && !err.contains("passthru: device"), "{args:?}: nothing built: {err}");
+    }
+    vmm::require_kvm!();
+    let out = output_within(
+        bin().args(["run", "--guest", "pci", "--guest-arg", "1", "--guest-arg", "50", "--device", "intx-test"]),
+        Duration::from_secs(60),
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("50 interrupts") && stdout.contains("device counted 50, reset ok"), "{stdout}");
+}
