@@ -197,15 +197,16 @@ impl vfio_user::server::Device for IntxTest {
         let eventfd = irqs.flags & IRQ_SET_DATA_EVENTFD != 0;
         if irqs.flags & IRQ_SET_ACTION_TRIGGER != 0 {
             self.lock().trigger = if irqs.count > 0 && eventfd { fds.next() } else { None };
-        } else if irqs.flags & IRQ_SET_ACTION_UNMASK != 0 && eventfd {
-            if let Some(unmask) = fds.next() {
-                let generation = {
-                    let mut st = self.lock();
-                    st.unmask_gen = st.unmask_gen.wrapping_add(1);
-                    st.unmask_gen
-                };
-                watch_unmask(Arc::downgrade(&self.state), unmask, generation);
-            }
+        } else if irqs.flags & IRQ_SET_ACTION_UNMASK != 0
+            && eventfd
+            && let Some(unmask) = fds.next()
+        {
+            let generation = {
+                let mut st = self.lock();
+                st.unmask_gen = st.unmask_gen.wrapping_add(1);
+                st.unmask_gen
+            };
+            watch_unmask(Arc::downgrade(&self.state), unmask, generation);
         }
         Ok(())
     }
