@@ -8,6 +8,7 @@
 pub mod dma_engine;
 pub mod intx_test;
 pub mod legacy;
+pub mod memory_device;
 pub mod process;
 pub mod serial;
 #[cfg(feature = "test-sources")]

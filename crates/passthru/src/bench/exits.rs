@@ -1,0 +1,74 @@
+//! `bench exits`: the cost of a null hypercall-port exit, an MMIO exit and an ioeventfd
+//! write, the figures later benchmarks are reported against.
+
+use super::*;
+
+/// One measured figure.
+#[derive(Serialize, Debug)]
+struct Figure {
+    name: &'static str,
+    /// Nanoseconds per operation, the guest loop's own cost subtracted.
+    ns_per_op: f64,
+    /// Nanoseconds per operation as measured (loop included).
+    raw_ns_per_op: f64,
+    /// Ratio to the null hypercall-port exit of the same run.
+    ratio_to_null_exit: f64,
+}
+
+#[derive(Serialize, Debug)]
+struct ExitsReport {
+    iterations: u64,
+    loop_ns_per_iteration: f64,
+    figures: Vec<Figure>,
+}
+
+pub(super) fn exits(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
+    if iterations == 0 {
+        return Err("--iterations must be at least 1".into());
+    }
+    let elf = crate::run::load_guest("exits")?;
+    let mut config = VmConfig::new(AccelKind::Kvm);
+    config.bench_iterations = iterations;
+    config.serial_out = Box::new(std::io::sink());
+    let vm = Vm::new(config).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let status = vm.run_guest(&elf).map_err(|e| e.to_string())?;
+    if status != 0 {
+        return Err(format!("the exits probe guest failed with status {status}"));
+    }
+    let marks = vm.bench().marks();
+    let t = |tag: u64| marks.iter().find(|(m, _, _)| *m == tag).map(|(_, _, i)| *i);
+    let span = |a: u64, b: u64| -> Result<f64, String> {
+        let (a, b) = (t(a).ok_or("missing mark")?, t(b).ok_or("missing mark")?);
+        Ok(b.duration_since(a).as_nanos() as f64 / iterations as f64)
+    };
+    let (hcall, mmio, ioev, lp) = (span(0, 1)?, span(1, 2)?, span(2, 3)?, span(3, 4)?);
+    let net = |x: f64| (x - lp).max(0.0);
+    let null = net(hcall);
+    let fig = |name, raw: f64| Figure {
+        name,
+        ns_per_op: net(raw),
+        raw_ns_per_op: raw,
+        ratio_to_null_exit: if null > 0.0 { net(raw) / null } else { f64::NAN },
+    };
+    let report = ExitsReport {
+        iterations,
+        loop_ns_per_iteration: lp,
+        figures: vec![
+            fig("null hypercall-port exit", hcall),
+            fig("MMIO write exit", mmio),
+            fig("ioeventfd write (no exit)", ioev),
+        ],
+    };
+    println!(
+        "passthru bench exits: {iterations} iterations per probe, one run ({:.2} s)",
+        started.elapsed().as_secs_f64()
+    );
+    println!("{:<28} {:>12} {:>12} {:>10}", "probe", "ns/op", "raw ns/op", "x null");
+    for f in &report.figures {
+        println!("{:<28} {:>12.0} {:>12.0} {:>10.3}", f.name, f.ns_per_op, f.raw_ns_per_op, f.ratio_to_null_exit);
+    }
+    println!("{:<28} {:>12.0}   (guest loop, subtracted above)", "empty loop iteration", lp);
+    write_json(json, &report)?;
+    Ok(ExitCode::SUCCESS)
+}
