@@ -12,7 +12,8 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-/// A chart: title, axis labels, log-scaled x when the sizes span decades.
+/// A chart: title, axis labels, log-scaled x when the sizes span decades (y is
+/// log-scaled by itself when the values span 100x or more).
 pub struct Chart<'a> {
     /// Title.
     pub title: &'a str,
@@ -24,6 +25,22 @@ pub struct Chart<'a> {
     pub log_x: bool,
 }
 
+/// Line colours, far apart from each other and from the white background (plotters'
+/// palettes include pale yellows that vanish on it).
+const COLOURS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(0, 0, 0),
+];
+
+/// Whether y values spanning `lo..=hi` (positive) are better read on a log scale.
+fn wants_log_y(lo: f64, hi: f64) -> bool {
+    lo > 0.0 && hi / lo >= 100.0
+}
+
 /// Draws `series` into `path` (SVG, 900x540).
 pub fn draw(path: &Path, chart: &Chart<'_>, series: &[Series]) -> Result<(), String> {
     let fail = |e: &dyn std::fmt::Display| format!("plotting {}: {e}", path.display());
@@ -33,8 +50,11 @@ pub fn draw(path: &Path, chart: &Chart<'_>, series: &[Series]) -> Result<(), Str
     }
     let tx = |x: f64| if chart.log_x { x.max(1e-9).log2() } else { x };
     let (x0, x1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(tx(p.0)), b.max(tx(p.0))));
-    let y1 = all.iter().fold(0f64, |m, p| m.max(p.1)) * 1.1;
-    let (x1, y1) = (if x1 > x0 { x1 } else { x0 + 1.0 }, if y1 > 0.0 { y1 } else { 1.0 });
+    let (ylo, yhi) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let log_y = wants_log_y(ylo, yhi);
+    let ty = move |y: f64| if log_y { y.max(1e-12).log10() } else { y };
+    let (y0, y1) = if log_y { (ty(ylo).floor(), ty(yhi).ceil()) } else { (0.0, yhi * 1.1) };
+    let (x1, y1) = (if x1 > x0 { x1 } else { x0 + 1.0 }, if y1 > y0 { y1 } else { y0 + 1.0 });
     let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let mut c = ChartBuilder::on(&root)
@@ -42,7 +62,7 @@ pub fn draw(path: &Path, chart: &Chart<'_>, series: &[Series]) -> Result<(), Str
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(64)
-        .build_cartesian_2d(x0..x1, 0f64..y1)
+        .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(|e| fail(&e))?;
     let log_x = chart.log_x;
     let x_label = move |v: &f64| {
@@ -57,10 +77,25 @@ pub fn draw(path: &Path, chart: &Chart<'_>, series: &[Series]) -> Result<(), Str
             b => format!("{b:.0}"),
         }
     };
-    c.configure_mesh().x_desc(chart.x).y_desc(chart.y).x_label_formatter(&x_label).draw().map_err(|e| fail(&e))?;
+    let y_label = move |v: &f64| {
+        let y = if log_y { 10f64.powf(*v) } else { *v };
+        match y.abs() {
+            a if a >= 100.0 || a == 0.0 => format!("{y:.0}"),
+            a if a >= 1.0 => format!("{y:.1}"),
+            _ => format!("{y:.3}"),
+        }
+    };
+    let y_desc = if log_y { format!("{} (log scale)", chart.y) } else { chart.y.to_string() };
+    c.configure_mesh()
+        .x_desc(chart.x)
+        .y_desc(y_desc)
+        .x_label_formatter(&x_label)
+        .y_label_formatter(&y_label)
+        .draw()
+        .map_err(|e| fail(&e))?;
     for (i, s) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        let pts: Vec<(f64, f64)> = s.points.iter().map(|p| (tx(p.0), p.1)).collect();
+        let color = COLOURS[i % COLOURS.len()].to_rgba();
+        let pts: Vec<(f64, f64)> = s.points.iter().map(|p| (tx(p.0), ty(p.1))).collect();
         c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(|e| fail(&e))?
             .label(s.name.clone())
@@ -95,5 +130,12 @@ mod tests {
             svg.starts_with("<svg") && svg.contains("in process") && svg.contains("messages") && svg.contains("64K")
         );
         assert!(draw(&path, &Chart { title: "t", x: "x", y: "y", log_x: false }, &[]).is_err());
+        // Values spanning decades go on a log axis, and it says so.
+        draw(&path, &Chart { title: "t", x: "x", y: "ns", log_x: false }, &[s("wide", 1.0), s("narrow", 400.0)])
+            .unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(svg.contains("ns (log scale)"), "{svg}");
+        assert!(wants_log_y(0.5, 60.0) && !wants_log_y(0.5, 40.0) && !wants_log_y(0.0, 1e6));
     }
 }

@@ -174,11 +174,19 @@ fn qtest_on_a_unix_socket_serves_one_connection_and_removes_the_socket() {
 #[test]
 fn bench_exits_prints_the_table_and_writes_json() {
     vmm::require_kvm!();
-    let (table, v) = bench_json(&["exits", "--iterations", "500"]);
+    let (table, v) = bench_json(&["exits", "--iterations", "500", "--runs", "2"]);
     for probe in ["null hypercall-port exit", "MMIO write exit", "ioeventfd write (no exit)"] {
         assert!(table.contains(probe), "{table}");
     }
-    assert_eq!(v["iterations"], 500);
+    assert!(table.contains("median of 2 runs"), "{table}");
+    assert_eq!((v["iterations"].as_u64(), v["runs"].as_u64()), (Some(500), Some(2)));
+    // Every figure over both runs: its median lies within the spread of the values.
+    for s in v["spread"].as_array().unwrap() {
+        let values: Vec<f64> = s["values"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        assert_eq!(values.len(), 2, "{s}");
+        let (lo, hi, mid) = (s["min"].as_f64().unwrap(), s["max"].as_f64().unwrap(), s["median"].as_f64().unwrap());
+        assert!(lo <= mid && mid <= hi && values.iter().all(|x| (lo..=hi).contains(x)), "{s}");
+    }
     let figs = v["figures"].as_array().unwrap();
     assert_eq!(figs.len(), 3);
     let ns = |i: usize| figs[i]["ns_per_op"].as_f64().unwrap();

@@ -143,7 +143,7 @@ fn qtest_shows_the_delivery_path_change_on_a_live_source() {
 fn bench_irq_reports_both_modes_and_who_delivered() {
     vmm::require_kvm!();
     let (_, v) = bench_json(&["irq", "--interrupts", "300"]);
-    let figs = v.as_array().unwrap();
+    let figs = v["figures"].as_array().unwrap();
     assert_eq!(figs[0]["mode"], "forwarded");
     assert_eq!(figs[0]["vmm_delivered"], 0, "KVM delivered every forwarded interrupt");
     assert_eq!(figs[1]["mode"], "vmm");

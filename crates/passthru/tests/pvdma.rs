@@ -167,7 +167,8 @@ fn bench_pvdma_reports_every_figure() {
         let ns = v[key].as_f64().unwrap();
         assert!(ns.is_finite() && ns > 0.0, "{key} = {ns}");
     }
-    assert!(table.contains("of a null exit"));
+    assert!(table.contains("MAP+UNMAP / null exit"), "{table}");
+    assert_eq!(v["spread"].as_array().unwrap().last().unwrap()["goal"]["at_most"], 5.0, "{v}");
 }
 
 #[test]

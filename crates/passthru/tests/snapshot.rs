@@ -573,7 +573,7 @@ fn bench_snapshot_reports_every_figure() {
     }
     assert!(v["snapshot_bytes"].as_u64().unwrap() >= 8 << 20, "{table}");
     assert_eq!(v["flushed_bytes_64m"].as_u64(), Some(64 << 20), "exactly the flagged 64 MiB flushed: {table}");
-    assert!(table.contains("with 64 MiB flagged"), "{table}");
+    assert!(table.contains("64 MiB flagged non-coherent"), "{table}");
 }
 
 /// The VMM's peak resident memory (VmHWM) in KiB.

@@ -41,7 +41,69 @@ struct UnmapFigure {
     unmaps: usize,
 }
 
-pub(super) fn dma_bench(quick: bool, json: Option<PathBuf>, plot: Option<PathBuf>) -> Result<ExitCode, String> {
+pub(super) fn dma_bench(
+    quick: bool,
+    runs: u32,
+    json: Option<PathBuf>,
+    plot: Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    let title = format!("passthru bench dma: in process{}", if quick { ", quick" } else { "" });
+    let (_, spreads) = repeat(&title, runs, json, || Ok(measure(quick)), figures)?;
+    if let Some(path) = plot {
+        let points = SIZES
+            .iter()
+            .filter_map(|n| spread::median_of(&spreads, &miss_name(*n)).map(|ns| (*n as f64, ns)))
+            .collect();
+        plot_to(
+            &path,
+            &crate::plot::Chart {
+                title: "translate, IOTLB miss, as the domain grows",
+                x: "mappings in the domain",
+                y: "ns per translate (median of the runs)",
+                log_x: true,
+            },
+            &[crate::plot::Series { name: "IOTLB miss".into(), points }],
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Domain sizes the translate miss is measured at.
+const SIZES: [usize; 5] = [10, 100, 1_000, 10_000, 100_000];
+
+fn miss_name(mappings: usize) -> String {
+    format!("translate 64 B, IOTLB miss, {mappings} mappings")
+}
+
+fn figures(r: &DmaReport) -> Vec<Fig> {
+    let u = &r.unmap_during_copy;
+    let mut v = vec![
+        Fig::new("translate 64 B, IOTLB hit", "ns", r.translate_hit_ns).goal(Goal::AtMost(10.0)),
+        Fig::new("translate 64 B, IOTLB hit, inside a batch", "ns", r.translate_hit_batched_ns),
+        Fig::new("map + unmap 4 KiB", "ns", r.map_unmap_4k_ns).goal(Goal::AtMost(200.0)),
+        Fig::new("map + unmap 2 MiB", "ns", r.map_unmap_2m_ns),
+        Fig::new(format!("unmap 4 KiB during a {} MiB copy, median", u.copy_mib), "ns", u.median_ns)
+            .goal(Goal::AtMost(100_000.0)),
+        Fig::new(format!("unmap 4 KiB during a {} MiB copy, p99", u.copy_mib), "ns", u.p99_ns),
+    ];
+    for c in &r.copy {
+        let f = Fig::new(format!("copy {} KiB (x{}) / memcpy", c.bytes >> 10, c.per_section), "ratio", c.ratio);
+        v.push(match (c.bytes, c.per_section) {
+            (4096, 1) => f.goal(Goal::AtLeast(0.90)),
+            (b, 1) if b == 1 << 20 => f.goal(Goal::AtLeast(0.98)),
+            _ => f,
+        });
+    }
+    for s in &r.scaling {
+        v.push(Fig::new(miss_name(s.mappings), "ns", s.translate_miss_ns));
+    }
+    if let Some(last) = r.scaling.last() {
+        v.push(Fig::new(format!("miss at {} / miss at 10", last.mappings), "ratio", last.ratio_to_10));
+    }
+    v
+}
+
+fn measure(quick: bool) -> DmaReport {
     let k = if quick { 10 } else { 1 };
     let hit = dma::bench::translate_hit(2_000_000 / k);
     let hit_batched = dma::bench::translate_hit_batched(2_000_000 / k);
@@ -59,19 +121,15 @@ pub(super) fn dma_bench(quick: bool, json: Option<PathBuf>, plot: Option<PathBuf
             })
             .collect();
     let mut scaling = Vec::new();
-    let mut base = 0.0;
-    let sizes = [10usize, 100, 1_000, 10_000, 100_000];
-    let bar = progress(sizes.len() as u64, "translate miss as domains grow");
-    for n in sizes {
-        bar.inc(1);
+    let mut base = f64::NAN;
+    for n in SIZES {
         let ns = dma::bench::translate_miss(1_000_000 / k, n);
-        if n == 10 {
+        if n == SIZES[0] {
             base = ns;
         }
         scaling.push(ScaleFigure { mappings: n, translate_miss_ns: ns, ratio_to_10: ns / base });
     }
-    bar.finish_and_clear();
-    let r = DmaReport {
+    DmaReport {
         translate_hit_ns: hit,
         translate_hit_batched_ns: hit_batched,
         translate_miss_ns: miss,
@@ -80,59 +138,5 @@ pub(super) fn dma_bench(quick: bool, json: Option<PathBuf>, plot: Option<PathBuf
         unmap_during_copy: UnmapFigure { copy_mib, median_ns: unmap_med, p99_ns: unmap_p99, unmaps: unmap_n },
         copy,
         scaling,
-    };
-
-    println!("passthru bench dma: in process, one run");
-    // One row: the operation, its time, and its goal in ns when it has one.
-    let row = |name: &str, ns: f64, max_ns: Option<f64>| {
-        let g = max_ns.map(|m| format!("<= {m} ns: {}", goal(ns <= m))).unwrap_or_default();
-        println!("{name:<44} {ns:>10.1}   {g}");
-    };
-    println!("{:<44} {:>10}   goal", "operation", "ns");
-    row("translate 64 B, IOTLB hit", r.translate_hit_ns, Some(10.0));
-    row("translate 64 B, IOTLB hit, inside a batch", r.translate_hit_batched_ns, None);
-    row("translate 64 B, IOTLB miss (10 mappings)", r.translate_miss_ns, None);
-    row("map + unmap 4 KiB", r.map_unmap_4k_ns, Some(200.0));
-    row("map + unmap 2 MiB", r.map_unmap_2m_ns, None);
-    let u = &r.unmap_during_copy;
-    row(&format!("unmap 4 KiB while a {} MiB copy runs (median)", u.copy_mib), u.median_ns, Some(100_000.0));
-    row(&format!("  same, 99th percentile ({} unmaps)", u.unmaps), u.p99_ns, None);
-    println!();
-    println!("{:<24} {:>12} {:>12} {:>8}   goal", "copy (per section)", "DmaSpace ns", "memcpy ns", "ratio");
-    for c in &r.copy {
-        let target = match c.bytes {
-            4096 => Some(0.90),
-            b if b == 1 << 20 => Some(0.98),
-            _ => None,
-        };
-        let g = target.map(|t| format!(">= {t:.2}: {}", goal(c.ratio >= t))).unwrap_or_default();
-        let label = format!("{} KiB (x{})", c.bytes >> 10, c.per_section);
-        println!("{:<24} {:>12.1} {:>12.1} {:>8.3}   {g}", label, c.dmaspace_ns, c.memcpy_ns, c.ratio);
     }
-    println!();
-    println!(
-        "{:<14} {:>14} {:>12}   (translate miss as the domain grows; log2 of the growth is {:.1})",
-        "mappings",
-        "ns",
-        "x 10",
-        (100_000f64 / 10.0).log2()
-    );
-    for s in &r.scaling {
-        println!("{:<14} {:>14.1} {:>12.2}", s.mappings, s.translate_miss_ns, s.ratio_to_10);
-    }
-    write_json(json, &r)?;
-    if let Some(path) = plot {
-        let points = r.scaling.iter().map(|s| (s.mappings as f64, s.translate_miss_ns)).collect();
-        crate::plot::draw(
-            &path,
-            &crate::plot::Chart {
-                title: "translate, IOTLB miss, as the domain grows",
-                x: "mappings in the domain",
-                y: "ns per translate",
-                log_x: true,
-            },
-            &[crate::plot::Series { name: "IOTLB miss".into(), points }],
-        )?;
-    }
-    Ok(ExitCode::SUCCESS)
 }

@@ -119,21 +119,84 @@ fn register_reads(reads: u64) -> Result<Vec<ReadFigure>, String> {
     ])
 }
 
+/// The device modes copies are measured in, in table order.
+const BACKENDS: [&str; 3] = ["in process", "vfio-user shared fd", "vfio-user messages"];
+/// Bytes per copy.
+const SIZES: [u64; 3] = [4096, 64 << 10, 1 << 20];
+
+fn copy_name(backend: &str, size: u64) -> String {
+    format!("{backend}, {} KiB copies / memcpy", size >> 10)
+}
+
 pub(super) fn devices_bench(
     bytes: u64,
     reads: u64,
+    runs: u32,
     json: Option<PathBuf>,
     plot: Option<PathBuf>,
 ) -> Result<ExitCode, String> {
+    let kvm = vmm::kvm_available();
+    let title = format!(
+        "passthru bench devices: DMA engine COPY from a host-side driver (no vCPU), batches of {BATCH}; {reads} guest register reads of each kind{}",
+        if kvm { "" } else { " (skipped: KVM is not available)" }
+    );
+    let (_, spreads) = repeat(&title, runs, json, || measure(bytes, reads, kvm), figures)?;
+    if let Some(path) = &plot {
+        let series: Vec<crate::plot::Series> = BACKENDS
+            .iter()
+            .map(|b| crate::plot::Series {
+                name: (*b).to_string(),
+                points: SIZES
+                    .iter()
+                    .filter_map(|s| spread::median_of(&spreads, &copy_name(b, *s)).map(|r| (*s as f64, r)))
+                    .collect(),
+            })
+            .collect();
+        plot_to(
+            path,
+            &crate::plot::Chart {
+                title: "DMA engine COPY throughput as a fraction of memcpy",
+                x: "bytes per copy",
+                y: "x memcpy (median of the runs)",
+                log_x: true,
+            },
+            &series,
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn figures(r: &DevicesReport) -> Vec<Fig> {
+    let mut v: Vec<Fig> =
+        r.copies.iter().map(|f| Fig::new(copy_name(f.backend, f.size), "ratio", f.ratio_to_memcpy)).collect();
+    let at = |b: &str| r.copies.iter().find(|f| f.backend == b && f.size == 64 << 10).map(|f| f.ratio_to_memcpy);
+    if let (Some(shared), Some(inline)) = (at("vfio-user shared fd"), at("in process")) {
+        v.push(Fig::new("shared fd / in process at 64 KiB", "ratio", shared / inline).goal(Goal::AtLeast(0.85)));
+    }
+    for f in &r.register_reads {
+        v.push(Fig::new(format!("guest read: {}", f.what), "ns", f.ns_per_read));
+    }
+    for f in r.register_reads.iter().skip(1) {
+        v.push(Fig::new(format!("guest read: {} / null exit", f.what), "ratio", f.ratio_to_null_exit));
+    }
+    for f in &r.p2p {
+        let size = if f.size >= 1 << 20 { format!("{} MiB", f.size >> 20) } else { format!("{} KiB", f.size >> 10) };
+        let fig = Fig::new(format!("peer-to-peer / RAM at {size}"), "ratio", f.ratio_to_ram);
+        v.push(if f.size == 1 << 20 { fig.goal(Goal::AtLeast(0.9)) } else { fig });
+    }
+    v.push(Fig::new("RAM hot-add of 1 GiB mapped for two devices", "ms", r.hot_add_1g_ms));
+    v
+}
+
+fn measure(bytes: u64, reads: u64, kvm: bool) -> Result<DevicesReport, String> {
     use crate::device::DeviceArg;
     use vmm::IommuMode;
     let backends = [
-        ("in process", DeviceArg::engine(IommuMode::SharedFd, true, "identity")),
-        ("vfio-user shared fd", DeviceArg::engine(IommuMode::SharedFd, false, "identity")),
-        ("vfio-user messages", DeviceArg::engine(IommuMode::Messages, false, "identity")),
+        (BACKENDS[0], DeviceArg::engine(IommuMode::SharedFd, true, "identity")),
+        (BACKENDS[1], DeviceArg::engine(IommuMode::SharedFd, false, "identity")),
+        (BACKENDS[2], DeviceArg::engine(IommuMode::Messages, false, "identity")),
     ];
-    let mut figures = Vec::new();
-    let bar = progress(backends.len() as u64 * 3, "DMA engine copies");
+    let mut copies = Vec::new();
     for (backend, arg) in backends {
         let mut config = VmConfig::new(AccelKind::Qtest);
         config.memory = 64 << 20;
@@ -141,98 +204,22 @@ pub(super) fn devices_bench(
         config.serial_out = Box::new(std::io::sink());
         let vm = Vm::new(config).map_err(|e| e.to_string())?;
         crate::device::attach(&vm, &arg)?;
-        for size in [4096u64, 64 << 10, 1 << 20] {
-            bar.inc(1);
-            let copies = (bytes / size).max(1);
-            drive_engine(&vm, size, copies.min(64))?; // warm up
-            let dev = drive_engine(&vm, size, copies)?;
-            let mem = memcpy_time(&vm, size, copies);
-            figures.push(DeviceFigure {
+        for size in SIZES {
+            let n = (bytes / size).max(1);
+            drive_engine(&vm, size, n.min(64))?; // warm up
+            let dev = drive_engine(&vm, size, n)?;
+            let mem = memcpy_time(&vm, size, n);
+            copies.push(DeviceFigure {
                 backend,
                 size,
-                copies,
-                device_ns_per_copy: dev.as_nanos() as f64 / copies as f64,
-                memcpy_ns_per_copy: mem.as_nanos() as f64 / copies as f64,
+                copies: n,
+                device_ns_per_copy: dev.as_nanos() as f64 / n as f64,
+                memcpy_ns_per_copy: mem.as_nanos() as f64 / n as f64,
                 ratio_to_memcpy: mem.as_secs_f64() / dev.as_secs_f64(),
             });
         }
-        drop(vm);
     }
-    bar.finish_and_clear();
-    println!("passthru bench devices: DMA engine COPY from a host-side driver (no vCPU), batches of {BATCH}, one run");
-    println!(
-        "{:<22} {:>9} {:>8} {:>14} {:>12} {:>10}",
-        "backend", "size", "copies", "device ns/op", "memcpy ns", "x memcpy"
-    );
-    for f in &figures {
-        println!(
-            "{:<22} {:>9} {:>8} {:>14.0} {:>12.0} {:>10.3}",
-            f.backend,
-            format!("{} KiB", f.size >> 10),
-            f.copies,
-            f.device_ns_per_copy,
-            f.memcpy_ns_per_copy,
-            f.ratio_to_memcpy
-        );
-    }
-    let at = |b: &str| figures.iter().find(|f| f.backend == b && f.size == 64 << 10).map(|f| f.ratio_to_memcpy);
-    if let (Some(shared), Some(inline)) = (at("vfio-user shared fd"), at("in process")) {
-        let r = shared / inline;
-        println!("shared fd / in process at 64 KiB: {r:.3} (goal >= 0.85: {})", goal(r >= 0.85));
-    }
-    let register_reads = if vmm::kvm_available() {
-        register_reads(reads)?
-    } else {
-        println!("register reads: skipped, KVM is not available");
-        Vec::new()
-    };
-    if !register_reads.is_empty() {
-        println!("guest register reads, {reads} of each, one run:");
-        println!("{:<34} {:>10} {:>10}", "read", "ns", "x null exit");
-        for f in &register_reads {
-            println!("{:<34} {:>10.0} {:>10.3}", f.what, f.ns_per_read, f.ratio_to_null_exit);
-        }
-    }
+    let register_reads = if kvm { register_reads(reads)? } else { Vec::new() };
     let (p2p, hot_add_1g_ms) = p2p_bench(bytes)?;
-    println!("peer-to-peer: engine A copies from engine B's BAR (both device processes), one run:");
-    println!("{:<10} {:>8} {:>12} {:>12} {:>10}", "size", "copies", "p2p ns/op", "RAM ns/op", "x RAM");
-    for f in &p2p {
-        println!(
-            "{:<10} {:>8} {:>12.0} {:>12.0} {:>10.3}",
-            format!("{} KiB", f.size >> 10),
-            f.copies,
-            f.p2p_ns_per_copy,
-            f.ram_ns_per_copy,
-            f.ratio_to_ram
-        );
-    }
-    if let Some(f) = p2p.iter().find(|f| f.size == 1 << 20) {
-        println!("peer-to-peer / RAM at 1 MiB: {:.3} (goal >= 0.9: {})", f.ratio_to_ram, goal(f.ratio_to_ram >= 0.9));
-    }
-    println!("RAM hot-add of 1 GiB mapped for two devices in {hot_add_1g_ms:.1} ms");
-    if let Some(path) = &plot {
-        let series: Vec<crate::plot::Series> = ["in process", "vfio-user shared fd", "vfio-user messages"]
-            .iter()
-            .map(|b| crate::plot::Series {
-                name: (*b).to_string(),
-                points: figures
-                    .iter()
-                    .filter(|f| f.backend == *b)
-                    .map(|f| (f.size as f64, f.ratio_to_memcpy))
-                    .collect(),
-            })
-            .collect();
-        crate::plot::draw(
-            path,
-            &crate::plot::Chart {
-                title: "DMA engine COPY throughput as a fraction of memcpy",
-                x: "bytes per copy",
-                y: "x memcpy",
-                log_x: true,
-            },
-            &series,
-        )?;
-    }
-    write_json(json, &DevicesReport { copies: figures, register_reads, p2p, hot_add_1g_ms })?;
-    Ok(ExitCode::SUCCESS)
+    Ok(DevicesReport { copies, register_reads, p2p, hot_add_1g_ms })
 }

@@ -22,16 +22,28 @@ struct ExitsReport {
     figures: Vec<Figure>,
 }
 
-pub(super) fn exits(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
+pub(super) fn exits(iterations: u64, runs: u32, json: Option<PathBuf>) -> Result<ExitCode, String> {
     if iterations == 0 {
         return Err("--iterations must be at least 1".into());
     }
+    let title = format!("passthru bench exits: {iterations} iterations per probe");
+    repeat(&title, runs, json, || measure(iterations), figures)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn figures(r: &ExitsReport) -> Vec<Fig> {
+    let mut v: Vec<Fig> = r.figures.iter().map(|f| Fig::new(format!("{} ns", f.name), "ns", f.ns_per_op)).collect();
+    v.extend(r.figures.iter().skip(1).map(|f| Fig::new(format!("{} x null exit", f.name), "x", f.ratio_to_null_exit)));
+    v.push(Fig::new("empty guest loop iteration (subtracted)", "ns", r.loop_ns_per_iteration));
+    v
+}
+
+fn measure(iterations: u64) -> Result<ExitsReport, String> {
     let elf = crate::run::load_guest("exits")?;
     let mut config = VmConfig::new(AccelKind::Kvm);
     config.bench_iterations = iterations;
     config.serial_out = Box::new(std::io::sink());
     let vm = Vm::new(config).map_err(|e| e.to_string())?;
-    let started = Instant::now();
     let status = vm.run_guest(&elf).map_err(|e| e.to_string())?;
     if status != 0 {
         return Err(format!("the exits probe guest failed with status {status}"));
@@ -51,7 +63,7 @@ pub(super) fn exits(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, 
         raw_ns_per_op: raw,
         ratio_to_null_exit: if null > 0.0 { net(raw) / null } else { f64::NAN },
     };
-    let report = ExitsReport {
+    Ok(ExitsReport {
         iterations,
         loop_ns_per_iteration: lp,
         figures: vec![
@@ -59,16 +71,5 @@ pub(super) fn exits(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, 
             fig("MMIO write exit", mmio),
             fig("ioeventfd write (no exit)", ioev),
         ],
-    };
-    println!(
-        "passthru bench exits: {iterations} iterations per probe, one run ({:.2} s)",
-        started.elapsed().as_secs_f64()
-    );
-    println!("{:<28} {:>12} {:>12} {:>10}", "probe", "ns/op", "raw ns/op", "x null");
-    for f in &report.figures {
-        println!("{:<28} {:>12.0} {:>12.0} {:>10.3}", f.name, f.ns_per_op, f.raw_ns_per_op, f.ratio_to_null_exit);
-    }
-    println!("{:<28} {:>12.0}   (guest loop, subtracted above)", "empty loop iteration", lp);
-    write_json(json, &report)?;
-    Ok(ExitCode::SUCCESS)
+    })
 }

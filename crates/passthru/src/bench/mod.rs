@@ -3,6 +3,7 @@
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
+use spread::{Fig, Goal};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -26,6 +27,9 @@ enum BenchWhat {
         /// Also write the figures as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Runs (each figure: median and spread; a goal's verdict only when every run agrees).
+        #[arg(long, value_name = "N", default_value_t = 5)]
+        runs: u32,
     },
     /// Interrupt delivery, forwarded (KVM irqfd) against VMM-delivered: the VMM's CPU
     /// time per interrupt and the delivery rate, a guest counting every interrupt.
@@ -36,6 +40,9 @@ enum BenchWhat {
         /// Also write the figures as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Runs (each figure: median and spread; a goal's verdict only when every run agrees).
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        runs: u32,
     },
     /// DMA engine copy throughput from a host-side driver (no vCPU): in process,
     /// vfio-user with shared fds, vfio-user in message mode, as ratios of memcpy; and
@@ -51,6 +58,9 @@ enum BenchWhat {
         /// Also write the figures as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Runs (each figure: median and spread; a goal's verdict only when every run agrees).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        runs: u32,
         /// Also draw copy ratio against size per device mode as an SVG chart to FILE.
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<PathBuf>,
@@ -65,6 +75,9 @@ enum BenchWhat {
         /// Also write the figures as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Runs (each figure: median and spread; a goal's verdict only when every run agrees).
+        #[arg(long, value_name = "N", default_value_t = 5)]
+        runs: u32,
     },
     /// Non-coherent DMA: the cost of flushing CPU caches per MiB (CLFLUSHOPT and CLFLUSH)
     /// as a ratio of a memcpy of the same MiB, and a VMM read of 64 MiB of device memory
@@ -76,6 +89,9 @@ enum BenchWhat {
         /// Also write the figures as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Runs (each figure: median and spread; a goal's verdict only when every run agrees).
+        #[arg(long, value_name = "N", default_value_t = 5)]
+        runs: u32,
     },
     /// TCE tables: VMM cost per entry of H_PUT_TCE_INDIRECT of 512 and of H_STUFF_TCE
     /// clearing 512, a single H_PUT_TCE against a null exit, device translate through a
@@ -87,6 +103,9 @@ enum BenchWhat {
         /// Also write the figures as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Runs (each figure: median and spread; a goal's verdict only when every run agrees).
+        #[arg(long, value_name = "N", default_value_t = 5)]
+        runs: u32,
         /// Also draw the cost per entry against batch size as an SVG chart to FILE.
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<PathBuf>,
@@ -107,6 +126,9 @@ enum BenchWhat {
         /// Also write the figures as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Runs (each figure: median and spread; a goal's verdict only when every run agrees).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        runs: u32,
     },
     /// The DMA remapping core, in process: translate (IOTLB hit and miss), map+unmap,
     /// copy through a DmaSpace as a ratio of memcpy, translate cost as domains grow.
@@ -117,6 +139,9 @@ enum BenchWhat {
         /// Also write the figures as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Runs (each figure: median and spread; a goal's verdict only when every run agrees).
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        runs: u32,
         /// Also draw translate miss against domain size as an SVG chart to FILE.
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<PathBuf>,
@@ -126,14 +151,14 @@ enum BenchWhat {
 /// Runs the benchmarks asked for.
 pub fn bench(args: BenchArgs) -> Result<ExitCode, String> {
     match args.what {
-        BenchWhat::Exits { iterations, json } => exits(iterations, json),
-        BenchWhat::Dma { quick, json, plot } => dma_bench(quick, json, plot),
-        BenchWhat::Noncoherent { mib, json } => noncoherent_bench(mib, json),
-        BenchWhat::Tce { rounds, json, plot } => tce_bench(rounds, json, plot),
-        BenchWhat::Irq { interrupts, json } => irq_bench(interrupts, json),
-        BenchWhat::Devices { bytes, reads, json, plot } => devices_bench(bytes, reads, json, plot),
-        BenchWhat::Pvdma { iterations, json } => pvdma_bench(iterations, json),
-        BenchWhat::Snapshot { memory, touched, dir, json } => snapshot_bench(memory, touched, dir, json),
+        BenchWhat::Exits { iterations, json, runs } => exits(iterations, runs, json),
+        BenchWhat::Dma { quick, json, runs, plot } => dma_bench(quick, runs, json, plot),
+        BenchWhat::Noncoherent { mib, json, runs } => noncoherent_bench(mib, runs, json),
+        BenchWhat::Tce { rounds, json, runs, plot } => tce_bench(rounds, runs, json, plot),
+        BenchWhat::Irq { interrupts, json, runs } => irq_bench(interrupts, runs, json),
+        BenchWhat::Devices { bytes, reads, json, runs, plot } => devices_bench(bytes, reads, runs, json, plot),
+        BenchWhat::Pvdma { iterations, json, runs } => pvdma_bench(iterations, runs, json),
+        BenchWhat::Snapshot { memory, touched, dir, json, runs } => snapshot_bench(memory, touched, dir, runs, json),
     }
 }
 
@@ -152,17 +177,55 @@ pub fn progress(steps: u64, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// Writes `value` as pretty JSON to `path`, if one was given.
-fn write_json(path: Option<PathBuf>, value: &impl Serialize) -> Result<(), String> {
-    if let Some(path) = path {
-        let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
+/// Runs `measure` `runs` times (a progress bar on a terminal), prints `title` and each
+/// figure's median, spread and goal verdict, and with `json` writes the last run's
+/// report with `runs` and `spread` (every figure over the runs) added, saying where.
+/// Returns the reports and the spreads.
+fn repeat<R: Serialize>(
+    title: &str,
+    runs: u32,
+    json: Option<PathBuf>,
+    mut measure: impl FnMut() -> Result<R, String>,
+    figures: impl Fn(&R) -> Vec<spread::Fig>,
+) -> Result<(Vec<R>, Vec<spread::Spread>), String> {
+    let runs = runs.max(1);
+    let bar = progress(u64::from(runs), "runs");
+    let mut reports = Vec::new();
+    for _ in 0..runs {
+        reports.push(measure()?);
+        bar.inc(1);
     }
-    Ok(())
+    bar.finish_and_clear();
+    let figs: Vec<Vec<spread::Fig>> = reports.iter().map(&figures).collect();
+    let spreads = spread::spreads(&figs);
+    let of = if runs > 1 { format!("median of {runs} runs") } else { "one run".to_string() };
+    println!("{title}, {of}");
+    print!("{}", spread::table(&spreads, reports.len()));
+    if let (Some(path), Some(last)) = (json, reports.last()) {
+        let mut v = serde_json::to_value(last).map_err(|e| e.to_string())?;
+        if !v.is_object() {
+            v = serde_json::json!({ "figures": v });
+        }
+        if let Some(o) = v.as_object_mut() {
+            o.insert("runs".into(), runs.into());
+            o.insert("spread".into(), serde_json::to_value(&spreads).map_err(|e| e.to_string())?);
+        }
+        let text = serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
+    Ok((reports, spreads))
 }
 
-fn goal(ok: bool) -> &'static str {
-    if ok { "met" } else { "MISSED" }
+/// Draws a chart and says where it went.
+fn plot_to(
+    path: &std::path::Path,
+    chart: &crate::plot::Chart<'_>,
+    series: &[crate::plot::Series],
+) -> Result<(), String> {
+    crate::plot::draw(path, chart, series)?;
+    println!("chart drawn to {}", path.display());
+    Ok(())
 }
 
 mod dma_core;
@@ -173,6 +236,7 @@ mod interrupts;
 mod noncoherent;
 mod pvdma;
 mod snapshot;
+mod spread;
 mod tce;
 
 use dma_core::dma_bench;

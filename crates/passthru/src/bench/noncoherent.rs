@@ -21,11 +21,29 @@ struct NoncoherentReport {
     read_flagged_ms: f64,
 }
 
-pub(super) fn noncoherent_bench(mib: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
-    use vmm::flush::{Method, cpu, flush_range};
+pub(super) fn noncoherent_bench(mib: u64, runs: u32, json: Option<PathBuf>) -> Result<ExitCode, String> {
     let mib = mib.max(1);
+    let Some((_, line)) = vmm::flush::cpu() else { return Err("this CPU has no CLFLUSH".into()) };
+    let title = format!("passthru bench noncoherent: {mib} MiB per figure, cache line {line} bytes");
+    repeat(&title, runs, json, || measure(mib), figures)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn figures(r: &NoncoherentReport) -> Vec<Fig> {
+    let mut v: Vec<Fig> =
+        r.flush.iter().map(|f| Fig::new(format!("{} per MiB", f.method), "ns", f.ns_per_mib)).collect();
+    v.extend(
+        r.flush.iter().map(|f| Fig::new(format!("{} / memcpy of the same MiB", f.method), "ratio", f.ratio_to_memcpy)),
+    );
+    v.push(Fig::new(format!("VMM read of {} MiB of device memory, unflagged", r.mib), "ms", r.read_unflagged_ms));
+    v.push(Fig::new("same, flagged non-coherent (flushed first)", "ms", r.read_flagged_ms));
+    v
+}
+
+fn measure(mib: u64) -> Result<NoncoherentReport, String> {
+    use vmm::flush::{Method, cpu, flush_range};
     let len = usize::try_from(mib << 20).map_err(|_| "--mib too large")?;
-    let Some((best, line)) = cpu() else { return Err("this CPU has no CLFLUSH".into()) };
+    let Some((best, _)) = cpu() else { return Err("this CPU has no CLFLUSH".into()) };
     let src = vec![0x5au8; len];
     let mut dst = vec![0u8; len];
     dst.copy_from_slice(&src); // first touch (page faults) outside the timing
@@ -72,15 +90,5 @@ pub(super) fn noncoherent_bench(mib: u64, json: Option<PathBuf>) -> Result<ExitC
     let t = Instant::now();
     vm.read_memory_for_host(gpa, &mut buf).map_err(|e| e.to_string())?;
     let read_flagged_ms = t.elapsed().as_secs_f64() * 1e3;
-    let report = NoncoherentReport { mib, flush, read_unflagged_ms, read_flagged_ms };
-    println!("passthru bench noncoherent: {mib} MiB per figure, cache line {line} bytes, one run");
-    println!("{:<12} {:>12} {:>14} {:>10}", "flush", "ns/MiB", "memcpy ns/MiB", "x memcpy");
-    for f in &report.flush {
-        println!("{:<12} {:>12.0} {:>14.0} {:>10.3}", f.method, f.ns_per_mib, f.memcpy_ns_per_mib, f.ratio_to_memcpy);
-    }
-    println!(
-        "VMM read of {mib} MiB of device memory: {read_unflagged_ms:.1} ms unflagged, {read_flagged_ms:.1} ms flagged (flushed first)"
-    );
-    write_json(json, &report)?;
-    Ok(ExitCode::SUCCESS)
+    Ok(NoncoherentReport { mib, flush, read_unflagged_ms, read_flagged_ms })
 }

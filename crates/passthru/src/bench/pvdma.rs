@@ -73,12 +73,36 @@ fn time_map_unmap(vm: &Vm, n: u64) -> Result<(f64, f64), String> {
     Ok((map.as_nanos() as f64 / n as f64, unmap.as_nanos() as f64 / n as f64))
 }
 
-pub(super) fn pvdma_bench(iterations: u64, json: Option<PathBuf>) -> Result<ExitCode, String> {
+pub(super) fn pvdma_bench(iterations: u64, runs: u32, json: Option<PathBuf>) -> Result<ExitCode, String> {
+    let n = iterations.max(1);
+    let title = format!("passthru bench pvdma: {n} calls per figure ({} from the guest)", n.min(1024));
+    repeat(&title, runs, json, || measure(n), figures)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn figures(r: &PvdmaReport) -> Vec<Fig> {
+    let null = r.guest_null_ns;
+    let own = r.map_ns + r.unmap_ns;
+    vec![
+        Fig::new("guest null hypercall-port exit", "ns", null),
+        Fig::new("guest MAP 4 KiB, end to end", "ns", r.guest_map_ns),
+        Fig::new("guest UNMAP 4 KiB, end to end", "ns", r.guest_unmap_ns),
+        Fig::new("guest MAP / null exit", "ratio", r.guest_map_ns / null),
+        Fig::new("VMM work of MAP 4 KiB (no exit), device in the VMM", "ns", r.map_ns),
+        Fig::new("VMM work of UNMAP 4 KiB (no exit), device in the VMM", "ns", r.unmap_ns),
+        Fig::new("VMM work of MAP 4 KiB, device process (DMA_MAP sent)", "ns", r.map_ns_device_process),
+        Fig::new("VMM work of UNMAP 4 KiB, device process (DMA_UNMAP acked)", "ns", r.unmap_ns_device_process),
+        Fig::new("per page inside a 512-page MAP_SG", "ns", r.map_sg_ns_per_page).goal(Goal::AtMost(100.0)),
+        Fig::new("per page inside a 512-page UNMAP_SG", "ns", r.unmap_sg_ns_per_page),
+        Fig::new("VMM's own MAP+UNMAP / null exit", "%", 100.0 * own / null).goal(Goal::AtMost(5.0)),
+    ]
+}
+
+fn measure(n: u64) -> Result<PvdmaReport, String> {
     use crate::device::DeviceArg;
     use abi::hcall::{Args, Status};
     use abi::pvdma as pv;
     use vmm::IommuMode;
-    let n = iterations.max(1);
     let inline = DeviceArg::engine(IommuMode::SharedFd, true, "pvdma");
     let remote = DeviceArg::engine(IommuMode::SharedFd, false, "pvdma");
     let mut r = PvdmaReport { iterations: n, ..Default::default() };
@@ -134,30 +158,5 @@ pub(super) fn pvdma_bench(iterations: u64, json: Option<PathBuf>) -> Result<Exit
     r.guest_unmap_ns = per(0xb1, 0xb2)?;
     r.guest_null_ns = per(0xb2, 0xb3)?;
 
-    let null = r.guest_null_ns;
-    println!("passthru bench pvdma: one run, {n} calls per figure ({guest_n} from the guest)");
-    println!("{:<58} {:>10} {:>10}", "", "ns", "x null");
-    let row = |name: &str, ns: f64| println!("{name:<58} {ns:>10.0} {:>10.3}", ns / null);
-    row("guest null hypercall-port exit", null);
-    row("guest MAP 4 KiB, end to end", r.guest_map_ns);
-    row("guest UNMAP 4 KiB, end to end", r.guest_unmap_ns);
-    row("VMM work of MAP 4 KiB (no exit), device in the VMM", r.map_ns);
-    row("VMM work of UNMAP 4 KiB (no exit), device in the VMM", r.unmap_ns);
-    row("VMM work of MAP 4 KiB, device process (DMA_MAP sent)", r.map_ns_device_process);
-    row("VMM work of UNMAP 4 KiB, device process (DMA_UNMAP acked)", r.unmap_ns_device_process);
-    println!(
-        "{:<58} {:>10.1}   goal <= 100 ns: {}",
-        "per page inside a 512-page MAP_SG",
-        r.map_sg_ns_per_page,
-        goal(r.map_sg_ns_per_page <= 100.0)
-    );
-    println!("{:<58} {:>10.1}", "per page inside a 512-page UNMAP_SG", r.unmap_sg_ns_per_page);
-    let own = r.map_ns + r.unmap_ns;
-    println!(
-        "VMM's own work for MAP+UNMAP: {own:.0} ns = {:.1}% of a null exit (goal <= 5%: {})",
-        100.0 * own / null,
-        goal(own <= 0.05 * null)
-    );
-    write_json(json, &r)?;
-    Ok(ExitCode::SUCCESS)
+    Ok(r)
 }

@@ -64,16 +64,45 @@ pub(super) fn snapshot_bench(
     memory: u64,
     touched: u64,
     dir: Option<PathBuf>,
+    runs: u32,
     json: Option<PathBuf>,
 ) -> Result<ExitCode, String> {
-    use std::io::{Read, Write};
     if touched > memory {
         return Err("--touched must not exceed --memory".into());
     }
-    let base = dir.unwrap_or_else(std::env::temp_dir).join(format!("passthru-bench-snapshot-{}", std::process::id()));
+    let title =
+        format!("passthru bench snapshot: {} MiB guest, {} MiB touched, one DMA engine", memory >> 20, touched >> 20);
+    repeat(&title, runs, json, || measure(memory, touched, &dir), figures)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn figures(r: &SnapshotReport) -> Vec<Fig> {
+    vec![
+        Fig::new(format!("save ({} MiB written)", r.snapshot_bytes >> 20), "ms", r.save_ms),
+        Fig::new("same bytes, plain write + sync", "ms", r.plain_write_ms),
+        Fig::new("save / plain write", "ratio", r.save_ratio),
+        Fig::new("restore (checksums, RAM into a new VM)", "ms", r.restore_ms),
+        Fig::new("same bytes, plain read", "ms", r.plain_read_ms),
+        Fig::new("restore / plain read", "ratio", r.restore_ratio),
+        Fig::new("pause, vCPU and devices stopped to resumed", "ms", r.pause_ms),
+        Fig::new("save with the engine non-coherent", "ms", r.save_ms_noncoherent),
+        Fig::new("  its memory flushed before the read", "KiB", r.noncoherent_bytes_flushed as f64 / 1024.0),
+        Fig::new("save, device with 64 MiB of memory, 0 MiB flagged", "ms", r.save_ms_64m_device_memory_coherent),
+        Fig::new("same, 64 MiB flagged non-coherent", "ms", r.save_ms_64m_device_memory_flagged),
+        Fig::new(
+            "flagged / unflagged",
+            "ratio",
+            r.save_ms_64m_device_memory_flagged / r.save_ms_64m_device_memory_coherent,
+        ),
+    ]
+}
+
+fn measure(memory: u64, touched: u64, dir: &Option<PathBuf>) -> Result<SnapshotReport, String> {
+    use std::io::{Read, Write};
+    let base =
+        dir.clone().unwrap_or_else(std::env::temp_dir).join(format!("passthru-bench-snapshot-{}", std::process::id()));
     std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
     let result = (|| -> Result<SnapshotReport, String> {
-        let bar = progress(4, "snapshot");
         let build = || -> Result<Vm, String> {
             let mut c = VmConfig::new(AccelKind::Qtest);
             c.memory = memory;
@@ -95,12 +124,10 @@ pub(super) fn snapshot_bench(
             vm.phys_write(0x100_0000 + at, &chunk[..n]);
             at += n as u64;
         }
-        bar.inc(1);
         let snap_dir = base.join("snap");
         let t = Instant::now();
         let r = vmm::snapshot::save(&vm, &snap_dir, &|_| Some(spec.to_string())).map_err(|e| e.to_string())?;
         let save_ms = t.elapsed().as_secs_f64() * 1e3;
-        bar.inc(1);
         // The same bytes with plain file I/O: one write and a sync.
         let plain = base.join("plain.bin");
         let bytes = vec![0x5au8; r.bytes as usize];
@@ -109,7 +136,6 @@ pub(super) fn snapshot_bench(
         f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(|e| e.to_string())?;
         let plain_write_ms = t.elapsed().as_secs_f64() * 1e3;
         drop(bytes);
-        bar.inc(1);
         drop(vm);
         let t = Instant::now();
         let snap = vmm::snapshot::Snapshot::load(&snap_dir).map_err(|e| e.to_string())?;
@@ -142,7 +168,6 @@ pub(super) fn snapshot_bench(
         let (save_ms_64m_device_memory_coherent, _) = snapshot_with_device_memory(&base, 64 << 20, true)?;
         let (save_ms_64m_device_memory_flagged, flushed_bytes_64m) =
             snapshot_with_device_memory(&base, 64 << 20, false)?;
-        bar.finish_and_clear();
         Ok(SnapshotReport {
             memory,
             touched,
@@ -162,38 +187,5 @@ pub(super) fn snapshot_bench(
         })
     })();
     let _ = std::fs::remove_dir_all(&base);
-    let r = result?;
-    println!(
-        "passthru bench snapshot: {} MiB guest, {} MiB touched, one DMA engine, one run",
-        r.memory >> 20,
-        r.touched >> 20
-    );
-    println!("{:<44} {:>10} {:>10} {:>8}", "", "ms", "plain ms", "ratio");
-    println!(
-        "{:<44} {:>10.1} {:>10.1} {:>8.2}",
-        format!("save ({} MiB written)", r.snapshot_bytes >> 20),
-        r.save_ms,
-        r.plain_write_ms,
-        r.save_ratio
-    );
-    println!(
-        "{:<44} {:>10.1} {:>10.1} {:>8.2}",
-        "restore (checksums, RAM into a new VM)", r.restore_ms, r.plain_read_ms, r.restore_ratio
-    );
-    println!("pause, vCPU and devices stopped to resumed (in-memory part): {:.1} ms", r.pause_ms);
-    println!(
-        "save with the engine non-coherent: {:.1} ms ({} KiB of its memory flushed before the read) vs {:.1} ms coherent",
-        r.save_ms_noncoherent,
-        r.noncoherent_bytes_flushed >> 10,
-        r.save_ms
-    );
-    println!(
-        "snapshot of a 64 MiB-RAM VM with a device holding 64 MiB of memory: {:.1} ms with 0 MiB flagged, {:.1} ms with 64 MiB flagged ({} MiB flushed); ratio {:.2}",
-        r.save_ms_64m_device_memory_coherent,
-        r.save_ms_64m_device_memory_flagged,
-        r.flushed_bytes_64m >> 20,
-        r.save_ms_64m_device_memory_flagged / r.save_ms_64m_device_memory_coherent
-    );
-    write_json(json, &r)?;
-    Ok(ExitCode::SUCCESS)
+    result
 }

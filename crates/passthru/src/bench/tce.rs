@@ -30,12 +30,76 @@ struct BatchFigure {
     stuff_ns_per_entry: f64,
 }
 
-pub(super) fn tce_bench(rounds: u64, json: Option<PathBuf>, plot: Option<PathBuf>) -> Result<ExitCode, String> {
+pub(super) fn tce_bench(
+    rounds: u64,
+    runs: u32,
+    json: Option<PathBuf>,
+    plot: Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    let rounds = rounds.max(1);
+    let title = format!("passthru bench tce: {rounds} rounds of each call");
+    let (_, spreads) = repeat(&title, runs, json, || measure(rounds), figures)?;
+    if let Some(path) = plot {
+        let series = |call: &str| crate::plot::Series {
+            name: call.into(),
+            points: BATCHES
+                .iter()
+                .filter_map(|n| spread::median_of(&spreads, &batch_name(call, *n)).map(|ns| (*n as f64, ns)))
+                .collect(),
+        };
+        plot_to(
+            &path,
+            &crate::plot::Chart {
+                title: "TCE calls: VMM work per entry as batches grow",
+                x: "entries per call",
+                y: "ns per entry (median of the runs)",
+                log_x: true,
+            },
+            &[series("H_PUT_TCE_INDIRECT"), series("H_STUFF_TCE")],
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Batch sizes the per-entry cost is measured at.
+const BATCHES: [u64; 4] = [1, 8, 64, 512];
+
+fn batch_name(call: &str, entries: u64) -> String {
+    format!("{call}, batch of {entries}, per entry")
+}
+
+fn figures(r: &TceReport) -> Vec<Fig> {
+    // Linux builds every INDIRECT list from one physically contiguous buffer
+    // (tce_buildmulti_pSeriesLP, tce_setrange_multi_pSeriesLP): the goal is for those.
+    let mut v = vec![
+        Fig::new("H_PUT_TCE_INDIRECT of 512 contiguous pages, per entry", "ns", r.indirect_ns_per_entry)
+            .goal(Goal::AtMost(40.0)),
+        Fig::new("H_PUT_TCE_INDIRECT of 512 scattered pages, per entry", "ns", r.indirect_scattered_ns_per_entry),
+        Fig::new("H_STUFF_TCE clearing 512 contiguous, per entry", "ns", r.stuff_ns_per_entry),
+        Fig::new("H_STUFF_TCE clearing 512 scattered, per entry", "ns", r.stuff_scattered_ns_per_entry),
+    ];
+    for b in &r.batches {
+        v.push(Fig::new(batch_name("H_PUT_TCE_INDIRECT", b.entries), "ns", b.indirect_ns_per_entry));
+        v.push(Fig::new(batch_name("H_STUFF_TCE", b.entries), "ns", b.stuff_ns_per_entry));
+    }
+    v.push(Fig::new("VMM work of one H_PUT_TCE", "ns", r.put_ns));
+    if r.null_exit_ns > 0.0 {
+        v.push(Fig::new("one H_PUT_TCE / a null exit of the same run", "ratio", r.put_ns / r.null_exit_ns));
+    }
+    v.push(Fig::new("device translate hit through a TCE window", "ns", r.translate_window_ns));
+    v.push(Fig::new("device translate hit through a pvdma domain", "ns", r.translate_pvdma_ns));
+    let kib = |b: u64| b as f64 / 1024.0;
+    v.push(Fig::new("table of a 64 GiB window, 1 GiB mapped, one group", "KiB", kib(r.table_bytes_one_group)));
+    v.push(Fig::new("same, three groups sharing it", "KiB", kib(r.table_bytes_three_groups)));
+    v.push(Fig::new("same, as three flat tables", "KiB", kib(r.flat_bytes_three_groups)));
+    v
+}
+
+fn measure(rounds: u64) -> Result<TceReport, String> {
     use crate::device::DeviceArg;
     use abi::hcall::Args;
     use abi::tce as t;
     use vmm::IommuMode;
-    let rounds = rounds.max(1);
     let mut config = VmConfig::new(AccelKind::Qtest);
     config.memory = 64 << 20;
     config.locked_memory = Some(1 << 30);
@@ -87,7 +151,7 @@ pub(super) fn tce_bench(rounds: u64, json: Option<PathBuf>, plot: Option<PathBuf
     vm.phys_write(scattered_list, &scattered);
     (report.indirect_scattered_ns_per_entry, report.stuff_scattered_ns_per_entry) = put_and_clear(scattered_list, 512)?;
     // The per-entry cost as batches grow (what batching buys).
-    for entries in [1u64, 8, 64, 512] {
+    for entries in BATCHES {
         let (indirect_ns_per_entry, stuff_ns_per_entry) = put_and_clear(list, entries)?;
         report.batches.push(BatchFigure { entries, indirect_ns_per_entry, stuff_ns_per_entry });
     }
@@ -138,64 +202,5 @@ pub(super) fn tce_bench(rounds: u64, json: Option<PathBuf>, plot: Option<PathBuf
     }
     report.table_bytes_three_groups = bytes(l64);
     report.flat_bytes_three_groups = 3 * ((1u64 << 24) * 8);
-    println!("passthru bench tce: {rounds} rounds, one run");
-    // Linux builds every INDIRECT list from one physically contiguous buffer
-    // (tce_buildmulti_pSeriesLP, tce_setrange_multi_pSeriesLP): the goal is for those.
-    println!(
-        "VMM work per entry of H_PUT_TCE_INDIRECT of 512: {:.1} ns for contiguous guest pages as Linux lists them (goal <= 40 ns: {}); {:.1} ns scattered",
-        report.indirect_ns_per_entry,
-        goal(report.indirect_ns_per_entry <= 40.0),
-        report.indirect_scattered_ns_per_entry,
-    );
-    println!(
-        "VMM work per entry of H_STUFF_TCE clearing 512: {:.1} ns contiguous, {:.1} ns scattered",
-        report.stuff_ns_per_entry, report.stuff_scattered_ns_per_entry
-    );
-    for b in &report.batches {
-        println!(
-            "  batch of {:>3}: H_PUT_TCE_INDIRECT {:.1} ns/entry, H_STUFF_TCE {:.1} ns/entry",
-            b.entries, b.indirect_ns_per_entry, b.stuff_ns_per_entry
-        );
-    }
-    if report.null_exit_ns > 0.0 {
-        println!(
-            "VMM work of one H_PUT_TCE: {:.0} ns = {:.3} of a null exit ({:.0} ns, same run)",
-            report.put_ns,
-            report.put_ns / report.null_exit_ns,
-            report.null_exit_ns
-        );
-    } else {
-        println!("VMM work of one H_PUT_TCE: {:.0} ns (no KVM: no null exit to compare)", report.put_ns);
-    }
-    println!(
-        "device translate hit: {:.1} ns through a TCE window, {:.1} ns through a pvdma domain",
-        report.translate_window_ns, report.translate_pvdma_ns
-    );
-    println!(
-        "table memory, 64 GiB window of 4 KiB with 1 GiB mapped: {} KiB for one group, {} KiB for three groups sharing it, {} KiB as three flat tables",
-        report.table_bytes_one_group >> 10,
-        report.table_bytes_three_groups >> 10,
-        report.flat_bytes_three_groups >> 10
-    );
-    write_json(json, &report)?;
-    if let Some(path) = plot {
-        let series = |name: &str, f: fn(&BatchFigure) -> f64| crate::plot::Series {
-            name: name.into(),
-            points: report.batches.iter().map(|b| (b.entries as f64, f(b))).collect(),
-        };
-        crate::plot::draw(
-            &path,
-            &crate::plot::Chart {
-                title: "TCE calls: VMM work per entry as batches grow",
-                x: "entries per call",
-                y: "ns per entry",
-                log_x: true,
-            },
-            &[
-                series("H_PUT_TCE_INDIRECT", |b| b.indirect_ns_per_entry),
-                series("H_STUFF_TCE", |b| b.stuff_ns_per_entry),
-            ],
-        )?;
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(report)
 }

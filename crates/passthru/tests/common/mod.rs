@@ -67,10 +67,16 @@ pub fn passthru_with_input(args: &[&str], script: &str) -> Output {
 }
 
 /// Runs `passthru bench <args> --json FILE`, checks it succeeded, and returns its
-/// printed table and the parsed JSON (the file is removed).
+/// printed table and the parsed JSON (the file is removed). One run unless `args` say
+/// `--runs`.
 pub fn bench_json(args: &[&str]) -> (String, serde_json::Value) {
     let json = std::env::temp_dir().join(format!("passthru-{}-{}.json", args[0], std::process::id()));
-    let out = bin().arg("bench").args(args).arg("--json").arg(&json).output().unwrap();
+    let mut cmd = bin();
+    cmd.arg("bench").args(args).arg("--json").arg(&json);
+    if !args.contains(&"--runs") {
+        cmd.args(["--runs", "1"]);
+    }
+    let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let v = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
