@@ -32,6 +32,9 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 pub const IDLE_DEADLINE: Duration = REQUEST_DEADLINE;
 /// A client must take an answer within this long.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+/// A stopping server waits this long for requests being carried out (a snapshot being
+/// written) to finish and be answered; a second signal stops the process sooner.
+pub const STOP_GRACE: Duration = Duration::from_secs(120);
 /// How often blocked threads look at the stop flag.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -96,6 +99,8 @@ struct Shared {
     /// (joined by `reap` once it has ended, or by `drop`).
     clients: Mutex<HashMap<u64, Client>>,
     counters: Counters,
+    /// Requests being carried out by the handler or answered right now.
+    handling: AtomicU64,
 }
 
 /// A running API server.
@@ -125,6 +130,7 @@ impl Server {
             handler,
             clients: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            handling: AtomicU64::new(0),
         });
         let (s, wake_fd) = (Arc::clone(&shared), wake.as_raw_fd());
         let accept = std::thread::Builder::new()
@@ -164,10 +170,20 @@ impl Drop for Server {
         }
         let clients: Vec<_> = self.shared.clients.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
         // Every client thread sees the stop flag within a tick (an event stream ends
-        // properly then); a request in progress finishes first. Then whatever is left
-        // is shut down.
-        let deadline = Instant::now() + 3 * TICK;
-        while Instant::now() < deadline && clients.iter().any(|(_, c)| !c.thread.is_finished()) {
+        // properly then); a request being carried out finishes and is answered first
+        // (up to STOP_GRACE). Then whatever is left is shut down.
+        let started = Instant::now();
+        let mut said = false;
+        while clients.iter().any(|(_, c)| !c.thread.is_finished()) {
+            let handling = self.shared.handling.load(Ordering::Acquire);
+            let waited = started.elapsed();
+            if waited >= STOP_GRACE || (handling == 0 && waited >= 3 * TICK) {
+                break;
+            }
+            if handling > 0 && waited >= Duration::from_secs(1) && !said {
+                said = true;
+                tracing::info!(requests = handling, "API: waiting for requests under way to finish");
+            }
             std::thread::sleep(TICK / 10);
         }
         for (_, c) in clients {
@@ -302,6 +318,15 @@ fn reap(shared: &Shared) {
     }
 }
 
+/// Counts a request as being carried out while it lives (a panic in the handler too).
+struct Handling<'a>(&'a AtomicU64);
+
+impl Drop for Handling<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn serve_client(shared: &Shared, mut stream: UnixStream, busy: &AtomicBool) {
     let _ = stream.set_read_timeout(Some(TICK));
     let _ = stream.set_write_timeout(Some(WRITE_DEADLINE));
@@ -321,6 +346,8 @@ fn serve_client(shared: &Shared, mut stream: UnixStream, busy: &AtomicBool) {
                     return;
                 }
                 let t0 = Instant::now();
+                shared.handling.fetch_add(1, Ordering::AcqRel);
+                let _handling = Handling(&shared.handling);
                 let span = tracing::debug_span!("api", method = %req.method, path = %req.path).entered();
                 let result =
                     decode(&req.method, &req.path, &req.body).and_then(|c| shared.handler.handle_with_files(c));
@@ -333,6 +360,7 @@ fn serve_client(shared: &Shared, mut stream: UnixStream, busy: &AtomicBool) {
                 if !answer_with(shared, &mut stream, status, &body, !req.keep_alive, &files) || !req.keep_alive {
                     return;
                 }
+                drop(_handling);
                 started = (!buf.is_empty()).then(Instant::now);
                 busy.store(started.is_some(), Ordering::Release);
                 idle_since = Instant::now();

@@ -518,6 +518,52 @@ fn tce_windows_and_shared_tables_are_saved_and_restored() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// SIGTERM while a snapshot is being written: the VMM lets it finish (the client gets
+/// its 200, the new snapshot is in place and restores), then stops in order, 143.
+#[test]
+fn a_sigterm_mid_snapshot_lets_it_finish_then_stops() {
+    let (sock, dir) = paths("sigterm");
+    let mut q = q_with_api(&sock, &["--memory", "1G", "--locked-memory", "2G"]);
+    q.ok("memset 0x100000 0x1000 0x11");
+    assert_eq!(snapshot(&sock, &dir).0, 200);
+    let first = std::fs::read(dir.join("manifest.json")).unwrap();
+    for i in 0..16u64 {
+        q.ok(&format!("memset {:#x} 0x1000000 0x33", 0x100_0000 + i * 0x100_0000));
+    }
+    let (d, sk) = (dir.clone(), sock.clone());
+    let second = std::thread::spawn(move || {
+        let body = serde_json::json!({ "dir": d }).to_string();
+        api::client::call(&sk, "PUT", "vm.snapshot", Some(&body), Duration::from_secs(60)).map(|a| a.status)
+    });
+    // Wait until the new snapshot is being written (its directory beside the target).
+    let tmp_name = format!(".{}.tmp-{}", dir.file_name().unwrap().to_string_lossy(), q.child.id());
+    let tmp_dir = dir.parent().unwrap().join(&tmp_name);
+    let t = Instant::now();
+    while !tmp_dir.exists() && !second.is_finished() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let cut = tmp_dir.exists();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(q.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(second.join().unwrap().ok(), Some(200), "the snapshot under way finished");
+    drop(q.stdin);
+    let status = q.child.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+    if !cut {
+        eprintln!("note: the snapshot finished before its directory was seen; the signal came after it");
+    }
+    assert_ne!(std::fs::read(dir.join("manifest.json")).unwrap(), first, "the new snapshot is in place");
+    assert!(!tmp_dir.exists(), "nothing half-written is left");
+    let out = bin()
+        .args(["run", "--accel", "qtest", "--locked-memory", "2G", "--restore"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A VMM killed in the middle of writing a snapshot leaves the previous snapshot at
 /// its place, whole: the new one is written beside it and swapped in at the end.
 #[test]
