@@ -12,7 +12,7 @@
 //! (RENAME_EXCHANGE), so a crash leaves the previous snapshot whole.
 //!
 //! Saving: everything that could refuse (a device without migration, a front-end
-//! that cannot save, hot-added RAM, the non-coherent policy) is checked before a byte
+//! that cannot save, a device already gone, the non-coherent policy) is checked before a byte
 //! is written. Then the vCPU is paused (parked between two instructions, its pending
 //! I/O completed), every device stopped (no DMA in flight, no interrupt raised:
 //! vfio-user RUNNING -> STOP), the state read, guest RAM and device memory streamed

@@ -126,8 +126,12 @@ fn num(v: f64) -> String {
         format!("{v:.0}")
     } else if v.abs() >= 1.0 {
         format!("{v:.2}")
+    } else if v == 0.0 {
+        "0".into()
     } else {
-        format!("{v:.3}")
+        // Three significant digits however small (a ratio of 0.0003 is not 0.000).
+        let decimals = (2 - v.abs().log10().floor() as i32).clamp(3, 9) as usize;
+        format!("{v:.decimals$}")
     }
 }
 
@@ -172,5 +176,9 @@ mod tests {
         assert_eq!(s[0].verdict, Some("within noise"));
         assert_eq!((s[1].verdict, median_of(&s, "y")), (None, Some(5.0)));
         assert!(table(&s, 4).contains("1.00 .. 3.00"));
+        assert_eq!(
+            (num(0.034), num(0.000_34), num(0.0), num(12.345), num(1234.5)),
+            ("0.0340".into(), "0.000340".into(), "0".into(), "12.35".into(), "1234".into())
+        );
     }
 }
