@@ -8,6 +8,8 @@
 //! each followed by the lines its output starts with; a shown line ending in `...`
 //! matches any line it begins.
 
+#![allow(clippy::unwrap_used, missing_docs)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
