@@ -87,7 +87,9 @@ pub mod irq_ctrl {
 pub mod control {
     /// Run the ring.
     pub const ENABLE: u32 = 1 << 0;
-    /// Reset the engine (self-clearing).
+    /// Reset the engine (self-clearing): registers to their defaults, the usable
+    /// scratch memory zeroed. Register writes are posted (a device process may take
+    /// them later); the reset is done once a later read of a register returns.
     pub const RESET: u32 = 1 << 1;
 }
 

@@ -54,6 +54,9 @@ impl Engine {
         // SAFETY: the register BAR decodes at `bar0` (read back from the function).
         unsafe {
             write32(bar0 + regs::CONTROL, de::control::RESET);
+            // Writes are posted: this read returns once the reset is done (the scratch
+            // memory zeroed), so it cannot land on what a peer writes there next.
+            let _ = read32(bar0 + regs::STATUS);
             write64(bar0 + regs::RING_BASE, ring.1);
             write32(bar0 + regs::RING_SIZE, size);
             write32(bar0 + regs::CONTROL, de::control::ENABLE);
