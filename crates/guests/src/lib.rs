@@ -25,6 +25,20 @@ pub fn get(name: &str) -> Option<Program> {
     all().find(|p| p.name == name)
 }
 
+/// A guest program's image: the built-in program called `name`, else the file at that
+/// path; an error names the built-in ones.
+pub fn load(name: &str) -> Result<Vec<u8>, String> {
+    if let Some(p) = get(name) {
+        return Ok(p.elf.to_vec());
+    }
+    let path = std::path::Path::new(name);
+    if path.exists() {
+        return std::fs::read(path).map_err(|e| format!("cannot read guest program {}: {e}", path.display()));
+    }
+    let names: Vec<&str> = all().map(|p| p.name).collect();
+    Err(format!("unknown guest '{name}': it is neither a built-in program ({}) nor an existing file", names.join(", ")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

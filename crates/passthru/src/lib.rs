@@ -7,6 +7,7 @@ pub mod ctl;
 pub mod device;
 pub mod memlock;
 pub mod plot;
+pub mod progress;
 pub mod run;
 pub mod sandbox;
 pub mod signals;

@@ -320,7 +320,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     if args.qtest.is_some() || args.accel == Accel::Qtest {
         return run_qtest(&args, &stop);
     }
-    let elf = load_guest(&args.guest)?;
+    let elf = guests::load(&args.guest)?;
     // The paravirtual DMA demo needs its device: give it the default one.
     let default_device;
     let devices = if args.devices.is_empty() && args.guest == DEFAULT_GUEST {
@@ -359,7 +359,7 @@ fn run_restore(args: &RunArgs, dir: &Path, stop: &StopSlot) -> Result<ExitCode, 
     let span = tracing::info_span!("restore", dir = %dir.display()).entered();
     let qtest = args.accel == Accel::Qtest || args.qtest.is_some();
     // Progress on a terminal (hidden otherwise): check, RAM, devices.
-    let bar = crate::bench::progress(3, "restoring");
+    let bar = crate::progress::bar(3, "restoring");
     let snap = vmm::snapshot::Snapshot::load(dir).map_err(|e| e.to_string())?;
     bar.inc(1);
     let devices = snap
@@ -565,19 +565,6 @@ fn report_test_sources(vm: &Vm) {
             );
         }
     }
-}
-
-/// Finds a guest program: built-in name first, then a file path.
-pub fn load_guest(name: &str) -> Result<Vec<u8>, String> {
-    if let Some(p) = guests::get(name) {
-        return Ok(p.elf.to_vec());
-    }
-    let path = Path::new(name);
-    if path.exists() {
-        return std::fs::read(path).map_err(|e| format!("cannot read guest program {}: {e}", path.display()));
-    }
-    let names: Vec<&str> = guests::all().map(|p| p.name).collect();
-    Err(format!("unknown guest '{name}': it is neither a built-in program ({}) nor an existing file", names.join(", ")))
 }
 
 fn run_qtest(args: &RunArgs, stop: &StopSlot) -> Result<ExitCode, String> {

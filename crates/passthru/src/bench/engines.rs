@@ -84,7 +84,7 @@ fn p2p_bench(bytes: u64) -> Result<(Vec<P2pFigure>, f64), String> {
 fn register_reads(reads: u64) -> Result<Vec<ReadFigure>, String> {
     use crate::device::DeviceArg;
     use vmm::IommuMode;
-    let elf = crate::run::load_guest("exits")?;
+    let elf = guests::load("exits")?;
     let mut config = VmConfig::new(AccelKind::Kvm);
     config.memory = 64 << 20;
     config.locked_memory = Some(64 << 20);

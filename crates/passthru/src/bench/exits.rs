@@ -39,7 +39,7 @@ fn figures(r: &ExitsReport) -> Vec<Fig> {
 }
 
 fn measure(iterations: u64) -> Result<ExitsReport, String> {
-    let elf = crate::run::load_guest("exits")?;
+    let elf = guests::load("exits")?;
     let mut config = VmConfig::new(AccelKind::Kvm);
     config.bench_iterations = iterations;
     config.serial_out = Box::new(std::io::sink());

@@ -49,7 +49,7 @@ fn figures(r: &IrqReport) -> Vec<Fig> {
 }
 
 fn measure(interrupts: u64) -> Result<IrqReport, String> {
-    let elf = crate::run::load_guest("irqstorm")?;
+    let elf = guests::load("irqstorm")?;
     let mut figures = Vec::new();
     for mode in [irq::Mode::Forwarded, irq::Mode::Vmm] {
         let mut config = VmConfig::new(AccelKind::Kvm);

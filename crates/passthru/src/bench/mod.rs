@@ -162,21 +162,6 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode, String> {
     }
 }
 
-/// A progress bar on standard error when it is a terminal (hidden otherwise, so logs
-/// and pipes stay clean).
-pub fn progress(steps: u64, what: &str) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(steps);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}") {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message(what.to_string());
-    bar
-}
-
 /// Runs `measure` `runs` times (a progress bar on a terminal), prints `title` and each
 /// figure's median, spread and goal verdict, and with `json` writes the last run's
 /// report with `runs` and `spread` (every figure over the runs) added, saying where.
@@ -189,7 +174,7 @@ fn repeat<R: Serialize>(
     figures: impl Fn(&R) -> Vec<spread::Fig>,
 ) -> Result<(Vec<R>, Vec<spread::Spread>), String> {
     let runs = runs.max(1);
-    let bar = progress(u64::from(runs), "runs");
+    let bar = crate::progress::bar(u64::from(runs), "runs");
     let mut reports = Vec::new();
     for _ in 0..runs {
         reports.push(measure()?);

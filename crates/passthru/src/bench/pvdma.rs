@@ -143,7 +143,7 @@ fn measure(n: u64) -> Result<PvdmaReport, String> {
     drop(vm);
 
     let guest_n = n.min(1024);
-    let elf = crate::run::load_guest("pvdma")?;
+    let elf = guests::load("pvdma")?;
     let vm = pvdma_vm(AccelKind::Kvm, inline)?;
     let status = vm.run_guest_with_args(&elf, &[1, guest_n]).map_err(|e| e.to_string())?;
     if status != 0 {

@@ -162,7 +162,7 @@ fn measure(rounds: u64) -> Result<TceReport, String> {
     }
     report.put_ns = t0.elapsed().as_nanos() as f64 / (2 * rounds) as f64;
     if vmm::kvm_available() {
-        let elf = crate::run::load_guest("exits")?;
+        let elf = guests::load("exits")?;
         let mut c = VmConfig::new(AccelKind::Kvm);
         c.bench_iterations = 5000;
         c.serial_out = Box::new(std::io::sink());
