@@ -5,8 +5,8 @@
 //! interrupts), with only the injection lock held.
 
 use crate::chip::{GuestIrq, IrqChip};
-use crate::registry::{Entry, State};
 use crate::source::SourceId;
+use crate::state::{Entry, State};
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::fd::RawFd;

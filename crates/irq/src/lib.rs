@@ -20,10 +20,12 @@ mod chip;
 mod delivery;
 mod registry;
 mod source;
+mod state;
 
 pub use chip::{GuestIrq, IrqChip, MsiMessage};
-pub use registry::{IrqCounts, IrqError, IrqRegistry, Mode, SourceStats, SwitchHook};
+pub use registry::{IrqCounts, IrqError, IrqRegistry, SourceStats, SwitchHook};
 pub use source::{IrqSource, SourceId, Trigger};
+pub use state::Mode;
 
 /// A non-blocking, close-on-exec eventfd: every eventfd of the VMM is created this way,
 /// so none leaks into a device process it spawns.
