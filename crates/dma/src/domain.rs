@@ -6,11 +6,12 @@
 //! one; unmap reports the bytes it removed (zero when nothing was mapped).
 
 use crate::addr::{Gpa, Iova, Perm};
-use crate::endpoint::Inner as EndpointInner;
 use crate::error::MapError;
 use crate::faults::FaultLog;
+use crate::mapping::{MapObserver, Mapping};
 use crate::pagesize::PageSizes;
 use crate::store::Store;
+use crate::tracked::Tracked;
 use crate::vmdma::VmDma;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,41 +44,6 @@ impl Default for DomainConfig {
     }
 }
 
-/// One mapping: `[iova, iova + size)` -> `[gpa, gpa + size)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Mapping {
-    /// First IOVA.
-    pub iova: Iova,
-    /// First guest-physical address.
-    pub gpa: Gpa,
-    /// Bytes.
-    pub size: u64,
-    /// What devices may do.
-    pub perm: Perm,
-}
-
-impl Mapping {
-    /// One past the last IOVA.
-    pub fn end(&self) -> u64 {
-        self.iova.0 + self.size
-    }
-}
-
-/// Told about every change of a domain, in the domain's own order and in batches: how
-/// a device process learns what it may touch (a vfio-user client turns these into
-/// DMA_MAP / DMA_UNMAP). Calls are serialised by the domain's update lock, so an
-/// observer sees exactly the domain's history: never an unmap before its map, never a
-/// mapping twice, and (on registration) every mapping that exists.
-pub trait MapObserver: Send + Sync {
-    /// Mappings were made (one call per map or map_many). An error undoes the whole
-    /// batch and fails the call; observers that accepted it are told it is gone.
-    fn mapped(&self, maps: &[Mapping]) -> Result<(), String>;
-    /// Mappings are gone from the domain and no in-process access touches them any
-    /// more; return only when the observer's side has let go of them too (or can no
-    /// longer reach them: a device that does not answer is cut off before this returns).
-    fn unmapped(&self, maps: &[Mapping]);
-}
-
 /// A translation domain of one VM.
 ///
 /// Locks: `ops` (the update lock) serialises every change and its notification to
@@ -93,7 +59,7 @@ pub struct Domain {
     tree: RwLock<Store>,
     /// The endpoints translating through this domain: an unmap invalidates each one
     /// (IOTLBs dropped, in-flight accesses waited for).
-    endpoints: RwLock<Vec<Weak<EndpointInner>>>,
+    endpoints: RwLock<Vec<Weak<dyn Tracked>>>,
     pub(crate) faults: FaultLog,
     maps: AtomicU64,
     unmaps: AtomicU64,
@@ -482,7 +448,7 @@ impl Domain {
 
     /// Accessors (DMA spaces) of the endpoints attached.
     pub fn accessor_count(&self) -> usize {
-        self.live_endpoints().iter().map(|e| e.readers.count()).sum()
+        self.live_endpoints().iter().map(|e| e.accessors()).sum()
     }
 
     /// Endpoints attached now.
@@ -490,7 +456,7 @@ impl Domain {
         self.live_endpoints().len()
     }
 
-    fn live_endpoints(&self) -> Vec<Arc<EndpointInner>> {
+    fn live_endpoints(&self) -> Vec<Arc<dyn Tracked>> {
         self.endpoints.read().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect()
     }
 
@@ -502,15 +468,15 @@ impl Domain {
         }
     }
 
-    pub(crate) fn attach_endpoint(&self, ep: &Arc<EndpointInner>) {
+    pub(crate) fn attach_endpoint(&self, ep: Weak<dyn Tracked>) {
         let mut eps = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
         eps.retain(|w| w.strong_count() > 0);
-        eps.push(Arc::downgrade(ep));
+        eps.push(ep);
     }
 
-    pub(crate) fn detach_endpoint(&self, ep: &Arc<EndpointInner>) {
+    pub(crate) fn detach_endpoint(&self, ep: &Weak<dyn Tracked>) {
         let mut eps = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
-        eps.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(ep)));
+        eps.retain(|w| w.strong_count() > 0 && !Weak::ptr_eq(w, ep));
     }
 
     pub(crate) fn forget_dead_endpoints(&self) {
@@ -555,5 +521,43 @@ impl Drop for Domain {
         let all = self.tree.get_mut().unwrap_or_else(|e| e.into_inner()).take_all();
         let ranges: Vec<(u64, u64)> = all.iter().map(|m| (m.gpa.0, m.size)).collect();
         self.vm.unpin(&ranges);
+    }
+}
+
+/// Domains are made by the VM's DMA state (here, beside the domain they build, so the
+/// VM's state does not depend on the domain's file).
+impl VmDma {
+    /// A new, empty domain.
+    pub fn create_domain(self: &Arc<Self>, name: &str, config: DomainConfig) -> Arc<Domain> {
+        Arc::new(Domain::new(Arc::clone(self), name, config))
+    }
+
+    /// A domain mapping all guest RAM read-write at IOVA = guest-physical (for devices
+    /// with no guest-visible IOMMU). Pins all of guest RAM: the locked-memory limit must
+    /// cover it.
+    pub fn identity_domain(self: &Arc<Self>, name: &str) -> Result<Arc<Domain>, MapError> {
+        let d = self.create_domain(name, DomainConfig::default());
+        let ram: Vec<(u64, u64)> = self.spans().into_iter().filter(|s| s.2).map(|s| (s.0, s.1)).collect();
+        for (gpa, size) in ram {
+            let (start, end) = (gpa, gpa + size);
+            // Map around reserved windows that RAM may overlap.
+            let mut pieces = vec![(start, end)];
+            for res in &d.config().reserved {
+                pieces = pieces
+                    .into_iter()
+                    .flat_map(|(s, e)| {
+                        if res.end <= s || e <= res.start {
+                            vec![(s, e)]
+                        } else {
+                            [(s, res.start.max(s)), (res.end.min(e), e)].into_iter().filter(|(a, b)| a < b).collect()
+                        }
+                    })
+                    .collect();
+            }
+            for (s, e) in pieces {
+                d.map(Iova(s), Gpa(s), e - s, Perm::READ_WRITE)?;
+            }
+        }
+        Ok(d)
     }
 }

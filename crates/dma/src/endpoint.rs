@@ -22,10 +22,12 @@
 //! switch; the endpoint is then blocked, and the caller fails the device.
 
 use crate::addr::Iova;
-use crate::domain::{Domain, MapObserver, Mapping};
+use crate::domain::Domain;
 use crate::error::MapError;
 use crate::faults::FaultLog;
+use crate::mapping::{MapObserver, Mapping};
 use crate::readers::Readers;
+use crate::tracked::Tracked;
 use crate::vmdma::VmDma;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
@@ -57,7 +59,21 @@ impl Inner {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.readers.wait_for_inflight();
     }
+}
 
+impl Tracked for Inner {
+    fn invalidate(&self) {
+        Inner::invalidate(self);
+    }
+    fn accessors(&self) -> usize {
+        self.readers.count()
+    }
+    fn faults_total(&self) -> u64 {
+        self.faults.total()
+    }
+}
+
+impl Inner {
     pub(crate) fn domain(&self) -> Option<Arc<Domain>> {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -120,6 +136,11 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
+    /// This endpoint as a domain tracks it.
+    fn tracked(&self) -> Weak<dyn Tracked> {
+        Arc::downgrade(&self.inner) as Weak<dyn Tracked>
+    }
+
     /// A blocked endpoint of `vm` named `name` (the device name faults carry).
     pub fn new(vm: &Arc<VmDma>, name: &str) -> Endpoint {
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| Inner {
@@ -134,7 +155,7 @@ impl Endpoint {
             relay: Mutex::new(Some(Arc::new(Relay(weak.clone())) as Arc<dyn MapObserver>)),
             relayed: std::sync::atomic::AtomicBool::new(false),
         });
-        vm.register_endpoint(&inner);
+        vm.register_endpoint(Arc::downgrade(&inner) as Weak<dyn Tracked>);
         Endpoint { inner }
     }
 
@@ -232,19 +253,19 @@ impl Endpoint {
             {
                 old.remove_observer(&r); // the device lets go of the old mappings
             }
-            old.detach_endpoint(&self.inner);
+            old.detach_endpoint(&self.tracked());
         }
         *self.inner.current.write().unwrap_or_else(|e| e.into_inner()) = None;
         self.inner.invalidate(); // no in-process access through the old domain remains
         let Some(new) = domain else { return Ok(()) };
-        new.attach_endpoint(&self.inner);
+        new.attach_endpoint(self.tracked());
         *self.inner.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&new));
         if self.has_observers()
             && let Some(r) = self.relay()
         {
             if let Err(e) = new.add_observer(r) {
                 *self.inner.current.write().unwrap_or_else(|e| e.into_inner()) = None;
-                new.detach_endpoint(&self.inner);
+                new.detach_endpoint(&self.tracked());
                 self.inner.invalidate();
                 return Err(e);
             }

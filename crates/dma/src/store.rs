@@ -5,7 +5,7 @@
 //! costs one tree entry per contiguous stretch instead of one per page.
 
 use crate::addr::{Gpa, Iova, Perm};
-use crate::domain::Mapping;
+use crate::mapping::Mapping;
 use std::collections::BTreeMap;
 
 /// `n` mappings of `unit` bytes from `iova` -> `gpa` (32 bytes: a tree of them is as

@@ -9,11 +9,9 @@
 //! for): no access reaches memory that has left the map.
 
 use crate::account::LockedMemory;
-use crate::addr::{Gpa, Iova, Perm};
 use crate::dirty::DirtyLog;
-use crate::domain::{Domain, DomainConfig};
-use crate::endpoint::Inner as EndpointInner;
 use crate::error::MapError;
+use crate::tracked::Tracked;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -38,7 +36,7 @@ pub struct VmDma {
     account: LockedMemory,
     dirty: DirtyLog,
     /// Every endpoint of the VM (invalidated when memory leaves).
-    endpoints: Mutex<Vec<Weak<EndpointInner>>>,
+    endpoints: Mutex<Vec<Weak<dyn Tracked>>>,
     /// Device memory is reachable (some pins must skip it).
     has_device_memory: std::sync::atomic::AtomicBool,
 }
@@ -149,20 +147,20 @@ impl VmDma {
     /// accesses, all devices of the VM).
     pub fn faults_total(&self) -> u64 {
         let eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        eps.iter().filter_map(Weak::upgrade).map(|e| e.faults.total()).sum()
+        eps.iter().filter_map(Weak::upgrade).map(|e| e.faults_total()).sum()
     }
 
     /// Remembers an endpoint (it is invalidated when memory leaves the map).
-    pub(crate) fn register_endpoint(&self, ep: &Arc<EndpointInner>) {
+    pub(crate) fn register_endpoint(&self, ep: Weak<dyn Tracked>) {
         let mut eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
         eps.retain(|w| w.strong_count() > 0);
-        eps.push(Arc::downgrade(ep));
+        eps.push(ep);
     }
 
     /// Drops every endpoint's cached translations and waits for their in-flight
     /// accesses.
     fn invalidate_endpoints(&self) {
-        let eps: Vec<Arc<EndpointInner>> =
+        let eps: Vec<Arc<dyn Tracked>> =
             self.endpoints.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
         for ep in eps {
             ep.invalidate();
@@ -197,40 +195,6 @@ impl VmDma {
     /// Pages written by devices.
     pub fn dirty(&self) -> &DirtyLog {
         &self.dirty
-    }
-
-    /// A new, empty domain.
-    pub fn create_domain(self: &Arc<Self>, name: &str, config: DomainConfig) -> Arc<Domain> {
-        Arc::new(Domain::new(Arc::clone(self), name, config))
-    }
-
-    /// A domain mapping all guest RAM read-write at IOVA = guest-physical (for devices
-    /// with no guest-visible IOMMU). Pins all of guest RAM: the locked-memory limit must
-    /// cover it.
-    pub fn identity_domain(self: &Arc<Self>, name: &str) -> Result<Arc<Domain>, MapError> {
-        let d = self.create_domain(name, DomainConfig::default());
-        let ram: Vec<(u64, u64)> = self.spans().into_iter().filter(|s| s.2).map(|s| (s.0, s.1)).collect();
-        for (gpa, size) in ram {
-            let (start, end) = (gpa, gpa + size);
-            // Map around reserved windows that RAM may overlap.
-            let mut pieces = vec![(start, end)];
-            for res in &d.config().reserved {
-                pieces = pieces
-                    .into_iter()
-                    .flat_map(|(s, e)| {
-                        if res.end <= s || e <= res.start {
-                            vec![(s, e)]
-                        } else {
-                            [(s, res.start.max(s)), (res.end.min(e), e)].into_iter().filter(|(a, b)| a < b).collect()
-                        }
-                    })
-                    .collect();
-            }
-            for (s, e) in pieces {
-                d.map(Iova(s), Gpa(s), e - s, Perm::READ_WRITE)?;
-            }
-        }
-        Ok(d)
     }
 
     /// True if every byte of `[gpa, gpa + len)` is guest memory.
