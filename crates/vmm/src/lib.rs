@@ -15,6 +15,7 @@ pub mod device_manager;
 pub mod error;
 pub mod events;
 pub mod flush;
+pub mod guest;
 pub mod irq_watch;
 pub mod memory;
 pub mod memtype;
@@ -22,6 +23,7 @@ pub mod qtest;
 pub mod run_control;
 pub mod snapshot;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 
 pub use accel::AccelKind;

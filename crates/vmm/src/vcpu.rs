@@ -137,8 +137,8 @@ impl Vcpu {
     }
 
     /// Loads a saved state (a restore), its CPUID first.
-    pub fn load(&mut self, state: &crate::snapshot::CpuState) -> Result<()> {
-        crate::snapshot::load_cpu(&mut self.fd, state)
+    pub fn load(&mut self, state: &crate::vcpu_state::CpuState) -> Result<()> {
+        crate::vcpu_state::load_cpu(&mut self.fd, state)
     }
 
     fn hypercall(&mut self, vm: &Vm) -> Result<()> {
