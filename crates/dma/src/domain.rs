@@ -7,7 +7,7 @@
 
 use crate::addr::{Gpa, Iova, Perm};
 use crate::error::MapError;
-use crate::faults::FaultLog;
+use crate::faults::{Fault, FaultHandler, FaultLog, FaultReports};
 use crate::mapping::{MapObserver, Mapping};
 use crate::pagesize::PageSizes;
 use crate::store::Store;
@@ -61,6 +61,7 @@ pub struct Domain {
     /// (IOTLBs dropped, in-flight accesses waited for).
     endpoints: RwLock<Vec<Weak<dyn Tracked>>>,
     pub(crate) faults: FaultLog,
+    reports: FaultReports,
     maps: AtomicU64,
     unmaps: AtomicU64,
     observers: RwLock<Vec<Arc<dyn MapObserver>>>,
@@ -82,6 +83,7 @@ impl Domain {
             tree: RwLock::new(Store::default()),
             endpoints: RwLock::new(Vec::new()),
             faults: FaultLog::default(),
+            reports: FaultReports::default(),
             maps: AtomicU64::new(0),
             unmaps: AtomicU64::new(0),
             observers: RwLock::new(Vec::new()),
@@ -111,6 +113,24 @@ impl Domain {
     /// Accesses this domain refused.
     pub fn faults(&self) -> &FaultLog {
         &self.faults
+    }
+
+    /// Sets (or with None clears) who is told of this domain's faults: its owner (a
+    /// front-end). At most [`crate::FAULT_REPORTS_PER_SECOND`] reach it; the rest are
+    /// only logged and counted ([`Domain::faults_unreported`]).
+    pub fn on_fault(&self, handler: Option<Arc<dyn FaultHandler>>) {
+        self.reports.set(handler);
+    }
+
+    /// Faults the rate limit kept from the handler.
+    pub fn faults_unreported(&self) -> u64 {
+        self.reports.unreported()
+    }
+
+    /// Logs a refused access and tells the handler.
+    pub(crate) fn fault(&self, f: &Fault) {
+        self.faults.record(f.clone());
+        self.reports.report(f);
     }
 
     /// Takes the update lock (see the type's documentation).

@@ -63,3 +63,51 @@ impl FaultLog {
         self.ring.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect()
     }
 }
+
+/// Told of the faults in a domain: the front-end that owns it (a virtio-iommu reports
+/// them to the guest on its event queue). Called on the faulting device's access
+/// path: it must not block (queue and drop, never wait).
+pub trait FaultHandler: Send + Sync {
+    /// One fault, after it was logged.
+    fn fault(&self, fault: &Fault);
+}
+
+/// Faults passed to a domain's handler per second at most; the rest are counted.
+pub const FAULT_REPORTS_PER_SECOND: u64 = 1000;
+
+/// A domain's fault handler and its rate limit.
+#[derive(Default)]
+pub(crate) struct FaultReports {
+    handler: std::sync::RwLock<Option<std::sync::Arc<dyn FaultHandler>>>,
+    /// The second (since `origin`) the count is for, and faults reported in it.
+    second: AtomicU64,
+    in_second: AtomicU64,
+    origin: std::sync::OnceLock<std::time::Instant>,
+    /// Faults not passed on because of the limit.
+    unreported: AtomicU64,
+}
+
+impl FaultReports {
+    pub(crate) fn set(&self, handler: Option<std::sync::Arc<dyn FaultHandler>>) {
+        *self.handler.write().unwrap_or_else(|e| e.into_inner()) = handler;
+    }
+
+    /// Passes `f` to the handler unless this second's reports are used up.
+    pub(crate) fn report(&self, f: &Fault) {
+        let h = self.handler.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(h) = h else { return };
+        let now = self.origin.get_or_init(std::time::Instant::now).elapsed().as_secs();
+        if self.second.swap(now, Ordering::AcqRel) != now {
+            self.in_second.store(0, Ordering::Release);
+        }
+        if self.in_second.fetch_add(1, Ordering::AcqRel) < FAULT_REPORTS_PER_SECOND {
+            h.fault(f);
+        } else {
+            self.unreported.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn unreported(&self) -> u64 {
+        self.unreported.load(Ordering::Relaxed)
+    }
+}

@@ -33,7 +33,7 @@ pub use dirty::{DirtyLog, pages_of_bits};
 pub use domain::{Domain, DomainConfig, MSI_WINDOW, ReplaceError};
 pub use endpoint::Endpoint;
 pub use error::{FaultReason, MapError};
-pub use faults::{Fault, FaultLog};
+pub use faults::{FAULT_REPORTS_PER_SECOND, Fault, FaultHandler, FaultLog};
 pub use mapping::{MapObserver, Mapping};
 pub use pagesize::PageSizes;
 pub use space::{Batch, DmaSpace, MAX_SECTION_BYTES, Translation};

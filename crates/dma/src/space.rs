@@ -262,7 +262,7 @@ impl DmaSpace {
         let f = Fault { iova: Iova(iova), len, access, reason, device: Arc::clone(&self.device) };
         self.ep.faults.record(f.clone());
         if let Some(d) = self.ep.domain() {
-            d.faults.record(f.clone());
+            d.fault(&f);
         }
         f
     }

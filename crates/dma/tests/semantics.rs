@@ -144,6 +144,47 @@ fn the_fault_log_is_bounded_but_counts_everything() {
     assert_eq!(recent[0].iova, Iova(44 * PAGE), "oldest kept is #44");
 }
 
+/// The domain's owner hears of its faults through the handler it set, at most
+/// FAULT_REPORTS_PER_SECOND a second (the rest are counted, never queued), and nothing
+/// once it clears it.
+#[test]
+fn faults_reach_the_domains_handler_rate_limited() {
+    struct Count(std::sync::Mutex<Vec<dma::Fault>>);
+    impl dma::FaultHandler for Count {
+        fn fault(&self, f: &dma::Fault) {
+            self.0.lock().unwrap().push(f.clone());
+        }
+    }
+    let vm = vm(u64::MAX);
+    let d = vm.create_domain("d", DomainConfig::default());
+    let h = std::sync::Arc::new(Count(std::sync::Mutex::new(Vec::new())));
+    d.on_fault(Some(h.clone()));
+    let dev = DmaSpace::new(d.clone(), "noisy");
+    assert!(dev.write(Iova(0x5000), &[1; 8]).is_err());
+    {
+        let got = h.0.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].iova, got[0].access, &*got[0].device), (Iova(0x5000), Access::Write, "noisy"));
+    }
+    // A flood within one second: the handler hears the first FAULT_REPORTS_PER_SECOND.
+    let n = dma::FAULT_REPORTS_PER_SECOND + 500;
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        let _ = dev.read(Iova(0x5000), &mut [0; 4]);
+    }
+    if t.elapsed() < std::time::Duration::from_millis(900) {
+        let heard = h.0.lock().unwrap().len() as u64;
+        assert!(heard <= dma::FAULT_REPORTS_PER_SECOND, "{heard}");
+        assert_eq!(heard + d.faults_unreported(), n + 1, "every fault heard or counted");
+    }
+    assert_eq!(d.faults().total(), n + 1, "all logged");
+    d.on_fault(None);
+    let before = h.0.lock().unwrap().len();
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // a new second
+    let _ = dev.read(Iova(0x5000), &mut [0; 4]);
+    assert_eq!(h.0.lock().unwrap().len(), before, "a cleared handler hears nothing");
+}
+
 #[test]
 fn translate_yields_host_slices_split_at_host_discontiguity() {
     let vm = vm(u64::MAX);
