@@ -55,3 +55,29 @@ pub trait IrqChip: Send + Sync {
         1024
     }
 }
+
+/// An irqchip with no guest behind it: every operation succeeds and delivers nothing.
+/// For registries used without a VM (a front-end or device exercised on its own).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NullChip;
+
+impl IrqChip for NullChip {
+    fn assign_irqfd(&self, _fd: &EventFd, _gsi: u32, _resample: Option<&EventFd>) -> io::Result<()> {
+        Ok(())
+    }
+    fn deassign_irqfd(&self, _fd: &EventFd, _gsi: u32) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_msi_route(&self, _gsi: u32, _msi: MsiMessage) -> io::Result<()> {
+        Ok(())
+    }
+    fn remove_msi_route(&self, _gsi: u32) -> io::Result<()> {
+        Ok(())
+    }
+    fn signal_msi(&self, _msi: MsiMessage) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_irq_line(&self, _gsi: u32, _level: bool) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -22,7 +22,7 @@ mod registry;
 mod source;
 mod state;
 
-pub use chip::{GuestIrq, IrqChip, MsiMessage};
+pub use chip::{GuestIrq, IrqChip, MsiMessage, NullChip};
 pub use registry::{IrqCounts, IrqError, IrqRegistry, SourceStats, SwitchHook};
 pub use source::{IrqSource, SourceId, Trigger};
 pub use state::Mode;

@@ -20,3 +20,17 @@ pub trait IoEvents: Send + Sync {
     /// Undoes [`IoEvents::register_ioevent`].
     fn unregister_ioevent(&self, fd: &EventFd, addr: IoAddr) -> std::io::Result<()>;
 }
+
+/// No ioeventfds: every registration is refused (EOPNOTSUPP), so a device falls back
+/// to trapped writes. For devices exercised without a VM.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoIoEvents;
+
+impl IoEvents for NoIoEvents {
+    fn register_ioevent(&self, _fd: &EventFd, _addr: IoAddr) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(95))
+    }
+    fn unregister_ioevent(&self, _fd: &EventFd, _addr: IoAddr) -> std::io::Result<()> {
+        Ok(())
+    }
+}
