@@ -66,10 +66,10 @@ pub const ENDPOINTS: &[Endpoint] = &[
         help: "save the VM (vCPU, irqchip, RAM, devices and their DMA domains) to a directory, atomically; restore with passthru run --restore DIR",
     },
     Endpoint {
-        name: "tce.table",
+        name: "frontend.query",
         method: "PUT",
-        body: r#"{"liobn": "0x1000"}"#,
-        help: "hand out the TCE table behind a liobn: its geometry, and its file (a memfd, passed with SCM_RIGHTS on this connection) to map read-only and walk (layout: abi::tce::layout)",
+        body: r#"{"frontend": "tce", "query": "table", "arg": "0x1000"}"#,
+        help: "a DMA front-end's own query (its list: vm.info's frontends): its fields, and any files it hands out passed with SCM_RIGHTS on this connection (e.g. tce's table: the table's memfd to map read-only and walk by abi::tce::layout)",
     },
     Endpoint {
         name: "events",
@@ -139,10 +139,15 @@ pub enum Command {
         /// Guest-physical start of a region added with `memory.add`.
         gpa: u64,
     },
-    /// `PUT tce.table`: the table's geometry, and its file with the answer.
-    TceTable {
-        /// The window's liobn.
-        liobn: u32,
+    /// `PUT frontend.query`: a DMA front-end's own query, and any files it hands out
+    /// with the answer.
+    FrontendQuery {
+        /// The front-end's name.
+        frontend: String,
+        /// The query's name.
+        query: String,
+        /// Its argument.
+        arg: String,
     },
     /// `GET events`: a stream of JSON lines, not one answer.
     Events,
@@ -213,8 +218,11 @@ struct IrqBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TceTableBody {
-    liobn: Num,
+struct FrontendQueryBody {
+    frontend: String,
+    query: String,
+    #[serde(default)]
+    arg: String,
 }
 
 #[derive(Deserialize)]
@@ -318,11 +326,14 @@ pub fn decode(method: &str, path: &str, body: &[u8]) -> Result<Command, ApiError
             let b: MemoryAddBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
             Command::MemoryAdd { gpa: b.gpa.value("gpa")?, size: b.size.value("size")? }
         }
-        "tce.table" => {
-            let b: TceTableBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
-            let liobn = u32::try_from(b.liobn.value("liobn")?)
-                .map_err(|_| ApiError::bad_request("\"liobn\" is a 32-bit logical I/O bus number"))?;
-            Command::TceTable { liobn }
+        "frontend.query" => {
+            let b: FrontendQueryBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
+            if b.frontend.is_empty() || b.query.is_empty() {
+                return Err(ApiError::bad_request(
+                    "\"frontend\" and \"query\" name a front-end and one of its queries",
+                ));
+            }
+            Command::FrontendQuery { frontend: b.frontend, query: b.query, arg: b.arg }
         }
         "vm.snapshot" => {
             let b: SnapshotBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
@@ -386,12 +397,15 @@ mod tests {
     }
 
     #[test]
-    fn tce_table_takes_a_32_bit_liobn() {
-        assert_eq!(ok("PUT", "tce.table", r#"{"liobn": "0x1000"}"#), Command::TceTable { liobn: 0x1000 });
-        assert_eq!(ok("PUT", "tce.table", r#"{"liobn": 4097}"#), Command::TceTable { liobn: 4097 });
-        let e = err("PUT", &format!("{PREFIX}tce.table"), r#"{"liobn": "0x100000000"}"#);
-        assert!(e.status == 400 && e.message.contains("32-bit"), "{}", e.message);
-        assert_eq!(err("PUT", &format!("{PREFIX}tce.table"), "").status, 400);
+    fn a_frontend_query_names_the_front_end_and_the_query() {
+        assert_eq!(
+            ok("PUT", "frontend.query", r#"{"frontend": "tce", "query": "table", "arg": "0x1000"}"#),
+            Command::FrontendQuery { frontend: "tce".into(), query: "table".into(), arg: "0x1000".into() }
+        );
+        let e = err("PUT", &format!("{PREFIX}frontend.query"), r#"{"frontend": "", "query": "table"}"#);
+        assert!(e.status == 400 && e.message.contains("name a front-end"), "{}", e.message);
+        assert_eq!(err("PUT", &format!("{PREFIX}frontend.query"), r#"{"frontend": "tce"}"#).status, 400);
+        assert_eq!(err("PUT", &format!("{PREFIX}frontend.query"), "").status, 400);
     }
 
     #[test]

@@ -24,7 +24,8 @@
 //! Pins: the domain pins the RAM it maps (once, however many devices share it); BAR
 //! memory is device memory and is not counted against the locked-memory limit.
 
-use crate::frontend::{Context, Device, FailDevice, Frontend, Registration};
+use crate::frontend::{Context, Device, FailDevice, Frontend, FrontendError, Stats};
+use crate::registry::Registration;
 use dma::{Domain, Gpa, Iova, MapError, Perm, VmDma};
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -38,6 +39,7 @@ pub const REGISTRATION: Registration = Registration {
     help: "guest memory at IOVA = guest-physical, following the memory map (no guest-visible IOMMU)",
     build: |ctx| Ok(Identity::new(ctx) as Arc<dyn Frontend>),
     params: &[],
+    tools: &[],
 };
 
 struct Shared {
@@ -221,11 +223,11 @@ impl MemoryListener for Listener {
 }
 
 impl Frontend for Identity {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         REGISTRATION.name
     }
 
-    fn attach(&self, device: &Device) -> Result<(), String> {
+    fn attach(&self, device: &Device) -> Result<(), FrontendError> {
         let mut s = self.lock();
         let domain = match &s.domain {
             Some(d) => Arc::clone(d),
@@ -240,7 +242,9 @@ impl Frontend for Identity {
                 });
                 if let Err(e) = self.memory_map.add_listener(l.clone() as Arc<dyn MemoryListener>) {
                     let why = l.refused.lock().unwrap_or_else(|e| e.into_inner()).take();
-                    return Err(why.unwrap_or_else(|| format!("its identity DMA domain cannot map guest memory ({e})")));
+                    return Err(FrontendError::Refused(
+                        why.unwrap_or_else(|| format!("its identity DMA domain cannot map guest memory ({e})")),
+                    ));
                 }
                 l.replaying.store(false, Ordering::Release);
                 s.listener = Some(l);
@@ -252,7 +256,7 @@ impl Frontend for Identity {
             if self.devices().is_empty() {
                 self.release(&mut s);
             }
-            return Err(format!("attaching it to the identity domain: {e}"));
+            return Err(FrontendError::Refused(format!("attaching it to the identity domain: {e}")));
         }
         self.devices().insert(device.id, Arc::clone(&device.fail));
         Ok(())
@@ -272,34 +276,29 @@ impl Frontend for Identity {
         }
     }
 
-    fn stats(&self) -> String {
+    fn stats(&self) -> Stats {
         let s = self.lock();
         let c = &self.counters;
-        let devices = self.devices().len();
-        format!(
-            "devices={} regions={} mappings={} skipped_unaligned={} bar_map_failures={} ram_map_failures={} \
-             outside_window={} p2p_unavailable={}",
-            devices,
-            c.mapped_regions.load(Ordering::Relaxed),
-            s.domain.as_ref().map_or(0, |d| d.mapping_count()),
-            c.skipped_unaligned.load(Ordering::Relaxed),
-            c.bar_map_failures.load(Ordering::Relaxed),
-            c.ram_map_failures.load(Ordering::Relaxed),
-            c.outside_window.load(Ordering::Relaxed),
-            self.p2p_unavailable.lock().unwrap_or_else(|e| e.into_inner()).len()
-        )
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats::new()
+            .gauge("devices", self.devices().len() as u64)
+            .gauge("regions", n(&c.mapped_regions))
+            .gauge("mappings", s.domain.as_ref().map_or(0, |d| d.mapping_count() as u64))
+            .total("skipped_unaligned", n(&c.skipped_unaligned))
+            .total("bar_map_failures", n(&c.bar_map_failures))
+            .total("ram_map_failures", n(&c.ram_map_failures))
+            .total("outside_window", n(&c.outside_window))
+            .gauge("p2p_unavailable", self.p2p_unavailable.lock().unwrap_or_else(|e| e.into_inner()).len() as u64)
     }
 
-    fn device_stats(&self, id: u16) -> Option<String> {
+    fn device_stats(&self, id: u16) -> Option<Stats> {
         let s = self.lock();
         let unavailable = self.p2p_unavailable.lock().unwrap_or_else(|e| e.into_inner()).join(",");
         let known = self.devices().contains_key(&id);
         known.then(|| {
-            format!(
-                "mappings={} p2p_unavailable={}",
-                s.domain.as_ref().map_or(0, |d| d.mapping_count()),
-                if unavailable.is_empty() { "-".into() } else { unavailable.replace(' ', "_") }
-            )
+            Stats::new()
+                .gauge("mappings", s.domain.as_ref().map_or(0, |d| d.mapping_count() as u64))
+                .text("p2p_unavailable", unavailable)
         })
     }
 }

@@ -1,6 +1,8 @@
 //! Front-ends that program DMA domains on the guest's behalf.
 //!
-//! - [`frontend`]: the seam every front-end plugs into, and the registry by name;
+//! - [`frontend`]: the seam every front-end plugs into (typed statistics, errors,
+//!   state and queries);
+//! - [`registry`]: front-ends by name, and the ones a VM has built;
 //! - [`identity`]: no guest-visible IOMMU, IOVA = guest-physical;
 //! - [`pvdma`]: paravirtual DMA, the guest maps its own DMA through hypercalls;
 //! - [`tce`]: PAPR TCE tables: per-group DMA windows, multi-level, shared tables;
@@ -11,6 +13,8 @@ pub mod frontend;
 pub mod identity;
 pub mod iova;
 pub mod pvdma;
+pub mod registry;
 pub mod tce;
 
-pub use frontend::{Context, Device, FailDevice, Frontend, Frontends, Registration};
+pub use frontend::{Answer, Context, Device, FailDevice, Frontend, FrontendError, Queries, Query, StatValue, Stats};
+pub use registry::{Frontends, Registration, Tool};

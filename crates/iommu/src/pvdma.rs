@@ -127,7 +127,8 @@ struct Stats {
 }
 
 /// A snapshot of [`Stats`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StatsSnapshot {
     /// QUERY, MAP, MAP_SG, UNMAP, UNMAP_SG calls.
     pub calls: [u64; 5],
@@ -137,31 +138,6 @@ pub struct StatsSnapshot {
     pub statuses: [u64; 10],
     /// Granules mapped and unmapped.
     pub pages: (u64, u64),
-}
-
-impl StatsSnapshot {
-    /// Words of [`StatsSnapshot::to_words`].
-    const WORDS: usize = 5 + 1 + 10 + 2;
-
-    /// The counters as words (a snapshot's): calls, unknown, statuses, pages mapped
-    /// and unmapped.
-    fn to_words(self) -> Vec<u64> {
-        let mut w = self.calls.to_vec();
-        w.push(self.unknown);
-        w.extend_from_slice(&self.statuses);
-        w.extend_from_slice(&[self.pages.0, self.pages.1]);
-        debug_assert_eq!(w.len(), Self::WORDS);
-        w
-    }
-
-    /// The counters from [`StatsSnapshot::to_words`] (None: not that many words).
-    fn from_words(w: &[u64]) -> Option<StatsSnapshot> {
-        let (calls, w) = w.split_first_chunk::<5>()?;
-        let (&unknown, w) = w.split_first()?;
-        let (statuses, w) = w.split_first_chunk::<10>()?;
-        let [mapped, unmapped] = *w else { return None };
-        Some(StatsSnapshot { calls: *calls, unknown, statuses: *statuses, pages: (mapped, unmapped) })
-    }
 }
 
 const CALL_NAMES: [&str; 5] = ["query", "map", "map_sg", "unmap", "unmap_sg"];
@@ -232,24 +208,33 @@ impl StatsSnapshot {
     }
 }
 
-impl fmt::Display for StatsSnapshot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl StatsSnapshot {
+    /// The counters as statistics: calls by kind, unknown calls (if any), pages, and
+    /// results by status (those that happened).
+    pub fn to_stats(&self) -> crate::frontend::Stats {
+        let mut s = crate::frontend::Stats::new();
         for (n, c) in CALL_NAMES.iter().zip(self.calls) {
-            write!(f, "{n}={c} ")?;
+            s = s.total(n, c);
         }
         if self.unknown > 0 {
-            write!(f, "unknown={} ", self.unknown)?;
+            s = s.total("unknown", self.unknown);
         }
-        write!(f, "pages_mapped={} pages_unmapped={}", self.pages.0, self.pages.1)?;
+        s = s.total("pages_mapped", self.pages.0).total("pages_unmapped", self.pages.1);
         for raw in 1..10u64 {
             let n = self.statuses[raw as usize];
             if n > 0
-                && let Some(s) = Status::from_raw(raw)
+                && let Some(st) = Status::from_raw(raw)
             {
-                write!(f, " {}={n}", s.name())?;
+                s = s.total(st.name(), n);
             }
         }
-        Ok(())
+        s
+    }
+}
+
+impl fmt::Display for StatsSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_stats().words())
     }
 }
 
@@ -282,6 +267,45 @@ impl PvDevice {
         self.domain.mapping_count()
     }
 }
+
+/// One device's paravirtual DMA state in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedDevice {
+    /// Its requester id.
+    pub id: u64,
+    /// Its counters.
+    pub counters: StatsSnapshot,
+    /// Its mappings, by IOVA.
+    pub mappings: Vec<SavedMapping>,
+}
+
+/// One mapping a guest made through paravirtual DMA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedMapping {
+    /// First IOVA.
+    pub iova: u64,
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Bytes.
+    pub size: u64,
+    /// The device may read.
+    pub read: bool,
+    /// The device may write.
+    pub write: bool,
+}
+
+/// The front-end's state in a snapshot (version [`STATE_VERSION`]): every device's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedState {
+    /// By requester id.
+    pub devices: Vec<SavedDevice>,
+}
+
+/// The format version of [`SavedState`].
+pub const STATE_VERSION: u32 = 1;
 
 /// Why a call ends the VM under the kill policy.
 pub type KillHook = Box<dyn Fn(&str) + Send + Sync>;
@@ -348,44 +372,43 @@ impl PvDma {
         self.retired.lock().unwrap_or_else(|e| e.into_inner()).add(&st.stats);
     }
 
-    /// Device `id`'s state for a snapshot: its counters, then its mappings (count, then
-    /// IOVA, guest-physical address, size and permission bits of each). The IOVA
+    /// Device `id`'s state for a snapshot: its counters and its mappings. The IOVA
     /// allocator's state is those mappings: a restore takes the same ranges.
-    pub fn save_device(&self, id: u64) -> Option<Vec<u64>> {
+    pub fn save_device(&self, id: u64) -> Option<SavedDevice> {
         let d = self.device(id)?;
         let st = d.state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut w = st.stats.to_words();
-        let maps = d.domain.mappings();
-        w.push(maps.len() as u64);
-        for m in maps {
-            w.extend_from_slice(&[m.iova.0, m.gpa.0, m.size, u64::from(m.perm.bits())]);
-        }
-        Some(w)
+        let mappings = d
+            .domain
+            .mappings()
+            .into_iter()
+            .map(|m| SavedMapping {
+                iova: m.iova.0,
+                gpa: m.gpa.0,
+                size: m.size,
+                read: m.perm.allows(dma::Access::Read),
+                write: m.perm.allows(dma::Access::Write),
+            })
+            .collect();
+        Some(SavedDevice { id, counters: st.stats, mappings })
     }
 
-    /// Puts back what [`PvDma::save_device`] saved, on a device just attached: the same
-    /// IOVAs taken from its allocator and mapped (pinned, and given to the device).
-    /// Malformed state or a range that cannot be taken is an error; mappings made
-    /// before it are undone.
-    pub fn restore_device(&self, id: u64, w: &[u64]) -> Result<(), String> {
+    /// Puts back what [`PvDma::save_device`] saved, on device `id` just attached: the
+    /// same IOVAs taken from its allocator and mapped (pinned, and given to the
+    /// device). Counters that do not match the mappings, or a range that cannot be
+    /// taken, is an error; mappings made before it are undone.
+    pub fn restore_device(&self, id: u64, saved: &SavedDevice) -> Result<(), String> {
         let d = self.device(id).ok_or_else(|| format!("device {id:#x} is not behind paravirtual DMA"))?;
-        let bad = || "malformed paravirtual DMA state".to_string();
-        let (counters, rest) = w.split_at_checked(StatsSnapshot::WORDS).ok_or_else(bad)?;
-        let stats = StatsSnapshot::from_words(counters).ok_or_else(bad)?;
-        let (&n, maps) = rest.split_first().ok_or_else(bad)?;
-        if u64::try_from(maps.len()).ok() != n.checked_mul(4) {
-            return Err(bad());
-        }
+        let stats = saved.counters;
         let g = d.domain.granule();
-        let live = maps.chunks_exact(4).try_fold(0u64, |a, m| a.checked_add(m[2] / g));
+        let live = saved.mappings.iter().try_fold(0u64, |a, m| a.checked_add(m.size / g));
         if !live.is_some_and(|live| stats.consistent(live)) {
             return Err("paravirtual DMA state: the counters do not match the mappings".into());
         }
         let mut st = d.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut done = Vec::new();
-        for m in maps.chunks_exact(4) {
-            let (iova, gpa, size, bits) = (m[0], m[1], m[2], m[3]);
-            let perm = Perm::new(bits & 1 != 0, bits & 2 != 0);
+        for m in &saved.mappings {
+            let (iova, gpa, size) = (m.iova, m.gpa, m.size);
+            let perm = Perm::new(m.read, m.write);
             let taken = st.alloc.rounded(size);
             let r = if st.alloc.take(iova, taken) {
                 d.domain.map(Iova(iova), Gpa(gpa), size, perm).map_err(|e| {
@@ -638,17 +661,18 @@ impl PvDma {
 }
 
 /// `dma=pvdma`.
-pub const REGISTRATION: crate::frontend::Registration = crate::frontend::Registration {
+pub const REGISTRATION: crate::registry::Registration = crate::registry::Registration {
     name: "pvdma",
     help: "the guest maps its own DMA through paravirtual DMA hypercalls",
     build: |ctx| {
         let f = Arc::new(PvDmaFrontend::new(ctx));
         ctx.hypercalls
             .register(pv::BASE, Arc::clone(&f) as Arc<dyn vm_api::HypercallHandler>)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| crate::frontend::FrontendError::Build(e.to_string()))?;
         Ok(f as Arc<dyn crate::frontend::Frontend>)
     },
     params: &[],
+    tools: &[],
 };
 
 /// Paravirtual DMA as a VM's front-end: each device gets a domain of its own, which
@@ -683,13 +707,16 @@ impl vm_api::HypercallHandler for PvDmaFrontend {
 }
 
 impl crate::frontend::Frontend for PvDmaFrontend {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         REGISTRATION.name
     }
 
-    fn attach(&self, device: &crate::frontend::Device) -> Result<(), String> {
+    fn attach(&self, device: &crate::frontend::Device) -> Result<(), crate::frontend::FrontendError> {
         let domain = self.dma.create_domain(&device.name, dma::DomainConfig::default());
-        device.endpoint.attach(Some(Arc::clone(&domain))).map_err(|e| e.to_string())?;
+        device
+            .endpoint
+            .attach(Some(Arc::clone(&domain)))
+            .map_err(|e| crate::frontend::FrontendError::Refused(e.to_string()))?;
         self.pvdma.add_device(u64::from(device.id), &device.name, domain, true);
         Ok(())
     }
@@ -698,19 +725,42 @@ impl crate::frontend::Frontend for PvDmaFrontend {
         self.pvdma.remove_device(u64::from(id));
     }
 
-    fn stats(&self) -> String {
-        self.pvdma.stats().to_string()
+    fn stats(&self) -> crate::frontend::Stats {
+        self.pvdma.stats().to_stats()
     }
 
-    fn device_stats(&self, id: u16) -> Option<String> {
-        self.pvdma.device(u64::from(id)).map(|d| format!("{} live_mappings={}", d.stats(), d.live_mappings()))
+    fn device_stats(&self, id: u16) -> Option<crate::frontend::Stats> {
+        self.pvdma.device(u64::from(id)).map(|d| d.stats().to_stats().gauge("live_mappings", d.live_mappings() as u64))
     }
 
-    fn save(&self, id: u16) -> Result<Option<Vec<u64>>, String> {
-        Ok(self.pvdma.save_device(u64::from(id)))
+    fn state(&self) -> Option<&dyn vm_api::Snapshottable> {
+        Some(self)
+    }
+}
+
+impl vm_api::Snapshottable for PvDmaFrontend {
+    fn id(&self) -> String {
+        format!("frontend/{}", REGISTRATION.name)
     }
 
-    fn restore(&self, id: u16, state: &[u64]) -> Result<(), String> {
-        self.pvdma.restore_device(u64::from(id), state)
+    fn save(&self) -> Result<vm_api::Section, vm_api::ComponentError> {
+        let ids: Vec<u64> = {
+            let mut v: Vec<u64> =
+                self.pvdma.devices.read().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
+            v.sort_unstable();
+            v
+        };
+        let devices = ids.into_iter().filter_map(|id| self.pvdma.save_device(id)).collect();
+        vm_api::Section::new(&self.id(), STATE_VERSION, &SavedState { devices })
+    }
+
+    fn restore(&self, section: &vm_api::Section) -> Result<(), vm_api::ComponentError> {
+        let state: SavedState = section.read(&self.id(), STATE_VERSION)?;
+        for d in &state.devices {
+            self.pvdma
+                .restore_device(d.id, d)
+                .map_err(|e| vm_api::ComponentError::new(self.id(), format!("device {:#x}: {e}", d.id)))?;
+        }
+        Ok(())
     }
 }

@@ -27,14 +27,9 @@ fn machine(limit: u64, window: std::ops::Range<u64>) -> Machine {
     let vm = VmDma::new(Arc::clone(&mem), LockedMemory::new(limit));
     let map = Arc::new(MemoryMap::new());
     map.add_listener(Arc::clone(&vm) as Arc<dyn MemoryListener>).unwrap();
-    let ctx = Context {
-        dma: Arc::clone(&vm),
-        memory: mem,
-        memory_map: Arc::clone(&map),
-        hypercalls: Arc::new(HypercallRegistry::new()),
-        kill_on_misuse: None,
-        dma_window: window,
-    };
+    let mut ctx =
+        Context::standalone(Arc::clone(&vm), mem, Arc::clone(&map), Arc::new(HypercallRegistry::new())).unwrap();
+    ctx.dma_window = window;
     let identity = Identity::new(&ctx);
     Machine { vm, map, identity, _keep: Vec::new() }
 }
@@ -60,11 +55,10 @@ impl Machine {
 
     fn stat(&self, key: &str) -> u64 {
         let s = self.identity.stats();
-        s.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("{key} in {s}"))
-            .parse()
-            .unwrap()
+        match s.get(key) {
+            Some(iommu::StatValue::Total(n) | iommu::StatValue::Gauge(n)) => *n,
+            _ => panic!("{key} in {s}"),
+        }
     }
 }
 
@@ -127,7 +121,7 @@ fn misaligned_ram_is_refused_and_misaligned_device_memory_is_skipped_and_reporte
     m.bar(0xc000_0800, 0x800).unwrap(); // device memory, misaligned: accepted, skipped
     assert_eq!(m.stat("skipped_unaligned"), 1);
     assert!(!mapped(&ep, 0xc000_0800), "DMA to it faults");
-    assert!(m.identity.device_stats(8).unwrap().contains("0xc0000800"), "{:?}", m.identity.device_stats(8));
+    assert!(m.identity.device_stats(8).unwrap().words().contains("0xc0000800"), "{:?}", m.identity.device_stats(8));
     assert!(!failed.load(Ordering::SeqCst), "never fatal");
 }
 
@@ -187,9 +181,9 @@ fn the_first_attach_over_the_locked_memory_limit_is_refused_naming_the_fix() {
     let ep = Endpoint::new(&m.vm, "dev");
     let dev = Device { id: 8, name: "dev".into(), endpoint: ep, fail: Arc::new(|_| {}), params: vec![] };
     let e = m.identity.attach(&dev).unwrap_err();
-    assert!(e.contains("pass --locked-memory 16M"), "{e}");
+    assert!(matches!(&e, iommu::FrontendError::Refused(w) if w.contains("pass --locked-memory 16M")), "{e}");
     assert_eq!(m.vm.account().pinned(), 0, "nothing left pinned");
-    assert_eq!(m.identity.stats().split_whitespace().next(), Some("devices=0"));
+    assert_eq!(m.stat("devices"), 0);
 }
 
 #[test]

@@ -261,22 +261,22 @@ fn restored_counters_are_checked_and_counters_wrap_instead_of_panicking() {
     };
     // Counters at the top of their range (a crafted snapshot, checksums and all).
     let mut top = saved.clone();
-    top[1] = u64::MAX; // MAP calls
-    top[6 + Status::Success as usize] = u64::MAX - 1; // and their status (QUERY's 0 + MAP's)
+    top.counters.calls[1] = u64::MAX; // MAP calls
+    top.counters.statuses[Status::Success as usize] = u64::MAX - 1; // and their status (QUERY's 0 + MAP's)
     let (_, pv2) = setup(1 << 20, 64);
     fresh(&pv2);
     let e = pv2.restore_device(0, &top).unwrap_err();
     assert!(e.contains("do not match"), "{e}");
-    top[6 + Status::Success as usize] = u64::MAX; // consistent now: 1 call more wraps
+    top.counters.statuses[Status::Success as usize] = u64::MAX; // consistent now: 1 call more wraps
     let mut top_ok = top.clone();
-    top_ok[0] = 0;
+    top_ok.counters.calls[0] = 0;
     fresh(&pv2);
     pv2.restore_device(0, &top_ok).unwrap();
     assert_eq!(call(&pv2, pv::MAP, [0, 0x3000, P, dir::TO_DEVICE, 0]).status, Status::Success);
     assert_eq!(pv2.device(0).unwrap().stats().calls_named("map"), 0, "wrapped, not a panic");
     // Pages mapped and not unmapped must be the live mappings' pages.
     let mut pages = saved.clone();
-    pages[16] += 5;
+    pages.counters.pages.0 += 5;
     fresh(&pv2);
     assert!(pv2.restore_device(0, &pages).is_err());
     fresh(&pv2);

@@ -28,14 +28,9 @@ fn machine(limit: u64) -> M {
     let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap());
     let vm = VmDma::new(Arc::clone(&mem), LockedMemory::new(limit));
     let calls = Arc::new(HypercallRegistry::new());
-    let ctx = Context {
-        dma: Arc::clone(&vm),
-        memory: Arc::clone(&mem),
-        memory_map: Arc::new(vm_api::MemoryMap::new()),
-        hypercalls: Arc::clone(&calls),
-        kill_on_misuse: None,
-        dma_window: 0..1 << 48,
-    };
+    let ctx =
+        Context::standalone(Arc::clone(&vm), Arc::clone(&mem), Arc::new(vm_api::MemoryMap::new()), Arc::clone(&calls))
+            .unwrap();
     let tce = Arc::new(iommu::tce::Tce::new(&ctx));
     calls.register(t::BASE, Arc::clone(&tce) as Arc<dyn vm_api::HypercallHandler>).unwrap();
     M { vm, mem, calls, tce }
@@ -154,7 +149,7 @@ fn every_error_path_answers_h_parameter_h_resource_or_h_hardware() {
     assert_eq!((l3, bus3), (liobn, 0), "the default window is back at 0, with its liobn");
     assert_eq!(m.group_of(8).1, liobn);
     m.ok(t::PUT_TCE, [liobn, 0, 0x1000 | rw, 0]);
-    let s = m.tce.stats();
+    let s = m.tce.stats().words();
     assert!(s.contains("h_parameter=23") && s.contains("h_hardware=1"), "{s}");
 }
 
@@ -188,7 +183,7 @@ fn the_default_window_geometry_is_configurable_and_reset_brings_it_back() {
     let params = vec![("window".to_string(), "256M".to_string()), ("page".to_string(), "64K".to_string())];
     m.tce.attach(&Device { id: 8, name: "dev8".into(), endpoint: ep, fail: Arc::new(|_| {}), params }).unwrap();
     let (group, liobn) = m.group_of(8);
-    assert!(m.tce.info(&liobn.to_string()).unwrap().contains("page_shift=16 window_shift=28"));
+    assert!(m.tce.window_info(liobn as u32).unwrap().words().contains("page_shift=16 window_shift=28"));
     assert_eq!(
         m.code(t::PUT_TCE, [liobn, 0x1000, 0x10_0000 | t::READ, 0]),
         t::H_PARAMETER,
@@ -196,11 +191,17 @@ fn the_default_window_geometry_is_configurable_and_reset_brings_it_back() {
     );
     m.ok(t::PUT_TCE, [liobn, 0x1_0000, 0x10_0000 | t::READ, 0]);
     let (l2, _) = m.ok(t::RESET_WINDOWS, [group, 0, 0, 0]);
-    assert!(m.tce.info(&l2.to_string()).unwrap().contains("page_shift=16 window_shift=28"), "the configured default");
+    assert!(
+        m.tce.window_info(l2 as u32).unwrap().words().contains("page_shift=16 window_shift=28"),
+        "the configured default"
+    );
     let bad = |params: Vec<(&str, &str)>| {
         let ep = Endpoint::new(&m.vm, "x");
         let params = params.into_iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
-        m.tce.attach(&Device { id: 99, name: "x".into(), endpoint: ep, fail: Arc::new(|_| {}), params }).unwrap_err()
+        m.tce
+            .attach(&Device { id: 99, name: "x".into(), endpoint: ep, fail: Arc::new(|_| {}), params })
+            .unwrap_err()
+            .to_string()
     };
     assert!(bad(vec![("window", "3G")]).contains("power of two"));
     let e = bad(vec![("page", "8K")]);
@@ -238,7 +239,7 @@ fn one_table_serves_two_groups_its_memory_held_once() {
     assert_eq!(m.get(lb, bus_b + 0x7000), 0x10_0000 | t::READ);
     DmaSpace::of(&a).read(Iova(t::WINDOW64_OFFSET + 0x7000), &mut [0; 8]).unwrap();
     DmaSpace::of(&b).read(Iova(bus_b + 0x7000), &mut [0; 8]).unwrap();
-    let info = m.tce.info(&format!("{la:#x}")).unwrap();
+    let info = m.tce.window_info(la as u32).unwrap().words();
     assert!(info.contains("groups=1,2") && info.contains("valid=1"), "{info}");
     // Removing one group's window keeps the table for the other.
     m.ok(t::REMOVE_WINDOW, [la, 0, 0, 0]);
@@ -346,7 +347,7 @@ fn the_largest_window_advertised_is_created_and_a_stuff_over_it_costs_what_is_ma
     assert!(took < std::time::Duration::from_secs(2), "STUFF over 2^45 entries took {took:?}");
     assert_eq!(ep.domain().unwrap().mapping_count(), 0);
     assert_eq!(m.get(liobn, last), 0);
-    let info = m.tce.info(&liobn.to_string()).unwrap();
+    let info = m.tce.window_info(liobn as u32).unwrap().words();
     assert!(info.contains("levels=5 pages=1 ") && info.contains("valid=0"), "only the root page is left: {info}");
     // Other sizes are refused as before: one entry bit more.
     m.ok(t::REMOVE_WINDOW, [liobn, 0, 0, 0]);
@@ -374,7 +375,7 @@ fn a_long_clear_hands_the_front_end_lock_to_the_control_path_between_leaves() {
         std::thread::spawn(move || {
             let mut done = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                assert!(m.tce.stats().contains("windows=1"));
+                assert!(m.tce.stats().words().contains("windows=1"));
                 done.push(std::time::Instant::now());
             }
             done
@@ -391,7 +392,7 @@ fn a_long_clear_hands_the_front_end_lock_to_the_control_path_between_leaves() {
     // A waiting reader is handed the lock at the next leaf boundary: it gets in many
     // times during one long call (seen: thousands; held for the whole call, a handful).
     assert!(inside >= 100, "the statistics got the lock {inside} times during a clear of 512 leaves");
-    assert!(m.tce.info(&liobn.to_string()).unwrap().contains("valid=0"));
+    assert!(m.tce.window_info(liobn as u32).unwrap().words().contains("valid=0"));
 }
 
 #[test]
@@ -441,7 +442,7 @@ fn valid_entries_are_the_domain_mappings_and_clears_are_stored_as_zero() {
     m.ok(t::PUT_TCE, [liobn, 0, 0x10_0000 | t::READ, 0]);
     m.ok(t::PUT_TCE, [liobn, P, 0xdead_b000, 0]); // a "poison" clear
     m.ok(t::PUT_TCE, [liobn, 0x20_0000, 0xbeef_0000, 0]); // a clear into no leaf at all
-    let info = m.tce.info(&liobn.to_string()).unwrap();
+    let info = m.tce.window_info(liobn as u32).unwrap().words();
     assert!(info.contains("valid=1") && info.contains("pages=2 "), "{info}");
     assert_eq!(ep.domain().unwrap().mapping_count(), 1);
     assert_eq!(m.get(liobn, P), 0);
@@ -460,7 +461,7 @@ fn named_groups_stay_below_the_automatic_ones() {
     m.device(8, None);
     let (auto, _) = m.group_of(8);
     assert_eq!(auto, u64::from(t::AUTO_GROUP_BASE));
-    let e = attach(16, &auto.to_string()).unwrap_err();
+    let e = attach(16, &auto.to_string()).unwrap_err().to_string();
     assert!(e.contains("from 0 to 65535"), "{e}");
     attach(16, "65535").unwrap();
     m.device(24, None);
@@ -500,7 +501,7 @@ fn when_a_device_refuses_the_new_mapping_the_table_follows_the_domain() {
     assert_eq!((m.get(la, bus), m.get(lb, bus)), (0, 0));
     assert_eq!(a.domain().unwrap().mapping_count(), 0);
     assert_eq!(b.domain().unwrap().mapping_count(), 0);
-    assert!(m.tce.info(&la.to_string()).unwrap().contains("valid=0"));
+    assert!(m.tce.window_info(la as u32).unwrap().words().contains("valid=0"));
     assert_eq!(m.vm.account().pinned(), 0);
     // A refusal of a fresh entry changes nothing anywhere.
     assert_eq!(m.code(t::PUT_TCE, [la, bus + P, 0x20_0000 | t::READ, 0]), t::H_RESOURCE);
@@ -519,19 +520,23 @@ fn a_restore_renumbers_an_automatic_group_and_keeps_the_default_liobn() {
     let (group, liobn) = a.group_of(16);
     assert_eq!(group, u64::from(t::AUTO_GROUP_BASE) + 1);
     a.ok(t::PUT_TCE, [liobn, 0x3000, 0x10_0000 | t::READ, 0]);
-    let words = a.tce.save(16).unwrap().unwrap();
+    use vm_api::Snapshottable;
+    let saved = a.tce.save().unwrap();
     // The new VM numbers the device's group as devices came: it takes the saved number.
     let b = machine(u64::MAX);
     b.device(16, None);
     assert_eq!(b.group_of(16).0, u64::from(t::AUTO_GROUP_BASE));
-    b.tce.restore(16, &words).unwrap();
+    b.tce.restore(&saved).unwrap();
     assert_eq!(b.group_of(16), (group, liobn));
     assert_eq!(b.get(liobn, 0x3000), 0x10_0000 | t::READ);
     assert_eq!(b.ok(t::RESET_WINDOWS, [group, 0, 0, 0]), (liobn, 0));
-    // Trailing words are refused, not ignored.
+    // Unknown fields are refused, not ignored; so is another format version.
     let c = machine(u64::MAX);
     c.device(16, None);
-    let mut longer = words.clone();
-    longer.push(7);
-    assert!(c.tce.restore(16, &longer).unwrap_err().contains("left over"));
+    let mut longer = saved.clone();
+    longer.state["groups"][0]["extra"] = serde_json::json!(7);
+    assert!(c.tce.restore(&longer).unwrap_err().to_string().contains("unknown field"), "refused");
+    let mut newer = saved.clone();
+    newer.version += 1;
+    assert!(c.tce.restore(&newer).unwrap_err().to_string().contains("format version"));
 }

@@ -97,7 +97,9 @@ impl Handler for Control {
                 vm.remove_ram(gpa).map_err(|e| ApiError::conflict(e.to_string()))?;
                 Ok(json!({ "removed": gpa }))
             }
-            Command::TceTable { liobn } => self.table_view(liobn, false).map(|(v, _)| v),
+            Command::FrontendQuery { frontend, query, arg } => {
+                self.frontend_query(&frontend, &query, &arg, false).map(|(v, _)| v)
+            }
             // Served as a stream by the server (see `events`), never as one answer.
             Command::Events => Err(ApiError::bad_request("events is a stream: GET it on a connection of its own")),
         }
@@ -105,43 +107,47 @@ impl Handler for Control {
 
     fn handle_with_files(&self, command: Command) -> Result<(Value, Vec<std::fs::File>), ApiError> {
         match command {
-            Command::TceTable { liobn } => self.table_view(liobn, true),
+            Command::FrontendQuery { frontend, query, arg } => self.frontend_query(&frontend, &query, &arg, true),
             other => self.handle(other).map(|v| (v, Vec::new())),
         }
     }
 }
 
 impl Control {
-    /// `tce.table`: the geometry of the table behind `liobn`, and (`with_file`) a
-    /// read-only descriptor of its file for the client to map.
-    fn table_view(&self, liobn: u32, with_file: bool) -> Result<(Value, Vec<std::fs::File>), ApiError> {
-        let fe = self
-            .vm
-            .frontends()
-            .get("tce")
-            .ok_or_else(|| ApiError::not_found("no TCE front-end: no device was given with dma=tce"))?;
-        let v = fe
-            .table_view(&format!("{liobn:#x}"))
-            .ok_or_else(|| ApiError::not_found(format!("no TCE window with liobn {liobn:#x} (see vm.info)")))?;
-        let mut answer = json!({
-            "liobn": liobn,
-            "group": v.group,
-            "bus_offset": format!("{:#x}", v.bus_offset),
-            "page_shift": v.page_shift,
-            "entry_bits": v.entry_bits,
-            "levels": v.levels,
-            "layout": "abi::tce::layout: the root page at offset 0; an inner entry is the file offset of the next level's page | READ | WRITE (0: none); a leaf entry is the TCE; 4 KiB pages of 512 little-endian words",
-        });
-        if !with_file {
-            return Ok((answer, Vec::new()));
+    /// `frontend.query`: a front-end's own query, its fields as JSON and (`with_files`)
+    /// read-only descriptors of the files it hands out.
+    fn frontend_query(
+        &self,
+        frontend: &str,
+        query: &str,
+        arg: &str,
+        with_files: bool,
+    ) -> Result<(Value, Vec<std::fs::File>), ApiError> {
+        use iommu::FrontendError;
+        let fe = self.vm.frontends().get(frontend).ok_or_else(|| {
+            ApiError::not_found(format!("no DMA front-end '{frontend}' in this VM (vm.info lists those it has)"))
+        })?;
+        let q =
+            fe.queries().ok_or_else(|| ApiError::not_found(format!("DMA front-end {frontend} answers no queries")))?;
+        let answer = q.query(query, arg).map_err(|e| match e {
+            FrontendError::Invalid(_) => ApiError::bad_request(e.to_string()),
+            _ => ApiError::not_found(e.to_string()),
+        })?;
+        let mut v = answer.fields.to_json();
+        if !with_files || answer.files.is_empty() {
+            return Ok((v, Vec::new()));
         }
-        // A new open file description, read-only: the reader can map and read the
-        // table, never write it (a dup would share the VMM's read-write one).
+        // A new open file description each, read-only: the reader can map and read,
+        // never write (a dup would share the VMM's read-write one).
         use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(format!("/proc/self/fd/{}", v.file.as_raw_fd()))
-            .map_err(|e| ApiError::conflict(format!("opening the table's file read-only: {e}")))?;
-        answer["files"] = json!(1);
-        Ok((answer, vec![file]))
+        let files = answer
+            .files
+            .iter()
+            .map(|f| std::fs::File::open(format!("/proc/self/fd/{}", f.as_raw_fd())))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ApiError::conflict(format!("opening a file read-only: {e}")))?;
+        v["files"] = json!(files.len());
+        Ok((v, files))
     }
 }
 
@@ -150,19 +156,6 @@ fn run_error(e: vmm::run_control::RunError) -> ApiError {
         vmm::run_control::RunError::Timeout(_) => ApiError::internal(e.to_string()),
         _ => ApiError::conflict(e.to_string()),
     }
-}
-
-/// `key=value` words (a front-end's statistics) as a JSON object; numbers stay
-/// numbers.
-pub fn words(line: &str) -> Value {
-    let mut m = Map::new();
-    for w in line.split_whitespace() {
-        if let Some((k, v)) = w.split_once('=') {
-            let v = v.parse::<u64>().map(Value::from).unwrap_or_else(|_| Value::from(v));
-            m.insert(k.to_string(), v);
-        }
-    }
-    Value::Object(m)
 }
 
 fn hex(v: u64) -> String {
@@ -264,7 +257,12 @@ pub fn info(vm: &Vm) -> Value {
         "memory": memory,
         "cache_control": { "pat": hex(pat), "cr0_cd": cd, "from": source, "memory_type_by_pat_entry": by_entry },
         "devices": devices,
-        "frontends": vm.frontends().iter().map(|fe| fe.name().to_string()).collect::<Vec<_>>(),
+        "frontends": vm.frontends().all().iter().map(|fe| {
+            let queries: Vec<Value> = fe.queries().map_or_else(Vec::new, |q| {
+                q.list().iter().map(|x| json!({ "query": x.name, "help": x.help })).collect()
+            });
+            json!({ "name": fe.name(), "queries": queries })
+        }).collect::<Vec<_>>(),
         "hotplug": "the guest learns of added and removed devices by polling the PCI bus (no hot-plug controller)",
     })
 }
@@ -284,7 +282,9 @@ pub fn counters(vm: &Vm) -> Value {
         })
         .collect();
     let frontends: Map<String, Value> =
-        vm.frontends().iter().map(|fe| (fe.name().to_string(), words(&fe.stats()))).collect();
+        vm.frontends().all().iter().map(|fe| (fe.name().to_string(), fe.stats().to_json())).collect();
+    let kinds: Map<String, Value> =
+        vm.frontends().all().iter().map(|fe| (fe.name().to_string(), fe.stats().kinds_json())).collect();
     let devices: Map<String, Value> = vm
         .devices()
         .iter()
@@ -304,7 +304,7 @@ pub fn counters(vm: &Vm) -> Value {
                 "protocol_violations": f.violations(),
                 "err_irqs": err, "req_irqs": req,
                 "gone": d.is_torn_down(),
-                "frontend": d.frontend().device_stats(d.bdf()).map_or(Value::Null, |s| words(&s)),
+                "frontend": d.frontend().device_stats(d.bdf()).map_or(Value::Null, |s| s.to_json()),
             });
             (d.name().to_string(), v)
         })
@@ -331,6 +331,7 @@ pub fn counters(vm: &Vm) -> Value {
         "hypercalls": hypercalls,
         "hypercalls_unknown": vm.hypercalls().unknown_calls(),
         "frontends": frontends,
+        "frontend_kinds": kinds,
         "devices": devices,
         "interrupts": interrupts,
         "irq_resources": { "sources": c.sources, "forwarded": c.forwarded, "irqfds": c.irqfds, "watched": c.watched, "msi_routes": c.msi_routes },

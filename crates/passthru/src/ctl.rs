@@ -77,12 +77,18 @@ enum CtlCommand {
     /// Follow the VM's events (run state, devices added, removed and gone, interrupt
     /// forwarding switched, snapshots, DMA faults per second) until it ends or Ctrl-C.
     Events,
-    /// Map the TCE table behind LIOBN (its file passed by the VMM) and list its valid
-    /// entries, read from the mapping as a tool would.
-    TceTable {
-        /// The window's liobn (0x hexadecimal or decimal).
-        liobn: String,
-        /// Most entries listed.
+    /// A DMA front-end's own query (info lists each front-end's), e.g.
+    /// `frontend tce table 0x1000`: the TCE table behind a liobn, its file (passed by
+    /// the VMM) mapped and its valid entries listed, as a tool would.
+    Frontend {
+        /// The front-end's name.
+        frontend: String,
+        /// The query.
+        query: String,
+        /// Its argument.
+        #[arg(default_value = "")]
+        arg: String,
+        /// Most entries a listing shows.
         #[arg(long, default_value_t = 4096)]
         max: usize,
     },
@@ -103,7 +109,9 @@ fn request(c: &CtlCommand) -> (&'static str, &'static str, Option<Value>) {
         }
         CtlCommand::MemoryAdd { gpa, size } => ("PUT", "memory.add", Some(json!({ "gpa": gpa, "size": size }))),
         CtlCommand::MemoryRemove { gpa } => ("PUT", "memory.remove", Some(json!({ "gpa": gpa }))),
-        CtlCommand::TceTable { liobn, .. } => ("PUT", "tce.table", Some(json!({ "liobn": liobn }))),
+        CtlCommand::Frontend { frontend, query, arg, .. } => {
+            ("PUT", "frontend.query", Some(json!({ "frontend": frontend, "query": query, "arg": arg })))
+        }
         CtlCommand::Snapshot { dir } => {
             // The server resolves relative paths against its own directory: send ours.
             let abs = std::path::absolute(dir).map_or_else(|_| dir.clone(), |p| p.display().to_string());
@@ -160,8 +168,15 @@ pub fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
     if !(200..300).contains(&answer.status) {
         return Err(format!("{endpoint}: {} ({})", answer.message(), answer.status));
     }
-    if let CtlCommand::TceTable { max, .. } = &args.command {
-        answer.body = tce_entries(answer.body, files.first(), *max)?;
+    // A front-end's query with a tool of its own (registered with it): the tool reads
+    // what the VMM handed out.
+    let mut rendered = None;
+    if let CtlCommand::Frontend { frontend, query, max, .. } = &args.command
+        && let Some(tool) = iommu::registry::find(frontend).and_then(|r| r.tools.iter().find(|t| t.query == query))
+    {
+        let (body, text) = (tool.render)(&answer.body, &files, *max).map_err(|e| format!("{frontend} {query}: {e}"))?;
+        answer.body = body;
+        rendered = Some(text);
     }
     let mut out = std::io::stdout().lock();
     let text = if args.json {
@@ -170,7 +185,7 @@ pub fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
         match &args.command {
             CtlCommand::Info => human_info(&answer.body),
             CtlCommand::Counters => human_counters(&answer.body, None, Duration::ZERO),
-            CtlCommand::TceTable { .. } => human_tce(&answer.body),
+            CtlCommand::Frontend { .. } => rendered.unwrap_or_else(|| human_fields(&answer.body)),
             _ => format!("{endpoint}: ok {}", answer.body),
         }
     };
@@ -193,38 +208,18 @@ pub fn human_event(line: &str) -> String {
     format!("{ts:>10.3} s  {event:<14} {}", rest.join(" ")).trim_end().to_string()
 }
 
-/// Adds the table's valid entries, read through a read-only mapping of the file the
-/// VMM passed, to its `tce.table` answer: `entries` as [index, IOBA, TCE].
-fn tce_entries(mut v: Value, file: Option<&std::fs::File>, max: usize) -> Result<Value, String> {
-    let file = file.ok_or("tce.table: the VMM passed no file with its answer")?;
-    let bits = u32::try_from(u(&v, &["entry_bits"])).map_err(|_| "tce.table: a malformed answer")?;
-    let shift = u(&v, &["page_shift"]);
-    let bus = v["bus_offset"].as_str().and_then(api::command::parse_number).unwrap_or(0);
-    let entries = iommu::tce::table::mapped_entries(file, bits, max).map_err(|e| format!("tce.table: {e}"))?;
-    v["entries"] = entries
-        .iter()
-        .map(|&(i, tce)| json!([i, format!("{:#x}", bus.saturating_add(i << shift.min(63))), format!("{tce:#x}")]))
-        .collect();
-    Ok(v)
-}
-
-/// `ctl tce-table` for a human.
-fn human_tce(v: &Value) -> String {
-    let mut o = format!(
-        "liobn {:#x}, group {}, bus offset {}, 2^{} entries of 2^{}-byte pages, {} levels\n",
-        u(v, &["liobn"]),
-        u(v, &["group"]),
-        s(v, "bus_offset"),
-        u(v, &["entry_bits"]),
-        u(v, &["page_shift"]),
-        u(v, &["levels"])
-    );
-    let entries = v["entries"].as_array().cloned().unwrap_or_default();
-    o += &format!("{} valid entries (index, IOBA, TCE):\n", entries.len());
-    for e in entries {
-        o += &format!("  {:>8} {:>18} {}\n", e[0], e[1].as_str().unwrap_or("-"), e[2].as_str().unwrap_or("-"));
+/// A front-end's answer for a human: `key: value` lines.
+fn human_fields(v: &Value) -> String {
+    match v.as_object() {
+        Some(m) => m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => format!("{k}: {s}\n"),
+                other => format!("{k}: {other}\n"),
+            })
+            .collect(),
+        None => v.to_string(),
     }
-    o
 }
 
 fn u(v: &Value, path: &[&str]) -> u64 {
@@ -328,6 +323,15 @@ pub fn rows(v: &Value, prev: Option<&Value>, dt: Duration) -> Vec<Row> {
             counter(format!("device {} {k}", d.0), vec!["devices", d.0, k]);
         }
     }
+    // Front-ends' statistics: totals get a rate, gauges (below) none, text is not shown.
+    let kinds = |fe: &str, k: &str| v["frontend_kinds"][fe][k].as_str().unwrap_or("total").to_string();
+    for (fe, stats) in v["frontends"].as_object().into_iter().flatten() {
+        for (k, _) in stats.as_object().into_iter().flatten() {
+            if kinds(fe, k) == "total" {
+                counter(format!("frontend {fe} {k}"), vec!["frontends", fe, k]);
+            }
+        }
+    }
     for (id, i) in v["interrupts"].as_object().into_iter().flatten() {
         counter(format!("irq {id} ({}) by the VMM", s(i, "mode")), vec!["interrupts", id, "vmm_delivered"]);
     }
@@ -344,6 +348,13 @@ pub fn rows(v: &Value, prev: Option<&Value>, dt: Duration) -> Vec<Row> {
     let mut gauge = |name: String, path: Vec<&str>| out.push(Row { name, total: u(v, &path), rate: None });
     for d in v["devices"].as_object().into_iter().flatten() {
         gauge(format!("device {} mappings", d.0), vec!["devices", d.0, "mappings"]);
+    }
+    for (fe, stats) in v["frontends"].as_object().into_iter().flatten() {
+        for (k, _) in stats.as_object().into_iter().flatten() {
+            if v["frontend_kinds"][fe][k] == "gauge" {
+                gauge(format!("frontend {fe} {k}"), vec!["frontends", fe, k]);
+            }
+        }
     }
     for k in ["locked", "pinned", "charged", "limit"] {
         gauge(format!("locked memory {k} (bytes)"), vec!["locked_memory", k]);

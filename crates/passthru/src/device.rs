@@ -136,7 +136,7 @@ pub fn help() -> String {
          \x20   enforce-snoop=on|off     off: the guest's No Snoop makes it non-coherent (default: on)\n\
          \nDMA front-ends (dma=NAME):\n",
     );
-    for r in iommu::frontend::registered() {
+    for r in iommu::registry::registered() {
         o += &format!("\n  {:<26} {}\n", r.name, r.help);
         if !r.params.is_empty() && !r.help.contains("option") {
             o += &format!("  {:<26} options: {}\n", "", r.params.join(", "));
@@ -158,14 +158,14 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
         let mut frontend = "pvdma".to_string();
         for p in parts {
             match p.split_once('=') {
-                Some(("dma", v)) => frontend = iommu::frontend::parse_name(v)?,
+                Some(("dma", v)) => frontend = iommu::registry::parse_name(v)?,
                 _ => return Err(format!("intx-test takes dma=FRONTEND only, not '{p}'")),
             }
         }
         return Ok(DeviceArg::IntxTest { frontend });
     }
     let (mut mode, mut inline, mut socket) = (IommuMode::SharedFd, false, None);
-    let mut frontend = iommu::frontend::default_name().to_string();
+    let mut frontend = iommu::registry::default_name().to_string();
     let mut timeout = DEFAULT_DEVICE_TIMEOUT;
     let mut options = AttachOptions::default();
     for p in parts {
@@ -180,7 +180,7 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
                 }
             }
             "socket" => socket = Some(PathBuf::from(v)),
-            "dma" => frontend = iommu::frontend::parse_name(v)?,
+            "dma" => frontend = iommu::registry::parse_name(v)?,
             "timeout" => timeout = parse_duration(v)?,
             "coherent" => {
                 options.coherent = match v {
@@ -200,7 +200,7 @@ pub fn parse_device(s: &str) -> Result<DeviceArg, String> {
         }
     }
     // Keys passthru does not know go to the DMA front-end, which must take them.
-    let accepted = iommu::frontend::find(&frontend).map(|r| r.params).unwrap_or(&[]);
+    let accepted = iommu::registry::find(&frontend).map(|r| r.params).unwrap_or(&[]);
     if let Some((k, _)) = options.frontend_params.iter().find(|(k, _)| !accepted.contains(&k.as_str())) {
         let theirs =
             if accepted.is_empty() { String::new() } else { format!("; dma={frontend} takes {}", accepted.join(", ")) };

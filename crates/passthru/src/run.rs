@@ -189,6 +189,13 @@ fn config(args: &RunArgs, accel: AccelKind) -> VmConfig {
         config.dma_window = w.clone();
     }
     config.noncoherent_reads = args.noncoherent_migration;
+    // The front-ends the devices name, built with the VM (in order, each once).
+    for d in &args.devices {
+        let f = d.frontend().to_string();
+        if !config.frontends.contains(&f) {
+            config.frontends.push(f);
+        }
+    }
     config
 }
 
@@ -353,6 +360,29 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::from(status))
 }
 
+/// Brings a new VM (built with the snapshot's RAM size) to the snapshot's state: RAM
+/// written, `devices` (the snapshot's, parsed) attached with their saved names and
+/// slots, their state and their front-ends' state applied; each device is left
+/// stopped until [`vmm::snapshot::Snapshot::start`]. `step` is called after RAM and
+/// after the devices. Returns the devices' specifications (for the control API).
+pub fn restore_into(
+    vm: &Vm,
+    snap: &vmm::snapshot::Snapshot,
+    devices: &[crate::device::DeviceArg],
+    step: &dyn Fn(),
+) -> Result<crate::control::Specs, String> {
+    snap.apply_ram(vm).map_err(|e| e.to_string())?;
+    step();
+    let specs = crate::control::Specs::default();
+    for (d, arg) in snap.state.devices.iter().zip(devices) {
+        crate::device::attach_as(vm, arg, Some(&d.name), Some(d.slot))?;
+        specs.lock().unwrap_or_else(|e| e.into_inner()).insert(d.name.clone(), arg.spec());
+    }
+    snap.apply_devices(vm).map_err(|e| e.to_string())?;
+    step();
+    Ok(specs)
+}
+
 /// `passthru run --restore DIR`: everything is checked before the VM is built; the
 /// devices come back with their names and slots.
 fn run_restore(args: &RunArgs, dir: &Path, stop: &StopSlot) -> Result<ExitCode, String> {
@@ -400,15 +430,7 @@ fn run_restore(args: &RunArgs, dir: &Path, stop: &StopSlot) -> Result<ExitCode, 
     let vm = Arc::new(Vm::new(cfg).map_err(|e| e.to_string())?);
     stop.set(&vm);
     let _monitor = start_event_monitor(args, &vm)?;
-    snap.apply_ram(&vm).map_err(|e| e.to_string())?;
-    bar.inc(1);
-    let specs = crate::control::Specs::default();
-    for (d, arg) in snap.state.devices.iter().zip(&devices) {
-        crate::device::attach_as(&vm, arg, Some(&d.name), Some(d.slot))?;
-        specs.lock().unwrap_or_else(|e| e.into_inner()).insert(d.name.clone(), arg.spec());
-    }
-    snap.apply_devices(&vm).map_err(|e| e.to_string())?;
-    bar.inc(1);
+    let specs = restore_into(&vm, &snap, &devices, &|| bar.inc(1))?;
     bar.finish_and_clear();
     vm.events().publish(vmm::events::Event::Restored { dir: dir.display().to_string() });
     tracing::info!(devices = devices.len(), "restored");
@@ -471,15 +493,16 @@ fn report_stats(vm: &Vm) {
 pub fn stats_report(vm: &Vm) -> String {
     let mut err = Vec::new();
     let mut quiet = Vec::new();
-    for fe in vm.frontends().iter() {
+    for fe in vm.frontends().all() {
         let stats = fe.stats();
-        // A front-end nothing used (every counter 0) gets a name in one line, not a row of zeros.
-        if stats.split_whitespace().all(|w| w.split_once('=').is_some_and(|(_, v)| v == "0")) {
+        // A front-end nothing used (every number 0) gets a name in one line, not a row of zeros.
+        let zero = |v: &iommu::StatValue| matches!(v, iommu::StatValue::Total(0) | iommu::StatValue::Gauge(0));
+        if stats.iter().all(|(_, v)| zero(v)) {
             quiet.push(fe.name().to_string());
             continue;
         }
         let _ = writeln!(err, "passthru: DMA front-end {}: {stats}", fe.name());
-        if stats.split(' ').any(|w| w.starts_with("over_locked_limit=")) {
+        if stats.get("over_locked_limit").is_some() {
             let limit = vm.dma().account().limit();
             let _ = writeln!(
                 err,

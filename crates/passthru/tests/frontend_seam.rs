@@ -1,17 +1,20 @@
-//! The seam every DMA front-end plugs into, proven by a front-end that exists only in
-//! this file: registered by name, it is reachable from the `--device ...,dma=NAME`
-//! parser, owns a hypercall block, attaches a device's endpoint to a domain it
-//! programs, and shows in qtest `frontend_stats` and in `--stats`. Nothing in `vmm`,
-//! `iommu` or `passthru` names it.
+//! "How to add a front-end", done in this file alone: a front-end with a hypercall
+//! block, registered with one line, is reachable from the `--device ...,dma=NAME`
+//! parser, attaches a device's endpoint to a domain it programs, shows in qtest
+//! `frontend_stats`, `--stats` and `vm.counters`, and is saved and restored by a
+//! snapshot (its own typed, versioned section). Nothing in `vmm`, `iommu` or
+//! `passthru` names it.
 #![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
 
 use abi::hcall::{Args, Ret, Status};
 use dma::{Domain, Gpa, Iova, Perm, VmDma};
-use iommu::frontend::{Context, Device, Frontend, Registration};
+use iommu::registry::Registration;
+use iommu::{Context, Device, Frontend, FrontendError, Stats};
 use std::collections::BTreeMap;
-use std::io::BufReader;
 use std::sync::{Arc, Mutex, Once};
-use vmm::qtest::{self, SharedOut};
+use vm_api::{ComponentError, Section, Snapshottable};
 use vmm::{AccelKind, Vm, VmConfig};
 
 /// Its hypercall block: `TOY_MAP(device, gpa)` maps one page at IOVA = gpa + 1 GiB.
@@ -22,15 +25,23 @@ const OFFSET: u64 = 1 << 30;
 struct Toy {
     dma: Arc<VmDma>,
     devices: Mutex<BTreeMap<u16, Arc<Domain>>>,
+    maps: std::sync::atomic::AtomicU64,
+}
+
+/// What a snapshot holds of it: each device's pages, and its counter.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ToyState {
+    pages: BTreeMap<u16, Vec<u64>>,
+    maps: u64,
 }
 
 impl Frontend for Toy {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "toy"
     }
-    fn attach(&self, device: &Device) -> Result<(), String> {
+    fn attach(&self, device: &Device) -> Result<(), FrontendError> {
         let d = self.dma.create_domain(&device.name, dma::DomainConfig::default());
-        device.endpoint.attach(Some(Arc::clone(&d))).map_err(|e| e.to_string())?;
+        device.endpoint.attach(Some(Arc::clone(&d))).map_err(|e| FrontendError::Refused(e.to_string()))?;
         self.devices.lock().unwrap().insert(device.id, d);
         Ok(())
     }
@@ -39,12 +50,47 @@ impl Frontend for Toy {
             d.unmap_all();
         }
     }
-    fn stats(&self) -> String {
+    fn stats(&self) -> Stats {
         let devs = self.devices.lock().unwrap();
-        format!("devices={} mappings={}", devs.len(), devs.values().map(|d| d.mapping_count()).sum::<usize>())
+        Stats::new()
+            .gauge("devices", devs.len() as u64)
+            .gauge("mappings", devs.values().map(|d| d.mapping_count() as u64).sum())
+            .total("maps", self.maps.load(std::sync::atomic::Ordering::Relaxed))
     }
-    fn device_stats(&self, id: u16) -> Option<String> {
-        self.devices.lock().unwrap().get(&id).map(|d| format!("mappings={}", d.mapping_count()))
+    fn device_stats(&self, id: u16) -> Option<Stats> {
+        self.devices.lock().unwrap().get(&id).map(|d| Stats::new().gauge("mappings", d.mapping_count() as u64))
+    }
+    fn state(&self) -> Option<&dyn Snapshottable> {
+        Some(self)
+    }
+}
+
+impl Snapshottable for Toy {
+    fn id(&self) -> String {
+        "frontend/toy".into()
+    }
+    fn save(&self) -> Result<Section, ComponentError> {
+        let pages = self
+            .devices
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, d)| (*id, d.mappings().iter().map(|m| m.gpa.0).collect()))
+            .collect();
+        Section::new(&self.id(), 1, &ToyState { pages, maps: self.maps.load(std::sync::atomic::Ordering::Relaxed) })
+    }
+    fn restore(&self, section: &Section) -> Result<(), ComponentError> {
+        let s: ToyState = section.read(&self.id(), 1)?;
+        let devs = self.devices.lock().unwrap();
+        for (id, pages) in s.pages {
+            let d = devs.get(&id).ok_or_else(|| ComponentError::new(self.id(), format!("no device {id:#x}")))?;
+            for gpa in pages {
+                d.map(Iova(gpa + OFFSET), Gpa(gpa), 4096, Perm::READ_WRITE)
+                    .map_err(|e| ComponentError::new(self.id(), e.to_string()))?;
+            }
+        }
+        self.maps.store(s.maps, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -59,79 +105,91 @@ impl vm_api::HypercallHandler for Toy {
         let Ok(id) = u16::try_from(a.a[0]) else { return Ret::err(Status::InvalidArgument) };
         let Some(d) = self.devices.lock().unwrap().get(&id).cloned() else { return Ret::err(Status::NotAssigned) };
         match a.a[1].checked_add(OFFSET).map(|iova| d.map(Iova(iova), Gpa(a.a[1]), 4096, Perm::READ_WRITE)) {
-            Some(Ok(())) => Ret::ok(a.a[1] + OFFSET, 0, 0),
+            Some(Ok(())) => {
+                self.maps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ret::ok(a.a[1] + OFFSET, 0, 0)
+            }
             _ => Ret::err(Status::InvalidArgument),
         }
     }
 }
 
-fn build(ctx: &Context) -> Result<Arc<dyn Frontend>, String> {
-    let toy = Arc::new(Toy { dma: Arc::clone(&ctx.dma), devices: Mutex::new(BTreeMap::new()) });
-    ctx.hypercalls
-        .register(TOY_BASE, Arc::clone(&toy) as Arc<dyn vm_api::HypercallHandler>)
-        .map_err(|e| e.to_string())?;
-    Ok(toy)
-}
+const REGISTRATION: Registration = Registration {
+    name: "toy",
+    help: "a front-end of this test",
+    build: |ctx: &Context| {
+        let toy = Arc::new(Toy {
+            dma: Arc::clone(&ctx.dma),
+            devices: Mutex::new(BTreeMap::new()),
+            maps: std::sync::atomic::AtomicU64::new(0),
+        });
+        ctx.hypercalls
+            .register(TOY_BASE, Arc::clone(&toy) as Arc<dyn vm_api::HypercallHandler>)
+            .map_err(|e| FrontendError::Build(e.to_string()))?;
+        Ok(toy)
+    },
+    params: &[],
+    tools: &[],
+};
 
 fn register_toy() {
     static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        iommu::frontend::register(Registration { name: "toy", help: "a front-end of this test", build, params: &[] })
-            .unwrap();
-    });
+    ONCE.call_once(|| iommu::registry::register(REGISTRATION).unwrap());
 }
 
-#[test]
-fn a_front_end_defined_in_a_test_is_reachable_from_the_cli_qtest_and_stats() {
-    register_toy();
-    // The command line's parser knows it, and lists it in its errors.
-    let arg = passthru::device::parse_device("dma-engine,dma=toy,process=inline").unwrap();
-    let err = passthru::device::parse_device("dma-engine,dma=nope").unwrap_err();
-    assert!(err.contains("identity, pvdma, tce, toy"), "{err}");
+fn config() -> VmConfig {
     let mut c = VmConfig::new(AccelKind::Qtest);
     c.memory = 32 << 20;
     c.serial_out = Box::new(std::io::sink());
     c.err_out = Box::new(std::io::sink());
-    let vm = Vm::new(c).unwrap();
+    c
+}
+
+#[test]
+fn a_front_end_defined_in_a_test_is_reachable_from_the_cli_qtest_stats_and_snapshots() {
+    register_toy();
+    // The command line's parser knows it, and lists it in its errors.
+    let spec = "dma-engine,dma=toy,process=inline";
+    let arg = passthru::device::parse_device(spec).unwrap();
+    let err = passthru::device::parse_device("dma-engine,dma=nope").unwrap_err();
+    assert!(err.contains("identity, pvdma, tce, toy"), "{err}");
+    let vm = Vm::new(config()).unwrap();
+    assert!(vm.frontends().get("toy").is_none(), "built only in a VM that uses it");
     passthru::device::attach(&vm, &arg).unwrap();
     let dev = vm.device("dma0").unwrap();
     assert_eq!(dev.frontend().name(), "toy");
+    assert!(vm.frontends().get("pvdma").is_none(), "front-ends no device uses are not built");
     // A guest (here the qtest port) programs it through its own hypercall block; with
     // bus mastering on, the device translates through the toy's domain.
-    let script = format!(
-        "writew 0xe0008004 0x6\nhcall {TOY_MAP:#x} {} 0x100000\nfrontend_stats toy\nfrontend_stats toy dma0\ndev_info dma0\n",
-        dev.bdf()
+    let q = |c: &str| common::qtest_cmd(&vm, c);
+    assert_eq!(q("writew 0xe0008004 0x6"), "OK");
+    assert_eq!(
+        q(&format!("hcall {TOY_MAP:#x} {} 0x100000", dev.bdf())),
+        format!("OK 0x0 {:#x} 0x0 0x0", 0x100000 + OFFSET)
     );
-    let out = Arc::new(Mutex::new(Vec::<u8>::new()));
-    struct W(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for W {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let shared: SharedOut = Arc::new(Mutex::new(Box::new(W(Arc::clone(&out)))));
-    qtest::serve(&vm, BufReader::new(script.as_bytes()), shared).unwrap();
-    let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[1], format!("OK 0x0 {:#x} 0x0 0x0", 0x100000 + OFFSET), "the toy's hypercall");
-    assert_eq!(lines[2], "OK devices=1 mappings=1");
-    assert_eq!(lines[3], "OK mappings=1");
+    assert_eq!(q("frontend_stats toy"), "OK devices=1 mappings=1 maps=1");
+    assert_eq!(q("frontend_stats toy dma0"), "OK mappings=1");
+    let info = q("dev_info dma0");
     assert!(
-        lines[4].contains("frontend=toy") && lines[4].contains("bus_master=1") && lines[4].contains("mappings=1"),
-        "{}",
-        lines[4]
+        info.contains("frontend=toy") && info.contains("bus_master=1") && info.contains("frontend.mappings=1"),
+        "{info}"
     );
     assert_eq!(dev.endpoint().lookup(Iova(0x100000 + OFFSET)).map(|m| m.gpa), Some(Gpa(0x100000)));
-    // --stats shows it with the built-in ones.
+    // --stats and vm.counters show it from the same value: a gauge and a total.
     let stats = passthru::run::stats_report(&vm);
-    assert!(stats.contains("passthru: DMA front-end toy: devices=1 mappings=1"), "{stats}");
+    assert!(stats.contains("passthru: DMA front-end toy: devices=1 mappings=1 maps=1"), "{stats}");
+    let c = passthru::control::counters(&vm);
+    assert_eq!(
+        (c["frontends"]["toy"]["maps"].as_u64(), c["frontend_kinds"]["toy"]["mappings"].as_str()),
+        (Some(1), Some("gauge"))
+    );
+    // A snapshot saves its section; a new VM gets the device and the mapping back.
+    let dir = std::env::temp_dir().join(format!("passthru-toy-snap-{}", std::process::id()));
+    let vm2 = common::snapshot_and_restore(&vm, &dir, &[("dma0", spec)], config());
+    let dev2 = vm2.device("dma0").unwrap();
+    assert_eq!(dev2.endpoint().lookup(Iova(0x100000 + OFFSET)).map(|m| m.gpa), Some(Gpa(0x100000)), "restored");
+    assert_eq!(common::qtest_cmd(&vm2, "frontend_stats toy"), "OK devices=1 mappings=1 maps=1");
     // A device that leaves is forgotten by it.
     vm.detach_device("dma0").unwrap();
-    assert_eq!(vm.frontends().get("toy").unwrap().stats(), "devices=0 mappings=0");
-    let report = passthru::run::stats_report(&vm);
-    assert!(report.contains("DMA front-ends unused: identity, pvdma, tce, toy"), "{report}");
+    assert_eq!(vm.frontends().get("toy").unwrap().stats().words(), "devices=0 mappings=0 maps=1");
 }

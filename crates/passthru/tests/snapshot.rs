@@ -300,12 +300,18 @@ fn refusals_are_clear_and_leave_nothing_half_done() {
     f.set_len(100).unwrap();
     let (code, err) = restore(&c);
     assert!(code == Some(1) && err.contains("devmem.bin") && err.contains("truncated"), "{err}");
-    // Another version.
+    // The previous format version: refused, naming both.
     let c = copy("version");
-    let m = std::fs::read_to_string(c.join("manifest.json")).unwrap().replace("\"version\": 2", "\"version\": 1");
+    let v = vmm::snapshot::VERSION;
+    let m = std::fs::read_to_string(c.join("manifest.json"))
+        .unwrap()
+        .replace(&format!("\"version\": {v}"), &format!("\"version\": {}", v - 1));
     std::fs::write(c.join("manifest.json"), m).unwrap();
     let (code, err) = restore(&c);
-    assert!(code == Some(1) && err.contains("version 1") && err.contains("reads version 2"), "{err}");
+    assert!(
+        code == Some(1) && err.contains(&format!("version {}", v - 1)) && err.contains(&format!("reads version {v}")),
+        "{err}"
+    );
     for t in ["intact", "corrupt", "truncated", "version", "refuse"] {
         let _ = std::fs::remove_dir_all(tmp(t));
     }

@@ -92,7 +92,8 @@ fn bench_tce_reports_every_figure() {
     assert!(table.contains("H_PUT_TCE_INDIRECT"), "{table}");
 }
 
-/// A tool reads a table through mmap: `passthru ctl SOCK tce-table LIOBN` gets the
+/// A tool reads a table through mmap: `passthru ctl SOCK frontend tce table LIOBN` (the
+/// front-end's own query and tool, named by nothing in the CLI) gets the
 /// table's file from the VMM (SCM_RIGHTS on the API connection), maps it read-only and
 /// walks it by the documented layout. What it lists equals H_GET_TCE for a 2-level
 /// default window and a 3-level 64-bit window, after puts and clears.
@@ -127,7 +128,7 @@ fn a_tool_reads_a_table_through_its_file_as_h_get_tce_does() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     for (l, bus, levels) in [(liobn, 0u64, 2u64), (l64, bus64, 3)] {
-        let out = passthru(&["ctl", sock.to_str().unwrap(), "--json", "tce-table", &format!("{l:#x}")]);
+        let out = passthru(&["ctl", sock.to_str().unwrap(), "--json", "frontend", "tce", "table", &format!("{l:#x}")]);
         assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!((v["levels"].as_u64(), v["group"].as_u64()), (Some(levels), Some(group)), "{v}");
@@ -150,7 +151,7 @@ fn a_tool_reads_a_table_through_its_file_as_h_get_tce_does() {
             assert_eq!((got.0, got.1), (t::H_SUCCESS, *tce), "H_GET_TCE agrees at index {index}");
         }
         // Human output names the geometry and counts the entries.
-        let out = passthru(&["ctl", sock.to_str().unwrap(), "tce-table", &format!("{l:#x}")]);
+        let out = passthru(&["ctl", sock.to_str().unwrap(), "frontend", "tce", "table", &format!("{l:#x}")]);
         assert!(text(&out.stdout).contains(&format!("{} valid entries", expected.len())), "{}", text(&out.stdout));
     }
     // The descriptor a client gets is read-only and the file cannot be resized: the
@@ -158,8 +159,8 @@ fn a_tool_reads_a_table_through_its_file_as_h_get_tce_does() {
     let (a, files) = api::client::call_with_files(
         &sock,
         "PUT",
-        "tce.table",
-        Some(&format!("{{\"liobn\": {liobn}}}")),
+        "frontend.query",
+        Some(&format!("{{\"frontend\": \"tce\", \"query\": \"table\", \"arg\": \"{liobn}\"}}")),
         std::time::Duration::from_secs(10),
     )
     .unwrap();
@@ -168,13 +169,13 @@ fn a_tool_reads_a_table_through_its_file_as_h_get_tce_does() {
     assert!(files[0].write_at(&[0xff; 8], 0).is_err(), "written through the reader's descriptor");
     assert!(files[0].set_len(0).is_err(), "truncated through the reader's descriptor");
     // An unknown liobn is a clear error; a client that takes no file (curl) gets the JSON.
-    let out = passthru(&["ctl", sock.to_str().unwrap(), "tce-table", "0x7777"]);
+    let out = passthru(&["ctl", sock.to_str().unwrap(), "frontend", "tce", "table", "0x7777"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("no TCE window with liobn 0x7777"), "{}", text(&out.stderr));
     let curl = std::process::Command::new("curl")
         .args(["-s", "--unix-socket", sock.to_str().unwrap(), "-X", "PUT", "-d"])
-        .arg(format!("{{\"liobn\": {liobn}}}"))
-        .arg("http://localhost/api/v1/tce.table")
+        .arg(format!("{{\"frontend\": \"tce\", \"query\": \"table\", \"arg\": \"{liobn}\"}}"))
+        .arg("http://localhost/api/v1/frontend.query")
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&curl.stdout).unwrap();

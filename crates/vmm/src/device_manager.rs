@@ -313,12 +313,8 @@ impl DeviceManager {
 
     fn attach_inner(&self, spec: DeviceSpec, frontend: &str, options: AttachOptions) -> Result<Arc<AssignedDevice>> {
         let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
-        let fe = self.frontends.get(frontend).cloned().ok_or_else(|| {
-            Error::Device(
-                "-".into(),
-                format!("no DMA front-end named '{frontend}'; use one of {}", iommu::frontend::names()),
-            )
-        })?;
+        // Built now if this VM has not used it yet.
+        let fe = self.frontends.get_or_build(frontend).map_err(|e| Error::Device("-".into(), e.to_string()))?;
         if let Some(n) = &options.name
             && devices.iter().any(|d| &d.name == n)
         {

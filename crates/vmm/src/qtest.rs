@@ -261,7 +261,7 @@ impl Session<'_> {
                 ) + &dev
                     .frontend()
                     .device_stats(dev.bdf())
-                    .map(|s| s.split_whitespace().map(|w| format!(" frontend.{w}")).collect::<String>())
+                    .map(|s| s.words().split_whitespace().map(|w| format!(" frontend.{w}")).collect::<String>())
                     .unwrap_or_default())
             }
             "pci_list" => {
@@ -420,10 +420,10 @@ impl Session<'_> {
             }
             "frontend_stats" => {
                 let name = arg(w, 1)?;
-                let fe =
-                    self.vm.frontends().get(name).ok_or_else(|| {
-                        format!("no DMA front-end '{name}' (there are: {})", iommu::frontend::names())
-                    })?;
+                let fe = self.vm.frontends().get(name).ok_or_else(|| match iommu::registry::find(name) {
+                    Some(_) => format!("DMA front-end '{name}' is not in this VM (no device uses it)"),
+                    None => format!("no DMA front-end '{name}' (there are: {})", iommu::registry::names()),
+                })?;
                 match w.get(2) {
                     None => Ok(format!("OK {}", fe.stats())),
                     Some(d) => {
@@ -444,7 +444,8 @@ impl Session<'_> {
                     && let Some(fe) = self.vm.frontends().get(name)
                 {
                     let a = arg(w, 1)?;
-                    return fe.info(a).map(|s| format!("OK {s}")).ok_or_else(|| format!("{name} knows no {a}"));
+                    let q = fe.queries().ok_or_else(|| format!("{name} answers no queries"))?;
+                    return q.query("info", a).map(|ans| format!("OK {}", ans.fields)).map_err(|e| e.to_string());
                 }
                 Err(format!("Unknown command '{other}'"))
             }

@@ -45,9 +45,10 @@ use vfio_user::proto::mig;
 
 /// The format's name in every manifest.
 pub const FORMAT: &str = "passthru-snapshot";
-/// The format's version: a snapshot of another version is refused. Version 2 saves
-/// the vCPU's CPUID.
-pub const VERSION: u32 = 2;
+/// The format's version: a snapshot of another version is refused. Version 2 saved
+/// the vCPU's CPUID; version 3 saves each DMA front-end's state as one typed section
+/// (not words per device).
+pub const VERSION: u32 = 3;
 /// First bytes of `ram.bin` and `devmem.bin`.
 const DATA_MAGIC: &[u8; 8] = b"PTDATA1\0";
 /// Largest `vm.json` accepted.
@@ -127,8 +128,6 @@ pub struct DeviceState {
     pub msix: Option<(u8, u64, Vec<u8>)>,
     /// The device's own state (vfio-user migration data).
     pub device: Vec<u8>,
-    /// Its front-end's state.
-    pub frontend_state: Option<Vec<u64>>,
     /// Its mmapped BAR memory.
     pub memory: Vec<DeviceMemory>,
     /// It was non-coherent.
@@ -147,6 +146,9 @@ pub struct VmState {
     pub chip: Option<ChipState>,
     /// Devices in slot order.
     pub devices: Vec<DeviceState>,
+    /// The DMA front-ends that keep state, by name: each its own typed, versioned
+    /// section.
+    pub frontends: std::collections::BTreeMap<String, vm_api::Section>,
     /// Interrupt sources and who delivered them: (device, index, sub, mode).
     pub irq_modes: Vec<(String, u32, u32, String)>,
     /// RAM hot-added since boot: (guest-physical start, size); contents in hotram.bin.
@@ -216,6 +218,11 @@ fn save_inner(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>, start
             nc.devices().join(", ")
         )));
     }
+    for fe in vm.frontends().all() {
+        if let Some(state) = fe.state() {
+            state.can_save().map_err(|e| err(format!("{e}; nothing was written")))?;
+        }
+    }
     let mut frontend_states = Vec::new();
     for d in &devices {
         if d.is_torn_down() {
@@ -230,8 +237,6 @@ fn save_inner(vm: &Vm, dir: &Path, specs: &dyn Fn(&str) -> Option<String>, start
         }
         let spec = specs(d.name())
             .ok_or_else(|| err(format!("device {}: its --device specification is unknown", d.name())))?;
-        // Refused now if it cannot be saved; saved for real once everything is stopped.
-        d.frontend().save(d.bdf()).map_err(|e| err(format!("{e}; nothing was written")))?;
         frontend_states.push(spec);
     }
     let tmp = TempDir::beside(dir)?;
@@ -290,8 +295,6 @@ fn collect(
     let mut states = Vec::new();
     for (d, spec) in devices.iter().zip(specs) {
         let f = d.function();
-        // Read while the guest is stopped: its mappings cannot change under us.
-        let frontend_state = d.frontend().save(d.bdf()).map_err(err)?;
         let device = f.save_device_state().map_err(err)?;
         let mut memory = Vec::new();
         for w in d.bars() {
@@ -317,12 +320,18 @@ fn collect(
             config: f.config_bytes(),
             msix: f.msix_table(),
             device,
-            frontend_state,
             memory,
             noncoherent: f.is_noncoherent(),
         });
     }
     let mut sections = vec![dm.finish("devmem", "devmem.bin")?];
+    // Read while the guest is stopped: its mappings cannot change under us.
+    let mut frontends = std::collections::BTreeMap::new();
+    for fe in vm.frontends().all() {
+        if let Some(state) = fe.state() {
+            frontends.insert(fe.name().to_string(), state.save().map_err(|e| err(e.to_string()))?);
+        }
+    }
     let irqs = vm.irqs();
     let irq_modes = irqs
         .sources()
@@ -349,7 +358,8 @@ fn collect(
     // Guest RAM last, while everything is still stopped.
     let SavedRam { ram, hotram, hot_ram } = write_ram(vm, tmp, &mut buf, &mut report)?;
     sections.extend([ram, hotram]);
-    let state = VmState { memory: vm.ram().size(), cpu, chip, devices: states, irq_modes, hot_ram, test_sources };
+    let state =
+        VmState { memory: vm.ram().size(), cpu, chip, devices: states, frontends, irq_modes, hot_ram, test_sources };
     Ok((state, sections, report))
 }
 
@@ -1020,11 +1030,17 @@ impl Snapshot {
             replay_config(vm, &dev, d)?;
         }
         self.apply_device_memory(vm)?;
+        // Every device is attached again: each front-end takes its state back whole
+        // (domains shared by several devices included).
+        for (name, section) in &self.state.frontends {
+            let fe = vm.frontends().get(name).ok_or_else(|| {
+                err(format!("the snapshot has state of DMA front-end {name}, and no device here uses it"))
+            })?;
+            let state = fe.state().ok_or_else(|| err(format!("DMA front-end {name} keeps no state to restore")))?;
+            state.restore(section).map_err(|e| err(e.to_string()))?;
+        }
         for d in &self.state.devices {
             let dev = vm.device(&d.name).ok_or_else(|| err(format!("device {} was not attached", d.name)))?;
-            if let Some(fs) = &d.frontend_state {
-                dev.frontend().restore(dev.bdf(), fs).map_err(|e| err(format!("device {}: {e}", d.name)))?;
-            }
             if d.noncoherent {
                 dev.function().mark_noncoherent();
             }

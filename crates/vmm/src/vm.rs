@@ -48,6 +48,9 @@ pub struct VmConfig {
     /// What host-side reads of guest memory (dumps, snapshots) do while a non-coherent
     /// device is attached.
     pub noncoherent_reads: NonCoherentReads,
+    /// DMA front-ends to build with the VM (those its devices name; one named later by
+    /// a hot-plugged device is built then).
+    pub frontends: Vec<String>,
     /// Build the test interrupt sources (interrupt tests and benchmarks only).
     #[cfg(feature = "test-sources")]
     pub test_sources: bool,
@@ -92,6 +95,7 @@ impl VmConfig {
             dma_kill_on_misuse: false,
             dma_window: DEFAULT_DMA_WINDOW,
             noncoherent_reads: NonCoherentReads::Flush,
+            frontends: Vec::new(),
             #[cfg(feature = "test-sources")]
             test_sources: false,
         }
@@ -209,17 +213,21 @@ impl Vm {
                 exit.request(abi::EXIT_KILLED_BY_POLICY);
             }) as iommu::frontend::KillSwitch
         });
-        let frontends = iommu::Frontends::build(&iommu::Context {
+        let root = pci::PciRoot::new(Arc::clone(&mmio), Arc::clone(&pio), Arc::clone(&memory_map))
+            .map_err(|e| Error::Device("pci".into(), e.to_string()))?;
+        let context = iommu::Context {
             dma: Arc::clone(&dma),
             memory: Arc::clone(ram.memory_arc()),
             memory_map: Arc::clone(&memory_map),
             hypercalls: Arc::clone(&hypercalls),
+            pci: Arc::clone(&root),
+            irqs: Arc::clone(&irqs),
+            io: Arc::new(crate::accel::AccelIo(Arc::clone(&accel))),
             kill_on_misuse,
             dma_window: config.dma_window.clone(),
-        })
-        .map_err(|e| Error::Device("-".into(), e))?;
-        let root = pci::PciRoot::new(Arc::clone(&mmio), Arc::clone(&pio), Arc::clone(&memory_map))
-            .map_err(|e| Error::Device("pci".into(), e.to_string()))?;
+        };
+        let frontends =
+            iommu::Frontends::new(context, &config.frontends).map_err(|e| Error::Device("-".into(), e.to_string()))?;
         let events = Arc::new(crate::events::Events::new());
         let e = Arc::downgrade(&events);
         irqs.on_switch(Arc::new(move |id, mode| {

@@ -104,7 +104,7 @@ fn attach_detach_config_dma_bar_irq_and_death_paths_run_together_without_deadloc
                     let _ = v.irqs().set_mode(&id, irq::Mode::Vmm);
                     let _ = v.irqs().set_mode(&id, irq::Mode::Forwarded);
                 }
-                for f in v.frontends().iter() {
+                for f in v.frontends().all() {
                     let _ = f.stats();
                 }
             }

@@ -18,8 +18,12 @@
 //! -> H_RESOURCE with nothing changed. INDIRECT is all or nothing. STUFF only clears.
 
 pub mod table;
+mod tool;
 
-use crate::frontend::{Context, Device, FailDevice, Frontend, Registration, fail_later};
+use crate::frontend::{
+    Answer, Context, Device, FailDevice, Frontend, FrontendError, Queries, Query, Stats, fail_later,
+};
+use crate::registry::Registration;
 use abi::hcall::{Args, Ret};
 use abi::tce as t;
 use dma::{Domain, DomainConfig, Endpoint, Gpa, Iova, Mapping, PageSizes, Perm, VmDma};
@@ -37,10 +41,11 @@ pub const REGISTRATION: Registration = Registration {
         let f = Arc::new(Tce::new(ctx));
         ctx.hypercalls
             .register(t::BASE, Arc::clone(&f) as Arc<dyn vm_api::HypercallHandler>)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| FrontendError::Build(e.to_string()))?;
         Ok(f as Arc<dyn Frontend>)
     },
     params: &["group", "window", "page"],
+    tools: &[tool::TABLE],
 };
 
 /// A table and the windows (liobns) that use it.
@@ -91,8 +96,9 @@ const CALLS: [&str; 10] = [
     "query_page_sizes",
 ];
 
+/// Calls and their failures, counted.
 #[derive(Default)]
-struct Stats {
+struct Counters {
     calls: [AtomicU64; 10],
     parameter: AtomicU64,
     resource: AtomicU64,
@@ -106,7 +112,7 @@ pub struct Tce {
     /// A fair lock: a long guest call (STUFF) hands it to a waiting control-path
     /// caller between leaf pages instead of starving it.
     state: parking_lot::Mutex<State>,
-    stats: Stats,
+    stats: Counters,
 }
 
 /// A PAPR outcome: the code and up to two results.
@@ -147,7 +153,7 @@ impl Tce {
             dma: Arc::clone(&ctx.dma),
             memory: Arc::clone(&ctx.memory),
             state: parking_lot::Mutex::new(State { next_liobn: 0x1000, ..State::default() }),
-            stats: Stats::default(),
+            stats: Counters::default(),
         }
     }
 
@@ -519,24 +525,24 @@ impl Tce {
 
     /// `tce_info`: the window behind `liobn`: its group, geometry, levels and pages of its
     /// table, bytes charged, valid entries, and the groups sharing the table.
-    pub fn window_info(&self, liobn: u32) -> Option<String> {
+    pub fn window_info(&self, liobn: u32) -> Option<Stats> {
         let st = self.lock();
         let w = st.windows.get(&liobn)?;
         let s = w.table.lock().unwrap_or_else(|e| e.into_inner());
         let groups: Vec<String> =
             s.windows.iter().filter_map(|l| st.windows.get(l)).map(|x| x.group.to_string()).collect();
-        Some(format!(
-            "group={} groups={} bus_offset={:#x} page_shift={} window_shift={} levels={} pages={} bytes={} valid={}",
-            w.group,
-            groups.join(","),
-            w.bus_offset,
-            s.page_shift,
-            s.window_shift,
-            s.table.levels(),
-            s.table.pages(),
-            s.table.bytes(),
-            s.table.valid_entries()
-        ))
+        Some(
+            Stats::new()
+                .gauge("group", u64::from(w.group))
+                .text("groups", groups.join(","))
+                .text("bus_offset", format!("{:#x}", w.bus_offset))
+                .gauge("page_shift", u64::from(s.page_shift))
+                .gauge("window_shift", u64::from(s.window_shift))
+                .gauge("levels", u64::from(s.table.levels()))
+                .gauge("pages", s.table.pages())
+                .gauge("bytes", s.table.bytes())
+                .gauge("valid", s.table.valid_entries()),
+        )
     }
 }
 
@@ -578,114 +584,200 @@ impl vm_api::HypercallHandler for Tce {
 }
 
 impl Frontend for Tce {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         REGISTRATION.name
     }
 
-    /// Words: the group; its windows (liobn, bus offset, page shift, window shift, the
-    /// other liobns sharing its table, its valid entries as index and value).
-    fn save(&self, id: u16) -> Result<Option<Vec<u64>>, String> {
-        let st = self.lock();
-        let Some(&group) = st.devices.get(&id) else { return Ok(None) };
-        let g = st.groups.get(&group).ok_or("TCE: the device's group is gone")?;
-        let mut w = vec![u64::from(group), g.windows.len() as u64];
-        for l in &g.windows {
-            let win = st.windows.get(l).ok_or("TCE: a window of the group is gone")?;
-            let sh = win.table.lock().unwrap_or_else(|e| e.into_inner());
-            w.extend_from_slice(&[u64::from(*l), win.bus_offset, u64::from(sh.page_shift), u64::from(sh.window_shift)]);
-            let others: Vec<u64> = sh.windows.iter().filter(|o| *o != l).map(|o| u64::from(*o)).collect();
-            w.push(others.len() as u64);
-            w.extend_from_slice(&others);
-            let entries = sh.table.valid();
-            w.push(entries.len() as u64);
-            for (i, v) in entries {
-                w.extend_from_slice(&[i, v]);
-            }
-        }
-        // Last, so a snapshot without it (older) still reads: the default liobn.
-        w.push(u64::from(g.default_liobn));
-        Ok(Some(w))
+    fn attach(&self, device: &Device) -> Result<(), FrontendError> {
+        self.attach_inner(device).map_err(FrontendError::Refused)
     }
 
-    /// Puts the device's group back as saved: the same liobns, bus offsets and
-    /// geometry, tables shared again with the windows already restored, entries put
-    /// (pinned and mapped for every group using the table). A second device of a group
-    /// already restored finds nothing to do.
-    fn restore(&self, id: u16, words: &[u64]) -> Result<(), String> {
-        let bad = || "malformed TCE state".to_string();
-        let mut it = words.iter().copied();
-        let mut next = || it.next().ok_or_else(bad);
-        let group = u32::try_from(next()?).map_err(|_| bad())?;
+    fn detach(&self, id: u16) {
         let mut st = self.lock();
-        let now = *st.devices.get(&id).ok_or("the device is not behind dma=tce")?;
-        if now != group {
-            // A group of its own (numbered as devices came and went): it takes the
-            // saved number. A group the operator named must be named the same.
-            if now < t::AUTO_GROUP_BASE || group < t::AUTO_GROUP_BASE || st.groups.contains_key(&group) {
-                return Err(format!(
-                    "the device is in TCE group {now} here, {group} in the snapshot{}",
-                    if group < t::AUTO_GROUP_BASE { format!(" (give it group={group})") } else { String::new() }
-                ));
+        let Some(group) = st.devices.remove(&id) else { return };
+        let empty = st.groups.get_mut(&group).is_some_and(|g| {
+            g.devices.remove(&id);
+            g.devices.is_empty()
+        });
+        if empty {
+            let windows = st.groups.get(&group).map(|g| g.windows.clone()).unwrap_or_default();
+            for l in windows {
+                let _ = self.remove_window(&mut st, l);
             }
-            Self::renumber(&mut st, now, group);
+            st.groups.remove(&group);
         }
-        let n = next()?;
-        let mut windows = Vec::new();
-        for _ in 0..n {
-            let liobn = u32::try_from(next()?).map_err(|_| bad())?;
-            let (bus, ps, ws) = (next()?, next()?, next()?);
-            let shared: Vec<u32> = (0..next()?)
-                .map(|_| next().and_then(|v| u32::try_from(v).map_err(|_| bad())))
-                .collect::<Result<_, _>>()?;
-            let entries: Vec<(u64, u64)> =
-                (0..next()?).map(|_| Ok((next()?, next()?))).collect::<Result<_, String>>()?;
-            windows.push((liobn, bus, ps, ws, shared, entries));
-        }
-        let default_liobn = match it.next() {
-            Some(l) => Some(u32::try_from(l).map_err(|_| bad())?),
-            None => None,
-        };
-        if it.next().is_some() {
-            return Err("malformed TCE state: words left over".into());
-        }
-        let g = st.groups.get_mut(&group).ok_or("TCE group missing")?;
-        // Older snapshots do not name it: the window at bus offset 0, if any.
-        if let Some(l) = default_liobn.or_else(|| windows.iter().find(|w| w.1 == 0).map(|w| w.0)) {
-            g.default_liobn = l;
-        }
-        if windows.iter().all(|w| g.windows.contains(&w.0)) && g.windows.len() == windows.len() {
-            return Ok(()); // restored with another device of the group
-        }
-        for l in g.windows.clone() {
-            let _ = self.remove_window(&mut st, l);
-        }
-        for (liobn, bus, ps, ws, shared, entries) in windows {
-            let (ps, ws) = (u32::try_from(ps).map_err(|_| bad())?, u32::try_from(ws).map_err(|_| bad())?);
-            let alias = shared.iter().copied().find(|o| st.windows.contains_key(o));
-            self.add_window_as(&mut st, group, ps, ws, alias, Some((liobn, bus)))
-                .map_err(|code| format!("restoring TCE window {liobn:#x}: PAPR code {code}"))?;
-            if alias.is_none() {
-                // Entries through the hypercall path's checks (index in the window), in
-                // runs of consecutive indexes: one put each.
-                let mut k = 0;
-                while let Some(&(first, _)) = entries.get(k) {
-                    let ioba = first.checked_mul(1u64 << ps).and_then(|o| o.checked_add(bus)).ok_or_else(bad)?;
-                    let mut run = 1;
-                    while entries.get(k + run).is_some_and(|e| Some(e.0) == first.checked_add(run as u64)) {
-                        run += 1;
-                    }
-                    let values: Vec<u64> = entries[k..k + run].iter().map(|e| e.1).collect();
-                    Self::index(&st, u64::from(liobn), ioba, run as u64)
-                        .and_then(|(l, i)| self.put(&st, l, i, &values))
-                        .map_err(|code| format!("restoring TCE entries {first}.. of {liobn:#x}: PAPR code {code}"))?;
-                    k += run;
-                }
-            }
-        }
-        Ok(())
     }
 
-    fn attach(&self, device: &Device) -> Result<(), String> {
+    fn stats(&self) -> Stats {
+        let s = &self.stats;
+        let st = self.lock();
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = Stats::new();
+        for (name, c) in CALLS.iter().zip(&s.calls) {
+            out = out.total(name, n(c));
+        }
+        out.total("h_parameter", n(&s.parameter))
+            .total("h_resource", n(&s.resource))
+            .total("h_hardware", n(&s.hardware))
+            .gauge("groups", st.groups.len() as u64)
+            .gauge("windows", st.windows.len() as u64)
+    }
+
+    fn device_stats(&self, id: u16) -> Option<Stats> {
+        let st = self.lock();
+        let group = *st.devices.get(&id)?;
+        let g = st.groups.get(&group)?;
+        let liobns: Vec<String> = g.windows.iter().map(|l| format!("{l:#x}")).collect();
+        Some(
+            Stats::new()
+                .gauge("group", u64::from(group))
+                .text("liobns", liobns.join(","))
+                .gauge("mappings", g.domain.mapping_count() as u64),
+        )
+    }
+
+    fn state(&self) -> Option<&dyn vm_api::Snapshottable> {
+        Some(self)
+    }
+
+    fn queries(&self) -> Option<&dyn Queries> {
+        Some(self)
+    }
+}
+
+/// The TCE front-end's queries.
+const QUERIES: &[Query] = &[
+    Query {
+        name: "info",
+        help: "LIOBN: the window's group, groups sharing its table, geometry, levels, table pages and bytes, valid entries",
+    },
+    Query {
+        name: "table",
+        help: "LIOBN: the table's geometry and its file (a memfd, read-only) to map and walk by abi::tce::layout",
+    },
+];
+
+impl Queries for Tce {
+    fn list(&self) -> &'static [Query] {
+        QUERIES
+    }
+
+    fn query(&self, query: &str, arg: &str) -> Result<Answer, FrontendError> {
+        let liobn = parse_liobn(arg).ok_or_else(|| FrontendError::Invalid(format!("'{arg}' is not a liobn")))?;
+        let none = || FrontendError::NotFound(format!("no TCE window with liobn {liobn:#x} (see vm.info)"));
+        match query {
+            "info" => self.window_info(liobn).map(|fields| Answer { fields, files: Vec::new() }).ok_or_else(none),
+            "table" => {
+                let st = self.lock();
+                let w = st.windows.get(&liobn).ok_or_else(none)?;
+                let s = w.table.lock().unwrap_or_else(|e| e.into_inner());
+                let fields = Stats::new()
+                    .gauge("liobn", u64::from(liobn))
+                    .gauge("group", u64::from(w.group))
+                    .text("bus_offset", format!("{:#x}", w.bus_offset))
+                    .gauge("page_shift", u64::from(s.page_shift))
+                    .gauge("entry_bits", u64::from(s.window_shift - s.page_shift))
+                    .gauge("levels", u64::from(s.table.levels()))
+                    .text("layout", tool::LAYOUT);
+                Ok(Answer { fields, files: vec![Arc::clone(s.table.fd())] })
+            }
+            _ => Err(FrontendError::NotFound(format!(
+                "the TCE front-end answers no query '{query}' (it answers info, table)"
+            ))),
+        }
+    }
+}
+
+/// One window of a group in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedWindow {
+    /// Its liobn.
+    pub liobn: u32,
+    /// Its bus offset.
+    pub bus_offset: u64,
+    /// log2 of its IOMMU page size.
+    pub page_shift: u32,
+    /// log2 of its size.
+    pub window_shift: u32,
+    /// Other windows (liobns) sharing its table.
+    pub shared_with: Vec<u32>,
+    /// Its valid entries: (index, TCE).
+    pub entries: Vec<(u64, u64)>,
+}
+
+/// One group in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedGroup {
+    /// Its number.
+    pub group: u32,
+    /// Its devices' requester ids.
+    pub devices: Vec<u16>,
+    /// The default window's liobn (kept across RESET).
+    pub default_liobn: u32,
+    /// Its windows.
+    pub windows: Vec<SavedWindow>,
+}
+
+/// The TCE front-end's state in a snapshot (version [`STATE_VERSION`]): every group,
+/// its windows and their tables' valid entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedState {
+    /// By group number.
+    pub groups: Vec<SavedGroup>,
+}
+
+/// The format version of [`SavedState`].
+pub const STATE_VERSION: u32 = 1;
+
+impl vm_api::Snapshottable for Tce {
+    fn id(&self) -> String {
+        format!("frontend/{}", REGISTRATION.name)
+    }
+
+    fn save(&self) -> Result<vm_api::Section, vm_api::ComponentError> {
+        let bad = |why: &str| vm_api::ComponentError::new(self.id(), why);
+        let st = self.lock();
+        let mut groups = Vec::new();
+        for (&group, g) in &st.groups {
+            let mut windows = Vec::new();
+            for l in &g.windows {
+                let w = st.windows.get(l).ok_or_else(|| bad("a window of a group is gone"))?;
+                let sh = w.table.lock().unwrap_or_else(|e| e.into_inner());
+                windows.push(SavedWindow {
+                    liobn: *l,
+                    bus_offset: w.bus_offset,
+                    page_shift: sh.page_shift,
+                    window_shift: sh.window_shift,
+                    shared_with: sh.windows.iter().copied().filter(|o| o != l).collect(),
+                    entries: sh.table.valid(),
+                });
+            }
+            groups.push(SavedGroup {
+                group,
+                devices: g.devices.keys().copied().collect(),
+                default_liobn: g.default_liobn,
+                windows,
+            });
+        }
+        vm_api::Section::new(&self.id(), STATE_VERSION, &SavedState { groups })
+    }
+
+    /// Puts every group back as saved, its devices attached again: the same group
+    /// numbers, liobns, bus offsets and geometry, tables shared again, entries put
+    /// (pinned and mapped for every group using the table).
+    fn restore(&self, section: &vm_api::Section) -> Result<(), vm_api::ComponentError> {
+        let state: SavedState = section.read(&self.id(), STATE_VERSION)?;
+        let mut st = self.lock();
+        self.restore_groups(&mut st, &state).map_err(|e| vm_api::ComponentError::new(self.id(), e))
+    }
+}
+
+impl Tce {
+    /// Puts `device` in its group (made, with its default window, if new).
+    fn attach_inner(&self, device: &Device) -> Result<(), String> {
         let mut st = self.lock();
         let group = match device.params.iter().find(|(k, _)| k == "group") {
             Some((_, v)) => match v.parse::<u32>() {
@@ -749,59 +841,68 @@ impl Frontend for Tce {
         Ok(())
     }
 
-    fn detach(&self, id: u16) {
-        let mut st = self.lock();
-        let Some(group) = st.devices.remove(&id) else { return };
-        let empty = st.groups.get_mut(&group).is_some_and(|g| {
-            g.devices.remove(&id);
-            g.devices.is_empty()
-        });
-        if empty {
-            let windows = st.groups.get(&group).map(|g| g.windows.clone()).unwrap_or_default();
-            for l in windows {
-                let _ = self.remove_window(&mut st, l);
+    /// [`vm_api::Snapshottable::restore`]: the groups numbered as saved first (their
+    /// windows of now removed), then every saved window created and filled.
+    fn restore_groups(&self, st: &mut State, state: &SavedState) -> Result<(), String> {
+        for g in &state.groups {
+            let first = g.devices.first().ok_or_else(|| format!("TCE group {} has no device", g.group))?;
+            let now = *st.devices.get(first).ok_or_else(|| format!("device {first:#x} is not behind dma=tce"))?;
+            if g.devices.iter().any(|d| st.devices.get(d) != Some(&now)) {
+                return Err(format!("the devices of TCE group {} are not in one group here", g.group));
             }
-            st.groups.remove(&group);
+            if now != g.group {
+                // A group of its own (numbered as devices came and went): it takes the
+                // saved number. A group the operator named must be named the same.
+                let group = g.group;
+                if now < t::AUTO_GROUP_BASE || group < t::AUTO_GROUP_BASE || st.groups.contains_key(&group) {
+                    return Err(format!(
+                        "the device is in TCE group {now} here, {group} in the snapshot{}",
+                        if group < t::AUTO_GROUP_BASE { format!(" (give it group={group})") } else { String::new() }
+                    ));
+                }
+                Self::renumber(st, now, group);
+            }
+            let here = st.groups.get_mut(&g.group).ok_or("TCE group missing")?;
+            here.default_liobn = g.default_liobn;
+            for l in here.windows.clone() {
+                let _ = self.remove_window(st, l);
+            }
         }
-    }
-
-    fn stats(&self) -> String {
-        let s = &self.stats;
-        let st = self.lock();
-        let mut out: Vec<String> =
-            CALLS.iter().zip(&s.calls).map(|(n, c)| format!("{n}={}", c.load(Ordering::Relaxed))).collect();
-        out.push(format!("h_parameter={}", s.parameter.load(Ordering::Relaxed)));
-        out.push(format!("h_resource={}", s.resource.load(Ordering::Relaxed)));
-        out.push(format!("h_hardware={}", s.hardware.load(Ordering::Relaxed)));
-        out.push(format!("groups={} windows={}", st.groups.len(), st.windows.len()));
-        out.join(" ")
-    }
-
-    fn device_stats(&self, id: u16) -> Option<String> {
-        let st = self.lock();
-        let group = *st.devices.get(&id)?;
-        let g = st.groups.get(&group)?;
-        let liobns: Vec<String> = g.windows.iter().map(|l| format!("{l:#x}")).collect();
-        Some(format!("group={group} liobns={} mappings={}", liobns.join(","), g.domain.mapping_count()))
-    }
-
-    fn info(&self, arg: &str) -> Option<String> {
-        self.window_info(parse_liobn(arg)?)
-    }
-
-    fn table_view(&self, arg: &str) -> Option<crate::frontend::TableView> {
-        let liobn = parse_liobn(arg)?;
-        let st = self.lock();
-        let w = st.windows.get(&liobn)?;
-        let s = w.table.lock().unwrap_or_else(|e| e.into_inner());
-        Some(crate::frontend::TableView {
-            file: Arc::clone(s.table.fd()),
-            entry_bits: s.window_shift - s.page_shift,
-            levels: s.table.levels(),
-            page_shift: s.page_shift,
-            bus_offset: w.bus_offset,
-            group: w.group,
-        })
+        for g in &state.groups {
+            for w in &g.windows {
+                let alias = w.shared_with.iter().copied().find(|o| st.windows.contains_key(o));
+                let (ps, bus) = (w.page_shift, w.bus_offset);
+                self.add_window_as(st, g.group, ps, w.window_shift, alias, Some((w.liobn, bus)))
+                    .map_err(|code| format!("restoring TCE window {:#x}: PAPR code {code}", w.liobn))?;
+                if alias.is_some() {
+                    continue; // its table is filled already
+                }
+                // Entries through the hypercall path's checks (index in the window), in
+                // runs of consecutive indexes: one put each.
+                let entries = &w.entries;
+                let mut k = 0;
+                while let Some(&(first, _)) = entries.get(k) {
+                    let bad = || format!("TCE window {:#x}: an entry outside it", w.liobn);
+                    let ioba = first
+                        .checked_shl(ps)
+                        .filter(|o| o >> ps == first)
+                        .and_then(|o| o.checked_add(bus))
+                        .ok_or_else(bad)?;
+                    let mut run = 1;
+                    while entries.get(k + run).is_some_and(|e| Some(e.0) == first.checked_add(run as u64)) {
+                        run += 1;
+                    }
+                    let values: Vec<u64> = entries[k..k + run].iter().map(|e| e.1).collect();
+                    Self::index(st, u64::from(w.liobn), ioba, run as u64)
+                        .and_then(|(l, i)| self.put(st, l, i, &values))
+                        .map_err(|code| {
+                            format!("restoring TCE entries {first}.. of {:#x}: PAPR code {code}", w.liobn)
+                        })?;
+                    k += run;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -191,8 +191,11 @@ fn measure(rounds: u64) -> Result<TceReport, String> {
     let bytes = |l: u64| -> u64 {
         vm.frontends()
             .get("tce")
-            .and_then(|f| f.info(&l.to_string()))
-            .and_then(|s| s.split_whitespace().find_map(|w| w.strip_prefix("bytes=").and_then(|v| v.parse().ok())))
+            .and_then(|f| f.queries()?.query("info", &l.to_string()).ok())
+            .and_then(|a| match a.fields.get("bytes") {
+                Some(iommu::StatValue::Gauge(b)) => Some(*b),
+                _ => None,
+            })
             .unwrap_or(0)
     };
     report.table_bytes_one_group = bytes(l64);

@@ -211,24 +211,7 @@ impl Q {
         done: u64,
         d: abi::dma_engine::Descriptor,
     ) -> u32 {
-        use abi::dma_engine::{self as de, completion, regs as r};
-        let hex: String = d.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
-        self.ok(&format!("write {ring:#x} 64 0x{hex}"));
-        self.ok(&format!("memset {done:#x} 32 0"));
-        self.ok(&format!("writel {:#x} {}", regs + r::CONTROL, de::control::RESET));
-        self.ok(&format!("writeq {:#x} {ring_iova:#x}", regs + r::RING_BASE));
-        self.ok(&format!("writel {:#x} 1", regs + r::RING_SIZE));
-        self.ok(&format!("writel {:#x} {}", regs + r::CONTROL, de::control::ENABLE));
-        self.ok(&format!("writel {:#x} 1", regs + r::TAIL));
-        let t = std::time::Instant::now();
-        loop {
-            let s = qpci::value(&self.cmd(&format!("readl {done:#x}"))) as u32;
-            if s != completion::PENDING {
-                return s;
-            }
-            assert!(t.elapsed() < std::time::Duration::from_secs(10), "the descriptor never completed");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        run_descriptor(&mut |c| self.cmd(c), regs, ring, ring_iova, done, d)
     }
 
     pub fn end(mut self) {
@@ -244,4 +227,77 @@ pub fn papr(line: &str) -> (i64, u64, u64) {
         line.split_whitespace().skip(1).map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).unwrap()).collect();
     assert_eq!(w[0], 0, "the call reached the TCE block: {line}");
     (w[1] as i64, w[2], w[3])
+}
+
+/// Runs one descriptor on the DMA engine whose registers are at `regs` through the
+/// qtest commands `cmd` answers (a ring of 1 at `ring`, `ring_iova` as the engine
+/// sees it, the record at `done`); returns its completion status.
+pub fn run_descriptor(
+    cmd: &mut dyn FnMut(&str) -> String,
+    regs: u64,
+    ring: u64,
+    ring_iova: u64,
+    done: u64,
+    d: abi::dma_engine::Descriptor,
+) -> u32 {
+    use abi::dma_engine::{self as de, completion, regs as r};
+    let mut ok = |c: &str| assert_eq!(cmd(c), "OK", "{c}");
+    let hex: String = d.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    ok(&format!("write {ring:#x} 64 0x{hex}"));
+    ok(&format!("memset {done:#x} 32 0"));
+    ok(&format!("writel {:#x} {}", regs + r::CONTROL, de::control::RESET));
+    ok(&format!("writeq {:#x} {ring_iova:#x}", regs + r::RING_BASE));
+    ok(&format!("writel {:#x} 1", regs + r::RING_SIZE));
+    ok(&format!("writel {:#x} {}", regs + r::CONTROL, de::control::ENABLE));
+    ok(&format!("writel {:#x} 1", regs + r::TAIL));
+    let t = std::time::Instant::now();
+    loop {
+        let s = qpci::value(&cmd(&format!("readl {done:#x}"))) as u32;
+        if s != completion::PENDING {
+            return s;
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "the descriptor never completed");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// One qtest command served in this process on `vm` (a session of one line): its
+/// answer.
+pub fn qtest_cmd(vm: &vmm::Vm, line: &str) -> String {
+    use std::sync::{Arc, Mutex};
+    struct W(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for W {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let shared: vmm::qtest::SharedOut = Arc::new(Mutex::new(Box::new(W(Arc::clone(&out)))));
+    vmm::qtest::serve(vm, std::io::BufReader::new(format!("{line}\n").as_bytes()), shared).unwrap();
+    let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+    text.lines().rfind(|l| !l.starts_with("IRQ ")).unwrap_or_default().to_string()
+}
+
+/// Saves `vm` (its devices given by `specs`: name -> `--device` text) to `dir`, and
+/// restores it into a new VM of the same configuration (`config`): the snapshot's
+/// devices attached again, their and their front-ends' state applied, running again.
+pub fn snapshot_and_restore(
+    vm: &vmm::Vm,
+    dir: &std::path::Path,
+    specs: &[(&str, &str)],
+    config: vmm::VmConfig,
+) -> vmm::Vm {
+    let spec = |n: &str| specs.iter().find(|(name, _)| *name == n).map(|(_, s)| s.to_string());
+    vmm::snapshot::save(vm, dir, &spec).unwrap();
+    let snap = vmm::snapshot::Snapshot::load(dir).unwrap();
+    let vm2 = vmm::Vm::new(config).unwrap();
+    let devices: Vec<_> = snap.state.devices.iter().map(|d| passthru::device::parse_device(&d.spec).unwrap()).collect();
+    passthru::run::restore_into(&vm2, &snap, &devices, &|| {}).unwrap();
+    snap.start(&vm2).unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    vm2
 }
