@@ -7,7 +7,7 @@
 //!
 //! The core every front-end has is small: [`Frontend::attach`], [`Frontend::detach`]
 //! and typed [`Stats`]. The rest is opt-in, declared by the front-end:
-//! - a hypercall block: registered by its [`crate::registry::Registration::build`]
+//! - a hypercall block: registered by its [`Registration::build`]
 //!   through [`Context::hypercalls`];
 //! - a *device*: a PCI function plugged at a fixed slot through [`Context::pci`], with
 //!   interrupts ([`Context::irqs`]) and ioeventfds ([`Context::io`]), when the
@@ -300,6 +300,44 @@ pub trait Frontend: Send + Sync {
     /// Queries of its own, if it answers any.
     fn queries(&self) -> Option<&dyn Queries> {
         None
+    }
+}
+
+/// Renders a query's answer (its fields as JSON, the files passed with it, a limit on
+/// what to list): the answer with what was read added, and a text for a human.
+pub type Render = fn(&serde_json::Value, &[std::fs::File], usize) -> Result<(serde_json::Value, String), String>;
+
+/// A client-side rendering of a front-end's query answer (e.g. walking a TCE table
+/// through the file the VMM handed out): `passthru ctl PATH frontend NAME QUERY ARG`
+/// finds it in the front-end's registration, so the CLI names no front-end.
+#[derive(Clone, Copy)]
+pub struct Tool {
+    /// The query it renders.
+    pub query: &'static str,
+    /// The answer's fields (JSON), the files passed with it, and a limit on what to
+    /// list: the answer with what the tool read added, and a text for a human.
+    pub render: Render,
+}
+
+/// A front-end's name, a line of help, and how to build it for a VM.
+#[derive(Clone, Copy)]
+pub struct Registration {
+    /// The name `--device ...,dma=NAME` uses.
+    pub name: &'static str,
+    /// One line for `--help` and errors.
+    pub help: &'static str,
+    /// Builds it for a VM (registering its hypercall block, plugging its PCI
+    /// function, if it has them).
+    pub build: fn(&Context) -> Result<Arc<dyn Frontend>, FrontendError>,
+    /// The `--device` options it takes (`group` for tce).
+    pub params: &'static [&'static str],
+    /// Client-side renderings of its queries' answers.
+    pub tools: &'static [Tool],
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration").field("name", &self.name).finish_non_exhaustive()
     }
 }
 

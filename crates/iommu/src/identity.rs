@@ -24,8 +24,8 @@
 //! Pins: the domain pins the RAM it maps (once, however many devices share it); BAR
 //! memory is device memory and is not counted against the locked-memory limit.
 
+use crate::frontend::Registration;
 use crate::frontend::{Context, Device, FailDevice, Frontend, FrontendError, Stats};
-use crate::registry::Registration;
 use dma::{Domain, Gpa, Iova, MapError, Perm, VmDma};
 use std::collections::BTreeMap;
 use std::ops::Range;

@@ -17,4 +17,5 @@ pub mod registry;
 pub mod tce;
 
 pub use frontend::{Answer, Context, Device, FailDevice, Frontend, FrontendError, Queries, Query, StatValue, Stats};
-pub use registry::{Frontends, Registration, Tool};
+pub use frontend::{Registration, Tool};
+pub use registry::Frontends;

@@ -661,7 +661,7 @@ impl PvDma {
 }
 
 /// `dma=pvdma`.
-pub const REGISTRATION: crate::registry::Registration = crate::registry::Registration {
+pub const REGISTRATION: crate::frontend::Registration = crate::frontend::Registration {
     name: "pvdma",
     help: "the guest maps its own DMA through paravirtual DMA hypercalls",
     build: |ctx| {

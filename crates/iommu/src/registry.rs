@@ -5,46 +5,9 @@
 //! name it, or when a device naming it is hot-plugged ([`Frontends::get_or_build`]).
 //! Adding a front-end is one module and one line in [`BUILT_IN`].
 
-use crate::frontend::{Context, Frontend, FrontendError};
+use crate::frontend::{Frontend, FrontendError, Registration};
+pub use crate::frontend::{Render, Tool};
 use std::sync::{Arc, Mutex};
-
-/// Renders a query's answer (its fields as JSON, the files passed with it, a limit on
-/// what to list): the answer with what was read added, and a text for a human.
-pub type Render = fn(&serde_json::Value, &[std::fs::File], usize) -> Result<(serde_json::Value, String), String>;
-
-/// A client-side rendering of a front-end's query answer (e.g. walking a TCE table
-/// through the file the VMM handed out): `passthru ctl PATH frontend NAME QUERY ARG`
-/// finds it here by name, so the CLI names no front-end.
-#[derive(Clone, Copy)]
-pub struct Tool {
-    /// The query it renders.
-    pub query: &'static str,
-    /// The answer's fields (JSON), the files passed with it, and a limit on what to
-    /// list: the answer with what the tool read added, and a text for a human.
-    pub render: Render,
-}
-
-/// A front-end's name, a line of help, and how to build it for a VM.
-#[derive(Clone, Copy)]
-pub struct Registration {
-    /// The name `--device ...,dma=NAME` uses.
-    pub name: &'static str,
-    /// One line for `--help` and errors.
-    pub help: &'static str,
-    /// Builds it for a VM (registering its hypercall block, plugging its PCI
-    /// function, if it has them).
-    pub build: fn(&Context) -> Result<Arc<dyn Frontend>, FrontendError>,
-    /// The `--device` options it takes (`group` for tce).
-    pub params: &'static [&'static str],
-    /// Client-side renderings of its queries' answers.
-    pub tools: &'static [Tool],
-}
-
-impl std::fmt::Debug for Registration {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registration").field("name", &self.name).finish_non_exhaustive()
-    }
-}
 
 /// The front-ends passthru has: the first is the default.
 pub const BUILT_IN: &[Registration] =
@@ -95,7 +58,7 @@ pub fn parse_name(name: &str) -> Result<String, String> {
 
 /// The front-ends one VM has built, and what it builds more from.
 pub struct Frontends {
-    ctx: Context,
+    ctx: crate::frontend::Context,
     built: Mutex<Vec<Arc<dyn Frontend>>>,
 }
 
@@ -108,7 +71,7 @@ impl std::fmt::Debug for Frontends {
 impl Frontends {
     /// The front-ends of the VM of `ctx`, building `names` now (in that order, each
     /// once).
-    pub fn new(ctx: Context, names: &[String]) -> Result<Frontends, FrontendError> {
+    pub fn new(ctx: crate::frontend::Context, names: &[String]) -> Result<Frontends, FrontendError> {
         let f = Frontends { ctx, built: Mutex::new(Vec::new()) };
         for n in names {
             f.get_or_build(n)?;

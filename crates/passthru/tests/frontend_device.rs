@@ -12,7 +12,7 @@ use common::qpci;
 use abi::dma_engine::{Descriptor, completion, op};
 use abi::pci::reg;
 use dma::{Domain, Endpoint, Gpa, Iova, Perm};
-use iommu::registry::Registration;
+use iommu::Registration;
 use iommu::{Context, Device, Frontend, FrontendError, Stats};
 use pci::bar::{BarKind, BarSpec, Bars};
 use pci::{BarWindow, ConfigSpace, PciFunction};

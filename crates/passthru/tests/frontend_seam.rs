@@ -10,7 +10,7 @@ mod common;
 
 use abi::hcall::{Args, Ret, Status};
 use dma::{Domain, Gpa, Iova, Perm, VmDma};
-use iommu::registry::Registration;
+use iommu::Registration;
 use iommu::{Context, Device, Frontend, FrontendError, Stats};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Once};

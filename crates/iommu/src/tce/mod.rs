@@ -20,10 +20,10 @@
 pub mod table;
 mod tool;
 
+use crate::frontend::Registration;
 use crate::frontend::{
     Answer, Context, Device, FailDevice, Frontend, FrontendError, Queries, Query, Stats, fail_later,
 };
-use crate::registry::Registration;
 use abi::hcall::{Args, Ret};
 use abi::tce as t;
 use dma::{Domain, DomainConfig, Endpoint, Gpa, Iova, Mapping, PageSizes, Perm, VmDma};

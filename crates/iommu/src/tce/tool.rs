@@ -2,7 +2,7 @@
 //! out (read-only) and lists its valid entries, as `passthru ctl PATH frontend tce
 //! table LIOBN` does.
 
-use crate::registry::Tool;
+use crate::frontend::Tool;
 use serde_json::{Value, json};
 
 /// How to walk a table's file (the `table` answer's `layout`).
