@@ -119,6 +119,35 @@ impl TestSources {
     }
 }
 
+/// The test sources as a snapshot component (`test-sources`), and as one that pauses
+/// (their runs park between two steps; no acknowledgement deadline runs meanwhile).
+impl vm_api::Snapshottable for TestSources {
+    fn id(&self) -> String {
+        "test-sources".into()
+    }
+    fn save(&self) -> Result<Option<vm_api::Section>, vm_api::ComponentError> {
+        let state = TestSources::save(self).map_err(|e| vm_api::ComponentError::new(self.id(), e))?;
+        vm_api::Section::new(&self.id(), crate::test_irq_state::STATE_VERSION, &state).map(Some)
+    }
+    fn restore(&self, section: &vm_api::Section) -> Result<(), vm_api::ComponentError> {
+        let state: TestSourcesState = section.read(&self.id(), crate::test_irq_state::STATE_VERSION)?;
+        TestSources::restore(self, &state).map_err(|e| vm_api::ComponentError::new(self.id(), e))
+    }
+}
+
+impl vm_api::Pausable for TestSources {
+    fn pause(&self) -> Result<(), vm_api::ComponentError> {
+        TestSources::pause(self, PAUSE_DEADLINE).map_err(|e| vm_api::ComponentError::new("test-sources", e))
+    }
+    fn resume(&self) -> Result<(), vm_api::ComponentError> {
+        TestSources::resume(self);
+        Ok(())
+    }
+}
+
+/// How long a pause waits for a source's run to park.
+pub const PAUSE_DEADLINE: Duration = Duration::from_secs(2);
+
 /// The device reference a test source's registration holds.
 #[derive(Debug, Default)]
 pub struct TestDevice;

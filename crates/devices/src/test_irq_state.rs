@@ -4,6 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The format version of [`TestSourcesState`] in a snapshot.
+pub const STATE_VERSION: u32 = 1;
+
 /// Both test sources.
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
 pub struct TestSourcesState {

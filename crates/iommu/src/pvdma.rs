@@ -743,7 +743,7 @@ impl vm_api::Snapshottable for PvDmaFrontend {
         format!("frontend/{}", REGISTRATION.name)
     }
 
-    fn save(&self) -> Result<vm_api::Section, vm_api::ComponentError> {
+    fn save(&self) -> Result<Option<vm_api::Section>, vm_api::ComponentError> {
         let ids: Vec<u64> = {
             let mut v: Vec<u64> =
                 self.pvdma.devices.read().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
@@ -751,7 +751,7 @@ impl vm_api::Snapshottable for PvDmaFrontend {
             v
         };
         let devices = ids.into_iter().filter_map(|id| self.pvdma.save_device(id)).collect();
-        vm_api::Section::new(&self.id(), STATE_VERSION, &SavedState { devices })
+        vm_api::Section::new(&self.id(), STATE_VERSION, &SavedState { devices }).map(Some)
     }
 
     fn restore(&self, section: &vm_api::Section) -> Result<(), vm_api::ComponentError> {

@@ -521,7 +521,7 @@ fn a_restore_renumbers_an_automatic_group_and_keeps_the_default_liobn() {
     assert_eq!(group, u64::from(t::AUTO_GROUP_BASE) + 1);
     a.ok(t::PUT_TCE, [liobn, 0x3000, 0x10_0000 | t::READ, 0]);
     use vm_api::Snapshottable;
-    let saved = a.tce.save().unwrap();
+    let saved = a.tce.save().unwrap().unwrap();
     // The new VM numbers the device's group as devices came: it takes the saved number.
     let b = machine(u64::MAX);
     b.device(16, None);

@@ -23,7 +23,7 @@ mod source;
 mod state;
 
 pub use chip::{GuestIrq, IrqChip, MsiMessage, NullChip};
-pub use registry::{IrqCounts, IrqError, IrqRegistry, SourceStats, SwitchHook};
+pub use registry::{IrqCounts, IrqError, IrqRegistry, STATE_VERSION, SavedModes, SourceStats, SwitchHook};
 pub use source::{IrqSource, SourceId, Trigger};
 pub use state::Mode;
 

@@ -572,3 +572,44 @@ fn set_nonblocking(fd: &EventFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Who delivers each attached source, as a snapshot holds it (version
+/// [`STATE_VERSION`]): `(device, index, sub-index, mode)`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedModes {
+    /// Every attached source and its mode (`forwarded` or `vmm`).
+    pub sources: Vec<(String, u32, u32, String)>,
+}
+
+/// The format version of [`SavedModes`].
+pub const STATE_VERSION: u32 = 1;
+
+/// The registry as a snapshot component (`irqs`): the forwarding mode of every
+/// source. Restored once the devices have attached their sources again (their
+/// configuration replayed enabled exactly what the guest had enabled).
+impl vm_api::Snapshottable for IrqRegistry {
+    fn id(&self) -> String {
+        "irqs".into()
+    }
+
+    fn save(&self) -> Result<Option<vm_api::Section>, vm_api::ComponentError> {
+        let sources = self
+            .sources()
+            .iter()
+            .filter_map(|id| self.stats(id).map(|s| (id.device.clone(), id.index, id.sub, s.mode.to_string())))
+            .collect();
+        vm_api::Section::new(&self.id(), STATE_VERSION, &SavedModes { sources }).map(Some)
+    }
+
+    fn restore(&self, section: &vm_api::Section) -> Result<(), vm_api::ComponentError> {
+        let saved: SavedModes = section.read(&self.id(), STATE_VERSION)?;
+        for (device, index, sub, mode) in &saved.sources {
+            let id = SourceId::new(device, *index, *sub);
+            let bad = |e: String| vm_api::ComponentError::new("irqs", format!("interrupt source {id}: {e}"));
+            let m = mode.parse::<Mode>().map_err(bad)?;
+            self.set_mode(&id, m).map_err(|e| bad(e.to_string()))?;
+        }
+        Ok(())
+    }
+}

@@ -374,7 +374,7 @@ pub fn restore_into(
     snap.apply_ram(vm).map_err(|e| e.to_string())?;
     step();
     let specs = crate::control::Specs::default();
-    for (d, arg) in snap.state.devices.iter().zip(devices) {
+    for (d, arg) in snap.state.layout.devices.iter().zip(devices) {
         crate::device::attach_as(vm, arg, Some(&d.name), Some(d.slot))?;
         specs.lock().unwrap_or_else(|e| e.into_inner()).insert(d.name.clone(), arg.spec());
     }
@@ -394,6 +394,7 @@ fn run_restore(args: &RunArgs, dir: &Path, stop: &StopSlot) -> Result<ExitCode, 
     bar.inc(1);
     let devices = snap
         .state
+        .layout
         .devices
         .iter()
         .map(|d| {
@@ -417,16 +418,16 @@ fn run_restore(args: &RunArgs, dir: &Path, stop: &StopSlot) -> Result<ExitCode, 
             list.join("; ")
         ));
     }
-    if !qtest && snap.state.cpu.is_none() {
+    if !qtest && !snap.state.layout.vcpu {
         return Err(format!("{} holds no vCPU (saved under qtest): restore it with --accel qtest", dir.display()));
     }
     let mut cfg = config(args, if qtest { AccelKind::Qtest } else { AccelKind::Kvm });
-    cfg.memory = snap.state.memory;
-    cfg.test_sources |= snap.state.test_sources.is_some();
+    cfg.memory = snap.state.layout.memory;
+    cfg.test_sources |= snap.state.layout.test_sources;
     if qtest && args.qtest.is_none() {
         cfg.serial_out = Box::new(std::io::stderr());
     }
-    ensure_locked_memory(args, snap.state.memory, &devices);
+    ensure_locked_memory(args, snap.state.layout.memory, &devices);
     let vm = Arc::new(Vm::new(cfg).map_err(|e| e.to_string())?);
     stop.set(&vm);
     let _monitor = start_event_monitor(args, &vm)?;

@@ -144,9 +144,9 @@ impl Snapshottable for Switch {
     fn id(&self) -> String {
         "frontend/switch".into()
     }
-    fn save(&self) -> Result<Section, ComponentError> {
+    fn save(&self) -> Result<Option<Section>, ComponentError> {
         let st = self.state.lock().unwrap();
-        Section::new(&self.id(), 1, &(st.selected, st.switches))
+        Section::new(&self.id(), 1, &(st.selected, st.switches)).map(Some)
     }
     fn restore(&self, section: &Section) -> Result<(), ComponentError> {
         let (selected, switches): (usize, u64) = section.read(&self.id(), 1)?;

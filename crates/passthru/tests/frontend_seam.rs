@@ -69,7 +69,7 @@ impl Snapshottable for Toy {
     fn id(&self) -> String {
         "frontend/toy".into()
     }
-    fn save(&self) -> Result<Section, ComponentError> {
+    fn save(&self) -> Result<Option<Section>, ComponentError> {
         let pages = self
             .devices
             .lock()
@@ -78,6 +78,7 @@ impl Snapshottable for Toy {
             .map(|(id, d)| (*id, d.mappings().iter().map(|m| m.gpa.0).collect()))
             .collect();
         Section::new(&self.id(), 1, &ToyState { pages, maps: self.maps.load(std::sync::atomic::Ordering::Relaxed) })
+            .map(Some)
     }
     fn restore(&self, section: &Section) -> Result<(), ComponentError> {
         let s: ToyState = section.read(&self.id(), 1)?;

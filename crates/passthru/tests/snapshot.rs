@@ -163,7 +163,7 @@ fn interrupt_storms_saved_mid_storm_count_every_interrupt_after_a_restore() {
         check(&format!("{guest}, the original VM"), &wait_within(child, Duration::from_secs(60)));
         // Saved mid-storm.
         let state: Value = serde_json::from_slice(&std::fs::read(dir.join("vm.json")).unwrap()).unwrap();
-        let run = &state["test_sources"][source]["run"];
+        let run = &state["components"]["test-sources"]["state"][source]["run"];
         let fired = run["fired"].as_u64().unwrap();
         assert!(fired > 0 && fired < n && !run["done"].as_bool().unwrap(), "{guest}: not saved mid-storm: {run}");
         let out = output_within(bin().args(["run", "--restore"]).arg(&dir), Duration::from_secs(60));
@@ -730,21 +730,43 @@ fn crafted_snapshots_are_refused_quickly_and_clearly() {
     m["sections"].as_array_mut().unwrap().push(first);
     std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
     refused(&c, "twice");
-    // vm.json with a field no passthru wrote, and with an interrupt source of no device.
+    // vm.json with a field no passthru wrote (in the layout, in a component's state),
+    // a section of no component, another version of a component's state, and an
+    // interrupt source of no device.
     let vm: Value = serde_json::from_slice(&std::fs::read(dir.join("vm.json")).unwrap()).unwrap();
     let c = copy("field");
     let mut v = vm.clone();
-    v["devices"][0]["frontend_sate"] = Value::from("pvdma");
+    v["layout"]["devices"][0]["frontend_sate"] = Value::from("pvdma");
     forge(&c, "vm.json", &serde_json::to_vec(&v).unwrap());
     refused(&c, "unknown field");
+    let c = copy("field");
+    let mut v = vm.clone();
+    v["components"]["device/dma0"]["state"]["extra"] = Value::from(1);
+    forge(&c, "vm.json", &serde_json::to_vec(&v).unwrap());
+    refused(&c, "device/dma0: state: unknown field");
+    let c = copy("field");
+    let mut v = vm.clone();
+    v["components"]["ghost"] = serde_json::json!({ "version": 1, "state": {} });
+    forge(&c, "vm.json", &serde_json::to_vec(&v).unwrap());
+    refused(&c, "a section of an unknown component 'ghost'");
+    let c = copy("field");
+    let mut v = vm.clone();
+    v["components"]["irqs"]["version"] = Value::from(9);
+    forge(&c, "vm.json", &serde_json::to_vec(&v).unwrap());
+    refused(&c, "irqs: state of format version 9; this passthru reads version 1");
     let c = copy("irq");
     let mut v = vm.clone();
-    v["irq_modes"].as_array_mut().unwrap().push(serde_json::json!(["ghost", 2, 0, "forwarded"]));
+    v["components"]["irqs"]["state"]["sources"].as_array_mut().unwrap().push(serde_json::json!([
+        "ghost",
+        2,
+        0,
+        "forwarded"
+    ]));
     forge(&c, "vm.json", &serde_json::to_vec(&v).unwrap());
     refused(&c, "unknown device 'ghost'");
     let c = copy("frontend");
     let mut v = vm.clone();
-    v["devices"][0]["frontend"] = Value::from("tce");
+    v["layout"]["devices"][0]["frontend"] = Value::from("tce");
     forge(&c, "vm.json", &serde_json::to_vec(&v).unwrap());
     refused(&c, "its DMA front-end is identity by its specification, tce in its state");
     for t in ["fifo", "symlink", "empty", "twice", "field", "irq", "frontend", "crafted"] {
@@ -778,11 +800,11 @@ fn cpuid_is_saved_and_a_restore_needing_a_feature_the_host_lacks_is_refused() {
     let word = |e: &Value, at: usize| -> u32 {
         u32::from_le_bytes(std::array::from_fn(|i| e[at + i].as_u64().unwrap() as u8))
     };
-    let leaves = vm["cpu"]["cpuid"].as_array().unwrap();
+    let leaves = vm["components"]["vcpu0"]["state"]["cpuid"].as_array().unwrap();
     assert!(leaves.iter().any(|e| word(e, 0) == 7), "the CPUID is saved: {} leaves", leaves.len());
     // Leaf 0x7.0 EBX asking for every feature there is.
     let mut v = vm.clone();
-    for e in v["cpu"]["cpuid"].as_array_mut().unwrap() {
+    for e in v["components"]["vcpu0"]["state"]["cpuid"].as_array_mut().unwrap() {
         if word(e, 0) == 7 && word(e, 4) == 0 {
             for i in 16..20 {
                 e[i] = Value::from(0xffu8);

@@ -75,8 +75,8 @@ pub trait Snapshottable: Send + Sync {
     fn can_save(&self) -> Result<(), ComponentError> {
         Ok(())
     }
-    /// Its state (the VM is paused).
-    fn save(&self) -> Result<Section, ComponentError>;
+    /// Its state (the VM is paused); None: nothing to save now (a vCPU that never ran).
+    fn save(&self) -> Result<Option<Section>, ComponentError>;
     /// Takes back what [`Snapshottable::save`] returned, in a VM built like the saved
     /// one.
     fn restore(&self, section: &Section) -> Result<(), ComponentError>;

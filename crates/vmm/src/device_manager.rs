@@ -155,6 +155,11 @@ impl AssignedDevice {
         format!("00:{:02x}.0", self.slot)
     }
 
+    /// The root complex it is plugged into.
+    pub(crate) fn root(&self) -> &Arc<PciRoot> {
+        &self.root
+    }
+
     /// The PCI function.
     pub fn function(&self) -> &Arc<AssignedFunction> {
         &self.function

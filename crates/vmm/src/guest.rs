@@ -18,9 +18,10 @@ impl Vm {
     /// ([`crate::snapshot::Snapshot::apply_ram`], `apply_devices`).
     pub fn run_restored(&self, snap: &crate::snapshot::Snapshot) -> Result<u8> {
         let kvm = self.kvm().ok_or_else(|| Error::GuestCrashed("a restored guest needs --accel kvm".into()))?;
-        let cpu = snap.state.cpu.as_ref().ok_or_else(|| Error::Snapshot("the snapshot has no vCPU state".into()))?;
+        // Left by the vCPU component's restore (Snapshot::apply_devices).
+        let cpu = self.take_restored_cpu().ok_or_else(|| Error::Snapshot("the snapshot has no vCPU state".into()))?;
         let mut vcpu = crate::vcpu::Vcpu::new(kvm, 0, crate::boot::Entry { rip: 0, image_end: 0 })?;
-        vcpu.load(cpu)?;
+        vcpu.load(&cpu)?;
         snap.start(self)?;
         self.events().publish(crate::events::Event::VmRunning);
         let status = vcpu.run(self)?;

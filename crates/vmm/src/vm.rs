@@ -136,6 +136,8 @@ pub struct Vm {
     /// directory's name); taken before `pausers`, which a snapshot lets go once the VM
     /// runs again, while the files are written.
     snapshots: Mutex<()>,
+    /// A vCPU state a restore left for the vCPU that continues the guest.
+    restored_cpu: Mutex<Option<crate::vcpu_state::CpuState>>,
     exits: crate::run_control::ExitCounters,
     ram: GuestRam,
 }
@@ -281,6 +283,7 @@ impl Vm {
             resume_failures: std::sync::atomic::AtomicU64::new(0),
             pausers: Mutex::new(()),
             snapshots: Mutex::new(()),
+            restored_cpu: Mutex::new(None),
             exits: crate::run_control::ExitCounters::default(),
             ram,
         })
@@ -669,6 +672,16 @@ impl Vm {
         self.pause_unlocked()
     }
 
+    /// Leaves `state` for the vCPU that continues a restored guest.
+    pub(crate) fn set_restored_cpu(&self, state: crate::vcpu_state::CpuState) {
+        *self.restored_cpu.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+    }
+
+    /// Takes what [`Vm::set_restored_cpu`] left.
+    pub(crate) fn take_restored_cpu(&self) -> Option<crate::vcpu_state::CpuState> {
+        self.restored_cpu.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
     /// One snapshot at a time (see the field).
     pub(crate) fn snapshot_lock(&self) -> std::sync::MutexGuard<'_, ()> {
         self.snapshots.lock().unwrap_or_else(|e| e.into_inner())
@@ -692,7 +705,7 @@ impl Vm {
         }
         #[cfg(feature = "test-sources")]
         if let Some(t) = self.test_sources()
-            && let Err(e) = t.pause(crate::run_control::PAUSE_DEADLINE)
+            && let Err(e) = vm_api::Pausable::pause(t.as_ref())
         {
             tracing::warn!("pause: {e}");
             unquiesced.push("test-sources".to_string());
@@ -709,10 +722,7 @@ impl Vm {
         if stopped.iter().any(|n| n == d.name()) {
             return Ok(());
         }
-        if d.is_torn_down() || !d.function().migration_supported() {
-            return Err(format!("device {} cannot be quiesced (no vfio-user migration support)", d.name()));
-        }
-        d.function().set_migration_state(vfio_user::proto::mig::STATE_STOP)?;
+        vm_api::Pausable::pause(d).map_err(|e| e.to_string())?;
         stopped.push(d.name().to_string());
         Ok(())
     }
@@ -735,7 +745,7 @@ impl Vm {
         let mut failed = Vec::new();
         for name in stopped {
             if let Some(d) = self.device(&name)
-                && let Err(e) = d.function().set_migration_state(vfio_user::proto::mig::STATE_RUNNING)
+                && let Err(e) = vm_api::Pausable::resume(d.as_ref())
             {
                 tracing::error!("resume: device {name}: {e}");
                 d.function().died(&format!("it did not run again after a pause: {e}"));
@@ -745,7 +755,7 @@ impl Vm {
         }
         #[cfg(feature = "test-sources")]
         if let Some(t) = self.test_sources() {
-            t.resume();
+            let _ = vm_api::Pausable::resume(t.as_ref());
         }
         self.run.resume()?;
         self.events.publish(crate::events::Event::VmResumed { failed: failed.clone() });

@@ -178,6 +178,11 @@ fn a_device_error_and_release_request_reach_the_vmm_counted() {
         notify: Some(std::sync::Arc::clone(&fds)),
     });
     let d = vm.attach_device(DeviceSpec::Remote(spec), "identity").unwrap();
+    // A new thread names itself once it runs: give it that moment.
+    let t = std::time::Instant::now();
+    while threads_named("vfu-notify") == 0 && t.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     assert_eq!(threads_named("vfu-notify"), 1, "one watcher for its ERR and REQ");
     let mut given = std::mem::take(&mut *fds.lock().unwrap());
     assert_eq!(given.len(), 2, "an eventfd for ERR and one for REQ");

@@ -737,7 +737,7 @@ impl vm_api::Snapshottable for Tce {
         format!("frontend/{}", REGISTRATION.name)
     }
 
-    fn save(&self) -> Result<vm_api::Section, vm_api::ComponentError> {
+    fn save(&self) -> Result<Option<vm_api::Section>, vm_api::ComponentError> {
         let bad = |why: &str| vm_api::ComponentError::new(self.id(), why);
         let st = self.lock();
         let mut groups = Vec::new();
@@ -762,7 +762,7 @@ impl vm_api::Snapshottable for Tce {
                 windows,
             });
         }
-        vm_api::Section::new(&self.id(), STATE_VERSION, &SavedState { groups })
+        vm_api::Section::new(&self.id(), STATE_VERSION, &SavedState { groups }).map(Some)
     }
 
     /// Puts every group back as saved, its devices attached again: the same group

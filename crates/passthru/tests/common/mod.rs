@@ -295,7 +295,8 @@ pub fn snapshot_and_restore(
     vmm::snapshot::save(vm, dir, &spec).unwrap();
     let snap = vmm::snapshot::Snapshot::load(dir).unwrap();
     let vm2 = vmm::Vm::new(config).unwrap();
-    let devices: Vec<_> = snap.state.devices.iter().map(|d| passthru::device::parse_device(&d.spec).unwrap()).collect();
+    let devices: Vec<_> =
+        snap.state.layout.devices.iter().map(|d| passthru::device::parse_device(&d.spec).unwrap()).collect();
     passthru::run::restore_into(&vm2, &snap, &devices, &|| {}).unwrap();
     snap.start(&vm2).unwrap();
     let _ = std::fs::remove_dir_all(dir);
