@@ -261,93 +261,115 @@ pub fn decode(method: &str, path: &str, body: &[u8]) -> Result<Command, ApiError
         });
     }
     let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("the body is not UTF-8"))?;
-    let empty = text.trim().is_empty();
-    let json = |what: &str| -> Result<serde_json::Value, ApiError> {
-        if empty {
-            return Err(ApiError::bad_request(format!("{} needs a JSON body: {what}", endpoint.name)));
-        }
-        serde_json::from_str(text).map_err(|e| {
-            ApiError::bad_request(format!("{}: the body is not JSON ({e}); expected {what}", endpoint.name))
-        })
-    };
-    let fields =
-        |e: serde_json::Error| ApiError::bad_request(format!("{}: {e}; expected {}", endpoint.name, endpoint.body));
-    let no_body = || -> Result<(), ApiError> {
-        if empty || text.trim() == "{}" {
-            Ok(())
-        } else {
-            Err(ApiError::bad_request(format!("{} takes no body", endpoint.name)))
-        }
-    };
+    let b = Body { endpoint, text };
     Ok(match endpoint.name {
-        "vm.info" => no_body().map(|()| Command::Info)?,
-        "vm.counters" => no_body().map(|()| Command::Counters)?,
-        "events" => no_body().map(|()| Command::Events)?,
-        "vm.pause" => no_body().map(|()| Command::Pause)?,
-        "vm.resume" => no_body().map(|()| Command::Resume)?,
-        "vm.shutdown" => {
-            let b: ShutdownBody =
-                if empty { ShutdownBody::default() } else { serde_json::from_value(json("{}")?).map_err(fields)? };
-            let status = match b.status {
-                None => 0,
-                Some(n) => u8::try_from(n.value("status")?)
-                    .map_err(|_| ApiError::bad_request("\"status\" is an exit status: 0..=255"))?,
-            };
-            Command::Shutdown { status }
-        }
+        "vm.info" => b.none().map(|()| Command::Info)?,
+        "vm.counters" => b.none().map(|()| Command::Counters)?,
+        "events" => b.none().map(|()| Command::Events)?,
+        "vm.pause" => b.none().map(|()| Command::Pause)?,
+        "vm.resume" => b.none().map(|()| Command::Resume)?,
+        "vm.shutdown" => shutdown(&b)?,
         "vm.add-device" => {
-            let b: AddDeviceBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
-            if b.device.trim().is_empty() {
+            let d: AddDeviceBody = b.parse()?;
+            if d.device.trim().is_empty() {
                 return Err(ApiError::bad_request("\"device\" is empty: give a --device specification"));
             }
-            Command::AddDevice { device: b.device }
+            Command::AddDevice { device: d.device }
         }
-        "vm.remove-device" => {
-            let b: NameBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
-            Command::RemoveDevice { name: b.name }
-        }
-        "irq.set-mode" => {
-            let b: IrqBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
-            let parts: Vec<&str> = b.source.split('/').collect();
-            let bad = || {
-                ApiError::bad_request(format!(
-                    "\"source\": '{}' is not DEVICE/INDEX/SUB (see vm.info's interrupt sources)",
-                    printable(&b.source)
-                ))
-            };
-            let [device, index, sub] = parts[..] else { return Err(bad()) };
-            let (index, sub) = (index.parse().map_err(|_| bad())?, sub.parse().map_err(|_| bad())?);
-            if !matches!(b.mode.as_str(), "forwarded" | "vmm") {
-                return Err(ApiError::bad_request(format!("\"mode\": '{}': use forwarded or vmm", printable(&b.mode))));
-            }
-            Command::IrqSetMode { device: device.to_string(), index, sub, mode: b.mode }
-        }
+        "vm.remove-device" => Command::RemoveDevice { name: b.parse::<NameBody>()?.name },
+        "irq.set-mode" => irq_set_mode(b.parse()?)?,
         "memory.add" => {
-            let b: MemoryAddBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
-            Command::MemoryAdd { gpa: b.gpa.value("gpa")?, size: b.size.value("size")? }
+            let m: MemoryAddBody = b.parse()?;
+            Command::MemoryAdd { gpa: m.gpa.value("gpa")?, size: m.size.value("size")? }
         }
         "frontend.query" => {
-            let b: FrontendQueryBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
-            if b.frontend.is_empty() || b.query.is_empty() {
+            let q: FrontendQueryBody = b.parse()?;
+            if q.frontend.is_empty() || q.query.is_empty() {
                 return Err(ApiError::bad_request(
                     "\"frontend\" and \"query\" name a front-end and one of its queries",
                 ));
             }
-            Command::FrontendQuery { frontend: b.frontend, query: b.query, arg: b.arg }
+            Command::FrontendQuery { frontend: q.frontend, query: q.query, arg: q.arg }
         }
         "vm.snapshot" => {
-            let b: SnapshotBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
-            if b.dir.trim().is_empty() {
+            let d: SnapshotBody = b.parse()?;
+            if d.dir.trim().is_empty() {
                 return Err(ApiError::bad_request("\"dir\" is empty: give the snapshot's directory"));
             }
-            Command::Snapshot { dir: b.dir }
+            Command::Snapshot { dir: d.dir }
         }
-        "memory.remove" => {
-            let b: MemoryRemoveBody = serde_json::from_value(json(endpoint.body)?).map_err(fields)?;
-            Command::MemoryRemove { gpa: b.gpa.value("gpa")? }
-        }
+        "memory.remove" => Command::MemoryRemove { gpa: b.parse::<MemoryRemoveBody>()?.gpa.value("gpa")? },
         other => return Err(ApiError::internal(format!("endpoint {other} has no decoder"))),
     })
+}
+
+/// A request's body, for its endpoint.
+struct Body<'a> {
+    endpoint: &'a Endpoint,
+    text: &'a str,
+}
+
+impl Body<'_> {
+    fn is_empty(&self) -> bool {
+        self.text.trim().is_empty()
+    }
+
+    /// The body as JSON (an empty one is refused, naming what was expected).
+    fn json(&self, what: &str) -> Result<serde_json::Value, ApiError> {
+        if self.is_empty() {
+            return Err(ApiError::bad_request(format!("{} needs a JSON body: {what}", self.endpoint.name)));
+        }
+        serde_json::from_str(self.text).map_err(|e| {
+            ApiError::bad_request(format!("{}: the body is not JSON ({e}); expected {what}", self.endpoint.name))
+        })
+    }
+
+    /// The body as the endpoint's fields.
+    fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, ApiError> {
+        serde_json::from_value(self.json(self.endpoint.body)?)
+            .map_err(|e| ApiError::bad_request(format!("{}: {e}; expected {}", self.endpoint.name, self.endpoint.body)))
+    }
+
+    /// No body (or `{}`).
+    fn none(&self) -> Result<(), ApiError> {
+        if self.is_empty() || self.text.trim() == "{}" {
+            Ok(())
+        } else {
+            Err(ApiError::bad_request(format!("{} takes no body", self.endpoint.name)))
+        }
+    }
+}
+
+/// `vm.shutdown`, its status 0 by default.
+fn shutdown(b: &Body<'_>) -> Result<Command, ApiError> {
+    let s: ShutdownBody = if b.is_empty() {
+        ShutdownBody::default()
+    } else {
+        serde_json::from_value(b.json("{}")?).map_err(|e| ApiError::bad_request(format!("vm.shutdown: {e}")))?
+    };
+    let status = match s.status {
+        None => 0,
+        Some(n) => u8::try_from(n.value("status")?)
+            .map_err(|_| ApiError::bad_request("\"status\" is an exit status: 0..=255"))?,
+    };
+    Ok(Command::Shutdown { status })
+}
+
+/// `irq.set-mode`: a source named DEVICE/INDEX/SUB and a mode.
+fn irq_set_mode(b: IrqBody) -> Result<Command, ApiError> {
+    let parts: Vec<&str> = b.source.split('/').collect();
+    let bad = || {
+        ApiError::bad_request(format!(
+            "\"source\": '{}' is not DEVICE/INDEX/SUB (see vm.info's interrupt sources)",
+            printable(&b.source)
+        ))
+    };
+    let [device, index, sub] = parts[..] else { return Err(bad()) };
+    let (index, sub) = (index.parse().map_err(|_| bad())?, sub.parse().map_err(|_| bad())?);
+    if !matches!(b.mode.as_str(), "forwarded" | "vmm") {
+        return Err(ApiError::bad_request(format!("\"mode\": '{}': use forwarded or vmm", printable(&b.mode))));
+    }
+    Ok(Command::IrqSetMode { device: device.to_string(), index, sub, mode: b.mode })
 }
 
 /// At most 80 characters of client text, control characters escaped, for messages.

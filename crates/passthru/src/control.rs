@@ -162,6 +162,57 @@ fn hex(v: u64) -> String {
     format!("{v:#x}")
 }
 
+/// One device in `vm.info`: its address, process, front-end, BARs, domain (the first
+/// mappings), interrupt sources.
+fn device_info(vm: &Vm, d: &vmm::AssignedDevice, sources: &[irq::SourceId]) -> Value {
+    let f = d.function();
+    let domain = d.function().domain();
+    let mappings: Vec<Value> = domain
+        .as_ref()
+        .map(|dom| {
+            dom.mappings_upto(MAX_LISTED_MAPPINGS)
+                .iter()
+                .map(|m| {
+                    let perm = match (m.perm.bits() & 1 != 0, m.perm.bits() & 2 != 0) {
+                        (true, true) => "rw",
+                        (true, false) => "r",
+                        (false, true) => "w",
+                        _ => "-",
+                    };
+                    json!({ "iova": hex(m.iova.0), "gpa": hex(m.gpa.0), "size": m.size, "perm": perm })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let irqs: Vec<Value> = sources
+        .iter()
+        .filter(|id| id.device == d.name())
+        .filter_map(|id| vm.irqs().stats(id).map(|s| json!({ "source": id.to_string(), "mode": s.mode.to_string() })))
+        .collect();
+    let bars: Vec<Value> = d
+        .bars()
+        .iter()
+        .map(|b| json!({ "bar": b.bar, "io": b.io, "addr": hex(b.addr), "size": b.size, "mmapped": !b.mapped.is_empty() }))
+        .collect();
+    json!({
+        "name": d.name(),
+        "bdf": d.bdf_string(),
+        "gone": d.is_torn_down(),
+        "process": d.process().map(|p| p.pid()),
+        "frontend": d.frontend().name(),
+        "bus_master": f.bus_master(),
+        "irq_mode": f.irq_mode().to_string(),
+        "bars": bars,
+        "domain": domain.as_ref().map(|dom| json!({
+            "name": dom.name(),
+            "mapping_count": dom.mapping_count(),
+            "mappings": mappings,
+            "listed": mappings.len(),
+        })),
+        "interrupt_sources": irqs,
+    })
+}
+
 /// `vm.info`: the memory map, the devices and the run state.
 pub fn info(vm: &Vm) -> Value {
     let memory: Vec<Value> = vm
@@ -181,58 +232,7 @@ pub fn info(vm: &Vm) -> Value {
         })
         .collect();
     let sources = vm.irqs().sources();
-    let devices: Vec<Value> = vm
-        .devices()
-        .iter()
-        .map(|d| {
-            let f = d.function();
-            let domain = d.function().domain();
-            let mappings: Vec<Value> = domain
-                .as_ref()
-                .map(|dom| {
-                    dom.mappings_upto(MAX_LISTED_MAPPINGS)
-                        .iter()
-                        .map(|m| {
-                            let perm = match (m.perm.bits() & 1 != 0, m.perm.bits() & 2 != 0) {
-                                (true, true) => "rw",
-                                (true, false) => "r",
-                                (false, true) => "w",
-                                _ => "-",
-                            };
-                            json!({ "iova": hex(m.iova.0), "gpa": hex(m.gpa.0), "size": m.size, "perm": perm })
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let irqs: Vec<Value> = sources
-                .iter()
-                .filter(|id| id.device == d.name())
-                .filter_map(|id| vm.irqs().stats(id).map(|s| json!({ "source": id.to_string(), "mode": s.mode.to_string() })))
-                .collect();
-            let bars: Vec<Value> = d
-                .bars()
-                .iter()
-                .map(|b| json!({ "bar": b.bar, "io": b.io, "addr": hex(b.addr), "size": b.size, "mmapped": !b.mapped.is_empty() }))
-                .collect();
-            json!({
-                "name": d.name(),
-                "bdf": d.bdf_string(),
-                "gone": d.is_torn_down(),
-                "process": d.process().map(|p| p.pid()),
-                "frontend": d.frontend().name(),
-                "bus_master": f.bus_master(),
-                "irq_mode": f.irq_mode().to_string(),
-                "bars": bars,
-                "domain": domain.as_ref().map(|dom| json!({
-                    "name": dom.name(),
-                    "mapping_count": dom.mapping_count(),
-                    "mappings": mappings,
-                    "listed": mappings.len(),
-                })),
-                "interrupt_sources": irqs,
-            })
-        })
-        .collect();
+    let devices: Vec<Value> = vm.devices().iter().map(|d| device_info(vm, d, &sources)).collect();
     // The guest's own PAT and CR0.CD (read from the vCPU) give each slot's effective
     // type per PAT entry; without a vCPU the reset PAT stands in.
     let (pat, cd, source) = match vm.guest_cache_control() {

@@ -320,29 +320,7 @@ impl DeviceManager {
         let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
         // Built now if this VM has not used it yet.
         let fe = self.frontends.get_or_build(frontend).map_err(|e| Error::Device("-".into(), e.to_string()))?;
-        if let Some(n) = &options.name
-            && devices.iter().any(|d| &d.name == n)
-        {
-            return Err(Error::Device(n.clone(), "a device of that name is attached".into()));
-        }
-        let name = if let Some(n) = options.name.clone() {
-            n
-        } else {
-            let mut n = self.next.lock().unwrap_or_else(|e| e.into_inner());
-            let prefix = match &spec {
-                DeviceSpec::Remote(RemoteSpec { process: None, .. }) => "vfu",
-                DeviceSpec::Local(_) => "dev",
-                _ => "dma",
-            };
-            *n += 1;
-            format!("{prefix}{}", *n - 1)
-        };
-        // Names given (a restore) move the counter past them, so later hot-plugs do not
-        // reuse them.
-        if let Ok(k) = name.trim_start_matches(|c: char| c.is_ascii_alphabetic()).parse::<u32>() {
-            let mut n = self.next.lock().unwrap_or_else(|e| e.into_inner());
-            *n = (*n).max(k.saturating_add(1));
-        }
+        let name = self.name_for(&devices, &spec, options.name.clone())?;
         let fail = |e: String| Error::Device(name.clone(), e);
         let endpoint = Endpoint::new(&self.dma, &name);
         let backend = match spec {
@@ -387,13 +365,64 @@ impl DeviceManager {
             undo_frontend();
             return Err(fail(e));
         }
-        // When the device goes, its front-end forgets it, it leaves the non-coherent
-        // count, and its mapped BAR parts leave the memory map (its trapped BARs read
-        // all-ones). The hook runs on whatever thread sees the death and takes no
-        // manager lock.
+        self.wire_hooks(&function, &name, slot, Box::new(undo_frontend), &options);
+        rollback.armed = false;
+        let dev = Arc::new(AssignedDevice { name, slot, function, frontend: fe, root: Arc::clone(&self.root) });
+        devices.push(Arc::clone(&dev));
+        self.events.publish(crate::events::Event::DeviceAdded {
+            name: dev.name.clone(),
+            bdf: dev.bdf_string(),
+            frontend: dev.frontend.name().to_string(),
+        });
+        Ok(dev)
+    }
+
+    /// The new device's name: the one given (a restore; unique), or the next of its
+    /// kind (`dma`, `vfu`, `dev`). Names given move the counter past them, so later
+    /// hot-plugs do not reuse them.
+    fn name_for(&self, devices: &[Arc<AssignedDevice>], spec: &DeviceSpec, given: Option<String>) -> Result<String> {
+        if let Some(n) = &given
+            && devices.iter().any(|d| &d.name == n)
+        {
+            return Err(Error::Device(n.clone(), "a device of that name is attached".into()));
+        }
+        let name = if let Some(n) = given {
+            n
+        } else {
+            let mut n = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let prefix = match spec {
+                DeviceSpec::Remote(RemoteSpec { process: None, .. }) => "vfu",
+                DeviceSpec::Local(_) => "dev",
+                _ => "dma",
+            };
+            *n += 1;
+            format!("{prefix}{}", *n - 1)
+        };
+        if let Ok(k) = name.trim_start_matches(|c: char| c.is_ascii_alphabetic()).parse::<u32>() {
+            let mut n = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            *n = (*n).max(k.saturating_add(1));
+        }
+        Ok(name)
+    }
+
+    /// What happens when the device goes or turns non-coherent. When it goes, its
+    /// front-end forgets it (`undo_frontend`), it leaves the non-coherent count, and
+    /// its mapped BAR parts leave the memory map (its trapped BARs read all-ones); the
+    /// hook runs on whatever thread sees the death and takes no manager lock. It is
+    /// non-coherent from now on (declared) or once the guest enables No Snoop on a
+    /// domain that does not enforce snooping: counted, and its memory flagged.
+    fn wire_hooks(
+        &self,
+        function: &Arc<AssignedFunction>,
+        name: &str,
+        slot: u8,
+        undo_frontend: Box<dyn Fn() + Send + Sync>,
+        options: &AttachOptions,
+    ) {
+        let name = name.to_string();
         let root = Arc::downgrade(&self.root);
         let (nc, gone_name) = (Arc::downgrade(&self.noncoherent), name.clone());
-        let (events, gone_fn) = (Arc::downgrade(&self.events), Arc::downgrade(&function));
+        let (events, gone_fn) = (Arc::downgrade(&self.events), Arc::downgrade(function));
         function.on_gone(Box::new(move || {
             // A death (not an unplug, which tears down with no reason recorded).
             if let (Some(e), Some(why)) = (events.upgrade(), gone_fn.upgrade().and_then(|f| f.death_reason())) {
@@ -407,8 +436,6 @@ impl DeviceManager {
                 r.refresh(slot);
             }
         }));
-        // Non-coherent from now on (declared) or once the guest enables No Snoop on a
-        // domain that does not enforce snooping: counted, and its memory flagged.
         function.set_enforce_snoop(options.enforce_snoop);
         let (nc, root, nc_name) = (Arc::downgrade(&self.noncoherent), Arc::downgrade(&self.root), name.clone());
         function.on_noncoherent(Box::new(move || {
@@ -422,15 +449,6 @@ impl DeviceManager {
         if !options.coherent {
             function.mark_noncoherent();
         }
-        rollback.armed = false;
-        let dev = Arc::new(AssignedDevice { name, slot, function, frontend: fe, root: Arc::clone(&self.root) });
-        devices.push(Arc::clone(&dev));
-        self.events.publish(crate::events::Event::DeviceAdded {
-            name: dev.name.clone(),
-            bdf: dev.bdf_string(),
-            frontend: dev.frontend.name().to_string(),
-        });
-        Ok(dev)
     }
 
     /// Detaches device `name` (hot-unplug): its slot empties, its front-end forgets it,

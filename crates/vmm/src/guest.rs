@@ -6,6 +6,17 @@ use crate::vm::Vm;
 use abi::layout;
 
 impl Vm {
+    /// Leaves the vCPU's `state` (its section) for the vCPU that continues a restored
+    /// guest.
+    pub(crate) fn set_restored_cpu(&self, state: vm_api::Section) {
+        *self.restored_cpu.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+    }
+
+    /// Takes what [`Vm::set_restored_cpu`] left.
+    pub(crate) fn take_restored_cpu(&self) -> Option<vm_api::Section> {
+        self.restored_cpu.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
     /// Loads a guest program, prepares the boot vCPU and runs it until the guest
     /// exits; returns the guest's exit status. KVM only.
     pub fn run_guest(&self, elf: &[u8]) -> Result<u8> {
@@ -19,7 +30,10 @@ impl Vm {
     pub fn run_restored(&self, snap: &crate::snapshot::Snapshot) -> Result<u8> {
         let kvm = self.kvm().ok_or_else(|| Error::GuestCrashed("a restored guest needs --accel kvm".into()))?;
         // Left by the vCPU component's restore (Snapshot::apply_devices).
-        let cpu = self.take_restored_cpu().ok_or_else(|| Error::Snapshot("the snapshot has no vCPU state".into()))?;
+        let section =
+            self.take_restored_cpu().ok_or_else(|| Error::Snapshot("the snapshot has no vCPU state".into()))?;
+        let cpu: crate::vcpu_state::CpuState =
+            section.read("vcpu0", crate::vcpu_state::STATE_VERSION).map_err(|e| Error::Snapshot(e.to_string()))?;
         let mut vcpu = crate::vcpu::Vcpu::new(kvm, 0, crate::boot::Entry { rip: 0, image_end: 0 })?;
         vcpu.load(&cpu)?;
         snap.start(self)?;

@@ -10,17 +10,21 @@
 
 pub mod accel;
 pub mod boot;
+pub mod config;
 pub mod core_calls;
 pub mod device_manager;
 pub mod device_state;
+pub mod dirty;
 pub mod error;
 pub mod events;
 pub mod flush;
 pub mod guest;
+pub mod guest_memory;
 pub mod irq_watch;
 pub mod irqchip_state;
 pub mod memory;
 pub mod memtype;
+pub mod pausing;
 pub mod qtest;
 pub mod run_control;
 pub mod snapshot;

@@ -165,9 +165,10 @@ impl vm_api::Snapshottable for VcpuComponent<'_> {
         }
     }
 
+    /// Checks the state and leaves it for the vCPU the restored guest runs on.
     fn restore(&self, section: &vm_api::Section) -> std::result::Result<(), vm_api::ComponentError> {
-        let c: CpuState = section.read(&self.id(), STATE_VERSION)?;
-        self.0.set_restored_cpu(c);
+        section.read::<CpuState>(&self.id(), STATE_VERSION)?;
+        self.0.set_restored_cpu(section.clone());
         Ok(())
     }
 }

@@ -93,6 +93,68 @@ pub struct Effects {
     pub no_snoop: Option<bool>,
 }
 
+/// The BARs: sizes from the device's regions, type bits from its own registers. A
+/// 64-bit BAR whose upper half is a region of its own is refused.
+fn bar_specs(space: &ConfigSpace, region_size: &impl Fn(u8) -> u64) -> Result<Vec<BarSpec>, ConfigError> {
+    let mut specs = Vec::new();
+    let mut i = 0u8;
+    while i < 6 {
+        let size = region_size(i);
+        let v = space.u32(reg::BAR0 + 4 * u16::from(i));
+        if size == 0 {
+            i += 1;
+            continue;
+        }
+        let prefetch = v & abi::pci::bar::PREFETCH != 0;
+        let kind = if v & abi::pci::bar::IO != 0 {
+            BarKind::Io
+        } else if v & abi::pci::bar::MEM_TYPE_MASK == abi::pci::bar::MEM_TYPE_64 {
+            BarKind::Mem64 { prefetch }
+        } else {
+            BarKind::Mem32 { prefetch }
+        };
+        specs.push(BarSpec { index: i, kind, size });
+        if matches!(kind, BarKind::Mem64 { .. }) {
+            if i < 5 && region_size(i + 1) != 0 {
+                return Err(ConfigError::UpperHalf(i));
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    Ok(specs)
+}
+
+/// The VMM's copy of the space after reset: BARs at 0, ROM absent, nothing enabled;
+/// which bits the guest may write (the command bits the VMM emulates, the interrupt
+/// line, the MSI and MSI-X controls and MSI's address, data and mask).
+fn reset_copy(space: &mut ConfigSpace, cmd_bits: u16, msi: Option<&MsiCap>, msix: Option<&MsixCap>) {
+    space.set_u32(reg::ROM, 0);
+    let cmd = space.u16(reg::COMMAND) & !cmd_bits;
+    space.set_u16(reg::COMMAND, cmd);
+    space.set_writable(reg::COMMAND, &[cmd_bits as u8, (cmd_bits >> 8) as u8]);
+    space.set_writable(reg::INTERRUPT_LINE, &[0xff]);
+    if let Some(m) = msi {
+        let ctl = space.u16(m.offset + 2) & !(cap::MSI_ENABLE | cap::MSI_QSIZE);
+        space.set_u16(m.offset + 2, ctl);
+        space.set_writable(m.offset + 2, &[(cap::MSI_ENABLE | cap::MSI_QSIZE) as u8, 0]);
+        space.set_writable(m.offset + 4, &[0xfc, 0xff, 0xff, 0xff]);
+        if m.wide {
+            space.set_writable(m.offset + 8, &[0xff; 4]);
+        }
+        space.set_writable(m.offset + m.data_at(), &[0xff; 2]);
+        if let Some(mask) = m.mask_at() {
+            space.set_writable(m.offset + mask, &[0xff; 4]);
+        }
+    }
+    if let Some(m) = msix {
+        let ctl = space.u16(m.offset + 2) & !(cap::MSIX_ENABLE | cap::MSIX_MASKALL);
+        space.set_u16(m.offset + 2, ctl);
+        space.set_writable(m.offset + 2, &[0, ((cap::MSIX_ENABLE | cap::MSIX_MASKALL) >> 8) as u8]);
+    }
+}
+
 impl VirtConfig {
     /// Builds the virtualized space from the device's own bytes and its BAR regions'
     /// sizes (`region_size(i)` for i in 0..6).
@@ -109,34 +171,7 @@ impl VirtConfig {
         if header != 0 {
             return Err(ConfigError::HeaderType(header));
         }
-        // BARs: sizes from the regions, type bits from the device's own registers.
-        let mut specs = Vec::new();
-        let mut i = 0u8;
-        while i < 6 {
-            let size = region_size(i);
-            let v = space.u32(reg::BAR0 + 4 * u16::from(i));
-            if size == 0 {
-                i += 1;
-                continue;
-            }
-            let prefetch = v & abi::pci::bar::PREFETCH != 0;
-            let kind = if v & abi::pci::bar::IO != 0 {
-                BarKind::Io
-            } else if v & abi::pci::bar::MEM_TYPE_MASK == abi::pci::bar::MEM_TYPE_64 {
-                BarKind::Mem64 { prefetch }
-            } else {
-                BarKind::Mem32 { prefetch }
-            };
-            specs.push(BarSpec { index: i, kind, size });
-            if matches!(kind, BarKind::Mem64 { .. }) {
-                if i < 5 && region_size(i + 1) != 0 {
-                    return Err(ConfigError::UpperHalf(i));
-                }
-                i += 2;
-            } else {
-                i += 1;
-            }
-        }
+        let specs = bar_specs(&space, &region_size)?;
         let bars = Bars::new(&specs)?;
         let mut emulated = Box::new([0u8; CONFIG_SIZE]);
         fn emulate(e: &mut [u8; CONFIG_SIZE], from: u16, len: u16) {
@@ -175,30 +210,7 @@ impl VirtConfig {
             // DEVCTL's FLR bit is the VMM's to act on (it reads back as 0).
             emulated[usize::from(e + cap::EXP_DEVCTL) + 1] |= (cap::EXP_DEVCTL_FLR >> 8) as u8;
         }
-        // The VMM's copy after reset: BARs at 0, ROM absent, nothing enabled.
-        space.set_u32(reg::ROM, 0);
-        let cmd = space.u16(reg::COMMAND) & !cmd_bits;
-        space.set_u16(reg::COMMAND, cmd);
-        space.set_writable(reg::COMMAND, &[cmd_bits as u8, (cmd_bits >> 8) as u8]);
-        space.set_writable(reg::INTERRUPT_LINE, &[0xff]);
-        if let Some(m) = &msi {
-            let ctl = space.u16(m.offset + 2) & !(cap::MSI_ENABLE | cap::MSI_QSIZE);
-            space.set_u16(m.offset + 2, ctl);
-            space.set_writable(m.offset + 2, &[(cap::MSI_ENABLE | cap::MSI_QSIZE) as u8, 0]);
-            space.set_writable(m.offset + 4, &[0xfc, 0xff, 0xff, 0xff]);
-            if m.wide {
-                space.set_writable(m.offset + 8, &[0xff; 4]);
-            }
-            space.set_writable(m.offset + m.data_at(), &[0xff; 2]);
-            if let Some(mask) = m.mask_at() {
-                space.set_writable(m.offset + mask, &[0xff; 4]);
-            }
-        }
-        if let Some(m) = &msix {
-            let ctl = space.u16(m.offset + 2) & !(cap::MSIX_ENABLE | cap::MSIX_MASKALL);
-            space.set_u16(m.offset + 2, ctl);
-            space.set_writable(m.offset + 2, &[0, ((cap::MSIX_ENABLE | cap::MSIX_MASKALL) >> 8) as u8]);
-        }
+        reset_copy(&mut space, cmd_bits, msi.as_ref(), msix.as_ref());
         let pin = space.u8(reg::INTERRUPT_PIN).min(4);
         space.set_u8(reg::INTERRUPT_PIN, pin);
         let size = u16::try_from(raw.len().min(CONFIG_SIZE)).unwrap_or(CONFIG_SIZE as u16);

@@ -262,6 +262,34 @@ impl AssignedFunction {
         Self::build(name, dev, client, process, endpoint, &services, mode)
     }
 
+    /// What the device says it is, checked: a PCI device, its configuration space
+    /// (at least a header) virtualized, its interrupt counts within reason.
+    fn probe(dev: &dyn VfioDevice) -> Result<(VirtConfig, [u32; 3]), AttachError> {
+        let info = dev.info();
+        if info.flags & proto::DEVICE_FLAGS_PCI == 0 {
+            return Err(AttachError::NotPci(info.flags));
+        }
+        let cfg_size = dev.region(proto::PCI_CONFIG).map_or(0, |r| r.size).min(pci::config::CONFIG_SIZE as u64);
+        if cfg_size < 64 {
+            return Err(AttachError::Config(config::ConfigError::TooSmall(cfg_size)));
+        }
+        let mut raw = vec![0u8; cfg_size as usize];
+        dev.region_read(proto::PCI_CONFIG, 0, &mut raw)
+            .map_err(|e| AttachError::Config(config::ConfigError::Read(e.to_string())))?;
+        let vconfig = VirtConfig::new(&raw, |i: u8| dev.region(u32::from(i)).map_or(0, |r| r.size))?;
+        let mut counts = [0u32; 3];
+        for (i, max) in MAX_VECTORS.iter().enumerate() {
+            let n = dev.irq(i as u32).map_or(0, |x| x.count);
+            if n > *max {
+                return Err(AttachError::Irqs { index: i as u32, count: n, max: *max });
+            }
+            if let Some(c) = counts.get_mut(i) {
+                *c = n;
+            }
+        }
+        Ok((vconfig, counts))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn build(
         name: &str,
@@ -282,33 +310,10 @@ impl AssignedFunction {
         if let Err(e) = endpoint.set_gated(true) {
             return Err(fail(AttachError::Setup(format!("blocking its DMA: {e}")), &process));
         }
-        let info = dev.info();
-        if info.flags & proto::DEVICE_FLAGS_PCI == 0 {
-            return Err(fail(AttachError::NotPci(info.flags), &process));
-        }
-        let cfg_size = dev.region(proto::PCI_CONFIG).map_or(0, |r| r.size).min(pci::config::CONFIG_SIZE as u64);
-        if cfg_size < 64 {
-            return Err(fail(AttachError::Config(config::ConfigError::TooSmall(cfg_size)), &process));
-        }
-        let mut raw = vec![0u8; cfg_size as usize];
-        if let Err(e) = dev.region_read(proto::PCI_CONFIG, 0, &mut raw) {
-            return Err(fail(AttachError::Config(config::ConfigError::Read(e.to_string())), &process));
-        }
-        let size_of = |i: u8| dev.region(u32::from(i)).map_or(0, |r| r.size);
-        let vconfig = match VirtConfig::new(&raw, size_of) {
-            Ok(c) => c,
-            Err(e) => return Err(fail(e.into(), &process)),
+        let (vconfig, counts) = match Self::probe(dev.as_ref()) {
+            Ok(p) => p,
+            Err(e) => return Err(fail(e, &process)),
         };
-        let mut counts = [0u32; 3];
-        for (i, max) in MAX_VECTORS.iter().enumerate() {
-            let n = dev.irq(i as u32).map_or(0, |x| x.count);
-            if n > *max {
-                return Err(fail(AttachError::Irqs { index: i as u32, count: n, max: *max }, &process));
-            }
-            if let Some(c) = counts.get_mut(i) {
-                *c = n;
-            }
-        }
         let notifications = match notify::Notifications::start(name, dev.as_ref()) {
             Ok(n) => n,
             Err(e) => return Err(fail(AttachError::Setup(e), &process)),
