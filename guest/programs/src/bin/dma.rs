@@ -67,6 +67,50 @@ fn poke(addr: u64, v: u64) {
     unsafe { write64(addr, v) }
 }
 
+/// One batch of round `round` at `size` bytes: FILL a source, COPY it, CRC32C both
+/// (the last with an interrupt); every status, the copy's samples, its guards and the
+/// two checksums checked. Err: the program's exit status.
+fn batch(e: &mut Engine, round: u64, i: usize, size: u64) -> Result<(), u8> {
+    let pattern = 0x0101_0101_0101_0101u64.wrapping_mul(round.wrapping_add(i as u64 + 1) & 0xff);
+    poke(DST - 8, GUARD);
+    poke(DST + size, GUARD);
+    let fill = e.push(Descriptor { op: op::FILL, dst: SRC, len: size, pattern, ..Default::default() });
+    let copy = e.push(Descriptor { op: op::COPY, src: SRC, dst: DST, len: size, ..Default::default() });
+    let crc_src = e.push(Descriptor { op: op::CRC32C, src: SRC, len: size, ..Default::default() });
+    let crc_dst =
+        e.push(Descriptor { op: op::CRC32C, src: DST, len: size, flags: de::FLAG_INTERRUPT, ..Default::default() });
+    e.ring();
+    let mut crcs = [0u64; 2];
+    for (k, seq) in [fill, copy, crc_src, crc_dst].into_iter().enumerate() {
+        let (status, done, result) = match e.wait(seq) {
+            Ok(r) => r,
+            Err(err) => return Err(fail("a copy batch", err)),
+        };
+        if status != completion::SUCCESS || done != size {
+            println!(
+                "dma: descriptor {} of size {} completed with status {}",
+                Dec(k as u64),
+                Dec(size),
+                Dec(u64::from(status))
+            );
+            return Err(1);
+        }
+        if k >= 2 {
+            crcs[k - 2] = result;
+        }
+    }
+    let samples = [0, 8, size / 2, size - 8];
+    let copied = samples.iter().all(|&o| peek(DST + o) == pattern);
+    if crcs[0] != crcs[1] || !copied || peek(DST - 8) != GUARD || peek(DST + size) != GUARD {
+        println!("dma: size {} wrong: crc {:#x} vs {:#x}, samples {}", Dec(size), crcs[0], crcs[1], copied);
+        return Err(1);
+    }
+    if round == 0 {
+        println!("dma: size {} pattern {:#x} crc32c {:#x} ok", Dec(size), pattern, crcs[0]);
+    }
+    Ok(())
+}
+
 fn main(boot: &BootInfo) -> u8 {
     let rounds = boot.arg(0, 1);
     let ram_end = boot.low_ram_size;
@@ -97,50 +141,11 @@ fn main(boot: &BootInfo) -> u8 {
     let (mut bytes, mut descriptors) = (0u64, 0u64);
     for round in 0..rounds {
         for (i, &size) in SIZES.iter().enumerate() {
-            let pattern = 0x0101_0101_0101_0101u64.wrapping_mul(round.wrapping_add(i as u64 + 1) & 0xff);
-            poke(DST - 8, GUARD);
-            poke(DST + size, GUARD);
-            let fill = e.push(Descriptor { op: op::FILL, dst: SRC, len: size, pattern, ..Default::default() });
-            let copy = e.push(Descriptor { op: op::COPY, src: SRC, dst: DST, len: size, ..Default::default() });
-            let crc_src = e.push(Descriptor { op: op::CRC32C, src: SRC, len: size, ..Default::default() });
-            let crc_dst = e.push(Descriptor {
-                op: op::CRC32C,
-                src: DST,
-                len: size,
-                flags: de::FLAG_INTERRUPT,
-                ..Default::default()
-            });
-            e.ring();
-            let mut crcs = [0u64; 2];
-            for (k, seq) in [fill, copy, crc_src, crc_dst].into_iter().enumerate() {
-                let (status, done, result) = match e.wait(seq) {
-                    Ok(r) => r,
-                    Err(err) => return fail("a copy batch", err),
-                };
-                if status != completion::SUCCESS || done != size {
-                    println!(
-                        "dma: descriptor {} of size {} completed with status {}",
-                        Dec(k as u64),
-                        Dec(size),
-                        Dec(u64::from(status))
-                    );
-                    return 1;
-                }
-                if k >= 2 {
-                    crcs[k - 2] = result;
-                }
+            if let Err(code) = batch(&mut e, round, i, size) {
+                return code;
             }
             descriptors += 4;
             bytes += 4 * size;
-            let samples = [0, 8, size / 2, size - 8];
-            let copied = samples.iter().all(|&o| peek(DST + o) == pattern);
-            if crcs[0] != crcs[1] || !copied || peek(DST - 8) != GUARD || peek(DST + size) != GUARD {
-                println!("dma: size {} wrong: crc {:#x} vs {:#x}, samples {}", Dec(size), crcs[0], crcs[1], copied);
-                return 1;
-            }
-            if round == 0 {
-                println!("dma: size {} pattern {:#x} crc32c {:#x} ok", Dec(size), pattern, crcs[0]);
-            }
             // Take this batch's MSI before the next batch can raise one: two MSIs of
             // one vector pending at once are one interrupt (the LAPIC's IRR bit), and
             // the device writes a completion before its MSI.
