@@ -37,6 +37,17 @@ const MIB: u64 = 1 << 20;
 struct Switch {
     domains: [Arc<Domain>; 2],
     state: Mutex<SwitchState>,
+    /// Faults the DMA core reported in its domains (its fault handler).
+    faults: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Counts the faults of the front-end's domains (never blocks: one atomic add).
+struct CountFaults(Arc<std::sync::atomic::AtomicU64>);
+
+impl dma::FaultHandler for CountFaults {
+    fn fault(&self, _fault: &dma::Fault) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -130,6 +141,7 @@ impl Frontend for Switch {
             .total("switches", st.switches)
             .gauge("selected", st.selected as u64)
             .gauge("devices", st.endpoints.len() as u64)
+            .total("faults", self.faults.load(std::sync::atomic::Ordering::Relaxed))
     }
     fn device_stats(&self, id: u16) -> Option<Stats> {
         let st = self.state.lock().unwrap();
@@ -165,10 +177,12 @@ fn build(ctx: &Context) -> Result<Arc<dyn Frontend>, FrontendError> {
         map(iova, gpa, MIB)?;
         Ok(d)
     };
-    let switch = Arc::new(Switch {
-        domains: [domain("switch-a", A_IOVA, A_GPA)?, domain("switch-b", B_IOVA, B_GPA)?],
-        state: Mutex::new(SwitchState::default()),
-    });
+    let faults = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let domains = [domain("switch-a", A_IOVA, A_GPA)?, domain("switch-b", B_IOVA, B_GPA)?];
+    for d in &domains {
+        d.on_fault(Some(Arc::new(CountFaults(Arc::clone(&faults)))));
+    }
+    let switch = Arc::new(Switch { domains, state: Mutex::new(SwitchState::default()), faults });
     let space = pci::config::Builder::new(0x1b36, 0x00ff, 0x0880, 0).build();
     let bars = Bars::new(&[BarSpec { index: 0, kind: BarKind::Mem32 { prefetch: false }, size: 0x1000 }]).unwrap();
     let function = Arc::new(SwitchFn { config: Mutex::new((space, bars)), switch: Arc::clone(&switch) });
@@ -248,7 +262,11 @@ fn a_device_front_end_plugs_its_function_and_its_switch_is_observed_by_a_dma_eng
     assert_eq!(q(&format!("readq {B_GPA:#x}")), "OK 0x000000000000bbbb");
     assert_eq!(run(&vm, regs, fill(A_IOVA, 2)), completion::DMA_FAULT);
     // Its statistics, the same value everywhere.
-    assert_eq!(q("frontend_stats switch"), "OK switches=1 selected=1 devices=1");
+    // The faults its domains saw (the engine's refused accesses) reached it.
+    let stats = q("frontend_stats switch");
+    assert!(stats.starts_with("OK switches=1 selected=1 devices=1 faults="), "{stats}");
+    let faults: u64 = stats.rsplit('=').next().unwrap().parse().unwrap();
+    assert!(faults >= 2, "the DMA core told the front-end of its domains' faults: {stats}");
     assert!(passthru::run::stats_report(&vm).contains("DMA front-end switch: switches=1 selected=1 devices=1"));
     let c = passthru::control::counters(&vm);
     assert_eq!(c["frontends"]["switch"]["switches"].as_u64(), Some(1));
@@ -257,7 +275,7 @@ fn a_device_front_end_plugs_its_function_and_its_switch_is_observed_by_a_dma_eng
     let vm2 = common::snapshot_and_restore(&vm, &dir, &[("dma0", spec)], config());
     let q2 = |c: &str| common::qtest_cmd(&vm2, c);
     assert_eq!(q2(&format!("readl {switch_reg:#x}")), "OK 0x0000000000000001");
-    assert_eq!(q2("frontend_stats switch"), "OK switches=1 selected=1 devices=1");
+    assert!(q2("frontend_stats switch").starts_with("OK switches=1 selected=1 devices=1"));
     assert_eq!(run(&vm2, regs, fill(B_IOVA + 0x1000, 0xcccc)), completion::SUCCESS);
     assert_eq!(run(&vm2, regs, fill(A_IOVA, 3)), completion::DMA_FAULT);
 }
