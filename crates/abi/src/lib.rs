@@ -14,6 +14,8 @@ pub mod ports;
 pub mod pvdma;
 pub mod tce;
 pub mod test_device;
+pub mod viommu;
+pub mod virtio;
 
 /// Exit status a guest program reports through [`ports::EXIT`] when it panics
 /// (the same code a panicking Rust process exits with).
