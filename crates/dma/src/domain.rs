@@ -428,6 +428,11 @@ impl Domain {
         self.tree.read().unwrap_or_else(|e| e.into_inner()).lookup(iova.0)
     }
 
+    /// The mappings that start in `[start, end)`, by IOVA.
+    pub fn mappings_in(&self, start: Iova, end: Iova) -> Vec<Mapping> {
+        self.tree.read().unwrap_or_else(|e| e.into_inner()).starting_in(start.0, end.0)
+    }
+
     /// All mappings, by IOVA.
     pub fn mappings(&self) -> Vec<Mapping> {
         self.tree.read().unwrap_or_else(|e| e.into_inner()).iter().collect()
