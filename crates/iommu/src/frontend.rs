@@ -23,7 +23,7 @@
 
 use dma::{Endpoint, VmDma};
 use std::sync::Arc;
-use vm_api::{HypercallRegistry, IoEvents, MemoryMap, Snapshottable};
+use vm_api::{HypercallRegistry, IoEvents, MemoryMap, Pausable, Snapshottable};
 use vm_memory::GuestMemoryMmap;
 
 /// Ends the VM, saying why (the misuse policy).
@@ -299,6 +299,13 @@ pub trait Frontend: Send + Sync {
 
     /// Queries of its own, if it answers any.
     fn queries(&self) -> Option<&dyn Queries> {
+        None
+    }
+
+    /// What the VM stops when it pauses, if the front-end does work of its own between
+    /// guest exits (a device front-end's queue worker): paused after the devices,
+    /// resumed before them.
+    fn pausable(&self) -> Option<&dyn Pausable> {
         None
     }
 }

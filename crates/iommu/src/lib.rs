@@ -6,6 +6,8 @@
 //! - [`identity`]: no guest-visible IOMMU, IOVA = guest-physical;
 //! - [`pvdma`]: paravirtual DMA, the guest maps its own DMA through hypercalls;
 //! - [`tce`]: PAPR TCE tables: per-group DMA windows, multi-level, shared tables;
+//! - [`viommu`]: virtio-iommu, the paravirtual IOMMU device a stock guest's driver
+//!   programs;
 //! - [`iova`]: the IOVA allocator those mappings take their addresses from.
 #![warn(missing_docs)]
 
@@ -15,6 +17,7 @@ pub mod iova;
 pub mod pvdma;
 pub mod registry;
 pub mod tce;
+pub mod viommu;
 
 pub use frontend::{Answer, Context, Device, FailDevice, Frontend, FrontendError, Queries, Query, StatValue, Stats};
 pub use frontend::{Registration, Tool};

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 /// The front-ends passthru has: the first is the default.
 pub const BUILT_IN: &[Registration] =
-    &[crate::identity::REGISTRATION, crate::pvdma::REGISTRATION, crate::tce::REGISTRATION];
+    &[crate::identity::REGISTRATION, crate::pvdma::REGISTRATION, crate::tce::REGISTRATION, crate::viommu::REGISTRATION];
 
 static EXTRA: Mutex<Vec<Registration>> = Mutex::new(Vec::new());
 

@@ -1,5 +1,6 @@
 //! Pausing and resuming a VM: the vCPU parked (`run_control`), every device stopped
-//! through [`vm_api::Pausable`] (vfio-user STOP) and the test sources parked; resumed
+//! through [`vm_api::Pausable`] (vfio-user STOP), front-ends' workers stopped and the
+//! test sources parked; resumed
 //! in reverse, a device that does not run again declared gone.
 
 use crate::device_manager::AssignedDevice;
@@ -34,6 +35,16 @@ impl Vm {
             if let Err(e) = self.quiesce(&d) {
                 tracing::warn!("pause: {e}");
                 unquiesced.push(d.name().to_string());
+            }
+        }
+        // Front-ends that work between exits (virtio-iommu's queue worker) stop after
+        // the devices: no request is half-done in a snapshot.
+        for fe in self.frontends().all() {
+            if let Some(p) = fe.pausable()
+                && let Err(e) = p.pause()
+            {
+                tracing::warn!("pause: front-end {}: {e}", fe.name());
+                unquiesced.push(format!("frontend/{}", fe.name()));
             }
         }
         #[cfg(feature = "test-sources")]
@@ -76,6 +87,14 @@ impl Vm {
         }
         let stopped = std::mem::take(&mut *self.quiesced.lock().unwrap_or_else(|e| e.into_inner()));
         let mut failed = Vec::new();
+        for fe in self.frontends().all() {
+            if let Some(p) = fe.pausable()
+                && let Err(e) = p.resume()
+            {
+                tracing::error!("resume: front-end {}: {e}", fe.name());
+                failed.push(format!("frontend/{}", fe.name()));
+            }
+        }
         for name in stopped {
             if let Some(d) = self.device(&name)
                 && let Err(e) = vm_api::Pausable::resume(d.as_ref())

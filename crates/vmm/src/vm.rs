@@ -492,3 +492,14 @@ impl Drop for Vm {
         let _ = self.accel.unregister_ioevent(&self.bench_ioevent, IoAddr::Pio(u64::from(ports::BENCH_IOEVENTFD)));
     }
 }
+
+/// A driver in the VMM's own process (tests, `passthru replay`, benchmarks) reaches
+/// the VM's devices as a vCPU's MMIO does: ioeventfds first, then the bus.
+impl virtio::driver::Bus for Vm {
+    fn read(&self, addr: u64, data: &mut [u8]) {
+        self.mmio_read(addr, data);
+    }
+    fn write(&self, addr: u64, data: &[u8]) {
+        self.mmio_write(addr, data);
+    }
+}

@@ -1,0 +1,743 @@
+//! The virtio-iommu device: its configuration, its request queue (ATTACH, DETACH,
+//! MAP, UNMAP, PROBE) and its event queue (fault reports), over the DMA core's
+//! domains.
+//!
+//! - A domain is a `dma::Domain` created by the guest's first ATTACH naming it; it
+//!   ceases to exist when its last endpoint leaves (a later MAP on it: NOENT).
+//! - An endpoint is an assigned PCI function, by requester id. It moves between
+//!   domains with the DMA core's handover: when the request completes, no access
+//!   through the old domain succeeds or is in flight.
+//! - An endpoint attached to no domain reaches guest-physical memory as the identity
+//!   front-end maps it when `bypass` is 1, and nothing when it is 0 (it then sits on
+//!   an empty domain whose faults are reported with reason DOMAIN).
+//! - Every recognised request is returned with the full writable length, its status
+//!   in the tail (Linux copies the status back only then); an unrecognised or
+//!   unparsable one is returned unwritten, used length 0.
+//! - Consecutive MAPs (or UNMAPs) of one kick on one domain reach the DMA core as one
+//!   batch: a device process gets them as one pipelined DMA_MAP (DMA_UNMAP) exchange.
+
+use super::wire::{self, Request};
+use crate::frontend::{Device, Frontend};
+use crate::identity::Identity;
+use abi::viommu::{self as v, feature, status};
+use dma::{Domain, DomainConfig, Gpa, Iova, MapError, Mapping, Perm, VmDma};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use virtio::QueueAccess;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Domains the device holds at most (another ATTACH creating one: NOMEM).
+pub const MAX_DOMAINS: usize = 1024;
+/// Mappings one domain holds at most (another MAP: NOMEM).
+pub const MAX_MAPPINGS: usize = 65_536;
+/// Fault reports waiting for an event buffer at most (more are dropped, counted).
+pub const MAX_PENDING_FAULTS: usize = 64;
+
+/// What a domain is.
+#[derive(Clone)]
+pub(super) enum Kind {
+    /// Translated through its mappings.
+    Paging(Arc<Domain>),
+    /// Its endpoints bypass translation (ATTACH flag BYPASS).
+    Bypass,
+}
+
+/// A domain and the endpoints attached to it.
+#[derive(Clone)]
+pub(super) struct Dom {
+    pub(super) kind: Kind,
+    pub(super) endpoints: BTreeSet<u32>,
+}
+
+/// An endpoint the device manages.
+pub(super) struct Ep {
+    pub(super) device: Device,
+    pub(super) domain: Option<u32>,
+    /// On the identity (bypass) domain now.
+    pub(super) in_identity: bool,
+}
+
+/// The device's state (one lock).
+pub(super) struct State {
+    pub(super) features: u64,
+    pub(super) bypass: bool,
+    pub(super) domains: BTreeMap<u32, Dom>,
+    pub(super) endpoints: BTreeMap<u32, Ep>,
+}
+
+/// A fault to report on the event queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Event {
+    pub(super) reason: u8,
+    pub(super) flags: u32,
+    pub(super) endpoint: u32,
+    pub(super) address: u64,
+}
+
+/// Counters.
+#[derive(Default)]
+pub(super) struct Counters {
+    /// Requests by type (ATTACH..PROBE).
+    pub(super) requests: [AtomicU64; 5],
+    /// Answers by status.
+    pub(super) statuses: [AtomicU64; 9],
+    /// Requests returned unwritten (unrecognised type, unparsable chain).
+    pub(super) unwritten: AtomicU64,
+    /// Faults reported, and dropped (no event buffer, or too many waiting).
+    pub(super) events: AtomicU64,
+    pub(super) events_dropped: AtomicU64,
+    /// MAP and UNMAP batches sent to the DMA core.
+    pub(super) batches: AtomicU64,
+}
+
+/// The virtio-iommu device of one VM.
+pub struct Viommu {
+    pub(super) dma: Arc<VmDma>,
+    pub(super) identity: Arc<Identity>,
+    /// Where endpoints without a domain and without bypass sit: no mappings.
+    pub(super) blocked: Arc<Domain>,
+    pub(super) state: Mutex<State>,
+    pub(super) boot_bypass: bool,
+    pub(super) pending: Mutex<VecDeque<Event>>,
+    pub(super) waker: Mutex<Option<EventFd>>,
+    pub(super) counters: Counters,
+    /// Device names -> endpoint ids (fault reports name the accessor).
+    pub(super) names: Mutex<BTreeMap<String, u32>>,
+    pub(super) me: Weak<Viommu>,
+    pub(super) live: AtomicBool,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Tells the device of its domains' faults (never blocks: a bounded queue and a wake).
+struct FaultSink {
+    viommu: Weak<Viommu>,
+    /// The domain is the blocking one: the reason is DOMAIN.
+    unattached: bool,
+}
+
+impl dma::FaultHandler for FaultSink {
+    fn fault(&self, f: &dma::Fault) {
+        if let Some(v) = self.viommu.upgrade() {
+            v.report(f, self.unattached);
+        }
+    }
+}
+
+impl Viommu {
+    /// A device over `dma`, endpoints unattached bypassing through `identity` when
+    /// `bypass` (its initial value, restored on system reset).
+    pub fn new(dma: Arc<VmDma>, identity: Arc<Identity>, bypass: bool) -> Arc<Viommu> {
+        Arc::new_cyclic(|me: &Weak<Viommu>| {
+            let blocked = dma.create_domain("viommu-blocked", DomainConfig::default());
+            blocked.on_fault(Some(Arc::new(FaultSink { viommu: me.clone(), unattached: true })));
+            Viommu {
+                dma,
+                identity,
+                blocked,
+                state: Mutex::new(State { features: 0, bypass, domains: BTreeMap::new(), endpoints: BTreeMap::new() }),
+                boot_bypass: bypass,
+                pending: Mutex::new(VecDeque::new()),
+                waker: Mutex::new(None),
+                counters: Counters::default(),
+                names: Mutex::new(BTreeMap::new()),
+                me: me.clone(),
+                live: AtomicBool::new(false),
+            }
+        })
+    }
+
+    /// The features it offers.
+    pub fn offered() -> u64 {
+        [feature::INPUT_RANGE, feature::DOMAIN_RANGE, feature::MAP_UNMAP, feature::PROBE, feature::BYPASS_CONFIG]
+            .iter()
+            .fold(0, |a, f| a | (1 << f))
+    }
+
+    fn negotiated(st: &State, f: u32) -> bool {
+        st.features & (1 << f) != 0
+    }
+
+    /// Its configuration, as the driver reads it.
+    pub fn config(&self) -> [u8; v::config::SIZE as usize] {
+        let st = lock(&self.state);
+        let mut c = [0u8; v::config::SIZE as usize];
+        c[0..8].copy_from_slice(&v::PAGE_SIZE_MASK.to_le_bytes());
+        c[8..16].copy_from_slice(&v::INPUT_RANGE.0.to_le_bytes());
+        c[16..24].copy_from_slice(&v::INPUT_RANGE.1.to_le_bytes());
+        c[24..28].copy_from_slice(&v::DOMAIN_RANGE.0.to_le_bytes());
+        c[28..32].copy_from_slice(&v::DOMAIN_RANGE.1.to_le_bytes());
+        c[32..36].copy_from_slice(&v::PROBE_SIZE.to_le_bytes());
+        c[36] = u8::from(st.bypass);
+        c
+    }
+
+    /// A configuration write: only `bypass`, only with BYPASS_CONFIG negotiated; the
+    /// device keeps 0 or 1 (bit 0 of what was written).
+    pub fn write_config(&self, offset: u64, data: &[u8]) {
+        let mut st = lock(&self.state);
+        if offset != v::config::BYPASS || data.is_empty() || !Self::negotiated(&st, feature::BYPASS_CONFIG) {
+            return;
+        }
+        let on = data[0] & 1 != 0;
+        if on != st.bypass {
+            st.bypass = on;
+            let unattached: Vec<u32> =
+                st.endpoints.iter().filter(|(_, e)| e.domain.is_none()).map(|(id, _)| *id).collect();
+            for id in unattached {
+                self.park(&mut st, id);
+            }
+        }
+    }
+
+    /// Features accepted (FEATURES_OK).
+    pub fn set_features(&self, f: u64) {
+        lock(&self.state).features = f;
+    }
+
+    /// Device reset: endpoints attached to no domain, every domain gone, features
+    /// forgotten, waiting fault reports dropped. `bypass` keeps its value (the spec:
+    /// it SHOULD NOT change on device reset).
+    pub fn reset(&self) {
+        let mut st = lock(&self.state);
+        let attached: Vec<u32> = st.endpoints.iter().filter(|(_, e)| e.domain.is_some()).map(|(id, _)| *id).collect();
+        for id in attached {
+            self.park(&mut st, id);
+            if let Some(e) = st.endpoints.get_mut(&id) {
+                e.domain = None;
+            }
+        }
+        for (_, d) in std::mem::take(&mut st.domains) {
+            if let Kind::Paging(d) = d.kind {
+                d.unmap_all();
+            }
+        }
+        st.features = 0;
+        lock(&self.pending).clear();
+        self.live.store(false, Ordering::Release);
+    }
+
+    /// System reset: a device reset, and `bypass` back to its initial value.
+    pub fn system_reset(&self) {
+        self.reset();
+        let mut st = lock(&self.state);
+        if st.bypass != self.boot_bypass {
+            st.bypass = self.boot_bypass;
+            let ids: Vec<u32> = st.endpoints.keys().copied().collect();
+            for id in ids {
+                self.park(&mut st, id);
+            }
+        }
+    }
+
+    /// Puts endpoint `id` where an unattached endpoint belongs: the identity domain
+    /// (bypass), or the blocking one.
+    pub(super) fn park(&self, st: &mut State, id: u32) {
+        let bypass = st.bypass;
+        let Some(e) = st.endpoints.get_mut(&id) else { return };
+        if bypass {
+            if !e.in_identity {
+                match self.identity.attach(&e.device) {
+                    Ok(()) => e.in_identity = true,
+                    Err(err) => {
+                        tracing::warn!("virtio-iommu: endpoint {id:#x} cannot bypass: {err}");
+                        let _ = e.device.endpoint.attach(Some(Arc::clone(&self.blocked)));
+                    }
+                }
+            }
+        } else {
+            let _ = e.device.endpoint.attach(Some(Arc::clone(&self.blocked)));
+            if e.in_identity {
+                e.in_identity = false;
+                self.identity.detach(e.device.id);
+            }
+        }
+    }
+
+    /// A new endpoint (a device given to this front-end): unattached.
+    pub fn add_endpoint(&self, device: &Device) {
+        let id = u32::from(device.id);
+        lock(&self.names).insert(device.name.clone(), id);
+        let mut st = lock(&self.state);
+        st.endpoints.insert(id, Ep { device: device.clone(), domain: None, in_identity: false });
+        self.park(&mut st, id);
+    }
+
+    /// An endpoint that went (unplugged or dead): out of its domain (gone if it was the
+    /// last one), out of the identity domain.
+    pub fn remove_endpoint(&self, id: u16) {
+        let id = u32::from(id);
+        let mut st = lock(&self.state);
+        let Some(e) = st.endpoints.remove(&id) else { return };
+        lock(&self.names).remove(&e.device.name);
+        let _ = e.device.endpoint.attach(None);
+        if e.in_identity {
+            self.identity.detach(e.device.id);
+        }
+        if let Some(d) = e.domain {
+            Self::leave(&mut st, id, d);
+        }
+    }
+
+    /// Endpoint `id` leaves domain `d`; an emptied domain ceases to exist.
+    fn leave(st: &mut State, id: u32, d: u32) {
+        let empty = st.domains.get_mut(&d).is_some_and(|dom| {
+            dom.endpoints.remove(&id);
+            dom.endpoints.is_empty()
+        });
+        if empty && let Some(Dom { kind: Kind::Paging(dom), .. }) = st.domains.remove(&d) {
+            dom.unmap_all();
+        }
+    }
+
+    /// A fault in one of its domains: queued for the event queue (or dropped, counted,
+    /// past [`MAX_PENDING_FAULTS`]), and the queue worker woken.
+    fn report(&self, f: &dma::Fault, unattached: bool) {
+        let Some(endpoint) = lock(&self.names).get(&*f.device).copied() else { return };
+        let flags = match f.access {
+            dma::Access::Read => v::fault::F_READ,
+            dma::Access::Write => v::fault::F_WRITE,
+        } | v::fault::F_ADDRESS;
+        let reason = if unattached { v::fault::R_DOMAIN } else { v::fault::R_MAPPING };
+        {
+            let mut p = lock(&self.pending);
+            if p.len() >= MAX_PENDING_FAULTS {
+                self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            p.push_back(Event { reason, flags, endpoint, address: f.iova.0 });
+        }
+        if let Some(w) = lock(&self.waker).as_ref() {
+            let _ = w.write(1);
+        }
+    }
+
+    /// The paging domain `id` for `st`'s caps, made.
+    fn new_domain(&self, id: u32) -> Arc<Domain> {
+        // The default reserves the MSI window, as PROBE reports it.
+        let config = DomainConfig { max_mappings: MAX_MAPPINGS, ..DomainConfig::default() };
+        let d = self.dma.create_domain(&format!("viommu-{id}"), config);
+        d.on_fault(Some(Arc::new(FaultSink { viommu: self.me.clone(), unattached: false })));
+        d
+    }
+
+    /// ATTACH.
+    pub(super) fn attach(&self, st: &mut State, domain: u32, endpoint: u32, flags: u32, reserved: bool) -> u8 {
+        if reserved || flags & !v::ATTACH_F_BYPASS != 0 {
+            return status::INVAL;
+        }
+        let bypass = flags & v::ATTACH_F_BYPASS != 0;
+        if bypass && !Self::negotiated(st, feature::BYPASS_CONFIG) {
+            return status::INVAL;
+        }
+        if !(v::DOMAIN_RANGE.0..=v::DOMAIN_RANGE.1).contains(&domain) {
+            return status::RANGE;
+        }
+        let Some(old) = st.endpoints.get(&endpoint).map(|e| e.domain) else { return status::NOENT };
+        match st.domains.get(&domain) {
+            Some(d) if matches!(d.kind, Kind::Bypass) != bypass => return status::INVAL,
+            Some(_) => {}
+            None if st.domains.len() >= MAX_DOMAINS => return status::NOMEM,
+            None => {
+                let kind = if bypass { Kind::Bypass } else { Kind::Paging(self.new_domain(domain)) };
+                st.domains.insert(domain, Dom { kind, endpoints: BTreeSet::new() });
+            }
+        }
+        if old == Some(domain) {
+            return status::OK;
+        }
+        let Some(kind) = st.domains.get(&domain).map(|d| d.kind.clone()) else { return status::DEVERR };
+        let Some(e) = st.endpoints.get_mut(&endpoint) else { return status::NOENT };
+        // The handover: once this returns, the old domain is out of reach.
+        let moved = match &kind {
+            Kind::Paging(d) => e.device.endpoint.attach(Some(Arc::clone(d))).map_err(|x| x.to_string()),
+            Kind::Bypass if e.in_identity => Ok(()),
+            Kind::Bypass => self.identity.attach(&e.device).map_err(|x| x.to_string()),
+        };
+        if let Err(why) = moved {
+            tracing::warn!("virtio-iommu: endpoint {endpoint:#x} cannot join domain {domain}: {why}");
+            if st.domains.get(&domain).is_some_and(|d| d.endpoints.is_empty()) {
+                st.domains.remove(&domain);
+            }
+            return status::DEVERR;
+        }
+        match kind {
+            Kind::Bypass => e.in_identity = true,
+            Kind::Paging(_) if e.in_identity => {
+                e.in_identity = false;
+                self.identity.detach(e.device.id);
+            }
+            Kind::Paging(_) => {}
+        }
+        e.domain = Some(domain);
+        if let Some(d) = st.domains.get_mut(&domain) {
+            d.endpoints.insert(endpoint);
+        }
+        if let Some(o) = old {
+            Self::leave(st, endpoint, o);
+        }
+        status::OK
+    }
+
+    /// DETACH.
+    fn detach(&self, st: &mut State, domain: u32, endpoint: u32) -> u8 {
+        let Some(e) = st.endpoints.get(&endpoint) else { return status::NOENT };
+        if e.domain != Some(domain) || !st.domains.contains_key(&domain) {
+            return status::INVAL;
+        }
+        self.park(st, endpoint);
+        if let Some(e) = st.endpoints.get_mut(&endpoint) {
+            e.domain = None;
+        }
+        Self::leave(st, endpoint, domain);
+        status::OK
+    }
+
+    /// A MAP's checks before the DMA core sees it: its mapping, or its status.
+    fn check_map(
+        st: &State,
+        domain: u32,
+        start: u64,
+        end: u64,
+        phys: u64,
+        flags: u32,
+    ) -> Result<(Arc<Domain>, Mapping), u8> {
+        if !Self::negotiated(st, feature::MAP_UNMAP) {
+            return Err(status::UNSUPP);
+        }
+        // MMIO is not offered: an unrecognised flag.
+        if flags & !(v::map::READ | v::map::WRITE) != 0 || flags == 0 {
+            return Err(status::INVAL);
+        }
+        let d = match st.domains.get(&domain).map(|d| &d.kind) {
+            None => return Err(status::NOENT),
+            Some(Kind::Bypass) => return Err(status::INVAL),
+            Some(Kind::Paging(d)) => d,
+        };
+        if end < start {
+            return Err(status::INVAL);
+        }
+        let g = d.granule();
+        let size_ok = end.checked_add(1).filter(|e| e.is_multiple_of(g));
+        if !start.is_multiple_of(g) || !phys.is_multiple_of(g) || size_ok.is_none() {
+            return Err(status::RANGE);
+        }
+        if end > v::INPUT_RANGE.1 || start < v::INPUT_RANGE.0 {
+            return Err(status::RANGE);
+        }
+        if start <= v::MSI_REGION.1 && v::MSI_REGION.0 <= end {
+            return Err(status::INVAL);
+        }
+        let size = end - start + 1;
+        if phys.checked_add(size).is_none() {
+            return Err(status::RANGE);
+        }
+        let perm = Perm::new(flags & v::map::READ != 0, flags & v::map::WRITE != 0);
+        Ok((Arc::clone(d), Mapping { iova: Iova(start), gpa: Gpa(phys), size, perm }))
+    }
+
+    /// The status of a MAP the DMA core refused.
+    fn map_status(e: &MapError) -> u8 {
+        match e {
+            MapError::Exists { .. } | MapError::InvalidArgument(_) => status::INVAL,
+            MapError::BadAddress { .. } => status::FAULT,
+            MapError::NoSpace { .. } => status::NOMEM,
+            MapError::Rejected(_) => status::DEVERR,
+            _ => status::NOMEM,
+        }
+    }
+
+    /// An UNMAP's checks: the mappings it removes (none straddling its ends), or its
+    /// status.
+    fn check_unmap(
+        st: &State,
+        domain: u32,
+        start: u64,
+        end: u64,
+        reserved: bool,
+    ) -> Result<(Arc<Domain>, Vec<Iova>), u8> {
+        if !Self::negotiated(st, feature::MAP_UNMAP) {
+            return Err(status::UNSUPP);
+        }
+        if reserved {
+            return Err(status::INVAL);
+        }
+        let d = match st.domains.get(&domain).map(|d| &d.kind) {
+            None => return Err(status::NOENT),
+            Some(Kind::Bypass) => return Err(status::INVAL),
+            Some(Kind::Paging(d)) => d,
+        };
+        if end < start {
+            return Err(status::INVAL);
+        }
+        // Nothing is mapped past the input range.
+        let end = end.min(v::INPUT_RANGE.1);
+        if start > end {
+            return Ok((Arc::clone(d), Vec::new()));
+        }
+        if d.lookup(Iova(start)).is_some_and(|m| m.iova.0 < start)
+            || d.lookup(Iova(end)).is_some_and(|m| m.end() - 1 > end)
+        {
+            return Err(status::RANGE);
+        }
+        let iovas = d.mappings_in(Iova(start), Iova(end + 1)).iter().map(|m| m.iova).collect();
+        Ok((Arc::clone(d), iovas))
+    }
+}
+
+/// A request taken from the queue, and what to answer.
+struct Taken<'m> {
+    chain: virtio_queue::DescriptorChain<&'m vm_memory::GuestMemoryMmap>,
+    /// Writable bytes the driver gave.
+    writable: usize,
+    request: Option<Request>,
+    status: u8,
+    /// PROBE: the properties to write.
+    probe: Option<Vec<u8>>,
+}
+
+/// MAPs or UNMAPs of one kick on one domain, gathered to reach the DMA core at once.
+enum Batch {
+    None,
+    Map(u32, Vec<(usize, Mapping)>, Arc<Domain>),
+    Unmap(u32, Vec<(usize, Vec<Iova>)>, Arc<Domain>),
+}
+
+impl Viommu {
+    /// Takes every available request, answers them in order (MAP and UNMAP runs
+    /// batched), and returns each with its used length.
+    pub fn process_requests(&self, q: &mut QueueAccess<'_>) {
+        let mut taken: Vec<Taken<'_>> = Vec::new();
+        while let Some(chain) = q.pop() {
+            taken.push(self.parse(q.memory(), chain));
+        }
+        if taken.is_empty() {
+            return;
+        }
+        let mut st = lock(&self.state);
+        let mut batch = Batch::None;
+        for i in 0..taken.len() {
+            let Some(r) = taken[i].request else { continue };
+            if let Some(k) = r_index(&r) {
+                self.counters.requests[k].fetch_add(1, Ordering::Relaxed);
+            }
+            match r {
+                Request::Map { domain, virt_start, virt_end, phys_start, flags } => {
+                    match Self::check_map(&st, domain, virt_start, virt_end, phys_start, flags) {
+                        Err(s) => taken[i].status = s,
+                        Ok((d, m)) => {
+                            if !matches!(&batch, Batch::Map(bd, ..) if *bd == domain) {
+                                self.flush(&mut batch, &mut taken);
+                                batch = Batch::Map(domain, Vec::new(), d);
+                            }
+                            if let Batch::Map(_, items, d) = &mut batch {
+                                // Overlap with what is mapped, or with this batch.
+                                let end = m.end();
+                                let taken_range = d.lookup(m.iova).is_some()
+                                    || !d.mappings_in(m.iova, Iova(end)).is_empty()
+                                    || items.iter().any(|(_, o)| o.iova.0 < end && m.iova.0 < o.end());
+                                if taken_range {
+                                    taken[i].status = status::INVAL;
+                                } else {
+                                    items.push((i, m));
+                                }
+                            }
+                        }
+                    }
+                }
+                Request::Unmap { domain, virt_start, virt_end, reserved } => {
+                    match Self::check_unmap(&st, domain, virt_start, virt_end, reserved) {
+                        Err(s) => taken[i].status = s,
+                        Ok((d, iovas)) => {
+                            if !matches!(&batch, Batch::Unmap(bd, ..) if *bd == domain) {
+                                self.flush(&mut batch, &mut taken);
+                                batch = Batch::Unmap(domain, Vec::new(), d);
+                            }
+                            if let Batch::Unmap(_, items, _) = &mut batch {
+                                items.push((i, iovas));
+                            }
+                        }
+                    }
+                }
+                other => {
+                    self.flush(&mut batch, &mut taken);
+                    taken[i].status = match other {
+                        Request::Attach { domain, endpoint, flags, reserved } => {
+                            self.attach(&mut st, domain, endpoint, flags, reserved)
+                        }
+                        Request::Detach { domain, endpoint } => self.detach(&mut st, domain, endpoint),
+                        Request::Probe { endpoint } => self.probe(&st, &mut taken[i], endpoint),
+                        _ => status::DEVERR,
+                    };
+                }
+            }
+        }
+        self.flush(&mut batch, &mut taken);
+        drop(st);
+        for t in taken {
+            self.answer(q, t);
+        }
+    }
+
+    /// Sends a gathered batch to the DMA core and sets its requests' statuses.
+    fn flush(&self, batch: &mut Batch, taken: &mut [Taken<'_>]) {
+        match std::mem::replace(batch, Batch::None) {
+            Batch::None => {}
+            Batch::Map(_, items, d) => {
+                if items.is_empty() {
+                    return;
+                }
+                self.counters.batches.fetch_add(1, Ordering::Relaxed);
+                let maps: Vec<Mapping> = items.iter().map(|(_, m)| *m).collect();
+                match d.map_many(&maps) {
+                    Ok(()) => items.iter().for_each(|(i, _)| taken[*i].status = status::OK),
+                    // The batch was undone: each on its own, for its own status.
+                    Err(_) => {
+                        for (i, m) in items {
+                            taken[i].status = match d.map(m.iova, m.gpa, m.size, m.perm) {
+                                Ok(()) => status::OK,
+                                Err(e) => Self::map_status(&e),
+                            };
+                        }
+                    }
+                }
+            }
+            Batch::Unmap(_, items, d) => {
+                self.counters.batches.fetch_add(1, Ordering::Relaxed);
+                let mut all: Vec<Iova> = items.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+                all.sort_unstable_by_key(|i| i.0);
+                all.dedup();
+                if !all.is_empty() {
+                    d.unmap_exact(&all);
+                }
+                items.iter().for_each(|(i, _)| taken[*i].status = status::OK);
+            }
+        }
+    }
+
+    /// PROBE: the endpoint's properties (one RESV_MEM MSI region), zeros after; INVAL
+    /// if the driver gave less than `probe_size` bytes for them.
+    fn probe(&self, st: &State, t: &mut Taken<'_>, endpoint: u32) -> u8 {
+        if !Self::negotiated(st, feature::PROBE) {
+            return status::UNSUPP;
+        }
+        if !st.endpoints.contains_key(&endpoint) {
+            return status::NOENT;
+        }
+        let size = v::PROBE_SIZE as usize;
+        if t.writable < size + v::size::TAIL as usize {
+            return status::INVAL;
+        }
+        let mut p = vec![0u8; size];
+        p[0..2].copy_from_slice(&v::probe::T_RESV_MEM.to_le_bytes());
+        p[2..4].copy_from_slice(&v::probe::RESV_MEM_LEN.to_le_bytes());
+        p[4] = v::probe::RESV_MEM_T_MSI;
+        p[8..16].copy_from_slice(&v::MSI_REGION.0.to_le_bytes());
+        p[16..24].copy_from_slice(&v::MSI_REGION.1.to_le_bytes());
+        t.probe = Some(p);
+        status::OK
+    }
+
+    /// Reads one chain's request (None: unrecognised or unparsable: returned unwritten).
+    fn parse<'m>(
+        &self,
+        mem: &'m vm_memory::GuestMemoryMmap,
+        chain: virtio_queue::DescriptorChain<&'m vm_memory::GuestMemoryMmap>,
+    ) -> Taken<'m> {
+        let mut t = Taken { chain: chain.clone(), writable: 0, request: None, status: status::OK, probe: None };
+        let (Ok(mut reader), Ok(writer)) = (chain.clone().reader(mem), chain.writer(mem)) else { return t };
+        t.writable = writer.available_bytes();
+        let mut b = [0u8; v::size::PROBE as usize];
+        let n = reader.available_bytes().min(b.len());
+        if n == 0 || reader.read_exact(&mut b[..n]).is_err() || t.writable < v::size::TAIL as usize {
+            return t;
+        }
+        t.request = wire::decode(&b[..n]);
+        t
+    }
+
+    /// Returns a chain: its status (and PROBE's properties) written, the used length
+    /// the full writable size for a recognised request, 0 otherwise.
+    fn answer(&self, q: &mut QueueAccess<'_>, t: Taken<'_>) {
+        let head = t.chain.head_index();
+        if t.request.is_none() {
+            self.counters.unwritten.fetch_add(1, Ordering::Relaxed);
+            q.add_used(head, 0);
+            return;
+        }
+        if let Some(c) = self.counters.statuses.get(usize::from(t.status)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        let is_probe = matches!(t.request, Some(Request::Probe { .. }));
+        // The tail: after probe_size bytes of properties for PROBE (or at the end of a
+        // shorter buffer, which is INVAL), first for the others.
+        let tail_at = if is_probe { (v::PROBE_SIZE as usize).min(t.writable - v::size::TAIL as usize) } else { 0 };
+        let used = if is_probe { tail_at + v::size::TAIL as usize } else { v::size::TAIL as usize };
+        let Ok(mut w) = t.chain.writer(q.memory()) else {
+            q.add_used(head, 0);
+            return;
+        };
+        // PROBE's properties when it succeeded; otherwise the bytes before the tail are
+        // left as they were (no property written on error).
+        let at_tail = match &t.probe {
+            Some(p) => w.write_all(p).ok().map(|()| w),
+            None => w.split_at(tail_at).ok(),
+        };
+        let mut tail = [0u8; v::size::TAIL as usize];
+        tail[0] = t.status;
+        if at_tail.is_none_or(|mut w| w.write_all(&tail).is_err()) {
+            q.add_used(head, 0);
+            return;
+        }
+        q.add_used(head, used as u32);
+    }
+
+    /// Writes waiting fault reports into event buffers, in order; a report finding no
+    /// buffer is dropped and counted.
+    pub fn process_events(&self, q: &mut QueueAccess<'_>) {
+        loop {
+            let Some(e) = lock(&self.pending).pop_front() else { return };
+            // Without a buffer the report is dropped (counted): the device never
+            // waits on the driver.
+            let Some(chain) = q.pop() else {
+                self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let head = chain.head_index();
+            let mut b = [0u8; v::size::FAULT as usize];
+            b[0] = e.reason;
+            b[4..8].copy_from_slice(&e.flags.to_le_bytes());
+            b[8..12].copy_from_slice(&e.endpoint.to_le_bytes());
+            b[16..24].copy_from_slice(&e.address.to_le_bytes());
+            let written = chain
+                .writer(q.memory())
+                .ok()
+                .filter(|w| w.available_bytes() >= b.len())
+                .and_then(|mut w| w.write_all(&b).ok());
+            match written {
+                Some(()) => {
+                    self.counters.events.fetch_add(1, Ordering::Relaxed);
+                    q.add_used(head, b.len() as u32);
+                }
+                None => {
+                    self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
+                    q.add_used(head, 0);
+                }
+            }
+        }
+    }
+}
+
+fn r_index(r: &Request) -> Option<usize> {
+    Some(match r {
+        Request::Attach { .. } => 0,
+        Request::Detach { .. } => 1,
+        Request::Map { .. } => 2,
+        Request::Unmap { .. } => 3,
+        Request::Probe { .. } => 4,
+    })
+}
