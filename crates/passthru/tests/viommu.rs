@@ -569,3 +569,257 @@ fn fault_reports_are_dropped_and_counted_without_a_buffer_and_never_block() {
     let f = c.wait_faults(1, Duration::from_secs(5));
     assert_eq!(f.first().map(|f| f.address), Some(DATA_IOVA + PAGE));
 }
+
+/// Publishes a raw chain (descriptors from 1000 up, out of the driver's way) on the
+/// request queue; returns its head.
+fn raw_chain(c: &mut Client<&Vm>, descs: &[(u64, u32, u16, u16)]) -> u16 {
+    let mem = std::sync::Arc::clone(c.driver().memory());
+    let q = c.driver().queue(v::REQUESTQ).unwrap();
+    for (i, (addr, len, flags, next)) in descs.iter().enumerate() {
+        q.write_desc(&mem, 1000 + i as u16, *addr, *len, *flags, *next);
+    }
+    q.push_avail(&mem, 1000);
+    q.publish(&mem);
+    1000
+}
+
+#[test]
+fn hostile_chains_all_come_back_and_never_stop_the_queue() {
+    use abi::virtio::ring::{DESC_F_NEXT as N, DESC_F_WRITE as W};
+    let vm = vm(Some(",process=inline"));
+    let mut c = start(&vm);
+    let mem = std::sync::Arc::clone(vm.ram().memory_arc());
+    let req = 0x280_0000u64;
+    let tail = req + 0x100;
+    vm_memory::Bytes::write_slice(
+        mem.as_ref(),
+        &iommu::viommu::wire::encode(&attach(1, EP)),
+        vm_memory::GuestAddress(req),
+    )
+    .unwrap();
+    let hostile: &[(&str, &[(u64, u32, u16, u16)])] = &[
+        ("too short to hold a head", &[(req, 2, N, 1001), (tail, 4, W, 0)]),
+        ("no writable part", &[(req, 20, 0, 0)]),
+        ("a writable part shorter than the tail", &[(req, 20, N, 1001), (tail, 2, W, 0)]),
+        ("a descriptor that is its own next", &[(req, 20, N, 1000)]),
+        ("a loop through the writable part", &[(req, 20, N, 1001), (tail, 4, W | N, 1001)]),
+        ("a length past the end of memory", &[(req, u32::MAX, N, 1001), (tail, 4, W, 0)]),
+        ("an address nothing backs", &[(0xdead_0000_0000, 20, N, 1001), (tail, 4, W, 0)]),
+        ("a next past the queue", &[(req, 20, N, 5000)]),
+        ("readable after writable", &[(tail, 4, W | N, 1001), (req, 20, 0, 0)]),
+    ];
+    for (what, descs) in hostile {
+        let head = raw_chain(&mut c, descs);
+        c.driver().notify(v::REQUESTQ);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let u = c.driver().queue(v::REQUESTQ).unwrap().wait_used(&mem, deadline);
+        let u = u.unwrap_or_else(|| panic!("{what}: the chain never came back"));
+        assert_eq!(u.head, head, "{what}");
+        assert!(u.len <= 4, "{what}: used length {}", u.len);
+        assert_eq!(
+            c.driver().status() & abi::virtio::status::NEEDS_RESET,
+            0,
+            "{what}: a bad chain is not a broken queue"
+        );
+    }
+    // The queue goes on.
+    assert_eq!(c.one(attach(1, EP)).unwrap(), Some(status::OK));
+    assert_eq!(c.one(mapr(1, DATA_IOVA, DATA_GPA, PAGE, RW)).unwrap(), Some(status::OK));
+}
+
+#[test]
+fn a_malformed_ring_sets_needs_reset_and_notifies_a_configuration_change() {
+    let vm = vm(None);
+    let mem = std::sync::Arc::clone(vm.ram().memory_arc());
+    let mut c =
+        Client::start_with(&vm, std::sync::Arc::clone(&mem), DRV, Client::<&Vm>::linux_features(), true).unwrap();
+    let q = |s: &str| common::qtest_cmd(&vm, s);
+    assert_eq!(q("irq_mode viommu 2 0 vmm"), "OK", "{}", q("irq_list"));
+    let config_irqs = || vm.irqs().stats(&irq::SourceId::new("viommu", 2, 0)).unwrap().vmm_delivered;
+    assert_eq!(config_irqs(), 0);
+    // The available index 2000 entries ahead of what the device took: not a ring.
+    let avail = c.driver().queue(v::REQUESTQ).unwrap().avail;
+    vm_memory::Bytes::write_obj(mem.as_ref(), 2000u16, vm_memory::GuestAddress(avail + 2)).unwrap();
+    c.driver().notify(v::REQUESTQ);
+    let t = std::time::Instant::now();
+    while c.driver().status() & abi::virtio::status::NEEDS_RESET == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "DEVICE_NEEDS_RESET never set");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(c.driver().isr() & 2, 2, "the ISR says: configuration change");
+    assert_eq!(config_irqs(), 1, "the configuration-change vector fired once");
+    // A reset brings it back.
+    let mut c = Client::start(&vm, mem, DRV, Client::<&Vm>::linux_features()).unwrap();
+    assert_eq!(c.driver().status() & abi::virtio::status::NEEDS_RESET, 0);
+    assert_eq!(c.one(Request::Probe { endpoint: 0x99 }).unwrap(), Some(status::NOENT));
+}
+
+#[test]
+fn its_vectors_are_interrupt_sources_switchable_on_a_live_device() {
+    let vm = vm(Some(",process=inline"));
+    let mem = std::sync::Arc::clone(vm.ram().memory_arc());
+    let mut c = Client::start_with(&vm, mem, DRV, Client::<&Vm>::linux_features(), true).unwrap();
+    let q = |s: &str| common::qtest_cmd(&vm, s);
+    let list = q("irq_list");
+    for n in 0..3 {
+        assert!(list.contains(&format!("viommu/2/{n}=forwarded")), "{list}");
+    }
+    let requestq = irq::SourceId::new("viommu", 2, 1);
+    let delivered = || vm.irqs().stats(&requestq).unwrap().vmm_delivered;
+    assert_eq!(q("irq_mode viommu 2 1 vmm"), "OK");
+    // One interrupt per kick answered (a driver that waits for each: signals that
+    // come faster than the VMM takes them merge, as MSIs pending on one vector do).
+    for i in 0..5u64 {
+        assert_eq!(c.one(attach(1 + i as u32 % 2, EP)).unwrap(), Some(status::OK));
+        let t = std::time::Instant::now();
+        while delivered() < i + 1 {
+            assert!(t.elapsed() < Duration::from_secs(5), "{} kicks, {} interrupts", i + 1, delivered());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    assert_eq!(delivered(), 5);
+    // Back to KVM while live: the VMM delivers no more.
+    assert_eq!(q("irq_mode viommu 2 1 forwarded"), "OK");
+    let before = delivered();
+    assert_eq!(c.one(attach(1, EP)).unwrap(), Some(status::OK));
+    assert_eq!(delivered(), before);
+}
+
+#[test]
+fn map_and_unmap_runs_of_one_kick_reach_the_dma_core_as_one_batch() {
+    let vm = vm(Some(",process=inline"));
+    let mut c = start(&vm);
+    assert_eq!(c.one(attach(1, EP)).unwrap(), Some(status::OK));
+    let batches = |vm: &Vm| stat(vm, "batches").parse::<u64>().unwrap();
+    let b0 = batches(&vm);
+    let maps: Vec<Request> = (0..256).map(|i| mapr(1, DATA_IOVA + i * PAGE, DATA_GPA, PAGE, RW)).collect();
+    let r = c.send(&maps).unwrap();
+    assert!(r.iter().all(|r| r.status == Some(status::OK)));
+    assert_eq!(batches(&vm), b0 + 1, "256 MAPs of one kick: one batch");
+    assert_eq!(stat(&vm, "mappings"), "256");
+    // A bad one in the middle: its own status, the rest mapped in the batch; one
+    // past RAM: the batch is undone and each mapped on its own, for its own status.
+    let mut mixed: Vec<Request> = (0..8).map(|i| mapr(1, 0x4000_0000 + i * PAGE, DATA_GPA, PAGE, RW)).collect();
+    mixed[3] = mapr(1, DATA_IOVA, DATA_GPA, PAGE, RW);
+    mixed[5] = mapr(1, 0x5000_0000, 0x10_0000_0000, PAGE, RW);
+    let r = c.send(&mixed).unwrap();
+    let st: Vec<Option<u8>> = r.iter().map(|r| r.status).collect();
+    let ok = Some(status::OK);
+    assert_eq!(st, vec![ok, ok, ok, Some(status::INVAL), ok, Some(status::FAULT), ok, ok]);
+    assert_eq!(stat(&vm, "mappings"), "262");
+    let b1 = batches(&vm);
+    let unmaps: Vec<Request> = (0..256).map(|i| unmap(1, DATA_IOVA + i * PAGE, PAGE)).collect();
+    assert!(c.send(&unmaps).unwrap().iter().all(|r| r.status == Some(status::OK)));
+    assert_eq!(batches(&vm), b1 + 1, "256 UNMAPs of one kick: one batch");
+    assert_eq!(stat(&vm, "mappings"), "6");
+    // Another request between two runs ends the first.
+    let b2 = batches(&vm);
+    let r = c
+        .send(&[
+            mapr(1, DATA_IOVA, DATA_GPA, PAGE, RW),
+            Request::Probe { endpoint: EP },
+            mapr(1, DATA_IOVA + PAGE, DATA_GPA, PAGE, RW),
+        ])
+        .unwrap();
+    assert!(r.iter().all(|r| r.status == Some(status::OK)));
+    assert_eq!(batches(&vm), b2 + 2);
+}
+
+/// Starts the engine filling `iova` over and over (a ring of one descriptor, its tail
+/// far ahead); returns its register base.
+fn engine_fill_forever(vm: &Vm, iova: u64, pattern: u64) -> u64 {
+    use abi::dma_engine::regs as r;
+    let q = |s: &str| common::qtest_cmd(vm, s);
+    let regs = engine_regs(vm);
+    let d = Descriptor { completion: RING_IOVA + 0x800, ..fill(iova, pattern) };
+    let hex: String = d.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(q(&format!("write {RING_GPA:#x} 64 0x{hex}")), "OK");
+    assert_eq!(q(&format!("writel {:#x} {}", regs + r::CONTROL, abi::dma_engine::control::RESET)), "OK");
+    assert_eq!(q(&format!("writeq {:#x} {RING_IOVA:#x}", regs + r::RING_BASE)), "OK");
+    assert_eq!(q(&format!("writel {:#x} 1", regs + r::RING_SIZE)), "OK");
+    assert_eq!(q(&format!("writel {:#x} 1", regs + r::CONTROL)), "OK");
+    assert_eq!(q(&format!("writel {:#x} 1000000", regs + r::TAIL)), "OK");
+    regs
+}
+
+#[test]
+fn once_unmap_or_a_move_is_answered_no_dma_lands_through_the_old_mapping() {
+    let vm = vm(Some(",process=inline"));
+    let mut c = start(&vm);
+    engine_in_domain(&mut c, 1);
+    let mem = std::sync::Arc::clone(vm.ram().memory_arc());
+    let marker = 0x6d61_726b_6572u64;
+    let read = || vm_memory::Bytes::read_obj::<u64>(mem.as_ref(), vm_memory::GuestAddress(DATA_GPA)).unwrap();
+    let write_marker = || vm_memory::Bytes::write_obj(mem.as_ref(), marker, vm_memory::GuestAddress(DATA_GPA)).unwrap();
+    for round in 0..20u64 {
+        // The engine fills the data page without pause; the guest unmaps it.
+        assert_eq!(c.one(mapr(1, DATA_IOVA, DATA_GPA, PAGE, RW)).unwrap(), Some(status::OK));
+        write_marker();
+        let regs = engine_fill_forever(&vm, DATA_IOVA, 0x1000 + round);
+        let t = std::time::Instant::now();
+        while read() == marker {
+            assert!(t.elapsed() < Duration::from_secs(5), "the engine never wrote");
+            std::thread::yield_now();
+        }
+        assert_eq!(c.one(unmap(1, DATA_IOVA, PAGE)).unwrap(), Some(status::OK));
+        write_marker();
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(read(), marker, "round {round}: a DMA through the unmapped page landed after UNMAP was answered");
+        let q = |s: &str| common::qtest_cmd(&vm, s);
+        assert_eq!(q(&format!("writel {:#x} 2", regs + abi::dma_engine::regs::CONTROL)), "OK");
+    }
+    // The same for a move: domain 2 maps the ring only.
+    for round in 0..20u32 {
+        let (from, to) = if round % 2 == 0 { (1, 2) } else { (2, 1) };
+        let r = c.send(&[mapr(from, DATA_IOVA, DATA_GPA, PAGE, RW)]).unwrap();
+        assert_eq!(r[0].status, Some(status::OK));
+        write_marker();
+        let regs = engine_fill_forever(&vm, DATA_IOVA, 0x2000 + u64::from(round));
+        let t = std::time::Instant::now();
+        while read() == marker {
+            assert!(t.elapsed() < Duration::from_secs(5), "the engine never wrote");
+            std::thread::yield_now();
+        }
+        // `to` exists only while an endpoint is in it: recreated with the ring mapped
+        // right after the move (its first mapping arrives after the handover).
+        let r = c.send(&[attach(to, EP), mapr(to, RING_IOVA, RING_GPA, PAGE, RW)]).unwrap();
+        assert!(r.iter().all(|r| r.status == Some(status::OK)), "{r:?}");
+        write_marker();
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(read(), marker, "round {round}: a DMA through the old domain landed after ATTACH was answered");
+        let q = |s: &str| common::qtest_cmd(&vm, s);
+        assert_eq!(q(&format!("writel {:#x} 2", regs + abi::dma_engine::regs::CONTROL)), "OK");
+    }
+}
+
+#[test]
+fn a_snapshot_keeps_domains_mappings_bypass_and_the_queues_where_they_were() {
+    let spec = "dma-engine,dma=virtio-iommu,process=inline";
+    let vm = vm(Some(",process=inline"));
+    let mut c = start(&vm);
+    c.write_bypass(0);
+    engine_in_domain(&mut c, 3);
+    assert_eq!(c.one(mapr(3, DATA_IOVA, DATA_GPA, 2 * PAGE, map::READ)).unwrap(), Some(status::OK));
+    assert_eq!(c.one(mapr(3, DATA_IOVA + 4 * PAGE, DATA_GPA, PAGE, RW)).unwrap(), Some(status::OK));
+    let dir = std::env::temp_dir().join(format!("passthru-viommu-snap-{}", std::process::id()));
+    let vm2 = common::snapshot_and_restore(&vm, &dir, &[("dma0", spec)], config());
+    let mem2 = std::sync::Arc::clone(vm2.ram().memory_arc());
+    let mut c = c.moved_to(&vm2, mem2);
+    assert_eq!(c.read_config().bypass, 0);
+    assert_eq!(stat(&vm2, "mappings"), "3");
+    let info = common::qtest_cmd(&vm2, "virtio-iommu_info domain=3");
+    assert!(info.starts_with("OK kind=paging endpoints=0x8 mappings=3"), "{info}");
+    // The queues go on where they were; the mappings are there with their rights.
+    assert_eq!(c.one(mapr(3, DATA_IOVA, DATA_GPA, PAGE, RW)).unwrap(), Some(status::INVAL), "still mapped");
+    assert_eq!(run(&vm2, fill(DATA_IOVA + 4 * PAGE, 0x99)), completion::SUCCESS);
+    assert_eq!(readq(&vm2, DATA_GPA), 0x99);
+    assert_eq!(run(&vm2, fill(DATA_IOVA, 1)), completion::DMA_FAULT, "read-only stays read-only");
+    let f = c.wait_faults(1, Duration::from_secs(5));
+    assert_eq!(
+        f.first().map(|f| (f.reason, f.address)),
+        Some((fault::R_MAPPING, DATA_IOVA)),
+        "the event queue goes on"
+    );
+    assert_eq!(c.one(unmap(3, 0, v::INPUT_RANGE.1 + 1)).unwrap(), Some(status::OK));
+    assert_eq!(stat(&vm2, "mappings"), "0");
+}

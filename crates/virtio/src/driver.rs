@@ -299,6 +299,23 @@ impl<B: Bus> Driver<B> {
         Ok(a)
     }
 
+    /// The same driver, its device now reached through `bus` and `memory` (a VM
+    /// restored from a snapshot of this one: the same addresses, the same queues).
+    pub fn moved_to<B2: Bus>(self, bus: B2, memory: Arc<GuestMemoryMmap>) -> Driver<B2> {
+        Driver {
+            bus,
+            memory,
+            config: self.config,
+            common: self.common,
+            isr: self.isr,
+            device: self.device,
+            notify: self.notify,
+            notify_multiplier: self.notify_multiplier,
+            msix: self.msix,
+            queues: self.queues,
+        }
+    }
+
     /// The bus it is driven through.
     pub fn bus(&self) -> &B {
         &self.bus

@@ -9,7 +9,7 @@
 //!
 //! Status follows the spec: FEATURES_OK only for features the device offers (with
 //! VERSION_1) that it accepts; DRIVER_OK starts the queues (a malformed queue sets
-//! DEVICE_NEEDS_RESET instead); writing 0 resets the device (queues, vectors, the
+//! DEVICE_NEEDS_RESET instead, and notifies a configuration change); writing 0 resets the device (queues, vectors, the
 //! device's own state) and reads back 0 once done.
 //!
 //! Locks: `regs` (configuration space, common registers) -> `vectors` (MSI-X) and
@@ -29,6 +29,11 @@ use virtio_queue::{Queue, QueueT};
 use vm_api::{IoAddr, IoEvents};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+/// ISR status bit of a configuration change.
+const ISR_CONFIG: u8 = 2;
+/// ISR status bit of a queue interrupt.
+const ISR_QUEUE: u8 = 1;
 
 /// Size of BAR 0.
 pub const BAR_SIZE: u64 = 0x8000;
@@ -123,6 +128,8 @@ struct Shared {
     wake: EventFd,
     isr: AtomicU8,
     needs_reset: AtomicBool,
+    /// The configuration-change vector (the driver's `config_msix_vector`).
+    config_vector: AtomicU16,
     /// Paused: the worker takes no work (and `run_lock` waits for what it has).
     paused: AtomicBool,
     /// Work that came while paused: run at resume.
@@ -206,6 +213,7 @@ impl VirtioPci {
                 wake: irq::eventfd()?,
                 isr: AtomicU8::new(0),
                 needs_reset: AtomicBool::new(false),
+                config_vector: AtomicU16::new(abi::virtio::NO_VECTOR),
                 paused: AtomicBool::new(false),
                 missed: AtomicBool::new(false),
                 run_lock: Mutex::new(()),
@@ -330,7 +338,10 @@ impl VirtioPci {
                 1 => r.driver_features = (r.driver_features & 0xffff_ffff) | ((v & 0xffff_ffff) << 32),
                 _ => {}
             },
-            common::CONFIG_MSIX_VECTOR => r.config_vector = v as u16,
+            common::CONFIG_MSIX_VECTOR => {
+                r.config_vector = v as u16;
+                self.shared.config_vector.store(v as u16, Ordering::Release);
+            }
             common::DEVICE_STATUS => self.set_status(r, v as u8),
             common::QUEUE_SELECT => r.queue_select = v as u16,
             common::QUEUE_MSIX_VECTOR => {
@@ -427,7 +438,7 @@ impl VirtioPci {
             Ok(w) => r.worker = Some(w),
             Err(e) => {
                 tracing::error!("{}: cannot start its queue worker: {e}", self.shared.name);
-                self.shared.needs_reset.store(true, Ordering::Release);
+                self.shared.fail();
             }
         }
         // Work the driver queued before DRIVER_OK.
@@ -453,6 +464,7 @@ impl VirtioPci {
         r.device_feature_select = 0;
         r.driver_feature_select = 0;
         r.config_vector = abi::virtio::NO_VECTOR;
+        self.shared.config_vector.store(abi::virtio::NO_VECTOR, Ordering::Release);
         r.queue_select = 0;
         self.shared.isr.store(0, Ordering::Release);
         self.shared.needs_reset.store(false, Ordering::Release);
@@ -552,6 +564,7 @@ impl VirtioPci {
         }
         r.driver_features = s.driver_features;
         r.config_vector = s.config_vector;
+        self.shared.config_vector.store(s.config_vector, Ordering::Release);
         r.status = s.status & !status::NEEDS_RESET;
         if r.status & status::DRIVER_OK != 0 {
             self.shared.paused.store(true, Ordering::Release);
@@ -608,6 +621,16 @@ impl Runner for Shared {
 }
 
 impl Shared {
+    /// The device cannot go on: DEVICE_NEEDS_RESET, and (the first time) a
+    /// configuration-change notification, as the spec asks of a live device.
+    fn fail(&self) {
+        if self.needs_reset.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.isr.fetch_or(ISR_CONFIG, Ordering::AcqRel);
+        lock(&self.vectors).signal(self.config_vector.load(Ordering::Acquire));
+    }
+
     /// Runs queue `i` and tells the driver what was used (if it asked to be told).
     fn run_queue(&self, i: u16) {
         let Some(slot) = self.queues.get(usize::from(i)) else { return };
@@ -621,10 +644,10 @@ impl Shared {
             (used, notify, failed)
         };
         if failed {
-            self.needs_reset.store(true, Ordering::Release);
+            self.fail();
         }
         if notify {
-            self.isr.fetch_or(1, Ordering::AcqRel);
+            self.isr.fetch_or(ISR_QUEUE, Ordering::AcqRel);
             let v =
                 self.queue_vectors.get(usize::from(i)).map_or(abi::virtio::NO_VECTOR, |a| a.load(Ordering::Acquire));
             lock(&self.vectors).signal(v);

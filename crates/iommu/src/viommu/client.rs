@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use virtio::driver::{Buf, Bus, Driver, ring_bytes};
 use vm_memory::{Bytes, GuestAddress};
 
+/// The interrupt vector of MSI-X vector 0 when the driver turns MSI-X on.
+pub const MSI_VECTOR_BASE: u32 = 0x50;
 /// Event buffers the driver keeps posted.
 pub const EVENT_BUFFERS: u16 = 64;
 /// Bytes of one request slot (the largest request with PROBE's properties fits).
@@ -134,12 +136,31 @@ impl<B: Bus> Client<B> {
         base: u64,
         want: u64,
     ) -> Result<Self, String> {
+        Self::start_with(bus, memory, base, want, false)
+    }
+
+    /// [`Client::start`], with MSI-X on when `msix`: vector 0 for configuration
+    /// changes, 1 for the request queue, 2 for the event queue, each an MSI to the
+    /// boot CPU with vector [`MSI_VECTOR_BASE`] + its number.
+    pub fn start_with(
+        bus: B,
+        memory: std::sync::Arc<vm_memory::GuestMemoryMmap>,
+        base: u64,
+        want: u64,
+        msix: bool,
+    ) -> Result<Self, String> {
         let config = abi::pci::ECAM_BASE + (u64::from(v::SLOT) << 15);
         let mut driver = Driver::new(bus, memory, config)?;
         let features = driver.negotiate(want)?;
         let l = layout(base);
-        driver.setup_queue(v::REQUESTQ, v::QUEUE_SIZE, l.requestq, None)?;
-        driver.setup_queue(v::EVENTQ, EVENT_BUFFERS, l.eventq, None)?;
+        let vector = |n: u16| msix.then_some(n);
+        if msix {
+            let msg = |n: u32| (abi::layout::MSI_ADDR_BASE, MSI_VECTOR_BASE + n);
+            driver.enable_msix(&[msg(0), msg(1), msg(2)])?;
+            driver.set_config_vector(0);
+        }
+        driver.setup_queue(v::REQUESTQ, v::QUEUE_SIZE, l.requestq, vector(1))?;
+        driver.setup_queue(v::EVENTQ, EVENT_BUFFERS, l.eventq, vector(2))?;
         driver.driver_ok();
         let mut c = Client {
             driver,
@@ -152,6 +173,19 @@ impl<B: Bus> Client<B> {
         c.config = c.read_config();
         c.post_events()?;
         Ok(c)
+    }
+
+    /// The same driver, the device now reached through `bus` and `memory` (a VM
+    /// restored from a snapshot of this one).
+    pub fn moved_to<B2: Bus>(self, bus: B2, memory: std::sync::Arc<vm_memory::GuestMemoryMmap>) -> Client<B2> {
+        Client {
+            driver: self.driver.moved_to(bus, memory),
+            slots: self.slots,
+            events: self.events,
+            nslots: self.nslots,
+            config: self.config,
+            features: self.features,
+        }
     }
 
     /// Features Linux asks for.

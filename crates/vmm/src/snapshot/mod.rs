@@ -558,10 +558,17 @@ impl Snapshot {
         Ok(())
     }
 
-    /// Loads the irqchip and clock (KVM), then lets every device run.
+    /// Loads the irqchip and clock (KVM), then lets every front-end worker and every
+    /// device run.
     pub fn start(&self, vm: &Vm) -> Result<()> {
         if let (Some(kvm), Some(chip)) = (vm.kvm(), self.state.components.get("irqchip")) {
             kvm.restore(chip).map_err(component)?;
+        }
+        // Front-ends' workers first (as a resume does), then the devices.
+        for fe in vm.frontends().all() {
+            if let Some(p) = fe.pausable() {
+                p.resume().map_err(component)?;
+            }
         }
         for d in &self.state.layout.devices {
             if let Some(dev) = vm.device(&d.name) {
