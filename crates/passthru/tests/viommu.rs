@@ -570,9 +570,12 @@ fn fault_reports_are_dropped_and_counted_without_a_buffer_and_never_block() {
     assert_eq!(f.first().map(|f| f.address), Some(DATA_IOVA + PAGE));
 }
 
+/// A raw descriptor: address, length, flags, next.
+type RawDesc = (u64, u32, u16, u16);
+
 /// Publishes a raw chain (descriptors from 1000 up, out of the driver's way) on the
 /// request queue; returns its head.
-fn raw_chain(c: &mut Client<&Vm>, descs: &[(u64, u32, u16, u16)]) -> u16 {
+fn raw_chain(c: &mut Client<&Vm>, descs: &[RawDesc]) -> u16 {
     let mem = std::sync::Arc::clone(c.driver().memory());
     let q = c.driver().queue(v::REQUESTQ).unwrap();
     for (i, (addr, len, flags, next)) in descs.iter().enumerate() {
@@ -597,7 +600,7 @@ fn hostile_chains_all_come_back_and_never_stop_the_queue() {
         vm_memory::GuestAddress(req),
     )
     .unwrap();
-    let hostile: &[(&str, &[(u64, u32, u16, u16)])] = &[
+    let hostile: &[(&str, &[RawDesc])] = &[
         ("too short to hold a head", &[(req, 2, N, 1001), (tail, 4, W, 0)]),
         ("no writable part", &[(req, 20, 0, 0)]),
         ("a writable part shorter than the tail", &[(req, 20, N, 1001), (tail, 2, W, 0)]),
