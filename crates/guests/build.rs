@@ -47,6 +47,10 @@ const PROGRAMS: &[(&str, &str)] = &[
         "pci",
         "lists the PCI functions it finds through ECAM, one line each (arg 0); or drives the INTx test device: registers, N interrupts, reset (args: 1 N=100; needs --device intx-test)",
     ),
+    (
+        "viommu",
+        "a DMA engine behind virtio-iommu in strict mode: PROBE, ATTACH, map/copy/unmap per transfer, faults reported, a move between domains without DETACH (needs --device dma-engine,dma=virtio-iommu; args: 1 N for N timed transfers)",
+    ),
     ("intx", "level-triggered INTx with resample: one interrupt per assertion (args: N=1000 M=0 switches)"),
 ];
 

@@ -211,8 +211,9 @@ fn ensure_locked_memory(args: &RunArgs, memory: u64, devices: &[crate::device::D
             let _ = writeln!(std::io::stderr(), "{line}");
         }
         Ok(None) => {}
-        // Only an identity domain cannot work below the need; the others pin on demand.
-        Err(why) if devices.iter().any(|d| d.frontend() == "identity") => {
+        // Only an identity domain (or virtio-iommu's bypass, an identity domain too)
+        // cannot work below the need; the others pin on demand.
+        Err(why) if devices.iter().any(|d| ["identity", "virtio-iommu"].contains(&d.frontend())) => {
             let _ = writeln!(std::io::stderr(), "passthru: {why}");
         }
         Err(_) => {}

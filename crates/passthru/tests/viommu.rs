@@ -826,3 +826,48 @@ fn a_snapshot_keeps_domains_mappings_bypass_and_the_queues_where_they_were() {
     assert_eq!(c.one(unmap(3, 0, v::INPUT_RANGE.1 + 1)).unwrap(), Some(status::OK));
     assert_eq!(stat(&vm2, "mappings"), "0");
 }
+
+/// Runs the `viommu` guest with the engine in `mode`; its standard output.
+fn viommu_guest(mode: &str) -> String {
+    let device = format!("dma-engine,dma=virtio-iommu{mode}");
+    let args = ["run", "--guest", "viommu", "--memory", "64M", "--locked-memory", "64M", "--device", &device];
+    let out = common::output_within(common::bin().args(args), Duration::from_secs(120));
+    let (stdout, stderr) = (common::text(&out.stdout), common::text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{device}: {stdout}{stderr}");
+    assert!(!stderr.contains("cannot bypass"), "64 MiB locked: boot bypass works: {stderr}");
+    for line in [
+        "viommu: endpoint 0x8: MSI doorbell 0xfee00000..0xfeefffff reserved",
+        "viommu: 3 strict transfers in domain 1 (map, copy, unmap)",
+        "viommu: moved from domain 1 to 2 without DETACH, transfers go on",
+        "viommu: 4 transfers,",
+    ] {
+        assert!(stdout.contains(line), "{device}: {line} in {stdout}");
+    }
+    stdout
+}
+
+#[test]
+fn the_viommu_guest_with_the_engine_in_the_vmm_sees_every_fault_reported() {
+    vmm::require_kvm!();
+    let out = viommu_guest(",process=inline");
+    for why in ["unmapped", "read-only", "mapped only in the old domain"] {
+        assert!(out.contains(&format!("({why}) faulted, memory untouched, reported")), "{why}: {out}");
+    }
+}
+
+#[test]
+fn the_viommu_guest_with_the_engine_in_its_own_process() {
+    vmm::require_kvm!();
+    for mode in ["", ",iommu-mode=messages"] {
+        let out = viommu_guest(mode);
+        // The device process refuses an IOVA it was never given by itself (vfio-user
+        // allows DMA_READ/DMA_WRITE only of exported ranges); a write to a read-only
+        // window reaches the VMM, which refuses and reports it.
+        assert!(out.contains("(unmapped) faulted, memory untouched, not reported"), "{mode}: {out}");
+        assert!(out.contains("(read-only) faulted, memory untouched, reported"), "{mode}: {out}");
+        assert!(
+            out.contains("(mapped only in the old domain) faulted, memory untouched, not reported"),
+            "{mode}: {out}"
+        );
+    }
+}

@@ -4,7 +4,8 @@
 //! invokes [`entry!`]. The runtime provides the ELF entry point, console output on
 //! COM1 ([`println!`]), a panic handler that reports on the error console and ends the
 //! run with [`abi::EXIT_PANIC`], an IDT with per-vector handlers, x2APIC helpers, the
-//! hypercall helper and MMIO accessors.
+//! hypercall helper and MMIO accessors, drivers for the DMA engine, paravirtual DMA,
+//! virtio-pci and virtio-iommu.
 //!
 //! Print integers with [`fmt::Dec`] and use no width or precision specifiers: see
 //! `guest/README.md` for what this machine's instruction emulator executes.
@@ -22,6 +23,8 @@ pub mod mmio;
 pub mod pci;
 pub mod pio;
 pub mod pvdma;
+pub mod viommu;
+pub mod virtio;
 
 pub use abi;
 pub use abi::layout::BootInfo;

@@ -57,6 +57,8 @@ pub(super) struct Ep {
     pub(super) domain: Option<u32>,
     /// On the identity (bypass) domain now.
     pub(super) in_identity: bool,
+    /// Bypass was refused once (said once).
+    pub(super) bypass_refused: bool,
 }
 
 /// The device's state (one lock).
@@ -244,7 +246,11 @@ impl Viommu {
                 match self.identity.attach(&e.device) {
                     Ok(()) => e.in_identity = true,
                     Err(err) => {
-                        tracing::warn!("virtio-iommu: endpoint {id:#x} cannot bypass: {err}");
+                        if !std::mem::replace(&mut e.bypass_refused, true) {
+                            tracing::warn!(
+                                "virtio-iommu: endpoint {id:#x} cannot bypass, it reaches nothing until the guest attaches it: {err}"
+                            );
+                        }
                         let _ = e.device.endpoint.attach(Some(Arc::clone(&self.blocked)));
                     }
                 }
@@ -263,7 +269,7 @@ impl Viommu {
         let id = u32::from(device.id);
         lock(&self.names).insert(device.name.clone(), id);
         let mut st = lock(&self.state);
-        st.endpoints.insert(id, Ep { device: device.clone(), domain: None, in_identity: false });
+        st.endpoints.insert(id, Ep { device: device.clone(), domain: None, in_identity: false, bypass_refused: false });
         self.park(&mut st, id);
     }
 
