@@ -153,7 +153,7 @@ fn a_front_end_defined_in_a_test_is_reachable_from_the_cli_qtest_stats_and_snaps
     let spec = "dma-engine,dma=toy,process=inline";
     let arg = passthru::device::parse_device(spec).unwrap();
     let err = passthru::device::parse_device("dma-engine,dma=nope").unwrap_err();
-    assert!(err.contains("identity, pvdma, tce, toy"), "{err}");
+    assert!(err.contains("identity, pvdma, tce, virtio-iommu, toy"), "{err}");
     let vm = Vm::new(config()).unwrap();
     assert!(vm.frontends().get("toy").is_none(), "built only in a VM that uses it");
     passthru::device::attach(&vm, &arg).unwrap();
