@@ -728,6 +728,48 @@ fn map_and_unmap_runs_of_one_kick_reach_the_dma_core_as_one_batch() {
     assert_eq!(batches(&vm), b2 + 2);
 }
 
+#[test]
+fn requests_of_one_kick_see_the_requests_before_them() {
+    // A run is batched, but each request is checked against what the ones before it
+    // in the same kick did: MAP then UNMAP of one range, UNMAP then MAP, MAP twice.
+    let vm = vm(Some(",process=inline"));
+    let mut c = start(&vm);
+    engine_in_domain(&mut c, 1);
+    let a = DATA_IOVA;
+    let b = DATA_IOVA + PAGE;
+    let r = c
+        .send(&[
+            mapr(1, a, DATA_GPA, PAGE, RW),
+            unmap(1, a, PAGE),
+            mapr(1, a, DATA_GPA, PAGE, map::READ),
+            mapr(1, b, DATA_GPA, PAGE, RW),
+            mapr(1, b, DATA_GPA, PAGE, RW),
+            unmap(1, b, PAGE),
+            unmap(1, b, PAGE),
+            mapr(1, b, DATA_GPA + PAGE, PAGE, RW),
+        ])
+        .unwrap();
+    let st: Vec<Option<u8>> = r.iter().map(|r| r.status).collect();
+    let ok = Some(status::OK);
+    // The second MAP of `b` overlaps the first; an UNMAP of nothing is not an error.
+    assert_eq!(st, vec![ok, ok, ok, ok, Some(status::INVAL), ok, ok, ok]);
+    assert_eq!(stat(&vm, "mappings"), "3", "the ring, `a` and `b`");
+    // What stands is what the last requests said: `a` read-only, `b` writable.
+    assert_eq!(run(&vm, fill(a, 0x55)), completion::DMA_FAULT, "`a` was mapped again read-only");
+    assert_eq!(run(&vm, fill(b, 0x66)), completion::SUCCESS);
+    assert_eq!(readq(&vm, DATA_GPA + PAGE), 0x66);
+    // A two-page mapping removed whole, then half of it: nothing is left to split.
+    let c2 = 0x4000_0000;
+    assert_eq!(c.one(mapr(1, c2, DATA_GPA, 2 * PAGE, RW)).unwrap(), ok);
+    let r = c.send(&[unmap(1, c2, 2 * PAGE), unmap(1, c2, PAGE)]).unwrap();
+    assert_eq!(r.iter().map(|r| r.status).collect::<Vec<_>>(), vec![ok, ok]);
+    // Unless it is still there: half of a mapping is refused, and nothing removed.
+    assert_eq!(c.one(mapr(1, c2, DATA_GPA, 2 * PAGE, RW)).unwrap(), ok);
+    let r = c.send(&[unmap(1, b, PAGE), unmap(1, c2, PAGE)]).unwrap();
+    assert_eq!(r.iter().map(|r| r.status).collect::<Vec<_>>(), vec![ok, Some(status::RANGE)]);
+    assert_eq!(stat(&vm, "mappings"), "3", "the ring, `a` and the two-page one");
+}
+
 /// Starts the engine filling `iova` over and over (a ring of one descriptor, its tail
 /// far ahead); returns its register base.
 fn engine_fill_forever(vm: &Vm, iova: u64, pattern: u64) -> u64 {

@@ -16,6 +16,7 @@
 //! - Consecutive MAPs (or UNMAPs) of one kick on one domain reach the DMA core as one
 //!   batch: a device process gets them as one pipelined DMA_MAP (DMA_UNMAP) exchange.
 
+use super::trace::Recorder;
 use super::wire::{self, Request};
 use crate::frontend::{Device, Frontend};
 use crate::identity::Identity;
@@ -25,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Instant;
 use virtio::QueueAccess;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -92,6 +94,8 @@ pub(super) struct Counters {
     pub(super) events_dropped: AtomicU64,
     /// MAP and UNMAP batches sent to the DMA core.
     pub(super) batches: AtomicU64,
+    /// VMM time by request type, in nanoseconds (see `KickTime`).
+    pub(super) nanos: [AtomicU64; 5],
 }
 
 /// The virtio-iommu device of one VM.
@@ -109,6 +113,8 @@ pub struct Viommu {
     pub(super) names: Mutex<BTreeMap<String, u32>>,
     pub(super) me: Weak<Viommu>,
     pub(super) live: AtomicBool,
+    /// Where answered requests are recorded, if anywhere.
+    pub(super) recorder: Mutex<Option<Arc<Recorder>>>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -149,6 +155,7 @@ impl Viommu {
                 names: Mutex::new(BTreeMap::new()),
                 me: me.clone(),
                 live: AtomicBool::new(false),
+                recorder: Mutex::new(None),
             }
         })
     }
@@ -465,6 +472,7 @@ impl Viommu {
         start: u64,
         end: u64,
         reserved: bool,
+        gone: &[(usize, Vec<Iova>)],
     ) -> Result<(Arc<Domain>, Vec<Iova>), u8> {
         if !Self::negotiated(st, feature::MAP_UNMAP) {
             return Err(status::UNSUPP);
@@ -485,8 +493,10 @@ impl Viommu {
         if start > end {
             return Ok((Arc::clone(d), Vec::new()));
         }
-        if d.lookup(Iova(start)).is_some_and(|m| m.iova.0 < start)
-            || d.lookup(Iova(end)).is_some_and(|m| m.end() - 1 > end)
+        // A mapping an earlier UNMAP of this kick removes is no longer there to split.
+        let present = |m: &Mapping| !gone.iter().any(|(_, v)| v.contains(&m.iova));
+        if d.lookup(Iova(start)).is_some_and(|m| m.iova.0 < start && present(&m))
+            || d.lookup(Iova(end)).is_some_and(|m| m.end() - 1 > end && present(&m))
         {
             return Err(status::RANGE);
         }
@@ -513,10 +523,41 @@ enum Batch {
     Unmap(u32, Vec<(usize, Vec<Iova>)>, Arc<Domain>),
 }
 
+/// Where one kick's VMM time went, by request type (ATTACH..PROBE): the time of each
+/// request or batch, and the kick's shared work (taking, parsing, answering) spread
+/// over its requests.
+#[derive(Default)]
+struct KickTime {
+    spent: [u64; 5],
+    count: [u64; 5],
+}
+
+impl KickTime {
+    fn add(&mut self, k: usize, since: Instant) {
+        if let Some(s) = self.spent.get_mut(k) {
+            *s = s.saturating_add(since.elapsed().as_nanos() as u64);
+        }
+    }
+
+    /// The kick took `total`: its shared work goes to the types by count.
+    fn settle(&self, total: u64, into: &[AtomicU64; 5]) {
+        let n: u64 = self.count.iter().sum();
+        if n == 0 {
+            return;
+        }
+        let shared = total.saturating_sub(self.spent.iter().sum());
+        for ((spent, count), into) in self.spent.iter().zip(&self.count).zip(into) {
+            let share = shared.saturating_mul(*count) / n;
+            into.fetch_add(spent.saturating_add(share), Ordering::Relaxed);
+        }
+    }
+}
+
 impl Viommu {
     /// Takes every available request, answers them in order (MAP and UNMAP runs
     /// batched), and returns each with its used length.
     pub fn process_requests(&self, q: &mut QueueAccess<'_>) {
+        let start = Instant::now();
         let mut taken: Vec<Taken<'_>> = Vec::new();
         while let Some(chain) = q.pop() {
             taken.push(self.parse(q.memory(), chain));
@@ -524,20 +565,25 @@ impl Viommu {
         if taken.is_empty() {
             return;
         }
+        let mut time = KickTime::default();
         let mut st = lock(&self.state);
         let mut batch = Batch::None;
         for i in 0..taken.len() {
             let Some(r) = taken[i].request else { continue };
-            if let Some(k) = r_index(&r) {
-                self.counters.requests[k].fetch_add(1, Ordering::Relaxed);
-            }
+            let k = r_index(&r);
+            self.counters.requests[k].fetch_add(1, Ordering::Relaxed);
+            time.count[k] += 1;
             match r {
                 Request::Map { domain, virt_start, virt_end, phys_start, flags } => {
+                    // What came before in this kick is done before this is checked.
+                    if !matches!(&batch, Batch::Map(bd, ..) if *bd == domain) {
+                        self.flush(&mut batch, &mut taken, &mut time);
+                    }
+                    let t = Instant::now();
                     match Self::check_map(&st, domain, virt_start, virt_end, phys_start, flags) {
                         Err(s) => taken[i].status = s,
                         Ok((d, m)) => {
-                            if !matches!(&batch, Batch::Map(bd, ..) if *bd == domain) {
-                                self.flush(&mut batch, &mut taken);
+                            if matches!(batch, Batch::None) {
                                 batch = Batch::Map(domain, Vec::new(), d);
                             }
                             if let Batch::Map(_, items, d) = &mut batch {
@@ -554,13 +600,21 @@ impl Viommu {
                             }
                         }
                     }
+                    time.add(k, t);
                 }
                 Request::Unmap { domain, virt_start, virt_end, reserved } => {
-                    match Self::check_unmap(&st, domain, virt_start, virt_end, reserved) {
+                    if !matches!(&batch, Batch::Unmap(bd, ..) if *bd == domain) {
+                        self.flush(&mut batch, &mut taken, &mut time);
+                    }
+                    let t = Instant::now();
+                    let gone = match &batch {
+                        Batch::Unmap(_, items, _) => items.as_slice(),
+                        _ => &[],
+                    };
+                    match Self::check_unmap(&st, domain, virt_start, virt_end, reserved, gone) {
                         Err(s) => taken[i].status = s,
                         Ok((d, iovas)) => {
-                            if !matches!(&batch, Batch::Unmap(bd, ..) if *bd == domain) {
-                                self.flush(&mut batch, &mut taken);
+                            if matches!(batch, Batch::None) {
                                 batch = Batch::Unmap(domain, Vec::new(), d);
                             }
                             if let Batch::Unmap(_, items, _) = &mut batch {
@@ -568,9 +622,11 @@ impl Viommu {
                             }
                         }
                     }
+                    time.add(k, t);
                 }
                 other => {
-                    self.flush(&mut batch, &mut taken);
+                    self.flush(&mut batch, &mut taken, &mut time);
+                    let t = Instant::now();
                     taken[i].status = match other {
                         Request::Attach { domain, endpoint, flags, reserved } => {
                             self.attach(&mut st, domain, endpoint, flags, reserved)
@@ -579,18 +635,32 @@ impl Viommu {
                         Request::Probe { endpoint } => self.probe(&st, &mut taken[i], endpoint),
                         _ => status::DEVERR,
                     };
+                    time.add(k, t);
                 }
             }
         }
-        self.flush(&mut batch, &mut taken);
+        self.flush(&mut batch, &mut taken, &mut time);
         drop(st);
+        let recorder = lock(&self.recorder).clone();
+        let mut answered = Vec::new();
         for t in taken {
+            if let (Some(_), Some(r)) = (&recorder, t.request) {
+                let resv = t.probe.as_ref().map(|_| v::MSI_REGION);
+                answered.push((r, t.status, resv));
+            }
             self.answer(q, t);
+        }
+        time.settle(start.elapsed().as_nanos() as u64, &self.counters.nanos);
+        if let Some(rec) = recorder
+            && !answered.is_empty()
+        {
+            rec.kick(&answered);
         }
     }
 
     /// Sends a gathered batch to the DMA core and sets its requests' statuses.
-    fn flush(&self, batch: &mut Batch, taken: &mut [Taken<'_>]) {
+    fn flush(&self, batch: &mut Batch, taken: &mut [Taken<'_>], time: &mut KickTime) {
+        let t = Instant::now();
         match std::mem::replace(batch, Batch::None) {
             Batch::None => {}
             Batch::Map(_, items, d) => {
@@ -611,6 +681,7 @@ impl Viommu {
                         }
                     }
                 }
+                time.add(REQ_MAP, t);
             }
             Batch::Unmap(_, items, d) => {
                 self.counters.batches.fetch_add(1, Ordering::Relaxed);
@@ -621,6 +692,7 @@ impl Viommu {
                     d.unmap_exact(&all);
                 }
                 items.iter().for_each(|(i, _)| taken[*i].status = status::OK);
+                time.add(REQ_UNMAP, t);
             }
         }
     }
@@ -738,12 +810,17 @@ impl Viommu {
     }
 }
 
-fn r_index(r: &Request) -> Option<usize> {
-    Some(match r {
+/// Counter index of MAP and UNMAP requests.
+const REQ_MAP: usize = 2;
+const REQ_UNMAP: usize = 3;
+
+/// The counter index of a request's type.
+fn r_index(r: &Request) -> usize {
+    match r {
         Request::Attach { .. } => 0,
         Request::Detach { .. } => 1,
-        Request::Map { .. } => 2,
-        Request::Unmap { .. } => 3,
+        Request::Map { .. } => REQ_MAP,
+        Request::Unmap { .. } => REQ_UNMAP,
         Request::Probe { .. } => 4,
-    })
+    }
 }
