@@ -94,6 +94,11 @@ pub struct RunArgs {
     /// --accel qtest, a snapshot saved under qtest (no vCPU) is driven again.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["guest", "qtest", "memory"])]
     restore: Option<PathBuf>,
+    /// Write every request the guest makes to its virtio-iommu to FILE, one line each
+    /// with the status it got (the trace `passthru replay virtio-iommu FILE` reads).
+    /// Needs a device behind it (--device ...,dma=virtio-iommu).
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -218,6 +223,18 @@ fn ensure_locked_memory(args: &RunArgs, memory: u64, devices: &[crate::device::D
         }
         Err(_) => {}
     }
+}
+
+/// Starts recording the virtio-iommu's requests when `--record FILE` was given.
+fn start_recording(args: &RunArgs, vm: &Vm) -> Result<(), String> {
+    let Some(path) = &args.record else { return Ok(()) };
+    let fe = vm.frontends().get(iommu::viommu::REGISTRATION.name).ok_or_else(|| {
+        "--record records a virtio-iommu's requests: give a device behind one (--device dma-engine,dma=virtio-iommu)"
+            .to_string()
+    })?;
+    let q = fe.queries().ok_or("the virtio-iommu answers no queries")?;
+    q.query("record", &path.display().to_string()).map_err(|e| format!("--record: {e}"))?;
+    Ok(())
 }
 
 /// The control API server for `vm`, when `--api-socket` was given.
@@ -347,6 +364,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     stop.set(&vm);
     let _monitor = start_event_monitor(&args, &vm)?;
     let specs = attach_devices(&vm, devices)?;
+    start_recording(&args, &vm)?;
     let api = start_api(&args, &vm, &specs)?;
     let status = vm.run_guest_with_args(&elf, &args.guest_args).map_err(|e| e.to_string());
     drop(api); // no request runs after this
@@ -433,6 +451,7 @@ fn run_restore(args: &RunArgs, dir: &Path, stop: &StopSlot) -> Result<ExitCode, 
     stop.set(&vm);
     let _monitor = start_event_monitor(args, &vm)?;
     let specs = restore_into(&vm, &snap, &devices, &|| bar.inc(1))?;
+    start_recording(args, &vm)?;
     bar.finish_and_clear();
     vm.events().publish(vmm::events::Event::Restored { dir: dir.display().to_string() });
     tracing::info!(devices = devices.len(), "restored");
@@ -603,6 +622,7 @@ fn run_qtest(args: &RunArgs, stop: &StopSlot) -> Result<ExitCode, String> {
             let vm = Arc::new(Vm::new(config).map_err(|e| e.to_string())?);
             let _monitor = start_event_monitor(args, &vm)?;
             let specs = attach_devices(&vm, &args.devices)?;
+            start_recording(args, &vm)?;
             let api = start_api(args, &vm, &specs)?;
             // Until a driver connects, a signal ends the process at once (the main
             // thread waits in accept).
@@ -629,6 +649,7 @@ fn run_qtest(args: &RunArgs, stop: &StopSlot) -> Result<ExitCode, String> {
             stop.set(&vm);
             let _monitor = start_event_monitor(args, &vm)?;
             let specs = attach_devices(&vm, &args.devices)?;
+            start_recording(args, &vm)?;
             let api = start_api(args, &vm, &specs)?;
             let out: SharedOut = Arc::new(Mutex::new(Box::new(std::io::stdout())));
             let lines = read_lines(BufReader::new(std::io::stdin()))?;

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod device;
+pub mod trace;
 pub mod wire;
 
 use crate::frontend::{Answer, Context, Device, Frontend, FrontendError, Queries, Query, Registration, Stats};
@@ -153,6 +154,9 @@ impl Frontend for ViommuFrontend {
         {
             s = s.total(name, n(k));
         }
+        for (name, k) in ["attach_ns", "detach_ns", "map_ns", "unmap_ns", "probe_ns"].iter().zip(&c.nanos) {
+            s = s.total(name, n(k));
+        }
         s.total("unwritten", n(&c.unwritten))
             .total("batches", n(&c.batches))
             .total("events", n(&c.events))
@@ -186,10 +190,16 @@ impl Frontend for ViommuFrontend {
     }
 }
 
-const QUERIES: &[Query] = &[Query {
-    name: "info",
-    help: "-: domains, endpoints, mappings, events dropped; domain=N: its kind, endpoints and mappings; endpoint=ID: its domain",
-}];
+const QUERIES: &[Query] = &[
+    Query {
+        name: "info",
+        help: "-: domains, endpoints, mappings, events dropped; domain=N: its kind, endpoints and mappings; endpoint=ID: its domain",
+    },
+    Query {
+        name: "record",
+        help: "PATH: write every request the guest makes from now on to PATH (the trace `passthru replay virtio-iommu` reads); -: stop",
+    },
+];
 
 impl Queries for ViommuFrontend {
     fn list(&self) -> &'static [Query] {
@@ -197,8 +207,14 @@ impl Queries for ViommuFrontend {
     }
 
     fn query(&self, query: &str, arg: &str) -> Result<Answer, FrontendError> {
-        if query != "info" {
-            return Err(FrontendError::NotFound(format!("virtio-iommu answers no query '{query}' (it answers info)")));
+        match query {
+            "info" => {}
+            "record" => return self.record(arg),
+            _ => {
+                return Err(FrontendError::NotFound(format!(
+                    "virtio-iommu answers no query '{query}' (it answers info and record)"
+                )));
+            }
         }
         let num = |s: &str| -> Result<u64, FrontendError> {
             let r = match s.strip_prefix("0x") {
@@ -246,6 +262,22 @@ impl Queries for ViommuFrontend {
             Some((k, _)) => return Err(FrontendError::Invalid(format!("'{k}=': use domain=N or endpoint=ID"))),
         };
         Ok(Answer { fields, files: Vec::new() })
+    }
+}
+
+impl ViommuFrontend {
+    /// Starts recording the guest's requests to `path` (replacing a recording under
+    /// way), or stops (`-` or nothing).
+    pub fn record(&self, path: &str) -> Result<Answer, FrontendError> {
+        let mut slot = lock(&self.dev.recorder);
+        if path.is_empty() || path == "-" {
+            let was = slot.take().map_or("-".to_string(), |r| r.path().to_string());
+            return Ok(Answer { fields: Stats::new().text("stopped", was), files: Vec::new() });
+        }
+        let r = trace::Recorder::create(path)
+            .map_err(|e| FrontendError::Invalid(format!("cannot record to {path}: {e}")))?;
+        *slot = Some(Arc::new(r));
+        Ok(Answer { fields: Stats::new().text("recording", path), files: Vec::new() })
     }
 }
 
