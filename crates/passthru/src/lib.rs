@@ -8,6 +8,7 @@ pub mod device;
 pub mod memlock;
 pub mod plot;
 pub mod progress;
+pub mod replay;
 pub mod run;
 pub mod sandbox;
 pub mod signals;

@@ -1,6 +1,7 @@
 //! `passthru`: the command-line program. `passthru run` runs a machine (a guest program
 //! on KVM, or the qtest driver port), `passthru guests` lists the built-in guest
-//! programs, `passthru bench` measures.
+//! programs, `passthru bench` measures, `passthru replay` feeds a recorded trace
+//! through a device.
 
 use passthru::{bench, ctl, device, run};
 
@@ -42,6 +43,11 @@ const BENCH_EXAMPLES: &str = "Examples:
   passthru bench devices --plot devices.svg
   passthru bench tce --runs 3";
 
+const REPLAY_EXAMPLES: &str = "Examples:
+  passthru run --guest viommu --device dma-engine,dma=virtio-iommu --record /tmp/viommu.trace
+  passthru replay virtio-iommu /tmp/viommu.trace
+  passthru replay virtio-iommu linux-boot.trace --memory 2G --device dma-engine,dma=virtio-iommu --json out.json";
+
 const DEVICE_EXAMPLES: &str = "Examples:
   passthru device dma-engine --socket /tmp/engine.sock
   passthru run --guest dma --device vfio-user,socket=/tmp/engine.sock --locked-memory 1G";
@@ -70,6 +76,10 @@ enum Command {
     /// Measure the machine (results as a table, optionally JSON).
     #[command(after_help = BENCH_EXAMPLES)]
     Bench(bench::BenchArgs),
+    /// Feed a recorded request trace through a device as a driver would, and report
+    /// how it answered (exit status 1 when a status differs from the trace's).
+    #[command(after_help = REPLAY_EXAMPLES)]
+    Replay(passthru::replay::ReplayArgs),
     /// Run a device process (vfio-user server).
     #[command(after_help = DEVICE_EXAMPLES)]
     Device(device::DeviceArgs),
@@ -140,6 +150,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => bench::bench(args),
+        Command::Replay(args) => passthru::replay::run(args),
         Command::Device(args) => device::device(args),
         Command::Ctl(args) => ctl::ctl(args),
         Command::Stat(args) => ctl::stat(args),
