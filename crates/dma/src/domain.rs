@@ -433,6 +433,18 @@ impl Domain {
         self.tree.read().unwrap_or_else(|e| e.into_inner()).starting_in(start.0, end.0)
     }
 
+    /// Under one reading of the tree: appends to `out` the IOVAs of the mappings that
+    /// start in `[start, last]` (inclusive; one reaching past `last` among them), and
+    /// returns the mappings covering `start` and `last` that reach past the range
+    /// (those a removal of it would split).
+    pub fn whole_mappings_in(&self, start: Iova, last: Iova, out: &mut Vec<Iova>) -> [Option<Mapping>; 2] {
+        let tree = self.tree.read().unwrap_or_else(|e| e.into_inner());
+        let before = tree.lookup(start.0).filter(|m| m.iova.0 < start.0);
+        let after = tree.lookup(last.0).filter(|m| m.end() - 1 > last.0);
+        tree.iovas_starting_in(start.0, last.0.saturating_add(1), out);
+        [before, after]
+    }
+
     /// All mappings, by IOVA.
     pub fn mappings(&self) -> Vec<Mapping> {
         self.tree.read().unwrap_or_else(|e| e.into_inner()).iter().collect()

@@ -246,6 +246,16 @@ impl Store {
         out
     }
 
+    /// Appends the IOVAs of the mappings starting in `[start, end)`, by IOVA.
+    pub(crate) fn iovas_starting_in(&self, start: u64, end: u64, out: &mut Vec<Iova>) {
+        let first = self.run_at(start).map_or(start, |r| r.iova);
+        for r in self.runs.range(first..end).map(|(_, r)| r) {
+            let lo = start.saturating_sub(r.iova).div_ceil(r.unit);
+            let hi = end.saturating_sub(r.iova).div_ceil(r.unit).min(r.count());
+            out.extend((lo..hi).map(|k| Iova(r.iova + k * r.unit)));
+        }
+    }
+
     /// Every mapping, by IOVA.
     pub(crate) fn iter(&self) -> impl Iterator<Item = Mapping> + '_ {
         self.runs.values().flat_map(|r| (0..r.count()).map(move |k| r.mapping(k)))
