@@ -36,6 +36,14 @@ pub trait VirtioDevice: Send + Sync + 'static {
     /// The driver reset the device (status 0): forget what a driver set up.
     fn reset(&self);
 
+    /// Whether queue `index` runs on the thread that notifies it (the guest's write
+    /// exits to the VMM, and the vCPU answers before it returns) rather than on the
+    /// worker thread woken by an ioeventfd. For requests a driver waits for
+    /// synchronously, one exit costs less than waking another thread.
+    fn runs_on_notify(&self, _index: u16) -> bool {
+        false
+    }
+
     /// Queue `index` may have work: take what is available and return it used.
     fn process(&self, index: u16, q: &mut QueueAccess<'_>);
 }

@@ -72,6 +72,8 @@ pub struct DriverQueue {
     chains: Vec<Vec<u16>>,
     avail_idx: u16,
     last_used: u16,
+    /// Where its notifications go (read once at set-up, as Linux's driver does).
+    notify_at: Option<u64>,
 }
 
 /// A chain the device returned: its head and the bytes it wrote.
@@ -101,6 +103,7 @@ impl DriverQueue {
             chains: vec![Vec::new(); usize::from(size)],
             avail_idx: 0,
             last_used: 0,
+            notify_at: None,
         })
     }
 
@@ -180,9 +183,14 @@ impl DriverQueue {
             if Instant::now() >= deadline {
                 return None;
             }
-            spins += 1;
+            // Spin, then give the core away (on two cores the device's thread must not
+            // wait behind a spinning driver), then sleep: a quick answer is seen at
+            // once, a slow one costs no CPU.
+            spins = spins.saturating_add(1);
             if spins < 1000 {
                 std::hint::spin_loop();
+            } else if spins < 20_000 {
+                std::thread::yield_now();
             } else {
                 std::thread::sleep(Duration::from_micros(20));
             }
@@ -423,6 +431,8 @@ impl<B: Bus> Driver<B> {
         self.common_write(common::QUEUE_DEVICE, &q.used.to_le_bytes());
         self.common_write(common::QUEUE_MSIX_VECTOR, &vector.unwrap_or(NO_VECTOR).to_le_bytes());
         self.common_write(common::QUEUE_ENABLE, &1u16.to_le_bytes());
+        let off = self.common16(common::QUEUE_NOTIFY_OFF);
+        let q = DriverQueue { notify_at: Some(self.notify + u64::from(off) * u64::from(self.notify_multiplier)), ..q };
         let slot = self.queues.get_mut(usize::from(index)).ok_or_else(|| format!("no queue {index}"))?;
         *slot = Some(q);
         Ok(())
@@ -436,6 +446,10 @@ impl<B: Bus> Driver<B> {
 
     /// Notifies queue `index`.
     pub fn notify(&self, index: u16) {
+        if let Some(at) = self.queues.get(usize::from(index)).and_then(|q| q.as_ref()).and_then(|q| q.notify_at) {
+            self.bus.write(at, &index.to_le_bytes());
+            return;
+        }
         self.common_write(common::QUEUE_SELECT, &index.to_le_bytes());
         let off = self.common16(common::QUEUE_NOTIFY_OFF);
         let at = self.notify + u64::from(off) * u64::from(self.notify_multiplier);

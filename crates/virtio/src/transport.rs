@@ -5,7 +5,9 @@
 //! (0x2000), the queue notifications (0x3000, 4 bytes apart) and the MSI-X table
 //! (0x4000) and pending bits (0x5000). A notification is a guest write caught by an
 //! ioeventfd (no exit; re-registered when the BAR moves) or, if it reaches the
-//! function, passed to the same eventfd. There is no INTx: drivers use MSI-X.
+//! function, passed to the same eventfd; a queue the device runs on notification
+//! ([`VirtioDevice::runs_on_notify`]) has no ioeventfd, and the notifying thread runs
+//! it. There is no INTx: drivers use MSI-X.
 //!
 //! Status follows the spec: FEATURES_OK only for features the device offers (with
 //! VERSION_1) that it accepts; DRIVER_OK starts the queues (a malformed queue sets
@@ -125,6 +127,8 @@ struct Shared {
     queue_vectors: Vec<AtomicU16>,
     vectors: Mutex<Vectors>,
     notifiers: Vec<EventFd>,
+    /// Queues run by the thread that notifies them.
+    on_notify: Vec<bool>,
     wake: EventFd,
     isr: AtomicU8,
     needs_reset: AtomicBool,
@@ -170,6 +174,7 @@ impl VirtioPci {
         class: u16,
     ) -> std::io::Result<Arc<VirtioPci>> {
         let nq = device.queue_sizes().len();
+        let on_notify: Vec<bool> = (0..nq as u16).map(|i| device.runs_on_notify(i)).collect();
         let vectors = (nq + 1) as u16;
         let dt = device.device_type();
         let mut b = pci::config::Builder::new(abi::virtio::VENDOR_ID, abi::virtio::device_id(dt), class, 0)
@@ -210,6 +215,7 @@ impl VirtioPci {
                 queue_vectors: (0..nq).map(|_| AtomicU16::new(abi::virtio::NO_VECTOR)).collect(),
                 vectors: Mutex::new(vectors),
                 notifiers,
+                on_notify,
                 wake: irq::eventfd()?,
                 isr: AtomicU8::new(0),
                 needs_reset: AtomicBool::new(false),
@@ -481,6 +487,9 @@ impl VirtioPci {
         }
         if let Some(old) = r.registered.take() {
             for (i, fd) in self.shared.notifiers.iter().enumerate() {
+                if self.shared.on_notify[i] {
+                    continue;
+                }
                 let _ = self
                     .io
                     .unregister_ioevent(fd, IoAddr::Mmio(old + NOTIFY_AT + i as u64 * u64::from(NOTIFY_MULTIPLIER)));
@@ -488,6 +497,9 @@ impl VirtioPci {
         }
         if let Some(base) = want {
             for (i, fd) in self.shared.notifiers.iter().enumerate() {
+                if self.shared.on_notify[i] {
+                    continue;
+                }
                 let at = base + NOTIFY_AT + i as u64 * u64::from(NOTIFY_MULTIPLIER);
                 if let Err(e) = self.io.register_ioevent(fd, IoAddr::Mmio(at)) {
                     tracing::debug!("{}: queue {i} notifications trapped ({e})", self.shared.name);
@@ -743,9 +755,12 @@ impl PciFunction for VirtioPci {
                 self.shared.device.write_config(o - DEVICE_AT, data)
             }
             o if (NOTIFY_AT..MSIX_TABLE_AT).contains(&o) => {
-                // A notification the ioeventfd did not catch (not yet registered).
+                // A queue run on notification, or a notification the ioeventfd did
+                // not catch (not yet registered).
                 let i = ((o - NOTIFY_AT) / u64::from(NOTIFY_MULTIPLIER)) as usize;
-                if let Some(fd) = self.shared.notifiers.get(i) {
+                if self.shared.on_notify.get(i) == Some(&true) {
+                    self.shared.run(u16::try_from(i).ok());
+                } else if let Some(fd) = self.shared.notifiers.get(i) {
                     let _ = fd.write(1);
                 }
             }
