@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 use virtio::QueueAccess;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Domains the device holds at most (another ATTACH creating one: NOMEM).
@@ -115,6 +116,8 @@ pub struct Viommu {
     pub(super) live: AtomicBool,
     /// Where answered requests are recorded, if anywhere.
     pub(super) recorder: Mutex<Option<Arc<Recorder>>>,
+    /// A recorder is set (the request path takes `recorder` only then).
+    pub(super) recording: AtomicBool,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,6 +159,7 @@ impl Viommu {
                 me: me.clone(),
                 live: AtomicBool::new(false),
                 recorder: Mutex::new(None),
+                recording: AtomicBool::new(false),
             }
         })
     }
@@ -464,16 +468,17 @@ impl Viommu {
         }
     }
 
-    /// An UNMAP's checks: the mappings it removes (none straddling its ends), or its
-    /// status.
+    /// An UNMAP's checks: appends to `out` the IOVAs of the mappings it removes (none
+    /// straddling its ends, unless an earlier UNMAP of the run, whose IOVAs `out`
+    /// already holds, removes it), or its status.
     fn check_unmap(
         st: &State,
         domain: u32,
         start: u64,
         end: u64,
         reserved: bool,
-        gone: &[(usize, Vec<Iova>)],
-    ) -> Result<(Arc<Domain>, Vec<Iova>), u8> {
+        out: &mut Vec<Iova>,
+    ) -> Result<Arc<Domain>, u8> {
         if !Self::negotiated(st, feature::MAP_UNMAP) {
             return Err(status::UNSUPP);
         }
@@ -491,23 +496,102 @@ impl Viommu {
         // Nothing is mapped past the input range.
         let end = end.min(v::INPUT_RANGE.1);
         if start > end {
-            return Ok((Arc::clone(d), Vec::new()));
+            return Ok(Arc::clone(d));
         }
-        // A mapping an earlier UNMAP of this kick removes is no longer there to split.
-        let present = |m: &Mapping| !gone.iter().any(|(_, v)| v.contains(&m.iova));
-        if d.lookup(Iova(start)).is_some_and(|m| m.iova.0 < start && present(&m))
-            || d.lookup(Iova(end)).is_some_and(|m| m.end() - 1 > end && present(&m))
-        {
+        let from = out.len();
+        let straddling = d.whole_mappings_in(Iova(start), Iova(end), out);
+        // A mapping an earlier UNMAP of this run removes is no longer there to split.
+        if straddling.iter().flatten().any(|m| !out[..from].contains(&m.iova)) {
+            out.truncate(from);
             return Err(status::RANGE);
         }
-        let iovas = d.mappings_in(Iova(start), Iova(end + 1)).iter().map(|m| m.iova).collect();
-        Ok((Arc::clone(d), iovas))
+        Ok(Arc::clone(d))
+    }
+}
+
+/// Descriptors of each kind (device-readable, device-writable) a chain may have for
+/// the direct path; a chain with more goes through virtio-queue's reader and writer.
+const SEGMENTS: usize = 2;
+
+/// A chain's buffers: its device-readable parts, then its device-writable ones.
+#[derive(Clone, Copy, Default)]
+struct Segments {
+    read: [(u64, u32); SEGMENTS],
+    nr: usize,
+    write: [(u64, u32); SEGMENTS],
+    nw: usize,
+}
+
+impl Segments {
+    /// A chain's buffers; None when they are not readable-then-writable, at most
+    /// [`SEGMENTS`] of each.
+    fn of(chain: &virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>) -> Option<Segments> {
+        let mut s = Segments::default();
+        for d in chain.clone() {
+            if d.is_write_only() {
+                *s.write.get_mut(s.nw)? = (d.addr().0, d.len());
+                s.nw += 1;
+            } else {
+                if s.nw > 0 {
+                    return None;
+                }
+                *s.read.get_mut(s.nr)? = (d.addr().0, d.len());
+                s.nr += 1;
+            }
+        }
+        Some(s)
+    }
+
+    /// Bytes the device may write.
+    fn writable(&self) -> usize {
+        let n: u64 = self.write[..self.nw].iter().map(|(_, l)| u64::from(*l)).sum();
+        usize::try_from(n).unwrap_or(usize::MAX)
+    }
+
+    /// Reads the first readable bytes into `buf`; how many (None: memory that is not
+    /// guest memory).
+    fn read(&self, mem: &vm_memory::GuestMemoryMmap, buf: &mut [u8]) -> Option<usize> {
+        let mut n = 0;
+        for (addr, len) in &self.read[..self.nr] {
+            let k = (*len as usize).min(buf.len() - n);
+            if k == 0 {
+                continue;
+            }
+            mem.read_slice(&mut buf[n..n + k], GuestAddress(*addr)).ok()?;
+            n += k;
+        }
+        Some(n)
+    }
+
+    /// Writes `data` at `offset` of the writable part; false if it does not all fit
+    /// in guest memory.
+    fn write_at(&self, mem: &vm_memory::GuestMemoryMmap, mut offset: usize, mut data: &[u8]) -> bool {
+        for (addr, len) in &self.write[..self.nw] {
+            let len = *len as usize;
+            if data.is_empty() {
+                break;
+            }
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            let k = (len - offset).min(data.len());
+            let Some(at) = addr.checked_add(offset as u64) else { return false };
+            if mem.write_slice(&data[..k], GuestAddress(at)).is_err() {
+                return false;
+            }
+            data = &data[k..];
+            offset = 0;
+        }
+        data.is_empty()
     }
 }
 
 /// A request taken from the queue, and what to answer.
 struct Taken<'m> {
     chain: virtio_queue::DescriptorChain<&'m vm_memory::GuestMemoryMmap>,
+    /// Its buffers, when the direct path takes them.
+    segments: Option<Segments>,
     /// Writable bytes the driver gave.
     writable: usize,
     request: Option<Request>,
@@ -516,39 +600,68 @@ struct Taken<'m> {
     probe: Option<Vec<u8>>,
 }
 
-/// MAPs or UNMAPs of one kick on one domain, gathered to reach the DMA core at once.
+/// MAPs or UNMAPs of one kick on one domain, gathered to reach the DMA core at once
+/// (an UNMAP run's IOVAs are gathered beside it, in the kick's `iovas`).
 enum Batch {
     None,
-    Map(u32, Vec<(usize, Mapping)>, Arc<Domain>),
-    Unmap(u32, Vec<(usize, Vec<Iova>)>, Arc<Domain>),
+    Map(u32, Vec<usize>, Vec<Mapping>, Arc<Domain>),
+    Unmap(u32, Vec<usize>, Arc<Domain>),
 }
 
-/// Where one kick's VMM time went, by request type (ATTACH..PROBE): the time of each
-/// request or batch, and the kick's shared work (taking, parsing, answering) spread
-/// over its requests.
-#[derive(Default)]
+/// Where one kick's VMM time went, by request type (ATTACH..PROBE). The clock is read
+/// when the type of work changes (a run of 256 MAPs reads it twice): each type gets
+/// its requests' and batches' time, and the kick's shared work (taking, parsing,
+/// answering) is spread over its requests by count.
 struct KickTime {
+    start: Instant,
+    last: Instant,
+    current: Option<usize>,
     spent: [u64; 5],
     count: [u64; 5],
 }
 
 impl KickTime {
-    fn add(&mut self, k: usize, since: Instant) {
-        if let Some(s) = self.spent.get_mut(k) {
-            *s = s.saturating_add(since.elapsed().as_nanos() as u64);
+    fn new() -> KickTime {
+        let now = Instant::now();
+        KickTime { start: now, last: now, current: None, spent: [0; 5], count: [0; 5] }
+    }
+
+    /// Work of type `k` starts (or goes on). The kick's first type also gets the
+    /// time since the kick began (no clock read for a kick of one type).
+    fn at(&mut self, k: usize) {
+        match self.current {
+            Some(c) if c == k => {}
+            None if self.spent == [0; 5] => self.current = Some(k),
+            _ => {
+                self.stop();
+                self.current = Some(k);
+            }
         }
     }
 
-    /// The kick took `total`: its shared work goes to the types by count.
-    fn settle(&self, total: u64, into: &[AtomicU64; 5]) {
+    /// The current type's work ends.
+    fn stop(&mut self) {
+        let now = Instant::now();
+        if let Some(s) = self.current.take().and_then(|c| self.spent.get_mut(c)) {
+            *s = s.saturating_add(now.duration_since(self.last).as_nanos() as u64);
+        }
+        self.last = now;
+    }
+
+    /// The kick is done (the last type's work stopped): its shared work goes to the
+    /// types by count.
+    fn settle(&self, into: &[AtomicU64; 5]) {
         let n: u64 = self.count.iter().sum();
         if n == 0 {
             return;
         }
+        let total = self.last.duration_since(self.start).as_nanos() as u64;
         let shared = total.saturating_sub(self.spent.iter().sum());
         for ((spent, count), into) in self.spent.iter().zip(&self.count).zip(into) {
-            let share = shared.saturating_mul(*count) / n;
-            into.fetch_add(spent.saturating_add(share), Ordering::Relaxed);
+            if *count > 0 {
+                let share = shared.saturating_mul(*count) / n;
+                into.fetch_add(spent.saturating_add(share), Ordering::Relaxed);
+            }
         }
     }
 }
@@ -557,17 +670,17 @@ impl Viommu {
     /// Takes every available request, answers them in order (MAP and UNMAP runs
     /// batched), and returns each with its used length.
     pub fn process_requests(&self, q: &mut QueueAccess<'_>) {
-        let start = Instant::now();
-        let mut taken: Vec<Taken<'_>> = Vec::new();
+        let mut time = KickTime::new();
+        let mut taken: Vec<Taken<'_>> = Vec::with_capacity(4);
         while let Some(chain) = q.pop() {
             taken.push(self.parse(q.memory(), chain));
         }
         if taken.is_empty() {
             return;
         }
-        let mut time = KickTime::default();
         let mut st = lock(&self.state);
         let mut batch = Batch::None;
+        let mut iovas: Vec<Iova> = Vec::new();
         for i in 0..taken.len() {
             let Some(r) = taken[i].request else { continue };
             let k = r_index(&r);
@@ -575,58 +688,45 @@ impl Viommu {
             time.count[k] += 1;
             match r {
                 Request::Map { domain, virt_start, virt_end, phys_start, flags } => {
-                    // What came before in this kick is done before this is checked.
+                    // What came before in this kick is done before this is checked;
+                    // within a run the DMA core checks each against those before it.
                     if !matches!(&batch, Batch::Map(bd, ..) if *bd == domain) {
-                        self.flush(&mut batch, &mut taken, &mut time);
+                        self.flush(&mut batch, &mut iovas, &mut taken);
                     }
-                    let t = Instant::now();
+                    time.at(k);
                     match Self::check_map(&st, domain, virt_start, virt_end, phys_start, flags) {
                         Err(s) => taken[i].status = s,
                         Ok((d, m)) => {
                             if matches!(batch, Batch::None) {
-                                batch = Batch::Map(domain, Vec::new(), d);
+                                batch = Batch::Map(domain, Vec::new(), Vec::new(), d);
                             }
-                            if let Batch::Map(_, items, d) = &mut batch {
-                                // Overlap with what is mapped, or with this batch.
-                                let end = m.end();
-                                let taken_range = d.lookup(m.iova).is_some()
-                                    || !d.mappings_in(m.iova, Iova(end)).is_empty()
-                                    || items.iter().any(|(_, o)| o.iova.0 < end && m.iova.0 < o.end());
-                                if taken_range {
-                                    taken[i].status = status::INVAL;
-                                } else {
-                                    items.push((i, m));
-                                }
+                            if let Batch::Map(_, reqs, maps, _) = &mut batch {
+                                reqs.push(i);
+                                maps.push(m);
                             }
                         }
                     }
-                    time.add(k, t);
                 }
                 Request::Unmap { domain, virt_start, virt_end, reserved } => {
                     if !matches!(&batch, Batch::Unmap(bd, ..) if *bd == domain) {
-                        self.flush(&mut batch, &mut taken, &mut time);
+                        self.flush(&mut batch, &mut iovas, &mut taken);
                     }
-                    let t = Instant::now();
-                    let gone = match &batch {
-                        Batch::Unmap(_, items, _) => items.as_slice(),
-                        _ => &[],
-                    };
-                    match Self::check_unmap(&st, domain, virt_start, virt_end, reserved, gone) {
+                    time.at(k);
+                    match Self::check_unmap(&st, domain, virt_start, virt_end, reserved, &mut iovas) {
                         Err(s) => taken[i].status = s,
-                        Ok((d, iovas)) => {
+                        Ok(d) => {
                             if matches!(batch, Batch::None) {
                                 batch = Batch::Unmap(domain, Vec::new(), d);
                             }
-                            if let Batch::Unmap(_, items, _) = &mut batch {
-                                items.push((i, iovas));
+                            if let Batch::Unmap(_, reqs, _) = &mut batch {
+                                reqs.push(i);
                             }
                         }
                     }
-                    time.add(k, t);
                 }
                 other => {
-                    self.flush(&mut batch, &mut taken, &mut time);
-                    let t = Instant::now();
+                    self.flush(&mut batch, &mut iovas, &mut taken);
+                    time.at(k);
                     taken[i].status = match other {
                         Request::Attach { domain, endpoint, flags, reserved } => {
                             self.attach(&mut st, domain, endpoint, flags, reserved)
@@ -635,13 +735,12 @@ impl Viommu {
                         Request::Probe { endpoint } => self.probe(&st, &mut taken[i], endpoint),
                         _ => status::DEVERR,
                     };
-                    time.add(k, t);
                 }
             }
         }
-        self.flush(&mut batch, &mut taken, &mut time);
+        self.flush(&mut batch, &mut iovas, &mut taken);
         drop(st);
-        let recorder = lock(&self.recorder).clone();
+        let recorder = if self.recording.load(Ordering::Acquire) { lock(&self.recorder).clone() } else { None };
         let mut answered = Vec::new();
         for t in taken {
             if let (Some(_), Some(r)) = (&recorder, t.request) {
@@ -650,7 +749,9 @@ impl Viommu {
             }
             self.answer(q, t);
         }
-        time.settle(start.elapsed().as_nanos() as u64, &self.counters.nanos);
+        // Answering goes to the last type of the kick (all of it, for a kick of one).
+        time.stop();
+        time.settle(&self.counters.nanos);
         if let Some(rec) = recorder
             && !answered.is_empty()
         {
@@ -659,40 +760,45 @@ impl Viommu {
     }
 
     /// Sends a gathered batch to the DMA core and sets its requests' statuses.
-    fn flush(&self, batch: &mut Batch, taken: &mut [Taken<'_>], time: &mut KickTime) {
-        let t = Instant::now();
+    fn flush(&self, batch: &mut Batch, iovas: &mut Vec<Iova>, taken: &mut [Taken<'_>]) {
         match std::mem::replace(batch, Batch::None) {
             Batch::None => {}
-            Batch::Map(_, items, d) => {
-                if items.is_empty() {
+            Batch::Map(_, reqs, maps, d) => {
+                if maps.is_empty() {
                     return;
                 }
                 self.counters.batches.fetch_add(1, Ordering::Relaxed);
-                let maps: Vec<Mapping> = items.iter().map(|(_, m)| *m).collect();
-                match d.map_many(&maps) {
-                    Ok(()) => items.iter().for_each(|(i, _)| taken[*i].status = status::OK),
-                    // The batch was undone: each on its own, for its own status.
-                    Err(_) => {
-                        for (i, m) in items {
-                            taken[i].status = match d.map(m.iova, m.gpa, m.size, m.perm) {
-                                Ok(()) => status::OK,
-                                Err(e) => Self::map_status(&e),
-                            };
-                        }
+                // All or nothing: on a refusal the batch was undone. Those before the
+                // one refused go in again as one batch; from it on, each on its own,
+                // for its own status (as many DMA-core calls as requests, at most).
+                let mut ok = maps.len();
+                if let Err((at, _)) = d.map_many(&maps) {
+                    ok = at.min(maps.len());
+                    if ok > 0 && d.map_many(&maps[..ok]).is_err() {
+                        ok = 0;
                     }
                 }
-                time.add(REQ_MAP, t);
-            }
-            Batch::Unmap(_, items, d) => {
-                self.counters.batches.fetch_add(1, Ordering::Relaxed);
-                let mut all: Vec<Iova> = items.iter().flat_map(|(_, v)| v.iter().copied()).collect();
-                all.sort_unstable_by_key(|i| i.0);
-                all.dedup();
-                if !all.is_empty() {
-                    d.unmap_exact(&all);
+                for i in &reqs[..ok] {
+                    taken[*i].status = status::OK;
                 }
-                items.iter().for_each(|(i, _)| taken[*i].status = status::OK);
-                time.add(REQ_UNMAP, t);
+                for (i, m) in reqs[ok..].iter().zip(&maps[ok..]) {
+                    taken[*i].status = match d.map(m.iova, m.gpa, m.size, m.perm) {
+                        Ok(()) => status::OK,
+                        Err(e) => Self::map_status(&e),
+                    };
+                }
+            }
+            Batch::Unmap(_, reqs, d) => {
+                self.counters.batches.fetch_add(1, Ordering::Relaxed);
+                iovas.sort_unstable_by_key(|i| i.0);
+                iovas.dedup();
+                if !iovas.is_empty() {
+                    d.unmap_exact(iovas);
+                }
+                iovas.clear();
+                for i in reqs {
+                    taken[i].status = status::OK;
+                }
             }
         }
     }
@@ -726,12 +832,29 @@ impl Viommu {
         mem: &'m vm_memory::GuestMemoryMmap,
         chain: virtio_queue::DescriptorChain<&'m vm_memory::GuestMemoryMmap>,
     ) -> Taken<'m> {
-        let mut t = Taken { chain: chain.clone(), writable: 0, request: None, status: status::OK, probe: None };
-        let (Ok(mut reader), Ok(writer)) = (chain.clone().reader(mem), chain.writer(mem)) else { return t };
-        t.writable = writer.available_bytes();
+        let segments = Segments::of(&chain);
+        let mut t = Taken { chain, segments, writable: 0, request: None, status: status::OK, probe: None };
         let mut b = [0u8; v::size::PROBE as usize];
-        let n = reader.available_bytes().min(b.len());
-        if n == 0 || reader.read_exact(&mut b[..n]).is_err() || t.writable < v::size::TAIL as usize {
+        let n = match &t.segments {
+            // The common case: the buffers read and written where they are.
+            Some(s) => {
+                t.writable = s.writable();
+                let Some(n) = s.read(mem, &mut b) else { return t };
+                n
+            }
+            None => {
+                let (Ok(mut reader), Ok(writer)) = (t.chain.clone().reader(mem), t.chain.clone().writer(mem)) else {
+                    return t;
+                };
+                t.writable = writer.available_bytes();
+                let n = reader.available_bytes().min(b.len());
+                if reader.read_exact(&mut b[..n]).is_err() {
+                    return t;
+                }
+                n
+            }
+        };
+        if n == 0 || t.writable < v::size::TAIL as usize {
             return t;
         }
         t.request = wire::decode(&b[..n]);
@@ -755,23 +878,28 @@ impl Viommu {
         // shorter buffer, which is INVAL), first for the others.
         let tail_at = if is_probe { (v::PROBE_SIZE as usize).min(t.writable - v::size::TAIL as usize) } else { 0 };
         let used = if is_probe { tail_at + v::size::TAIL as usize } else { v::size::TAIL as usize };
-        let Ok(mut w) = t.chain.writer(q.memory()) else {
-            q.add_used(head, 0);
-            return;
-        };
-        // PROBE's properties when it succeeded; otherwise the bytes before the tail are
-        // left as they were (no property written on error).
-        let at_tail = match &t.probe {
-            Some(p) => w.write_all(p).ok().map(|()| w),
-            None => w.split_at(tail_at).ok(),
-        };
         let mut tail = [0u8; v::size::TAIL as usize];
         tail[0] = t.status;
-        if at_tail.is_none_or(|mut w| w.write_all(&tail).is_err()) {
-            q.add_used(head, 0);
-            return;
-        }
-        q.add_used(head, used as u32);
+        // PROBE's properties when it succeeded; otherwise the bytes before the tail are
+        // left as they were (no property written on error).
+        let written = match &t.segments {
+            Some(s) => {
+                let mem = q.memory();
+                t.probe.as_ref().is_none_or(|p| s.write_at(mem, 0, p)) && s.write_at(mem, tail_at, &tail)
+            }
+            None => {
+                let Ok(mut w) = t.chain.clone().writer(q.memory()) else {
+                    q.add_used(head, 0);
+                    return;
+                };
+                let at_tail = match &t.probe {
+                    Some(p) => w.write_all(p).ok().map(|()| w),
+                    None => w.split_at(tail_at).ok(),
+                };
+                at_tail.is_some_and(|mut w| w.write_all(&tail).is_ok())
+            }
+        };
+        q.add_used(head, if written { used as u32 } else { 0 });
     }
 
     /// Writes waiting fault reports into event buffers, in order; a report finding no

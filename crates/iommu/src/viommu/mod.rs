@@ -89,6 +89,13 @@ impl VirtioDevice for Viommu {
         Viommu::reset(self);
     }
 
+    /// Linux waits for every request (it spins on the used ring): the request queue
+    /// is answered by the vCPU that notifies it, before it returns. Fault reports go
+    /// on the worker thread (they come from the faulting device's thread).
+    fn runs_on_notify(&self, index: u16) -> bool {
+        index == v::REQUESTQ
+    }
+
     fn process(&self, index: u16, q: &mut QueueAccess<'_>) {
         match index {
             v::REQUESTQ => self.process_requests(q),
@@ -271,12 +278,14 @@ impl ViommuFrontend {
     pub fn record(&self, path: &str) -> Result<Answer, FrontendError> {
         let mut slot = lock(&self.dev.recorder);
         if path.is_empty() || path == "-" {
+            self.dev.recording.store(false, Ordering::Release);
             let was = slot.take().map_or("-".to_string(), |r| r.path().to_string());
             return Ok(Answer { fields: Stats::new().text("stopped", was), files: Vec::new() });
         }
         let r = trace::Recorder::create(path)
             .map_err(|e| FrontendError::Invalid(format!("cannot record to {path}: {e}")))?;
         *slot = Some(Arc::new(r));
+        self.dev.recording.store(true, Ordering::Release);
         Ok(Answer { fields: Stats::new().text("recording", path), files: Vec::new() })
     }
 }
