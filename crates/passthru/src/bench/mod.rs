@@ -110,6 +110,27 @@ enum BenchWhat {
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<PathBuf>,
     },
+    /// virtio-iommu: the VMM's work per MAP and UNMAP request (one per kick and kicks of
+    /// 256; the device's own clock, no exit), a device's translate through a virtio-iommu
+    /// domain, and strict-mode DMA (map, copy, unmap per I/O, as Linux does) as a ratio of
+    /// the same copies with identity DMA, device in the VMM and in its own process.
+    Viommu {
+        /// Requests per figure (the device-process one-per-kick figure uses at most 1000).
+        #[arg(long, default_value_t = 2560)]
+        requests: u64,
+        /// Strict-mode I/Os per size and mode.
+        #[arg(long, default_value_t = 500)]
+        ios: u64,
+        /// Also write the figures as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Runs (each figure: median and spread; a goal's verdict only when every run agrees).
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        runs: u32,
+        /// Also draw the strict-mode ratio against I/O size per device mode as an SVG chart to FILE.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
+    },
     /// Snapshots: save and restore of a guest with touched RAM and a DMA engine, as
     /// ratios of writing and reading the same bytes with plain file I/O (one run), and
     /// the pause (vCPU and devices stopped to resumed) of the in-memory part.
@@ -158,6 +179,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode, String> {
         BenchWhat::Irq { interrupts, json, runs } => irq_bench(interrupts, runs, json),
         BenchWhat::Devices { bytes, reads, json, runs, plot } => devices_bench(bytes, reads, runs, json, plot),
         BenchWhat::Pvdma { iterations, json, runs } => pvdma_bench(iterations, runs, json),
+        BenchWhat::Viommu { requests, ios, json, runs, plot } => viommu_bench(requests, ios, runs, json, plot),
         BenchWhat::Snapshot { memory, touched, dir, json, runs } => snapshot_bench(memory, touched, dir, runs, json),
     }
 }
@@ -223,6 +245,7 @@ mod pvdma;
 mod snapshot;
 mod spread;
 mod tce;
+mod viommu;
 
 use dma_core::dma_bench;
 use engines::devices_bench;
@@ -232,3 +255,4 @@ use noncoherent::noncoherent_bench;
 use pvdma::pvdma_bench;
 use snapshot::snapshot_bench;
 use tce::tce_bench;
+use viommu::viommu_bench;
