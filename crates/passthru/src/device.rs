@@ -146,6 +146,7 @@ pub fn help() -> String {
           \x20 --device dma-engine                           identity DMA, in its own process\n\
           \x20 --device dma-engine,dma=pvdma,process=inline  the guest maps its DMA, engine in the VMM\n\
           \x20 --device dma-engine,dma=tce,group=1,window=4G a TCE group with a 4 GiB default window\n\
+          \x20 --device dma-engine,dma=virtio-iommu          behind the virtio-iommu the guest's driver programs\n\
           \x20 --device vfio-user,socket=/tmp/gpio.sock,iommu-mode=messages\n";
     o
 }

@@ -52,7 +52,8 @@ pub struct RunArgs {
     /// Assign a PCI device: dma-engine[,dma=FRONTEND][,iommu-mode=shared|messages]
     /// [,process=child|inline][,timeout=T][,coherent=false][,enforce-snoop=off], or
     /// vfio-user,socket=PATH[,...] for a running server; FRONTEND: identity (default),
-    /// pvdma, tce (with group=N, window=SIZE, page=SIZE). `--device help` lists every
+    /// pvdma, tce (with group=N, window=SIZE, page=SIZE), virtio-iommu (a virtio-iommu
+    /// the guest's driver programs; docs/virtio-iommu.md). `--device help` lists every
     /// kind and option with its default. Repeatable.
     #[arg(long = "device", value_name = "SPEC", value_parser = crate::device::parse_device)]
     devices: Vec<crate::device::DeviceArg>,

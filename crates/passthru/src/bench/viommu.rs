@@ -216,48 +216,82 @@ fn wait_completion(vm: &Vm, gpa: u64) -> Result<u32, String> {
     }
 }
 
-/// `ios` synchronous COPYs of `size` bytes, each waited for; with `c`, each buffer is
-/// mapped before its I/O and unmapped after it, one request per kick, as Linux's
-/// driver does in strict mode. Returns ns per I/O.
-fn copies(vm: &Vm, mut c: Option<&mut Client<&Vm>>, size: u64, ios: u64) -> Result<f64, String> {
-    use abi::dma_engine::{self as de, Descriptor, op, regs};
-    use abi::viommu::map::{READ, WRITE};
-    use vm_memory_bytes::write_bytes;
-    let bar0 = enable_engine(vm)?;
-    let w32 = |off: u64, v: u32| vm.mmio_write(bar0 + off, &v.to_le_bytes());
-    w32(regs::CONTROL, de::control::RESET);
-    vm.mmio_write(bar0 + regs::RING_BASE, &RING.to_le_bytes());
-    w32(regs::RING_SIZE, RING_SIZE as u32);
-    w32(regs::CONTROL, de::control::ENABLE);
-    let t = Instant::now();
-    for i in 0..ios {
-        let slot = i % RING_SIZE;
+/// A host-side driver of one VM's DMA engine doing synchronous COPYs (each waited
+/// for); with a virtio-iommu driver, each buffer is mapped before its I/O and unmapped
+/// after it, one request per kick, as Linux's driver does in strict mode.
+struct Copier<'v> {
+    vm: &'v Vm,
+    bar0: u64,
+    client: Option<Client<&'v Vm>>,
+    done: u64,
+}
+
+impl<'v> Copier<'v> {
+    fn new(vm: &'v Vm, client: Option<Client<&'v Vm>>) -> Result<Copier<'v>, String> {
+        use abi::dma_engine::{self as de, regs};
+        let bar0 = enable_engine(vm)?;
+        let w32 = |off: u64, v: u32| vm.mmio_write(bar0 + off, &v.to_le_bytes());
+        w32(regs::CONTROL, de::control::RESET);
+        vm.mmio_write(bar0 + regs::RING_BASE, &RING.to_le_bytes());
+        w32(regs::RING_SIZE, RING_SIZE as u32);
+        w32(regs::CONTROL, de::control::ENABLE);
+        Ok(Copier { vm, bar0, client, done: 0 })
+    }
+
+    /// One COPY of `size` bytes, SRC to DST; its time.
+    fn copy(&mut self, size: u64) -> Result<std::time::Duration, String> {
+        use abi::dma_engine::{self as de, Descriptor, op, regs};
+        use abi::viommu::map::{READ, WRITE};
+        use vm_memory_bytes::write_bytes;
+        let t = Instant::now();
+        let slot = self.done % RING_SIZE;
         // A fresh IOVA per I/O, as an allocator hands out (the IOTLB misses each time).
-        let (src, dst) = match c {
+        let (src, dst) = match self.client {
             Some(_) => {
-                let at = IOVA_BASE + (i % 64) * 2 * size;
+                let at = IOVA_BASE + (self.done % 64) * 2 * size;
                 (at, at + size)
             }
             None => (SRC, DST),
         };
-        if let Some(c) = c.as_deref_mut() {
+        if let Some(c) = self.client.as_mut() {
             expect_ok(&c.send(&[map(src, SRC, size, READ)])?)?;
             expect_ok(&c.send(&[map(dst, DST, size, WRITE)])?)?;
         }
         let completion = COMPLETIONS + slot * de::COMPLETION_SIZE;
         let d = Descriptor { op: op::COPY, src, dst, len: size, completion, ..Default::default() };
-        write_bytes(vm, RING + slot * de::DESCRIPTOR_SIZE, &d.to_bytes())?;
-        write_bytes(vm, completion, &[0; 4])?;
-        w32(regs::TAIL, (i + 1) as u32);
-        if wait_completion(vm, completion)? != de::completion::SUCCESS {
+        write_bytes(self.vm, RING + slot * de::DESCRIPTOR_SIZE, &d.to_bytes())?;
+        write_bytes(self.vm, completion, &[0; 4])?;
+        self.done += 1;
+        self.vm.mmio_write(self.bar0 + regs::TAIL, &(self.done as u32).to_le_bytes());
+        if wait_completion(self.vm, completion)? != de::completion::SUCCESS {
             return Err(format!("a COPY of {size} bytes failed"));
         }
-        if let Some(c) = c.as_deref_mut() {
+        if let Some(c) = self.client.as_mut() {
             expect_ok(&c.send(&[unmap(src, size)])?)?;
             expect_ok(&c.send(&[unmap(dst, size)])?)?;
         }
+        Ok(t.elapsed())
     }
-    Ok(t.elapsed().as_nanos() as f64 / ios as f64)
+}
+
+/// `ios` I/Os of `size` with identity DMA and in strict mode, alternated one by one
+/// (both see the same moments of a noisy machine); ns per I/O of each.
+fn strict_and_identity(
+    id: &mut Copier<'_>,
+    strict: &mut Copier<'_>,
+    size: u64,
+    ios: u64,
+) -> Result<(f64, f64), String> {
+    for _ in 0..ios.min(16) {
+        id.copy(size)?; // warm up
+        strict.copy(size)?;
+    }
+    let (mut a, mut b) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+    for _ in 0..ios {
+        a += id.copy(size)?;
+        b += strict.copy(size)?;
+    }
+    Ok((a.as_nanos() as f64 / ios as f64, b.as_nanos() as f64 / ios as f64))
 }
 
 fn measure(requests: u64, ios: u64) -> Result<ViommuReport, String> {
@@ -286,11 +320,10 @@ fn measure(requests: u64, ios: u64) -> Result<ViommuReport, String> {
             (r.map_ns_kick256_device_process, r.unmap_ns_kick256_device_process) = kicks;
         }
         let identity = engine_vm(iommu::identity::REGISTRATION.name, inline)?;
+        let mut id = Copier::new(&identity, None)?;
+        let mut strict = Copier::new(&vm, Some(c))?;
         for bytes in SIZES {
-            copies(&identity, None, bytes, ios.min(16))?; // warm up
-            copies(&vm, Some(&mut c), bytes, ios.min(16))?;
-            let identity_ns_per_io = copies(&identity, None, bytes, ios)?;
-            let strict_ns_per_io = copies(&vm, Some(&mut c), bytes, ios)?;
+            let (identity_ns_per_io, strict_ns_per_io) = strict_and_identity(&mut id, &mut strict, bytes, ios)?;
             r.strict.push(StrictFigure { mode: label, bytes, identity_ns_per_io, strict_ns_per_io });
         }
     }
