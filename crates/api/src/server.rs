@@ -196,8 +196,9 @@ impl Drop for Server {
     }
 }
 
-/// Creates the listening socket: socket, bind, chmod 0600, then listen, so nobody can
-/// connect before the mode is set.
+/// Creates the listening socket: socket, bind (under a temporary name in the same
+/// directory), chmod 0600, listen, then renamed to `path`: nobody can connect before
+/// the mode is set, and a client that sees the file can connect.
 fn listen_private(path: &Path) -> Result<UnixListener, String> {
     use std::os::unix::ffi::OsStrExt;
     let shown = path.display();
@@ -212,10 +213,15 @@ fn listen_private(path: &Path) -> Result<UnixListener, String> {
         std::fs::remove_file(path)
             .map_err(|e| format!("--api-socket {shown}: cannot replace the stale socket: {e}"))?;
     }
-    let bytes = path.as_os_str().as_bytes();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
     // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    // Bound in place when the temporary name would not fit a socket address.
+    let bound_at: &Path = if tmp.as_os_str().len() < addr.sun_path.len() { &tmp } else { path };
+    let _ = std::fs::remove_file(&tmp);
+    let bytes = bound_at.as_os_str().as_bytes();
+    if path.as_os_str().len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(format!("--api-socket {shown}: a socket path must be shorter than {} bytes", addr.sun_path.len()));
     }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -235,14 +241,20 @@ fn listen_private(path: &Path) -> Result<UnixListener, String> {
         return Err(format!("--api-socket {shown}: bind: {}", std::io::Error::last_os_error()));
     }
     use std::os::unix::fs::PermissionsExt;
-    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
-        let _ = std::fs::remove_file(path);
+    if let Err(e) = std::fs::set_permissions(bound_at, std::fs::Permissions::from_mode(0o600)) {
+        let _ = std::fs::remove_file(bound_at);
         return Err(format!("--api-socket {shown}: chmod 0600: {e}"));
     }
     // SAFETY: listen on the socket bound above.
     if unsafe { libc::listen(owned.as_raw_fd(), 64) } != 0 {
-        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(bound_at);
         return Err(format!("--api-socket {shown}: listen: {}", std::io::Error::last_os_error()));
+    }
+    if bound_at != path
+        && let Err(e) = std::fs::rename(bound_at, path)
+    {
+        let _ = std::fs::remove_file(bound_at);
+        return Err(format!("--api-socket {shown}: {e}"));
     }
     Ok(UnixListener::from(owned))
 }

@@ -360,6 +360,31 @@ enum DeviceWhat {
 /// test can watch the sandbox kill it.
 pub const SELFTEST_ENV: &str = "PASSTHRU_DEVICE_SELFTEST";
 
+/// A listening socket at `path` that appears there only once it listens: bound and
+/// listening under a temporary name in the same directory, then renamed into place,
+/// so a client that sees the file can connect (no window between bind and listen).
+/// An existing file at `path` is refused (address in use).
+pub(crate) fn listen_at(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(std::io::ErrorKind::AddrInUse.into());
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    match UnixListener::bind(&tmp) {
+        Ok(l) => {
+            if let Err(e) = std::fs::rename(&tmp, path) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            Ok(l)
+        }
+        // The temporary name is too long for a socket address: bind in place.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => UnixListener::bind(path),
+        Err(e) => Err(e),
+    }
+}
+
 /// Runs a device server.
 pub fn device(args: DeviceArgs) -> Result<ExitCode, String> {
     let DeviceWhat::DmaEngine { socket, fd } = args.what;
@@ -370,7 +395,7 @@ pub fn device(args: DeviceArgs) -> Result<ExitCode, String> {
             (UnixStream::from(owned), true)
         }
         (Some(path), None) => {
-            let listener = UnixListener::bind(&path).map_err(|e| {
+            let listener = listen_at(&path).map_err(|e| {
                 format!("cannot listen on {}: {e} (remove a stale socket, or pick another path)", path.display())
             })?;
             eprintln!("passthru device: dma-engine listening on {}", path.display());

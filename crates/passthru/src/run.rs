@@ -617,7 +617,7 @@ fn run_qtest(args: &RunArgs, stop: &StopSlot) -> Result<ExitCode, String> {
     ensure_locked_memory(args, args.memory, &args.devices);
     let end = match &args.qtest {
         Some(path) => {
-            let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+            let listener = crate::device::listen_at(path).map_err(|e| {
                 format!("cannot listen on {}: {e} (remove a stale socket file, or pick another path)", path.display())
             })?;
             let vm = Arc::new(Vm::new(config).map_err(|e| e.to_string())?);

@@ -755,11 +755,16 @@ fn the_device_process_refuses_a_file_too_small_and_survives_one_shrunk_under_it(
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // The socket file appears at bind(), a moment before listen(): connect until it
+    // is accepted.
     let t = Instant::now();
-    while !path.exists() {
-        assert!(t.elapsed() < SLACK);
+    let stream = loop {
+        match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(s) => break s,
+            Err(e) => assert!(t.elapsed() < SLACK, "the device never listened: {e}"),
+        }
         std::thread::sleep(Duration::from_millis(10));
-    }
+    };
     struct NoDma;
     impl vfio_user::client::DmaHandler for NoDma {
         fn dma_read(&self, _a: u64, _b: &mut [u8]) -> Result<(), i32> {
@@ -770,7 +775,6 @@ fn the_device_process_refuses_a_file_too_small_and_survives_one_shrunk_under_it(
         }
     }
     // This test plays a careless (or hostile) VMM.
-    let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
     let client = vfio_user::client::Client::connect(stream, Arc::new(NoDma), Box::new(|_| {})).unwrap();
     let rw = DMA_READ_FLAG | DMA_WRITE_FLAG;
     let small = memfd(0x1000, true);
