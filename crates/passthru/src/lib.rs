@@ -1,6 +1,7 @@
 //! passthru as a library: the command line's pieces (`run`, `bench`, `device`), so
 //! tests and embedding programs reach the same parsers and runners as the binary.
 
+pub mod acpi_dump;
 pub mod bench;
 pub mod control;
 pub mod ctl;

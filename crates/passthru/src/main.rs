@@ -22,6 +22,7 @@ const RUN_EXAMPLES: &str = "Examples:
   passthru run --guest idle --api-socket /tmp/vm.sock --event-monitor /tmp/vm.events
   passthru run --accel qtest --device dma-engine            drive the machine from standard input (docs/qtest.md)
   passthru run --restore /tmp/snap                           go on from a snapshot
+  passthru run --kernel bzImage --memory 1G                  boot Linux (README: Running Linux)
   passthru run --device help                                 every device kind and option";
 
 const CTL_EXAMPLES: &str = "Examples:
@@ -42,6 +43,10 @@ const BENCH_EXAMPLES: &str = "Examples:
   passthru bench dma --quick
   passthru bench devices --plot devices.svg
   passthru bench tce --runs 3";
+
+const ACPI_DUMP_EXAMPLES: &str = "Examples:
+  passthru acpi-dump /tmp/acpi && iasl -d /tmp/acpi/*.dat
+  passthru acpi-dump /tmp/acpi --device dma-engine,dma=virtio-iommu --device dma-engine";
 
 const REPLAY_EXAMPLES: &str = "Examples:
   passthru run --guest viommu --device dma-engine,dma=virtio-iommu --record /tmp/viommu.trace
@@ -80,6 +85,10 @@ enum Command {
     /// how it answered (exit status 1 when a status differs from the trace's).
     #[command(after_help = REPLAY_EXAMPLES)]
     Replay(passthru::replay::ReplayArgs),
+    /// Write the ACPI tables passthru builds for a VM with the devices given, one file
+    /// per table (for `iasl -d`).
+    #[command(after_help = ACPI_DUMP_EXAMPLES)]
+    AcpiDump(passthru::acpi_dump::AcpiDumpArgs),
     /// Run a device process (vfio-user server).
     #[command(after_help = DEVICE_EXAMPLES)]
     Device(device::DeviceArgs),
@@ -151,6 +160,7 @@ fn main() -> ExitCode {
         }
         Command::Bench(args) => bench::bench(args),
         Command::Replay(args) => passthru::replay::run(args),
+        Command::AcpiDump(args) => passthru::acpi_dump::run(args),
         Command::Device(args) => device::device(args),
         Command::Ctl(args) => ctl::ctl(args),
         Command::Stat(args) => ctl::stat(args),

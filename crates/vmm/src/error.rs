@@ -74,6 +74,9 @@ pub enum Error {
     /// The vCPU stopped for a reason the VMM cannot continue from.
     #[error("guest stopped: {0}")]
     GuestCrashed(String),
+    /// A kernel passthru cannot boot (`--kernel`), and why.
+    #[error("--kernel: {0}")]
+    Kernel(String),
     /// An I/O error of the VMM (qtest socket, files).
     #[error("{context}: {source}")]
     Io {

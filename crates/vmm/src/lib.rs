@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod accel;
+pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod core_calls;
@@ -22,6 +23,7 @@ pub mod guest;
 pub mod guest_memory;
 pub mod irq_watch;
 pub mod irqchip_state;
+pub mod linux;
 pub mod memory;
 pub mod memtype;
 pub mod pausing;

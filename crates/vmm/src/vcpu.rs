@@ -41,6 +41,14 @@ impl Vcpu {
         Ok(Vcpu { fd, sync_regs })
     }
 
+    /// Points `rsi` at a Linux kernel's boot parameters (the 64-bit boot protocol).
+    pub fn set_boot_params(&mut self, zero_page: u64) -> Result<()> {
+        let mut regs = self.fd.get_regs().map_err(|e| Error::Kvm("KVM_GET_REGS", e))?;
+        regs.rsi = zero_page;
+        regs.rdi = 0;
+        self.fd.set_regs(&regs).map_err(|e| Error::Kvm("KVM_SET_REGS", e))
+    }
+
     /// Runs until the guest writes the exit port (returns its status) or stops in a
     /// way the VMM cannot continue from (an error naming the reason).
     pub fn run(&mut self, vm: &Vm) -> Result<u8> {
@@ -106,10 +114,11 @@ impl Vcpu {
                     return Err(self.crashed("triple fault (an exception with no usable handler)"));
                 }
                 Ok(VcpuExit::InternalError) => {
-                    return Err(self.crashed(
+                    let code = self.code_at_rip(vm);
+                    return Err(self.crashed(&format!(
                         "KVM internal error: most often an instruction this hypervisor does not emulate \
-                         (x87, xsave, scalar floating point); build guests for baseline x86-64",
-                    ));
+                         (x87, xsave, scalar floating point); build guests for baseline x86-64{code}"
+                    )));
                 }
                 Ok(VcpuExit::FailEntry(reason, _)) => {
                     return Err(self.crashed(&format!("VM entry failed (hardware reason {reason:#x})")));
@@ -164,6 +173,22 @@ impl Vcpu {
             write(&mut regs);
             self.fd.set_regs(&regs).map_err(|e| Error::Kvm("KVM_SET_REGS", e))
         }
+    }
+
+    /// The bytes of the instruction at `rip` (translated through the guest's page
+    /// tables), for a report; empty if they cannot be read.
+    fn code_at_rip(&self, vm: &Vm) -> String {
+        let Ok(regs) = self.fd.get_regs() else { return String::new() };
+        let Ok(t) = self.fd.translate_gva(regs.rip) else { return String::new() };
+        if t.valid == 0 {
+            return String::new();
+        }
+        let mut b = [0u8; 15];
+        if !vm.phys_read(t.physical_address, &mut b) {
+            return String::new();
+        }
+        let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+        format!(" (instruction bytes at guest-physical {:#x}: {})", t.physical_address, hex.join(" "))
     }
 
     fn crashed(&self, what: &str) -> Error {
