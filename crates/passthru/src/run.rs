@@ -95,6 +95,18 @@ pub struct RunArgs {
     /// --accel qtest, a snapshot saved under qtest (no vCPU) is driven again.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["guest", "qtest", "memory"])]
     restore: Option<PathBuf>,
+    /// Boot a Linux kernel (a bzImage) instead of a guest program: the 64-bit boot
+    /// protocol, an e820 map from the memory map, ACPI tables (RSDP, XSDT, FADT, MADT,
+    /// MCFG, DSDT, VIOT), the console on COM1 (ttyS0). See README's "Running Linux".
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["guest", "guest_args", "restore", "qtest"])]
+    kernel: Option<PathBuf>,
+    /// An initramfs for --kernel, placed as high in low RAM as the kernel allows.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initramfs: Option<PathBuf>,
+    /// The kernel command line (default: console=ttyS0 earlyprintk=serial,ttyS0,115200
+    /// no_timer_check panic=-1).
+    #[arg(long, value_name = "TEXT", requires = "kernel")]
+    cmdline: Option<String>,
     /// Write every request the guest makes to its virtio-iommu to FILE, one line each
     /// with the status it got (the trace `passthru replay virtio-iommu FILE` reads).
     /// Needs a device behind it (--device ...,dma=virtio-iommu).
@@ -346,6 +358,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     if args.qtest.is_some() || args.accel == Accel::Qtest {
         return run_qtest(&args, &stop);
     }
+    if let Some(kernel) = &args.kernel {
+        return run_kernel(&args, kernel, &stop);
+    }
     let elf = guests::load(&args.guest)?;
     // The paravirtual DMA demo needs its device: give it the default one.
     let default_device;
@@ -377,6 +392,29 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         report_stats(&vm);
     }
     drop(vm); // devices removed, their processes reaped
+    Ok(ExitCode::from(status))
+}
+
+/// `run --kernel`: a Linux kernel with the devices asked for.
+fn run_kernel(args: &RunArgs, kernel: &std::path::Path, stop: &StopSlot) -> Result<ExitCode, String> {
+    let read = |p: &std::path::Path, what: &str| std::fs::read(p).map_err(|e| format!("{what} {}: {e}", p.display()));
+    let k = vmm::linux::Kernel {
+        image: read(kernel, "--kernel")?,
+        initramfs: args.initramfs.as_deref().map(|p| read(p, "--initramfs")).transpose()?,
+        cmdline: args.cmdline.clone().unwrap_or_else(|| vmm::linux::DEFAULT_CMDLINE.to_string()),
+    };
+    ensure_locked_memory(args, args.memory, &args.devices);
+    let vm = Arc::new(Vm::new(config(args, AccelKind::Kvm)).map_err(|e| e.to_string())?);
+    stop.set(&vm);
+    let _monitor = start_event_monitor(args, &vm)?;
+    let specs = attach_devices(&vm, &args.devices)?;
+    start_recording(args, &vm)?;
+    let api = start_api(args, &vm, &specs)?;
+    let status = vm.run_kernel(&k).map_err(|e| e.to_string());
+    drop(api);
+    let _ = std::io::stdout().flush();
+    let status = status?;
+    drop(vm);
     Ok(ExitCode::from(status))
 }
 
