@@ -152,6 +152,30 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs
 }
 
+/// Special registers for 32-bit protected mode without paging (the PVH entry): flat
+/// 4 GiB code and data segments, CR0.PE only.
+pub fn protected_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+    // KVM takes the limit already scaled by the granularity: 4 GiB, not 0xfffff pages
+    // (in long mode limits do not apply; here they do).
+    let flat = |s: kvm_segment| kvm_segment { limit: 0xffff_ffff, ..s };
+    let code = flat(segment(0x08, 0xb, 1, 0, 1));
+    let data = flat(segment(0x10, 0x3, 1, 0, 1));
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment(0x18, 0xb, 0, 0, 0);
+    sregs.gdt.base = layout::GDT_ADDR;
+    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+    sregs.cr0 = CR0_PE | CR0_ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    sregs
+}
+
 /// General registers at entry.
 pub fn entry_regs(entry: Entry) -> kvm_regs {
     kvm_regs {

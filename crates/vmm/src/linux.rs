@@ -1,16 +1,21 @@
-//! Booting a Linux kernel (`passthru run --kernel FILE`): a bzImage loaded with rust-vmm
-//! `linux-loader` and entered by the 64-bit boot protocol, its boot parameters (the
-//! e820 map from the VM's memory map, the command line, the initramfs, the RSDP) and
-//! the ACPI tables (`crate::acpi`) written below 1 MiB.
+//! Booting a Linux kernel (`passthru run --kernel FILE`), loaded with rust-vmm
+//! `linux-loader`: a bzImage entered by the 64-bit boot protocol (boot parameters with
+//! the e820 map from the VM's memory map, the command line, the initramfs, the RSDP),
+//! or an ELF vmlinux entered at its PVH entry point (Xen's `hvm_start_info` with the
+//! same memory map, command line, initramfs as a module, RSDP) in 32-bit protected
+//! mode without paging. The ACPI tables (`crate::acpi`) are written below 1 MiB.
 
 use crate::acpi;
 use crate::boot::Entry;
 use crate::error::{Error, Result};
 use crate::vm::Vm;
 use abi::{layout, pci};
+use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams, linux::LinuxBootConfigurator};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::{BzImage, KernelLoader};
+use linux_loader::loader::elf::PvhBootCapability;
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_api::RegionKind;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -35,6 +40,32 @@ const ENTRY_64: u64 = 0x200;
 const LOADER_OTHER: u8 = 0xff;
 /// `loadflags`: the kernel was loaded high (at 1 MiB).
 const LOADED_HIGH: u8 = 1;
+
+/// PVH: the memory map after `hvm_start_info` (at [`ZERO_PAGE`]).
+const PVH_MEMMAP: u64 = ZERO_PAGE + 0x100;
+/// PVH: the module list (the initramfs).
+const PVH_MODLIST: u64 = 0x6000;
+/// `hvm_start_info.magic`.
+const PVH_MAGIC: u32 = 0x336e_c578;
+
+/// How the boot vCPU enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelEntry {
+    /// The 64-bit boot protocol: long mode, `rsi` = the boot parameters.
+    Linux64 {
+        /// Entry point.
+        rip: u64,
+        /// The boot parameters.
+        zero_page: u64,
+    },
+    /// PVH: 32-bit protected mode, paging off, `ebx` = `hvm_start_info`.
+    Pvh {
+        /// Entry point.
+        rip: u64,
+        /// The start info.
+        start_info: u64,
+    },
+}
 
 /// A kernel to boot.
 #[derive(Clone, Debug, Default)]
@@ -113,20 +144,36 @@ impl Vm {
     pub fn run_kernel(&self, kernel: &Kernel) -> Result<u8> {
         let kvm = self.kvm().ok_or_else(|| Error::GuestCrashed("a kernel needs --accel kvm".into()))?;
         let entry = self.load_kernel(kernel)?;
-        let info = layout::BootInfo::default();
         // The GDT and the identity page tables the 64-bit boot protocol enters with.
-        crate::boot::write_boot_structures(self.memory(), &info)?;
-        let mut vcpu = crate::vcpu::Vcpu::new(kvm, 0, entry)?;
-        vcpu.set_boot_params(ZERO_PAGE)?;
+        crate::boot::write_boot_structures(self.memory(), &layout::BootInfo::default())?;
+        let (KernelEntry::Linux64 { rip, .. } | KernelEntry::Pvh { rip, .. }) = entry;
+        let mut vcpu = crate::vcpu::Vcpu::new(kvm, 0, Entry { rip, image_end: rip + 1 })?;
+        match entry {
+            KernelEntry::Linux64 { zero_page, .. } => vcpu.set_boot_params(zero_page)?,
+            KernelEntry::Pvh { rip, start_info } => vcpu.enter_pvh(rip, start_info)?,
+        }
         self.events().publish(crate::events::Event::VmRunning);
         let status = vcpu.run(self)?;
         self.stopping(status);
         Ok(status)
     }
 
-    /// Loads the kernel, its initramfs, command line, boot parameters and the ACPI
-    /// tables; returns where to enter.
-    pub fn load_kernel(&self, kernel: &Kernel) -> Result<Entry> {
+    /// The e820 map of this VM as it is.
+    pub fn e820(&self) -> Vec<E820> {
+        let ram: Vec<(u64, u64)> = self
+            .memory_map()
+            .regions()
+            .iter()
+            .filter(|r| matches!(r.kind, RegionKind::Ram))
+            .map(|r| (r.gpa, r.size))
+            .collect();
+        e820(&ram)
+    }
+
+    /// Loads the kernel (a bzImage, or an ELF vmlinux with a PVH entry), its
+    /// initramfs, command line, boot information and the ACPI tables; returns how to
+    /// enter it.
+    pub fn load_kernel(&self, kernel: &Kernel) -> Result<KernelEntry> {
         let bad = |what: String| Error::Kernel(what);
         if kernel.cmdline.len() >= CMDLINE_MAX {
             return Err(bad(format!(
@@ -134,6 +181,9 @@ impl Vm {
                 kernel.cmdline.len(),
                 CMDLINE_MAX - 1
             )));
+        }
+        if kernel.image.starts_with(b"\x7fELF") {
+            return self.load_pvh(kernel);
         }
         let mut cursor = std::io::Cursor::new(&kernel.image);
         let loaded = BzImage::load(self.memory(), None, &mut cursor, Some(GuestAddress(layout::IMAGE_ADDR)))
@@ -167,14 +217,7 @@ impl Vm {
         }
         self.write_acpi_tables()?;
         let mut params = boot_params { hdr, acpi_rsdp_addr: acpi::RSDP_ADDR, ..Default::default() };
-        let ram: Vec<(u64, u64)> = self
-            .memory_map()
-            .regions()
-            .iter()
-            .filter(|r| matches!(r.kind, RegionKind::Ram))
-            .map(|r| (r.gpa, r.size))
-            .collect();
-        let map = e820(&ram);
+        let map = self.e820();
         if map.len() > params.e820_table.len() {
             return Err(bad(format!("{} e820 entries; the zero page holds {}", map.len(), params.e820_table.len())));
         }
@@ -184,7 +227,66 @@ impl Vm {
         params.e820_entries = map.len() as u8;
         LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(ZERO_PAGE)), self.memory())
             .map_err(|e| bad(format!("writing the boot parameters: {e}")))?;
-        Ok(Entry { rip: loaded.kernel_load.0 + ENTRY_64, image_end: loaded.kernel_end })
+        Ok(KernelEntry::Linux64 { rip: loaded.kernel_load.0 + ENTRY_64, zero_page: ZERO_PAGE })
+    }
+
+    /// An ELF vmlinux entered at its PVH entry (XEN_ELFNOTE_PHYS32_ENTRY).
+    fn load_pvh(&self, kernel: &Kernel) -> Result<KernelEntry> {
+        let bad = |what: String| Error::Kernel(what);
+        let mut cursor = std::io::Cursor::new(&kernel.image);
+        let loaded = Elf::load(self.memory(), None, &mut cursor, Some(GuestAddress(layout::IMAGE_ADDR)))
+            .map_err(|e| bad(format!("not an ELF kernel passthru can load: {e}")))?;
+        let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
+            return Err(bad("this ELF kernel has no PVH entry point (CONFIG_PVH): boot its bzImage instead".into()));
+        };
+        let low = self.ram().size().min(layout::MMIO_HOLE_START);
+        if loaded.kernel_end > low {
+            return Err(bad(format!(
+                "the kernel ends at {:#x}, past low RAM ({low:#x}): give more --memory",
+                loaded.kernel_end
+            )));
+        }
+        let w = |at: u64, b: &[u8]| {
+            self.memory().write_slice(b, GuestAddress(at)).map_err(|e| Error::Memory(e.to_string()))
+        };
+        let mut line = kernel.cmdline.as_bytes().to_vec();
+        line.push(0);
+        w(CMDLINE_ADDR, &line)?;
+        let mut info = hvm_start_info {
+            magic: PVH_MAGIC,
+            version: 1,
+            cmdline_paddr: CMDLINE_ADDR,
+            rsdp_paddr: acpi::RSDP_ADDR,
+            memmap_paddr: PVH_MEMMAP,
+            ..Default::default()
+        };
+        let mut module = None;
+        if let Some(initrd) = &kernel.initramfs {
+            let size = initrd.len() as u64;
+            let at = low.saturating_sub(size) & !0xfff;
+            if at < loaded.kernel_end || size == 0 {
+                return Err(bad(format!("the initramfs ({size} bytes) does not fit above the kernel in low RAM")));
+            }
+            w(at, initrd)?;
+            module = Some(hvm_modlist_entry { paddr: at, size, ..Default::default() });
+            info.nr_modules = 1;
+            info.modlist_paddr = PVH_MODLIST;
+        }
+        self.write_acpi_tables()?;
+        let map: Vec<hvm_memmap_table_entry> = self
+            .e820()
+            .iter()
+            .map(|e| hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind, reserved: 0 })
+            .collect();
+        info.memmap_entries = map.len() as u32;
+        let mut params = BootParams::new(&info, GuestAddress(ZERO_PAGE));
+        params.set_sections(&map, GuestAddress(PVH_MEMMAP));
+        if let Some(m) = module {
+            params.set_modules(&[m], GuestAddress(PVH_MODLIST));
+        }
+        PvhBootConfigurator::write_bootparams(&params, self.memory())
+            .map_err(|e| bad(format!("writing the PVH start info: {e}")))?;
+        Ok(KernelEntry::Pvh { rip: entry.0, start_info: ZERO_PAGE })
     }
 }
 

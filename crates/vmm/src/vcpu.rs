@@ -49,6 +49,15 @@ impl Vcpu {
         self.fd.set_regs(&regs).map_err(|e| Error::Kvm("KVM_SET_REGS", e))
     }
 
+    /// Enters at `rip` in 32-bit protected mode, paging off, flat segments, `ebx` =
+    /// `start_info` (the PVH boot protocol).
+    pub fn enter_pvh(&mut self, rip: u64, start_info: u64) -> Result<()> {
+        let sregs = self.fd.get_sregs().map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
+        self.fd.set_sregs(&crate::boot::protected_mode_sregs(sregs)).map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+        let regs = kvm_bindings::kvm_regs { rip, rbx: start_info, rflags: 0x2, ..Default::default() };
+        self.fd.set_regs(&regs).map_err(|e| Error::Kvm("KVM_SET_REGS", e))
+    }
+
     /// Runs until the guest writes the exit port (returns its status) or stops in a
     /// way the VMM cannot continue from (an error naming the reason).
     pub fn run(&mut self, vm: &Vm) -> Result<u8> {
