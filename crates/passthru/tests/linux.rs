@@ -155,3 +155,21 @@ fn its_vmlinux_boots_by_the_pvh_entry_with_the_same_map_and_tables() {
     }
     assert_eq!(printed.iter().filter(|l| l.ends_with("usable")).count(), 2, "{printed:?}");
 }
+
+#[test]
+fn bench_linux_times_the_first_console_line_and_the_stop() {
+    vmm::require_kvm!();
+    let Some(vmlinux) = kernel().map(|k| k.with_file_name("vmlinux")).filter(|k| k.exists()) else {
+        eprintln!("skipped: no test vmlinux (.ci/run unpacks it next to the test kernel)");
+        return;
+    };
+    let (table, v) = common::bench_json(&["linux", "--kernel", vmlinux.to_str().unwrap()]);
+    let k = &v["kernels"][0];
+    assert_eq!(k["kind"], "PVH vmlinux", "{table}");
+    let (first, stop) = (k["first_line_s"].as_f64().unwrap(), k["stopped_s"].as_f64().unwrap());
+    assert!(first > 0.0 && first < stop, "{table}");
+    assert!(k["lines"].as_u64().unwrap() > 20, "{table}");
+    let size = vmm::acpi::build(&vmm::acpi::Machine { viommu: Some((0xf8, vec![0x08])) }).size() as u64;
+    assert_eq!(v["acpi_bytes"].as_u64(), Some(size));
+    assert!(table.contains("PVH vmlinux: run to first console line"), "{table}");
+}

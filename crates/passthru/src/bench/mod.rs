@@ -131,6 +131,20 @@ enum BenchWhat {
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<PathBuf>,
     },
+    /// Linux: time from `run --kernel` to the kernel's first console line and to where
+    /// this machine's KVM stops it, per kernel (a bzImage or a PVH vmlinux), each in a
+    /// `passthru run` of its own; the ACPI tables' size.
+    Linux {
+        /// A kernel to boot (repeat to compare, e.g. the bzImage and its vmlinux).
+        #[arg(long = "kernel", value_name = "FILE")]
+        kernels: Vec<PathBuf>,
+        /// Also write the figures as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Runs (each figure: median and spread).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        runs: u32,
+    },
     /// Snapshots: save and restore of a guest with touched RAM and a DMA engine, as
     /// ratios of writing and reading the same bytes with plain file I/O (one run), and
     /// the pause (vCPU and devices stopped to resumed) of the in-memory part.
@@ -179,6 +193,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode, String> {
         BenchWhat::Irq { interrupts, json, runs } => irq_bench(interrupts, runs, json),
         BenchWhat::Devices { bytes, reads, json, runs, plot } => devices_bench(bytes, reads, runs, json, plot),
         BenchWhat::Pvdma { iterations, json, runs } => pvdma_bench(iterations, runs, json),
+        BenchWhat::Linux { kernels, json, runs } => linux_bench(kernels, runs, json),
         BenchWhat::Viommu { requests, ios, json, runs, plot } => viommu_bench(requests, ios, runs, json, plot),
         BenchWhat::Snapshot { memory, touched, dir, json, runs } => snapshot_bench(memory, touched, dir, runs, json),
     }
@@ -240,6 +255,7 @@ mod engine;
 mod engines;
 mod exits;
 mod interrupts;
+mod linux;
 mod noncoherent;
 mod pvdma;
 mod snapshot;
@@ -251,6 +267,7 @@ use dma_core::dma_bench;
 use engines::devices_bench;
 use exits::exits;
 use interrupts::irq_bench;
+use linux::linux_bench;
 use noncoherent::noncoherent_bench;
 use pvdma::pvdma_bench;
 use snapshot::snapshot_bench;
