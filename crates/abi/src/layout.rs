@@ -56,6 +56,25 @@ pub const fn msi_address(dest: u8) -> u64 {
 
 /// A null MMIO device for the exit benchmark (reads 0, writes ignored).
 pub const BENCH_MMIO_ADDR: u64 = 0xe010_0000;
+
+/// The ACPI PCI hot-plug registers a Linux guest's DSDT reads (`\_SB.PHPR`), each
+/// 32 bits, one bit per slot: slots plugged since the last read (read clears them),
+/// slots unplugged since the last read (read clears), and the eject register the
+/// guest's `_EJ0` writes (acknowledged; passthru has removed the device already).
+pub mod acpi_hotplug {
+    /// Base of the registers.
+    pub const ADDR: u64 = 0xfeb0_0000;
+    /// Bytes they take.
+    pub const LEN: u64 = 0x10;
+    /// PCIU: slots plugged.
+    pub const UP: u64 = 0x0;
+    /// PCID: slots unplugged.
+    pub const DOWN: u64 = 0x4;
+    /// B0EJ: slots the guest ejected.
+    pub const EJECT: u64 = 0x8;
+    /// The GSI the Generic Event Device (ACPI0013) raises, edge-triggered, active high.
+    pub const GSI: u32 = 22;
+}
 /// Bytes the guest identity-maps (its page tables cover 0..4 GiB).
 pub const IDENTITY_MAPPED: u64 = 0x1_0000_0000;
 

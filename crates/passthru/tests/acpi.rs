@@ -116,6 +116,20 @@ fn acpi_dump_tables_disassemble_cleanly_and_describe_the_machine() {
         "0x03F8,//RangeMinimum",
         "EisaId(\"PNP0C02\")",
         "Memory32Fixed(ReadOnly,0xE0000000,//AddressBase0x00100000,//AddressLength",
+        // Hot-plug: the GED, its event method, the registers, a slot and its notifies.
+        "Name(_HID,\"ACPI0013\"",
+        "Method(_EVT,1,Serialized)",
+        "\\_SB.PCI0.PCNT()",
+        "Device(PHPR)",
+        "OperationRegion(PCST,SystemMemory,0xFEB00000,0x10)",
+        "Device(S01)",
+        "Name(_ADR,0x00010000)",
+        "Method(_EJ0,1,NotSerialized)",
+        "\\_SB.PHPR.B0EJ=0x02",
+        "Local0=\\_SB.PHPR.PCIU",
+        "Notify(S01,One)",
+        "Notify(S01,0x03)",
+        "Notify(S1F,0x03)",
     ] {
         assert!(dsdt.contains(want), "DSDT lacks {want}: {}", dsl["dsdt"]);
     }
@@ -199,4 +213,43 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn plugs_and_unplugs_set_their_slot_bits_and_raise_the_ged_interrupt() {
+    use abi::layout::acpi_hotplug as hp;
+    let vm = vm();
+    let q = |c: &str| common::qtest_cmd(&vm, c);
+    assert_eq!(q("irq_mode acpi-hotplug 0 0 vmm"), "OK", "{}", q("irq_list"));
+    let raised = || vm.irqs().stats(&irq::SourceId::new("acpi-hotplug", 0, 0)).unwrap().vmm_delivered;
+    let wait_raised = |n: u64| {
+        let t = std::time::Instant::now();
+        while raised() < n && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        raised()
+    };
+    let read = |off: u64| common::qpci::value(&q(&format!("readl {:#x}", hp::ADDR + off)));
+    assert_eq!((read(hp::UP), read(hp::DOWN)), (0, 0));
+    let spec = passthru::device::parse_device("dma-engine,process=inline").unwrap();
+    let a = passthru::device::attach(&vm, &spec).unwrap();
+    let b = passthru::device::attach(&vm, &spec).unwrap();
+    // Edge interrupts of changes close together may merge (an eventfd counts them):
+    // PCNT reads every bit whatever the number of interrupts.
+    let after_plugs = wait_raised(1);
+    assert!(after_plugs >= 1, "the plugs raised the GED's interrupt");
+    // What _EVT's PCNT reads: both slots up, and reading clears.
+    assert_eq!(read(hp::UP), (1 << a.slot()) | (1 << b.slot()));
+    assert_eq!(read(hp::UP), 0, "PCIU clears when read");
+    vm.detach_device(b.name()).unwrap();
+    assert!(wait_raised(after_plugs + 1) > after_plugs, "the unplug raised it again");
+    assert_eq!(read(hp::DOWN), 1 << b.slot());
+    assert_eq!(read(hp::DOWN), 0);
+    // The guest's _EJ0 writes its slot's bit: acknowledged, counted.
+    assert_eq!(q(&format!("writel {:#x} {:#x}", hp::ADDR + hp::EJECT, 1u32 << b.slot())), "OK");
+    assert_eq!(vm.acpi_hotplug().unwrap().counts(), (1 << b.slot(), 3), "3 changes announced");
+    // A plug then an unplug of one slot before the guest looks: only the unplug stands.
+    let c = passthru::device::attach(&vm, &spec).unwrap();
+    vm.detach_device(c.name()).unwrap();
+    assert_eq!((read(hp::UP), read(hp::DOWN)), (0, 1 << c.slot()));
 }

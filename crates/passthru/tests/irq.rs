@@ -95,16 +95,16 @@ fn qtest_lists_switches_and_counts_sources() {
     assert_eq!(
         text(&out.stdout).lines().collect::<Vec<_>>(),
         vec![
-            "OK serial/0/0=vmm",
+            "OK acpi-hotplug/0/0=vmm serial/0/0=vmm",
             "OK 0x0 0x18 0x0 0x0",
-            "OK serial/0/0=vmm test-irq/1/0=vmm",
-            "OK sources=2 forwarded=0 irqfds=0 watched=2 msi_routes=1",
+            "OK acpi-hotplug/0/0=vmm serial/0/0=vmm test-irq/1/0=vmm",
+            "OK sources=3 forwarded=0 irqfds=0 watched=3 msi_routes=1",
             "OK",
             "FAIL IRQ source test-irq/1/0 is already forwarded",
             "FAIL IRQ source nosuch/1/0 is not attached",
             "OK",
             "FAIL 'sideways' is not an IRQ mode; use forwarded or vmm",
-            "OK serial/0/0=vmm test-irq/1/0=vmm",
+            "OK acpi-hotplug/0/0=vmm serial/0/0=vmm test-irq/1/0=vmm",
         ]
     );
 }

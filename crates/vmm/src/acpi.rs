@@ -88,6 +88,10 @@ fn dsdt() -> Vec<u8> {
         entries.iter().map(|(addr, pin, gsi)| aml::Package::new(vec![addr, pin, &zero, gsi])).collect();
     let prt_entries: Vec<&dyn Aml> = packages.iter().map(|p| p as &dyn Aml).collect();
     let prt = aml::Package::new(prt_entries);
+    // Hot-plug: one device per slot (its _ADR, _SUN and _EJ0), and PCNT, which the GED's
+    // _EVT calls: it reads which slots came and went (reading clears) and notifies each.
+    let slots: Vec<Vec<u8>> = (1..pci::SLOTS).map(slot_device).collect();
+    let pcnt = pcnt_method();
     let pci0 = bytes(&aml::Device::new(
         "PCI0".into(),
         vec![
@@ -99,6 +103,8 @@ fn dsdt() -> Vec<u8> {
             &aml::Name::new("_BBN".into(), &zero),
             &aml::Name::new("_CRS".into(), &crs),
             &aml::Name::new("_PRT".into(), &prt),
+            &RawAml(slots.concat()),
+            &RawAml(pcnt),
         ],
     ));
     // The ECAM window, reserved as a motherboard resource (Linux checks MCFG's area).
@@ -123,11 +129,110 @@ fn dsdt() -> Vec<u8> {
             &aml::Name::new("_CRS".into(), &com1_crs),
         ],
     ));
-    let sb = aml::Scope::raw("\\_SB_".into(), [pci0, res, com1].concat());
+    let sb = aml::Scope::raw("\\_SB_".into(), [pci0, res, com1, hotplug_registers(), ged()].concat());
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, OEM_REVISION);
     t.append_slice(&sb);
     t.update_checksum();
     t.as_slice().to_vec()
+}
+
+/// AML already built.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// `Sxx`, slot `s` of the host bridge: `_ADR`, `_SUN`, and `_EJ0` writing its bit to
+/// the eject register.
+fn slot_device(s: u8) -> Vec<u8> {
+    let adr = u32::from(s) << 16;
+    let sun = u32::from(s);
+    let bit = 1u32 << s;
+    let b0ej = aml::Path::new("\\_SB_.PHPR.B0EJ");
+    let eject = aml::Store::new(&b0ej, &bit);
+    let ej0 = aml::Method::new("_EJ0".into(), 1, false, vec![&eject]);
+    bytes(&aml::Device::new(
+        format!("S{s:02X}_").as_str().into(),
+        vec![&aml::Name::new("_ADR".into(), &adr), &aml::Name::new("_SUN".into(), &sun), &ej0],
+    ))
+}
+
+/// `PCNT`: the slots plugged get a device check (1), those unplugged an eject request
+/// (3), as Linux's acpiphp expects.
+fn pcnt_method() -> Vec<u8> {
+    let up = aml::Local(0);
+    let down = aml::Local(1);
+    let (pciu, pcid) = (aml::Path::new("\\_SB_.PHPR.PCIU"), aml::Path::new("\\_SB_.PHPR.PCID"));
+    let read_up = aml::Store::new(&up, &pciu);
+    let read_down = aml::Store::new(&down, &pcid);
+    let mut body: Vec<Vec<u8>> = vec![bytes(&read_up), bytes(&read_down)];
+    for s in 1..pci::SLOTS {
+        let bit = 1u32 << s;
+        let name = aml::Path::new(&format!("S{s:02X}_"));
+        for (reg, event) in [(&up, 1u8), (&down, 3u8)] {
+            let test = aml::And::new(&aml::ZERO, reg, &bit);
+            let notify = aml::Notify::new(&name, &event);
+            body.push(bytes(&aml::If::new(&test, vec![&notify])));
+        }
+    }
+    let raw = RawAml(body.concat());
+    bytes(&aml::Method::new("PCNT".into(), 0, true, vec![&raw]))
+}
+
+/// `\_SB.PHPR`: the hot-plug registers (`abi::layout::acpi_hotplug`) as a region.
+fn hotplug_registers() -> Vec<u8> {
+    use abi::layout::acpi_hotplug as hp;
+    let addr = hp::ADDR as u32;
+    let len = hp::LEN as u32;
+    let mem = aml::Memory32Fixed::new(true, addr, len);
+    let crs = aml::ResourceTemplate::new(vec![&mem]);
+    let region = aml::OpRegion::new("PCST".into(), aml::OpRegionSpace::SystemMemory, &addr, &len);
+    let field = aml::Field::new(
+        "PCST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Named(*b"PCIU", 32),
+            aml::FieldEntry::Named(*b"PCID", 32),
+            aml::FieldEntry::Named(*b"B0EJ", 32),
+        ],
+    );
+    let zero = 0u8;
+    let sta = 0x0bu8; // present, enabled, functioning; not shown in the UI
+    bytes(&aml::Device::new(
+        "PHPR".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A06")),
+            &aml::Name::new("_UID".into(), &zero),
+            &aml::Name::new("_STA".into(), &sta),
+            &aml::Name::new("_CRS".into(), &crs),
+            &region,
+            &field,
+        ],
+    ))
+}
+
+/// `\_SB.GED_`: the Generic Event Device; its interrupt means "slots changed".
+fn ged() -> Vec<u8> {
+    use abi::layout::acpi_hotplug as hp;
+    let irq = aml::Interrupt::new(true, true, false, false, hp::GSI);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let call = aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&call]);
+    let zero = 0u8;
+    bytes(&aml::Device::new(
+        "GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &zero),
+            &aml::Name::new("_CRS".into(), &crs),
+            &evt,
+        ],
+    ))
 }
 
 /// The FADT: a hardware-reduced platform (no PM timer, no SCI, no legacy ports) whose

@@ -239,6 +239,9 @@ pub struct DeviceManager {
     fail_at: Mutex<Option<AttachStep>>,
     /// Where devices added, removed and gone are told.
     events: Arc<crate::events::Events>,
+    /// ACPI PCI hot-plug: told of each plug and unplug (a leaf lock, a non-blocking
+    /// eventfd write).
+    hotplug: std::sync::OnceLock<Arc<crate::hotplug::AcpiHotplug>>,
 }
 
 /// Steps of an attach (for the rollback tests).
@@ -271,7 +274,18 @@ impl DeviceManager {
             noncoherent: Arc::new(NonCoherent::default()),
             next: Mutex::new(0),
             fail_at: Mutex::new(None),
+            hotplug: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Where plugs and unplugs are announced to an ACPI guest.
+    pub fn hotplug(&self) -> Option<&Arc<crate::hotplug::AcpiHotplug>> {
+        self.hotplug.get()
+    }
+
+    /// Sets where plugs and unplugs are announced to an ACPI guest.
+    pub fn set_hotplug(&self, h: Arc<crate::hotplug::AcpiHotplug>) {
+        let _ = self.hotplug.set(h);
     }
 
     /// The root complex.
@@ -369,6 +383,9 @@ impl DeviceManager {
         rollback.armed = false;
         let dev = Arc::new(AssignedDevice { name, slot, function, frontend: fe, root: Arc::clone(&self.root) });
         devices.push(Arc::clone(&dev));
+        if let Some(h) = self.hotplug.get() {
+            h.plugged(dev.slot);
+        }
         self.events.publish(crate::events::Event::DeviceAdded {
             name: dev.name.clone(),
             bdf: dev.bdf_string(),
@@ -463,6 +480,9 @@ impl DeviceManager {
         let dev = devices.remove(i);
         drop(devices);
         self.remove(&dev);
+        if let Some(h) = self.hotplug.get() {
+            h.unplugged(dev.slot);
+        }
         tracing::info!("detached");
         self.events.publish(crate::events::Event::DeviceRemoved { name: dev.name.clone() });
         Ok(())

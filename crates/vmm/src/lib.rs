@@ -21,6 +21,7 @@ pub mod events;
 pub mod flush;
 pub mod guest;
 pub mod guest_memory;
+pub mod hotplug;
 pub mod irq_watch;
 pub mod irqchip_state;
 pub mod linux;

@@ -144,6 +144,10 @@ impl Vm {
     pub fn run_kernel(&self, kernel: &Kernel) -> Result<u8> {
         let kvm = self.kvm().ok_or_else(|| Error::GuestCrashed("a kernel needs --accel kvm".into()))?;
         let entry = self.load_kernel(kernel)?;
+        // The kernel enumerates what is there; hot-plug events are for what comes later.
+        if let Some(h) = self.acpi_hotplug() {
+            h.clear();
+        }
         // The GDT and the identity page tables the 64-bit boot protocol enters with.
         crate::boot::write_boot_structures(self.memory(), &layout::BootInfo::default())?;
         let (KernelEntry::Linux64 { rip, .. } | KernelEntry::Pvh { rip, .. }) = entry;

@@ -23,6 +23,8 @@ pub use crate::config::{DEFAULT_DMA_WINDOW, NonCoherentReads, VmConfig};
 
 /// The interrupt source of the serial port (COM1), the VM's own.
 pub const SERIAL_SOURCE: &str = "serial";
+/// The interrupt source of ACPI PCI hot-plug (the GED's GSI), the VM's own.
+pub const HOTPLUG_SOURCE: &str = "acpi-hotplug";
 
 /// A machine, ready to run a guest program (KVM) or to be driven (qtest).
 pub struct Vm {
@@ -70,7 +72,8 @@ impl Vm {
         let (accel, kvm, qtest) = accelerator(config.accel)?;
         let Memory { ram, dma, memory_map, slots } = guest_memory(&config, &accel)?;
         let irqs = Arc::new(IrqRegistry::new(accel.clone(), config.irq_mode).map_err(Error::EventFd)?);
-        let Fixed { pio, mmio, exit, bench_ioevent } = fixed_devices(&accel, &irqs, config.serial_out, config.err_out)?;
+        let Fixed { pio, mmio, exit, bench_ioevent, hotplug } =
+            fixed_devices(&accel, &irqs, config.serial_out, config.err_out)?;
         let hypercalls = Arc::new(HypercallRegistry::new());
         #[cfg(feature = "test-sources")]
         let test_sources = config.test_sources;
@@ -101,6 +104,7 @@ impl Vm {
             }
         }));
         let devices = DeviceManager::new(root, frontends, Arc::clone(&irqs), Arc::clone(&dma), Arc::clone(&events));
+        devices.set_hotplug(Arc::clone(&hotplug));
         let _ = core.noncoherent.set(noncoherent_query(Arc::clone(devices.noncoherent()), Arc::downgrade(&memory_map)));
         Ok(Vm {
             accel,
@@ -221,6 +225,11 @@ impl Vm {
     /// Detaches device `name` (hot-unplug).
     pub fn detach_device(&self, name: &str) -> Result<()> {
         self.devices.detach(name)
+    }
+
+    /// ACPI PCI hot-plug (the registers a Linux guest's DSDT reads, the GED's interrupt).
+    pub fn acpi_hotplug(&self) -> Option<&Arc<crate::hotplug::AcpiHotplug>> {
+        self.devices.hotplug()
     }
 
     /// The assigned devices.
@@ -387,6 +396,7 @@ struct Fixed {
     mmio: Arc<Bus>,
     exit: Arc<ExitLatch>,
     bench_ioevent: EventFd,
+    hotplug: Arc<crate::hotplug::AcpiHotplug>,
 }
 
 /// The buses and the devices every VM has: COM1 (its interrupt source attached), the
@@ -412,9 +422,19 @@ fn fixed_devices(
     pio.insert(u64::from(ports::EXIT), 1, shared(ExitPort(Arc::clone(&exit))))?;
     pio.insert(u64::from(ports::ERR_CONSOLE), 1, shared(ErrConsole::new(err_out)))?;
     mmio.insert(layout::BENCH_MMIO_ADDR, 0x1000, shared(NullDevice))?;
+    // ACPI PCI hot-plug: its registers, and the GED's edge-triggered interrupt.
+    let hotplug_irq = irq::eventfd().map_err(Error::EventFd)?;
+    let hotplug_source = IrqSource {
+        id: SourceId::new(HOTPLUG_SOURCE, 0, 0),
+        trigger: Trigger::Edge(hotplug_irq.try_clone().map_err(Error::EventFd)?),
+    };
+    irqs.attach(hotplug_source, GuestIrq::Edge(layout::acpi_hotplug::GSI), Arc::new(()))
+        .map_err(|e| Error::Irq(e.to_string()))?;
+    let hotplug = crate::hotplug::AcpiHotplug::new(hotplug_irq);
+    mmio.insert(layout::acpi_hotplug::ADDR, layout::acpi_hotplug::LEN, shared(hotplug.registers()))?;
     let bench_ioevent = irq::eventfd().map_err(Error::EventFd)?;
     accel.register_ioevent(&bench_ioevent, IoAddr::Pio(u64::from(ports::BENCH_IOEVENTFD)))?;
-    Ok(Fixed { pio, mmio, exit, bench_ioevent })
+    Ok(Fixed { pio, mmio, exit, bench_ioevent, hotplug })
 }
 
 /// The core hypercall block: benchmark marks, the non-coherent query (set once the
