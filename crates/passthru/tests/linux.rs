@@ -173,3 +173,96 @@ fn bench_linux_times_the_first_console_line_and_the_stop() {
     assert_eq!(v["acpi_bytes"].as_u64(), Some(size));
     assert!(table.contains("PVH vmlinux: run to first console line"), "{table}");
 }
+
+/// A VM without a vCPU: loading a kernel needs none.
+fn qtest_vm() -> vmm::Vm {
+    let mut config = vmm::VmConfig::new(vmm::AccelKind::Qtest);
+    config.memory = MEMORY;
+    config.serial_out = Box::new(std::io::sink());
+    vmm::Vm::new(config).unwrap()
+}
+
+fn u32_at(vm: &vmm::Vm, gpa: u64) -> u32 {
+    let mut b = [0u8; 4];
+    assert!(vm.phys_read(gpa, &mut b));
+    u32::from_le_bytes(b)
+}
+
+fn u64_at(vm: &vmm::Vm, gpa: u64) -> u64 {
+    let mut b = [0u8; 8];
+    assert!(vm.phys_read(gpa, &mut b));
+    u64::from_le_bytes(b)
+}
+
+/// The bytes of `len` at `gpa`.
+fn bytes_at(vm: &vmm::Vm, gpa: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    assert!(vm.phys_read(gpa, &mut b));
+    b
+}
+
+#[test]
+fn the_boot_parameters_place_the_command_line_initramfs_map_and_rsdp_as_the_boot_protocols_say() {
+    let Some(bz) = kernel() else {
+        eprintln!("skipped: no test kernel (.ci/run fetches Debian's linux-image-cloud-amd64 into target/test-kernel)");
+        return;
+    };
+    let initrd: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+    let k = vmm::linux::Kernel {
+        image: std::fs::read(&bz).unwrap(),
+        initramfs: Some(initrd.clone()),
+        cmdline: "console=ttyS0 root=/dev/ram0 quiet".into(),
+    };
+    // bzImage: the zero page (boot_params) at 0x7000, per Documentation/arch/x86/boot.rst.
+    let vm = qtest_vm();
+    let entry = vm.load_kernel(&k).unwrap();
+    assert!(matches!(entry, vmm::linux::KernelEntry::Linux64 { rip: 0x10_0200, zero_page: 0x7000 }), "{entry:?}");
+    let zp = vmm::linux::ZERO_PAGE;
+    assert_eq!(u32_at(&vm, zp + 0x202), 0x5372_6448, "HdrS");
+    assert_eq!(bytes_at(&vm, zp + 0x210, 1)[0], 0xff, "type_of_loader: undefined");
+    let (image, size) = (u32_at(&vm, zp + 0x218), u32_at(&vm, zp + 0x21c));
+    assert_eq!(size as usize, initrd.len());
+    assert_eq!(image % 4096, 0, "page-aligned");
+    assert!(u64::from(image) + u64::from(size) <= u64::from(u32_at(&vm, zp + 0x22c)) + 1, "under initrd_addr_max");
+    assert_eq!(bytes_at(&vm, u64::from(image), initrd.len()), initrd);
+    let line = u32_at(&vm, zp + 0x228);
+    assert_eq!(bytes_at(&vm, u64::from(line), k.cmdline.len() + 1), [k.cmdline.as_bytes(), &[0]].concat());
+    assert_eq!(u64_at(&vm, zp + 0x70), vmm::acpi::RSDP_ADDR, "acpi_rsdp_addr");
+    let n = bytes_at(&vm, zp + 0x1e8, 1)[0] as usize;
+    let map: Vec<(u64, u64, u32)> = (0..n)
+        .map(|i| {
+            let at = zp + 0x2d0 + 20 * i as u64;
+            (u64_at(&vm, at), u64_at(&vm, at + 8), u32_at(&vm, at + 16))
+        })
+        .collect();
+    let want: Vec<(u64, u64, u32)> = vm.e820().iter().map(|e| (e.addr, e.size, e.kind)).collect();
+    assert_eq!(map, want);
+    assert_eq!(&bytes_at(&vm, vmm::acpi::RSDP_ADDR, 8), b"RSD PTR ");
+    // PVH: hvm_start_info at 0x7000 (Xen's arch-x86/hvm/start_info.h), the initramfs as
+    // its one module, the same map.
+    let Some(elf) = kernel().map(|p| p.with_file_name("vmlinux")).filter(|p| p.exists()) else {
+        eprintln!("skipped the PVH half: no test vmlinux");
+        return;
+    };
+    let vm = qtest_vm();
+    let entry = vm.load_kernel(&vmm::linux::Kernel { image: std::fs::read(&elf).unwrap(), ..k.clone() }).unwrap();
+    assert!(matches!(entry, vmm::linux::KernelEntry::Pvh { start_info: 0x7000, .. }), "{entry:?}");
+    let si = 0x7000;
+    assert_eq!(u32_at(&vm, si), 0x336e_c578, "magic");
+    assert_eq!(u32_at(&vm, si + 4), 1, "version");
+    assert_eq!(u32_at(&vm, si + 12), 1, "nr_modules");
+    let modlist = u64_at(&vm, si + 16);
+    let (paddr, size) = (u64_at(&vm, modlist), u64_at(&vm, modlist + 8));
+    assert_eq!(size as usize, initrd.len());
+    assert_eq!(bytes_at(&vm, paddr, initrd.len()), initrd);
+    assert_eq!(bytes_at(&vm, u64_at(&vm, si + 24), k.cmdline.len()), k.cmdline.as_bytes());
+    assert_eq!(u64_at(&vm, si + 32), vmm::acpi::RSDP_ADDR);
+    let (memmap, entries) = (u64_at(&vm, si + 40), u32_at(&vm, si + 48) as usize);
+    let pvh_map: Vec<(u64, u64, u32)> = (0..entries)
+        .map(|i| {
+            let at = memmap + 24 * i as u64;
+            (u64_at(&vm, at), u64_at(&vm, at + 8), u32_at(&vm, at + 16))
+        })
+        .collect();
+    assert_eq!(pvh_map, want);
+}
