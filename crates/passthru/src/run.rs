@@ -95,9 +95,10 @@ pub struct RunArgs {
     /// --accel qtest, a snapshot saved under qtest (no vCPU) is driven again.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["guest", "qtest", "memory"])]
     restore: Option<PathBuf>,
-    /// Boot a Linux kernel (a bzImage) instead of a guest program: the 64-bit boot
-    /// protocol, an e820 map from the memory map, ACPI tables (RSDP, XSDT, FADT, MADT,
-    /// MCFG, DSDT, VIOT), the console on COM1 (ttyS0). See README's "Running Linux".
+    /// Boot a Linux kernel instead of a guest program: a bzImage (the 64-bit boot
+    /// protocol) or an ELF vmlinux (its PVH entry), with an e820 map from the memory
+    /// map, ACPI tables (RSDP, XSDT, FADT, MADT, MCFG, DSDT with PCI hot-plug, VIOT), the
+    /// console on COM1 (ttyS0). See README's "Running Linux".
     #[arg(long, value_name = "FILE", conflicts_with_all = ["guest", "guest_args", "restore", "qtest"])]
     kernel: Option<PathBuf>,
     /// An initramfs for --kernel, placed as high in low RAM as the kernel allows.
