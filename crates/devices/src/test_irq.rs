@@ -775,9 +775,9 @@ impl IntxTestSource {
         let Some(abort) = abort_msi(abort_vector, 0) else {
             return Ok(None);
         };
-        let Some(gsi) =
-            u32::try_from(gsi).ok().filter(|g| *g < abi::layout::IOAPIC_PINS && *g != abi::ports::SERIAL_GSI)
-        else {
+        let Some(gsi) = u32::try_from(gsi).ok().filter(|g| {
+            *g < abi::layout::IOAPIC_PINS && *g != abi::ports::SERIAL_GSI && *g != abi::layout::acpi_hotplug::GSI
+        }) else {
             return Ok(None);
         };
         self.runner.stop();

@@ -5,7 +5,6 @@
 use crate::device::DeviceArg;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vmm::{AccelKind, Vm, VmConfig};
 
 /// `passthru acpi-dump`.
 #[derive(clap::Args, Debug)]
@@ -22,16 +21,9 @@ pub struct AcpiDumpArgs {
 
 /// Writes the tables; one line per table on standard output.
 pub fn run(args: AcpiDumpArgs) -> Result<ExitCode, String> {
-    let mut config = VmConfig::new(AccelKind::Qtest);
-    config.memory = args.memory;
     // Nothing runs: the account only has to let every device's domain be built.
-    config.locked_memory = Some(args.memory.saturating_mul(args.devices.len() as u64 + 1));
-    config.frontends = args.devices.iter().map(|d| d.frontend().to_string()).collect();
-    config.serial_out = Box::new(std::io::sink());
-    let vm = Vm::new(config).map_err(|e| e.to_string())?;
-    for d in &args.devices {
-        crate::device::attach(&vm, d)?;
-    }
+    let locked = args.memory.saturating_mul(args.devices.len() as u64 + 1);
+    let vm = crate::device::headless_vm(args.memory, locked, &args.devices)?;
     let t = vm.acpi_tables();
     std::fs::create_dir_all(&args.dir).map_err(|e| format!("{}: {e}", args.dir.display()))?;
     let write = |name: &str, at: u64, data: &[u8]| -> Result<(), String> {

@@ -360,6 +360,22 @@ enum DeviceWhat {
 /// test can watch the sandbox kill it.
 pub const SELFTEST_ENV: &str = "PASSTHRU_DEVICE_SELFTEST";
 
+/// A VM without a vCPU (qtest), its console discarded, with `devices` attached and the
+/// front-ends they name built: what `replay`, `acpi-dump` and the benches drive from
+/// the VMM's own process. `locked` is its locked-memory account.
+pub fn headless_vm(memory: u64, locked: u64, devices: &[DeviceArg]) -> Result<Vm, String> {
+    let mut config = vmm::VmConfig::new(vmm::AccelKind::Qtest);
+    config.memory = memory;
+    config.locked_memory = Some(locked);
+    config.frontends = devices.iter().map(|d| d.frontend().to_string()).collect();
+    config.serial_out = Box::new(std::io::sink());
+    let vm = Vm::new(config).map_err(|e| e.to_string())?;
+    for d in devices {
+        attach(&vm, d)?;
+    }
+    Ok(vm)
+}
+
 /// A listening socket at `path` that appears there only once it listens: bound and
 /// listening under a temporary name in the same directory, then renamed into place,
 /// so a client that sees the file can connect (no window between bind and listen).

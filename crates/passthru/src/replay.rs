@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use vmm::{AccelKind, Vm, VmConfig};
+use vmm::Vm;
 
 /// Where the in-process driver keeps its queues and requests.
 const DRIVER_AT: u64 = abi::layout::GUEST_FREE_RAM;
@@ -75,7 +75,10 @@ fn memory_for(entries: &[trace::Entry]) -> u64 {
     let end = entries
         .iter()
         .filter_map(|e| match e.item {
-            Item::Request { request: Request::Map { virt_start, virt_end, phys_start, .. }, .. } => {
+            // Only what was mapped: a MAP traced as FAULT names memory that was not RAM.
+            Item::Request { request: Request::Map { virt_start, virt_end, phys_start, .. }, status, .. }
+                if status.is_none_or(|s| s == abi::viommu::status::OK) =>
+            {
                 virt_end.checked_sub(virt_start).and_then(|l| phys_start.checked_add(l)).and_then(|x| x.checked_add(1))
             }
             _ => None,
@@ -178,19 +181,6 @@ fn settle(out: &mut Outcome, pending: &Pending, replies: &[Reply]) {
     }
 }
 
-fn build_vm(args: &ReplayArgs, memory: u64, devices: &[DeviceArg]) -> Result<Vm, String> {
-    let mut config = VmConfig::new(AccelKind::Qtest);
-    config.memory = memory;
-    config.locked_memory = Some(args.locked_memory.unwrap_or(memory.saturating_mul(2)));
-    config.frontends = vec![iommu::viommu::REGISTRATION.name.to_string()];
-    config.serial_out = Box::new(std::io::sink());
-    let vm = Vm::new(config).map_err(|e| e.to_string())?;
-    for d in devices {
-        crate::device::attach(&vm, d)?;
-    }
-    Ok(vm)
-}
-
 /// Runs the replay; the outcome and the VM it ran on.
 fn replay(args: &ReplayArgs, entries: &[trace::Entry]) -> Result<(Outcome, Vm), String> {
     let eps = endpoints(entries);
@@ -214,7 +204,8 @@ fn replay(args: &ReplayArgs, entries: &[trace::Entry]) -> Result<(Outcome, Vm), 
         ));
     }
     let memory = args.memory.unwrap_or_else(|| memory_for(entries));
-    let vm = build_vm(args, memory, &devices)?;
+    let locked = args.locked_memory.unwrap_or(memory.saturating_mul(2));
+    let vm = crate::device::headless_vm(memory, locked, &devices)?;
     let ids: Vec<u32> = vm.devices().iter().map(|d| u32::from(d.bdf())).collect();
     let map: BTreeMap<u32, u32> = eps.iter().copied().zip(ids).collect();
     let mem = Arc::clone(vm.ram().memory_arc());

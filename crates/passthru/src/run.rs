@@ -414,6 +414,9 @@ fn run_kernel(args: &RunArgs, kernel: &std::path::Path, stop: &StopSlot) -> Resu
     let status = vm.run_kernel(&k).map_err(|e| e.to_string());
     drop(api);
     let _ = std::io::stdout().flush();
+    if args.stats {
+        report_stats(&vm);
+    }
     let status = status?;
     drop(vm);
     Ok(ExitCode::from(status))

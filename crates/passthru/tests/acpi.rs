@@ -247,9 +247,39 @@ fn plugs_and_unplugs_set_their_slot_bits_and_raise_the_ged_interrupt() {
     assert_eq!(read(hp::DOWN), 0);
     // The guest's _EJ0 writes its slot's bit: acknowledged, counted.
     assert_eq!(q(&format!("writel {:#x} {:#x}", hp::ADDR + hp::EJECT, 1u32 << b.slot())), "OK");
-    assert_eq!(vm.acpi_hotplug().unwrap().counts(), (1 << b.slot(), 3), "3 changes announced");
+    assert_eq!(vm.acpi_hotplug().counts(), (1 << b.slot(), 3), "3 changes announced");
     // A plug then an unplug of one slot before the guest looks: only the unplug stands.
     let c = passthru::device::attach(&vm, &spec).unwrap();
     vm.detach_device(c.name()).unwrap();
     assert_eq!((read(hp::UP), read(hp::DOWN)), (0, 1 << c.slot()));
+}
+
+#[test]
+fn a_device_plugged_into_a_slot_an_unplug_is_freeing_is_announced_after_it() {
+    use abi::layout::acpi_hotplug as hp;
+    // Two threads (the API serves each client on its own): one unplugs a device while
+    // the other plugs one, which takes the slot as soon as it is free. Whatever the
+    // interleaving, a slot with a device in it ends announced as up.
+    let vm = vm();
+    let q = |c: &str| common::qtest_cmd(&vm, c);
+    let read = |off: u64| common::qpci::value(&q(&format!("readl {:#x}", hp::ADDR + off)));
+    let spec = passthru::device::parse_device("dma-engine,process=inline").unwrap();
+    let mut reused = 0;
+    for round in 0..60 {
+        let a = passthru::device::attach(&vm, &spec).unwrap();
+        let (_, _) = (read(hp::UP), read(hp::DOWN));
+        let b = std::thread::scope(|s| {
+            let unplug = s.spawn(|| vm.detach_device(a.name()).unwrap());
+            // Staggered starts, so that some plugs land while the unplug frees the slot.
+            std::thread::sleep(Duration::from_micros((round * 53 % 800) as u64));
+            let b = passthru::device::attach(&vm, &spec).unwrap();
+            unplug.join().unwrap();
+            b
+        });
+        let up = read(hp::UP);
+        assert_ne!(up & (1 << b.slot()), 0, "round {round}: the device at slot {} was never announced", b.slot());
+        reused += usize::from(b.slot() == a.slot());
+        vm.detach_device(b.name()).unwrap();
+    }
+    assert!(reused > 0, "the new device never took the freed slot: the race was not run");
 }

@@ -108,7 +108,9 @@ fn check_common(b: &Boot) {
     let all = b.lines.join("\n");
     assert!(all.contains("Linux version 6."), "{all}\n{}", b.stderr);
     assert!(all.contains("Command line: console=ttyS0"), "{all}");
-    let tables = vmm::acpi::build(&vmm::acpi::Machine { viommu: Some((0xf8, vec![0x08])) });
+    let tables = vmm::acpi::build(&vmm::acpi::Machine {
+        viommu: Some((abi::pci::bdf(0, abi::viommu::SLOT, 0), vec![abi::pci::bdf(0, 1, 0)])),
+    });
     assert!(all.contains(&format!("ACPI: RSDP 0x{:016X} 000024", vmm::acpi::RSDP_ADDR)), "{all}");
     for (sig, at, data) in &tables.tables {
         let name = String::from_utf8_lossy(sig);
@@ -169,7 +171,10 @@ fn bench_linux_times_the_first_console_line_and_the_stop() {
     let (first, stop) = (k["first_line_s"].as_f64().unwrap(), k["stopped_s"].as_f64().unwrap());
     assert!(first > 0.0 && first < stop, "{table}");
     assert!(k["lines"].as_u64().unwrap() > 20, "{table}");
-    let size = vmm::acpi::build(&vmm::acpi::Machine { viommu: Some((0xf8, vec![0x08])) }).size() as u64;
+    let size = vmm::acpi::build(&vmm::acpi::Machine {
+        viommu: Some((abi::pci::bdf(0, abi::viommu::SLOT, 0), vec![abi::pci::bdf(0, 1, 0)])),
+    })
+    .size() as u64;
     assert_eq!(v["acpi_bytes"].as_u64(), Some(size));
     assert!(table.contains("PVH vmlinux: run to first console line"), "{table}");
 }

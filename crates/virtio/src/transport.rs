@@ -361,10 +361,9 @@ impl VirtioPci {
             // A queue's layout is the driver's until the device is live.
             _ if live => {}
             common::QUEUE_SIZE => {
-                let max = self.shared.device.queue_sizes().get(sel).copied().unwrap_or(0);
                 if let Some(q) = r.queues.get_mut(sel) {
                     // A size the device cannot take is kept and refused at DRIVER_OK.
-                    q.size = (v as u16).min(max.max(1) * 2);
+                    q.size = v as u16;
                 }
             }
             common::QUEUE_ENABLE => {
@@ -397,6 +396,11 @@ impl VirtioPci {
     fn set_status(&self, r: &mut Regs, v: u8) {
         if v == 0 {
             self.reset(r);
+            return;
+        }
+        // The driver never clears a bit but by writing 0 (a reset); a write that would
+        // is ignored, or DRIVER_OK set again would rebuild live queues from index 0.
+        if v & r.status != r.status {
             return;
         }
         let newly = v & !r.status;
@@ -646,14 +650,14 @@ impl Shared {
     /// Runs queue `i` and tells the driver what was used (if it asked to be told).
     fn run_queue(&self, i: u16) {
         let Some(slot) = self.queues.get(usize::from(i)) else { return };
-        let (used, notify, failed) = {
+        let (notify, failed) = {
             let mut q = lock(slot);
             let Some(queue) = q.as_mut() else { return };
             let mut access = QueueAccess::new(queue, &self.memory);
             self.device.process(i, &mut access);
             let (used, failed) = (access.used(), access.failed);
             let notify = used > 0 && queue.needs_notification(self.memory.as_ref()).unwrap_or(true);
-            (used, notify, failed)
+            (notify, failed)
         };
         if failed {
             self.fail();
@@ -664,7 +668,6 @@ impl Shared {
                 self.queue_vectors.get(usize::from(i)).map_or(abi::virtio::NO_VECTOR, |a| a.load(Ordering::Acquire));
             lock(&self.vectors).signal(v);
         }
-        let _ = used;
     }
 }
 

@@ -53,7 +53,7 @@ fn le(elf: &[u8], off: usize, len: usize) -> Result<u64> {
 
 /// Refuses images whose segments would overwrite the VMM's boot structures or fall
 /// outside RAM, before anything is copied.
-fn check_segments(elf: &[u8], low_ram_end: u64) -> Result<()> {
+pub(crate) fn check_segments(elf: &[u8], low_ram_end: u64) -> Result<()> {
     if elf.len() < 64 || &elf[..4] != b"\x7fELF" {
         return Err(Error::Elf("not an ELF file (bad magic)".into()));
     }
@@ -112,10 +112,13 @@ pub fn write_boot_structures(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<(
     Ok(())
 }
 
+/// A flat segment: base 0, 4 GiB. KVM takes the limit already scaled by the
+/// granularity (a descriptor's 0xfffff pages is 0xffff_ffff here); long mode ignores
+/// limits, 32-bit protected mode (PVH) does not.
 fn segment(selector: u16, type_: u8, s: u8, l: u8, db: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
-        limit: 0xfffff,
+        limit: 0xffff_ffff,
         selector,
         type_,
         present: 1,
@@ -130,9 +133,9 @@ fn segment(selector: u16, type_: u8, s: u8, l: u8, db: u8) -> kvm_segment {
     }
 }
 
-/// Special registers for long mode with the structures of [`write_boot_structures`].
-pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    let code = segment(0x08, 0xb, 1, 1, 0);
+/// The GDT of [`write_boot_structures`] loaded: `code` in CS (0x08), flat data (0x10)
+/// in the others, the TSS (0x18), no IDT.
+fn flat_segments(mut sregs: kvm_sregs, code: kvm_segment) -> kvm_sregs {
     let data = segment(0x10, 0x3, 1, 0, 1);
     sregs.cs = code;
     sregs.ds = data;
@@ -145,6 +148,12 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
+    sregs
+}
+
+/// Special registers for long mode with the structures of [`write_boot_structures`].
+pub fn long_mode_sregs(sregs: kvm_sregs) -> kvm_sregs {
+    let mut sregs = flat_segments(sregs, segment(0x08, 0xb, 1, 1, 0));
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
     sregs.cr3 = layout::PML4_ADDR;
     sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
@@ -152,23 +161,10 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs
 }
 
-/// Special registers for 32-bit protected mode without paging (the PVH entry): flat
-/// 4 GiB code and data segments, CR0.PE only.
-pub fn protected_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    // KVM takes the limit already scaled by the granularity: 4 GiB, not 0xfffff pages
-    // (in long mode limits do not apply; here they do).
-    let flat = |s: kvm_segment| kvm_segment { limit: 0xffff_ffff, ..s };
-    let code = flat(segment(0x08, 0xb, 1, 0, 1));
-    let data = flat(segment(0x10, 0x3, 1, 0, 1));
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = segment(0x18, 0xb, 0, 0, 0);
-    sregs.gdt.base = layout::GDT_ADDR;
-    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+/// Special registers for 32-bit protected mode without paging (the PVH entry): a
+/// 32-bit code segment, CR0.PE only.
+pub fn protected_mode_sregs(sregs: kvm_sregs) -> kvm_sregs {
+    let mut sregs = flat_segments(sregs, segment(0x08, 0xb, 1, 0, 1));
     sregs.cr0 = CR0_PE | CR0_ET;
     sregs.cr3 = 0;
     sregs.cr4 = 0;

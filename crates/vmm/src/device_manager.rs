@@ -241,7 +241,7 @@ pub struct DeviceManager {
     events: Arc<crate::events::Events>,
     /// ACPI PCI hot-plug: told of each plug and unplug (a leaf lock, a non-blocking
     /// eventfd write).
-    hotplug: std::sync::OnceLock<Arc<crate::hotplug::AcpiHotplug>>,
+    hotplug: Arc<crate::hotplug::AcpiHotplug>,
 }
 
 /// Steps of an attach (for the rollback tests).
@@ -263,6 +263,7 @@ impl DeviceManager {
         irqs: Arc<IrqRegistry>,
         dma: Arc<VmDma>,
         events: Arc<crate::events::Events>,
+        hotplug: Arc<crate::hotplug::AcpiHotplug>,
     ) -> DeviceManager {
         DeviceManager {
             events,
@@ -274,18 +275,13 @@ impl DeviceManager {
             noncoherent: Arc::new(NonCoherent::default()),
             next: Mutex::new(0),
             fail_at: Mutex::new(None),
-            hotplug: std::sync::OnceLock::new(),
+            hotplug,
         }
     }
 
     /// Where plugs and unplugs are announced to an ACPI guest.
-    pub fn hotplug(&self) -> Option<&Arc<crate::hotplug::AcpiHotplug>> {
-        self.hotplug.get()
-    }
-
-    /// Sets where plugs and unplugs are announced to an ACPI guest.
-    pub fn set_hotplug(&self, h: Arc<crate::hotplug::AcpiHotplug>) {
-        let _ = self.hotplug.set(h);
+    pub fn hotplug(&self) -> &Arc<crate::hotplug::AcpiHotplug> {
+        &self.hotplug
     }
 
     /// The root complex.
@@ -383,9 +379,7 @@ impl DeviceManager {
         rollback.armed = false;
         let dev = Arc::new(AssignedDevice { name, slot, function, frontend: fe, root: Arc::clone(&self.root) });
         devices.push(Arc::clone(&dev));
-        if let Some(h) = self.hotplug.get() {
-            h.plugged(dev.slot);
-        }
+        self.hotplug.plugged(dev.slot);
         self.events.publish(crate::events::Event::DeviceAdded {
             name: dev.name.clone(),
             bdf: dev.bdf_string(),
@@ -479,10 +473,10 @@ impl DeviceManager {
             .ok_or_else(|| Error::Device(name.into(), "no such device".into()))?;
         let dev = devices.remove(i);
         drop(devices);
+        // Announced while the slot is still ours: a device plugged into it once it is
+        // free is announced after, never lost behind this unplug.
+        self.hotplug.unplugged(dev.slot);
         self.remove(&dev);
-        if let Some(h) = self.hotplug.get() {
-            h.unplugged(dev.slot);
-        }
         tracing::info!("detached");
         self.events.publish(crate::events::Event::DeviceRemoved { name: dev.name.clone() });
         Ok(())

@@ -84,11 +84,15 @@ pub struct Registers(Arc<AcpiHotplug>);
 
 impl BusDevice for Registers {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // A whole register read takes (clears) its bits; a partial one only looks, so
+        // no slot's bit is lost unseen.
+        let whole = data.len() == 4;
         let v = {
             let mut s = self.0.lock();
+            let take = |x: &mut u32| if whole { std::mem::take(x) } else { *x };
             match offset {
-                regs::UP => std::mem::take(&mut s.up),
-                regs::DOWN => std::mem::take(&mut s.down),
+                regs::UP => take(&mut s.up),
+                regs::DOWN => take(&mut s.down),
                 regs::EJECT => s.ejected,
                 _ => 0,
             }

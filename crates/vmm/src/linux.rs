@@ -131,6 +131,14 @@ impl Vm {
         let w = |at: u64, b: &[u8]| {
             self.memory().write_slice(b, GuestAddress(at)).map_err(|e| Error::Memory(format!("ACPI tables: {e}")))
         };
+        if let Some((sig, at, data)) = t.tables.iter().find(|(_, at, d)| at + d.len() as u64 > acpi::TABLES_END) {
+            return Err(Error::Kernel(format!(
+                "the ACPI table {} ({} bytes at {at:#x}) does not fit below {:#x}",
+                String::from_utf8_lossy(sig),
+                data.len(),
+                acpi::TABLES_END
+            )));
+        }
         w(acpi::RSDP_ADDR, &t.rsdp)?;
         for (_, at, data) in &t.tables {
             w(*at, data)?;
@@ -145,9 +153,7 @@ impl Vm {
         let kvm = self.kvm().ok_or_else(|| Error::GuestCrashed("a kernel needs --accel kvm".into()))?;
         let entry = self.load_kernel(kernel)?;
         // The kernel enumerates what is there; hot-plug events are for what comes later.
-        if let Some(h) = self.acpi_hotplug() {
-            h.clear();
-        }
+        self.acpi_hotplug().clear();
         // The GDT and the identity page tables the 64-bit boot protocol enters with.
         crate::boot::write_boot_structures(self.memory(), &layout::BootInfo::default())?;
         let (KernelEntry::Linux64 { rip, .. } | KernelEntry::Pvh { rip, .. }) = entry;
@@ -194,16 +200,22 @@ impl Vm {
             .map_err(|e| bad(format!("not a bzImage passthru can load: {e}")))?;
         let mut hdr = loaded.setup_header.ok_or_else(|| bad("no setup header".into()))?;
         let low = self.ram().size().min(layout::MMIO_HOLE_START);
-        if loaded.kernel_end > low {
+        // The kernel decompresses itself in place: it needs init_size bytes from where
+        // it was loaded, more than the compressed image takes.
+        let kernel_end = loaded.kernel_end.max(loaded.kernel_load.0.saturating_add(u64::from(hdr.init_size)));
+        if kernel_end > low {
             return Err(bad(format!(
-                "the kernel ends at {:#x}, past low RAM ({low:#x}): give more --memory",
-                loaded.kernel_end
+                "the kernel needs memory up to {kernel_end:#x}, past low RAM ({low:#x}): give more --memory"
             )));
+        }
+        // cmdline_size is the kernel's limit (boot protocol 2.06 and later).
+        let (version, limit) = (hdr.version, hdr.cmdline_size);
+        if version >= 0x0206 && kernel.cmdline.len() > limit as usize {
+            return Err(bad(format!("the command line is {} bytes; this kernel takes {limit}", kernel.cmdline.len())));
         }
         hdr.type_of_loader = LOADER_OTHER;
         hdr.loadflags |= LOADED_HIGH;
         hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
-        hdr.cmdline_size = kernel.cmdline.len() as u32 + 1;
         let mut line = kernel.cmdline.as_bytes().to_vec();
         line.push(0);
         self.memory().write_slice(&line, GuestAddress(CMDLINE_ADDR)).map_err(|e| Error::Memory(e.to_string()))?;
@@ -212,7 +224,7 @@ impl Vm {
             let max = u64::from(hdr.initrd_addr_max).min(low - 1);
             let size = initrd.len() as u64;
             let at = max.saturating_sub(size).saturating_add(1) & !0xfff;
-            if at < loaded.kernel_end || size == 0 {
+            if at < kernel_end || size == 0 {
                 return Err(bad(format!("the initramfs ({size} bytes) does not fit between the kernel and {max:#x}")));
             }
             self.memory().write_slice(initrd, GuestAddress(at)).map_err(|e| Error::Memory(e.to_string()))?;
@@ -237,13 +249,16 @@ impl Vm {
     /// An ELF vmlinux entered at its PVH entry (XEN_ELFNOTE_PHYS32_ENTRY).
     fn load_pvh(&self, kernel: &Kernel) -> Result<KernelEntry> {
         let bad = |what: String| Error::Kernel(what);
+        let low = self.ram().size().min(layout::MMIO_HOLE_START);
+        // Every segment between 1 MiB and the end of low RAM, before anything is copied
+        // (linux-loader checks only the entry point): nothing over the boot structures.
+        crate::boot::check_segments(&kernel.image, low).map_err(|e| bad(e.to_string()))?;
         let mut cursor = std::io::Cursor::new(&kernel.image);
         let loaded = Elf::load(self.memory(), None, &mut cursor, Some(GuestAddress(layout::IMAGE_ADDR)))
             .map_err(|e| bad(format!("not an ELF kernel passthru can load: {e}")))?;
         let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
             return Err(bad("this ELF kernel has no PVH entry point (CONFIG_PVH): boot its bzImage instead".into()));
         };
-        let low = self.ram().size().min(layout::MMIO_HOLE_START);
         if loaded.kernel_end > low {
             return Err(bad(format!(
                 "the kernel ends at {:#x}, past low RAM ({low:#x}): give more --memory",
@@ -282,6 +297,11 @@ impl Vm {
             .iter()
             .map(|e| hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind, reserved: 0 })
             .collect();
+        // The map lies between the start info and the page tables (at PML4_ADDR).
+        let room = ((layout::PML4_ADDR - PVH_MEMMAP) / 24) as usize;
+        if map.len() > room {
+            return Err(bad(format!("{} memory map entries; the start info holds {room}", map.len())));
+        }
         info.memmap_entries = map.len() as u32;
         let mut params = BootParams::new(&info, GuestAddress(ZERO_PAGE));
         params.set_sections(&map, GuestAddress(PVH_MEMMAP));

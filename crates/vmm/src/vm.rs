@@ -25,6 +25,8 @@ pub use crate::config::{DEFAULT_DMA_WINDOW, NonCoherentReads, VmConfig};
 pub const SERIAL_SOURCE: &str = "serial";
 /// The interrupt source of ACPI PCI hot-plug (the GED's GSI), the VM's own.
 pub const HOTPLUG_SOURCE: &str = "acpi-hotplug";
+/// The interrupt sources every VM has of its own (no device's).
+pub const OWN_SOURCES: [&str; 2] = [SERIAL_SOURCE, HOTPLUG_SOURCE];
 
 /// A machine, ready to run a guest program (KVM) or to be driven (qtest).
 pub struct Vm {
@@ -103,8 +105,8 @@ impl Vm {
                 e.publish(crate::events::Event::IrqMode { source: id.to_string(), mode: mode.to_string() });
             }
         }));
-        let devices = DeviceManager::new(root, frontends, Arc::clone(&irqs), Arc::clone(&dma), Arc::clone(&events));
-        devices.set_hotplug(Arc::clone(&hotplug));
+        let devices =
+            DeviceManager::new(root, frontends, Arc::clone(&irqs), Arc::clone(&dma), Arc::clone(&events), hotplug);
         let _ = core.noncoherent.set(noncoherent_query(Arc::clone(devices.noncoherent()), Arc::downgrade(&memory_map)));
         Ok(Vm {
             accel,
@@ -228,7 +230,7 @@ impl Vm {
     }
 
     /// ACPI PCI hot-plug (the registers a Linux guest's DSDT reads, the GED's interrupt).
-    pub fn acpi_hotplug(&self) -> Option<&Arc<crate::hotplug::AcpiHotplug>> {
+    pub fn acpi_hotplug(&self) -> &Arc<crate::hotplug::AcpiHotplug> {
         self.devices.hotplug()
     }
 

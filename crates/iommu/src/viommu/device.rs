@@ -10,8 +10,10 @@
 //! - An endpoint attached to no domain reaches guest-physical memory as the identity
 //!   front-end maps it when `bypass` is 1, and nothing when it is 0 (it then sits on
 //!   an empty domain whose faults are reported with reason DOMAIN).
-//! - Every recognised request is returned with the full writable length, its status
-//!   in the tail (Linux copies the status back only then); an unrecognised or
+//! - Every recognised request is returned with its status in the tail (first in the
+//!   writable part; after probe_size bytes of properties for PROBE) and the used
+//!   length of what that takes, which is the whole writable part of a request laid
+//!   out as the spec's (Linux copies the status back only then); an unrecognised or
 //!   unparsable one is returned unwritten, used length 0.
 //! - Consecutive MAPs (or UNMAPs) of one kick on one domain reach the DMA core as one
 //!   batch: a device process gets them as one pipelined DMA_MAP (DMA_UNMAP) exchange.
@@ -113,7 +115,6 @@ pub struct Viommu {
     /// Device names -> endpoint ids (fault reports name the accessor).
     pub(super) names: Mutex<BTreeMap<String, u32>>,
     pub(super) me: Weak<Viommu>,
-    pub(super) live: AtomicBool,
     /// Where answered requests are recorded, if anywhere.
     pub(super) recorder: Mutex<Option<Arc<Recorder>>>,
     /// A recorder is set (the request path takes `recorder` only then).
@@ -157,7 +158,6 @@ impl Viommu {
                 counters: Counters::default(),
                 names: Mutex::new(BTreeMap::new()),
                 me: me.clone(),
-                live: AtomicBool::new(false),
                 recorder: Mutex::new(None),
                 recording: AtomicBool::new(false),
             }
@@ -231,7 +231,6 @@ impl Viommu {
         }
         st.features = 0;
         lock(&self.pending).clear();
-        self.live.store(false, Ordering::Release);
     }
 
     /// System reset: a device reset, and `bypass` back to its initial value.
@@ -244,6 +243,15 @@ impl Viommu {
             for id in ids {
                 self.park(&mut st, id);
             }
+        }
+    }
+
+    /// Endpoint `e` on the blocking domain (it reaches nothing). A refusal (a device
+    /// process that cannot take the switch) leaves it on no domain, reaching nothing
+    /// too, and is said.
+    fn block(&self, e: &Ep) {
+        if let Err(err) = e.device.endpoint.attach(Some(Arc::clone(&self.blocked))) {
+            tracing::warn!("virtio-iommu: endpoint {:#x} cannot be blocked, left on no domain: {err}", e.device.id);
         }
     }
 
@@ -262,12 +270,12 @@ impl Viommu {
                                 "virtio-iommu: endpoint {id:#x} cannot bypass, it reaches nothing until the guest attaches it: {err}"
                             );
                         }
-                        let _ = e.device.endpoint.attach(Some(Arc::clone(&self.blocked)));
+                        self.block(e);
                     }
                 }
             }
         } else {
-            let _ = e.device.endpoint.attach(Some(Arc::clone(&self.blocked)));
+            self.block(e);
             if e.in_identity {
                 e.in_identity = false;
                 self.identity.detach(e.device.id);
@@ -414,6 +422,15 @@ impl Viommu {
         status::OK
     }
 
+    /// The paging domain `domain` (NOENT if none, INVAL for a bypass domain).
+    fn paging(st: &State, domain: u32) -> Result<&Arc<Domain>, u8> {
+        match st.domains.get(&domain).map(|d| &d.kind) {
+            None => Err(status::NOENT),
+            Some(Kind::Bypass) => Err(status::INVAL),
+            Some(Kind::Paging(d)) => Ok(d),
+        }
+    }
+
     /// A MAP's checks before the DMA core sees it: its mapping, or its status.
     fn check_map(
         st: &State,
@@ -422,7 +439,7 @@ impl Viommu {
         end: u64,
         phys: u64,
         flags: u32,
-    ) -> Result<(Arc<Domain>, Mapping), u8> {
+    ) -> Result<(&Arc<Domain>, Mapping), u8> {
         if !Self::negotiated(st, feature::MAP_UNMAP) {
             return Err(status::UNSUPP);
         }
@@ -430,11 +447,7 @@ impl Viommu {
         if flags & !(v::map::READ | v::map::WRITE) != 0 || flags == 0 {
             return Err(status::INVAL);
         }
-        let d = match st.domains.get(&domain).map(|d| &d.kind) {
-            None => return Err(status::NOENT),
-            Some(Kind::Bypass) => return Err(status::INVAL),
-            Some(Kind::Paging(d)) => d,
-        };
+        let d = Self::paging(st, domain)?;
         if end < start {
             return Err(status::INVAL);
         }
@@ -454,7 +467,7 @@ impl Viommu {
             return Err(status::RANGE);
         }
         let perm = Perm::new(flags & v::map::READ != 0, flags & v::map::WRITE != 0);
-        Ok((Arc::clone(d), Mapping { iova: Iova(start), gpa: Gpa(phys), size, perm }))
+        Ok((d, Mapping { iova: Iova(start), gpa: Gpa(phys), size, perm }))
     }
 
     /// The status of a MAP the DMA core refused.
@@ -471,32 +484,28 @@ impl Viommu {
     /// An UNMAP's checks: appends to `out` the IOVAs of the mappings it removes (none
     /// straddling its ends, unless an earlier UNMAP of the run, whose IOVAs `out`
     /// already holds, removes it), or its status.
-    fn check_unmap(
-        st: &State,
+    fn check_unmap<'s>(
+        st: &'s State,
         domain: u32,
         start: u64,
         end: u64,
         reserved: bool,
         out: &mut Vec<Iova>,
-    ) -> Result<Arc<Domain>, u8> {
+    ) -> Result<&'s Arc<Domain>, u8> {
         if !Self::negotiated(st, feature::MAP_UNMAP) {
             return Err(status::UNSUPP);
         }
         if reserved {
             return Err(status::INVAL);
         }
-        let d = match st.domains.get(&domain).map(|d| &d.kind) {
-            None => return Err(status::NOENT),
-            Some(Kind::Bypass) => return Err(status::INVAL),
-            Some(Kind::Paging(d)) => d,
-        };
+        let d = Self::paging(st, domain)?;
         if end < start {
             return Err(status::INVAL);
         }
         // Nothing is mapped past the input range.
         let end = end.min(v::INPUT_RANGE.1);
         if start > end {
-            return Ok(Arc::clone(d));
+            return Ok(d);
         }
         let from = out.len();
         let straddling = d.whole_mappings_in(Iova(start), Iova(end), out);
@@ -505,7 +514,7 @@ impl Viommu {
             out.truncate(from);
             return Err(status::RANGE);
         }
-        Ok(Arc::clone(d))
+        Ok(d)
     }
 }
 
@@ -631,8 +640,8 @@ impl KickTime {
     fn at(&mut self, k: usize) {
         match self.current {
             Some(c) if c == k => {}
-            None if self.spent == [0; 5] => self.current = Some(k),
-            _ => {
+            None => self.current = Some(k),
+            Some(_) => {
                 self.stop();
                 self.current = Some(k);
             }
@@ -650,10 +659,15 @@ impl KickTime {
 
     /// The kick is done (the last type's work stopped): its shared work goes to the
     /// types by count.
-    fn settle(&self, into: &[AtomicU64; 5]) {
+    fn settle(&self, into: &[AtomicU64; 5], requests: &[AtomicU64; 5]) {
         let n: u64 = self.count.iter().sum();
         if n == 0 {
             return;
+        }
+        for (count, r) in self.count.iter().zip(requests) {
+            if *count > 0 {
+                r.fetch_add(*count, Ordering::Relaxed);
+            }
         }
         let total = self.last.duration_since(self.start).as_nanos() as u64;
         let shared = total.saturating_sub(self.spent.iter().sum());
@@ -684,7 +698,6 @@ impl Viommu {
         for i in 0..taken.len() {
             let Some(r) = taken[i].request else { continue };
             let k = r_index(&r);
-            self.counters.requests[k].fetch_add(1, Ordering::Relaxed);
             time.count[k] += 1;
             match r {
                 Request::Map { domain, virt_start, virt_end, phys_start, flags } => {
@@ -698,7 +711,7 @@ impl Viommu {
                         Err(s) => taken[i].status = s,
                         Ok((d, m)) => {
                             if matches!(batch, Batch::None) {
-                                batch = Batch::Map(domain, Vec::new(), Vec::new(), d);
+                                batch = Batch::Map(domain, Vec::new(), Vec::new(), Arc::clone(d));
                             }
                             if let Batch::Map(_, reqs, maps, _) = &mut batch {
                                 reqs.push(i);
@@ -716,7 +729,7 @@ impl Viommu {
                         Err(s) => taken[i].status = s,
                         Ok(d) => {
                             if matches!(batch, Batch::None) {
-                                batch = Batch::Unmap(domain, Vec::new(), d);
+                                batch = Batch::Unmap(domain, Vec::new(), Arc::clone(d));
                             }
                             if let Batch::Unmap(_, reqs, _) = &mut batch {
                                 reqs.push(i);
@@ -751,7 +764,7 @@ impl Viommu {
         }
         // Answering goes to the last type of the kick (all of it, for a kick of one).
         time.stop();
-        time.settle(&self.counters.nanos);
+        time.settle(&self.counters.nanos, &self.counters.requests);
         if let Some(rec) = recorder
             && !answered.is_empty()
         {

@@ -82,7 +82,6 @@ impl VirtioDevice for Viommu {
 
     fn activate(&self, features: u64) {
         self.set_features(features);
-        self.live.store(true, Ordering::Release);
     }
 
     fn reset(&self) {
@@ -223,13 +222,7 @@ impl Queries for ViommuFrontend {
                 )));
             }
         }
-        let num = |s: &str| -> Result<u64, FrontendError> {
-            let r = match s.strip_prefix("0x") {
-                Some(h) => u64::from_str_radix(h, 16),
-                None => s.parse(),
-            };
-            r.map_err(|_| FrontendError::Invalid(format!("'{s}' is not a number")))
-        };
+        let num = |s: &str| trace::number(s).map_err(FrontendError::Invalid);
         let st = lock(&self.dev.state);
         let fields = match arg.split_once('=') {
             None => {

@@ -60,7 +60,8 @@ pub fn status_name(s: u8) -> String {
     STATUS_NAMES.get(usize::from(s)).map_or_else(|| s.to_string(), |n| (*n).to_string())
 }
 
-fn number(s: &str) -> Result<u64, String> {
+/// A decimal or `0x` hexadecimal number.
+pub(crate) fn number(s: &str) -> Result<u64, String> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(h) => u64::from_str_radix(h, 16),
         None => s.parse(),

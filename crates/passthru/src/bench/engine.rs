@@ -26,7 +26,7 @@ pub(super) fn drive_engine_at(
     copies: u64,
 ) -> Result<std::time::Duration, String> {
     use abi::dma_engine::{self as de, Descriptor, op, regs};
-    use vm_memory_bytes::{read_u32, write_bytes};
+    use vm_memory_bytes::write_bytes;
     let bar0 = enable_engine(vm)?;
     let w32 = |off: u64, v: u32| vm.mmio_write(bar0 + off, &v.to_le_bytes());
     w32(regs::CONTROL, de::control::RESET);
@@ -49,27 +49,36 @@ pub(super) fn drive_engine_at(
         let last = COMPLETIONS + ((tail - 1) % RING_SIZE) * de::COMPLETION_SIZE;
         write_bytes(vm, last, &[0; 4])?;
         w32(regs::TAIL, tail as u32);
-        let waited = Instant::now();
-        let mut polls = 0u32;
-        while read_u32(vm, last)? == de::completion::PENDING {
-            if waited.elapsed() > std::time::Duration::from_secs(30) {
-                return Err("the engine stopped completing descriptors".into());
-            }
-            // Spin briefly, then give the core away: on two cores the device's worker
-            // must not wait behind a spinning driver.
-            polls += 1;
-            if polls < 64 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
-        if read_u32(vm, last)? != de::completion::SUCCESS {
+        if wait_completion(vm, last)? != de::completion::SUCCESS {
             return Err(format!("a COPY of {size} bytes failed"));
         }
         done += n;
     }
     Ok(t.elapsed())
+}
+
+/// Waits for the completion record at `gpa` to leave PENDING (30 s at most); its
+/// status. Spins briefly, then gives the core away: on two cores the device's worker
+/// must not wait behind a spinning driver.
+pub(super) fn wait_completion(vm: &Vm, gpa: u64) -> Result<u32, String> {
+    use vm_memory_bytes::read_u32;
+    let t = Instant::now();
+    let mut polls = 0u32;
+    loop {
+        let s = read_u32(vm, gpa)?;
+        if s != abi::dma_engine::completion::PENDING {
+            return Ok(s);
+        }
+        if t.elapsed() > std::time::Duration::from_secs(30) {
+            return Err("the engine stopped completing descriptors".into());
+        }
+        polls += 1;
+        if polls < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
 }
 
 /// ns per IOTLB-hit translate of 64 bytes at `iova`.

@@ -66,22 +66,49 @@ fn measure(kernels: &[PathBuf]) -> Result<LinuxReport, String> {
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| e.to_string())?;
         let out = child.stdout.take().ok_or("no standard output")?;
+        let mut err = child.stderr.take().ok_or("no standard error")?;
+        let err_text = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut s);
+            s
+        });
+        // Lines as they come, on a thread of their own: a kernel that stops printing
+        // cannot hold the bench past its deadline.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                if line.is_err() || tx.send(Instant::now()).is_err() {
+                    break;
+                }
+            }
+        });
         let mut first = None;
         let mut lines = 0u64;
-        for line in BufReader::new(out).lines() {
-            if line.is_err() || start.elapsed() > DEADLINE {
-                break;
+        loop {
+            match rx.recv_timeout(DEADLINE.saturating_sub(start.elapsed())) {
+                Ok(at) => {
+                    first.get_or_insert(at.duration_since(start));
+                    lines += 1;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!("{}: still running after {DEADLINE:?}, killed", k.display()));
+                }
             }
-            first.get_or_insert(start.elapsed());
-            lines += 1;
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        let first = first.ok_or_else(|| format!("{}: the kernel printed nothing", k.display()))?;
+        let status = child.wait().map_err(|e| e.to_string())?;
+        let stderr = err_text.join().unwrap_or_default();
+        let first = first.ok_or_else(|| format!("{}: the kernel printed nothing: {}", k.display(), stderr.trim()))?;
+        // What is timed is the way to the emulation stop; another end is an error.
+        if status.code() != Some(1) || !stderr.contains("KVM internal error") {
+            return Err(format!("{}: ended otherwise than at an emulation failure: {}", k.display(), stderr.trim()));
+        }
         r.kernels.push(KernelFigure {
             kind,
             path: k.display().to_string(),
@@ -90,6 +117,8 @@ fn measure(kernels: &[PathBuf]) -> Result<LinuxReport, String> {
             lines,
         });
     }
-    r.acpi_bytes = vmm::acpi::build(&vmm::acpi::Machine { viommu: Some((0xf8, vec![0x08])) }).size() as u64;
+    // The machine booted: one engine (00:01.0) behind the virtio-iommu.
+    let viommu = Some((abi::pci::bdf(0, abi::viommu::SLOT, 0), vec![abi::pci::bdf(0, 1, 0)]));
+    r.acpi_bytes = vmm::acpi::build(&vmm::acpi::Machine { viommu }).size() as u64;
     Ok(r)
 }

@@ -194,28 +194,6 @@ fn map_unmap(vm: &Vm, c: &mut Client<&Vm>, n: u64, per_kick: u64) -> Result<(f64
     Ok((m, u))
 }
 
-/// Waits for the completion record at `gpa` to leave PENDING; its status.
-fn wait_completion(vm: &Vm, gpa: u64) -> Result<u32, String> {
-    use vm_memory_bytes::read_u32;
-    let t = Instant::now();
-    let mut polls = 0u32;
-    loop {
-        let s = read_u32(vm, gpa)?;
-        if s != abi::dma_engine::completion::PENDING {
-            return Ok(s);
-        }
-        if t.elapsed() > std::time::Duration::from_secs(30) {
-            return Err("the engine stopped completing descriptors".into());
-        }
-        polls += 1;
-        if polls < 64 {
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
-        }
-    }
-}
-
 /// A host-side driver of one VM's DMA engine doing synchronous COPYs (each waited
 /// for); with a virtio-iommu driver, each buffer is mapped before its I/O and unmapped
 /// after it, one request per kick, as Linux's driver does in strict mode.

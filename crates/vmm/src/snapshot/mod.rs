@@ -443,11 +443,7 @@ impl Snapshot {
             )?;
         }
         // The VM's own sources, and the test sources of a VM built with them.
-        let own = |n: &str| {
-            n == crate::vm::SERIAL_SOURCE
-                || n == crate::vm::HOTPLUG_SOURCE
-                || (l.test_sources && n.starts_with("test-"))
-        };
+        let own = |n: &str| crate::vm::OWN_SOURCES.contains(&n) || (l.test_sources && n.starts_with("test-"));
         let modes: irq::SavedModes = self.section("irqs", irq::STATE_VERSION)?.unwrap_or_default();
         let mut seen = BTreeSet::new();
         for (device, index, sub, mode) in &modes.sources {
